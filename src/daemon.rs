@@ -1,0 +1,128 @@
+//! Listening, serving one VMM connection after another, and stopping on
+//! SIGINT/SIGTERM.
+
+use std::io;
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use log::{info, warn};
+use vhost::vhost_user::Listener;
+use vhost_user_backend::VhostUserDaemon;
+use vm_memory::GuestMemoryAtomic;
+
+use crate::scsi::Target;
+use crate::virtio::chain::GuestMem;
+use crate::virtio::ScsiBackend;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("socket path {}: in use by a running process", .0.display())]
+    SocketInUse(PathBuf),
+    #[error("socket path {}: exists and is not a socket", .0.display())]
+    NotASocket(PathBuf),
+    #[error("socket path {}: {source}", .path.display())]
+    Socket { path: PathBuf, source: io::Error },
+    #[error("cannot set up signal handling: {0}")]
+    Signals(io::Error),
+    #[error("cannot create the vhost-user device: {0}")]
+    Device(String),
+    #[error("cannot accept a connection on {}: {reason}", .path.display())]
+    Accept { path: PathBuf, reason: String },
+}
+
+/// Binds the listening socket at `path`. A stale socket file (nobody
+/// accepts on it) is replaced; a live one, or any other kind of file, is an
+/// error, so two daemons never steal each other's socket.
+pub fn listen(path: &Path) -> Result<Listener, DaemonError> {
+    let socket_error = |source| DaemonError::Socket {
+        path: path.to_path_buf(),
+        source,
+    };
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => match UnixStream::connect(path) {
+            Ok(_) => return Err(DaemonError::SocketInUse(path.to_path_buf())),
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                info!("replacing stale socket {}", path.display());
+                std::fs::remove_file(path).map_err(socket_error)?;
+            }
+            Err(e) => return Err(socket_error(e)),
+        },
+        Ok(_) => return Err(DaemonError::NotASocket(path.to_path_buf())),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(socket_error(e)),
+    }
+    Listener::new(path, false).map_err(|e| match e {
+        vhost::vhost_user::Error::SocketError(io) => socket_error(io),
+        other => socket_error(io::Error::other(other.to_string())),
+    })
+}
+
+/// Blocks SIGINT and SIGTERM in this thread (and every thread it starts
+/// later) and starts a thread that waits for them, removes the socket and
+/// exits with status 0. Call before any other thread is started.
+pub fn handle_stop_signals(socket_path: PathBuf) -> Result<(), DaemonError> {
+    // SAFETY: sigset_t is plain data; the libc calls only read and write the
+    // set passed to them.
+    let set = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        let rc = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        if rc != 0 {
+            return Err(DaemonError::Signals(io::Error::from_raw_os_error(rc)));
+        }
+        set
+    };
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || loop {
+            let mut signal: libc::c_int = 0;
+            // SAFETY: `set` is a valid, initialised signal set.
+            let rc = unsafe { libc::sigwait(&set, &mut signal) };
+            if rc != 0 {
+                continue;
+            }
+            info!(
+                "{} received: removing {} and exiting",
+                if signal == libc::SIGINT {
+                    "SIGINT"
+                } else {
+                    "SIGTERM"
+                },
+                socket_path.display()
+            );
+            let _ = std::fs::remove_file(&socket_path);
+            std::process::exit(0);
+        })
+        .map_err(DaemonError::Signals)?;
+    Ok(())
+}
+
+/// Serves VMM connections one after another, forever: when a VMM
+/// disconnects (guest shut down, QEMU killed), the device state is dropped
+/// and the daemon listens again on the same socket.
+pub fn serve(target: Arc<Target>, mut listener: Listener, path: &Path) -> Result<(), DaemonError> {
+    loop {
+        let backend = Arc::new(ScsiBackend::new(target.clone()));
+        let mem = GuestMemoryAtomic::new(GuestMem::new());
+        let mut daemon = VhostUserDaemon::new("vhost-device-scsi".into(), backend, mem)
+            .map_err(|e| DaemonError::Device(e.to_string()))?;
+        info!("listening on {}", path.display());
+        daemon
+            .start(&mut listener)
+            .map_err(|e| DaemonError::Accept {
+                path: path.to_path_buf(),
+                reason: e.to_string(),
+            })?;
+        info!("VMM connected");
+        match daemon.wait() {
+            Ok(()) => info!("VMM disconnected"),
+            Err(e) => warn!("VMM connection ended: {e}"),
+        }
+        // Dropping the daemon stops and joins its queue worker threads.
+        drop(daemon);
+    }
+}

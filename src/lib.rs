@@ -1,0 +1,12 @@
+//! vhost-device-scsi: a vhost-user SCSI target serving raw disk images.
+//!
+//! Three layers, one direction: [`virtio`] (the vhost-user virtio-scsi
+//! device) hands requests to [`scsi`] (the SCSI target emulator), which reads
+//! and writes [`storage`] (image files).
+
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod scsi;
+pub mod storage;
+pub mod virtio;

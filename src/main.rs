@@ -1,0 +1,40 @@
+//! vhost-device-scsi: command line → configuration → serve.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser;
+use vhost_device_scsi::cli::Cli;
+use vhost_device_scsi::{config, daemon};
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+                let _ = e.print();
+                return ExitCode::SUCCESS;
+            }
+            // One line: clap's first line names the flag and the problem.
+            let text = e.to_string();
+            eprintln!("{}", text.lines().next().unwrap_or("invalid arguments"));
+            return ExitCode::from(2);
+        }
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    match run(&cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("vhost-device-scsi: error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: &Cli) -> Result<(), String> {
+    let target = config::build_target(cli).map_err(|e| e.to_string())?;
+    daemon::handle_stop_signals(cli.socket_path.clone()).map_err(|e| e.to_string())?;
+    let listener = daemon::listen(&cli.socket_path).map_err(|e| e.to_string())?;
+    daemon::serve(Arc::new(target), listener, &cli.socket_path).map_err(|e| e.to_string())
+}

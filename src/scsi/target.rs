@@ -1,0 +1,224 @@
+//! The SCSI target device: a LUN map of disks, command dispatch, and the
+//! target-level commands (REPORT LUNS, REPORT SUPPORTED ...). No virtio here.
+
+use super::buffer::{DataIn, DataOut};
+use super::cdb::Command;
+use super::disk::{request_sense, send, Disk};
+use super::error::{CommandError, CommandResult};
+use super::inquiry::{self, Identity};
+use super::lun::LunAddress;
+use super::opcodes;
+use super::sense::{self, SenseData};
+
+/// SAM-5 status codes (§5.3.1, table 26).
+pub mod status {
+    pub const GOOD: u8 = 0x00;
+    pub const CHECK_CONDITION: u8 = 0x02;
+}
+
+/// How a command ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Completion {
+    /// GOOD status.
+    Good,
+    /// CHECK CONDITION with this sense data.
+    CheckCondition(SenseData),
+    /// Not executed: the data-in buffer is smaller than what the command
+    /// must transfer. Reported by the transport, not as SCSI status.
+    DataInTooSmall,
+}
+
+impl Completion {
+    fn from_result(result: CommandResult<()>) -> Completion {
+        match result {
+            Ok(()) => Completion::Good,
+            Err(CommandError::DataInTooSmall { .. }) => Completion::DataInTooSmall,
+            Err(e) => {
+                log::debug!("command failed: {e}");
+                Completion::CheckCondition(e.sense_data())
+            }
+        }
+    }
+
+    /// SAM status byte.
+    pub fn status(&self) -> u8 {
+        match self {
+            Completion::Good => status::GOOD,
+            _ => status::CHECK_CONDITION,
+        }
+    }
+}
+
+/// A SCSI target with LUNs 0..N-1.
+#[derive(Debug, Default)]
+pub struct Target {
+    luns: Vec<Disk>,
+}
+
+impl Target {
+    pub fn new(luns: Vec<Disk>) -> Target {
+        Target { luns }
+    }
+
+    pub fn luns(&self) -> &[Disk] {
+        &self.luns
+    }
+
+    /// Executes one command addressed to `lun` with the CDB bytes `cdb`.
+    pub fn execute(
+        &self,
+        lun: LunAddress,
+        cdb: &[u8],
+        data_in: &mut dyn DataIn,
+        data_out: &mut dyn DataOut,
+    ) -> Completion {
+        let disk = match lun {
+            LunAddress::Lun(n) => self.luns.get(usize::from(n)),
+            _ => None,
+        };
+        let result = match (Command::parse(cdb), disk) {
+            (Ok(cmd), Some(disk)) => self.execute_on_disk(disk, &cmd, data_in, data_out),
+            (Ok(cmd), None) if lun == LunAddress::ReportLunsWlun => {
+                self.execute_on_wlun(&cmd, cdb, data_in)
+            }
+            (Ok(cmd), None) => self.execute_without_lu(&cmd, data_in),
+            (Err(e), Some(_)) => Err(e),
+            (Err(e), None) if lun == LunAddress::ReportLunsWlun => Err(e),
+            // SAM-5 §5.10: a LUN with no logical unit reports that before
+            // anything about the CDB.
+            (Err(_), None) => Err(CommandError::LunNotSupported),
+        };
+        Completion::from_result(result)
+    }
+
+    fn execute_on_disk(
+        &self,
+        disk: &Disk,
+        cmd: &Command,
+        data_in: &mut dyn DataIn,
+        data_out: &mut dyn DataOut,
+    ) -> CommandResult<()> {
+        match cmd {
+            Command::ReportLuns {
+                select_report,
+                alloc_len,
+            } => self.report_luns(*select_report, *alloc_len, data_in),
+            Command::ReportSupportedOpcodes(req) => {
+                let data = opcodes::report_supported_opcodes(req)?;
+                send(data_in, &data, req.alloc_len as usize);
+                Ok(())
+            }
+            Command::ReportSupportedTmfs { repd, alloc_len } => {
+                send(
+                    data_in,
+                    &opcodes::report_supported_tmfs(*repd),
+                    *alloc_len as usize,
+                );
+                Ok(())
+            }
+            _ => disk.execute(cmd, data_in, data_out),
+        }
+    }
+
+    /// The REPORT LUNS well-known LU (SPC-4 §8.2) answers INQUIRY, REPORT
+    /// LUNS, REQUEST SENSE and TEST UNIT READY.
+    fn execute_on_wlun(
+        &self,
+        cmd: &Command,
+        cdb: &[u8],
+        data_in: &mut dyn DataIn,
+    ) -> CommandResult<()> {
+        match cmd {
+            Command::TestUnitReady => Ok(()),
+            Command::ReportLuns {
+                select_report,
+                alloc_len,
+            } => self.report_luns(*select_report, *alloc_len, data_in),
+            Command::RequestSense { desc, alloc_len } => request_sense(
+                SenseData::new(sense::NO_ADDITIONAL_SENSE),
+                *desc,
+                *alloc_len,
+                data_in,
+            ),
+            Command::Inquiry {
+                evpd: false,
+                alloc_len,
+                ..
+            } => {
+                let identity = Identity::derived("REPORT LUNS", 0xc101);
+                let data = inquiry::standard(inquiry::TYPE_WELL_KNOWN_LU, &identity);
+                send(data_in, &data, usize::from(*alloc_len));
+                Ok(())
+            }
+            Command::Inquiry { evpd: true, .. } => Err(CommandError::field_bit(1, 0)),
+            _ => Err(CommandError::InvalidOpcode(
+                cdb.first().copied().unwrap_or(0),
+            )),
+        }
+    }
+
+    /// A LUN with no logical unit behind it (SPC-4 §6.6.2, §6.39, §6.33).
+    fn execute_without_lu(&self, cmd: &Command, data_in: &mut dyn DataIn) -> CommandResult<()> {
+        match cmd {
+            Command::Inquiry {
+                evpd: false,
+                alloc_len,
+                ..
+            } => {
+                // Peripheral qualifier 011b: only the header is meaningful.
+                let mut data = [0u8; 36];
+                data[0] = inquiry::NO_LOGICAL_UNIT;
+                data[2] = 0x06; // SPC-4
+                data[3] = 0x02;
+                data[4] = (data.len() - 5) as u8;
+                send(data_in, &data, usize::from(*alloc_len));
+                Ok(())
+            }
+            Command::RequestSense { desc, alloc_len } => request_sense(
+                SenseData::new(sense::LOGICAL_UNIT_NOT_SUPPORTED),
+                *desc,
+                *alloc_len,
+                data_in,
+            ),
+            Command::ReportLuns {
+                select_report,
+                alloc_len,
+            } => self.report_luns(*select_report, *alloc_len, data_in),
+            _ => Err(CommandError::LunNotSupported),
+        }
+    }
+
+    /// REPORT LUNS (SPC-4 §6.33).
+    fn report_luns(
+        &self,
+        select_report: u8,
+        alloc_len: u32,
+        data_in: &mut dyn DataIn,
+    ) -> CommandResult<()> {
+        // SPC-4 §6.33: an allocation length below 16 is an invalid field.
+        if alloc_len < 16 {
+            return Err(CommandError::field(6));
+        }
+        let (ordinary, well_known) = match select_report {
+            0x00 => (true, false),
+            0x01 => (false, true),
+            0x02 => (true, true),
+            _ => return Err(CommandError::field(2)),
+        };
+        let mut entries: Vec<LunAddress> = Vec::new();
+        if ordinary {
+            entries.extend((0..self.luns.len()).map(|n| LunAddress::Lun(n as u16)));
+        }
+        if well_known {
+            entries.push(LunAddress::ReportLunsWlun);
+        }
+        let mut data = Vec::with_capacity(8 + 8 * entries.len());
+        data.extend_from_slice(&((entries.len() * 8) as u32).to_be_bytes());
+        data.extend_from_slice(&[0; 4]);
+        for e in entries {
+            data.extend_from_slice(&e.encode());
+        }
+        send(data_in, &data, alloc_len as usize);
+        Ok(())
+    }
+}

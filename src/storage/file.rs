@@ -1,0 +1,238 @@
+//! A raw image in a regular file or a block device, served with
+//! synchronous positional I/O (`preadv(2)`).
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Seek, SeekFrom};
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use super::{IoVec, Storage};
+
+/// At most this many iovecs go to one `preadv` call (well below IOV_MAX).
+const IOVECS_PER_CALL: usize = 64;
+
+/// What kind of file backs an image.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ImageKind {
+    RegularFile,
+    BlockDevice,
+}
+
+/// Why an image could not be opened. Each message names what is wrong; the
+/// caller adds the path.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("no such file")]
+    NotFound,
+    #[error("permission denied")]
+    PermissionDenied,
+    #[error("is a directory, not an image")]
+    IsDirectory,
+    #[error("is neither a regular file nor a block device")]
+    NotAnImage,
+    #[error("cannot open: {0}")]
+    Io(io::Error),
+    #[error("cannot determine size: {0}")]
+    Size(io::Error),
+}
+
+impl From<io::Error> for OpenError {
+    fn from(e: io::Error) -> Self {
+        match e.kind() {
+            io::ErrorKind::NotFound => OpenError::NotFound,
+            io::ErrorKind::PermissionDenied => OpenError::PermissionDenied,
+            _ if e.raw_os_error() == Some(libc::EISDIR) => OpenError::IsDirectory,
+            _ => OpenError::Io(e),
+        }
+    }
+}
+
+/// An open image file.
+#[derive(Debug)]
+pub struct FileImage {
+    file: File,
+    path: PathBuf,
+    size: u64,
+    kind: ImageKind,
+    read_only: bool,
+}
+
+impl FileImage {
+    /// Opens `path`; read-only images are opened `O_RDONLY`, so no byte of
+    /// them can change through this daemon.
+    pub fn open(path: &Path, read_only: bool) -> Result<Self, OpenError> {
+        // Check the type first: opening a FIFO would block, and a directory
+        // opens fine read-only.
+        let meta = std::fs::metadata(path)?;
+        let file_type = meta.file_type();
+        let kind = if file_type.is_file() {
+            ImageKind::RegularFile
+        } else if file_type.is_block_device() {
+            ImageKind::BlockDevice
+        } else if file_type.is_dir() {
+            return Err(OpenError::IsDirectory);
+        } else {
+            return Err(OpenError::NotAnImage);
+        };
+        let mut file = OpenOptions::new().read(true).write(!read_only).open(path)?;
+        // Seeking to the end gives the size of regular files and of block
+        // devices alike (for the latter it equals BLKGETSIZE64).
+        let size = file.seek(SeekFrom::End(0)).map_err(OpenError::Size)?;
+        Ok(FileImage {
+            file,
+            path: path.to_path_buf(),
+            size,
+            kind,
+            read_only,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn kind(&self) -> ImageKind {
+        self.kind
+    }
+}
+
+impl Storage for FileImage {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn read_vectored_at(&self, iov: &[IoVec], offset: u64) -> io::Result<()> {
+        let mut offset = offset;
+        for group in iov.chunks(IOVECS_PER_CALL) {
+            let mut local = [IoVec {
+                iov_base: std::ptr::null_mut(),
+                iov_len: 0,
+            }; IOVECS_PER_CALL];
+            local[..group.len()].copy_from_slice(group);
+            let mut pending = &mut local[..group.len()];
+            while !pending.is_empty() {
+                let file_offset = libc::off_t::try_from(offset)
+                    .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+                // SAFETY: every entry names memory the caller guarantees to be
+                // writable for its length (Storage::read_vectored_at contract);
+                // `pending` is a valid array of `pending.len()` iovecs.
+                let n = unsafe {
+                    libc::preadv(
+                        self.file.as_raw_fd(),
+                        pending.as_ptr(),
+                        pending.len() as libc::c_int,
+                        file_offset,
+                    )
+                };
+                if n < 0 {
+                    let err = io::Error::last_os_error();
+                    if err.kind() == io::ErrorKind::Interrupted {
+                        continue;
+                    }
+                    return Err(err);
+                }
+                if n == 0 {
+                    return Err(io::Error::from(io::ErrorKind::UnexpectedEof));
+                }
+                let n = n as usize;
+                offset += n as u64;
+                pending = advance(pending, n);
+            }
+        }
+        Ok(())
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+}
+
+/// Drops the first `n` bytes from an iovec list (after a short transfer).
+fn advance(iov: &mut [IoVec], mut n: usize) -> &mut [IoVec] {
+    let mut skip = 0;
+    for entry in iov.iter_mut() {
+        if n < entry.iov_len {
+            entry.iov_base = entry.iov_base.cast::<u8>().wrapping_add(n).cast();
+            entry.iov_len -= n;
+            break;
+        }
+        n -= entry.iov_len;
+        skip += 1;
+    }
+    &mut iov[skip..]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn iov(buf: &mut [u8]) -> IoVec {
+        IoVec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        }
+    }
+
+    fn image(bytes: &[u8]) -> (tempfile::NamedTempFile, FileImage) {
+        let mut tmp = tempfile::NamedTempFile::new().unwrap();
+        tmp.write_all(bytes).unwrap();
+        let img = FileImage::open(tmp.path(), true).unwrap();
+        (tmp, img)
+    }
+
+    #[test]
+    fn reads_into_scattered_buffers() {
+        let data: Vec<u8> = (0..=255u8).cycle().take(4096).collect();
+        let (_tmp, img) = image(&data);
+        assert_eq!(img.size(), 4096);
+        assert_eq!(img.kind(), ImageKind::RegularFile);
+        let (mut a, mut b, mut c) = ([0u8; 3], [0u8; 100], [0u8; 1]);
+        img.read_vectored_at(&[iov(&mut a), iov(&mut b), iov(&mut c)], 10)
+            .unwrap();
+        assert_eq!(a, data[10..13]);
+        assert_eq!(b, data[13..113]);
+        assert_eq!(c, data[113..114]);
+    }
+
+    #[test]
+    fn more_iovecs_than_one_call_takes() {
+        let data: Vec<u8> = (0..200u8).collect();
+        let (_tmp, img) = image(&data);
+        let mut bufs = vec![[0u8; 2]; 100];
+        let iovs: Vec<IoVec> = bufs.iter_mut().map(|b| iov(b)).collect();
+        img.read_vectored_at(&iovs, 0).unwrap();
+        let flat: Vec<u8> = bufs.concat();
+        assert_eq!(flat, data);
+    }
+
+    #[test]
+    fn read_past_end_is_eof() {
+        let (_tmp, img) = image(&[1u8; 512]);
+        let mut buf = [0u8; 16];
+        let err = img.read_vectored_at(&[iov(&mut buf)], 504).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    #[test]
+    fn open_errors_name_the_problem() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(matches!(
+            FileImage::open(dir.path(), true),
+            Err(OpenError::IsDirectory)
+        ));
+        assert!(matches!(
+            FileImage::open(&dir.path().join("missing"), true),
+            Err(OpenError::NotFound)
+        ));
+        assert!(matches!(
+            FileImage::open(Path::new("/dev/null"), true),
+            Err(OpenError::NotAnImage)
+        ));
+    }
+}

@@ -1,0 +1,146 @@
+//! Control queue: task management functions and asynchronous notification
+//! queries (virtio 1.2 §5.6.6.2).
+//!
+//! Every request queue is served to completion on the thread that also
+//! serves the control queue, so when a TMF arrives no command is in the task
+//! set: aborts, clears and resets find nothing to do and complete
+//! (FUNCTION COMPLETE), and queries find no task (SAM-5 §7.6: FUNCTION
+//! COMPLETE means "not in the task set").
+
+use virtio_bindings::virtio_scsi::{
+    VIRTIO_SCSI_S_BAD_TARGET, VIRTIO_SCSI_S_FAILURE, VIRTIO_SCSI_S_FUNCTION_REJECTED,
+    VIRTIO_SCSI_S_INCORRECT_LUN, VIRTIO_SCSI_S_OK, VIRTIO_SCSI_T_AN_QUERY,
+    VIRTIO_SCSI_T_AN_SUBSCRIBE, VIRTIO_SCSI_T_TMF, VIRTIO_SCSI_T_TMF_ABORT_TASK,
+    VIRTIO_SCSI_T_TMF_ABORT_TASK_SET, VIRTIO_SCSI_T_TMF_CLEAR_ACA,
+    VIRTIO_SCSI_T_TMF_CLEAR_TASK_SET, VIRTIO_SCSI_T_TMF_I_T_NEXUS_RESET,
+    VIRTIO_SCSI_T_TMF_LOGICAL_UNIT_RESET, VIRTIO_SCSI_T_TMF_QUERY_TASK,
+    VIRTIO_SCSI_T_TMF_QUERY_TASK_SET,
+};
+
+use super::chain::SplitChain;
+use super::request::saturate;
+use crate::scsi::{LunAddress, Target};
+
+/// virtio_scsi_ctrl_tmf_req: type, subtype, lun[8], id.
+const TMF_REQ_LEN: usize = 4 + 4 + 8 + 8;
+/// virtio_scsi_ctrl_an_req: type, lun[8], event_requested.
+const AN_REQ_LEN: usize = 4 + 8 + 4;
+
+/// Why a control request was malformed; logged by the caller.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ControlError {
+    #[error("control request shorter than {0} bytes")]
+    ShortRequest(usize),
+    #[error("no room for the control response")]
+    ShortResponse,
+    #[error("unknown control request type {0}")]
+    UnknownType(u32),
+}
+
+/// Handles one control request; returns the used length and the error if
+/// the request was malformed.
+pub fn handle_control(chain: SplitChain<'_>, target: &Target) -> (u32, Option<ControlError>) {
+    let SplitChain {
+        mut readable,
+        mut writable,
+    } = chain;
+    let mut req = [0u8; TMF_REQ_LEN];
+    let got = readable.read_into(&mut req);
+    if got < 4 {
+        return fail(&mut writable, ControlError::ShortRequest(4));
+    }
+    let req_type = u32::from_le_bytes([req[0], req[1], req[2], req[3]]);
+    match req_type {
+        VIRTIO_SCSI_T_TMF => {
+            if got < TMF_REQ_LEN {
+                return fail(&mut writable, ControlError::ShortRequest(TMF_REQ_LEN));
+            }
+            let subtype = u32::from_le_bytes([req[4], req[5], req[6], req[7]]);
+            let mut lun = [0u8; 8];
+            lun.copy_from_slice(&req[8..16]);
+            let response = task_management(target, subtype, &lun);
+            // virtio_scsi_ctrl_tmf_resp: response.
+            write_response(&mut writable, &[response as u8])
+        }
+        VIRTIO_SCSI_T_AN_QUERY | VIRTIO_SCSI_T_AN_SUBSCRIBE => {
+            if got < AN_REQ_LEN {
+                return fail(&mut writable, ControlError::ShortRequest(AN_REQ_LEN));
+            }
+            let mut lun = [0u8; 8];
+            lun.copy_from_slice(&req[4..12]);
+            let response = if is_target_zero(&lun) {
+                VIRTIO_SCSI_S_OK
+            } else {
+                VIRTIO_SCSI_S_BAD_TARGET
+            };
+            // virtio_scsi_ctrl_an_resp: event_actual (le32), response. No
+            // asynchronous events are supported: event_actual is zero.
+            let mut resp = [0u8; 5];
+            resp[4] = response as u8;
+            write_response(&mut writable, &resp)
+        }
+        other => fail(&mut writable, ControlError::UnknownType(other)),
+    }
+}
+
+fn is_target_zero(lun: &[u8; 8]) -> bool {
+    lun[0] == 1 && lun[1] == 0
+}
+
+/// The response code of a task management function (virtio 1.2 §5.6.6.2.1).
+fn task_management(target: &Target, subtype: u32, lun: &[u8; 8]) -> u32 {
+    if !is_target_zero(lun) {
+        return VIRTIO_SCSI_S_BAD_TARGET;
+    }
+    let mut sam_lun = [0u8; 8];
+    sam_lun[..6].copy_from_slice(&lun[2..8]);
+    let lu_exists = match LunAddress::decode(&sam_lun) {
+        LunAddress::Lun(n) => usize::from(n) < target.luns().len(),
+        LunAddress::ReportLunsWlun => true,
+        LunAddress::Unsupported => false,
+    };
+    match subtype {
+        // Nexus-wide: does not name a logical unit.
+        VIRTIO_SCSI_T_TMF_I_T_NEXUS_RESET => VIRTIO_SCSI_S_OK,
+        VIRTIO_SCSI_T_TMF_ABORT_TASK
+        | VIRTIO_SCSI_T_TMF_ABORT_TASK_SET
+        | VIRTIO_SCSI_T_TMF_CLEAR_TASK_SET
+        | VIRTIO_SCSI_T_TMF_LOGICAL_UNIT_RESET
+        | VIRTIO_SCSI_T_TMF_QUERY_TASK
+        | VIRTIO_SCSI_T_TMF_QUERY_TASK_SET => {
+            if lu_exists {
+                // FUNCTION COMPLETE (VIRTIO_SCSI_S_FUNCTION_COMPLETE == 0).
+                VIRTIO_SCSI_S_OK
+            } else {
+                VIRTIO_SCSI_S_INCORRECT_LUN
+            }
+        }
+        // ACA is not supported (NACA=1 CDBs are rejected), so there is
+        // never an ACA condition to clear.
+        VIRTIO_SCSI_T_TMF_CLEAR_ACA => VIRTIO_SCSI_S_FUNCTION_REJECTED,
+        _ => VIRTIO_SCSI_S_FUNCTION_REJECTED,
+    }
+}
+
+fn write_response(
+    out: &mut super::sglist::SgList<'_, ()>,
+    resp: &[u8],
+) -> (u32, Option<ControlError>) {
+    let n = out.write_from(resp);
+    if n < resp.len() {
+        (saturate(n), Some(ControlError::ShortResponse))
+    } else {
+        (saturate(n), None)
+    }
+}
+
+/// A malformed request: answer VIRTIO_SCSI_S_FAILURE in the first byte of
+/// the response buffer if there is room (a TMF response is that one byte;
+/// the request's type cannot be trusted to say more).
+fn fail(
+    out: &mut super::sglist::SgList<'_, ()>,
+    error: ControlError,
+) -> (u32, Option<ControlError>) {
+    let n = out.write_from(&[VIRTIO_SCSI_S_FAILURE as u8]);
+    (saturate(n), Some(error))
+}

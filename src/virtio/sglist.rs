@@ -1,0 +1,204 @@
+//! A scatter-gather list over guest memory: the device-readable or the
+//! device-writable part of one descriptor chain, consumed front to back.
+//! Every slice was bounds-checked against the guest's memory map when the
+//! list was built, so no access through it can leave guest memory.
+
+use std::io;
+
+use vm_memory::bitmap::BitmapSlice;
+use vm_memory::volatile_memory::PtrGuardMut;
+use vm_memory::VolatileSlice;
+
+use crate::scsi::{DataIn, DataOut};
+use crate::storage::{IoVec, Storage};
+
+// Writes through raw pointers bypass vm-memory's dirty bitmap; the backend
+// uses no bitmap and does not offer dirty logging (live migration of the
+// device's memory writes), so there is nothing to mark.
+
+/// How many iovecs are handed to the storage at once (kept on the stack).
+const IOVEC_BATCH: usize = 64;
+
+pub struct SgList<'a, B> {
+    slices: Vec<VolatileSlice<'a, B>>,
+    /// Index of the first slice not fully consumed.
+    index: usize,
+    /// Bytes consumed of `slices[index]`.
+    offset: usize,
+    remaining: usize,
+    consumed: usize,
+}
+
+impl<'a, B: BitmapSlice> SgList<'a, B> {
+    /// `total` must be the sum of the slices' lengths (the caller computed it
+    /// with checked arithmetic while building `slices`).
+    pub fn new(slices: Vec<VolatileSlice<'a, B>>, total: usize) -> Self {
+        SgList {
+            slices,
+            index: 0,
+            offset: 0,
+            remaining: total,
+            consumed: 0,
+        }
+    }
+
+    pub fn remaining(&self) -> usize {
+        self.remaining
+    }
+
+    pub fn consumed(&self) -> usize {
+        self.consumed
+    }
+
+    /// Calls `f` on successive pieces covering the next `len` bytes (or
+    /// fewer if the list ends), consuming them. `f` returns how many bytes
+    /// of its piece it used; consumption stops at the first short use.
+    fn consume_with<F>(&mut self, len: usize, mut f: F) -> usize
+    where
+        F: FnMut(&VolatileSlice<'a, B>, usize) -> usize,
+    {
+        let mut done = 0;
+        while done < len && self.index < self.slices.len() {
+            let slice = &self.slices[self.index];
+            let avail = slice.len() - self.offset;
+            let want = avail.min(len - done);
+            let Ok(piece) = slice.subslice(self.offset, want) else {
+                break;
+            };
+            let used = f(&piece, done).min(want);
+            self.advance(used);
+            done += used;
+            if used < want {
+                break;
+            }
+        }
+        done
+    }
+
+    fn advance(&mut self, n: usize) {
+        self.offset += n;
+        self.remaining -= n;
+        self.consumed += n;
+        while self.index < self.slices.len() && self.offset == self.slices[self.index].len() {
+            self.index += 1;
+            self.offset = 0;
+        }
+    }
+
+    /// Copies the next `buf.len()` bytes out of guest memory; returns the
+    /// count copied (short only at the end of the list).
+    pub fn read_into(&mut self, buf: &mut [u8]) -> usize {
+        self.consume_with(buf.len(), |piece, at| {
+            piece.copy_to(&mut buf[at..at + piece.len()])
+        })
+    }
+
+    /// Copies `data` into guest memory; returns the count copied.
+    pub fn write_from(&mut self, data: &[u8]) -> usize {
+        self.consume_with(data.len(), |piece, at| {
+            piece.copy_from(&data[at..at + piece.len()]);
+            piece.len()
+        })
+    }
+
+    /// Skips `len` bytes; returns the count skipped.
+    pub fn skip(&mut self, len: usize) -> usize {
+        self.consume_with(len, |piece, _| piece.len())
+    }
+
+    /// Splits off the first `len` bytes as a list of their own (the rest
+    /// stays in `self`). Returns `None` if fewer than `len` bytes remain.
+    pub fn split_front(&mut self, len: usize) -> Option<SgList<'a, B>> {
+        if len > self.remaining {
+            return None;
+        }
+        let mut front = Vec::new();
+        self.consume_with(len, |piece, _| {
+            front.push(piece.clone());
+            piece.len()
+        });
+        Some(SgList::new(front, len))
+    }
+
+    /// Reads `len` bytes of `storage` at `offset` straight into guest
+    /// memory, in batches of iovecs.
+    fn fill_from_storage(
+        &mut self,
+        storage: &dyn Storage,
+        offset: u64,
+        len: usize,
+    ) -> io::Result<()> {
+        if len > self.remaining {
+            return Err(io::Error::from(io::ErrorKind::InvalidInput));
+        }
+        let mut done = 0usize;
+        while done < len {
+            let mut iov = [IoVec {
+                iov_base: std::ptr::null_mut(),
+                iov_len: 0,
+            }; IOVEC_BATCH];
+            // The guards keep each mapping valid while storage writes to it.
+            let mut guards: [Option<PtrGuardMut>; IOVEC_BATCH] = std::array::from_fn(|_| None);
+            let mut count = 0;
+            let mut batch_len = 0usize;
+            let mut index = self.index;
+            let mut offset_in = self.offset;
+            while count < IOVEC_BATCH && index < self.slices.len() && done + batch_len < len {
+                let slice = &self.slices[index];
+                let take = (slice.len() - offset_in).min(len - done - batch_len);
+                let Ok(piece) = slice.subslice(offset_in, take) else {
+                    return Err(io::Error::from(io::ErrorKind::InvalidInput));
+                };
+                let guard = piece.ptr_guard_mut();
+                iov[count] = IoVec {
+                    iov_base: guard.as_ptr().cast(),
+                    iov_len: take,
+                };
+                guards[count] = Some(guard);
+                count += 1;
+                batch_len += take;
+                index += 1;
+                offset_in = 0;
+            }
+            storage.read_vectored_at(&iov[..count], offset + done as u64)?;
+            let _ = &guards;
+            self.advance(batch_len);
+            done += batch_len;
+        }
+        Ok(())
+    }
+}
+
+/// Data-in over guest memory.
+pub struct GuestDataIn<'s, 'a, B>(pub &'s mut SgList<'a, B>);
+
+impl<B: BitmapSlice> DataIn for GuestDataIn<'_, '_, B> {
+    fn remaining(&self) -> usize {
+        self.0.remaining()
+    }
+
+    fn written(&self) -> usize {
+        self.0.consumed()
+    }
+
+    fn write_bytes(&mut self, data: &[u8]) -> usize {
+        self.0.write_from(data)
+    }
+
+    fn read_from(&mut self, storage: &dyn Storage, offset: u64, len: usize) -> io::Result<()> {
+        self.0.fill_from_storage(storage, offset, len)
+    }
+}
+
+/// Data-out over guest memory.
+pub struct GuestDataOut<'s, 'a, B>(pub &'s mut SgList<'a, B>);
+
+impl<B: BitmapSlice> DataOut for GuestDataOut<'_, '_, B> {
+    fn remaining(&self) -> usize {
+        self.0.remaining()
+    }
+
+    fn read_bytes(&mut self, buf: &mut [u8]) -> usize {
+        self.0.read_into(buf)
+    }
+}

@@ -70,11 +70,18 @@ impl Identity {
         Identity {
             vendor: padded(VENDOR),
             product: padded(PRODUCT),
-            revision: padded(env!("CARGO_PKG_VERSION")),
+            revision: revision(env!("CARGO_PKG_VERSION")),
             serial: format!("{:016X}", hash),
             naa,
         }
     }
+}
+
+/// Product revision from a crate version: "major.minor", as 4 bytes
+/// ("0.1.0" → "0.1 ").
+fn revision(version: &str) -> [u8; 4] {
+    let major_minor: Vec<&str> = version.split('.').take(2).collect();
+    padded(&major_minor.join("."))
 }
 
 /// FNV-1a, 64 bit: a stable hash (unlike std's, which may change between
@@ -207,6 +214,8 @@ mod tests {
         assert_eq!(&d[8..16], b"RUSTVMM ");
         assert_eq!(&d[16..32], b"VHOST-SCSI DISK ");
         assert_eq!(d[7] & 0x02, 0x02);
+        assert_eq!(&revision("0.1.0"), b"0.1 ");
+        assert_eq!(&revision("12.34.5"), b"12.3");
     }
 
     #[test]

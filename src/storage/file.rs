@@ -204,7 +204,7 @@ mod tests {
     fn more_iovecs_than_one_call_takes() {
         let data: Vec<u8> = (0..200u8).collect();
         let (_tmp, img) = image(&data);
-        let mut bufs = vec![[0u8; 2]; 100];
+        let mut bufs = [[0u8; 2]; 100];
         let iovs: Vec<IoVec> = bufs.iter_mut().map(|b| iov(b)).collect();
         img.read_vectored_at(&iovs, 0).unwrap();
         let flat: Vec<u8> = bufs.concat();

@@ -137,7 +137,8 @@ impl<'a, B: BitmapSlice> SgList<'a, B> {
                 iov_base: std::ptr::null_mut(),
                 iov_len: 0,
             }; IOVEC_BATCH];
-            // The guards keep each mapping valid while storage writes to it.
+            // The guards keep each mapping valid while storage writes to it;
+            // they live until the end of this iteration.
             let mut guards: [Option<PtrGuardMut>; IOVEC_BATCH] = std::array::from_fn(|_| None);
             let mut count = 0;
             let mut batch_len = 0usize;
@@ -161,7 +162,6 @@ impl<'a, B: BitmapSlice> SgList<'a, B> {
                 offset_in = 0;
             }
             storage.read_vectored_at(&iov[..count], offset + done as u64)?;
-            let _ = &guards;
             self.advance(batch_len);
             done += batch_len;
         }

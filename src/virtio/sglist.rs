@@ -113,10 +113,14 @@ impl<'a, B: BitmapSlice> SgList<'a, B> {
             return None;
         }
         let mut front = Vec::new();
+        let consumed = self.consumed;
         self.consume_with(len, |piece, _| {
             front.push(piece.clone());
             piece.len()
         });
+        // Splitting is not a transfer: `consumed` keeps counting only the
+        // bytes read or written through `self`.
+        self.consumed = consumed;
         Some(SgList::new(front, len))
     }
 

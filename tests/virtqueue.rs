@@ -1,0 +1,779 @@
+//! Integration tests: the vhost-user backend driven through real split
+//! virtqueues in mock guest memory, as a guest driver would drive it.
+
+use std::io::Write;
+use std::sync::Arc;
+
+use vhost_device_scsi::scsi::inquiry::Identity;
+use vhost_device_scsi::scsi::{Disk, DiskConfig, Target};
+use vhost_device_scsi::storage::FileImage;
+use vhost_device_scsi::virtio::backend::{CONTROL_QUEUE, EVENT_QUEUE, FIRST_REQUEST_QUEUE};
+use vhost_device_scsi::virtio::chain::GuestMem;
+use vhost_device_scsi::virtio::ScsiBackend;
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+use virtio_queue::mock::MockSplitQueue;
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
+use vmm_sys_util::epoll::EventSet;
+
+const QUEUE_SIZE: u16 = 256;
+/// Rings of queue i start at RING_BASE + i * RING_STRIDE.
+const RING_BASE: u64 = 0x1000;
+const RING_STRIDE: u64 = 0x4000;
+/// Data buffers are allocated from here up.
+const DATA_BASE: u64 = 0x10_0000;
+/// Guest memory: two adjacent regions, so buffers can straddle them.
+const REGION_SIZE: usize = 8 << 20;
+
+const RESP_LEN: u32 = 12 + 96;
+const REQ_LEN: usize = 19 + 32;
+
+// virtio-scsi response codes (virtio 1.2 §5.6.6.1).
+const S_OK: u8 = 0;
+const S_OVERRUN: u8 = 1;
+const S_BAD_TARGET: u8 = 3;
+const S_FAILURE: u8 = 9;
+const S_FUNCTION_REJECTED: u8 = 11;
+const S_INCORRECT_LUN: u8 = 12;
+
+/// A guest buffer in a descriptor: readable with contents, or writable.
+enum Buf {
+    R(Vec<u8>),
+    W(u32),
+}
+
+/// What the device returned for a chain.
+struct Used {
+    len: u32,
+    /// The writable buffers' contents, concatenated.
+    written: Vec<u8>,
+}
+
+impl Used {
+    fn response(&self) -> u8 {
+        self.written[11]
+    }
+    fn status(&self) -> u8 {
+        self.written[10]
+    }
+    fn sense_len(&self) -> u32 {
+        u32::from_le_bytes(self.written[0..4].try_into().unwrap())
+    }
+    fn residual(&self) -> u32 {
+        u32::from_le_bytes(self.written[4..8].try_into().unwrap())
+    }
+    fn sense(&self) -> &[u8] {
+        &self.written[12..12 + self.sense_len() as usize]
+    }
+    fn data_in(&self) -> &[u8] {
+        &self.written[RESP_LEN as usize..]
+    }
+}
+
+/// Guest addresses of one split virtqueue's rings.
+#[derive(Clone, Copy)]
+struct Rings {
+    desc: u64,
+    avail: u64,
+    used: u64,
+}
+
+struct Harness {
+    mem: GuestMemoryAtomic<GuestMem>,
+    rings: Vec<Rings>,
+    backend: ScsiBackend,
+    vrings: Vec<VringRwLock>,
+    next_data: u64,
+    images: Vec<Vec<u8>>,
+    _files: Vec<tempfile::NamedTempFile>,
+}
+
+fn ring_addr(queue: usize) -> GuestAddress {
+    GuestAddress(RING_BASE + queue as u64 * RING_STRIDE)
+}
+
+impl Harness {
+    /// A target with one LUN per entry of `sizes`, each filled with a
+    /// distinct byte pattern.
+    fn new(sizes: &[usize]) -> Harness {
+        let mut files = Vec::new();
+        let mut images = Vec::new();
+        let mut disks = Vec::new();
+        for (lun, &size) in sizes.iter().enumerate() {
+            let data: Vec<u8> = (0..size)
+                .map(|i| {
+                    (i as u32)
+                        .wrapping_mul(2654435761)
+                        .rotate_left(lun as u32 * 7) as u8
+                })
+                .collect();
+            let mut file = tempfile::NamedTempFile::new().unwrap();
+            file.write_all(&data).unwrap();
+            let image = FileImage::open(file.path(), true).unwrap();
+            let config = DiskConfig {
+                block_size: 512,
+                identity: Identity::derived(&file.path().to_string_lossy(), lun as u16),
+                solid_state: false,
+            };
+            disks.push(Disk::new(Box::new(image), config).unwrap());
+            files.push(file);
+            images.push(data);
+        }
+        let mem = GuestMemoryAtomic::new(
+            GuestMem::from_ranges(&[
+                (GuestAddress(0), REGION_SIZE),
+                (GuestAddress(REGION_SIZE as u64), REGION_SIZE),
+            ])
+            .unwrap(),
+        );
+        let backend = ScsiBackend::new(Arc::new(Target::new(disks)));
+        backend.update_memory(mem.clone()).unwrap();
+        let mut rings = Vec::new();
+        let vrings: Vec<VringRwLock> = (0..FIRST_REQUEST_QUEUE + 2)
+            .map(|q| {
+                let vring = VringRwLock::new(mem.clone(), QUEUE_SIZE).unwrap();
+                // The mock lays out and zeroes the rings, as a driver would.
+                let guard = mem.memory();
+                let mock = MockSplitQueue::create(&*guard, ring_addr(q), QUEUE_SIZE);
+                let r = Rings {
+                    desc: mock.desc_table_addr().0,
+                    avail: mock.avail_addr().0,
+                    used: mock.used_addr().0,
+                };
+                rings.push(r);
+                vring.set_queue_size(QUEUE_SIZE);
+                vring.set_queue_info(r.desc, r.avail, r.used).unwrap();
+                vring.set_queue_ready(true);
+                vring.set_enabled(true);
+                vring
+            })
+            .collect();
+        Harness {
+            mem,
+            rings,
+            backend,
+            vrings,
+            next_data: DATA_BASE,
+            images,
+            _files: files,
+        }
+    }
+
+    fn alloc(&mut self, len: u32) -> u64 {
+        let addr = self.next_data;
+        self.next_data += u64::from(len).max(1);
+        addr
+    }
+
+    /// Places raw descriptors at table index 0.. of `queue` and makes index
+    /// 0 available.
+    fn push_raw(&mut self, queue: usize, descs: &[SplitDescriptor]) {
+        let r = self.rings[queue];
+        let mem = self.mem.memory();
+        for (i, d) in descs.iter().enumerate() {
+            mem.write_obj(
+                RawDescriptor::from(*d),
+                GuestAddress(r.desc + 16 * i as u64),
+            )
+            .unwrap();
+        }
+        self.make_available(queue, 0);
+    }
+
+    /// Puts descriptor `head` in the available ring of `queue`.
+    fn make_available(&self, queue: usize, head: u16) {
+        let r = self.rings[queue];
+        let mem = self.mem.memory();
+        let idx: u16 = mem.read_obj(GuestAddress(r.avail + 2)).unwrap();
+        let slot = r.avail + 4 + 2 * u64::from(idx % QUEUE_SIZE);
+        mem.write_obj(head, GuestAddress(slot)).unwrap();
+        mem.write_obj(idx.wrapping_add(1), GuestAddress(r.avail + 2))
+            .unwrap();
+    }
+
+    /// Writes `bufs` into guest memory as one chain; returns the writable
+    /// buffers' (address, length).
+    fn push(&mut self, queue: usize, bufs: &[Buf]) -> Vec<(u64, u32)> {
+        let mut descs = Vec::new();
+        let mut writable = Vec::new();
+        for (i, buf) in bufs.iter().enumerate() {
+            let next = if i + 1 < bufs.len() {
+                VRING_DESC_F_NEXT as u16
+            } else {
+                0
+            };
+            let (addr, len, flags) = match buf {
+                Buf::R(bytes) => {
+                    let addr = self.alloc(bytes.len() as u32);
+                    self.mem
+                        .memory()
+                        .write_slice(bytes, GuestAddress(addr))
+                        .unwrap();
+                    (addr, bytes.len() as u32, next)
+                }
+                Buf::W(len) => {
+                    let addr = self.alloc(*len);
+                    // Poison, so that unwritten bytes are visible.
+                    self.mem
+                        .memory()
+                        .write_slice(&vec![0xee; *len as usize], GuestAddress(addr))
+                        .unwrap();
+                    writable.push((addr, *len));
+                    (addr, *len, next | VRING_DESC_F_WRITE as u16)
+                }
+            };
+            descs.push(SplitDescriptor::new(addr, len, flags, i as u16 + 1));
+        }
+        self.push_raw(queue, &descs);
+        writable
+    }
+
+    /// Kicks `queue` and returns the used-ring entries added since.
+    fn kick(&mut self, queue: usize) -> Vec<(u16, u32)> {
+        let r = self.rings[queue];
+        let used_idx =
+            |h: &Self| -> u16 { h.mem.memory().read_obj(GuestAddress(r.used + 2)).unwrap() };
+        let before = used_idx(self);
+        self.backend
+            .handle_event(queue as u16, EventSet::IN, &self.vrings, 0)
+            .unwrap();
+        let after = used_idx(self);
+        let mem = self.mem.memory();
+        (before..after)
+            .map(|i| {
+                let at = r.used + 4 + 8 * u64::from(i % QUEUE_SIZE);
+                let id: u32 = mem.read_obj(GuestAddress(at)).unwrap();
+                let len: u32 = mem.read_obj(GuestAddress(at + 4)).unwrap();
+                (id as u16, len)
+            })
+            .collect()
+    }
+
+    fn read(&self, addr: u64, len: u32) -> Vec<u8> {
+        let mut out = vec![0u8; len as usize];
+        self.mem
+            .memory()
+            .read_slice(&mut out, GuestAddress(addr))
+            .unwrap();
+        out
+    }
+
+    /// Submits one chain on `queue`, runs the device, and returns its used
+    /// entry and the writable buffers' contents.
+    fn submit(&mut self, queue: usize, bufs: &[Buf]) -> Used {
+        self.next_data = DATA_BASE;
+        let writable = self.push(queue, bufs);
+        let used = self.kick(queue);
+        assert_eq!(used.len(), 1, "one chain in, one used entry out");
+        assert_eq!(used[0].0, 0, "head index");
+        let written = writable
+            .iter()
+            .flat_map(|&(addr, len)| self.read(addr, len))
+            .collect();
+        Used {
+            len: used[0].1,
+            written,
+        }
+    }
+
+    /// A typical command: header+CDB in one descriptor, response in one,
+    /// data-in (if any) in one.
+    fn command(&mut self, lun: [u8; 8], cdb: &[u8], data_in: u32) -> Used {
+        let mut bufs = vec![Buf::R(request(lun, cdb)), Buf::W(RESP_LEN)];
+        if data_in > 0 {
+            bufs.push(Buf::W(data_in));
+        }
+        self.submit(FIRST_REQUEST_QUEUE, &bufs)
+    }
+}
+
+/// virtio-scsi LUN field for target 0, LUN `n`, flat space addressing.
+fn lun(n: u16) -> [u8; 8] {
+    [1, 0, 0x40 | (n >> 8) as u8, n as u8, 0, 0, 0, 0]
+}
+
+/// virtio_scsi_cmd_req with a 32-byte CDB area.
+fn request(lun: [u8; 8], cdb: &[u8]) -> Vec<u8> {
+    let mut req = vec![0u8; REQ_LEN];
+    req[..8].copy_from_slice(&lun);
+    req[8..16].copy_from_slice(&0x1234u64.to_le_bytes());
+    req[19..19 + cdb.len()].copy_from_slice(cdb);
+    req
+}
+
+fn read10(lba: u32, blocks: u16) -> Vec<u8> {
+    let mut cdb = vec![0x28, 0];
+    cdb.extend_from_slice(&lba.to_be_bytes());
+    cdb.push(0);
+    cdb.extend_from_slice(&blocks.to_be_bytes());
+    cdb.push(0);
+    cdb
+}
+
+const INQUIRY: [u8; 6] = [0x12, 0, 0, 0, 96, 0];
+
+#[test]
+fn single_descriptor_parts() {
+    let mut h = Harness::new(&[1 << 20]);
+    let used = h.command(lun(0), &INQUIRY, 96);
+    assert_eq!(used.response(), S_OK);
+    assert_eq!(used.status(), 0);
+    assert_eq!(used.sense_len(), 0);
+    let data = used.data_in();
+    assert_eq!(data[0], 0, "direct-access device");
+    assert_eq!(&data[8..16], b"RUSTVMM ");
+    let inquiry_len = data[4] as u32 + 5;
+    assert_eq!(used.residual(), 96 - inquiry_len);
+    assert_eq!(used.len, RESP_LEN + inquiry_len);
+}
+
+#[test]
+fn read_into_many_descriptors() {
+    let mut h = Harness::new(&[1 << 20]);
+    // 8 blocks into data-in pieces of odd sizes.
+    let pieces = [1000u32, 24, 1, 2071, 1];
+    assert_eq!(pieces.iter().sum::<u32>(), 8 * 512 - 999);
+    let mut bufs = vec![Buf::R(request(lun(0), &read10(100, 8))), Buf::W(RESP_LEN)];
+    bufs.extend(pieces.iter().map(|&p| Buf::W(p)));
+    bufs.push(Buf::W(999));
+    let used = h.submit(FIRST_REQUEST_QUEUE, &bufs);
+    assert_eq!(used.response(), S_OK);
+    assert_eq!(used.status(), 0);
+    assert_eq!(used.residual(), 0);
+    assert_eq!(used.len, RESP_LEN + 4096);
+    assert_eq!(used.data_in(), &h.images[0][100 * 512..108 * 512]);
+}
+
+#[test]
+fn header_split_at_every_byte() {
+    let mut h = Harness::new(&[1 << 20]);
+    let req = request(lun(0), &read10(7, 1));
+    for split in 1..REQ_LEN {
+        let bufs = [
+            Buf::R(req[..split].to_vec()),
+            Buf::R(req[split..].to_vec()),
+            Buf::W(split as u32 % RESP_LEN),
+            Buf::W(RESP_LEN - split as u32 % RESP_LEN + 512),
+        ];
+        let used = h.submit(FIRST_REQUEST_QUEUE, &bufs);
+        assert_eq!(used.response(), S_OK, "split at {split}");
+        assert_eq!(
+            used.data_in(),
+            &h.images[0][7 * 512..8 * 512],
+            "split at {split}"
+        );
+    }
+}
+
+#[test]
+fn header_in_one_byte_descriptors() {
+    let mut h = Harness::new(&[1 << 20]);
+    let req = request(lun(0), &read10(3, 2));
+    let mut bufs: Vec<Buf> = req.iter().map(|&b| Buf::R(vec![b])).collect();
+    // Response in 1-byte pieces too, then the data.
+    bufs.extend((0..RESP_LEN).map(|_| Buf::W(1)));
+    bufs.push(Buf::W(1024));
+    let used = h.submit(FIRST_REQUEST_QUEUE, &bufs);
+    assert_eq!(used.response(), S_OK);
+    assert_eq!(used.data_in(), &h.images[0][3 * 512..5 * 512]);
+}
+
+#[test]
+fn indirect_descriptor_table() {
+    let mut h = Harness::new(&[1 << 20]);
+    h.next_data = DATA_BASE;
+    let req = request(lun(0), &read10(1, 1));
+    let req_addr = h.alloc(req.len() as u32);
+    h.mem
+        .memory()
+        .write_slice(&req, GuestAddress(req_addr))
+        .unwrap();
+    let resp_addr = h.alloc(RESP_LEN);
+    let data_addr = h.alloc(512);
+    let table = [
+        SplitDescriptor::new(req_addr, req.len() as u32, VRING_DESC_F_NEXT as u16, 1),
+        SplitDescriptor::new(
+            resp_addr,
+            RESP_LEN,
+            (VRING_DESC_F_NEXT | VRING_DESC_F_WRITE) as u16,
+            2,
+        ),
+        SplitDescriptor::new(data_addr, 512, VRING_DESC_F_WRITE as u16, 0),
+    ];
+    let table_addr = h.alloc(16 * 3);
+    for (i, d) in table.iter().enumerate() {
+        h.mem
+            .memory()
+            .write_obj(
+                RawDescriptor::from(*d),
+                GuestAddress(table_addr + 16 * i as u64),
+            )
+            .unwrap();
+    }
+    h.push_raw(
+        FIRST_REQUEST_QUEUE,
+        &[SplitDescriptor::new(
+            table_addr,
+            16 * 3,
+            VRING_DESC_F_INDIRECT as u16,
+            0,
+        )],
+    );
+    let used = h.kick(FIRST_REQUEST_QUEUE);
+    assert_eq!(used, vec![(0, RESP_LEN + 512)]);
+    assert_eq!(h.read(resp_addr, RESP_LEN)[11], S_OK);
+    assert_eq!(h.read(data_addr, 512), &h.images[0][512..1024]);
+}
+
+#[test]
+fn data_straddling_two_memory_regions() {
+    let mut h = Harness::new(&[1 << 20]);
+    h.next_data = DATA_BASE;
+    let req = request(lun(0), &read10(10, 4));
+    let req_addr = h.alloc(req.len() as u32);
+    h.mem
+        .memory()
+        .write_slice(&req, GuestAddress(req_addr))
+        .unwrap();
+    let resp_addr = h.alloc(RESP_LEN);
+    // Data-in starts 1000 bytes before the region boundary.
+    let data_addr = REGION_SIZE as u64 - 1000;
+    h.push_raw(
+        FIRST_REQUEST_QUEUE,
+        &[
+            SplitDescriptor::new(req_addr, req.len() as u32, VRING_DESC_F_NEXT as u16, 1),
+            SplitDescriptor::new(
+                resp_addr,
+                RESP_LEN,
+                (VRING_DESC_F_NEXT | VRING_DESC_F_WRITE) as u16,
+                2,
+            ),
+            SplitDescriptor::new(data_addr, 2048, VRING_DESC_F_WRITE as u16, 0),
+        ],
+    );
+    assert_eq!(h.kick(FIRST_REQUEST_QUEUE), vec![(0, RESP_LEN + 2048)]);
+    assert_eq!(h.read(data_addr, 2048), &h.images[0][10 * 512..14 * 512]);
+}
+
+#[test]
+fn data_in_smaller_than_transfer_is_overrun() {
+    let mut h = Harness::new(&[1 << 20]);
+    let used = h.command(lun(0), &read10(0, 8), 2048);
+    assert_eq!(used.response(), S_OVERRUN);
+    assert_eq!(used.residual(), 2048, "nothing transferred");
+    assert_eq!(used.len, RESP_LEN);
+    assert!(
+        used.data_in().iter().all(|&b| b == 0xee),
+        "data-in untouched"
+    );
+}
+
+#[test]
+fn allocation_length_larger_than_buffer_is_truncated() {
+    let mut h = Harness::new(&[1 << 20]);
+    let used = h.command(lun(0), &[0x12, 0, 0, 0, 255, 0], 36);
+    assert_eq!(used.response(), S_OK);
+    assert_eq!(used.status(), 0);
+    assert_eq!(used.residual(), 0);
+    assert_eq!(used.len, RESP_LEN + 36);
+}
+
+#[test]
+fn check_condition_carries_sense() {
+    let mut h = Harness::new(&[1 << 20]);
+    let used = h.command(lun(0), &read10(2048, 1), 512);
+    assert_eq!(used.response(), S_OK);
+    assert_eq!(used.status(), 2, "CHECK CONDITION");
+    assert_eq!(used.sense_len(), 18);
+    let sense = used.sense();
+    assert_eq!(sense[0], 0x70);
+    assert_eq!(sense[2], 0x05);
+    assert_eq!((sense[12], sense[13]), (0x21, 0x00));
+    assert_eq!(used.residual(), 512);
+}
+
+#[test]
+fn write_on_read_only_lun_is_data_protect() {
+    let mut h = Harness::new(&[1 << 20]);
+    let mut cdb = read10(0, 1);
+    cdb[0] = 0x2a;
+    let used = h.submit(
+        FIRST_REQUEST_QUEUE,
+        &[
+            Buf::R(request(lun(0), &cdb)),
+            Buf::R(vec![0xab; 512]),
+            Buf::W(RESP_LEN),
+        ],
+    );
+    assert_eq!(used.status(), 2);
+    assert_eq!(used.sense()[2], 0x07, "DATA PROTECT");
+    assert_eq!((used.sense()[12], used.sense()[13]), (0x27, 0x00));
+    assert_eq!(used.residual(), 512, "data-out not consumed");
+    assert_eq!(used.len, RESP_LEN);
+}
+
+#[test]
+fn several_luns_and_both_lun_formats() {
+    let mut h = Harness::new(&[64 << 10, 128 << 10, 4096]);
+    for n in 0..3u16 {
+        let flat = h.command(lun(n), &read10(1, 1), 512);
+        assert_eq!(flat.status(), 0, "lun {n}");
+        assert_eq!(flat.data_in(), &h.images[n as usize][512..1024], "lun {n}");
+        // Windows' vioscsi: lun[2] == 0 (peripheral device addressing).
+        let peripheral = h.command([1, 0, 0, n as u8, 0, 0, 0, 0], &read10(1, 1), 512);
+        assert_eq!(peripheral.data_in(), flat.data_in(), "lun {n}");
+    }
+    // READ CAPACITY(10) tells the sizes apart.
+    let cap = h.command(lun(1), &[0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0], 8);
+    assert_eq!(&cap.data_in()[..4], &255u32.to_be_bytes());
+    // An absent LUN.
+    let absent = h.command(lun(5), &read10(0, 1), 512);
+    assert_eq!(absent.status(), 2);
+    assert_eq!((absent.sense()[12], absent.sense()[13]), (0x25, 0x00));
+    let inq = h.command(lun(5), &INQUIRY, 96);
+    assert_eq!(inq.data_in()[0], 0x7f);
+    // REPORT LUNS lists three.
+    let luns = h.command(lun(0), &[0xa0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0], 256);
+    assert_eq!(&luns.data_in()[..4], &24u32.to_be_bytes());
+}
+
+#[test]
+fn other_targets_are_bad_target() {
+    let mut h = Harness::new(&[4096]);
+    for bad in [
+        [1, 1, 0x40, 0, 0, 0, 0, 0],
+        [0, 0, 0x40, 0, 0, 0, 0, 0],
+        [2, 0, 0, 0, 0, 0, 0, 0],
+    ] {
+        let used = h.command(bad, &INQUIRY, 96);
+        assert_eq!(used.response(), S_BAD_TARGET, "{bad:?}");
+        assert_eq!(used.len, RESP_LEN);
+    }
+}
+
+#[test]
+fn requests_on_every_request_queue() {
+    let mut h = Harness::new(&[4096]);
+    for q in [FIRST_REQUEST_QUEUE, FIRST_REQUEST_QUEUE + 1] {
+        h.next_data = DATA_BASE;
+        let _ = h.push(
+            q,
+            &[
+                Buf::R(request(lun(0), &INQUIRY)),
+                Buf::W(RESP_LEN),
+                Buf::W(96),
+            ],
+        );
+        let used = h.kick(q);
+        assert_eq!(used.len(), 1, "queue {q}");
+    }
+}
+
+#[test]
+fn many_requests_per_kick() {
+    let mut h = Harness::new(&[1 << 20]);
+    // Three chains at descriptor indexes 0.., 3.., 6.. made available at once.
+    let r = h.rings[FIRST_REQUEST_QUEUE];
+    let mut data_addrs = Vec::new();
+    for i in 0..3u16 {
+        let base = DATA_BASE + u64::from(i) * 0x1000;
+        let req = request(lun(0), &read10(u32::from(i), 1));
+        let mem = h.mem.memory();
+        mem.write_slice(&req, GuestAddress(base)).unwrap();
+        let descs = [
+            SplitDescriptor::new(base, REQ_LEN as u32, VRING_DESC_F_NEXT as u16, 3 * i + 1),
+            SplitDescriptor::new(
+                base + 0x100,
+                RESP_LEN,
+                (VRING_DESC_F_NEXT | VRING_DESC_F_WRITE) as u16,
+                3 * i + 2,
+            ),
+            SplitDescriptor::new(base + 0x200, 512, VRING_DESC_F_WRITE as u16, 0),
+        ];
+        for (j, d) in descs.iter().enumerate() {
+            let at = r.desc + 16 * u64::from(3 * i + j as u16);
+            mem.write_obj(RawDescriptor::from(*d), GuestAddress(at))
+                .unwrap();
+        }
+        h.make_available(FIRST_REQUEST_QUEUE, 3 * i);
+        data_addrs.push(base + 0x200);
+    }
+    let used = h.kick(FIRST_REQUEST_QUEUE);
+    assert_eq!(
+        used,
+        vec![
+            (0, RESP_LEN + 512),
+            (3, RESP_LEN + 512),
+            (6, RESP_LEN + 512)
+        ]
+    );
+    for (i, addr) in data_addrs.iter().enumerate() {
+        assert_eq!(h.read(*addr, 512), &h.images[0][i * 512..(i + 1) * 512]);
+    }
+}
+
+/// virtio_scsi_ctrl_tmf_req.
+fn tmf(subtype: u32, lun: [u8; 8]) -> Vec<u8> {
+    let mut req = Vec::new();
+    req.extend_from_slice(&0u32.to_le_bytes());
+    req.extend_from_slice(&subtype.to_le_bytes());
+    req.extend_from_slice(&lun);
+    req.extend_from_slice(&7u64.to_le_bytes());
+    req
+}
+
+#[test]
+fn task_management_functions() {
+    let mut h = Harness::new(&[4096, 4096]);
+    let cases: &[(u32, [u8; 8], u8)] = &[
+        (0, lun(0), S_OK),                // ABORT TASK
+        (1, lun(1), S_OK),                // ABORT TASK SET
+        (2, lun(0), S_FUNCTION_REJECTED), // CLEAR ACA
+        (3, lun(0), S_OK),                // CLEAR TASK SET
+        (4, lun(9), S_OK),                // I_T NEXUS RESET (no LU needed)
+        (5, lun(1), S_OK),                // LOGICAL UNIT RESET
+        (5, lun(9), S_INCORRECT_LUN),     // ... of an absent LUN
+        (6, lun(0), S_OK),                // QUERY TASK
+        (7, lun(0), S_OK),                // QUERY TASK SET
+        (99, lun(0), S_FUNCTION_REJECTED),
+        (5, [1, 3, 0x40, 0, 0, 0, 0, 0], S_BAD_TARGET),
+    ];
+    for &(subtype, l, want) in cases {
+        let used = h.submit(CONTROL_QUEUE, &[Buf::R(tmf(subtype, l)), Buf::W(1)]);
+        assert_eq!(used.len, 1, "subtype {subtype}");
+        assert_eq!(used.written[0], want, "subtype {subtype} lun {l:?}");
+    }
+}
+
+#[test]
+fn async_notification_query() {
+    let mut h = Harness::new(&[4096]);
+    for req_type in [1u32, 2] {
+        let mut req = Vec::new();
+        req.extend_from_slice(&req_type.to_le_bytes());
+        req.extend_from_slice(&lun(0));
+        req.extend_from_slice(&0xffu32.to_le_bytes());
+        let used = h.submit(CONTROL_QUEUE, &[Buf::R(req), Buf::W(5)]);
+        assert_eq!(used.len, 5);
+        assert_eq!(&used.written[..4], &[0, 0, 0, 0], "no events supported");
+        assert_eq!(used.written[4], S_OK);
+    }
+}
+
+#[test]
+fn malformed_control_requests() {
+    let mut h = Harness::new(&[4096]);
+    // Too short for a TMF.
+    let used = h.submit(CONTROL_QUEUE, &[Buf::R(vec![0, 0, 0, 0, 5]), Buf::W(1)]);
+    assert_eq!(used.written[0], S_FAILURE);
+    // Unknown type.
+    let used = h.submit(CONTROL_QUEUE, &[Buf::R(vec![9, 0, 0, 0]), Buf::W(1)]);
+    assert_eq!(used.written[0], S_FAILURE);
+    // No response buffer at all.
+    let used = h.submit(CONTROL_QUEUE, &[Buf::R(tmf(5, lun(0)))]);
+    assert_eq!(used.len, 0);
+}
+
+#[test]
+fn malformed_requests_are_answered_and_serving_continues() {
+    let mut h = Harness::new(&[4096]);
+    // Header shorter than lun+id+attrs+CDB.
+    let used = h.submit(
+        FIRST_REQUEST_QUEUE,
+        &[Buf::R(vec![1, 0, 0x40, 0]), Buf::W(RESP_LEN)],
+    );
+    assert_eq!(used.response(), S_FAILURE);
+    // Response buffer shorter than the response.
+    let used = h.submit(
+        FIRST_REQUEST_QUEUE,
+        &[Buf::R(request(lun(0), &INQUIRY)), Buf::W(50)],
+    );
+    assert_eq!(used.len, 0);
+    // Both data-out and data-in without VIRTIO_SCSI_F_INOUT.
+    let used = h.submit(
+        FIRST_REQUEST_QUEUE,
+        &[
+            Buf::R(request(lun(0), &INQUIRY)),
+            Buf::R(vec![0; 16]),
+            Buf::W(RESP_LEN),
+            Buf::W(96),
+        ],
+    );
+    assert_eq!(used.response(), S_FAILURE);
+    // Readable descriptor after a writable one.
+    let used = h.submit(
+        FIRST_REQUEST_QUEUE,
+        &[
+            Buf::R(request(lun(0), &INQUIRY)),
+            Buf::W(RESP_LEN),
+            Buf::R(vec![0; 16]),
+        ],
+    );
+    assert_eq!(used.len, 0);
+    // A descriptor pointing outside guest memory.
+    h.push_raw(
+        FIRST_REQUEST_QUEUE,
+        &[SplitDescriptor::new(
+            2 * REGION_SIZE as u64 - 8,
+            4096,
+            VRING_DESC_F_WRITE as u16,
+            0,
+        )],
+    );
+    assert_eq!(h.kick(FIRST_REQUEST_QUEUE), vec![(0, 0)]);
+    // And the next good request is served.
+    let used = h.command(lun(0), &read10(0, 1), 512);
+    assert_eq!(used.status(), 0);
+    assert_eq!(used.data_in(), &h.images[0][..512]);
+}
+
+#[test]
+fn event_queue_buffers_are_kept() {
+    let mut h = Harness::new(&[4096]);
+    let _ = h.push(EVENT_QUEUE, &[Buf::W(16)]);
+    assert!(h.kick(EVENT_QUEUE).is_empty(), "no events are reported");
+}
+
+#[test]
+fn config_space() {
+    let h = Harness::new(&[4096]);
+    let config = h.backend.get_config(0, 36);
+    assert_eq!(config.len(), 36);
+    assert_eq!(&config[0..4], &16u32.to_le_bytes(), "num_queues");
+    assert_eq!(&config[20..24], &96u32.to_le_bytes(), "sense_size");
+    assert_eq!(&config[24..28], &32u32.to_le_bytes(), "cdb_size");
+    assert!(h.backend.get_config(30, 100).is_empty());
+    assert!(h.backend.set_config(0, &[1, 0, 0, 0]).is_err());
+    assert!(h.backend.set_config(u32::MAX, &[1]).is_err());
+}
+
+#[test]
+fn smaller_cdb_and_sense_sizes_from_config() {
+    let mut h = Harness::new(&[4096]);
+    h.backend.set_config(24, &16u32.to_le_bytes()).unwrap();
+    h.backend.set_config(20, &20u32.to_le_bytes()).unwrap();
+    let mut req = request(lun(0), &read10(99, 1));
+    req.truncate(19 + 16);
+    let used = h.submit(
+        FIRST_REQUEST_QUEUE,
+        &[Buf::R(req), Buf::W(12 + 20), Buf::W(512)],
+    );
+    assert_eq!(used.written[10], 2, "CHECK CONDITION");
+    assert_eq!(
+        u32::from_le_bytes(used.written[0..4].try_into().unwrap()),
+        18
+    );
+    assert_eq!(used.written[12 + 12], 0x21, "LBA out of range");
+    assert_eq!(used.len, 12 + 20);
+}
+
+#[test]
+fn offered_features() {
+    let h = Harness::new(&[4096]);
+    let f = h.backend.features();
+    for bit in [1u32, 2, 28, 29, 30, 32] {
+        assert_ne!(f & (1 << bit), 0, "feature bit {bit}");
+    }
+    assert_eq!(f & 1, 0, "VIRTIO_SCSI_F_INOUT is not offered");
+}

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use log::{info, warn};
-use vhost::vhost_user::Listener;
+use vhost::vhost_user::{Error as VhostUserError, Listener};
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::GuestMemoryAtomic;
 
@@ -119,7 +119,10 @@ pub fn serve(target: Arc<Target>, mut listener: Listener, path: &Path) -> Result
             })?;
         info!("VMM connected");
         match daemon.wait() {
-            Ok(()) => info!("VMM disconnected"),
+            Ok(())
+            | Err(vhost_user_backend::Error::HandleRequest(
+                VhostUserError::Disconnected | VhostUserError::PartialMessage,
+            )) => info!("VMM disconnected"),
             Err(e) => warn!("VMM connection ended: {e}"),
         }
         // Dropping the daemon stops and joins its queue worker threads.

@@ -13,12 +13,9 @@ fn main() -> ExitCode {
         Err(e) => {
             use clap::error::ErrorKind;
             if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
-                let _ = e.print();
-                return ExitCode::SUCCESS;
+                e.exit();
             }
-            // One line: clap's first line names the flag and the problem.
-            let text = e.to_string();
-            eprintln!("{}", text.lines().next().unwrap_or("invalid arguments"));
+            eprintln!("{}", one_line(&e.to_string()));
             return ExitCode::from(2);
         }
     };
@@ -37,4 +34,20 @@ fn run(cli: &Cli) -> Result<(), String> {
     daemon::handle_stop_signals(cli.socket_path.clone()).map_err(|e| e.to_string())?;
     let listener = daemon::listen(&cli.socket_path).map_err(|e| e.to_string())?;
     daemon::serve(Arc::new(target), listener, &cli.socket_path).map_err(|e| e.to_string())
+}
+
+/// clap's message up to its first blank line (before the usage text), as
+/// one line: "error: the following required arguments were not provided:
+/// --socket-path <PATH>".
+fn one_line(message: &str) -> String {
+    let parts: Vec<&str> = message
+        .lines()
+        .take_while(|line| !line.trim().is_empty())
+        .map(str::trim)
+        .collect();
+    if parts.is_empty() {
+        "error: invalid arguments".to_string()
+    } else {
+        parts.join(" ")
+    }
 }

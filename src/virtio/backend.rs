@@ -174,9 +174,11 @@ impl VhostUserBackend for ScsiBackend {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::MQ
-            | VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::REPLY_ACK
+        // No CONFIG: QEMU's vhost-user-scsi-pci builds the configuration
+        // space itself and warns at every start when a backend offers it.
+        // get_config/set_config below still describe this device's config
+        // space for the vhost-user library's callers.
+        VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK
     }
 
     fn set_event_idx(&self, _enabled: bool) {

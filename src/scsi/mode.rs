@@ -55,7 +55,9 @@ fn page(code: u8, p: &ModeParams) -> ([u8; 20], usize) {
         }
         // Control (SPC-4 §7.5.8): fixed-format sense (D_SENSE=0), GLTSD=1
         // (no log parameters are saved), unrestricted reordering allowed
-        // (QUEUE ALGORITHM MODIFIER 1), busy timeout unlimited.
+        // (QUEUE ALGORITHM MODIFIER 1), BUSY TIMEOUT PERIOD (bytes 8-9)
+        // FFFFh = unlimited. Bytes 6-7 are obsolete (formerly READY AER
+        // HOLDOFF PERIOD) and stay zero.
         PAGE_CONTROL => {
             buf[..12].copy_from_slice(&[
                 PAGE_CONTROL,
@@ -64,8 +66,8 @@ fn page(code: u8, p: &ModeParams) -> ([u8; 20], usize) {
                 0x10,
                 0,
                 0,
-                0xff,
-                0xff,
+                0,
+                0,
                 0xff,
                 0xff,
                 0,
@@ -190,6 +192,8 @@ mod tests {
         assert_eq!(pages[0], 0x01);
         assert_eq!(pages[12], 0x08);
         assert_eq!(pages[32], 0x0a);
+        // Control page: obsolete bytes 6-7 zero, BUSY TIMEOUT PERIOD FFFFh.
+        assert_eq!(&pages[38..42], &[0, 0, 0xff, 0xff]);
         assert_eq!(pages.len(), 12 + 20 + 12);
     }
 

@@ -1,9 +1,11 @@
 //! Storage backends: where a logical unit's blocks live. Knows files and
-//! syscalls, nothing of SCSI or virtio.
+//! syscalls (and, for tests and fuzzing, memory), nothing of SCSI or virtio.
 
 mod file;
+mod mem;
 
 pub use file::{FileImage, ImageKind, OpenError};
+pub use mem::MemImage;
 
 use std::io;
 

@@ -1,0 +1,228 @@
+//! An image held in memory: for tests and fuzz targets, which need storage
+//! with known contents, sizes no host file could have, and read errors on
+//! demand. Every operation is bounds-checked and panic-free.
+
+use std::fmt;
+use std::io;
+use std::ops::Range;
+
+use super::{IoVec, Storage};
+
+/// A byte-addressed image in memory.
+///
+/// The image has a *size* (what [`Storage::size`] reports) of at least the
+/// number of stored bytes; bytes between the end of the stored data and the
+/// size read as zeroes, so that a multi-terabyte disk costs only the bytes
+/// that were actually given (see [`MemImage::sparse`]).
+///
+/// Reads touching an injected error range fail with `EIO` (see
+/// [`MemImage::with_read_error`]), as a failing disk sector would.
+#[derive(Clone, Default)]
+pub struct MemImage {
+    data: Vec<u8>,
+    size: u64,
+    read_only: bool,
+    read_error: Option<Range<u64>>,
+}
+
+impl MemImage {
+    /// An image whose contents and size are exactly `data`.
+    pub fn new(data: Vec<u8>, read_only: bool) -> Self {
+        let size = data.len() as u64;
+        MemImage {
+            data,
+            size,
+            read_only,
+            read_error: None,
+        }
+    }
+
+    /// An image of `size` bytes starting with `data`; the bytes after `data`
+    /// read as zeroes and take no memory. If `data` is longer than `size`,
+    /// the size is the length of `data`.
+    pub fn sparse(data: Vec<u8>, size: u64, read_only: bool) -> Self {
+        let size = size.max(data.len() as u64);
+        MemImage {
+            data,
+            size,
+            read_only,
+            read_error: None,
+        }
+    }
+
+    /// Makes every read that touches a byte in `range` fail with `EIO`,
+    /// transferring nothing. An empty range injects no error.
+    pub fn with_read_error(mut self, range: Range<u64>) -> Self {
+        self.read_error = if range.is_empty() { None } else { Some(range) };
+        self
+    }
+
+    /// The stored bytes (without the zero tail of a sparse image).
+    pub fn data(&self) -> &[u8] {
+        &self.data
+    }
+
+    fn read_fails(&self, start: u64, end: u64) -> bool {
+        self.read_error
+            .as_ref()
+            .is_some_and(|bad| start < bad.end && bad.start < end)
+    }
+
+    /// Fills `dst` with the image bytes at `offset`, which the caller has
+    /// checked to lie within the size.
+    fn copy_out(&self, dst: &mut [u8], offset: u64) {
+        // Offsets at or beyond the stored data (including any that do not fit
+        // in usize) are in the zero tail.
+        let start = usize::try_from(offset).unwrap_or(usize::MAX);
+        let stored = self.data.get(start..).unwrap_or(&[]);
+        let n = stored.len().min(dst.len());
+        let (head, tail) = dst.split_at_mut(n);
+        head.copy_from_slice(&stored[..n]);
+        tail.fill(0);
+    }
+}
+
+impl fmt::Debug for MemImage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemImage")
+            .field("stored", &self.data.len())
+            .field("size", &self.size)
+            .field("read_only", &self.read_only)
+            .field("read_error", &self.read_error)
+            .finish()
+    }
+}
+
+impl Storage for MemImage {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn read_vectored_at(&self, iov: &[IoVec], offset: u64) -> io::Result<()> {
+        // Check the whole transfer before touching any buffer, so that an
+        // error leaves the destination unmodified.
+        let total = iov
+            .iter()
+            .try_fold(0u64, |acc, v| acc.checked_add(v.iov_len as u64))
+            .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
+        if total == 0 {
+            return Ok(());
+        }
+        let end = match offset.checked_add(total) {
+            Some(end) if end <= self.size => end,
+            _ => return Err(io::Error::from(io::ErrorKind::UnexpectedEof)),
+        };
+        if self.read_fails(offset, end) {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        let mut pos = offset;
+        for v in iov {
+            if v.iov_len == 0 {
+                // May be a null pointer; nothing to fill.
+                continue;
+            }
+            // SAFETY: the caller guarantees every entry points to memory
+            // valid for writes of its length for the duration of the call
+            // (Storage::read_vectored_at contract); a non-empty entry
+            // therefore has a non-null, suitably sized pointer.
+            let dst = unsafe { std::slice::from_raw_parts_mut(v.iov_base.cast::<u8>(), v.iov_len) };
+            self.copy_out(dst, pos);
+            pos += v.iov_len as u64;
+        }
+        Ok(())
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn iov(buf: &mut [u8]) -> IoVec {
+        IoVec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        }
+    }
+
+    #[test]
+    fn reads_into_scattered_buffers() {
+        let data: Vec<u8> = (0..=255u8).cycle().take(4096).collect();
+        let img = MemImage::new(data.clone(), true);
+        assert_eq!(img.size(), 4096);
+        assert!(img.read_only());
+        let (mut a, mut b, mut c) = ([0u8; 3], [0u8; 100], [0u8; 1]);
+        img.read_vectored_at(&[iov(&mut a), iov(&mut b), iov(&mut c)], 10)
+            .unwrap();
+        assert_eq!(a, data[10..13]);
+        assert_eq!(b, data[13..113]);
+        assert_eq!(c, data[113..114]);
+        img.flush().unwrap();
+    }
+
+    #[test]
+    fn read_past_end_is_eof_and_writes_nothing() {
+        let img = MemImage::new(vec![1u8; 512], false);
+        let mut buf = [7u8; 16];
+        let err = img.read_vectored_at(&[iov(&mut buf)], 504).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+        assert_eq!(buf, [7u8; 16]);
+        let err = img
+            .read_vectored_at(&[iov(&mut buf)], u64::MAX)
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+        // The last bytes are readable.
+        img.read_vectored_at(&[iov(&mut buf)], 496).unwrap();
+        assert_eq!(buf, [1u8; 16]);
+    }
+
+    #[test]
+    fn empty_reads_succeed() {
+        let img = MemImage::new(vec![1u8; 8], true);
+        let null = IoVec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        };
+        img.read_vectored_at(&[], u64::MAX).unwrap();
+        img.read_vectored_at(&[null, null], 4).unwrap();
+    }
+
+    #[test]
+    fn sparse_tail_reads_zero() {
+        let img = MemImage::sparse(vec![9u8; 4], 1 << 40, true);
+        assert_eq!(img.size(), 1 << 40);
+        assert_eq!(img.data(), &[9u8; 4]);
+        let mut buf = [0xaau8; 8];
+        img.read_vectored_at(&[iov(&mut buf)], 0).unwrap();
+        assert_eq!(buf, [9, 9, 9, 9, 0, 0, 0, 0]);
+        let mut buf = [0xaau8; 8];
+        img.read_vectored_at(&[iov(&mut buf)], (1 << 40) - 8)
+            .unwrap();
+        assert_eq!(buf, [0u8; 8]);
+        // A size below the data length grows to it.
+        assert_eq!(MemImage::sparse(vec![0; 16], 4, true).size(), 16);
+    }
+
+    #[test]
+    fn injected_read_error() {
+        let img = MemImage::new(vec![3u8; 1024], true).with_read_error(512..520);
+        let mut buf = [0u8; 512];
+        img.read_vectored_at(&[iov(&mut buf)], 0).unwrap();
+        let mut buf = [0u8; 8];
+        let err = img.read_vectored_at(&[iov(&mut buf)], 516).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EIO));
+        assert_eq!(buf, [0u8; 8]);
+        img.read_vectored_at(&[iov(&mut buf)], 520).unwrap();
+        assert_eq!(buf, [3u8; 8]);
+        // An empty range injects nothing.
+        let img = MemImage::new(vec![3u8; 16], true).with_read_error(4..4);
+        img.read_vectored_at(&[iov(&mut buf)], 0).unwrap();
+    }
+}

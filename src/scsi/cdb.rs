@@ -165,11 +165,6 @@ impl Command {
         let b = Bytes(cdb);
         let op = b.u8(0);
         let len = cdb_length(op);
-        // NACA=1 asks for ACA, which this target does not support (SAM-5 §5.9,
-        // SPC-4 §4.3.4.3 control byte).
-        if len > 0 && b.u8(len - 1) & 0x04 != 0 {
-            return Err(CommandError::field_bit(len as u16 - 1, 2));
-        }
         let cmd = match op {
             TEST_UNIT_READY => Command::TestUnitReady,
             REQUEST_SENSE => Command::RequestSense {
@@ -274,6 +269,12 @@ impl Command {
             },
             _ => return Err(CommandError::InvalidOpcode(op)),
         };
+        // NACA=1 asks for ACA, which this target does not support (SAM-5 §5.9,
+        // SPC-4 §4.3.4.3 control byte). Checked once the opcode is known to
+        // be supported, so an unknown opcode always reports as such.
+        if len > 0 && b.u8(len - 1) & 0x04 != 0 {
+            return Err(CommandError::field_bit(len as u16 - 1, 2));
+        }
         Ok(cmd)
     }
 }
@@ -363,6 +364,14 @@ mod tests {
                 byte: 5,
                 bit: Some(2)
             }
+        ));
+    }
+
+    #[test]
+    fn unknown_opcode_wins_over_naca() {
+        assert!(matches!(
+            Command::parse(&[0xc0, 0, 0, 0, 0, 0x04]),
+            Err(CommandError::InvalidOpcode(0xc0))
         ));
     }
 

@@ -95,6 +95,11 @@ impl FileImage {
     pub fn kind(&self) -> ImageKind {
         self.kind
     }
+
+    /// The open file, e.g. for taking image locks on it.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
 }
 
 impl Storage for FileImage {

@@ -67,6 +67,7 @@ fn open_disk(path: &Path, lun: u16, solid_state: bool) -> Result<(Disk, ImageKin
         block_size: BLOCK_SIZE,
         identity: Identity::derived(&canonical.to_string_lossy(), lun),
         solid_state,
+        discard: false,
     };
     let kind = image.kind();
     let disk = Disk::new(Box::new(image), config).map_err(|source| ConfigError::Disk {

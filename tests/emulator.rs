@@ -84,6 +84,7 @@ fn disk(storage: MemImage, lun: u16, block_size: u32, solid_state: bool) -> Disk
             block_size,
             identity: identity(lun),
             solid_state,
+            discard: false,
         },
     )
     .expect("valid disk")
@@ -2149,6 +2150,7 @@ fn disk_construction_errors() {
         block_size,
         identity: identity(0),
         solid_state: false,
+        discard: false,
     };
     let d = Disk::new(Box::new(MemImage::new(Vec::new(), true)), config(512));
     assert_eq!(d.err(), Some(DiskError::Empty));

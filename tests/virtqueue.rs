@@ -115,6 +115,7 @@ impl Harness {
                 block_size: 512,
                 identity: Identity::derived(&file.path().to_string_lossy(), lun as u16),
                 solid_state: false,
+                discard: false,
             };
             disks.push(Disk::new(Box::new(image), config).unwrap());
             files.push(file);

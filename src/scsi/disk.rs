@@ -27,6 +27,8 @@ pub struct DiskConfig {
     pub block_size: u32,
     pub identity: Identity,
     pub solid_state: bool,
+    /// Offer thin provisioning: UNMAP, WRITE SAME with UNMAP, LBPME.
+    pub discard: bool,
 }
 
 /// Why a storage object cannot be served as a disk.

@@ -166,7 +166,8 @@ impl<'a, B: BitmapSlice> SgList<'a, B> {
                 offset_in = 0;
             }
             storage.read_vectored_at(&iov[..count], offset + done as u64)?;
-            self.advance(batch_len);
+            // `advance` moves within one slice only; `skip` walks the batch.
+            self.skip(batch_len);
             done += batch_len;
         }
         Ok(())

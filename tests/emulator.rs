@@ -980,7 +980,7 @@ fn read_into_too_small_a_buffer_is_not_executed() {
     for op in [READ_6, READ_10, READ_12, READ_16] {
         for buffer in [0, 1, 511, 2047] {
             let (c, data) = f.run(L0, &block_cdb(op, 0, 4), buffer);
-            assert_eq!(c, Completion::DataInTooSmall, "{op:#x} into {buffer}");
+            assert_eq!(c, Completion::BufferTooSmall, "{op:#x} into {buffer}");
             assert!(data.is_empty());
         }
         // Exactly large enough.
@@ -990,7 +990,7 @@ fn read_into_too_small_a_buffer_is_not_executed() {
     }
     // READ(6) with length 0 needs 256 blocks of room.
     let (c, data) = f.run(L0, &[READ_6, 0, 0, 0, 0, 0], 255 * 512);
-    assert_eq!(c, Completion::DataInTooSmall);
+    assert_eq!(c, Completion::BufferTooSmall);
     assert!(data.is_empty());
     // Range errors are reported before the buffer size matters.
     let (c, _) = f.run(L0, &block_cdb(READ_10, L0_BLOCKS, 1), 0);
@@ -2137,7 +2137,7 @@ fn disk_with_4096_byte_blocks() {
         assert_lba_out_of_range(c);
         // One 4096-byte block does not fit in 4095 bytes.
         let (c, _) = f.run(L2, &block_cdb(op, 0, 1), 4095);
-        assert_eq!(c, Completion::DataInTooSmall);
+        assert_eq!(c, Completion::BufferTooSmall);
     }
     let (c, data) = f.run(L2, &rc16_cdb(32), 4096);
     assert_good(c);
@@ -2267,7 +2267,7 @@ fn random_cdbs_never_panic() {
                 );
                 assert!(din.data.is_empty(), "data with CHECK CONDITION: {cdb:02x?}");
             }
-            Completion::DataInTooSmall => {
+            Completion::BufferTooSmall => {
                 too_small += 1;
                 assert!(din.data.is_empty(), "{cdb:02x?}");
             }

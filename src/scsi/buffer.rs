@@ -30,6 +30,18 @@ pub trait DataOut {
 
     /// Copies up to `buf.len()` bytes out of the buffer; returns the count.
     fn read_bytes(&mut self, buf: &mut [u8]) -> usize;
+
+    /// Transfers the next `len` bytes straight to `storage` at `offset`,
+    /// without an intermediate copy (`durable` as for
+    /// [`Storage::write_vectored_at`]). `len` must not exceed
+    /// [`DataOut::remaining`].
+    fn write_to(
+        &mut self,
+        storage: &dyn Storage,
+        offset: u64,
+        len: usize,
+        durable: bool,
+    ) -> io::Result<()>;
 }
 
 /// A data-in buffer in a byte vector, with a fixed capacity (as a guest's
@@ -104,5 +116,24 @@ impl DataOut for SliceDataOut<'_> {
         buf[..n].copy_from_slice(&self.data[..n]);
         self.data = &self.data[n..];
         n
+    }
+
+    fn write_to(
+        &mut self,
+        storage: &dyn Storage,
+        offset: u64,
+        len: usize,
+        durable: bool,
+    ) -> io::Result<()> {
+        let Some(chunk) = self.data.get(..len) else {
+            return Err(io::Error::from(io::ErrorKind::InvalidInput));
+        };
+        let iov = IoVec {
+            iov_base: chunk.as_ptr() as *mut libc::c_void,
+            iov_len: len,
+        };
+        storage.write_vectored_at(&[iov], offset, durable)?;
+        self.data = &self.data[len..];
+        Ok(())
     }
 }

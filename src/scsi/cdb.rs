@@ -15,6 +15,7 @@ pub mod opcode {
     pub const READ_6: u8 = 0x08;
     pub const WRITE_6: u8 = 0x0a;
     pub const INQUIRY: u8 = 0x12;
+    pub const MODE_SELECT_6: u8 = 0x15;
     pub const MODE_SENSE_6: u8 = 0x1a;
     pub const START_STOP_UNIT: u8 = 0x1b;
     pub const PREVENT_ALLOW_MEDIUM_REMOVAL: u8 = 0x1e;
@@ -24,12 +25,17 @@ pub mod opcode {
     pub const WRITE_AND_VERIFY_10: u8 = 0x2e;
     pub const VERIFY_10: u8 = 0x2f;
     pub const SYNCHRONIZE_CACHE_10: u8 = 0x35;
+    pub const WRITE_SAME_10: u8 = 0x41;
+    pub const UNMAP: u8 = 0x42;
+    pub const MODE_SELECT_10: u8 = 0x55;
     pub const MODE_SENSE_10: u8 = 0x5a;
     pub const READ_16: u8 = 0x88;
+    pub const COMPARE_AND_WRITE: u8 = 0x89;
     pub const WRITE_16: u8 = 0x8a;
     pub const WRITE_AND_VERIFY_16: u8 = 0x8e;
     pub const VERIFY_16: u8 = 0x8f;
     pub const SYNCHRONIZE_CACHE_16: u8 = 0x91;
+    pub const WRITE_SAME_16: u8 = 0x93;
     pub const SERVICE_ACTION_IN_16: u8 = 0x9e;
     pub const REPORT_LUNS: u8 = 0xa0;
     pub const MAINTENANCE_IN: u8 = 0xa3;
@@ -42,6 +48,7 @@ pub mod opcode {
 /// Service actions of SERVICE ACTION IN(16) and MAINTENANCE IN.
 pub mod service_action {
     pub const READ_CAPACITY_16: u16 = 0x10;
+    pub const GET_LBA_STATUS: u16 = 0x12;
     pub const REPORT_SUPPORTED_OPERATION_CODES: u16 = 0x0c;
     pub const REPORT_SUPPORTED_TASK_MANAGEMENT_FUNCTIONS: u16 = 0x0d;
 }
@@ -106,8 +113,36 @@ pub enum Command {
         alloc_len: u32,
     },
     Read(BlockRange),
-    /// WRITE or WRITE AND VERIFY; refused on read-only units.
-    Write(BlockRange),
+    /// WRITE, or WRITE AND VERIFY (`verify`).
+    Write {
+        range: BlockRange,
+        /// Force unit access: durable at completion.
+        fua: bool,
+        verify: bool,
+    },
+    /// WRITE SAME(10/16): one block of data-out (or zeroes with NDOB)
+    /// written to every block of the range, or the range unmapped.
+    WriteSame {
+        range: BlockRange,
+        unmap: bool,
+        ndob: bool,
+    },
+    Unmap {
+        param_len: u16,
+    },
+    GetLbaStatus {
+        lba: u64,
+        alloc_len: u32,
+    },
+    CompareAndWrite {
+        lba: u64,
+        blocks: u8,
+        fua: bool,
+    },
+    ModeSelect {
+        ten: bool,
+        param_len: u16,
+    },
     Verify {
         range: BlockRange,
         bytchk: u8,
@@ -216,6 +251,10 @@ impl Command {
                 service_action::READ_CAPACITY_16 => Command::ReadCapacity16 {
                     alloc_len: b.u32(10),
                 },
+                service_action::GET_LBA_STATUS => Command::GetLbaStatus {
+                    lba: b.u64(2),
+                    alloc_len: b.u32(10),
+                },
                 _ => return Err(CommandError::field_bit(1, 4)),
             },
             READ_6 | WRITE_6 => {
@@ -232,12 +271,74 @@ impl Command {
                 if op == READ_6 {
                     Command::Read(range)
                 } else {
-                    Command::Write(range)
+                    Command::Write {
+                        range,
+                        fua: false,
+                        verify: false,
+                    }
                 }
             }
             READ_10 | READ_12 | READ_16 => Command::Read(protected_range(&b, op)?),
-            WRITE_10 | WRITE_12 | WRITE_16 | WRITE_AND_VERIFY_10 | WRITE_AND_VERIFY_12
-            | WRITE_AND_VERIFY_16 => Command::Write(protected_range(&b, op)?),
+            WRITE_10 | WRITE_12 | WRITE_16 => Command::Write {
+                range: protected_range(&b, op)?,
+                fua: b.u8(1) & 0x08 != 0,
+                verify: false,
+            },
+            WRITE_AND_VERIFY_10 | WRITE_AND_VERIFY_12 | WRITE_AND_VERIFY_16 => Command::Write {
+                range: protected_range(&b, op)?,
+                fua: false,
+                verify: true,
+            },
+            WRITE_SAME_10 | WRITE_SAME_16 => {
+                let range = protected_range(&b, op)?;
+                // SBC-3 §5.41/§5.42: ANCHOR needs anchored LBAs (ANC_SUP=0).
+                if b.u8(1) & 0x10 != 0 {
+                    return Err(CommandError::field_bit(1, 4));
+                }
+                // WSNZ=1 (block limits VPD): zero blocks is not allowed.
+                if range.blocks == 0 {
+                    return Err(CommandError::field(range.length_field));
+                }
+                Command::WriteSame {
+                    range,
+                    unmap: b.u8(1) & 0x08 != 0,
+                    ndob: op == WRITE_SAME_16 && b.u8(1) & 0x01 != 0,
+                }
+            }
+            UNMAP => {
+                // SBC-3 §5.28: ANCHOR needs anchored LBAs (ANC_SUP=0).
+                if b.u8(1) & 0x01 != 0 {
+                    return Err(CommandError::field_bit(1, 0));
+                }
+                Command::Unmap {
+                    param_len: b.u16(7),
+                }
+            }
+            COMPARE_AND_WRITE => {
+                if b.u8(1) & 0xe0 != 0 {
+                    return Err(CommandError::field_bit(1, 7));
+                }
+                Command::CompareAndWrite {
+                    lba: b.u64(2),
+                    blocks: b.u8(13),
+                    fua: b.u8(1) & 0x08 != 0,
+                }
+            }
+            MODE_SELECT_6 | MODE_SELECT_10 => {
+                // SPC-4 §6.9: PF=0 (vendor-specific pages) is not supported,
+                // nor is saving (SP=1).
+                if b.u8(1) & 0x10 == 0 {
+                    return Err(CommandError::field_bit(1, 4));
+                }
+                if b.u8(1) & 0x01 != 0 {
+                    return Err(CommandError::field_bit(1, 0));
+                }
+                let ten = op == MODE_SELECT_10;
+                Command::ModeSelect {
+                    ten,
+                    param_len: if ten { b.u16(7) } else { u16::from(b.u8(4)) },
+                }
+            }
             VERIFY_10 | VERIFY_12 | VERIFY_16 => Command::Verify {
                 range: protected_range(&b, op)?,
                 bytchk: (b.u8(1) >> 1) & 0x03,
@@ -408,7 +509,7 @@ mod tests {
     #[test]
     fn unknown_service_actions() {
         assert!(matches!(
-            Command::parse(&[0x9e, 0x12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 32, 0, 0]),
+            Command::parse(&[0x9e, 0x13, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 32, 0, 0]),
             Err(CommandError::InvalidField {
                 byte: 1,
                 bit: Some(4)

@@ -1,4 +1,17 @@
 //! A direct-access block device logical unit (SBC-3) over a [`Storage`].
+//!
+//! Durability (SBC-3 §4.15, write caching): with the write cache enabled
+//! (caching page WCE=1, the default) a completed WRITE is in the host page
+//! cache; SYNCHRONIZE CACHE makes every earlier completed write durable
+//! before it completes; a FUA write is durable when it completes. With WCE=0
+//! every write is durable at completion. Once a flush (or a durable write)
+//! has failed, every later flush and durable write fails too: the kernel
+//! reports a write-back error only once, and data it failed to write must
+//! never be reported as flushed ("fsyncgate").
+
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{PoisonError, RwLock};
 
 use super::buffer::{DataIn, DataOut};
 use super::cdb::{BlockRange, Command};
@@ -12,9 +25,18 @@ use crate::storage::{IoVec, Storage};
 /// page (and enforced): 32 MiB.
 pub const MAX_TRANSFER_BYTES: u32 = 32 << 20;
 
-/// Scratch space VERIFY reads through, so that its memory use does not
-/// depend on the verification length the initiator asks for.
-const VERIFY_CHUNK: usize = 64 << 10;
+/// Largest UNMAP or WRITE SAME range, in bytes (block limits VPD).
+pub const MAX_UNMAP_BYTES: u64 = 1 << 30;
+/// Most block descriptors in one UNMAP parameter list (block limits VPD).
+pub const MAX_UNMAP_DESCRIPTORS: u32 = 64;
+/// Largest COMPARE AND WRITE, in logical blocks (block limits VPD).
+pub const MAX_COMPARE_AND_WRITE_BLOCKS: u8 = 64;
+/// Most descriptors one GET LBA STATUS returns.
+const MAX_LBA_STATUS_DESCRIPTORS: usize = 256;
+
+/// Scratch space VERIFY, WRITE SAME and comparisons go through, so that
+/// memory use does not depend on the lengths the initiator asks for.
+const CHUNK: usize = 64 << 10;
 
 /// Physical block size reported to the guest when the logical block is
 /// smaller: host file systems and devices work in 4 KiB units, so guests
@@ -46,6 +68,16 @@ pub struct Disk {
     storage: Box<dyn Storage>,
     config: DiskConfig,
     blocks: u64,
+    /// Caching mode page WCE.
+    write_cache: AtomicBool,
+    /// Control mode page D_SENSE: descriptor-format sense data.
+    descriptor_sense: AtomicBool,
+    /// A flush or durable write failed: no later flush may succeed.
+    flush_failed: AtomicBool,
+    /// COMPARE AND WRITE holds this exclusively; every other data access
+    /// holds it shared, so the compare and the write are atomic (SBC-3
+    /// §5.3).
+    io_lock: RwLock<()>,
 }
 
 impl std::fmt::Debug for Disk {
@@ -74,6 +106,10 @@ impl Disk {
             blocks: size / u64::from(block_size),
             storage,
             config,
+            write_cache: AtomicBool::new(true),
+            descriptor_sense: AtomicBool::new(false),
+            flush_failed: AtomicBool::new(false),
+            io_lock: RwLock::new(()),
         })
     }
 
@@ -93,8 +129,26 @@ impl Disk {
         &self.config.identity
     }
 
+    /// Whether sense data goes out in descriptor format (D_SENSE=1).
+    pub fn descriptor_sense(&self) -> bool {
+        self.descriptor_sense.load(Ordering::Relaxed)
+    }
+
+    /// Thin provisioning is offered: configured, and the unit is writable.
+    pub fn discard_enabled(&self) -> bool {
+        self.config.discard && !self.read_only()
+    }
+
+    fn write_cache(&self) -> bool {
+        self.write_cache.load(Ordering::Relaxed)
+    }
+
     fn max_transfer_blocks(&self) -> u32 {
         MAX_TRANSFER_BYTES / self.config.block_size
+    }
+
+    fn max_unmap_blocks(&self) -> u32 {
+        (MAX_UNMAP_BYTES / u64::from(self.config.block_size)) as u32
     }
 
     fn physical_exponent(&self) -> u8 {
@@ -112,7 +166,7 @@ impl Disk {
         &self,
         cmd: &Command,
         data_in: &mut dyn DataIn,
-        _data_out: &mut dyn DataOut,
+        data_out: &mut dyn DataOut,
     ) -> CommandResult<()> {
         match cmd {
             Command::TestUnitReady
@@ -146,6 +200,9 @@ impl Disk {
                 send(data_in, &data, usize::from(req.alloc_len));
                 Ok(())
             }
+            Command::ModeSelect { ten, param_len } => {
+                self.mode_select(*ten, usize::from(*param_len), data_out)
+            }
             Command::ReadCapacity10 => {
                 // SBC-3 §5.16: a last LBA beyond 32 bits reads FFFFFFFFh,
                 // telling the initiator to use READ CAPACITY(16).
@@ -157,29 +214,38 @@ impl Disk {
                 Ok(())
             }
             Command::ReadCapacity16 { alloc_len } => {
-                // SBC-3 §5.17, table 65: no protection, LBPME=0, LBPRZ=0.
+                // SBC-3 §5.17, table 65: no protection; LBPME and LBPRZ
+                // when thin provisioning is offered (unmapped blocks read
+                // as zeroes: they are holes).
                 let mut data = [0u8; 32];
                 data[..8].copy_from_slice(&(self.blocks - 1).to_be_bytes());
                 data[8..12].copy_from_slice(&self.config.block_size.to_be_bytes());
                 data[13] = self.physical_exponent();
+                if self.discard_enabled() {
+                    data[14] = 0x80 | 0x40;
+                }
                 send(data_in, &data, *alloc_len as usize);
                 Ok(())
             }
             Command::Read(range) => self.read(range, data_in),
-            Command::Write(range) => {
-                self.check_transfer(range)?;
-                // Writes arrive with the write support; until then every
-                // unit is write protected (SBC-3 §4.10).
-                Err(CommandError::WriteProtected)
-            }
-            Command::Verify { range, bytchk } => {
-                if *bytchk != 0 {
-                    // Comparing against data-out is not implemented yet.
-                    return Err(CommandError::field_bit(1, 2));
+            Command::Write { range, fua, verify } => {
+                self.write(range, *fua || *verify, data_out)?;
+                if *verify {
+                    self.verify_medium(range)?;
                 }
-                self.check_transfer(range)?;
-                self.verify_medium(range)
+                Ok(())
             }
+            Command::WriteSame { range, unmap, ndob } => {
+                self.write_same(range, *unmap, *ndob, data_out)
+            }
+            Command::Unmap { param_len } => self.unmap(usize::from(*param_len), data_out),
+            Command::GetLbaStatus { lba, alloc_len } => {
+                self.get_lba_status(*lba, *alloc_len, data_in)
+            }
+            Command::CompareAndWrite { lba, blocks, fua } => {
+                self.compare_and_write(*lba, *blocks, *fua, data_out)
+            }
+            Command::Verify { range, bytchk } => self.verify(range, *bytchk, data_out),
             Command::SynchronizeCache(range) => {
                 // SBC-3 §5.24: NUMBER OF LOGICAL BLOCKS zero means "through
                 // the last LBA"; the range must still be on the medium.
@@ -191,7 +257,7 @@ impl Disk {
                 if end.is_none_or(|end| end > self.blocks) {
                     return Err(CommandError::LbaOutOfRange);
                 }
-                self.storage.flush().map_err(CommandError::WriteError)
+                self.flush()
             }
             Command::ReportLuns { .. }
             | Command::ReportSupportedOpcodes(_)
@@ -202,28 +268,93 @@ impl Disk {
         }
     }
 
-    /// Checks the transfer length against the block limits and the range
-    /// against the capacity, with overflow-safe arithmetic.
-    fn check_transfer(&self, range: &BlockRange) -> CommandResult<()> {
-        if range.blocks > self.max_transfer_blocks() {
-            // SBC-3 §6.5.3: longer than MAXIMUM TRANSFER LENGTH.
-            return Err(CommandError::field(range.length_field));
-        }
-        match range.lba.checked_add(u64::from(range.blocks)) {
+    /// Checks `range` against the capacity with overflow-safe arithmetic.
+    fn check_range(&self, lba: u64, blocks: u64) -> CommandResult<()> {
+        match lba.checked_add(blocks) {
             Some(end) if end <= self.blocks => Ok(()),
             _ => Err(CommandError::LbaOutOfRange),
         }
     }
 
+    /// Checks the transfer length against the block limits and the range
+    /// against the capacity.
+    fn check_transfer(&self, range: &BlockRange) -> CommandResult<()> {
+        if range.blocks > self.max_transfer_blocks() {
+            // SBC-3 §6.5.3: longer than MAXIMUM TRANSFER LENGTH.
+            return Err(CommandError::field(range.length_field));
+        }
+        self.check_range(range.lba, u64::from(range.blocks))
+    }
+
+    fn check_writable(&self) -> CommandResult<()> {
+        if self.read_only() {
+            // SBC-3 §4.10: write protection.
+            Err(CommandError::WriteProtected)
+        } else {
+            Ok(())
+        }
+    }
+
     fn byte_offset(&self, lba: u64) -> u64 {
-        // lba < blocks, and blocks * block_size is the image size: no overflow.
+        // lba <= blocks, and blocks * block_size is the image size: no
+        // overflow.
         lba * u64::from(self.config.block_size)
+    }
+
+    /// Bytes in `blocks` logical blocks (callers bound `blocks`).
+    fn bytes(&self, blocks: u64) -> u64 {
+        blocks * u64::from(self.config.block_size)
+    }
+
+    fn shared(&self) -> std::sync::RwLockReadGuard<'_, ()> {
+        self.io_lock.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn exclusive(&self) -> std::sync::RwLockWriteGuard<'_, ()> {
+        self.io_lock.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Flushes the storage, remembering a failure for good.
+    fn flush(&self) -> CommandResult<()> {
+        if self.flush_failed.load(Ordering::Relaxed) {
+            return Err(CommandError::WriteError(earlier_flush_failed()));
+        }
+        self.storage.flush().map_err(|e| {
+            self.flush_failed.store(true, Ordering::Relaxed);
+            log::error!(
+                "flush of LUN with serial {} failed: {e}; all later flushes will fail",
+                self.config.identity.serial
+            );
+            CommandError::write(e)
+        })
+    }
+
+    /// Maps the result of a write; a failed durable write poisons later
+    /// flushes, since its sync may have consumed a write-back error that
+    /// belongs to earlier writes.
+    fn written(&self, result: io::Result<()>, durable: bool) -> CommandResult<()> {
+        result.map_err(|e| {
+            if durable && e.raw_os_error() == Some(libc::EIO) {
+                self.flush_failed.store(true, Ordering::Relaxed);
+            }
+            CommandError::write(e)
+        })
+    }
+
+    /// Whether a write must be durable at completion, and whether that can
+    /// still be promised.
+    fn durability(&self, fua: bool) -> CommandResult<bool> {
+        let durable = fua || !self.write_cache();
+        if durable && self.flush_failed.load(Ordering::Relaxed) {
+            return Err(CommandError::WriteError(earlier_flush_failed()));
+        }
+        Ok(durable)
     }
 
     fn read(&self, range: &BlockRange, data_in: &mut dyn DataIn) -> CommandResult<()> {
         self.check_transfer(range)?;
         // blocks <= MAX_TRANSFER_BYTES / block_size, so this fits in u32.
-        let len = range.blocks as usize * self.config.block_size as usize;
+        let len = self.bytes(u64::from(range.blocks)) as usize;
         if len > data_in.remaining() {
             return Err(CommandError::DataInTooSmall {
                 required: len as u64,
@@ -233,37 +364,361 @@ impl Disk {
         if len == 0 {
             return Ok(());
         }
+        let _shared = self.shared();
         data_in
             .read_from(&*self.storage, self.byte_offset(range.lba), len)
             .map_err(CommandError::ReadError)
     }
 
-    /// VERIFY with BYTCHK=0 (SBC-3 §5.33): read the range back to make sure
-    /// the medium can deliver it.
+    /// WRITE (SBC-3 §5.32-5.36): data-out straight to the image.
+    fn write(
+        &self,
+        range: &BlockRange,
+        fua: bool,
+        data_out: &mut dyn DataOut,
+    ) -> CommandResult<()> {
+        self.check_transfer(range)?;
+        self.check_writable()?;
+        let len = self.bytes(u64::from(range.blocks)) as usize;
+        if len > data_out.remaining() {
+            return Err(CommandError::DataOutTooSmall {
+                required: len as u64,
+                available: data_out.remaining(),
+            });
+        }
+        if len == 0 {
+            return Ok(());
+        }
+        let durable = self.durability(fua)?;
+        let _shared = self.shared();
+        let result = data_out.write_to(&*self.storage, self.byte_offset(range.lba), len, durable);
+        self.written(result, durable)
+    }
+
+    /// WRITE SAME(10/16) (SBC-3 §5.41, §5.42).
+    fn write_same(
+        &self,
+        range: &BlockRange,
+        unmap: bool,
+        ndob: bool,
+        data_out: &mut dyn DataOut,
+    ) -> CommandResult<()> {
+        if range.blocks > self.max_unmap_blocks() {
+            // Longer than MAXIMUM WRITE SAME LENGTH.
+            return Err(CommandError::field(range.length_field));
+        }
+        self.check_range(range.lba, u64::from(range.blocks))?;
+        self.check_writable()?;
+        if unmap && !self.discard_enabled() {
+            // LBPWS=0: the UNMAP bit is not supported.
+            return Err(CommandError::field_bit(1, 3));
+        }
+        let block = self.config.block_size as usize;
+        let mut pattern = vec![0u8; block];
+        if !ndob {
+            if data_out.remaining() < block {
+                return Err(CommandError::DataOutTooSmall {
+                    required: block as u64,
+                    available: data_out.remaining(),
+                });
+            }
+            data_out.read_bytes(&mut pattern);
+        }
+        let durable = self.durability(false)?;
+        let offset = self.byte_offset(range.lba);
+        let len = self.bytes(u64::from(range.blocks));
+        let _shared = self.shared();
+        if pattern.iter().all(|&b| b == 0) {
+            // Zeroes: a hole where unmapping is asked for (it reads back
+            // as zeroes, LBPRZ=1), else zeroed but allocated blocks.
+            let result = self.storage.write_zeroes(offset, len, unmap);
+            self.written(result, false)?;
+        } else {
+            let mut chunk = Vec::with_capacity(CHUNK.max(block));
+            while chunk.len() + block <= CHUNK.max(block) {
+                chunk.extend_from_slice(&pattern);
+            }
+            let mut done = 0u64;
+            while done < len {
+                let n = (len - done).min(chunk.len() as u64) as usize;
+                let iov = IoVec {
+                    iov_base: chunk.as_mut_ptr().cast(),
+                    iov_len: n,
+                };
+                let result = self.storage.write_vectored_at(&[iov], offset + done, false);
+                self.written(result, false)?;
+                done += n as u64;
+            }
+        }
+        if durable {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// UNMAP (SBC-3 §5.28): every descriptor is checked before any range is
+    /// deallocated.
+    fn unmap(&self, param_len: usize, data_out: &mut dyn DataOut) -> CommandResult<()> {
+        if !self.discard_enabled() {
+            self.check_writable()?;
+            return Err(CommandError::InvalidOpcode(super::cdb::opcode::UNMAP));
+        }
+        if param_len == 0 {
+            return Ok(());
+        }
+        if param_len < 8 {
+            return Err(CommandError::ParamListLength);
+        }
+        if data_out.remaining() < param_len {
+            return Err(CommandError::DataOutTooSmall {
+                required: param_len as u64,
+                available: data_out.remaining(),
+            });
+        }
+        let mut header = [0u8; 8];
+        data_out.read_bytes(&mut header);
+        let descriptors_len = usize::from(u16::from_be_bytes([header[2], header[3]]));
+        let count = descriptors_len.min(param_len - 8) / 16;
+        if count > MAX_UNMAP_DESCRIPTORS as usize {
+            return Err(CommandError::param(2));
+        }
+        let mut list = vec![0u8; count * 16];
+        data_out.read_bytes(&mut list);
+        let mut ranges = Vec::with_capacity(count);
+        for (i, d) in list.chunks_exact(16).enumerate() {
+            let lba = u64::from_be_bytes(d[0..8].try_into().unwrap_or_default());
+            let blocks = u32::from_be_bytes(d[8..12].try_into().unwrap_or_default());
+            if blocks > self.max_unmap_blocks() {
+                return Err(CommandError::param(8 + 16 * i + 8));
+            }
+            self.check_range(lba, u64::from(blocks))?;
+            ranges.push((lba, blocks));
+        }
+        let durable = self.durability(false)?;
+        let _shared = self.shared();
+        for (lba, blocks) in ranges {
+            let result = self.storage.write_zeroes(
+                self.byte_offset(lba),
+                self.bytes(u64::from(blocks)),
+                true,
+            );
+            self.written(result, false)?;
+        }
+        if durable {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// GET LBA STATUS (SBC-3 §5.7): mapped and deallocated extents from
+    /// `lba` on, as the image's holes say (SEEK_DATA/SEEK_HOLE).
+    fn get_lba_status(
+        &self,
+        lba: u64,
+        alloc_len: u32,
+        data_in: &mut dyn DataIn,
+    ) -> CommandResult<()> {
+        if !self.discard_enabled() {
+            return Err(CommandError::field_bit(1, 4));
+        }
+        if lba >= self.blocks {
+            return Err(CommandError::LbaOutOfRange);
+        }
+        let room = (alloc_len as usize).saturating_sub(8) / 16;
+        let max = room.clamp(1, MAX_LBA_STATUS_DESCRIPTORS);
+        let block = u64::from(self.config.block_size);
+        let mut extents: Vec<(u64, u64, bool)> = Vec::new();
+        let mut pos = lba;
+        while pos < self.blocks && extents.len() < max {
+            let e = self
+                .storage
+                .extent(self.byte_offset(pos))
+                .map_err(CommandError::ReadError)?;
+            // Holes count in whole blocks; a partial block is mapped.
+            let (blocks, deallocated) = if e.allocated || e.len < block {
+                (e.len.div_ceil(block).max(1), false)
+            } else {
+                (e.len / block, true)
+            };
+            let blocks = blocks.min(self.blocks - pos);
+            match extents.last_mut() {
+                Some(last) if last.2 == deallocated && last.1 + blocks <= u64::from(u32::MAX) => {
+                    last.1 += blocks;
+                }
+                _ => extents.push((pos, blocks, deallocated)),
+            }
+            pos += blocks;
+        }
+        let mut data = Vec::with_capacity(8 + 16 * extents.len());
+        data.extend_from_slice(&((4 + 16 * extents.len()) as u32).to_be_bytes());
+        data.extend_from_slice(&[0; 4]);
+        for (start, blocks, deallocated) in extents {
+            data.extend_from_slice(&start.to_be_bytes());
+            data.extend_from_slice(&(blocks.min(u64::from(u32::MAX)) as u32).to_be_bytes());
+            // PROVISIONING STATUS: 0 mapped, 1 deallocated.
+            data.push(u8::from(deallocated));
+            data.extend_from_slice(&[0; 3]);
+        }
+        send(data_in, &data, alloc_len as usize);
+        Ok(())
+    }
+
+    /// COMPARE AND WRITE (SBC-3 §5.3): data-out holds the verify data then
+    /// the write data; both steps run with every other access excluded.
+    fn compare_and_write(
+        &self,
+        lba: u64,
+        blocks: u8,
+        fua: bool,
+        data_out: &mut dyn DataOut,
+    ) -> CommandResult<()> {
+        if blocks > MAX_COMPARE_AND_WRITE_BLOCKS {
+            return Err(CommandError::field(13));
+        }
+        self.check_range(lba, u64::from(blocks))?;
+        self.check_writable()?;
+        if blocks == 0 {
+            return Ok(());
+        }
+        let len = self.bytes(u64::from(blocks)) as usize;
+        if data_out.remaining() < 2 * len {
+            return Err(CommandError::DataOutTooSmall {
+                required: 2 * len as u64,
+                available: data_out.remaining(),
+            });
+        }
+        let durable = self.durability(fua)?;
+        let offset = self.byte_offset(lba);
+        let _exclusive = self.exclusive();
+        let mut medium = vec![0u8; len];
+        self.read_medium(&mut medium, offset)?;
+        let mut expected = vec![0u8; len];
+        data_out.read_bytes(&mut expected);
+        if let Some(at) = first_difference(&medium, &expected) {
+            return Err(CommandError::Miscompare { offset: at as u64 });
+        }
+        let result = data_out.write_to(&*self.storage, offset, len, durable);
+        self.written(result, durable)
+    }
+
+    /// VERIFY (SBC-3 §5.33): BYTCHK 00b reads the range back; 01b compares
+    /// it with data-out; 11b compares every block with one data-out block.
+    fn verify(
+        &self,
+        range: &BlockRange,
+        bytchk: u8,
+        data_out: &mut dyn DataOut,
+    ) -> CommandResult<()> {
+        self.check_transfer(range)?;
+        let block = self.config.block_size as usize;
+        let len = self.bytes(u64::from(range.blocks));
+        match bytchk {
+            0 => self.verify_medium(range),
+            1 | 3 => {
+                let needed = if bytchk == 1 { len as usize } else { block };
+                if range.blocks > 0 && data_out.remaining() < needed {
+                    return Err(CommandError::DataOutTooSmall {
+                        required: needed as u64,
+                        available: data_out.remaining(),
+                    });
+                }
+                let mut single = vec![0u8; if bytchk == 3 { block } else { 0 }];
+                if range.blocks > 0 && bytchk == 3 {
+                    data_out.read_bytes(&mut single);
+                }
+                let _shared = self.shared();
+                let mut medium = vec![0u8; CHUNK.min(len as usize)];
+                let mut expected = vec![0u8; medium.len()];
+                let mut done = 0u64;
+                while done < len {
+                    let n = (len - done).min(medium.len() as u64) as usize;
+                    self.read_medium(&mut medium[..n], self.byte_offset(range.lba) + done)?;
+                    if bytchk == 1 {
+                        data_out.read_bytes(&mut expected[..n]);
+                    } else {
+                        // CHUNK is a multiple of the block size.
+                        for piece in expected[..n].chunks_mut(block) {
+                            piece.copy_from_slice(&single[..piece.len()]);
+                        }
+                    }
+                    if let Some(at) = first_difference(&medium[..n], &expected[..n]) {
+                        return Err(CommandError::Miscompare {
+                            offset: done + at as u64,
+                        });
+                    }
+                    done += n as u64;
+                }
+                Ok(())
+            }
+            _ => Err(CommandError::field_bit(1, 2)),
+        }
+    }
+
+    fn read_medium(&self, buf: &mut [u8], offset: u64) -> CommandResult<()> {
+        let iov = IoVec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
+        self.storage
+            .read_vectored_at(&[iov], offset)
+            .map_err(CommandError::ReadError)
+    }
+
+    /// Reads the range back through a bounded buffer, to make sure the
+    /// medium can deliver it.
     fn verify_medium(&self, range: &BlockRange) -> CommandResult<()> {
-        let total = u64::from(range.blocks) * u64::from(self.config.block_size);
-        let mut scratch = vec![0u8; VERIFY_CHUNK.min(total as usize)];
+        let total = self.bytes(u64::from(range.blocks));
+        let mut scratch = vec![0u8; CHUNK.min(total as usize)];
+        let _shared = self.shared();
         let mut done = 0u64;
         while done < total {
             let n = scratch.len().min((total - done) as usize);
-            let iov = IoVec {
-                iov_base: scratch.as_mut_ptr().cast(),
-                iov_len: n,
-            };
-            self.storage
-                .read_vectored_at(&[iov], self.byte_offset(range.lba) + done)
-                .map_err(CommandError::ReadError)?;
+            self.read_medium(&mut scratch[..n], self.byte_offset(range.lba) + done)?;
             done += n as u64;
         }
         Ok(())
     }
 
+    /// MODE SELECT(6/10) (SPC-4 §6.9, §6.10).
+    fn mode_select(
+        &self,
+        ten: bool,
+        param_len: usize,
+        data_out: &mut dyn DataOut,
+    ) -> CommandResult<()> {
+        if data_out.remaining() < param_len {
+            return Err(CommandError::DataOutTooSmall {
+                required: param_len as u64,
+                available: data_out.remaining(),
+            });
+        }
+        let mut data = vec![0u8; param_len];
+        data_out.read_bytes(&mut data);
+        let changes = mode::mode_select(ten, &data, &self.mode_params())?;
+        if self.write_cache() && !changes.write_cache {
+            // Turning the write cache off: what it held becomes durable
+            // first (SBC-3 §4.15).
+            self.flush()?;
+        }
+        self.write_cache
+            .store(changes.write_cache, Ordering::Relaxed);
+        self.descriptor_sense
+            .store(changes.descriptor_sense, Ordering::Relaxed);
+        Ok(())
+    }
+
     fn vpd_params(&self) -> VpdParams<'_> {
+        let discard = self.discard_enabled();
         VpdParams {
             identity: &self.config.identity,
             physical_exponent: self.physical_exponent(),
             max_transfer_blocks: self.max_transfer_blocks(),
             solid_state: self.config.solid_state,
+            max_compare_and_write_blocks: MAX_COMPARE_AND_WRITE_BLOCKS,
+            max_write_same_blocks: self.max_unmap_blocks(),
+            max_unmap_blocks: if discard { self.max_unmap_blocks() } else { 0 },
+            max_unmap_descriptors: if discard { MAX_UNMAP_DESCRIPTORS } else { 0 },
+            thin_provisioning: discard,
         }
     }
 
@@ -272,9 +727,18 @@ impl Disk {
             blocks: self.blocks,
             block_size: self.config.block_size,
             read_only: self.read_only(),
-            write_cache: false,
+            write_cache: self.write_cache(),
+            descriptor_sense: self.descriptor_sense(),
         }
     }
+}
+
+fn earlier_flush_failed() -> io::Error {
+    io::Error::other("an earlier flush failed; data may have been lost")
+}
+
+fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
+    a.iter().zip(b).position(|(x, y)| x != y)
 }
 
 /// Sends parameter data truncated to the allocation length and to the
@@ -283,17 +747,19 @@ pub fn send(data_in: &mut dyn DataIn, data: &[u8], alloc_len: usize) {
     data_in.write_bytes(&data[..data.len().min(alloc_len)]);
 }
 
-/// REQUEST SENSE (SPC-4 §6.39): returns `sense` as parameter data in fixed
-/// format; descriptor format is not supported yet.
+/// REQUEST SENSE (SPC-4 §6.39): returns `sense` as parameter data, in
+/// descriptor format if DESC=1, else fixed format.
 pub fn request_sense(
     sense: SenseData,
     desc: bool,
     alloc_len: u8,
     data_in: &mut dyn DataIn,
 ) -> CommandResult<()> {
-    if desc {
-        return Err(CommandError::field_bit(1, 0));
+    let encoded = SenseData {
+        descriptor_format: desc,
+        ..sense
     }
-    send(data_in, &sense.to_fixed(), usize::from(alloc_len));
+    .encode();
+    send(data_in, encoded.as_slice(), usize::from(alloc_len));
     Ok(())
 }

@@ -13,6 +13,14 @@ pub enum CommandError {
     InvalidOpcode(u8),
     #[error("invalid field in CDB at byte {byte}{}", bit.map(|b| format!(" bit {b}")).unwrap_or_default())]
     InvalidField { byte: u16, bit: Option<u8> },
+    #[error("invalid field in parameter list at byte {byte}{}", bit.map(|b| format!(" bit {b}")).unwrap_or_default())]
+    InvalidParamField { byte: u16, bit: Option<u8> },
+    #[error("parameter list length error")]
+    ParamListLength,
+    #[error("miscompare at byte {offset}")]
+    Miscompare { offset: u64 },
+    #[error("no space left for a write: {0}")]
+    NoSpace(io::Error),
     #[error("logical block address out of range")]
     LbaOutOfRange,
     #[error("logical unit not supported")]
@@ -30,6 +38,9 @@ pub enum CommandError {
     /// reports this as a delivery failure (virtio: VIRTIO_SCSI_S_OVERRUN).
     #[error("data-in buffer of {available} bytes is smaller than the {required} bytes the command transfers")]
     DataInTooSmall { required: u64, available: usize },
+    /// The same for the data-out buffer.
+    #[error("data-out buffer of {available} bytes is smaller than the {required} bytes the command transfers")]
+    DataOutTooSmall { required: u64, available: usize },
 }
 
 impl CommandError {
@@ -47,26 +58,56 @@ impl CommandError {
         }
     }
 
-    /// The sense data reported for this error (SPC-4 §4.5).
+    /// INVALID FIELD IN PARAMETER LIST pointing at a byte of the parameter
+    /// data.
+    pub fn param(byte: usize) -> Self {
+        CommandError::InvalidParamField {
+            byte: u16::try_from(byte).unwrap_or(u16::MAX),
+            bit: None,
+        }
+    }
+
+    /// A failed write: out of space is reported as such (SBC-3 §4.7.3.6),
+    /// anything else as a medium write error.
+    pub fn write(e: io::Error) -> Self {
+        match e.raw_os_error() {
+            Some(libc::ENOSPC) | Some(libc::EDQUOT) => CommandError::NoSpace(e),
+            _ => CommandError::WriteError(e),
+        }
+    }
+
+    /// The sense data reported for this error (SPC-4 §4.5), in fixed
+    /// format; the logical unit switches it to descriptor format if asked.
     pub fn sense_data(&self) -> SenseData {
-        let plain = |s| SenseData::new(s);
+        let plain = SenseData::new;
+        let field = |in_cdb, byte: u16, bit: Option<u8>, sense| SenseData {
+            field: Some(FieldPointer { in_cdb, byte, bit }),
+            ..SenseData::new(sense)
+        };
         match self {
             CommandError::InvalidOpcode(_) => plain(sense::INVALID_COMMAND_OPERATION_CODE),
-            CommandError::InvalidField { byte, bit } => SenseData {
-                sense: sense::INVALID_FIELD_IN_CDB,
-                field: Some(FieldPointer {
-                    byte: *byte,
-                    bit: *bit,
-                }),
+            CommandError::InvalidField { byte, bit } => {
+                field(true, *byte, *bit, sense::INVALID_FIELD_IN_CDB)
+            }
+            CommandError::InvalidParamField { byte, bit } => {
+                field(false, *byte, *bit, sense::INVALID_FIELD_IN_PARAMETER_LIST)
+            }
+            CommandError::ParamListLength => plain(sense::PARAMETER_LIST_LENGTH_ERROR),
+            CommandError::Miscompare { offset } => SenseData {
+                information: Some(*offset),
+                ..SenseData::new(sense::MISCOMPARE_DURING_VERIFY)
             },
             CommandError::LbaOutOfRange => plain(sense::LBA_OUT_OF_RANGE),
             CommandError::LunNotSupported => plain(sense::LOGICAL_UNIT_NOT_SUPPORTED),
             CommandError::SavingNotSupported => plain(sense::SAVING_PARAMETERS_NOT_SUPPORTED),
             CommandError::WriteProtected => plain(sense::WRITE_PROTECTED),
+            CommandError::NoSpace(_) => plain(sense::SPACE_ALLOCATION_FAILED_WRITE_PROTECT),
             CommandError::ReadError(_) => plain(sense::UNRECOVERED_READ_ERROR),
             CommandError::WriteError(_) => plain(sense::WRITE_ERROR),
             // Never reaches the initiator as sense; kept total for safety.
-            CommandError::DataInTooSmall { .. } => plain(sense::INTERNAL_TARGET_FAILURE),
+            CommandError::DataInTooSmall { .. } | CommandError::DataOutTooSmall { .. } => {
+                plain(sense::INTERNAL_TARGET_FAILURE)
+            }
         }
     }
 }

@@ -119,6 +119,14 @@ pub struct VpdParams<'a> {
     pub physical_exponent: u8,
     pub max_transfer_blocks: u32,
     pub solid_state: bool,
+    pub max_compare_and_write_blocks: u8,
+    pub max_write_same_blocks: u32,
+    /// Zero where UNMAP is not offered.
+    pub max_unmap_blocks: u32,
+    pub max_unmap_descriptors: u32,
+    /// UNMAP, WRITE SAME with UNMAP and GET LBA STATUS are offered; unmapped
+    /// blocks read as zeroes.
+    pub thin_provisioning: bool,
 }
 
 /// A VPD page (SPC-4 §7.8), or INVALID FIELD IN CDB for one not supported.
@@ -136,10 +144,14 @@ pub fn vpd(page_code: u8, p: &VpdParams) -> CommandResult<Vec<u8>> {
             b
         }
         page::LOGICAL_BLOCK_PROVISIONING => {
-            // SBC-3 §6.5.4: no UNMAP, no WRITE SAME unmap, no LBPRZ,
-            // provisioning type 0 (fully provisioned): no provisioning
-            // management is implemented (READ CAPACITY(16) LBPME=0).
-            vec![0u8; 4]
+            // SBC-3 §6.5.4: LBPU, LBPWS, LBPWS10 and LBPRZ (holes read as
+            // zeroes), provisioning type 2 (thin); or nothing at all.
+            let mut b = vec![0u8; 4];
+            if p.thin_provisioning {
+                b[1] = 0x80 | 0x40 | 0x20 | 0x04;
+                b[2] = 0x02;
+            }
+            b
         }
         _ => return Err(CommandError::field(2)),
     };
@@ -170,13 +182,22 @@ fn device_identification(id: &Identity) -> Vec<u8> {
 /// Block limits (SBC-3 §6.5.3, table 197).
 fn block_limits(p: &VpdParams) -> Vec<u8> {
     let mut b = vec![0u8; 0x3c];
+    // WSNZ: WRITE SAME with zero blocks is refused.
+    b[0] = 0x01;
+    b[1] = p.max_compare_and_write_blocks;
     // OPTIMAL TRANSFER LENGTH GRANULARITY: one physical block.
     let granularity = 1u16 << p.physical_exponent;
     b[2..4].copy_from_slice(&granularity.to_be_bytes());
-    // MAXIMUM TRANSFER LENGTH.
     b[4..8].copy_from_slice(&p.max_transfer_blocks.to_be_bytes());
-    // MAXIMUM UNMAP LBA COUNT, MAXIMUM UNMAP BLOCK DESCRIPTOR COUNT and
-    // MAXIMUM WRITE SAME LENGTH stay zero: neither is implemented.
+    b[16..20].copy_from_slice(&p.max_unmap_blocks.to_be_bytes());
+    b[20..24].copy_from_slice(&p.max_unmap_descriptors.to_be_bytes());
+    if p.thin_provisioning {
+        // OPTIMAL UNMAP GRANULARITY: one physical block; UGAVALID with
+        // alignment 0.
+        b[24..28].copy_from_slice(&u32::from(granularity).to_be_bytes());
+        b[28] = 0x80;
+    }
+    b[32..40].copy_from_slice(&u64::from(p.max_write_same_blocks).to_be_bytes());
     b
 }
 
@@ -190,6 +211,11 @@ mod tests {
             physical_exponent: 3,
             max_transfer_blocks: 65535,
             solid_state: true,
+            max_compare_and_write_blocks: 64,
+            max_write_same_blocks: 1 << 21,
+            max_unmap_blocks: 1 << 21,
+            max_unmap_descriptors: 64,
+            thin_provisioning: true,
         }
     }
 
@@ -241,6 +267,19 @@ mod tests {
         let limits = vpd(0xb0, &p).unwrap();
         assert_eq!(u16::from_be_bytes([limits[6], limits[7]]), 8);
         assert_eq!(u32::from_be_bytes(limits[8..12].try_into().unwrap()), 65535);
+        assert_eq!(limits[4] & 1, 1, "WSNZ");
+        assert_eq!(limits[5], 64);
+        assert_eq!(
+            u32::from_be_bytes(limits[20..24].try_into().unwrap()),
+            1 << 21
+        );
+        assert_eq!(u32::from_be_bytes(limits[24..28].try_into().unwrap()), 64);
+        assert_eq!(
+            u64::from_be_bytes(limits[36..44].try_into().unwrap()),
+            1 << 21
+        );
+        let lbp = vpd(0xb2, &p).unwrap();
+        assert_eq!(&lbp[4..8], &[0, 0xe4, 0x02, 0]);
         let chars = vpd(0xb1, &p).unwrap();
         assert_eq!(&chars[4..6], &[0, 1]);
         assert!(matches!(

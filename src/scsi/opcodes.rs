@@ -13,6 +13,8 @@ struct OpcodeInfo {
     /// command has one, the service action sits in its field); each other
     /// byte has a one for every bit the device server evaluates.
     usage: &'static [u8],
+    /// Only supported where thin provisioning (discard) is offered.
+    needs_discard: bool,
 }
 
 const fn op(opcode: u8, usage: &'static [u8]) -> OpcodeInfo {
@@ -20,6 +22,7 @@ const fn op(opcode: u8, usage: &'static [u8]) -> OpcodeInfo {
         opcode,
         service_action: None,
         usage,
+        needs_discard: false,
     }
 }
 
@@ -28,6 +31,14 @@ const fn op_sa(opcode: u8, sa: u16, usage: &'static [u8]) -> OpcodeInfo {
         opcode,
         service_action: Some(sa),
         usage,
+        needs_discard: false,
+    }
+}
+
+const fn thin(info: OpcodeInfo) -> OpcodeInfo {
+    OpcodeInfo {
+        needs_discard: true,
+        ..info
     }
 }
 
@@ -42,6 +53,7 @@ static SUPPORTED: &[OpcodeInfo] = &[
     op(READ_6, &[READ_6, 0x1f, FF, FF, FF, CTL]),
     op(WRITE_6, &[WRITE_6, 0x1f, FF, FF, FF, CTL]),
     op(INQUIRY, &[INQUIRY, 0x03, FF, FF, FF, CTL]),
+    op(MODE_SELECT_6, &[MODE_SELECT_6, 0x11, 0, 0, FF, CTL]),
     op(MODE_SENSE_6, &[MODE_SENSE_6, 0x08, FF, FF, FF, CTL]),
     op(START_STOP_UNIT, &[START_STOP_UNIT, 0, 0, 0, 0, CTL]),
     op(
@@ -53,7 +65,7 @@ static SUPPORTED: &[OpcodeInfo] = &[
         &[READ_CAPACITY_10, 0, FF, FF, FF, FF, 0, 0, 0x01, CTL],
     ),
     op(READ_10, &[READ_10, 0xe0, FF, FF, FF, FF, 0, FF, FF, CTL]),
-    op(WRITE_10, &[WRITE_10, 0xe0, FF, FF, FF, FF, 0, FF, FF, CTL]),
+    op(WRITE_10, &[WRITE_10, 0xe8, FF, FF, FF, FF, 0, FF, FF, CTL]),
     op(
         WRITE_AND_VERIFY_10,
         &[WRITE_AND_VERIFY_10, 0xe0, FF, FF, FF, FF, 0, FF, FF, CTL],
@@ -67,6 +79,15 @@ static SUPPORTED: &[OpcodeInfo] = &[
         &[SYNCHRONIZE_CACHE_10, 0, FF, FF, FF, FF, 0, FF, FF, CTL],
     ),
     op(
+        WRITE_SAME_10,
+        &[WRITE_SAME_10, 0xf8, FF, FF, FF, FF, 0, FF, FF, CTL],
+    ),
+    thin(op(UNMAP, &[UNMAP, 0x01, 0, 0, 0, 0, 0, FF, FF, CTL])),
+    op(
+        MODE_SELECT_10,
+        &[MODE_SELECT_10, 0x11, 0, 0, 0, 0, 0, FF, FF, CTL],
+    ),
+    op(
         MODE_SENSE_10,
         &[MODE_SENSE_10, 0x18, FF, FF, 0, 0, 0, FF, FF, CTL],
     ),
@@ -77,9 +98,30 @@ static SUPPORTED: &[OpcodeInfo] = &[
         ],
     ),
     op(
+        COMPARE_AND_WRITE,
+        &[
+            COMPARE_AND_WRITE,
+            0xe8,
+            FF,
+            FF,
+            FF,
+            FF,
+            FF,
+            FF,
+            FF,
+            FF,
+            0,
+            0,
+            0,
+            FF,
+            0,
+            CTL,
+        ],
+    ),
+    op(
         WRITE_16,
         &[
-            WRITE_16, 0xe0, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, 0, CTL,
+            WRITE_16, 0xe8, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, 0, CTL,
         ],
     ),
     op(
@@ -130,6 +172,27 @@ static SUPPORTED: &[OpcodeInfo] = &[
             CTL,
         ],
     ),
+    op(
+        WRITE_SAME_16,
+        &[
+            WRITE_SAME_16,
+            0xf9,
+            FF,
+            FF,
+            FF,
+            FF,
+            FF,
+            FF,
+            FF,
+            FF,
+            FF,
+            FF,
+            FF,
+            FF,
+            0,
+            CTL,
+        ],
+    ),
     op_sa(
         SERVICE_ACTION_IN_16,
         service_action::READ_CAPACITY_16,
@@ -152,6 +215,28 @@ static SUPPORTED: &[OpcodeInfo] = &[
             CTL,
         ],
     ),
+    thin(op_sa(
+        SERVICE_ACTION_IN_16,
+        service_action::GET_LBA_STATUS,
+        &[
+            SERVICE_ACTION_IN_16,
+            service_action::GET_LBA_STATUS as u8,
+            FF,
+            FF,
+            FF,
+            FF,
+            FF,
+            FF,
+            FF,
+            FF,
+            FF,
+            FF,
+            FF,
+            FF,
+            0,
+            CTL,
+        ],
+    )),
     op(
         REPORT_LUNS,
         &[REPORT_LUNS, 0, FF, 0, 0, 0, FF, FF, FF, FF, 0, CTL],
@@ -198,7 +283,7 @@ static SUPPORTED: &[OpcodeInfo] = &[
     ),
     op(
         WRITE_12,
-        &[WRITE_12, 0xe0, FF, FF, FF, FF, FF, FF, FF, FF, 0, CTL],
+        &[WRITE_12, 0xe8, FF, FF, FF, FF, FF, FF, FF, FF, 0, CTL],
     ),
     op(
         WRITE_AND_VERIFY_12,
@@ -233,16 +318,23 @@ fn has_service_actions(opcode: u8) -> bool {
         .any(|c| c.opcode == opcode && c.service_action.is_some())
 }
 
+/// The commands a logical unit supports, given whether it offers discard.
+fn supported(discard: bool) -> impl Iterator<Item = &'static OpcodeInfo> + Clone {
+    SUPPORTED
+        .iter()
+        .filter(move |c| discard || !c.needs_discard)
+}
+
 /// Parameter data for REPORT SUPPORTED OPERATION CODES.
-pub fn report_supported_opcodes(req: &ReportOpcodes) -> CommandResult<Vec<u8>> {
+pub fn report_supported_opcodes(req: &ReportOpcodes, discard: bool) -> CommandResult<Vec<u8>> {
     let mut out = Vec::new();
     match req.options {
         // All commands (SPC-4 §6.35.2, table 262).
         0 => {
             let descriptor_len = if req.rctd { 20 } else { 8 };
-            let total = SUPPORTED.len() * descriptor_len;
+            let total = supported(discard).count() * descriptor_len;
             out.extend_from_slice(&(total as u32).to_be_bytes());
-            for c in SUPPORTED {
+            for c in supported(discard) {
                 out.push(c.opcode);
                 out.push(0);
                 out.extend_from_slice(&c.service_action.unwrap_or(0).to_be_bytes());
@@ -259,14 +351,14 @@ pub fn report_supported_opcodes(req: &ReportOpcodes) -> CommandResult<Vec<u8>> {
             let with_sa = has_service_actions(req.opcode);
             let found = match req.options {
                 1 if with_sa => return Err(CommandError::field_bit(2, 2)),
-                1 => SUPPORTED.iter().find(|c| c.opcode == req.opcode),
+                1 => supported(discard).find(|c| c.opcode == req.opcode),
                 2 if !with_sa && is_supported_opcode(req.opcode) => {
                     return Err(CommandError::field_bit(2, 2))
                 }
-                _ if with_sa => SUPPORTED.iter().find(|c| {
+                _ if with_sa => supported(discard).find(|c| {
                     c.opcode == req.opcode && c.service_action == Some(req.service_action)
                 }),
-                _ => SUPPORTED.iter().find(|c| c.opcode == req.opcode),
+                _ => supported(discard).find(|c| c.opcode == req.opcode),
             };
             out.push(0);
             match found {
@@ -356,7 +448,7 @@ mod tests {
 
     #[test]
     fn all_commands_listing() {
-        let out = report_supported_opcodes(&req(0, 0, 0)).unwrap();
+        let out = report_supported_opcodes(&req(0, 0, 0), true).unwrap();
         let len = u32::from_be_bytes(out[0..4].try_into().unwrap()) as usize;
         assert_eq!(len, SUPPORTED.len() * 8);
         assert_eq!(out.len(), 4 + len);
@@ -371,35 +463,43 @@ mod tests {
     fn all_commands_with_timeouts() {
         let mut r = req(0, 0, 0);
         r.rctd = true;
-        let out = report_supported_opcodes(&r).unwrap();
+        let out = report_supported_opcodes(&r, true).unwrap();
         assert_eq!(out.len(), 4 + SUPPORTED.len() * 20);
         assert_eq!(out[4 + 5] & 0x02, 0x02);
     }
 
     #[test]
     fn one_command() {
-        let out = report_supported_opcodes(&req(1, 0x28, 0)).unwrap();
+        let out = report_supported_opcodes(&req(1, 0x28, 0), true).unwrap();
         assert_eq!(out[1] & 0x07, 3);
         assert_eq!(u16::from_be_bytes([out[2], out[3]]), 10);
         assert_eq!(out[4], 0x28);
-        let out = report_supported_opcodes(&req(1, 0x42, 0)).unwrap();
+        let out = report_supported_opcodes(&req(1, 0x44, 0), true).unwrap();
         assert_eq!(out[1] & 0x07, 1);
+        // UNMAP only where discard is offered.
+        let out = report_supported_opcodes(&req(1, 0x42, 0), true).unwrap();
+        assert_eq!(out[1] & 0x07, 3);
+        let out = report_supported_opcodes(&req(1, 0x42, 0), false).unwrap();
+        assert_eq!(out[1] & 0x07, 1);
+        let all = report_supported_opcodes(&req(0, 0, 0), false).unwrap();
+        assert!(!all[4..].chunks(8).any(|d| d[0] == 0x42));
+        assert!(!all[4..].chunks(8).any(|d| d[0] == 0x9e && d[3] == 0x12));
     }
 
     #[test]
     fn one_command_service_action_rules() {
         // Option 1 on an opcode with service actions is an invalid field.
-        assert!(report_supported_opcodes(&req(1, 0x9e, 0)).is_err());
-        let out = report_supported_opcodes(&req(2, 0x9e, 0x10)).unwrap();
+        assert!(report_supported_opcodes(&req(1, 0x9e, 0), true).is_err());
+        let out = report_supported_opcodes(&req(2, 0x9e, 0x10), true).unwrap();
         assert_eq!(out[1] & 0x07, 3);
-        let out = report_supported_opcodes(&req(2, 0x9e, 0x12)).unwrap();
+        let out = report_supported_opcodes(&req(2, 0x9e, 0x13), true).unwrap();
         assert_eq!(out[1] & 0x07, 1);
         // Option 2 on an opcode without service actions is an invalid field.
-        assert!(report_supported_opcodes(&req(2, 0x28, 0)).is_err());
+        assert!(report_supported_opcodes(&req(2, 0x28, 0), true).is_err());
         // Option 3 ignores the service action where there is none.
-        let out = report_supported_opcodes(&req(3, 0x28, 7)).unwrap();
+        let out = report_supported_opcodes(&req(3, 0x28, 7), true).unwrap();
         assert_eq!(out[1] & 0x07, 3);
-        assert!(report_supported_opcodes(&req(4, 0x28, 0)).is_err());
+        assert!(report_supported_opcodes(&req(4, 0x28, 0), true).is_err());
     }
 
     #[test]

@@ -23,19 +23,25 @@ pub enum Completion {
     Good,
     /// CHECK CONDITION with this sense data.
     CheckCondition(SenseData),
-    /// Not executed: the data-in buffer is smaller than what the command
-    /// must transfer. Reported by the transport, not as SCSI status.
-    DataInTooSmall,
+    /// Not executed: the data-in or data-out buffer is smaller than what the
+    /// command must transfer. Reported by the transport, not as SCSI status.
+    BufferTooSmall,
 }
 
 impl Completion {
-    fn from_result(result: CommandResult<()>) -> Completion {
+    /// `descriptor_sense`: the logical unit asks for descriptor-format
+    /// sense data (control mode page D_SENSE=1).
+    fn from_result(result: CommandResult<()>, descriptor_sense: bool) -> Completion {
         match result {
             Ok(()) => Completion::Good,
-            Err(CommandError::DataInTooSmall { .. }) => Completion::DataInTooSmall,
+            Err(CommandError::DataInTooSmall { .. } | CommandError::DataOutTooSmall { .. }) => {
+                Completion::BufferTooSmall
+            }
             Err(e) => {
                 log::debug!("command failed: {e}");
-                Completion::CheckCondition(e.sense_data())
+                let mut sense = e.sense_data();
+                sense.descriptor_format = descriptor_sense;
+                Completion::CheckCondition(sense)
             }
         }
     }
@@ -88,7 +94,7 @@ impl Target {
             // anything about the CDB.
             (Err(_), None) => Err(CommandError::LunNotSupported),
         };
-        Completion::from_result(result)
+        Completion::from_result(result, disk.is_some_and(Disk::descriptor_sense))
     }
 
     fn execute_on_disk(
@@ -104,7 +110,7 @@ impl Target {
                 alloc_len,
             } => self.report_luns(*select_report, *alloc_len, data_in),
             Command::ReportSupportedOpcodes(req) => {
-                let data = opcodes::report_supported_opcodes(req)?;
+                let data = opcodes::report_supported_opcodes(req, disk.discard_enabled())?;
                 send(data_in, &data, req.alloc_len as usize);
                 Ok(())
             }

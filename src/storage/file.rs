@@ -7,7 +7,9 @@ use std::os::unix::fs::FileTypeExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
-use super::{IoVec, Storage};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use super::{Extent, IoVec, Storage};
 
 /// At most this many iovecs go to one `preadv` call (well below IOV_MAX).
 const IOVECS_PER_CALL: usize = 64;
@@ -56,6 +58,8 @@ pub struct FileImage {
     size: u64,
     kind: ImageKind,
     read_only: bool,
+    /// FUA writes use `pwritev2(RWF_DSYNC)`; cleared where it is refused.
+    dsync_writes: AtomicBool,
 }
 
 impl FileImage {
@@ -85,6 +89,7 @@ impl FileImage {
             size,
             kind,
             read_only,
+            dsync_writes: AtomicBool::new(true),
         })
     }
 
@@ -112,6 +117,163 @@ impl Storage for FileImage {
     }
 
     fn read_vectored_at(&self, iov: &[IoVec], offset: u64) -> io::Result<()> {
+        self.transfer(
+            iov,
+            offset,
+            io::ErrorKind::UnexpectedEof,
+            |fd, v, n, off| {
+                // SAFETY: every entry names memory the caller guarantees to be
+                // writable for its length (Storage::read_vectored_at contract).
+                unsafe { libc::preadv(fd, v, n, off) }
+            },
+        )
+    }
+
+    fn write_vectored_at(&self, iov: &[IoVec], offset: u64, durable: bool) -> io::Result<()> {
+        if self.read_only {
+            return Err(io::Error::from_raw_os_error(libc::EROFS));
+        }
+        if durable && self.dsync_writes.load(Ordering::Relaxed) {
+            let result = self.transfer(iov, offset, io::ErrorKind::WriteZero, |fd, v, n, off| {
+                // SAFETY: every entry names memory the caller guarantees to
+                // be readable for its length (write_vectored_at contract).
+                unsafe { libc::pwritev2(fd, v, n, off, libc::RWF_DSYNC) }
+            });
+            match result {
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::ENOSYS)) => {
+                    // Kernel or file system without RWF_DSYNC: write, then
+                    // fdatasync, from now on.
+                    self.dsync_writes.store(false, Ordering::Relaxed);
+                }
+                other => return other,
+            }
+        }
+        self.transfer(iov, offset, io::ErrorKind::WriteZero, |fd, v, n, off| {
+            // SAFETY: as above.
+            unsafe { libc::pwritev(fd, v, n, off) }
+        })?;
+        if durable {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, deallocate: bool) -> io::Result<()> {
+        if self.read_only {
+            return Err(io::Error::from_raw_os_error(libc::EROFS));
+        }
+        if len == 0 {
+            return Ok(());
+        }
+        let modes: &[libc::c_int] = if deallocate {
+            &[
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+            ]
+        } else {
+            &[libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE]
+        };
+        let (start, length) = match (libc::off_t::try_from(offset), libc::off_t::try_from(len)) {
+            (Ok(s), Ok(l)) => (s, l),
+            _ => return Err(io::Error::from(io::ErrorKind::InvalidInput)),
+        };
+        for &mode in modes {
+            // SAFETY: fallocate on our own fd; no memory is passed.
+            let rc = unsafe { libc::fallocate(self.file.as_raw_fd(), mode, start, length) };
+            if rc == 0 {
+                return Ok(());
+            }
+            let err = io::Error::last_os_error();
+            if !matches!(
+                err.raw_os_error(),
+                Some(libc::EOPNOTSUPP | libc::ENOSYS | libc::EINVAL)
+            ) {
+                return Err(err);
+            }
+        }
+        // No fallocate support for this mode: write zeroes.
+        static ZEROES: [u8; 64 << 10] = [0; 64 << 10];
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(ZEROES.len() as u64) as usize;
+            let iov = IoVec {
+                iov_base: ZEROES.as_ptr() as *mut libc::c_void,
+                iov_len: n,
+            };
+            self.write_vectored_at(&[iov], offset + done, false)?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+
+    fn extent(&self, offset: u64) -> io::Result<Extent> {
+        let rest = self.size.saturating_sub(offset);
+        if self.kind == ImageKind::BlockDevice {
+            return Ok(Extent {
+                allocated: true,
+                len: rest,
+            });
+        }
+        let seek = |whence| -> io::Result<Option<u64>> {
+            let pos = libc::off_t::try_from(offset)
+                .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+            // SAFETY: lseek on our own fd. The file offset is not used by
+            // positional I/O, so moving it is harmless.
+            let rc = unsafe { libc::lseek(self.file.as_raw_fd(), pos, whence) };
+            if rc >= 0 {
+                return Ok(Some(rc as u64));
+            }
+            let err = io::Error::last_os_error();
+            match err.raw_os_error() {
+                // No data at or after `offset`.
+                Some(libc::ENXIO) => Ok(None),
+                _ => Err(err),
+            }
+        };
+        let data = match seek(libc::SEEK_DATA) {
+            Ok(data) => data,
+            // A file system without SEEK_DATA: everything counts as mapped.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Some(offset),
+            Err(e) => return Err(e),
+        };
+        Ok(match data {
+            None => Extent {
+                allocated: false,
+                len: rest,
+            },
+            Some(start) if start > offset => Extent {
+                allocated: false,
+                len: (start - offset).min(rest),
+            },
+            Some(_) => {
+                let hole = seek(libc::SEEK_HOLE)?.unwrap_or(self.size);
+                Extent {
+                    allocated: true,
+                    len: hole.saturating_sub(offset).min(rest).max(1),
+                }
+            }
+        })
+    }
+}
+
+impl FileImage {
+    /// Runs `op` (preadv/pwritev-like) until every byte of `iov` is
+    /// transferred, retrying short transfers and EINTR; a zero-byte
+    /// transfer is `on_zero`.
+    fn transfer<F>(
+        &self,
+        iov: &[IoVec],
+        offset: u64,
+        on_zero: io::ErrorKind,
+        op: F,
+    ) -> io::Result<()>
+    where
+        F: Fn(libc::c_int, *const IoVec, libc::c_int, libc::off_t) -> isize,
+    {
         let mut offset = offset;
         for group in iov.chunks(IOVECS_PER_CALL) {
             let mut local = [IoVec {
@@ -120,20 +282,15 @@ impl Storage for FileImage {
             }; IOVECS_PER_CALL];
             local[..group.len()].copy_from_slice(group);
             let mut pending = &mut local[..group.len()];
-            while !pending.is_empty() {
+            while !pending.is_empty() && pending.iter().any(|v| v.iov_len > 0) {
                 let file_offset = libc::off_t::try_from(offset)
                     .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-                // SAFETY: every entry names memory the caller guarantees to be
-                // writable for its length (Storage::read_vectored_at contract);
-                // `pending` is a valid array of `pending.len()` iovecs.
-                let n = unsafe {
-                    libc::preadv(
-                        self.file.as_raw_fd(),
-                        pending.as_ptr(),
-                        pending.len() as libc::c_int,
-                        file_offset,
-                    )
-                };
+                let n = op(
+                    self.file.as_raw_fd(),
+                    pending.as_ptr(),
+                    pending.len() as libc::c_int,
+                    file_offset,
+                );
                 if n < 0 {
                     let err = io::Error::last_os_error();
                     if err.kind() == io::ErrorKind::Interrupted {
@@ -142,7 +299,7 @@ impl Storage for FileImage {
                     return Err(err);
                 }
                 if n == 0 {
-                    return Err(io::Error::from(io::ErrorKind::UnexpectedEof));
+                    return Err(io::Error::from(on_zero));
                 }
                 let n = n as usize;
                 offset += n as u64;
@@ -150,10 +307,6 @@ impl Storage for FileImage {
             }
         }
         Ok(())
-    }
-
-    fn flush(&self) -> io::Result<()> {
-        self.file.sync_data()
     }
 }
 

@@ -5,8 +5,10 @@
 use std::fmt;
 use std::io;
 use std::ops::Range;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{PoisonError, RwLock};
 
-use super::{IoVec, Storage};
+use super::{Extent, IoVec, Storage};
 
 /// A byte-addressed image in memory.
 ///
@@ -16,13 +18,19 @@ use super::{IoVec, Storage};
 /// that were actually given (see [`MemImage::sparse`]).
 ///
 /// Reads touching an injected error range fail with `EIO` (see
-/// [`MemImage::with_read_error`]), as a failing disk sector would.
-#[derive(Clone, Default)]
+/// [`MemImage::with_read_error`]), as a failing disk sector would; flushes
+/// and durable writes fail with `EIO` after [`MemImage::fail_flushes`].
+///
+/// Writes may change only the stored bytes: a write reaching into the zero
+/// tail of a sparse image fails with `ENOSPC` (the tail takes no memory and
+/// stays that way). The stored bytes count as allocated, the tail as a hole.
+#[derive(Default)]
 pub struct MemImage {
-    data: Vec<u8>,
+    data: RwLock<Vec<u8>>,
     size: u64,
     read_only: bool,
     read_error: Option<Range<u64>>,
+    flush_fails: AtomicBool,
 }
 
 impl MemImage {
@@ -30,10 +38,11 @@ impl MemImage {
     pub fn new(data: Vec<u8>, read_only: bool) -> Self {
         let size = data.len() as u64;
         MemImage {
-            data,
+            data: RwLock::new(data),
             size,
             read_only,
             read_error: None,
+            flush_fails: AtomicBool::new(false),
         }
     }
 
@@ -43,10 +52,11 @@ impl MemImage {
     pub fn sparse(data: Vec<u8>, size: u64, read_only: bool) -> Self {
         let size = size.max(data.len() as u64);
         MemImage {
-            data,
+            data: RwLock::new(data),
             size,
             read_only,
             read_error: None,
+            flush_fails: AtomicBool::new(false),
         }
     }
 
@@ -57,9 +67,37 @@ impl MemImage {
         self
     }
 
-    /// The stored bytes (without the zero tail of a sparse image).
-    pub fn data(&self) -> &[u8] {
-        &self.data
+    /// A copy of the stored bytes (without the zero tail of a sparse
+    /// image).
+    pub fn data(&self) -> Vec<u8> {
+        self.stored().clone()
+    }
+
+    /// From now on, every flush and durable write fails with `EIO`, as
+    /// after a write-back error on a real disk.
+    pub fn fail_flushes(&self) {
+        self.flush_fails.store(true, Ordering::Relaxed);
+    }
+
+    fn stored(&self) -> std::sync::RwLockReadGuard<'_, Vec<u8>> {
+        self.data.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Checks `len` bytes at `offset` lie within the stored bytes; returns
+    /// the range as indexes.
+    fn writable_range(&self, offset: u64, len: u64) -> io::Result<Range<usize>> {
+        if self.read_only {
+            return Err(io::Error::from_raw_os_error(libc::EROFS));
+        }
+        let end = offset
+            .checked_add(len)
+            .filter(|&end| end <= self.size)
+            .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let stored = self.stored().len() as u64;
+        if end > stored {
+            return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+        }
+        Ok(offset as usize..end as usize)
     }
 
     fn read_fails(&self, start: u64, end: u64) -> bool {
@@ -74,7 +112,8 @@ impl MemImage {
         // Offsets at or beyond the stored data (including any that do not fit
         // in usize) are in the zero tail.
         let start = usize::try_from(offset).unwrap_or(usize::MAX);
-        let stored = self.data.get(start..).unwrap_or(&[]);
+        let data = self.stored();
+        let stored = data.get(start..).unwrap_or(&[]);
         let n = stored.len().min(dst.len());
         let (head, tail) = dst.split_at_mut(n);
         head.copy_from_slice(&stored[..n]);
@@ -85,7 +124,7 @@ impl MemImage {
 impl fmt::Debug for MemImage {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("MemImage")
-            .field("stored", &self.data.len())
+            .field("stored", &self.stored().len())
             .field("size", &self.size)
             .field("read_only", &self.read_only)
             .field("read_error", &self.read_error)
@@ -136,8 +175,57 @@ impl Storage for MemImage {
         Ok(())
     }
 
-    fn flush(&self) -> io::Result<()> {
+    fn write_vectored_at(&self, iov: &[IoVec], offset: u64, durable: bool) -> io::Result<()> {
+        let total = iov
+            .iter()
+            .try_fold(0u64, |acc, v| acc.checked_add(v.iov_len as u64))
+            .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let range = self.writable_range(offset, total)?;
+        let mut data = self.data.write().unwrap_or_else(PoisonError::into_inner);
+        let mut pos = range.start;
+        for v in iov {
+            if v.iov_len == 0 {
+                continue;
+            }
+            // SAFETY: the caller guarantees every entry points to memory
+            // valid for reads of its length (write_vectored_at contract).
+            let src = unsafe { std::slice::from_raw_parts(v.iov_base.cast::<u8>(), v.iov_len) };
+            data[pos..pos + src.len()].copy_from_slice(src);
+            pos += src.len();
+        }
+        drop(data);
+        if durable {
+            self.flush()?;
+        }
         Ok(())
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        if self.flush_fails.load(Ordering::Relaxed) {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        Ok(())
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, _deallocate: bool) -> io::Result<()> {
+        let range = self.writable_range(offset, len)?;
+        self.data.write().unwrap_or_else(PoisonError::into_inner)[range].fill(0);
+        Ok(())
+    }
+
+    fn extent(&self, offset: u64) -> io::Result<Extent> {
+        let stored = self.stored().len() as u64;
+        Ok(if offset < stored {
+            Extent {
+                allocated: true,
+                len: stored - offset,
+            }
+        } else {
+            Extent {
+                allocated: false,
+                len: self.size.saturating_sub(offset),
+            }
+        })
     }
 }
 
@@ -198,7 +286,7 @@ mod tests {
     fn sparse_tail_reads_zero() {
         let img = MemImage::sparse(vec![9u8; 4], 1 << 40, true);
         assert_eq!(img.size(), 1 << 40);
-        assert_eq!(img.data(), &[9u8; 4]);
+        assert_eq!(img.data(), vec![9u8; 4]);
         let mut buf = [0xaau8; 8];
         img.read_vectored_at(&[iov(&mut buf)], 0).unwrap();
         assert_eq!(buf, [9, 9, 9, 9, 0, 0, 0, 0]);

@@ -14,6 +14,14 @@ use std::io;
 /// plain buffers in tests.
 pub type IoVec = libc::iovec;
 
+/// An allocation extent: a run of bytes that are all allocated (mapped) or
+/// all deallocated (a hole, reading as zeroes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Extent {
+    pub allocated: bool,
+    pub len: u64,
+}
+
 /// Byte-addressed storage behind a logical unit.
 pub trait Storage: Send + Sync {
     /// Size in bytes.
@@ -31,6 +39,20 @@ pub trait Storage: Send + Sync {
     /// for the duration of the call; callers guarantee that.
     fn read_vectored_at(&self, iov: &[IoVec], offset: u64) -> io::Result<()>;
 
+    /// Write every buffer in `iov`, in order, starting at `offset`. With
+    /// `durable`, the data is on stable storage when this returns (as with
+    /// `RWF_DSYNC`); otherwise it may sit in a volatile cache until
+    /// [`Storage::flush`]. Each `iov` entry points to memory valid for reads
+    /// of its length for the duration of the call.
+    fn write_vectored_at(&self, iov: &[IoVec], offset: u64, durable: bool) -> io::Result<()>;
+
     /// Make all completed writes durable.
     fn flush(&self) -> io::Result<()>;
+
+    /// Make `len` bytes at `offset` read as zeroes. With `deallocate`, the
+    /// space is released where the backing can do that (a hole in a file).
+    fn write_zeroes(&self, offset: u64, len: u64, deallocate: bool) -> io::Result<()>;
+
+    /// The extent that starts at `offset` (which is below the size).
+    fn extent(&self, offset: u64) -> io::Result<Extent>;
 }

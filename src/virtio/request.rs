@@ -142,14 +142,15 @@ pub fn handle_command(
         match completion {
             Completion::Good => {}
             Completion::CheckCondition(sense) => {
-                let bytes = sense.to_fixed();
+                let encoded = sense.encode();
+                let bytes = encoded.as_slice();
                 let n = bytes.len().min(sizes.sense);
                 r.sense[..n].copy_from_slice(&bytes[..n]);
                 r.sense_len = n as u32;
             }
-            Completion::DataInTooSmall => {
+            Completion::BufferTooSmall => {
                 // virtio 1.2 §5.6.6.1: the CDB requires more data than the
-                // data-in buffer holds.
+                // data-in or data-out buffer holds.
                 r = Response::new(VIRTIO_SCSI_S_OVERRUN);
             }
         }

@@ -125,13 +125,38 @@ impl<'a, B: BitmapSlice> SgList<'a, B> {
     }
 
     /// Reads `len` bytes of `storage` at `offset` straight into guest
-    /// memory, in batches of iovecs.
+    /// memory.
     fn fill_from_storage(
         &mut self,
         storage: &dyn Storage,
         offset: u64,
         len: usize,
     ) -> io::Result<()> {
+        self.transfer(len, |iov, done| {
+            storage.read_vectored_at(iov, offset + done)
+        })
+    }
+
+    /// Writes the next `len` bytes of guest memory straight to `storage` at
+    /// `offset`.
+    fn drain_to_storage(
+        &mut self,
+        storage: &dyn Storage,
+        offset: u64,
+        len: usize,
+        durable: bool,
+    ) -> io::Result<()> {
+        self.transfer(len, |iov, done| {
+            storage.write_vectored_at(iov, offset + done, durable)
+        })
+    }
+
+    /// Hands the next `len` bytes to `io` as batches of iovecs (with the
+    /// byte offset of each batch), consuming them as each batch succeeds.
+    fn transfer<F>(&mut self, len: usize, mut io: F) -> io::Result<()>
+    where
+        F: FnMut(&[IoVec], u64) -> io::Result<()>,
+    {
         if len > self.remaining {
             return Err(io::Error::from(io::ErrorKind::InvalidInput));
         }
@@ -141,7 +166,7 @@ impl<'a, B: BitmapSlice> SgList<'a, B> {
                 iov_base: std::ptr::null_mut(),
                 iov_len: 0,
             }; IOVEC_BATCH];
-            // The guards keep each mapping valid while storage writes to it;
+            // The guards keep each mapping valid while storage accesses it;
             // they live until the end of this iteration.
             let mut guards: [Option<PtrGuardMut>; IOVEC_BATCH] = std::array::from_fn(|_| None);
             let mut count = 0;
@@ -165,9 +190,8 @@ impl<'a, B: BitmapSlice> SgList<'a, B> {
                 index += 1;
                 offset_in = 0;
             }
-            storage.read_vectored_at(&iov[..count], offset + done as u64)?;
-            // `advance` moves within one slice only; `skip` walks the batch.
-            self.skip(batch_len);
+            io(&iov[..count], done as u64)?;
+            self.advance(batch_len);
             done += batch_len;
         }
         Ok(())
@@ -205,5 +229,15 @@ impl<B: BitmapSlice> DataOut for GuestDataOut<'_, '_, B> {
 
     fn read_bytes(&mut self, buf: &mut [u8]) -> usize {
         self.0.read_into(buf)
+    }
+
+    fn write_to(
+        &mut self,
+        storage: &dyn Storage,
+        offset: u64,
+        len: usize,
+        durable: bool,
+    ) -> io::Result<()> {
+        self.0.drain_to_storage(storage, offset, len, durable)
     }
 }

@@ -97,6 +97,14 @@ impl Harness {
     /// A target with one LUN per entry of `sizes`, each filled with a
     /// distinct byte pattern.
     fn new(sizes: &[usize]) -> Harness {
+        Harness::with_access(sizes, true)
+    }
+
+    fn writable(sizes: &[usize]) -> Harness {
+        Harness::with_access(sizes, false)
+    }
+
+    fn with_access(sizes: &[usize], read_only: bool) -> Harness {
         let mut files = Vec::new();
         let mut images = Vec::new();
         let mut disks = Vec::new();
@@ -110,12 +118,12 @@ impl Harness {
                 .collect();
             let mut file = tempfile::NamedTempFile::new().unwrap();
             file.write_all(&data).unwrap();
-            let image = FileImage::open(file.path(), true).unwrap();
+            let image = FileImage::open(file.path(), read_only).unwrap();
             let config = DiskConfig {
                 block_size: 512,
                 identity: Identity::derived(&file.path().to_string_lossy(), lun as u16),
                 solid_state: false,
-                discard: false,
+                discard: true,
             };
             disks.push(Disk::new(Box::new(image), config).unwrap());
             files.push(file);
@@ -777,4 +785,76 @@ fn offered_features() {
         assert_ne!(f & (1 << bit), 0, "feature bit {bit}");
     }
     assert_eq!(f & 1, 0, "VIRTIO_SCSI_F_INOUT is not offered");
+}
+
+#[test]
+fn write_from_many_descriptors_lands_in_the_image() {
+    let mut h = Harness::writable(&[1 << 20]);
+    let data: Vec<u8> = (0..4096u32).map(|i| (i * 7 + 3) as u8).collect();
+    let mut cdb = read10(40, 8);
+    cdb[0] = 0x2a;
+    // Header and data-out split at odd places across descriptors.
+    let req = request(lun(0), &cdb);
+    let mut bufs = vec![Buf::R(req[..20].to_vec())];
+    let mut joined = req[20..].to_vec();
+    joined.extend_from_slice(&data[..777]);
+    bufs.push(Buf::R(joined));
+    bufs.push(Buf::R(data[777..778].to_vec()));
+    bufs.push(Buf::R(data[778..].to_vec()));
+    bufs.push(Buf::W(RESP_LEN));
+    let used = h.submit(FIRST_REQUEST_QUEUE, &bufs);
+    assert_eq!((used.response(), used.status()), (S_OK, 0));
+    assert_eq!(used.residual(), 0, "all data-out consumed");
+    assert_eq!(used.len, RESP_LEN);
+    let on_disk = std::fs::read(h._files[0].path()).unwrap();
+    assert_eq!(&on_disk[40 * 512..48 * 512], &data[..]);
+    // And a READ through the queue returns it.
+    let used = h.command(lun(0), &read10(40, 8), 4096);
+    assert_eq!(used.data_in(), &data[..]);
+}
+
+#[test]
+fn data_out_smaller_than_transfer_is_overrun() {
+    let mut h = Harness::writable(&[1 << 20]);
+    let mut cdb = read10(0, 8);
+    cdb[0] = 0x2a;
+    let used = h.submit(
+        FIRST_REQUEST_QUEUE,
+        &[
+            Buf::R(request(lun(0), &cdb)),
+            Buf::R(vec![0x11; 1000]),
+            Buf::W(RESP_LEN),
+        ],
+    );
+    assert_eq!(used.response(), S_OVERRUN);
+    assert_eq!(used.residual(), 1000, "nothing consumed");
+    let on_disk = std::fs::read(h._files[0].path()).unwrap();
+    assert_eq!(&on_disk[..4096], &h.images[0][..4096], "image unchanged");
+}
+
+#[test]
+fn descriptor_sense_after_mode_select() {
+    let mut h = Harness::writable(&[1 << 20]);
+    // MODE SELECT(6), PF=1: the control page with D_SENSE=1.
+    let control = [0x0a, 0x0a, 0x02 | 0x04, 0x10, 0, 0, 0, 0, 0xff, 0xff, 0, 0];
+    let mut list = vec![0, 0, 0, 0];
+    list.extend_from_slice(&control);
+    let used = h.submit(
+        FIRST_REQUEST_QUEUE,
+        &[
+            Buf::R(request(lun(0), &[0x15, 0x10, 0, 0, list.len() as u8, 0])),
+            Buf::R(list),
+            Buf::W(RESP_LEN),
+        ],
+    );
+    assert_eq!(
+        (used.response(), used.status()),
+        (S_OK, 0),
+        "{:?}",
+        used.sense()
+    );
+    let used = h.command(lun(0), &read10(4096, 1), 512);
+    assert_eq!(used.status(), 2);
+    assert_eq!(&used.sense()[..4], &[0x72, 0x05, 0x21, 0x00]);
+    assert_eq!(used.sense_len(), 8);
 }

@@ -1,0 +1,80 @@
+//! The durability promise, tested on the daemon process over a real
+//! vhost-user connection: what a completed flush or FUA write covered is in
+//! the image when the daemon is SIGKILLed right after; a read-only daemon
+//! changes no byte.
+
+mod common;
+
+use std::io::Write;
+
+use common::{read10, write10, Daemon, ScsiDriver, SYNCHRONIZE_CACHE_10};
+
+fn pattern(seed: u8, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+fn image(dir: &std::path::Path, len: usize) -> std::path::PathBuf {
+    let path = dir.join("disk.raw");
+    let mut f = std::fs::File::create(&path).unwrap();
+    f.write_all(&vec![0u8; len]).unwrap();
+    path
+}
+
+#[test]
+fn flushed_and_fua_writes_survive_sigkill() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path(), 1 << 20);
+    let sock = dir.path().join("vus.sock");
+    let mut daemon = Daemon::start(&sock, &[img.to_str().unwrap()]);
+    let mut drv = ScsiDriver::connect(&sock);
+
+    // A cached write, then SYNCHRONIZE CACHE.
+    let a = pattern(1, 8 * 512);
+    let r = drv.command(0, &write10(100, 8, false), &a, 0);
+    assert_eq!((r.response, r.status), (0, 0), "write: {r:?}");
+    let r = drv.command(0, &SYNCHRONIZE_CACHE_10, &[], 0);
+    assert_eq!((r.response, r.status), (0, 0), "flush: {r:?}");
+    // A FUA write and no flush.
+    let b = pattern(2, 4 * 512);
+    let r = drv.command(0, &write10(300, 4, true), &b, 0);
+    assert_eq!((r.response, r.status), (0, 0), "FUA write: {r:?}");
+    // Reads see both.
+    let r = drv.command(0, &read10(100, 8), &[], 8 * 512);
+    assert_eq!(r.data_in, a);
+
+    daemon.kill();
+    let on_disk = std::fs::read(&img).unwrap();
+    assert_eq!(&on_disk[100 * 512..108 * 512], &a[..], "flushed write lost");
+    assert_eq!(&on_disk[300 * 512..304 * 512], &b[..], "FUA write lost");
+}
+
+#[test]
+fn read_only_daemon_changes_no_byte() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path(), 1 << 20);
+    let before = std::fs::read(&img).unwrap();
+    let sock = dir.path().join("vus.sock");
+    let _daemon = Daemon::start(&sock, &["-r", img.to_str().unwrap()]);
+    let mut drv = ScsiDriver::connect(&sock);
+    let r = drv.command(0, &write10(0, 1, true), &[0xab; 512], 0);
+    assert_eq!(r.status, 2, "CHECK CONDITION");
+    assert_eq!(r.sense[2] & 0x0f, 0x07, "DATA PROTECT");
+    assert_eq!((r.sense[12], r.sense[13]), (0x27, 0x00));
+    let r = drv.command(0, &SYNCHRONIZE_CACHE_10, &[], 0);
+    assert_eq!(r.status, 0);
+    assert_eq!(std::fs::read(&img).unwrap(), before);
+}
+
+#[test]
+fn data_out_shorter_than_the_transfer_is_overrun() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path(), 1 << 20);
+    let sock = dir.path().join("vus.sock");
+    let _daemon = Daemon::start(&sock, &[img.to_str().unwrap()]);
+    let mut drv = ScsiDriver::connect(&sock);
+    let r = drv.command(0, &write10(0, 8, false), &[0x55; 1024], 0);
+    assert_eq!(r.response, 1, "VIRTIO_SCSI_S_OVERRUN");
+    assert!(std::fs::read(&img).unwrap().iter().all(|&b| b == 0));
+}

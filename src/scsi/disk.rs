@@ -529,7 +529,12 @@ impl Disk {
         let block = u64::from(self.config.block_size);
         let mut extents: Vec<(u64, u64, bool)> = Vec::new();
         let mut pos = lba;
-        while pos < self.blocks && extents.len() < max {
+        // Each step advances at least one block; the step count is capped
+        // too, so a backing that reports tiny extents cannot keep the queue
+        // thread busy (the reply just ends early, as SBC-3 allows).
+        let mut steps = 0usize;
+        while pos < self.blocks && extents.len() < max && steps < 4 * MAX_LBA_STATUS_DESCRIPTORS {
+            steps += 1;
             let e = self
                 .storage
                 .extent(self.byte_offset(pos))

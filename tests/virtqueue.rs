@@ -858,3 +858,33 @@ fn descriptor_sense_after_mode_select() {
     assert_eq!(&used.sense()[..4], &[0x72, 0x05, 0x21, 0x00]);
     assert_eq!(used.sense_len(), 8);
 }
+
+#[test]
+fn more_than_64_descriptors_each_way() {
+    // A Linux guest sends up to 126 segments per request; the data moves in
+    // batches of 64 iovecs.
+    let mut h = Harness::writable(&[1 << 20]);
+    let data: Vec<u8> = (0..200 * 512u32).map(|i| (i % 251) as u8).collect();
+    let mut cdb = read10(10, 200);
+    cdb[0] = 0x2a;
+    let mut bufs = vec![Buf::R(request(lun(0), &cdb))];
+    bufs.extend(data.chunks(512).map(|c| Buf::R(c.to_vec())));
+    bufs.push(Buf::W(RESP_LEN));
+    let used = h.submit(FIRST_REQUEST_QUEUE, &bufs);
+    assert_eq!(
+        (used.response(), used.status()),
+        (S_OK, 0),
+        "{:?}",
+        used.sense()
+    );
+    let mut bufs = vec![Buf::R(request(lun(0), &read10(10, 200))), Buf::W(RESP_LEN)];
+    bufs.extend((0..200).map(|_| Buf::W(512)));
+    let used = h.submit(FIRST_REQUEST_QUEUE, &bufs);
+    assert_eq!(
+        (used.response(), used.status()),
+        (S_OK, 0),
+        "{:?}",
+        used.sense()
+    );
+    assert_eq!(used.data_in(), &data[..]);
+}

@@ -75,11 +75,20 @@ impl<'a, B: BitmapSlice> SgList<'a, B> {
         done
     }
 
+    /// Consumes `n` bytes (at most `remaining`), across as many slices as
+    /// they span.
     fn advance(&mut self, n: usize) {
-        self.offset += n;
+        let n = n.min(self.remaining);
         self.remaining -= n;
         self.consumed += n;
-        while self.index < self.slices.len() && self.offset == self.slices[self.index].len() {
+        let mut left = n;
+        while self.index < self.slices.len() {
+            let avail = self.slices[self.index].len() - self.offset;
+            if left < avail {
+                self.offset += left;
+                break;
+            }
+            left -= avail;
             self.index += 1;
             self.offset = 0;
         }

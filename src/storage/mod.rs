@@ -2,6 +2,7 @@
 //! syscalls (and, for tests and fuzzing, memory), nothing of SCSI or virtio.
 
 mod file;
+pub mod lock;
 mod mem;
 
 pub use file::{FileImage, ImageKind, OpenError};

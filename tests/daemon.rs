@@ -1,7 +1,9 @@
 //! The daemon as an operator runs it: command-line errors, the socket, one
 //! VMM connection after another over a real vhost-user frontend, signals.
 
+use std::ffi::OsStr;
 use std::io::Write;
+use std::os::unix::io::AsRawFd;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -105,8 +107,11 @@ fn help_and_version() {
         "--socket-path",
         "--read-only",
         "--solid-state",
+        "--no-discard",
         "--version",
         "IMAGE",
+        "IMAGE[,ro][,block-size=512|4096][,serial=SERIAL][,wwn=0xHEX]",
+        "\",,\"",
     ] {
         assert!(help.contains(flag), "{flag} missing from --help");
     }
@@ -118,23 +123,40 @@ fn help_and_version() {
 /// A running daemon, killed when dropped.
 struct Daemon {
     child: Child,
+    log: PathBuf,
 }
 
 impl Daemon {
+    /// Serves `images` read-only (`-r`).
     fn start(sock: &Path, images: &[&Path]) -> Daemon {
+        let mut args: Vec<&OsStr> = vec![OsStr::new("-r")];
+        args.extend(images.iter().map(|p| p.as_os_str()));
+        Daemon::start_with(sock, &args)
+    }
+
+    /// Runs the daemon with `args` after `-s sock`; its log (info level)
+    /// goes to `sock` with the extension `.log`.
+    fn start_with<S: AsRef<OsStr>>(sock: &Path, args: &[S]) -> Daemon {
+        let log = std::fs::File::create(sock.with_extension("log")).unwrap();
         let child = Command::new(BIN)
-            .arg("-r")
             .arg("-s")
             .arg(sock)
-            .args(images)
-            .env("RUST_LOG", "warn")
+            .args(args)
+            .env("RUST_LOG", "info")
             .stdin(Stdio::null())
-            .stderr(Stdio::piped())
+            .stderr(log)
             .spawn()
             .unwrap();
-        let mut d = Daemon { child };
+        let mut d = Daemon {
+            child,
+            log: sock.with_extension("log"),
+        };
         d.wait_for_socket(sock);
         d
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap()
     }
 
     fn wait_for_socket(&mut self, sock: &Path) {
@@ -146,7 +168,7 @@ impl Daemon {
                 return;
             }
             if let Some(status) = self.child.try_wait().unwrap() {
-                panic!("daemon exited early: {status}");
+                panic!("daemon exited early: {status}: {}", self.log());
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -251,4 +273,414 @@ fn stale_socket_is_replaced_live_one_refused() {
     assert!(sock.exists());
     let _daemon = Daemon::start(&sock, &[&img]);
     handshake(&sock);
+}
+
+#[test]
+fn lun_option_errors_are_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("s.sock");
+    let sock = sock.to_str().unwrap();
+    let a = image(dir.path(), "a.raw", 4096);
+    let a = a.to_str().unwrap();
+    let b = image(dir.path(), "b.raw", 4096);
+    let b = b.to_str().unwrap();
+    let odd = image(dir.path(), "odd.raw", 1536);
+    let odd = odd.to_str().unwrap();
+    let cases: &[(String, &[&str])] = &[
+        (
+            format!("{b},block-size=1000"),
+            &["LUN 1 (", "b.raw): block-size=1000: must be 512 or 4096"],
+        ),
+        (
+            format!("{b},block-size"),
+            &["LUN 1", "b.raw", "block-size", "needs a value"],
+        ),
+        (
+            format!("{b},bogus=1"),
+            &["LUN 1", "b.raw", "bogus=1", "unknown option"],
+        ),
+        (
+            format!("{b},ro=yes"),
+            &["LUN 1", "b.raw", "ro=yes", "takes no value"],
+        ),
+        (format!("{b},ro,ro"), &["LUN 1", "b.raw", "ro: given twice"]),
+        (
+            format!("{b},serial="),
+            &["LUN 1", "b.raw", "serial=", "needs a value"],
+        ),
+        (
+            format!("{b},serial=a b"),
+            &["LUN 1", "b.raw", "serial=a b", "printable ASCII"],
+        ),
+        (
+            format!("{b},serial=123456789012345678901"),
+            &["LUN 1", "serial=", "at most 20"],
+        ),
+        (
+            format!("{b},wwn=0x5000c500"),
+            &["LUN 1", "b.raw", "wwn=0x5000c500", "16 hex digits"],
+        ),
+        (
+            format!("{b},wwn=0x6000c50012345678"),
+            &["LUN 1", "wwn=0x6000c50012345678", "NAA type"],
+        ),
+        (format!("{b},"), &["LUN 1", "b.raw", "empty option", ",,"]),
+        (",ro".to_string(), &["LUN 1 (,ro)", "no image path"]),
+    ];
+    for (arg, needles) in cases {
+        let out = run(&["-s", sock, a, arg]);
+        assert_one_line_error(&out, 1, needles);
+        assert!(
+            String::from_utf8_lossy(&out.stderr).starts_with("vhost-device-scsi: error: LUN 1 ("),
+            "{arg}"
+        );
+    }
+    // Same WWN or serial as another LUN: blamed on the LUN whose option
+    // made it.
+    let wwn = "wwn=0x5000c50012345678";
+    assert_one_line_error(
+        &run(&["-s", sock, &format!("{a},{wwn}"), &format!("{b},{wwn}")]),
+        1,
+        &[
+            "LUN 1 (",
+            "b.raw): wwn=0x5000c50012345678: LUN 0 has the same WWN",
+        ],
+    );
+    assert_one_line_error(
+        &run(&[
+            "-s",
+            sock,
+            &format!("{a},serial=S1"),
+            b,
+            &format!("{odd},serial=S1"),
+        ]),
+        1,
+        &[
+            "LUN 2 (",
+            "odd.raw): serial=S1: LUN 0 has the same serial number",
+        ],
+    );
+    // Options are checked before any image is opened.
+    assert_one_line_error(
+        &run(&["-s", sock, "/nonexistent.raw", &format!("{b},ro,bogus")]),
+        1,
+        &["LUN 1", "bogus", "unknown option"],
+    );
+    // A size that is not a multiple of the block size is the image's fault.
+    assert_one_line_error(
+        &run(&["-s", sock, &format!("{odd},block-size=4096")]),
+        1,
+        &["odd.raw", "not a multiple of the 4096-byte block size"],
+    );
+}
+
+/// The access mode (O_RDONLY, O_RDWR) of `pid`'s open file `path`.
+fn open_mode(pid: u32, path: &Path) -> i32 {
+    let path = std::fs::canonicalize(path).unwrap();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap() {
+        let entry = entry.unwrap();
+        if std::fs::read_link(entry.path()).ok().as_deref() == Some(path.as_path()) {
+            let info = std::fs::read_to_string(format!(
+                "/proc/{pid}/fdinfo/{}",
+                entry.file_name().to_str().unwrap()
+            ))
+            .unwrap();
+            let flags = info
+                .lines()
+                .find_map(|l| l.strip_prefix("flags:"))
+                .unwrap()
+                .trim();
+            return i32::from_str_radix(flags, 8).unwrap() & libc::O_ACCMODE;
+        }
+    }
+    panic!("{} is not open in {pid}", path.display());
+}
+
+#[test]
+fn per_lun_options_and_read_write_opens() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("vus.sock");
+    let a = image(dir.path(), "a.raw", 1 << 20);
+    let b = image(dir.path(), "b.raw", 1 << 20);
+    let c = image(dir.path(), "c,d.raw", 1 << 20);
+    let c_arg = format!(
+        "{},block-size=4096,serial=SER-1,wwn=0x5000C50012345678",
+        dir.path().join("c,,d.raw").display()
+    );
+    let b_arg = format!("{},ro", b.display());
+    let daemon = Daemon::start_with(&sock, &[a.to_str().unwrap(), &b_arg, &c_arg]);
+    let pid = daemon.child.id();
+    assert_eq!(open_mode(pid, &a), libc::O_RDWR);
+    assert_eq!(open_mode(pid, &b), libc::O_RDONLY);
+    assert_eq!(open_mode(pid, &c), libc::O_RDWR);
+    let log = daemon.log();
+    let line = |lun: &str| {
+        log.lines()
+            .find(|l| l.contains(lun))
+            .unwrap_or_else(|| panic!("no {lun} line in {log}"))
+            .to_string()
+    };
+    assert!(line("LUN 0:").contains("2048 blocks of 512 bytes, read-write, regular file, locked"));
+    assert!(line("LUN 1:").contains("read-only"));
+    let lun2 = line("LUN 2:");
+    assert!(
+        lun2.contains("c,d.raw (1048576 bytes, 256 blocks of 4096 bytes, read-write"),
+        "{lun2}"
+    );
+    assert!(
+        lun2.contains("serial SER-1, NAA 0x5000c50012345678"),
+        "{lun2}"
+    );
+    assert!(!log.contains("not implemented"), "{log}");
+    handshake(&sock);
+}
+
+#[test]
+fn read_only_flag_covers_every_lun() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("vus.sock");
+    let a = image(dir.path(), "a.raw", 4096);
+    let b = image(dir.path(), "b.raw", 4096);
+    let daemon = Daemon::start_with(
+        &sock,
+        &[
+            OsStr::new("-r"),
+            OsStr::new("--no-discard"),
+            a.as_os_str(),
+            b.as_os_str(),
+        ],
+    );
+    assert_eq!(open_mode(daemon.child.id(), &a), libc::O_RDONLY);
+    assert_eq!(open_mode(daemon.child.id(), &b), libc::O_RDONLY);
+}
+
+#[test]
+fn two_writers_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path(), "d.raw", 4096);
+    let first = Daemon::start_with(&dir.path().join("1.sock"), &[&img]);
+    let s2 = dir.path().join("2.sock");
+    let out = run(&["-s", s2.to_str().unwrap(), img.to_str().unwrap()]);
+    assert_one_line_error(
+        &out,
+        1,
+        &[
+            &format!("image {}: locked by ", img.display()),
+            // The holder is found through /proc.
+            &format!(
+                ", pid {} (it is being written): lock byte 101",
+                first.child.id()
+            ),
+        ],
+    );
+    assert!(!s2.exists(), "the refused daemon never listened");
+    drop(first);
+    // With the first daemon gone, its locks are gone.
+    let _second = Daemon::start_with(&s2, &[&img]);
+}
+
+#[test]
+fn the_same_image_twice_in_one_daemon() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("s.sock");
+    let img = image(dir.path(), "d.raw", 4096);
+    let i = img.to_str().unwrap();
+    assert_one_line_error(
+        &run(&["-s", sock.to_str().unwrap(), i, &format!("{i},ro")]),
+        1,
+        &["locked by another LUN of this daemon (it is being written)"],
+    );
+    // Read-only twice is fine.
+    let _d = Daemon::start_with(&sock, &[OsStr::new("-r"), img.as_os_str(), img.as_os_str()]);
+}
+
+#[test]
+fn readers_share_an_image_and_keep_writers_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path(), "d.raw", 4096);
+    let ro = format!("{},ro", img.display());
+    let _r1 = Daemon::start(&dir.path().join("1.sock"), &[&img]);
+    let _r2 = Daemon::start_with(&dir.path().join("2.sock"), &[&ro]);
+    handshake(&dir.path().join("1.sock"));
+    handshake(&dir.path().join("2.sock"));
+    let out = run(&[
+        "-s",
+        dir.path().join("3.sock").to_str().unwrap(),
+        img.to_str().unwrap(),
+    ]);
+    assert_one_line_error(
+        &out,
+        1,
+        &[
+            "d.raw: locked by",
+            "(it refuses writers): lock byte 201",
+            "-r or ,ro",
+        ],
+    );
+}
+
+#[test]
+fn a_writer_keeps_readers_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path(), "d.raw", 4096);
+    let _w = Daemon::start_with(&dir.path().join("1.sock"), &[&img]);
+    let out = run(&[
+        "-r",
+        "-s",
+        dir.path().join("2.sock").to_str().unwrap(),
+        img.to_str().unwrap(),
+    ]);
+    assert_one_line_error(&out, 1, &["d.raw: locked by", "(it is being written)"]);
+}
+
+/// `name` on the PATH; None, with the reason printed, when it is missing
+/// (except in CI, where .ci/run installs it).
+fn qemu_tool(name: &str) -> Option<PathBuf> {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join(name))
+            .find(|p| p.is_file())
+    });
+    if found.is_none() {
+        assert_ne!(
+            std::env::var("CI").as_deref(),
+            Ok("true"),
+            "{name} is missing; CI must install it (Debian: qemu-utils)"
+        );
+        eprintln!("skipping: {name} not found (Debian package qemu-utils)");
+    }
+    found
+}
+
+fn tool_output(tool: &Path, args: &[&OsStr]) -> Output {
+    Command::new(tool).args(args).output().unwrap()
+}
+
+#[test]
+fn qemu_sees_our_locks() {
+    let (Some(qemu_io), Some(qemu_img)) = (qemu_tool("qemu-io"), qemu_tool("qemu-img")) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path(), "d.raw", 1 << 20);
+    let i = img.as_os_str();
+    let write = |tool: &Path| {
+        tool_output(
+            tool,
+            &[
+                OsStr::new("-f"),
+                OsStr::new("raw"),
+                OsStr::new("-c"),
+                OsStr::new("write -P 0x11 0 512"),
+                i,
+            ],
+        )
+    };
+    // qemu-img convert reads the source and refuses writers to it (QEMU
+    // 7.2's qemu-img info, by contrast, shares everything).
+    let copy = dir.path().join("copy.raw");
+    let convert = |force_share: bool| {
+        let mut args = vec![OsStr::new("convert"), OsStr::new("-O"), OsStr::new("raw")];
+        if force_share {
+            args.push(OsStr::new("-U"));
+        }
+        args.extend([i, copy.as_os_str()]);
+        tool_output(&qemu_img, &args)
+    };
+    let untouched = || std::fs::read(&img).unwrap().iter().all(|&b| b == 0x5a);
+
+    let daemon = Daemon::start_with(&dir.path().join("rw.sock"), &[&img]);
+    let out = write(&qemu_io);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        stderr.contains("Failed to get \"write\" lock"),
+        "qemu-io: {stderr}"
+    );
+    assert!(untouched(), "qemu-io wrote past our locks");
+    let out = convert(false);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Failed to get shared \"write\" lock"),
+        "{out:?}"
+    );
+    assert!(
+        convert(true).status.success(),
+        "-U (force share) reads anyway"
+    );
+    drop(daemon);
+
+    // A read-only daemon: QEMU may read along, not write.
+    let daemon = Daemon::start(&dir.path().join("ro.sock"), &[&img]);
+    let out = convert(false);
+    assert!(out.status.success(), "{out:?}");
+    let out = write(&qemu_io);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Failed to get \"write\" lock"),
+        "{out:?}"
+    );
+    assert!(untouched());
+    drop(daemon);
+
+    // No daemon, no locks: the same write goes through.
+    let out = write(&qemu_io);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("wrote 512/512 bytes"),
+        "{out:?}"
+    );
+    assert!(!untouched());
+}
+
+/// Waits until some process holds a lock on `byte` of `path`.
+fn wait_for_lock(path: &Path, byte: i64) {
+    let f = std::fs::File::open(path).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        // SAFETY: a plain C struct of integers; all zeroes is valid.
+        let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+        fl.l_type = libc::F_WRLCK as libc::c_short;
+        fl.l_whence = libc::SEEK_SET as libc::c_short;
+        fl.l_start = byte;
+        fl.l_len = 1;
+        // SAFETY: F_OFD_GETLK reads and writes the one flock it is given.
+        let rc = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) };
+        assert_eq!(rc, 0);
+        if fl.l_type != libc::F_UNLCK as libc::c_short {
+            return;
+        }
+        assert!(Instant::now() < deadline, "nobody locked byte {byte}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn we_see_qemus_locks() {
+    let Some(qemu_io) = qemu_tool("qemu-io") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path(), "d.raw", 1 << 20);
+    // qemu-io with the image open read-write, idle for a while.
+    let mut writer = Command::new(&qemu_io)
+        .args(["-f", "raw", "-c", "sleep 20000"])
+        .arg(&img)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for_lock(&img, 101);
+    let sock = dir.path().join("s.sock");
+    let holder = format!(
+        "locked by qemu-io, pid {} (it is being written)",
+        writer.id()
+    );
+    for read_only in [false, true] {
+        let mut args = vec!["-s", sock.to_str().unwrap(), img.to_str().unwrap()];
+        if read_only {
+            args.push("-r");
+        }
+        assert_one_line_error(&run(&args), 1, &[&holder]);
+    }
+    let _ = writer.kill();
+    let _ = writer.wait();
+    let _d = Daemon::start_with(&sock, &[&img]);
 }

@@ -1,0 +1,1167 @@
+//! End-to-end tests: a real Linux guest against the daemon.
+//!
+//! Each test makes images, starts the daemon on them and boots the guest that
+//! `test/guest/build-guest.sh` builds (Debian's kernel, busybox, sg3_utils) in
+//! QEMU with `test/guest/run-guest.sh`: a `vhost-user-scsi-pci` device on the
+//! daemon's socket, QEMU's default device properties. The guest runs one
+//! scenario script from `test/guest/scenarios/` and reports over the serial
+//! console in `@@TAG key=value` lines (see `test/guest/init.sh`); the
+//! assertions are made here, against what the host knows about the images.
+//!
+//! Without QEMU or the built guest the tests print why and pass, except with
+//! CI=true, where that is a failure. They run one at a time (a global lock):
+//! under TCG every boot keeps a core busy. A failing test keeps its work
+//! directory (images, serial logs, daemon logs) and says where it is.
+
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeSet;
+use std::fmt::Display;
+use std::fs::{self, File};
+use std::io::Write as _;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use vhost_device_scsi::scsi::cdb::ReportOpcodes;
+use vhost_device_scsi::scsi::inquiry::{Identity, PRODUCT, VENDOR};
+use vhost_device_scsi::scsi::opcodes::report_supported_opcodes;
+
+const BIN: &str = env!("CARGO_BIN_EXE_vhost-device-scsi");
+const REPO: &str = env!("CARGO_MANIFEST_DIR");
+/// The longest one boot may take, scenario included (TCG, busy machine).
+const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long QEMU may take to exit after the guest's last line.
+const POWEROFF_GRACE: Duration = Duration::from_secs(20);
+const KIB: u64 = 1 << 10;
+const MIB: u64 = 1 << 20;
+const TIB: u64 = 1 << 40;
+
+/// One guest at a time.
+static GUEST_LOCK: Mutex<()> = Mutex::new(());
+
+// ------------------------------------------------------------------ scenarios
+
+/// Scenario 1: N images of different sizes (one sparse, > 2 TiB) become N
+/// disks of exactly those sizes, with the daemon's vendor, product, revision,
+/// serial number and NAA designator; the /dev/disk/by-id names are the same
+/// after a second boot on a restarted daemon.
+#[test]
+fn guest_discovery() {
+    let Some(sc) = Scenario::start("discovery") else {
+        return;
+    };
+    let images = [
+        sc.random_image("small.raw", MIB, 1),
+        sc.sparse_image("huge.raw", 3 * TIB),
+        sc.random_image("odd.raw", 5 * MIB + 512, 2),
+        sc.random_image("tiny.raw", 64 * KIB, 3),
+    ];
+    let mut first_names: Option<Vec<String>> = None;
+    for round in 1..=2 {
+        // The second daemon also reports the disks as solid state.
+        let extra: &[&str] = if round == 1 { &[] } else { &["--solid-state"] };
+        let daemon = sc.daemon(&images.iter().collect::<Vec<_>>(), extra);
+        let serial = sc.boot(&daemon, "discovery", &Boot::default());
+        let disks = serial.records("DISK");
+        sc.check(
+            disks.len() == images.len(),
+            format!(
+                "boot {round}: {} disks reported, {} images served",
+                disks.len(),
+                images.len()
+            ),
+        );
+        let mut names = Vec::new();
+        for (lun, image) in images.iter().enumerate() {
+            let disk = sc.record_where(&disks, "lun", &lun.to_string());
+            let id = image.identity(lun as u16);
+            let naa = format!("{:016x}", id.naa);
+            sc.expect(
+                &format!("boot {round}, LUN {lun} ({})", image.name()),
+                &disk,
+                &[
+                    ("size", image.size.to_string()),
+                    ("sectors", (image.size / 512).to_string()),
+                    ("lbs", "512".into()),
+                    ("pbs", "4096".into()),
+                    ("ro", "1".into()),
+                    ("rotational", if round == 1 { "1" } else { "0" }.into()),
+                    ("vendor", squash(VENDOR)),
+                    ("model", squash(PRODUCT)),
+                    ("rev", squash(&String::from_utf8_lossy(&id.revision))),
+                    ("serial", id.serial.clone()),
+                    ("naa", naa.clone()),
+                    ("byid", format!("scsi-3{naa},wwn-0x{naa}")),
+                ],
+            );
+            names.push(disk.get("byid").to_string());
+        }
+        match &first_names {
+            None => first_names = Some(names),
+            Some(first) => sc.check(
+                *first == names,
+                format!("by-id names changed between boots: {first:?} then {names:?}"),
+            ),
+        }
+    }
+}
+
+/// Scenario 2: whole small disks read in the guest have the images' md5; on
+/// a 3 TiB sparse disk, blocks the host wrote beyond 2 TiB, across the 2 TiB
+/// boundary and at the very end read back the same; so do random 4 KiB reads.
+#[test]
+fn guest_data() {
+    let Some(sc) = Scenario::start("data") else {
+        return;
+    };
+    let small = sc.random_image("small.raw", 8 * MIB, 11);
+    let huge = sc.sparse_image("huge.raw", 3 * TIB);
+    let odd = sc.random_image("odd.raw", 3 * MIB + 512, 12);
+    let mut rng = Rng(0x5eed);
+    // (lun, offset, length) for the guest to read.
+    let mut reads: Vec<(u16, u64, u64)> = Vec::new();
+    let two_tib = 2 * TIB;
+    let mut written = vec![
+        (two_tib - 4 * KIB, 8 * KIB),   // across 2 TiB (LBA 2^32)
+        (huge.size - 4 * KIB, 4 * KIB), // the last 4 KiB
+        (two_tib + 512, 512),           // one block just past 2 TiB
+    ];
+    for _ in 0..5 {
+        let off = two_tib + rng.below((huge.size - two_tib) / (4 * KIB) - 1) * 4 * KIB;
+        written.push((off, 4 * KIB));
+    }
+    for (i, &(off, len)) in written.iter().enumerate() {
+        huge.write_at(off, &pseudo_random(100 + i as u64, len as usize));
+        reads.push((1, off, len));
+    }
+    reads.push((1, huge.size - 512, 512)); // the last logical block alone
+    reads.push((1, two_tib - 512 * KIB, MIB)); // a large read across 2 TiB
+    for _ in 0..4 {
+        reads.push((1, rng.below(huge.size / (4 * KIB)) * 4 * KIB, 4 * KIB));
+    }
+    for (lun, image) in [(0u16, &small), (2, &odd)] {
+        for _ in 0..12 {
+            reads.push((lun, rng.below(image.size / (4 * KIB)) * 4 * KIB, 4 * KIB));
+        }
+        reads.push((lun, image.size - 512, 512));
+    }
+    let list = sc.dir.join("reads");
+    let text: String = reads
+        .iter()
+        .map(|(lun, off, len)| format!("{lun} {off} {len}\n"))
+        .collect();
+    fs::write(&list, text).unwrap();
+
+    let images = [&small, &huge, &odd];
+    let daemon = sc.daemon(&images, &[]);
+    let boot = Boot {
+        env: vec![("MD5_LUNS", "0 2".into())],
+        files: vec![list],
+        ..Boot::default()
+    };
+    let serial = sc.boot(&daemon, "data", &boot);
+    for lun in [0usize, 2] {
+        let rec = sc.record_where(&serial.records("MD5"), "lun", &lun.to_string());
+        sc.expect(
+            &format!("LUN {lun} read whole"),
+            &rec,
+            &[("md5", images[lun].md5())],
+        );
+    }
+    let got = serial.records("READ");
+    sc.check(
+        got.len() == reads.len(),
+        format!("{} READ results for {} reads", got.len(), reads.len()),
+    );
+    for (rec, &(lun, off, len)) in got.iter().zip(&reads) {
+        let expected = md5_hex(&images[lun as usize].read_at(off, len));
+        sc.expect(
+            &format!("LUN {lun}: {len} bytes at {off}"),
+            rec,
+            &[
+                ("lun", lun.to_string()),
+                ("off", off.to_string()),
+                ("len", len.to_string()),
+                ("md5", expected),
+            ],
+        );
+    }
+}
+
+/// Scenario 3: the sg3_utils tools get what the daemon implements, return
+/// (no hang), and unsupported commands fail cleanly.
+#[test]
+fn guest_scsi_tools() {
+    let Some(sc) = Scenario::start("tools") else {
+        return;
+    };
+    let disk = sc.random_image("disk.raw", 8 * MIB, 21);
+    let second = sc.random_image("second.raw", MIB, 22);
+    let daemon = sc.daemon(&[&disk, &second], &[]);
+    let serial = sc.boot(&daemon, "tools", &Boot::default());
+    let id = disk.identity(0);
+    let rev = String::from_utf8_lossy(&id.revision).trim().to_string();
+
+    let ok = |name: &str, needles: &[&str]| {
+        let b = sc.block(&serial, name);
+        sc.check(
+            b.rc == 0,
+            format!("{name}: exit status {}:\n{}", b.rc, b.text),
+        );
+        sc.contains(name, &b.text, needles);
+        b
+    };
+    ok(
+        "inq",
+        &[
+            &format!("Vendor identification: {VENDOR}"),
+            &format!("Product identification: {PRODUCT}"),
+            &format!("Product revision level: {rev}"),
+            &format!("Unit serial number: {}", id.serial),
+        ],
+    );
+    ok(
+        "vpd",
+        &[
+            "Supported VPD pages",
+            "Unit serial number",
+            "Device Identification",
+            &format!("0x{:016x}", id.naa),
+            "Block limits",
+            "Block device characteristics",
+            "Logical block provisioning",
+        ],
+    );
+    ok(
+        "readcap",
+        &[
+            &format!("Last LBA={}", disk.size / 512 - 1),
+            "Logical block length=512 bytes",
+            "Logical blocks per physical block exponent=3",
+        ],
+    );
+    ok("luns", &["0000000000000000", "0001000000000000"]);
+    ok(
+        "modes",
+        &[
+            "WP=1",
+            "Read-Write error recovery",
+            "Caching",
+            ">> Control,",
+        ],
+    );
+    let opcodes = ok("opcodes", &["Read(16)", "Inquiry"]);
+    let listed = parse_sg_opcodes(&opcodes.text);
+    let expected = supported_opcodes();
+    sc.check(
+        listed == expected,
+        format!(
+            "sg_opcodes lists {listed:02x?}, the daemon's table has {expected:02x?}:\n{}",
+            opcodes.text
+        ),
+    );
+    ok(
+        "tmfs",
+        &[
+            "Abort task",
+            "Abort task set",
+            "Clear task set",
+            "Logical unit reset",
+            "Query task",
+            "Query task set",
+            "I_T nexus reset",
+        ],
+    );
+    let zones = sc.block(&serial, "rep_zones");
+    sc.check(
+        zones.rc != 0 && zones.rc != 124,
+        format!(
+            "sg_rep_zones should fail (not hang): exit status {}:\n{}",
+            zones.rc, zones.text
+        ),
+    );
+    sc.contains("rep_zones", &zones.text, &["Invalid opcode"]);
+    ok("turs", &[]);
+    ok("reset_device", &[]);
+    // virtio-scsi has no bus reset: the guest kernel refuses it, quickly.
+    let bus = sc.block(&serial, "reset_bus");
+    sc.check(
+        bus.rc != 124,
+        format!("sg_reset -b did not return:\n{}", bus.text),
+    );
+    ok("turs_after_reset", &[]);
+    let raw = sc.block(&serial, "raw_unsupported");
+    sc.check(raw.rc != 0, format!("sg_raw succeeded:\n{}", raw.text));
+    sc.contains(
+        "raw_unsupported",
+        &raw.text,
+        &["Illegal Request", "Invalid command operation code"],
+    );
+    let rec = sc.record_where(&serial.records("MD5"), "lun", "0");
+    sc.expect("LUN 0 after the resets", &rec, &[("md5", disk.md5())]);
+}
+
+/// Scenario 4: writes from the guest fail with a write-protect error, and
+/// the image is unchanged.
+#[test]
+fn guest_read_only() {
+    let Some(sc) = Scenario::start("readonly") else {
+        return;
+    };
+    let disk = sc.random_image("disk.raw", 4 * MIB, 31);
+    let before = disk.md5();
+    let daemon = sc.daemon(&[&disk], &[]);
+    let serial = sc.boot(&daemon, "readonly", &Boot::default());
+    let rec = sc.record_where(&serial.records("RO"), "lun", "0");
+    sc.expect(
+        "LUN 0",
+        &rec,
+        &[
+            ("ro", "1".into()),
+            ("md5_before", before.clone()),
+            ("md5_after", before.clone()),
+        ],
+    );
+    for name in ["dd_write", "dd_write_last"] {
+        let b = sc.block(&serial, name);
+        sc.check(
+            b.rc != 0 && b.rc != 124,
+            format!(
+                "{name}: a write to the read-only disk did not fail: exit status {}:\n{}",
+                b.rc, b.text
+            ),
+        );
+    }
+    for name in ["write6", "write10", "write16", "write_verify10"] {
+        let b = sc.block(&serial, name);
+        sc.check(b.rc != 0, format!("{name} succeeded:\n{}", b.text));
+        sc.contains(name, &b.text, &["Data Protect", "Write protected"]);
+    }
+    sc.contains(
+        "mode_sense",
+        &sc.block(&serial, "mode_sense").text,
+        &["WP=1"],
+    );
+    sc.contains(
+        "kernel log",
+        &sc.block(&serial, "dmesg").text,
+        &["Write Protect is on"],
+    );
+    sc.check(
+        disk.md5() == before,
+        "the image changed on the host".to_string(),
+    );
+}
+
+/// Scenario 5: plain `-device vhost-user-scsi-pci,chardev=...` with two
+/// vCPUs: one request queue per vCPU (QEMU's default num_queues), the
+/// HOTPLUG and CHANGE feature bits QEMU offers by default, requests served
+/// on both queues.
+#[test]
+fn guest_qemu_defaults() {
+    let Some(sc) = Scenario::start("defaults") else {
+        return;
+    };
+    let images = [
+        sc.random_image("a.raw", 8 * MIB, 41),
+        sc.random_image("b.raw", 8 * MIB, 42),
+    ];
+    let daemon = sc.daemon(&images.iter().collect::<Vec<_>>(), &[]);
+    let boot = Boot {
+        smp: 2,
+        ..Boot::default()
+    };
+    let serial = sc.boot(&daemon, "defaults", &boot);
+    let cpus = sc.record(&serial, "CPUS");
+    sc.expect("guest", &cpus, &[("n", "2".into())]);
+    let features = sc.record(&serial, "FEATURES");
+    let bits = features.get("bits").as_bytes();
+    sc.check(
+        bits.len() >= 33 && bits[1] == b'1' && bits[2] == b'1' && bits[32] == b'1',
+        format!(
+            "driver features {}: expected VIRTIO_SCSI_F_HOTPLUG (1), VIRTIO_SCSI_F_CHANGE (2) and VIRTIO_F_VERSION_1 (32)",
+            features.get("bits")
+        ),
+    );
+    let irqs = sc.record(&serial, "IRQS");
+    let per_queue: Vec<&str> = irqs.get("request_queues").split(',').collect();
+    sc.check(
+        per_queue.len() == 2
+            && per_queue
+                .iter()
+                .all(|n| n.parse::<u64>().is_ok_and(|n| n > 0)),
+        format!("interrupts per request queue {per_queue:?}: both queues should complete requests"),
+    );
+    for (lun, image) in images.iter().enumerate() {
+        let queues = sc.record_where(&serial.records("QUEUES"), "lun", &lun.to_string());
+        sc.expect(&format!("LUN {lun}"), &queues, &[("hw_queues", "2".into())]);
+        for cpu in 0..2 {
+            let rec = serial
+                .records("MD5")
+                .into_iter()
+                .find(|r| r.get("lun") == lun.to_string() && r.get("cpu") == cpu.to_string())
+                .unwrap_or_else(|| sc.fail(format!("no MD5 line for LUN {lun} from CPU {cpu}")));
+            sc.expect(
+                &format!("LUN {lun} read from CPU {cpu}"),
+                &rec,
+                &[("md5", image.md5())],
+            );
+        }
+    }
+}
+
+/// Scenario 6: the guest reboots (same QEMU; the firmware and Linux reset
+/// and set up the device again), then QEMU is killed with SIGKILL during
+/// I/O and started again against the same daemon process: every boot reads
+/// the right data.
+#[test]
+fn guest_lifecycle() {
+    let Some(sc) = Scenario::start("lifecycle") else {
+        return;
+    };
+    let data = sc.random_image("data.raw", 16 * MIB, 61);
+    let mailbox = sc.sparse_image("mailbox.raw", 4 * KIB);
+    let set_phase = |p: &str| {
+        let mut block = p.as_bytes().to_vec();
+        block.resize(512, 0);
+        mailbox.write_at(0, &block);
+    };
+    let md5 = data.md5();
+    let mut daemon = sc.daemon(&[&data, &mailbox], &[]);
+    let pid = daemon.child.id();
+
+    set_phase("reboot");
+    let opts = Boot {
+        reboot: true,
+        ..Boot::default()
+    };
+    let mut qemu = sc.spawn(&daemon, "lifecycle", &opts);
+    let s = qemu.wait_for(&sc, "the first boot's result", |s| {
+        !s.records("ROUND").is_empty()
+    });
+    let first = s.records("ROUND").remove(0);
+    sc.expect(
+        "boot 1",
+        &first,
+        &[("phase", "reboot".into()), ("md5", md5.clone())],
+    );
+    set_phase("io");
+    let s = qemu.wait_for(&sc, "the guest to reboot and start I/O", |s| {
+        !s.records("IO-RUNNING").is_empty()
+    });
+    let rounds = s.records("ROUND");
+    sc.check(
+        s.records("BOOT").len() == 2 && rounds.len() == 2,
+        format!(
+            "expected two boots in one QEMU run, saw {} boots and {} results",
+            s.records("BOOT").len(),
+            rounds.len()
+        ),
+    );
+    sc.expect(
+        "boot 2 (after the guest rebooted)",
+        &rounds[1],
+        &[("phase", "io".into()), ("md5", md5.clone())],
+    );
+    sc.check(
+        rounds[0].get("boot_id") != rounds[1].get("boot_id"),
+        "the guest did not really reboot (same boot_id)".to_string(),
+    );
+    // Reads are in flight now: kill QEMU without warning.
+    std::thread::sleep(Duration::from_millis(500));
+    qemu.kill();
+    drop(qemu);
+    std::thread::sleep(Duration::from_millis(200));
+    sc.check(
+        daemon.alive(),
+        "the daemon exited when QEMU was killed".to_string(),
+    );
+
+    set_phase("final");
+    let serial = sc.boot(&daemon, "lifecycle", &Boot::default());
+    let last = sc.record(&serial, "ROUND");
+    sc.expect(
+        "boot 3 (a new QEMU on the same daemon)",
+        &last,
+        &[("phase", "final".into()), ("md5", md5)],
+    );
+    sc.check(
+        daemon.alive() && daemon.child.id() == pid,
+        "the daemon did not survive".to_string(),
+    );
+    let connections = fs::read_to_string(&daemon.log)
+        .unwrap_or_default()
+        .matches("VMM connected")
+        .count();
+    sc.check(
+        connections == 2,
+        format!("{connections} VMM connections logged by the daemon, expected 2 (one per QEMU)"),
+    );
+}
+
+// ------------------------------------------------------------------ harness
+
+/// Where build-guest.sh put the guest (its default, unless overridden).
+fn guest_dir() -> PathBuf {
+    std::env::var_os("VHOST_SCSI_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(REPO).join("test/out/guest"))
+}
+
+/// Why the guest cannot be booted here, if it cannot.
+fn missing_prerequisite() -> Option<String> {
+    let dir = guest_dir();
+    if ["stamp", "kernel", "initramfs.cpio"]
+        .iter()
+        .any(|f| !dir.join(f).is_file())
+    {
+        return Some(format!(
+            "no guest in {} (build it with test/guest/build-guest.sh)",
+            dir.display()
+        ));
+    }
+    let qemu = std::env::var("QEMU").unwrap_or_else(|_| "qemu-system-x86_64".into());
+    for tool in [qemu.as_str(), "cpio"] {
+        let found = Command::new(tool)
+            .arg("--version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok();
+        if !found {
+            return Some(format!(
+                "{tool} not found (apt-get install qemu-system-x86 cpio)"
+            ));
+        }
+    }
+    None
+}
+
+/// Writes straight to stderr: libtest captures print!/eprint! of passing
+/// tests, not this, so skips and timings show in a normal `cargo test`.
+fn note(msg: impl Display) {
+    let _ = writeln!(std::io::stderr(), "{msg}");
+}
+
+/// One scenario's run: the guest lock, a work directory (kept on failure),
+/// and what a failure message needs.
+struct Scenario {
+    name: &'static str,
+    dir: PathBuf,
+    work: Option<tempfile::TempDir>,
+    started: Instant,
+    boots: Cell<u32>,
+    serial_log: RefCell<Option<PathBuf>>,
+    daemon_log: RefCell<Option<PathBuf>>,
+    _host_lock: File,
+    _lock: MutexGuard<'static, ()>,
+}
+
+impl Scenario {
+    /// Takes the guest lock; `None` (after saying why) when the guest cannot
+    /// run here and CI is not set.
+    fn start(name: &'static str) -> Option<Scenario> {
+        let lock = GUEST_LOCK.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(reason) = missing_prerequisite() {
+            if std::env::var("CI").as_deref() == Ok("true") {
+                panic!("guest scenario `{name}` cannot run (CI=true): {reason}");
+            }
+            note(format!("guest scenario `{name}` skipped: {reason}"));
+            return None;
+        }
+        // Other test processes (a second `cargo test`) wait too.
+        let host_lock = File::create(guest_dir().join("lock")).unwrap();
+        // SAFETY: flock on a file descriptor we own; it stays open (and the
+        // lock held) until `host_lock` is dropped with the scenario.
+        let rc = unsafe { libc::flock(host_lock.as_raw_fd(), libc::LOCK_EX) };
+        assert_eq!(rc, 0, "flock: {}", std::io::Error::last_os_error());
+        let work = tempfile::Builder::new()
+            .prefix(&format!("vhost-scsi-guest-{name}-"))
+            .tempdir()
+            .unwrap();
+        Some(Scenario {
+            name,
+            dir: work.path().to_path_buf(),
+            work: Some(work),
+            started: Instant::now(),
+            boots: Cell::new(0),
+            serial_log: RefCell::new(None),
+            daemon_log: RefCell::new(None),
+            _host_lock: host_lock,
+            _lock: lock,
+        })
+    }
+
+    fn random_image(&self, name: &str, size: u64, seed: u64) -> Image {
+        let path = self.dir.join(name);
+        fs::write(&path, pseudo_random(seed, size as usize)).unwrap();
+        Image { path, size }
+    }
+
+    /// All zeroes, and no disk space until written.
+    fn sparse_image(&self, name: &str, size: u64) -> Image {
+        let path = self.dir.join(name);
+        File::create(&path).unwrap().set_len(size).unwrap();
+        Image { path, size }
+    }
+
+    /// Starts the daemon on `images` (LUN = position) and waits for its
+    /// socket.
+    fn daemon(&self, images: &[&Image], extra: &[&str]) -> Daemon {
+        let socket = self.dir.join("vus.sock");
+        let n = fs::read_dir(&self.dir)
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .is_ok_and(|e| e.file_name().to_string_lossy().starts_with("daemon-"))
+            })
+            .count();
+        let log = self.dir.join(format!("daemon-{}.log", n + 1));
+        *self.daemon_log.borrow_mut() = Some(log.clone());
+        let child = Command::new(BIN)
+            .arg("--read-only")
+            .arg("--socket-path")
+            .arg(&socket)
+            .args(extra)
+            .args(images.iter().map(|i| &i.path))
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut daemon = Daemon {
+            child,
+            socket,
+            log,
+            luns: images.len(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !daemon.socket.exists() {
+            if !daemon.alive() || Instant::now() > deadline {
+                self.fail("the daemon did not create its socket");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        daemon
+    }
+
+    /// Starts QEMU with the guest running `scenario`.
+    fn spawn(&self, daemon: &Daemon, scenario: &str, boot: &Boot) -> Qemu {
+        let n = self.boots.get() + 1;
+        self.boots.set(n);
+        let serial = self.dir.join(format!("boot-{n}.serial"));
+        let output = self.dir.join(format!("boot-{n}.qemu"));
+        *self.serial_log.borrow_mut() = Some(serial.clone());
+        let mut cmd = Command::new("bash");
+        cmd.arg(Path::new(REPO).join("test/guest/run-guest.sh"))
+            .arg("--socket")
+            .arg(&daemon.socket)
+            .arg("--log")
+            .arg(&serial)
+            .arg("--guest")
+            .arg(guest_dir())
+            .arg("--smp")
+            .arg(boot.smp.max(1).to_string());
+        if boot.reboot {
+            cmd.arg("--reboot");
+        }
+        cmd.arg("-e").arg(format!("WAIT_DISKS={}", daemon.luns));
+        for (key, value) in &boot.env {
+            cmd.arg("-e").arg(format!("{key}={value}"));
+        }
+        for file in &boot.files {
+            cmd.arg("-f").arg(file);
+        }
+        let out = File::create(&output).unwrap();
+        let child = cmd
+            .arg(Path::new(REPO).join(format!("test/guest/scenarios/{scenario}.sh")))
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap();
+        Qemu {
+            child,
+            serial,
+            started: Instant::now(),
+        }
+    }
+
+    /// Boots the guest with `scenario` and waits for it to power off; the
+    /// scenario must have finished with status 0.
+    fn boot(&self, daemon: &Daemon, scenario: &str, boot: &Boot) -> Serial {
+        let mut qemu = self.spawn(daemon, scenario, boot);
+        let serial = qemu.wait_exit(self);
+        match serial.exit_rc() {
+            Some(0) => serial,
+            Some(rc) => self.fail(format!("the scenario script failed with status {rc}")),
+            None => self.fail("the guest did not finish (no @@EXIT line)"),
+        }
+    }
+
+    fn check(&self, ok: bool, msg: impl Display) {
+        if !ok {
+            self.fail(msg);
+        }
+    }
+
+    /// Checks `record`'s fields against `expected`, reporting all mismatches.
+    fn expect(&self, what: &str, record: &Record, expected: &[(&str, String)]) {
+        let wrong: Vec<String> = expected
+            .iter()
+            .filter(|(k, v)| record.get(k) != v)
+            .map(|(k, v)| format!("  {k}: guest says {:?}, expected {v:?}", record.get(k)))
+            .collect();
+        self.check(
+            wrong.is_empty(),
+            format!("{what}:\n{}\n  (line: {})", wrong.join("\n"), record.line),
+        );
+    }
+
+    fn contains(&self, what: &str, text: &str, needles: &[&str]) {
+        let missing: Vec<&&str> = needles.iter().filter(|n| !text.contains(**n)).collect();
+        self.check(
+            missing.is_empty(),
+            format!("{what}: {missing:?} not in the output:\n{text}"),
+        );
+    }
+
+    fn record(&self, serial: &Serial, tag: &str) -> Record {
+        serial
+            .records(tag)
+            .into_iter()
+            .next()
+            .unwrap_or_else(|| self.fail(format!("no @@{tag} line")))
+    }
+
+    fn record_where(&self, records: &[Record], key: &str, value: &str) -> Record {
+        records
+            .iter()
+            .find(|r| r.get(key) == value)
+            .cloned()
+            .unwrap_or_else(|| self.fail(format!("no result line with {key}={value}")))
+    }
+
+    fn block(&self, serial: &Serial, name: &str) -> Block {
+        serial
+            .block(name)
+            .unwrap_or_else(|| self.fail(format!("no output of `{name}` (@@BEGIN name={name})")))
+    }
+
+    /// Fails the test with `msg`, the end of the guest's serial log, QEMU's
+    /// output and the daemon's log.
+    fn fail(&self, msg: impl Display) -> ! {
+        let mut m = format!("guest scenario `{}`: {msg}\n", self.name);
+        if let Some(path) = self.serial_log.borrow().as_ref() {
+            let text = read_lossy(path);
+            let (console, dmesg) = match text.find("@@BEGIN name=dmesg") {
+                Some(i) => (&text[..i], &text[i..]),
+                None => (&text[..], ""),
+            };
+            m += &format!(
+                "---- serial console ({}), last lines:\n{}",
+                path.display(),
+                tail(console, 50)
+            );
+            if !dmesg.is_empty() {
+                m += &format!("---- guest kernel log, last lines:\n{}", tail(dmesg, 25));
+            }
+            let qemu = path.with_extension("qemu");
+            m += &format!(
+                "---- run-guest.sh and QEMU ({}):\n{}",
+                qemu.display(),
+                tail(&read_lossy(&qemu), 15)
+            );
+        }
+        if let Some(path) = self.daemon_log.borrow().as_ref() {
+            m += &format!(
+                "---- daemon stderr ({}), last lines:\n{}",
+                path.display(),
+                tail(&read_lossy(path), 30)
+            );
+        }
+        m += &format!("---- work directory kept: {}", self.dir.display());
+        panic!("{m}");
+    }
+}
+
+impl Drop for Scenario {
+    fn drop(&mut self) {
+        let work = self.work.take().unwrap();
+        if std::thread::panicking() {
+            let _ = work.keep();
+            return;
+        }
+        let accel = read_lossy(&self.dir.join("boot-1.qemu"))
+            .lines()
+            .find_map(|l| l.strip_prefix("run-guest: accel="))
+            .and_then(|l| l.split_whitespace().next())
+            .unwrap_or("?")
+            .to_string();
+        note(format!(
+            "guest scenario `{}`: passed, {} QEMU run(s), {:.1} s (accel {accel})",
+            self.name,
+            self.boots.get(),
+            self.started.elapsed().as_secs_f64()
+        ));
+    }
+}
+
+#[derive(Default)]
+struct Boot {
+    /// Environment of the scenario script.
+    env: Vec<(&'static str, String)>,
+    /// Files for the guest's /harness/files/.
+    files: Vec<PathBuf>,
+    /// vCPUs (default 1).
+    smp: u32,
+    /// Let the guest reboot instead of QEMU exiting.
+    reboot: bool,
+}
+
+struct Image {
+    path: PathBuf,
+    size: u64,
+}
+
+impl Image {
+    fn name(&self) -> String {
+        self.path
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned()
+    }
+
+    fn write_at(&self, offset: u64, data: &[u8]) {
+        let f = fs::OpenOptions::new().write(true).open(&self.path).unwrap();
+        f.write_all_at(data, offset).unwrap();
+    }
+
+    fn read_at(&self, offset: u64, len: u64) -> Vec<u8> {
+        let mut buf = vec![0; len as usize];
+        File::open(&self.path)
+            .unwrap()
+            .read_exact_at(&mut buf, offset)
+            .unwrap();
+        buf
+    }
+
+    fn md5(&self) -> String {
+        md5_hex(&fs::read(&self.path).unwrap())
+    }
+
+    /// The identity the daemon derives for this image at `lun`.
+    fn identity(&self, lun: u16) -> Identity {
+        let canonical = fs::canonicalize(&self.path).unwrap();
+        Identity::derived(&canonical.to_string_lossy(), lun)
+    }
+}
+
+struct Daemon {
+    child: Child,
+    socket: PathBuf,
+    log: PathBuf,
+    luns: usize,
+}
+
+impl Daemon {
+    fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A running QEMU (run-guest.sh execs it, so this is QEMU's process).
+struct Qemu {
+    child: Child,
+    serial: PathBuf,
+    started: Instant,
+}
+
+impl Qemu {
+    fn serial(&self) -> Serial {
+        Serial::parse(&read_lossy(&self.serial))
+    }
+
+    fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Waits until `done` holds for the serial log; fails if QEMU exits or
+    /// the boot takes too long.
+    fn wait_for(&mut self, sc: &Scenario, what: &str, done: impl Fn(&Serial) -> bool) -> Serial {
+        loop {
+            let serial = self.serial();
+            if done(&serial) {
+                return serial;
+            }
+            if !self.running() {
+                sc.fail(format!("QEMU exited while waiting for {what}"));
+            }
+            if self.started.elapsed() > BOOT_TIMEOUT {
+                self.kill();
+                sc.fail(format!(
+                    "timed out after {BOOT_TIMEOUT:?} waiting for {what}"
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Waits for QEMU to exit (the guest powers off after its @@EXIT line).
+    fn wait_exit(&mut self, sc: &Scenario) -> Serial {
+        let mut exit_seen: Option<Instant> = None;
+        while self.running() {
+            if exit_seen.is_none() && self.serial().exit_rc().is_some() {
+                exit_seen = Some(Instant::now());
+            }
+            if exit_seen.is_some_and(|t| t.elapsed() > POWEROFF_GRACE) {
+                self.kill();
+                sc.fail("the guest did not power off");
+            }
+            if self.started.elapsed() > BOOT_TIMEOUT {
+                self.kill();
+                sc.fail(format!("timed out after {BOOT_TIMEOUT:?}"));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self.serial()
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Qemu {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The guest's serial console, CRs removed.
+struct Serial {
+    lines: Vec<String>,
+}
+
+#[derive(Clone, Debug)]
+struct Record {
+    line: String,
+    fields: Vec<(String, String)>,
+}
+
+impl Record {
+    /// The value of `key`, "" when absent.
+    fn get(&self, key: &str) -> &str {
+        self.fields
+            .iter()
+            .find(|(k, _)| k == key)
+            .map_or("", |(_, v)| v.as_str())
+    }
+}
+
+/// A command's output between `@@BEGIN name=X` and `@@END name=X rc=N`.
+struct Block {
+    text: String,
+    rc: i32,
+}
+
+impl Serial {
+    fn parse(text: &str) -> Serial {
+        Serial {
+            lines: text.lines().map(|l| l.replace('\r', "")).collect(),
+        }
+    }
+
+    /// Every `@@TAG key=value ...` line with this tag, in order.
+    fn records(&self, tag: &str) -> Vec<Record> {
+        self.lines
+            .iter()
+            .filter_map(|l| {
+                let rest = l.strip_prefix("@@")?;
+                let mut words = rest.split_whitespace();
+                (words.next()? == tag).then(|| Record {
+                    line: l.clone(),
+                    fields: words
+                        .filter_map(|w| w.split_once('='))
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect(),
+                })
+            })
+            .collect()
+    }
+
+    fn block(&self, name: &str) -> Option<Block> {
+        let begin = format!("@@BEGIN name={name}");
+        let start = self.lines.iter().position(|l| *l == begin)?;
+        let end_prefix = format!("@@END name={name} ");
+        let len = self.lines[start + 1..]
+            .iter()
+            .position(|l| l.starts_with(&end_prefix))?;
+        let end = &self.lines[start + 1 + len];
+        let rc = end
+            .rsplit_once("rc=")
+            .and_then(|(_, v)| v.trim().parse().ok())
+            .unwrap_or(-1);
+        Some(Block {
+            text: self.lines[start + 1..start + 1 + len].join("\n"),
+            rc,
+        })
+    }
+
+    fn exit_rc(&self) -> Option<i32> {
+        self.records("EXIT").first()?.get("rc").parse().ok()
+    }
+}
+
+fn read_lossy(path: &Path) -> String {
+    fs::read(path)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default()
+}
+
+fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    let mut out = lines[lines.len().saturating_sub(n)..].join("\n");
+    out.push('\n');
+    out.replace('\r', "")
+}
+
+/// How the guest prints a string: trimmed, inner blanks as `_`.
+fn squash(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join("_")
+}
+
+/// (opcode, service action) pairs that `sg_opcodes` lists, from its table:
+/// ` 9e       10        16    0,0    Read capacity(16)` (opcode, service
+/// action if the command has one, CDB size, RWCDLP,CDLP, name).
+fn parse_sg_opcodes(text: &str) -> BTreeSet<(u8, Option<u16>)> {
+    text.lines()
+        .filter(|l| l.starts_with(' '))
+        .filter_map(|l| {
+            let t: Vec<&str> = l.split_whitespace().collect();
+            let op = t.first().filter(|op| op.len() == 2)?;
+            let op = u8::from_str_radix(op, 16).ok()?;
+            if t.get(2)?.contains(',') {
+                Some((op, None))
+            } else if t.get(3)?.contains(',') {
+                Some((op, Some(u16::from_str_radix(t[1], 16).ok()?)))
+            } else {
+                None
+            }
+        })
+        .collect()
+}
+
+/// (opcode, service action) pairs of the daemon's REPORT SUPPORTED
+/// OPERATION CODES table.
+fn supported_opcodes() -> BTreeSet<(u8, Option<u16>)> {
+    // The guest tests serve read-only LUNs: no thin provisioning.
+    let data = report_supported_opcodes(
+        &ReportOpcodes {
+            rctd: false,
+            options: 0,
+            opcode: 0,
+            service_action: 0,
+            alloc_len: 0xffff,
+        },
+        false,
+    )
+    .unwrap();
+    data[4..]
+        .chunks(8)
+        .map(|d| {
+            let sa = (d[5] & 1 != 0).then(|| u16::from_be_bytes([d[2], d[3]]));
+            (d[0], sa)
+        })
+        .collect()
+}
+
+/// xorshift64: reproducible test data and offsets.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+fn pseudo_random(seed: u64, len: usize) -> Vec<u8> {
+    let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        out.extend_from_slice(&rng.next().to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// MD5 (RFC 1321) as lowercase hex, to compare with the guest's md5sum.
+fn md5_hex(data: &[u8]) -> String {
+    const SHIFT: [u32; 16] = [7, 12, 17, 22, 5, 9, 14, 20, 4, 11, 16, 23, 6, 10, 15, 21];
+    let k: Vec<u32> = (0..64)
+        .map(|i| ((i as f64 + 1.0).sin().abs() * 4_294_967_296.0) as u32)
+        .collect();
+    let mut state = [0x6745_2301u32, 0xefcd_ab89, 0x98ba_dcfe, 0x1032_5476];
+    let mut tail = data[data.len() / 64 * 64..].to_vec();
+    tail.push(0x80);
+    while tail.len() % 64 != 56 {
+        tail.push(0);
+    }
+    tail.extend_from_slice(&(data.len() as u64).wrapping_mul(8).to_le_bytes());
+    for block in data.chunks_exact(64).chain(tail.chunks_exact(64)) {
+        let m: Vec<u32> = block
+            .chunks_exact(4)
+            .map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]]))
+            .collect();
+        let [mut a, mut b, mut c, mut d] = state;
+        for i in 0..64 {
+            let (f, g) = match i / 16 {
+                0 => ((b & c) | (!b & d), i),
+                1 => ((d & b) | (!d & c), (5 * i + 1) % 16),
+                2 => (b ^ c ^ d, (3 * i + 5) % 16),
+                _ => (c ^ (b | !d), (7 * i) % 16),
+            };
+            let f = f.wrapping_add(a).wrapping_add(k[i]).wrapping_add(m[g]);
+            a = d;
+            d = c;
+            c = b;
+            b = b.wrapping_add(f.rotate_left(SHIFT[i / 16 * 4 + i % 4]));
+        }
+        for (s, v) in state.iter_mut().zip([a, b, c, d]) {
+            *s = s.wrapping_add(v);
+        }
+    }
+    state
+        .iter()
+        .flat_map(|s| s.to_le_bytes())
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+#[test]
+fn md5_known_answers() {
+    assert_eq!(md5_hex(b""), "d41d8cd98f00b204e9800998ecf8427e");
+    assert_eq!(md5_hex(b"abc"), "900150983cd24fb0d6963f7d28e17f72");
+    let long = b"12345678901234567890123456789012345678901234567890123456789012345678901234567890";
+    assert_eq!(md5_hex(long), "57edf4a22be3c955ac49da2e2107b67a");
+}

@@ -1,16 +1,25 @@
 //! The SCSI target emulator through the crate's public API only: CDB bytes
 //! in, data + status + sense out, for every implemented command and every
 //! error path (SPC-4, SBC-3). Disks live in memory ([`MemImage`]) with known
-//! contents.
+//! contents; writable ones sit behind a recording wrapper that shows what
+//! reached the storage (durable or cached writes, flushes, deallocation) and
+//! can fail flushes. Where allocation matters (holes, GET LBA STATUS) the
+//! image is a file in a temporary directory ([`FileImage`]).
 //!
 //! Expected bytes are written out from the standards here rather than taken
 //! from the crate's constants, so that a wrong constant fails a test.
+
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::io::AsRawFd;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use vhost_device_scsi::scsi::inquiry::Identity;
 use vhost_device_scsi::scsi::{
     Completion, Disk, DiskConfig, DiskError, LunAddress, SliceDataOut, Target, VecDataIn,
 };
-use vhost_device_scsi::storage::MemImage;
+use vhost_device_scsi::storage::{Extent, FileImage, IoVec, MemImage, Storage};
 
 // ---------------------------------------------------------------------------
 // Fixture
@@ -171,6 +180,456 @@ fn run_with_out(
 }
 
 // ---------------------------------------------------------------------------
+// Writable disks
+// ---------------------------------------------------------------------------
+
+/// One call that reached the storage under a disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Op {
+    Read {
+        offset: u64,
+        len: u64,
+    },
+    Write {
+        offset: u64,
+        len: u64,
+        durable: bool,
+    },
+    Flush,
+    Zeroes {
+        offset: u64,
+        len: u64,
+        deallocate: bool,
+    },
+}
+
+/// A [`Storage`] over a shared [`MemImage`] that logs every call, so tests
+/// can see what became durable, and can fail the next flushes (durable
+/// writes included) with EIO once each, the way the kernel reports a
+/// write-back error once and then forgets it.
+struct Recorder {
+    image: Arc<MemImage>,
+    log: Arc<Mutex<Vec<Op>>>,
+    failing_flushes: Arc<AtomicUsize>,
+}
+
+fn iov_len(iov: &[IoVec]) -> u64 {
+    iov.iter().map(|v| v.iov_len as u64).sum()
+}
+
+impl Recorder {
+    fn record(&self, op: Op) {
+        self.log.lock().unwrap().push(op);
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        let failed = self
+            .failing_flushes
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .is_ok();
+        if failed {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        self.image.flush()
+    }
+}
+
+impl Storage for Recorder {
+    fn size(&self) -> u64 {
+        self.image.size()
+    }
+
+    fn read_only(&self) -> bool {
+        self.image.read_only()
+    }
+
+    fn read_vectored_at(&self, iov: &[IoVec], offset: u64) -> io::Result<()> {
+        self.record(Op::Read {
+            offset,
+            len: iov_len(iov),
+        });
+        self.image.read_vectored_at(iov, offset)
+    }
+
+    fn write_vectored_at(&self, iov: &[IoVec], offset: u64, durable: bool) -> io::Result<()> {
+        self.record(Op::Write {
+            offset,
+            len: iov_len(iov),
+            durable,
+        });
+        self.image.write_vectored_at(iov, offset, false)?;
+        if durable {
+            self.sync()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        self.record(Op::Flush);
+        self.sync()
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, deallocate: bool) -> io::Result<()> {
+        self.record(Op::Zeroes {
+            offset,
+            len,
+            deallocate,
+        });
+        self.image.write_zeroes(offset, len, deallocate)
+    }
+
+    fn extent(&self, offset: u64) -> io::Result<Extent> {
+        self.image.extent(offset)
+    }
+}
+
+fn disk_config(lun: u16, block_size: u32, discard: bool) -> DiskConfig {
+    DiskConfig {
+        block_size,
+        identity: identity(lun),
+        solid_state: true,
+        discard,
+    }
+}
+
+/// A target whose LUN 0 is a disk over a [`Recorder`].
+struct Rig {
+    target: Target,
+    image: Arc<MemImage>,
+    log: Arc<Mutex<Vec<Op>>>,
+    failing_flushes: Arc<AtomicUsize>,
+    block_size: usize,
+}
+
+/// Blocks of the standard writable rig.
+const RIG_BLOCKS: u64 = 512;
+
+impl Rig {
+    fn new(image: MemImage, block_size: u32, discard: bool) -> Rig {
+        let image = Arc::new(image);
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let failing_flushes = Arc::new(AtomicUsize::new(0));
+        let recorder = Recorder {
+            image: image.clone(),
+            log: log.clone(),
+            failing_flushes: failing_flushes.clone(),
+        };
+        let disk =
+            Disk::new(Box::new(recorder), disk_config(0, block_size, discard)).expect("valid disk");
+        Rig {
+            target: Target::new(vec![disk]),
+            image,
+            log,
+            failing_flushes,
+            block_size: block_size as usize,
+        }
+    }
+
+    /// A writable disk of [`RIG_BLOCKS`] 512-byte blocks holding
+    /// `pattern(seed)`, thin provisioning offered.
+    fn writable(seed: u64) -> Rig {
+        let len = (RIG_BLOCKS * 512) as usize;
+        Rig::new(MemImage::new(pattern(seed, len), false), 512, true)
+    }
+
+    /// Runs `cdb` on LUN 0 with `out` as data-out.
+    fn run(&self, cdb: &[u8], alloc: usize, out: &[u8]) -> (Completion, Vec<u8>) {
+        run_with_out(&self.target, L0, cdb, alloc, out)
+    }
+
+    /// The storage calls since the last call of this.
+    fn ops(&self) -> Vec<Op> {
+        std::mem::take(&mut *self.log.lock().unwrap())
+    }
+
+    fn data(&self) -> Vec<u8> {
+        self.image.data()
+    }
+
+    /// The bytes of `blocks` blocks at `lba` as the image holds them.
+    fn stored(&self, lba: u64, blocks: u64) -> Vec<u8> {
+        let start = lba as usize * self.block_size;
+        self.data()[start..start + blocks as usize * self.block_size].to_vec()
+    }
+
+    /// READ(16) of `blocks` blocks at `lba`, which must succeed.
+    #[track_caller]
+    fn read(&self, lba: u64, blocks: u32) -> Vec<u8> {
+        let (c, data) = self.run(&block_cdb(READ_16, lba, blocks), 64 << 20, &[]);
+        assert_good(c);
+        data
+    }
+
+    /// From now on, the next `n` flushes of the storage (durable writes
+    /// included) fail with EIO; later ones succeed again.
+    fn fail_next_flushes(&self, n: usize) {
+        self.failing_flushes.store(n, Ordering::Relaxed);
+    }
+
+    /// MODE SELECT(6) of one page, which must succeed.
+    #[track_caller]
+    fn select(&self, page: &[u8]) {
+        let params = select6(&[], page);
+        let (c, _) = self.run(&mode_select6(PF, params.len() as u8), 0, &params);
+        assert_good(c);
+    }
+
+    fn set_write_cache(&self, on: bool) {
+        self.select(&caching(on));
+    }
+
+    fn set_descriptor_sense(&self, on: bool) {
+        self.select(&control_page(on));
+    }
+
+    /// WCE in the caching page, for page control `pc` (0 current, 1
+    /// changeable, 2 default).
+    fn wce(&self, pc: u8) -> bool {
+        let (c, data) = self.run(&mode_sense6(0x08, pc << 6 | 0x08, 0, 255), 255, &[]);
+        assert_good(c);
+        data[4 + 2] & 0x04 != 0
+    }
+}
+
+/// A disk over an image file in a temporary directory.
+struct FileRig {
+    dir: tempfile::TempDir,
+    path: std::path::PathBuf,
+    target: Target,
+}
+
+impl FileRig {
+    /// A `size`-byte sparse file, then `prepare` on it, opened writable.
+    fn new(size: u64, discard: bool, prepare: impl FnOnce(&std::fs::File)) -> FileRig {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.raw");
+        let file = std::fs::File::create(&path).unwrap();
+        file.set_len(size).unwrap();
+        prepare(&file);
+        file.sync_all().unwrap();
+        drop(file);
+        let image = FileImage::open(&path, false).unwrap();
+        let disk = Disk::new(Box::new(image), disk_config(0, 512, discard)).unwrap();
+        FileRig {
+            dir,
+            path,
+            target: Target::new(vec![disk]),
+        }
+    }
+
+    fn run(&self, cdb: &[u8], alloc: usize, out: &[u8]) -> (Completion, Vec<u8>) {
+        run_with_out(&self.target, L0, cdb, alloc, out)
+    }
+
+    /// Bytes the file system has allocated to the image.
+    fn allocated(&self) -> u64 {
+        std::fs::metadata(&self.path).unwrap().blocks() * 512
+    }
+
+    fn contents(&self) -> Vec<u8> {
+        std::fs::read(&self.path).unwrap()
+    }
+
+    /// Whether the file system under the rig punches holes, tried on a
+    /// scratch file next to the image.
+    fn can_punch_holes(&self) -> bool {
+        let probe = self.dir.path().join("probe");
+        let file = std::fs::File::create(&probe).unwrap();
+        std::io::Write::write_all(&mut &file, &vec![0x5a; 1 << 20]).unwrap();
+        file.sync_all().unwrap();
+        let before = file.metadata().unwrap().blocks();
+        // SAFETY: fallocate on a file this test owns; no memory is passed.
+        let rc = unsafe {
+            libc::fallocate(
+                file.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                0,
+                1 << 20,
+            )
+        };
+        let after = file.metadata().unwrap().blocks();
+        rc == 0 && after < before
+    }
+
+    /// The file's allocation map as SEEK_DATA/SEEK_HOLE report it: (start,
+    /// end, allocated) byte ranges covering the file, computed here
+    /// independently of the crate.
+    fn allocation_map(&self) -> Vec<(u64, u64, bool)> {
+        let file = std::fs::File::open(&self.path).unwrap();
+        let size = file.metadata().unwrap().len();
+        let seek = |pos: u64, whence| {
+            // SAFETY: lseek on a file this test owns.
+            let rc = unsafe { libc::lseek(file.as_raw_fd(), pos as libc::off_t, whence) };
+            if rc < 0 {
+                Err(io::Error::last_os_error().raw_os_error())
+            } else {
+                Ok(rc as u64)
+            }
+        };
+        let mut map = Vec::new();
+        let mut pos = 0;
+        while pos < size {
+            let data = match seek(pos, libc::SEEK_DATA) {
+                Ok(data) => data.min(size),
+                // No data after `pos`.
+                Err(Some(libc::ENXIO)) => size,
+                // No SEEK_DATA: everything counts as data.
+                Err(_) => pos,
+            };
+            if data > pos {
+                map.push((pos, data, false));
+                pos = data;
+                continue;
+            }
+            let hole = seek(pos, libc::SEEK_HOLE).unwrap_or(size).min(size);
+            map.push((pos, hole, true));
+            pos = hole;
+        }
+        map
+    }
+}
+
+// MODE SELECT parameter lists and CDBs (SPC-4 §6.9, §6.10, §7.5.4).
+
+const MODE_SELECT_6: u8 = 0x15;
+const MODE_SELECT_10: u8 = 0x55;
+/// MODE SELECT byte 1: page format, save pages.
+const PF: u8 = 0x10;
+const SP: u8 = 0x01;
+
+fn mode_select6(byte1: u8, len: u8) -> Vec<u8> {
+    vec![MODE_SELECT_6, byte1, 0, 0, len, 0]
+}
+
+fn mode_select10(byte1: u8, len: u16) -> Vec<u8> {
+    let l = len.to_be_bytes();
+    vec![MODE_SELECT_10, byte1, 0, 0, 0, 0, 0, l[0], l[1], 0]
+}
+
+/// MODE SELECT(6) parameter list: header (mode data length, medium type
+/// and device-specific parameter zero), block descriptor, pages.
+fn select6(descriptor: &[u8], pages: &[u8]) -> Vec<u8> {
+    let mut out = vec![0, 0, 0, descriptor.len() as u8];
+    out.extend_from_slice(descriptor);
+    out.extend_from_slice(pages);
+    out
+}
+
+fn select10(long_lba: bool, descriptor: &[u8], pages: &[u8]) -> Vec<u8> {
+    let mut out = vec![0, 0, 0, 0, u8::from(long_lba), 0];
+    out.extend_from_slice(&(descriptor.len() as u16).to_be_bytes());
+    out.extend_from_slice(descriptor);
+    out.extend_from_slice(pages);
+    out
+}
+
+fn caching(wce: bool) -> Vec<u8> {
+    let mut p = caching_page();
+    p[2] = if wce { 0x04 } else { 0 };
+    p
+}
+
+fn control_page(d_sense: bool) -> Vec<u8> {
+    let mut p = CONTROL_PAGE.to_vec();
+    if d_sense {
+        p[2] |= 0x04;
+    }
+    p
+}
+
+// Thin provisioning and the other write commands (SBC-3 §5).
+
+const WRITE_SAME_10: u8 = 0x41;
+const UNMAP: u8 = 0x42;
+const COMPARE_AND_WRITE: u8 = 0x89;
+const WRITE_SAME_16: u8 = 0x93;
+
+/// A WRITE command with FUA set.
+fn fua(mut cdb: Vec<u8>) -> Vec<u8> {
+    cdb[1] |= 0x08;
+    cdb
+}
+
+/// WRITE SAME(10/16); `byte1` holds ANCHOR, UNMAP and (16 only) NDOB.
+fn write_same(op: u8, byte1: u8, lba: u64, blocks: u32) -> Vec<u8> {
+    let mut c = block_cdb(op, lba, blocks);
+    c[1] = byte1;
+    c
+}
+
+const WS_ANCHOR: u8 = 0x10;
+const WS_UNMAP: u8 = 0x08;
+const WS_NDOB: u8 = 0x01;
+
+fn unmap_cdb(byte1: u8, param_len: u16) -> Vec<u8> {
+    let l = param_len.to_be_bytes();
+    vec![UNMAP, byte1, 0, 0, 0, 0, 0, l[0], l[1], 0]
+}
+
+/// UNMAP parameter list (SBC-3 §5.28.2) with one block descriptor per
+/// (LBA, blocks).
+fn unmap_list(ranges: &[(u64, u32)]) -> Vec<u8> {
+    let descriptors = 16 * ranges.len();
+    let mut out = ((6 + descriptors) as u16).to_be_bytes().to_vec();
+    out.extend_from_slice(&(descriptors as u16).to_be_bytes());
+    out.extend_from_slice(&[0; 4]);
+    for &(lba, blocks) in ranges {
+        out.extend_from_slice(&lba.to_be_bytes());
+        out.extend_from_slice(&blocks.to_be_bytes());
+        out.extend_from_slice(&[0; 4]);
+    }
+    out
+}
+
+fn get_lba_status(lba: u64, alloc: u32) -> Vec<u8> {
+    let mut c = vec![0u8; 16];
+    c[0] = SERVICE_ACTION_IN_16;
+    c[1] = 0x12;
+    c[2..10].copy_from_slice(&lba.to_be_bytes());
+    c[10..14].copy_from_slice(&alloc.to_be_bytes());
+    c
+}
+
+/// GET LBA STATUS parameter data as (LBA, blocks, provisioning status),
+/// after checking the header.
+#[track_caller]
+fn lba_status_descriptors(data: &[u8]) -> Vec<(u64, u32, u8)> {
+    assert!(data.len() >= 8);
+    assert_eq!(be32(data) as usize, data.len() - 4, "parameter data length");
+    assert_eq!(&data[4..8], &[0; 4]);
+    assert_eq!((data.len() - 8) % 16, 0);
+    data[8..]
+        .chunks(16)
+        .map(|d| {
+            assert_eq!(&d[13..16], &[0; 3], "reserved");
+            assert_eq!(d[12] & 0xf0, 0, "reserved");
+            (
+                u64::from_be_bytes(d[..8].try_into().unwrap()),
+                be32(&d[8..]),
+                d[12],
+            )
+        })
+        .collect()
+}
+
+/// COMPARE AND WRITE; `byte1` holds WRPROTECT, DPO and FUA.
+fn compare_and_write(byte1: u8, lba: u64, blocks: u8) -> Vec<u8> {
+    let mut c = vec![0u8; 16];
+    c[0] = COMPARE_AND_WRITE;
+    c[1] = byte1;
+    c[2..10].copy_from_slice(&lba.to_be_bytes());
+    c[13] = blocks;
+    c
+}
+
+/// VERIFY(10/12/16) with BYTCHK.
+fn verify_cdb(op: u8, lba: u64, blocks: u32, bytchk: u8) -> Vec<u8> {
+    let mut c = block_cdb(op, lba, blocks);
+    c[1] = bytchk << 1;
+    c
+}
+
+// ---------------------------------------------------------------------------
 // Status and sense assertions
 // ---------------------------------------------------------------------------
 
@@ -180,6 +639,17 @@ fn assert_good(c: Completion) {
     assert_eq!(c.status(), 0x00);
 }
 
+/// The sense bytes the initiator receives for a CHECK CONDITION, in the
+/// format the logical unit uses.
+#[track_caller]
+fn sense_bytes(c: Completion) -> Vec<u8> {
+    let Completion::CheckCondition(data) = c else {
+        panic!("expected CHECK CONDITION, got {c:?}");
+    };
+    assert_eq!(c.status(), 0x02);
+    data.encode().as_slice().to_vec()
+}
+
 /// Checks CHECK CONDITION with fixed-format sense `key`/`asc`/`ascq`;
 /// returns the 18 sense bytes.
 #[track_caller]
@@ -187,8 +657,8 @@ fn assert_sense(c: Completion, key: u8, asc: u8, ascq: u8) -> [u8; 18] {
     let Completion::CheckCondition(data) = c else {
         panic!("expected CHECK CONDITION, got {c:?}");
     };
-    assert_eq!(c.status(), 0x02);
     let s = data.to_fixed();
+    assert_eq!(sense_bytes(c), s, "sent in fixed format");
     assert_eq!(s[0], 0x70, "current error, fixed format: {s:02x?}");
     assert_eq!(s[7], 10, "additional sense length: {s:02x?}");
     assert_eq!((s[2], s[12], s[13]), (key, asc, ascq), "sense {s:02x?}");
@@ -239,6 +709,66 @@ fn assert_write_protected(c: Completion) {
 #[track_caller]
 fn assert_medium_error(c: Completion) {
     assert_plain_sense(c, 0x03, 0x11, 0x00);
+}
+
+/// MEDIUM ERROR / WRITE ERROR: a failed write or flush.
+#[track_caller]
+fn assert_write_error(c: Completion) {
+    assert_plain_sense(c, 0x03, 0x0c, 0x00);
+}
+
+/// DATA PROTECT / SPACE ALLOCATION FAILED WRITE PROTECT (SBC-3 §4.7.3.6).
+#[track_caller]
+fn assert_space_allocation_failed(c: Completion) {
+    assert_plain_sense(c, 0x07, 0x27, 0x07);
+}
+
+#[track_caller]
+fn assert_param_list_length_error(c: Completion) {
+    assert_plain_sense(c, 0x05, 0x1a, 0x00);
+}
+
+/// ILLEGAL REQUEST / INVALID FIELD IN PARAMETER LIST with the field
+/// pointer at byte `byte` of the parameter list: C/D=0 (SPC-4 §4.5.2.4.2).
+#[track_caller]
+fn assert_invalid_param(c: Completion, byte: u16, bit: Option<u8>) {
+    let s = assert_sense(c, 0x05, 0x26, 0x00);
+    let b15 = match bit {
+        Some(bit) => 0x88 | bit,
+        None => 0x80,
+    };
+    assert_eq!(s[15], b15, "sense-key specific byte 15: {s:02x?}");
+    assert_eq!(&s[16..18], &byte.to_be_bytes(), "field pointer: {s:02x?}");
+}
+
+/// MISCOMPARE / MISCOMPARE DURING VERIFY OPERATION in fixed format, with
+/// VALID=1 and the INFORMATION field (bytes 3-6) holding `offset`.
+#[track_caller]
+fn assert_miscompare(c: Completion, offset: u32) {
+    let s = sense_bytes(c);
+    let mut expected = vec![0u8; 18];
+    expected[0] = 0xf0;
+    expected[2] = 0x0e;
+    expected[3..7].copy_from_slice(&offset.to_be_bytes());
+    expected[7] = 10;
+    expected[12] = 0x1d;
+    assert_eq!(s, expected);
+}
+
+/// CHECK CONDITION with descriptor-format sense (SPC-4 §4.5.2): response
+/// code 72h, `key`/`asc`/`ascq`, the additional length matching; returns
+/// the descriptors.
+#[track_caller]
+fn assert_descriptor_sense(c: Completion, key: u8, asc: u8, ascq: u8) -> Vec<u8> {
+    let s = sense_bytes(c);
+    assert_eq!(&s[..4], &[0x72, key, asc, ascq], "{s:02x?}");
+    assert_eq!(&s[4..7], &[0, 0, 0], "{s:02x?}");
+    assert_eq!(
+        usize::from(s[7]),
+        s.len() - 8,
+        "additional length: {s:02x?}"
+    );
+    s[8..].to_vec()
 }
 
 // ---------------------------------------------------------------------------
@@ -302,7 +832,7 @@ fn block_cdb(op: u8, lba: u64, len: u32) -> Vec<u8> {
                 0,
             ]
         }
-        1 => {
+        1 | 2 => {
             let mut c = vec![0u8; 10];
             c[0] = op;
             c[2..6].copy_from_slice(&u32::try_from(lba).unwrap().to_be_bytes());
@@ -331,7 +861,7 @@ fn block_cdb(op: u8, lba: u64, len: u32) -> Vec<u8> {
 fn length_byte(op: u8) -> u16 {
     match op >> 5 {
         0 => 4,
-        1 => 7,
+        1 | 2 => 7,
         5 => 6,
         4 => 10,
         _ => unreachable!(),
@@ -450,12 +980,24 @@ fn request_sense_returns_fixed_no_sense() {
     assert_eq!(data, expected);
 }
 
+/// SPC-4 §6.39: DESC=1 asks for descriptor-format sense data (§4.5.2),
+/// which is supported: response code 72h, no descriptors for NO SENSE.
 #[test]
-fn request_sense_descriptor_format_is_invalid_field() {
+fn request_sense_descriptor_format() {
     let f = Fixture::new();
-    let (c, data) = f.run(L0, &request_sense(0x01, 252), 4096);
-    assert_invalid_field(c, 1, Some(0));
-    assert!(data.is_empty());
+    for lun in [L0, L2, L5] {
+        let (c, data) = f.run(lun, &request_sense(0x01, 252), 4096);
+        assert_good(c);
+        assert_eq!(data, [0x72, 0, 0, 0, 0, 0, 0, 0]);
+    }
+    let (c, data) = f.run(L0, &request_sense(0x01, 3), 4096);
+    assert_good(c);
+    assert_eq!(data, [0x72, 0, 0]);
+    // A LUN without a logical unit: LOGICAL UNIT NOT SUPPORTED, descriptor
+    // format.
+    let (c, data) = f.run(ABSENT, &request_sense(0x01, 252), 4096);
+    assert_good(c);
+    assert_eq!(data, [0x72, 0x05, 0x25, 0x00, 0, 0, 0, 0]);
 }
 
 #[test]
@@ -620,20 +1162,29 @@ fn vpd_block_limits() {
     let f = Fixture::new();
     // 512-byte blocks: granularity one 4 KiB physical block (8), maximum
     // transfer 32 MiB / 512 = 65536 blocks.
+    // WSNZ=1 (WRITE SAME of zero blocks is refused), MAXIMUM COMPARE AND
+    // WRITE LENGTH 64, MAXIMUM WRITE SAME LENGTH 1 GiB in blocks; no UNMAP
+    // (no thin provisioning on these disks).
     let data = vpd(&f, L0, 0xb0);
     let mut expected = vec![0u8; 64];
     expected[1] = 0xb0;
     expected[3] = 0x3c;
+    expected[4] = 0x01;
+    expected[5] = 64;
     expected[6..8].copy_from_slice(&8u16.to_be_bytes());
     expected[8..12].copy_from_slice(&((32u32 << 20) / 512).to_be_bytes());
+    expected[36..44].copy_from_slice(&((1u64 << 30) / 512).to_be_bytes());
     assert_eq!(data, expected);
     assert_eq!(be32(&data[8..]), 65536);
     // 4096-byte blocks: granularity 1, maximum 8192 blocks.
     let data = vpd(&f, L2, 0xb0);
     expected[6..8].copy_from_slice(&1u16.to_be_bytes());
     expected[8..12].copy_from_slice(&((32u32 << 20) / 4096).to_be_bytes());
+    expected[36..44].copy_from_slice(&((1u64 << 30) / 4096).to_be_bytes());
     assert_eq!(data, expected);
     assert_eq!(be32(&data[8..]), 8192);
+    // A writable disk without discard reports the same.
+    assert_eq!(vpd(&f, L5, 0xb0)[4..], vpd(&f, L0, 0xb0)[4..]);
 }
 
 #[test]
@@ -1125,16 +1676,24 @@ fn verify_range_errors() {
     assert_invalid_field(c, 6, None);
 }
 
+/// SBC-3 §5.33: BYTCHK 01b compares with the data-out, 11b compares every
+/// block with one data-out block; 10b is reserved.
 #[test]
-fn verify_byte_check_is_invalid_field() {
+fn verify_byte_check_on_read_only_disks() {
     let f = Fixture::new();
     for op in VERIFIES {
-        for bytchk in 1..4u8 {
-            let mut cdb = block_cdb(op, 0, 1);
-            cdb[1] = bytchk << 1;
-            let (c, _) = run_with_out(&f.target, L0, &cdb, 0, &[0u8; 512]);
-            assert_invalid_field(c, 1, Some(2));
-        }
+        let mut cdb = block_cdb(op, 1, 1);
+        cdb[1] = 0b10 << 1;
+        let (c, _) = run_with_out(&f.target, L0, &cdb, 0, &[0u8; 512]);
+        assert_invalid_field(c, 1, Some(2));
+        cdb[1] = 0b01 << 1;
+        let (c, _) = run_with_out(&f.target, L0, &cdb, 0, f.blocks(0, 512, 1, 1));
+        assert_good(c);
+        let (c, _) = run_with_out(&f.target, L0, &cdb, 0, &[0u8; 512]);
+        assert_miscompare(c, 0);
+        cdb[1] = 0b11 << 1;
+        let (c, _) = run_with_out(&f.target, L0, &cdb, 0, f.blocks(0, 512, 1, 1));
+        assert_good(c);
     }
 }
 
@@ -1211,10 +1770,13 @@ fn synchronize_cache() {
 
 const RW_ERROR_RECOVERY_PAGE: [u8; 12] = [0x01, 0x0a, 0xc0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
 
+/// Caching page (SBC-3 §6.4.5): WCE=1 (the default: write-back cache on),
+/// read cache enabled (RCD=0).
 fn caching_page() -> Vec<u8> {
     let mut p = vec![0u8; 20];
     p[0] = 0x08;
     p[1] = 0x12;
+    p[2] = 0x04;
     p
 }
 
@@ -1266,14 +1828,19 @@ fn mode10(device_specific: u8, long_lba: bool, descriptor: &[u8], pages: &[u8]) 
     out
 }
 
+/// Device-specific parameter (SBC-3 §6.4.1): WP, and DPOFUA (the DPO and
+/// FUA bits are supported), which every disk reports.
 const WP: u8 = 0x80;
+const DPOFUA: u8 = 0x10;
+/// What a read-only disk reports.
+const RO: u8 = WP | DPOFUA;
 
 #[test]
 fn mode_sense6_all_pages() {
     let f = Fixture::new();
     let (c, data) = f.run(L0, &mode_sense6(0, 0x3f, 0, 255), 4096);
     assert_good(c);
-    let expected = mode6(WP, &short_descriptor(2048, 512), &all_pages());
+    let expected = mode6(RO, &short_descriptor(2048, 512), &all_pages());
     assert_eq!(data, expected);
     assert_eq!(data.len(), 56);
     assert_eq!(usize::from(data[0]), data.len() - 1);
@@ -1290,7 +1857,7 @@ fn mode_sense10_all_pages() {
     assert_good(c);
     assert_eq!(
         data,
-        mode10(WP, false, &short_descriptor(2048, 512), &all_pages())
+        mode10(RO, false, &short_descriptor(2048, 512), &all_pages())
     );
     assert_eq!(data.len(), 60);
     assert_eq!(usize::from(be16(&data)), data.len() - 2);
@@ -1308,21 +1875,21 @@ fn mode_sense_single_pages() {
     for (code, page) in &pages {
         let (c, data) = f.run(L0, &mode_sense6(0, *code, 0, 255), 4096);
         assert_good(c);
-        assert_eq!(data, mode6(WP, &desc, page), "page {code:#x}");
+        assert_eq!(data, mode6(RO, &desc, page), "page {code:#x}");
         // DBD: no block descriptor.
         let (c, data) = f.run(L0, &mode_sense6(0x08, *code, 0, 255), 4096);
         assert_good(c);
-        assert_eq!(data, mode6(WP, &[], page));
+        assert_eq!(data, mode6(RO, &[], page));
         let (c, data) = f.run(L0, &mode_sense10(0, *code, 0, 4096), 4096);
         assert_good(c);
-        assert_eq!(data, mode10(WP, false, &desc, page));
+        assert_eq!(data, mode10(RO, false, &desc, page));
         let (c, data) = f.run(L0, &mode_sense10(0x08, *code, 0, 4096), 4096);
         assert_good(c);
-        assert_eq!(data, mode10(WP, false, &[], page));
+        assert_eq!(data, mode10(RO, false, &[], page));
         // Subpage FFh of a page without subpages is the page itself.
         let (c, data) = f.run(L0, &mode_sense6(0x08, *code, 0xff, 255), 4096);
         assert_good(c);
-        assert_eq!(data, mode6(WP, &[], page));
+        assert_eq!(data, mode6(RO, &[], page));
     }
 }
 
@@ -1333,14 +1900,14 @@ fn mode_sense10_long_lba_descriptor() {
     assert_good(c);
     assert_eq!(
         data,
-        mode10(WP, true, &long_descriptor(2048, 512), &all_pages())
+        mode10(RO, true, &long_descriptor(2048, 512), &all_pages())
     );
     assert_eq!(data[4], 0x01, "LONGLBA");
     assert_eq!(be16(&data[6..]), 16);
     // LLBAA with DBD: no descriptor, LONGLBA clear.
     let (c, data) = f.run(L0, &mode_sense10(0x18, 0x0a, 0, 4096), 4096);
     assert_good(c);
-    assert_eq!(data, mode10(WP, false, &[], &CONTROL_PAGE));
+    assert_eq!(data, mode10(RO, false, &[], &CONTROL_PAGE));
 }
 
 #[test]
@@ -1350,16 +1917,16 @@ fn mode_sense_huge_disk_block_descriptors() {
     let sat = short_descriptor(u32::MAX, 512);
     let (c, data) = f.run(L3, &mode_sense6(0, 0x0a, 0, 255), 4096);
     assert_good(c);
-    assert_eq!(data, mode6(WP, &sat, &CONTROL_PAGE));
+    assert_eq!(data, mode6(RO, &sat, &CONTROL_PAGE));
     let (c, data) = f.run(L3, &mode_sense10(0, 0x0a, 0, 4096), 4096);
     assert_good(c);
-    assert_eq!(data, mode10(WP, false, &sat, &CONTROL_PAGE));
+    assert_eq!(data, mode10(RO, false, &sat, &CONTROL_PAGE));
     // The long descriptor holds the real count.
     let (c, data) = f.run(L3, &mode_sense10(0x10, 0x0a, 0, 4096), 4096);
     assert_good(c);
     assert_eq!(
         data,
-        mode10(WP, true, &long_descriptor(L3_BLOCKS, 512), &CONTROL_PAGE)
+        mode10(RO, true, &long_descriptor(L3_BLOCKS, 512), &CONTROL_PAGE)
     );
 }
 
@@ -1375,26 +1942,28 @@ fn mode_sense_4096_block_descriptor() {
 fn mode_sense_page_control() {
     let f = Fixture::new();
     let desc = short_descriptor(2048, 512);
-    // Changeable: nothing is, so every page is zero after its header.
+    // Changeable: only WCE (caching page byte 2 bit 2) and D_SENSE
+    // (control page byte 2 bit 2); everything else is zero after the page
+    // headers.
     let mut changeable = vec![0x01, 0x0a];
     changeable.extend_from_slice(&[0; 10]);
-    changeable.extend_from_slice(&[0x08, 0x12]);
-    changeable.extend_from_slice(&[0; 18]);
-    changeable.extend_from_slice(&[0x0a, 0x0a]);
-    changeable.extend_from_slice(&[0; 10]);
+    changeable.extend_from_slice(&[0x08, 0x12, 0x04]);
+    changeable.extend_from_slice(&[0; 17]);
+    changeable.extend_from_slice(&[0x0a, 0x0a, 0x04]);
+    changeable.extend_from_slice(&[0; 9]);
     let (c, data) = f.run(L0, &mode_sense6(0, 0x40 | 0x3f, 0, 255), 4096);
     assert_good(c);
-    assert_eq!(data, mode6(WP, &desc, &changeable));
+    assert_eq!(data, mode6(RO, &desc, &changeable));
     let (c, data) = f.run(L0, &mode_sense10(0x08, 0x40 | 0x08, 0, 4096), 4096);
     assert_good(c);
-    assert_eq!(data, mode10(WP, false, &[], &changeable[12..32]));
-    // Default values equal the current ones.
+    assert_eq!(data, mode10(RO, false, &[], &changeable[12..32]));
+    // Default values equal the current ones (nothing was changed).
     let (c, data) = f.run(L0, &mode_sense6(0, 0x80 | 0x3f, 0, 255), 4096);
     assert_good(c);
-    assert_eq!(data, mode6(WP, &desc, &all_pages()));
+    assert_eq!(data, mode6(RO, &desc, &all_pages()));
     let (c, data) = f.run(L0, &mode_sense10(0, 0x80 | 0x01, 0, 4096), 4096);
     assert_good(c);
-    assert_eq!(data, mode10(WP, false, &desc, &RW_ERROR_RECOVERY_PAGE));
+    assert_eq!(data, mode10(RO, false, &desc, &RW_ERROR_RECOVERY_PAGE));
 }
 
 #[test]
@@ -1435,7 +2004,7 @@ fn mode_sense_bad_subpage_is_invalid_field() {
 #[test]
 fn mode_sense_write_protect_bit() {
     let f = Fixture::new();
-    for (lun, wp) in [(L0, WP), (L1, WP), (L2, WP), (L4, WP), (L5, 0)] {
+    for (lun, wp) in [(L0, RO), (L1, RO), (L2, RO), (L4, RO), (L5, DPOFUA)] {
         let (c, data) = f.run(lun, &mode_sense6(0x08, 0x3f, 0, 255), 4096);
         assert_good(c);
         assert_eq!(data[2], wp, "{lun:?}");
@@ -1448,13 +2017,13 @@ fn mode_sense_write_protect_bit() {
 #[test]
 fn mode_sense_truncation() {
     let f = Fixture::new();
-    let full6 = mode6(WP, &short_descriptor(2048, 512), &all_pages());
+    let full6 = mode6(RO, &short_descriptor(2048, 512), &all_pages());
     for alloc in [0u8, 1, 4, 12, 13] {
         let (c, data) = f.run(L0, &mode_sense6(0, 0x3f, 0, alloc), 4096);
         assert_good(c);
         assert_eq!(data, full6[..usize::from(alloc)]);
     }
-    let full10 = mode10(WP, false, &short_descriptor(2048, 512), &all_pages());
+    let full10 = mode10(RO, false, &short_descriptor(2048, 512), &all_pages());
     for alloc in [0u16, 2, 8, 59] {
         let (c, data) = f.run(L0, &mode_sense10(0, 0x3f, 0, alloc), 4096);
         assert_good(c);
@@ -1580,37 +2149,74 @@ fn report_luns_flat_space_entries_above_255() {
 // ---------------------------------------------------------------------------
 
 /// Every command the target implements: (opcode, service action, CDB
-/// length), in the order the all-commands listing gives them.
-const SUPPORTED: [(u8, Option<u16>, u16); 28] = [
-    (TEST_UNIT_READY, None, 6),
-    (REQUEST_SENSE, None, 6),
-    (READ_6, None, 6),
-    (WRITE_6, None, 6),
-    (INQUIRY, None, 6),
-    (MODE_SENSE_6, None, 6),
-    (START_STOP_UNIT, None, 6),
-    (PREVENT_ALLOW_MEDIUM_REMOVAL, None, 6),
-    (READ_CAPACITY_10, None, 10),
-    (READ_10, None, 10),
-    (WRITE_10, None, 10),
-    (WRITE_AND_VERIFY_10, None, 10),
-    (VERIFY_10, None, 10),
-    (SYNCHRONIZE_CACHE_10, None, 10),
-    (MODE_SENSE_10, None, 10),
-    (READ_16, None, 16),
-    (WRITE_16, None, 16),
-    (WRITE_AND_VERIFY_16, None, 16),
-    (VERIFY_16, None, 16),
-    (SYNCHRONIZE_CACHE_16, None, 16),
-    (SERVICE_ACTION_IN_16, Some(0x10), 16),
-    (REPORT_LUNS, None, 12),
-    (MAINTENANCE_IN, Some(0x0c), 12),
-    (MAINTENANCE_IN, Some(0x0d), 12),
-    (READ_12, None, 12),
-    (WRITE_12, None, 12),
-    (WRITE_AND_VERIFY_12, None, 12),
-    (VERIFY_12, None, 12),
+/// length, only with thin provisioning), in the order the all-commands
+/// listing gives them (by opcode, then service action).
+const ALL_COMMANDS: [(u8, Option<u16>, u16, bool); 35] = [
+    (TEST_UNIT_READY, None, 6, false),
+    (REQUEST_SENSE, None, 6, false),
+    (READ_6, None, 6, false),
+    (WRITE_6, None, 6, false),
+    (INQUIRY, None, 6, false),
+    (MODE_SELECT_6, None, 6, false),
+    (MODE_SENSE_6, None, 6, false),
+    (START_STOP_UNIT, None, 6, false),
+    (PREVENT_ALLOW_MEDIUM_REMOVAL, None, 6, false),
+    (READ_CAPACITY_10, None, 10, false),
+    (READ_10, None, 10, false),
+    (WRITE_10, None, 10, false),
+    (WRITE_AND_VERIFY_10, None, 10, false),
+    (VERIFY_10, None, 10, false),
+    (SYNCHRONIZE_CACHE_10, None, 10, false),
+    (WRITE_SAME_10, None, 10, false),
+    (UNMAP, None, 10, true),
+    (MODE_SELECT_10, None, 10, false),
+    (MODE_SENSE_10, None, 10, false),
+    (READ_16, None, 16, false),
+    (COMPARE_AND_WRITE, None, 16, false),
+    (WRITE_16, None, 16, false),
+    (WRITE_AND_VERIFY_16, None, 16, false),
+    (VERIFY_16, None, 16, false),
+    (SYNCHRONIZE_CACHE_16, None, 16, false),
+    (WRITE_SAME_16, None, 16, false),
+    (SERVICE_ACTION_IN_16, Some(0x10), 16, false),
+    (SERVICE_ACTION_IN_16, Some(0x12), 16, true),
+    (REPORT_LUNS, None, 12, false),
+    (MAINTENANCE_IN, Some(0x0c), 12, false),
+    (MAINTENANCE_IN, Some(0x0d), 12, false),
+    (READ_12, None, 12, false),
+    (WRITE_12, None, 12, false),
+    (WRITE_AND_VERIFY_12, None, 12, false),
+    (VERIFY_12, None, 12, false),
 ];
+
+/// The commands of a logical unit with or without thin provisioning
+/// (UNMAP and GET LBA STATUS only with it).
+fn supported(thin: bool) -> Vec<(u8, Option<u16>, u16)> {
+    ALL_COMMANDS
+        .iter()
+        .filter(|c| thin || !c.3)
+        .map(|&(op, sa, len, _)| (op, sa, len))
+        .collect()
+}
+
+fn rsoc_listing(commands: &[(u8, Option<u16>, u16)], rctd: bool) -> Vec<u8> {
+    let descriptor = if rctd { 20 } else { 8 };
+    let mut expected = ((commands.len() * descriptor) as u32)
+        .to_be_bytes()
+        .to_vec();
+    for &(op, sa, len) in commands {
+        expected.extend_from_slice(&[op, 0]);
+        expected.extend_from_slice(&sa.unwrap_or(0).to_be_bytes());
+        // CTDP with RCTD; SERVACTV.
+        let ctdp = if rctd { 0x02 } else { 0 };
+        expected.extend_from_slice(&[0, ctdp | u8::from(sa.is_some())]);
+        expected.extend_from_slice(&len.to_be_bytes());
+        if rctd {
+            expected.extend_from_slice(&TIMEOUTS_DESCRIPTOR);
+        }
+    }
+    expected
+}
 
 const TIMEOUTS_DESCRIPTOR: [u8; 12] = [0, 0x0a, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
 
@@ -1619,18 +2225,21 @@ fn rsoc_all_commands() {
     let f = Fixture::new();
     let (c, data) = f.run(L0, &rsoc(0, 0, 0, 4096), 4096);
     assert_good(c);
-    let mut expected = ((SUPPORTED.len() * 8) as u32).to_be_bytes().to_vec();
-    for (op, sa, len) in SUPPORTED {
-        expected.extend_from_slice(&[op, 0]);
-        expected.extend_from_slice(&sa.unwrap_or(0).to_be_bytes());
-        expected.extend_from_slice(&[0, u8::from(sa.is_some())]);
-        expected.extend_from_slice(&len.to_be_bytes());
-    }
+    let expected = rsoc_listing(&supported(false), false);
     assert_eq!(data, expected);
     // The requested opcode and service action are ignored.
     let (c, data) = f.run(L0, &rsoc(0, 0x28, 7, 4096), 4096);
     assert_good(c);
     assert_eq!(data, expected);
+    // A writable disk without thin provisioning lists the same.
+    let (c, data) = f.run(L5, &rsoc(0, 0, 0, 4096), 4096);
+    assert_good(c);
+    assert_eq!(data, expected);
+    // With it, UNMAP and GET LBA STATUS too.
+    let rig = Rig::writable(0);
+    let (c, data) = rig.run(&rsoc(0, 0, 0, 4096), 4096, &[]);
+    assert_good(c);
+    assert_eq!(data, rsoc_listing(&supported(true), false));
 }
 
 #[test]
@@ -1638,22 +2247,18 @@ fn rsoc_all_commands_with_timeouts() {
     let f = Fixture::new();
     let (c, data) = f.run(L0, &rsoc(0x80, 0, 0, 4096), 4096);
     assert_good(c);
-    let mut expected = ((SUPPORTED.len() * 20) as u32).to_be_bytes().to_vec();
-    for (op, sa, len) in SUPPORTED {
-        expected.extend_from_slice(&[op, 0]);
-        expected.extend_from_slice(&sa.unwrap_or(0).to_be_bytes());
-        // CTDP=1.
-        expected.extend_from_slice(&[0, 0x02 | u8::from(sa.is_some())]);
-        expected.extend_from_slice(&len.to_be_bytes());
-        expected.extend_from_slice(&TIMEOUTS_DESCRIPTOR);
-    }
-    assert_eq!(data, expected);
+    assert_eq!(data, rsoc_listing(&supported(false), true));
+    let rig = Rig::writable(0);
+    let (c, data) = rig.run(&rsoc(0x80, 0, 0, 4096), 4096, &[]);
+    assert_good(c);
+    assert_eq!(data, rsoc_listing(&supported(true), true));
 }
 
 #[test]
 fn rsoc_one_command_without_service_action() {
     let f = Fixture::new();
-    let read10_usage = [READ_10, 0xe0, 0xff, 0xff, 0xff, 0xff, 0, 0xff, 0xff, 0x04];
+    // RDPROTECT and FUA (a FUA read writes cached blocks back first).
+    let read10_usage = [READ_10, 0xe8, 0xff, 0xff, 0xff, 0xff, 0, 0xff, 0xff, 0x04];
     let (c, data) = f.run(L0, &rsoc(0x01, READ_10, 0, 4096), 4096);
     assert_good(c);
     let mut expected = vec![0, 0x03, 0, 10];
@@ -1708,8 +2313,9 @@ fn rsoc_one_command_without_service_action() {
         assert_eq!(&data[..4], &[0, 0x03, 0, usage.len() as u8]);
         assert_eq!(&data[4..], usage);
     }
-    // Not supported: SUPPORT 001b, no usage data.
-    for op in [0x01u8, 0x42, 0x41, 0x7f, 0xff] {
+    // Not supported: SUPPORT 001b, no usage data. UNMAP only exists with
+    // thin provisioning.
+    for op in [0x01u8, UNMAP, 0x7f, 0xff] {
         let (c, data) = f.run(L0, &rsoc(0x01, op, 0, 4096), 4096);
         assert_good(c);
         assert_eq!(data, [0, 0x01, 0, 0], "{op:#x}");
@@ -1770,6 +2376,12 @@ fn rsoc_one_command_with_service_action() {
         let (c, _) = f.run(L0, &rsoc(0x02, op, 0, 4096), 4096);
         assert_invalid_field(c, 2, Some(2));
     }
+    // UNMAP is one only where this logical unit supports it.
+    let (c, data) = f.run(L0, &rsoc(0x02, UNMAP, 0, 4096), 4096);
+    assert_good(c);
+    assert_eq!(data, [0, 0x01, 0, 0]);
+    let (c, _) = Rig::writable(0).run(&rsoc(0x02, UNMAP, 0, 4096), 4096, &[]);
+    assert_invalid_field(c, 2, Some(2));
 }
 
 #[test]
@@ -1821,29 +2433,42 @@ fn rsoc_truncation() {
     }
 }
 
-/// The listing agrees with what the target executes: every listed command
-/// is recognised, and every other operation code is INVALID COMMAND
-/// OPERATION CODE. Every CDB bit the usage data marks as not evaluated is
-/// indeed ignored.
-#[test]
-fn rsoc_listing_matches_the_commands_executed() {
-    let f = Fixture::new();
+/// The listing agrees with what the target executes on `lun`: every listed
+/// command is recognised, every other operation code is INVALID COMMAND
+/// OPERATION CODE (an unlisted service action INVALID FIELD IN CDB). Every
+/// CDB bit the usage data marks as not evaluated is indeed ignored.
+#[track_caller]
+fn check_listing(target: &Target, lun: LunAddress, thin: bool) {
+    let commands = supported(thin);
+    let (c, data) = run(target, lun, &rsoc(0, 0, 0, 4096), 4096);
+    assert_good(c);
+    assert_eq!(data, rsoc_listing(&commands, false));
     for op in 0..=255u8 {
-        let listed: Vec<_> = SUPPORTED.iter().filter(|s| s.0 == op).collect();
+        let listed: Vec<_> = commands.iter().filter(|s| s.0 == op).collect();
         let mut cdb = [0u8; 16];
         cdb[0] = op;
         if let Some((_, Some(sa), _)) = listed.first() {
             cdb[1] = *sa as u8;
         }
-        let (c, _) = f.run(L0, &cdb, 4096);
+        let (c, _) = run(target, lun, &cdb, 4096);
         if listed.is_empty() {
             assert_invalid_opcode(c);
         } else if let Completion::CheckCondition(s) = c {
             assert_ne!(s.to_fixed()[12], 0x20, "{op:#x} listed but not executed");
         }
     }
-    for (op, sa, len) in SUPPORTED {
-        let (c, data) = f.run(L0, &rsoc(0x03, op, sa.unwrap_or(0), 4096), 4096);
+    // Service actions not listed.
+    for &(op, sa, _, _) in ALL_COMMANDS.iter().filter(|c| c.1.is_some()) {
+        if !commands.iter().any(|c| c.0 == op && c.1 == sa) {
+            let mut cdb = vec![0u8; 16];
+            cdb[0] = op;
+            cdb[1] = sa.unwrap() as u8;
+            let (c, _) = run(target, lun, &cdb, 4096);
+            assert_invalid_field(c, 1, Some(4));
+        }
+    }
+    for (op, sa, len) in commands {
+        let (c, data) = run(target, lun, &rsoc(0x03, op, sa.unwrap_or(0), 4096), 4096);
         assert_good(c);
         assert_eq!(data[1], 0x03);
         assert_eq!(be16(&data[2..]), len);
@@ -1860,7 +2485,7 @@ fn rsoc_listing_matches_the_commands_executed() {
         if op == REPORT_LUNS {
             base[9] = 16;
         }
-        let reference = f.run(L0, &base, 4096);
+        let reference = run(target, lun, &base, 4096);
         // ... behaves the same with any bit the usage data calls ignored.
         for (i, &mask) in usage.iter().enumerate().skip(1) {
             for bit in 0..8 {
@@ -1870,13 +2495,28 @@ fn rsoc_listing_matches_the_commands_executed() {
                 let mut cdb = base.clone();
                 cdb[i] |= 1 << bit;
                 assert_eq!(
-                    f.run(L0, &cdb, 4096),
+                    run(target, lun, &cdb, 4096),
                     reference,
                     "{op:#x}: byte {i} bit {bit} is said to be ignored"
                 );
             }
         }
     }
+}
+
+#[test]
+fn rsoc_listing_matches_the_commands_executed() {
+    let f = Fixture::new();
+    // Read-only, and writable, without thin provisioning.
+    check_listing(&f.target, L0, false);
+    check_listing(&f.target, L5, false);
+    // Writable with thin provisioning, 512- and 4096-byte blocks.
+    check_listing(&Rig::writable(0).target, L0, true);
+    let rig = Rig::new(MemImage::new(vec![0; 64 * 4096], false), 4096, true);
+    check_listing(&rig.target, L0, true);
+    // Writable, thin provisioning not configured.
+    let rig = Rig::new(MemImage::new(vec![0; 64 * 512], false), 512, false);
+    check_listing(&rig.target, L0, false);
 }
 
 #[test]
@@ -1932,10 +2572,11 @@ fn start_stop_and_prevent_allow_are_good() {
 #[test]
 fn unknown_opcodes_are_invalid_command_operation_code() {
     let f = Fixture::new();
-    // FORMAT UNIT, READ BUFFER, UNMAP, WRITE SAME, COMPARE AND WRITE,
-    // variable length, vendor specific...
+    // REZERO UNIT, FORMAT UNIT, READ BUFFER, UNMAP (no thin provisioning
+    // here), SANITIZE, PERSISTENT RESERVE IN, variable length, ORWRITE,
+    // WRITE LONG(16), vendor specific...
     for op in [
-        0x01u8, 0x04, 0x15, 0x3c, 0x41, 0x42, 0x55, 0x7f, 0x89, 0x93, 0xc0, 0xff,
+        0x01u8, 0x04, 0x3c, 0x42, 0x48, 0x5e, 0x7f, 0x8b, 0x9f, 0xc0, 0xff,
     ] {
         let mut cdb = [0u8; 16];
         cdb[0] = op;
@@ -2065,8 +2706,9 @@ fn well_known_lun() {
     assert_good(c);
     assert_eq!(&data[..3], &[0x70, 0, 0]);
     assert_eq!(data.len(), 18);
-    let (c, _) = f.run(WLUN, &request_sense(1, 252), 4096);
-    assert_invalid_field(c, 1, Some(0));
+    let (c, data) = f.run(WLUN, &request_sense(1, 252), 4096);
+    assert_good(c);
+    assert_eq!(data, [0x72, 0, 0, 0, 0, 0, 0, 0]);
     // Only INQUIRY, REPORT LUNS, REQUEST SENSE and TEST UNIT READY.
     for cdb in [
         block_cdb(READ_10, 0, 1),
@@ -2175,43 +2817,1906 @@ fn disk_construction_errors() {
 }
 
 // ---------------------------------------------------------------------------
+// WRITE on writable disks (SBC-3 §5.32-§5.36, §5.39-§5.41)
+// ---------------------------------------------------------------------------
+
+#[test]
+fn writes_land_in_the_image() {
+    let rig = Rig::writable(20);
+    let mut model = rig.data();
+    let mut seed = 100;
+    for op in WRITES {
+        for (lba, len) in [(0u64, 1u32), (7, 3), (RIG_BLOCKS - 2, 2), (100, 200)] {
+            let payload = pattern(seed, len as usize * 512);
+            seed += 1;
+            let (c, data) = rig.run(&block_cdb(op, lba, len), 4096, &payload);
+            assert_good(c);
+            assert!(data.is_empty());
+            let at = lba as usize * 512;
+            model[at..at + payload.len()].copy_from_slice(&payload);
+            assert_eq!(rig.read(lba, len), payload, "{op:#x} lba {lba}");
+            assert_eq!(rig.data(), model, "{op:#x} lba {lba}");
+        }
+    }
+    // WRITE(6) with transfer length 0 writes 256 blocks.
+    let payload = pattern(seed, 256 * 512);
+    let (c, _) = rig.run(&[WRITE_6, 0, 0, 10, 0, 0], 0, &payload);
+    assert_good(c);
+    model[10 * 512..266 * 512].copy_from_slice(&payload);
+    assert_eq!(rig.data(), model);
+    // Data-out beyond the transfer length is not written.
+    let mut long = pattern(seed + 1, 3 * 512);
+    let (c, _) = rig.run(&block_cdb(WRITE_10, 300, 2), 0, &long);
+    assert_good(c);
+    long.truncate(2 * 512);
+    model[300 * 512..302 * 512].copy_from_slice(&long);
+    assert_eq!(rig.data(), model);
+    // 4096-byte blocks.
+    let rig = Rig::new(MemImage::new(vec![0; 16 * 4096], false), 4096, false);
+    for (i, op) in WRITES.into_iter().enumerate() {
+        let payload = pattern(i as u64, 2 * 4096);
+        let (c, _) = rig.run(&block_cdb(op, 3 + i as u64, 2), 0, &payload);
+        assert_good(c);
+        assert_eq!(rig.stored(3 + i as u64, 2), payload, "{op:#x}");
+        assert_eq!(rig.read(3 + i as u64, 2), payload);
+    }
+}
+
+#[test]
+fn write_fua_is_durable_at_completion() {
+    let rig = Rig::writable(21);
+    let payload = pattern(1, 4 * 512);
+    let write = |durable| Op::Write {
+        offset: 8 * 512,
+        len: 4 * 512,
+        durable,
+    };
+    rig.ops();
+    for op in [WRITE_10, WRITE_12, WRITE_16] {
+        // Write cache on: completion means "in the cache".
+        let (c, _) = rig.run(&block_cdb(op, 8, 4), 0, &payload);
+        assert_good(c);
+        assert_eq!(rig.ops(), [write(false)], "{op:#x}");
+        // FUA: durable when it completes, and no flush of anything else.
+        let (c, _) = rig.run(&fua(block_cdb(op, 8, 4)), 0, &payload);
+        assert_good(c);
+        assert_eq!(rig.ops(), [write(true)], "{op:#x}");
+        // DPO and FUA_NV change nothing.
+        let mut cdb = block_cdb(op, 8, 4);
+        cdb[1] = 0x10 | 0x02;
+        let (c, _) = rig.run(&cdb, 0, &payload);
+        assert_good(c);
+        assert_eq!(rig.ops(), [write(false)], "{op:#x}");
+    }
+    // WRITE(6) has no FUA bit.
+    let (c, _) = rig.run(&block_cdb(WRITE_6, 8, 4), 0, &payload);
+    assert_good(c);
+    assert_eq!(rig.ops(), [write(false)]);
+    // WRITE AND VERIFY: the data is on the medium, then read back.
+    for op in [
+        WRITE_AND_VERIFY_10,
+        WRITE_AND_VERIFY_12,
+        WRITE_AND_VERIFY_16,
+    ] {
+        let (c, _) = rig.run(&block_cdb(op, 8, 4), 0, &payload);
+        assert_good(c);
+        assert_eq!(
+            rig.ops(),
+            [
+                write(true),
+                Op::Read {
+                    offset: 8 * 512,
+                    len: 4 * 512
+                }
+            ],
+            "{op:#x}"
+        );
+    }
+    assert_eq!(rig.stored(8, 4), payload);
+}
+
+#[test]
+fn write_and_verify_reports_a_failed_read_back() {
+    let image = MemImage::new(pattern(22, 64 * 512), false).with_read_error(10 * 512..11 * 512);
+    let rig = Rig::new(image, 512, false);
+    let payload = pattern(23, 4 * 512);
+    for op in [
+        WRITE_AND_VERIFY_10,
+        WRITE_AND_VERIFY_12,
+        WRITE_AND_VERIFY_16,
+    ] {
+        let (c, _) = rig.run(&block_cdb(op, 8, 4), 0, &payload);
+        assert_medium_error(c);
+        let (c, _) = rig.run(&block_cdb(op, 12, 4), 0, &payload);
+        assert_good(c);
+    }
+}
+
+#[test]
+fn write_transfer_length_zero_writes_nothing() {
+    let rig = Rig::writable(24);
+    let before = rig.data();
+    rig.ops();
+    for op in WRITES.into_iter().filter(|&op| op != WRITE_6) {
+        for lba in [0, RIG_BLOCKS - 1, RIG_BLOCKS] {
+            let (c, _) = rig.run(&block_cdb(op, lba, 0), 0, &[1, 2, 3]);
+            assert_good(c);
+            let (c, _) = rig.run(&fua(block_cdb(op, lba, 0)), 0, &[]);
+            assert_good(c);
+        }
+        // Even a zero-length transfer must start on the medium.
+        let (c, _) = rig.run(&block_cdb(op, RIG_BLOCKS + 1, 0), 0, &[]);
+        assert_lba_out_of_range(c);
+    }
+    assert_eq!(rig.ops(), []);
+    assert_eq!(rig.data(), before);
+}
+
+#[test]
+fn write_out_of_range_on_a_writable_disk_writes_nothing() {
+    let rig = Rig::writable(25);
+    let before = rig.data();
+    rig.ops();
+    let payload = vec![0xee; 4 * 512];
+    for op in WRITES {
+        for (lba, len) in [(RIG_BLOCKS, 1u32), (RIG_BLOCKS - 1, 2), (RIG_BLOCKS - 3, 4)] {
+            let (c, _) = rig.run(&block_cdb(op, lba, len), 0, &payload);
+            assert_lba_out_of_range(c);
+        }
+        if op >> 5 == 4 {
+            for (lba, len) in [(u64::MAX, 1u32), (u64::MAX - 1, 4), (1 << 63, 1)] {
+                let (c, _) = rig.run(&block_cdb(op, lba, len), 0, &payload);
+                assert_lba_out_of_range(c);
+            }
+        }
+    }
+    let (c, _) = rig.run(&block_cdb(WRITE_6, 0x1f_ffff, 1), 0, &payload);
+    assert_lba_out_of_range(c);
+    // WRITE(6) length 0 (256 blocks) from the last 255.
+    let lba = RIG_BLOCKS - 255;
+    let cdb = [WRITE_6, 0, (lba >> 8) as u8, lba as u8, 0, 0];
+    let (c, _) = rig.run(&cdb, 0, &vec![0; 256 * 512]);
+    assert_lba_out_of_range(c);
+    assert_eq!(rig.ops(), []);
+    assert_eq!(rig.data(), before);
+}
+
+#[test]
+fn write_longer_than_the_maximum_transfer_is_invalid_field() {
+    let rig = Rig::writable(26);
+    rig.ops();
+    // 512-byte blocks: at most 65536; WRITE(10) cannot ask for more.
+    for op in [WRITE_12, WRITE_16, WRITE_AND_VERIFY_12, WRITE_AND_VERIFY_16] {
+        for len in [65537, u32::MAX] {
+            let (c, _) = rig.run(&block_cdb(op, 0, len), 0, &[]);
+            assert_invalid_field(c, length_byte(op), None);
+        }
+        // The length is checked before the LBA.
+        let (c, _) = rig.run(&block_cdb(op, RIG_BLOCKS, 65537), 0, &[]);
+        assert_invalid_field(c, length_byte(op), None);
+    }
+    // 4096-byte blocks: at most 8192, reachable with the 10-byte CDBs too.
+    let rig4k = Rig::new(MemImage::new(vec![0; 16 * 4096], false), 4096, true);
+    for op in WRITES.into_iter().filter(|&op| op != WRITE_6) {
+        let (c, _) = rig4k.run(&block_cdb(op, 0, 8193), 0, &[]);
+        assert_invalid_field(c, length_byte(op), None);
+        let (c, _) = rig4k.run(&block_cdb(op, 0, 8192), 0, &[]);
+        assert_lba_out_of_range(c);
+    }
+    assert_eq!(rig.ops(), []);
+    assert_eq!(rig4k.ops(), []);
+    // The maximum itself, 32 MiB in one command.
+    let big = Rig::new(MemImage::new(vec![0; 32 << 20], false), 512, false);
+    let payload = pattern(27, 32 << 20);
+    let (c, _) = big.run(&fua(block_cdb(WRITE_16, 0, 65536)), 0, &payload);
+    assert_good(c);
+    assert!(big.data() == payload);
+}
+
+#[test]
+fn write_with_short_data_out_is_not_executed() {
+    let rig = Rig::writable(28);
+    let before = rig.data();
+    rig.ops();
+    for op in WRITES {
+        for short in [0usize, 1, 511, 4 * 512 - 1] {
+            let out = vec![0xaa; short];
+            let (c, data) = rig.run(&block_cdb(op, 4, 4), 4096, &out);
+            assert_eq!(c, Completion::BufferTooSmall, "{op:#x} from {short}");
+            assert!(data.is_empty());
+            if op != WRITE_6 {
+                let (c, _) = rig.run(&fua(block_cdb(op, 4, 4)), 4096, &out);
+                assert_eq!(c, Completion::BufferTooSmall);
+            }
+        }
+    }
+    // WRITE(6) with length 0 needs 256 blocks.
+    let (c, _) = rig.run(&[WRITE_6, 0, 0, 0, 0, 0], 0, &vec![0; 255 * 512]);
+    assert_eq!(c, Completion::BufferTooSmall);
+    assert_eq!(rig.ops(), []);
+    assert_eq!(rig.data(), before);
+    // Range errors are reported before the buffer size matters.
+    let (c, _) = rig.run(&block_cdb(WRITE_10, RIG_BLOCKS, 1), 0, &[]);
+    assert_lba_out_of_range(c);
+}
+
+#[test]
+fn write_on_a_read_only_unit_changes_nothing() {
+    let image = pattern(29, 64 * 512);
+    let rig = Rig::new(MemImage::new(image.clone(), true), 512, true);
+    rig.ops();
+    let payload = vec![0x11; 2 * 512];
+    for op in WRITES {
+        let (c, _) = rig.run(&block_cdb(op, 1, 2), 0, &payload);
+        assert_write_protected(c);
+        if op != WRITE_6 {
+            let (c, _) = rig.run(&fua(block_cdb(op, 1, 2)), 0, &payload);
+            assert_write_protected(c);
+        }
+    }
+    assert_eq!(rig.ops(), []);
+    assert_eq!(rig.data(), image);
+    // The device-specific parameter says so.
+    let (c, data) = rig.run(&mode_sense6(0x08, 0x08, 0, 255), 255, &[]);
+    assert_good(c);
+    assert_eq!(data[2], WP | DPOFUA);
+}
+
+#[test]
+fn write_into_the_unallocated_tail_finds_no_space() {
+    // 64 KiB (128 blocks) stored of 1 MiB.
+    let rig = Rig::new(
+        MemImage::sparse(pattern(30, 64 << 10), 1 << 20, false),
+        512,
+        false,
+    );
+    let before = rig.data();
+    let payload = vec![0x77; 8 * 512];
+    for op in WRITES {
+        // In the tail, and straddling the end of the stored bytes.
+        for lba in [200u64, 124, 2040] {
+            let (c, _) = rig.run(&block_cdb(op, lba, 8), 0, &payload);
+            assert_space_allocation_failed(c);
+        }
+    }
+    assert_eq!(rig.data(), before);
+    // The stored part takes writes; the tail still reads as zeroes.
+    let (c, _) = rig.run(&block_cdb(WRITE_10, 120, 8), 0, &payload);
+    assert_good(c);
+    assert_eq!(rig.stored(120, 8), payload);
+    assert_eq!(rig.read(128, 8), vec![0; 8 * 512]);
+}
+
+// ---------------------------------------------------------------------------
+// Write-back cache: SYNCHRONIZE CACHE, FUA, failed flushes (SBC-3 §4.15)
+// ---------------------------------------------------------------------------
+
+#[test]
+fn synchronize_cache_flushes() {
+    let rig = Rig::writable(31);
+    rig.ops();
+    for op in SYNCS {
+        for (lba, blocks) in [(0u64, 0u32), (10, 5), (RIG_BLOCKS - 1, 1)] {
+            let (c, _) = rig.run(&block_cdb(op, lba, blocks), 0, &[]);
+            assert_good(c);
+            assert_eq!(rig.ops(), [Op::Flush]);
+        }
+        // IMMED is accepted; the flush still happens before completion.
+        let mut cdb = block_cdb(op, 0, 0);
+        cdb[1] = 0x02;
+        let (c, _) = rig.run(&cdb, 0, &[]);
+        assert_good(c);
+        assert_eq!(rig.ops(), [Op::Flush]);
+        // A range off the medium flushes nothing.
+        let (c, _) = rig.run(&block_cdb(op, RIG_BLOCKS, 1), 0, &[]);
+        assert_lba_out_of_range(c);
+        assert_eq!(rig.ops(), []);
+    }
+}
+
+/// A failed flush is reported, and every later flush and durable write
+/// fails too, even once the storage would flush again: the kernel reports a
+/// write-back error only once, so data that may be lost must never be
+/// reported as flushed. Cached writes and reads keep working.
+#[test]
+fn a_failed_flush_is_never_forgotten() {
+    let rig = Rig::writable(32);
+    let payload = pattern(33, 2 * 512);
+    let (c, _) = rig.run(&block_cdb(WRITE_10, 4, 2), 0, &payload);
+    assert_good(c);
+    rig.fail_next_flushes(1);
+    let (c, _) = rig.run(&block_cdb(SYNCHRONIZE_CACHE_10, 0, 0), 0, &[]);
+    assert_write_error(c);
+    // The storage would flush fine now.
+    for _ in 0..3 {
+        for op in SYNCS {
+            let (c, _) = rig.run(&block_cdb(op, 0, 0), 0, &[]);
+            assert_write_error(c);
+        }
+    }
+    rig.ops();
+    // Durable writes fail, before anything is written.
+    for op in [WRITE_10, WRITE_12, WRITE_16] {
+        let (c, _) = rig.run(&fua(block_cdb(op, 20, 2)), 0, &payload);
+        assert_write_error(c);
+    }
+    for op in [
+        WRITE_AND_VERIFY_10,
+        WRITE_AND_VERIFY_12,
+        WRITE_AND_VERIFY_16,
+    ] {
+        let (c, _) = rig.run(&block_cdb(op, 20, 2), 0, &payload);
+        assert_write_error(c);
+    }
+    let mut cw = rig.stored(20, 2);
+    cw.extend_from_slice(&payload);
+    let (c, _) = rig.run(&compare_and_write(0x08, 20, 2), 0, &cw);
+    assert_write_error(c);
+    assert!(!rig.ops().iter().any(|op| matches!(op, Op::Write { .. })));
+    // So do the commands that must reach the medium: a FUA read, VERIFY.
+    let (c, data) = rig.run(&fua(block_cdb(READ_10, 4, 2)), 4096, &[]);
+    assert_write_error(c);
+    assert!(data.is_empty());
+    for op in VERIFIES {
+        let (c, _) = rig.run(&block_cdb(op, 4, 2), 0, &[]);
+        assert_write_error(c);
+        // Nothing to verify: nothing to flush.
+        let (c, _) = rig.run(&block_cdb(op, 4, 0), 0, &[]);
+        assert_good(c);
+    }
+    // Turning the write cache off needs a flush: refused, WCE stays on.
+    let params = select6(&[], &caching(false));
+    let (c, _) = rig.run(&mode_select6(PF, params.len() as u8), 0, &params);
+    assert_write_error(c);
+    assert!(rig.wce(0));
+    // Cached writes, reads and COMPARE AND WRITE without FUA still work.
+    let (c, _) = rig.run(&block_cdb(WRITE_16, 40, 2), 0, &payload);
+    assert_good(c);
+    assert_eq!(rig.read(40, 2), payload);
+    assert_eq!(rig.read(4, 2), payload);
+    let (c, _) = rig.run(&compare_and_write(0, 20, 2), 0, &cw);
+    assert_good(c);
+    assert_eq!(rig.stored(20, 2), payload);
+}
+
+/// The same with the in-memory image's own failure switch, and with the
+/// write cache off, where every write is durable.
+#[test]
+fn mem_image_flush_failure_with_the_write_cache_off() {
+    let rig = Rig::writable(34);
+    let payload = pattern(35, 512);
+    rig.set_write_cache(false);
+    let (c, _) = rig.run(&block_cdb(WRITE_10, 1, 1), 0, &payload);
+    assert_good(c);
+    rig.image.fail_flushes();
+    // A plain write cannot be made durable.
+    let (c, _) = rig.run(&block_cdb(WRITE_10, 2, 1), 0, &payload);
+    assert_write_error(c);
+    let (c, _) = rig.run(&block_cdb(SYNCHRONIZE_CACHE_16, 0, 0), 0, &[]);
+    assert_write_error(c);
+    // Write cache back on (no flush needed): cached writes work, flushes
+    // and FUA writes still fail.
+    rig.set_write_cache(true);
+    let (c, _) = rig.run(&block_cdb(WRITE_10, 3, 1), 0, &payload);
+    assert_good(c);
+    assert_eq!(rig.read(3, 1), payload);
+    let (c, _) = rig.run(&fua(block_cdb(WRITE_10, 4, 1)), 0, &payload);
+    assert_write_error(c);
+    let (c, _) = rig.run(&block_cdb(SYNCHRONIZE_CACHE_10, 0, 0), 0, &[]);
+    assert_write_error(c);
+    // Reads work.
+    assert_eq!(rig.read(1, 1), payload);
+}
+
+/// A durable write whose sync fails poisons later flushes: that sync may
+/// have consumed a write-back error of earlier cached writes.
+#[test]
+fn a_failed_durable_write_poisons_later_flushes() {
+    let rig = Rig::writable(36);
+    let payload = pattern(37, 512);
+    let (c, _) = rig.run(&block_cdb(WRITE_10, 1, 1), 0, &payload);
+    assert_good(c);
+    rig.fail_next_flushes(1);
+    let (c, _) = rig.run(&fua(block_cdb(WRITE_10, 2, 1)), 0, &payload);
+    assert_write_error(c);
+    let (c, _) = rig.run(&block_cdb(SYNCHRONIZE_CACHE_10, 0, 0), 0, &[]);
+    assert_write_error(c);
+    let (c, _) = rig.run(&fua(block_cdb(WRITE_10, 2, 1)), 0, &payload);
+    assert_write_error(c);
+}
+
+#[test]
+fn read_with_fua_writes_the_cache_back_first() {
+    let rig = Rig::writable(38);
+    rig.ops();
+    let read = Op::Read {
+        offset: 4 * 512,
+        len: 2 * 512,
+    };
+    for op in READS {
+        let (c, data) = rig.run(&fua(block_cdb(op, 4, 2)), 4096, &[]);
+        assert_good(c);
+        assert_eq!(data, rig.stored(4, 2));
+        assert_eq!(rig.ops(), [Op::Flush, read], "{op:#x}");
+        let (c, _) = rig.run(&block_cdb(op, 4, 2), 4096, &[]);
+        assert_good(c);
+        assert_eq!(rig.ops(), [read]);
+        let (c, _) = rig.run(&fua(block_cdb(op, 4, 0)), 4096, &[]);
+        assert_good(c);
+        assert_eq!(rig.ops(), []);
+    }
+    // With the write cache off nothing is cached.
+    rig.set_write_cache(false);
+    rig.ops();
+    let (c, _) = rig.run(&fua(block_cdb(READ_16, 4, 2)), 4096, &[]);
+    assert_good(c);
+    assert_eq!(rig.ops(), [read]);
+    // Nor on a read-only unit.
+    let ro = Rig::new(MemImage::new(vec![3; 64 * 512], true), 512, false);
+    ro.ops();
+    let (c, _) = ro.run(&fua(block_cdb(READ_10, 4, 2)), 4096, &[]);
+    assert_good(c);
+    assert_eq!(ro.ops(), [read]);
+}
+
+#[test]
+fn verify_writes_the_cache_back_first() {
+    let rig = Rig::writable(39);
+    rig.ops();
+    for op in VERIFIES {
+        let (c, _) = rig.run(&block_cdb(op, 4, 2), 0, &[]);
+        assert_good(c);
+        assert_eq!(
+            rig.ops(),
+            [
+                Op::Flush,
+                Op::Read {
+                    offset: 4 * 512,
+                    len: 2 * 512
+                }
+            ]
+        );
+        let (c, _) = rig.run(&block_cdb(op, 4, 0), 0, &[]);
+        assert_good(c);
+        assert_eq!(rig.ops(), []);
+    }
+    rig.set_write_cache(false);
+    rig.ops();
+    let (c, _) = rig.run(&block_cdb(VERIFY_10, 4, 2), 0, &[]);
+    assert_good(c);
+    assert_eq!(
+        rig.ops().first(),
+        Some(&Op::Read {
+            offset: 2048,
+            len: 1024
+        })
+    );
+}
+
+// ---------------------------------------------------------------------------
+// MODE SELECT (SPC-4 §6.9, §6.10): WCE and D_SENSE
+// ---------------------------------------------------------------------------
+
+#[test]
+fn mode_select_turns_the_write_cache_off_and_on() {
+    let rig = Rig::writable(40);
+    // Current, changeable, default: WCE on, changeable, on.
+    assert!(rig.wce(0) && rig.wce(1) && rig.wce(2));
+    let payload = pattern(41, 512);
+    let (c, _) = rig.run(&block_cdb(WRITE_10, 1, 1), 0, &payload);
+    assert_good(c);
+    rig.ops();
+    // As Linux does it: MODE SENSE the current caching page, clear WCE,
+    // MODE SELECT it back.
+    let (c, sensed) = rig.run(&mode_sense6(0x08, 0x08, 0, 255), 255, &[]);
+    assert_good(c);
+    let mut page = sensed[4..].to_vec();
+    assert_eq!(page, caching(true));
+    page[2] &= !0x04;
+    let params = select6(&[], &page);
+    let (c, data) = rig.run(&mode_select6(PF, params.len() as u8), 255, &params);
+    assert_good(c);
+    assert!(data.is_empty());
+    // What the cache held was flushed first.
+    assert_eq!(rig.ops(), [Op::Flush]);
+    // Current values show it; default values still say WCE=1.
+    assert!(!rig.wce(0) && rig.wce(1) && rig.wce(2));
+    let (c, data) = rig.run(&mode_sense10(0, 0x3f, 0, 4096), 4096, &[]);
+    assert_good(c);
+    let mut pages = RW_ERROR_RECOVERY_PAGE.to_vec();
+    pages.extend_from_slice(&caching(false));
+    pages.extend_from_slice(&CONTROL_PAGE);
+    let desc = short_descriptor(RIG_BLOCKS as u32, 512);
+    assert_eq!(data, mode10(DPOFUA, false, &desc, &pages));
+    let (c, data) = rig.run(&mode_sense10(0, 0x80 | 0x3f, 0, 4096), 4096, &[]);
+    assert_good(c);
+    assert_eq!(data, mode10(DPOFUA, false, &desc, &all_pages()));
+    // Every write is durable at completion now; WRITE SAME and UNMAP flush
+    // before completing.
+    let (c, _) = rig.run(&block_cdb(WRITE_10, 2, 1), 0, &payload);
+    assert_good(c);
+    assert_eq!(
+        rig.ops(),
+        [Op::Write {
+            offset: 1024,
+            len: 512,
+            durable: true
+        }]
+    );
+    let (c, _) = rig.run(&write_same(WRITE_SAME_10, 0, 4, 2), 0, &payload);
+    assert_good(c);
+    assert_eq!(
+        rig.ops(),
+        [
+            Op::Write {
+                offset: 2048,
+                len: 1024,
+                durable: false
+            },
+            Op::Flush
+        ]
+    );
+    let list = unmap_list(&[(8, 2)]);
+    let (c, _) = rig.run(&unmap_cdb(0, list.len() as u16), 0, &list);
+    assert_good(c);
+    assert_eq!(
+        rig.ops(),
+        [
+            Op::Zeroes {
+                offset: 4096,
+                len: 1024,
+                deallocate: true
+            },
+            Op::Flush
+        ]
+    );
+    // Back on with MODE SELECT(10): no flush needed, writes are cached.
+    let params = select10(false, &[], &caching(true));
+    let (c, _) = rig.run(&mode_select10(PF, params.len() as u16), 0, &params);
+    assert_good(c);
+    assert!(rig.wce(0));
+    assert_eq!(rig.ops(), []);
+    let (c, _) = rig.run(&block_cdb(WRITE_10, 2, 1), 0, &payload);
+    assert_good(c);
+    assert_eq!(
+        rig.ops(),
+        [Op::Write {
+            offset: 1024,
+            len: 512,
+            durable: false
+        }]
+    );
+}
+
+#[test]
+fn mode_select_with_block_descriptors() {
+    let rig = Rig::writable(42);
+    let short = short_descriptor(RIG_BLOCKS as u32, 512);
+    let long = long_descriptor(RIG_BLOCKS, 512);
+    // (MODE SELECT(10), parameter list, WCE afterwards)
+    let cases = [
+        (false, select6(&short, &caching(false)), false),
+        (
+            false,
+            select6(&short_descriptor(0, 512), &caching(true)),
+            true,
+        ),
+        (true, select10(false, &short, &caching(false)), false),
+        (true, select10(true, &long, &caching(true)), true),
+        (
+            true,
+            select10(true, &long_descriptor(0, 512), &caching(false)),
+            false,
+        ),
+        // Several pages at once; PS (byte 0 bit 7) is ignored.
+        (
+            false,
+            {
+                let mut pages = all_pages();
+                pages[12] |= 0x80;
+                select6(&short, &pages)
+            },
+            true,
+        ),
+        // A block descriptor alone changes nothing.
+        (true, select10(false, &short, &[]), true),
+    ];
+    for (ten, params, wce) in cases {
+        let cdb = if ten {
+            mode_select10(PF, params.len() as u16)
+        } else {
+            mode_select6(PF, params.len() as u8)
+        };
+        let (c, _) = rig.run(&cdb, 0, &params);
+        assert_good(c);
+        assert_eq!(rig.wce(0), wce, "{params:02x?}");
+    }
+}
+
+#[test]
+fn mode_select_d_sense_switches_to_descriptor_sense() {
+    let rig = Rig::writable(43);
+    rig.set_descriptor_sense(true);
+    // The control page shows it (current), not as default.
+    let (c, data) = rig.run(&mode_sense6(0x08, 0x0a, 0, 255), 255, &[]);
+    assert_good(c);
+    assert_eq!(data[4..], control_page(true));
+    let (c, data) = rig.run(&mode_sense6(0x08, 0x80 | 0x0a, 0, 255), 255, &[]);
+    assert_good(c);
+    assert_eq!(data[4..], CONTROL_PAGE);
+    // INVALID FIELD IN CDB: a sense-key specific descriptor (02h, length
+    // 6) with SKSV, C/D=1 and the field pointer.
+    let (c, _) = rig.run(&inquiry(false, 0x80, 255), 255, &[]);
+    let d = assert_descriptor_sense(c, 0x05, 0x24, 0x00);
+    assert_eq!(d, [0x02, 0x06, 0, 0, 0xc0, 0, 2, 0]);
+    // With a bit pointer (CMDDT, byte 1 bit 1).
+    let (c, _) = rig.run(&[INQUIRY, 0x02, 0, 0, 255, 0], 255, &[]);
+    let d = assert_descriptor_sense(c, 0x05, 0x24, 0x00);
+    assert_eq!(d, [0x02, 0x06, 0, 0, 0xc9, 0, 1, 0]);
+    let (c, _) = rig.run(&write_same(WRITE_SAME_16, 0, 0, 0), 0, &[0; 512]);
+    let d = assert_descriptor_sense(c, 0x05, 0x24, 0x00);
+    assert_eq!(d, [0x02, 0x06, 0, 0, 0xc0, 0, 10, 0]);
+    // No sense-key specific data: no descriptors.
+    let (c, _) = rig.run(&block_cdb(READ_10, RIG_BLOCKS, 1), 4096, &[]);
+    assert_eq!(assert_descriptor_sense(c, 0x05, 0x21, 0x00), []);
+    let (c, _) = rig.run(&[0xc0, 0, 0, 0, 0, 0], 0, &[]);
+    assert_eq!(assert_descriptor_sense(c, 0x05, 0x20, 0x00), []);
+    // INVALID FIELD IN PARAMETER LIST: C/D=0, pointing into the list.
+    let mut page = caching(true);
+    page[2] |= 0x01;
+    let params = select6(&[], &page);
+    let (c, _) = rig.run(&mode_select6(PF, params.len() as u8), 0, &params);
+    let d = assert_descriptor_sense(c, 0x05, 0x26, 0x00);
+    assert_eq!(d, [0x02, 0x06, 0, 0, 0x88, 0, 6, 0]);
+    // MISCOMPARE: an information descriptor (00h, length 0Ah, VALID) with
+    // the offset.
+    let mut out = rig.stored(3, 1);
+    out[300] ^= 1;
+    out.extend_from_slice(&[0; 512]);
+    let (c, _) = rig.run(&compare_and_write(0, 3, 1), 0, &out);
+    let d = assert_descriptor_sense(c, 0x0e, 0x1d, 0x00);
+    let mut info = vec![0x00, 0x0a, 0x80, 0];
+    info.extend_from_slice(&300u64.to_be_bytes());
+    assert_eq!(d, info);
+    // REQUEST SENSE follows its DESC bit, not D_SENSE.
+    let (c, data) = rig.run(&request_sense(0, 252), 252, &[]);
+    assert_good(c);
+    assert_eq!(data.len(), 18);
+    assert_eq!(data[0], 0x70);
+    // A LUN without a logical unit keeps fixed format.
+    let (c, _) = run(
+        &rig.target,
+        LunAddress::Lun(1),
+        &block_cdb(READ_10, 0, 1),
+        512,
+    );
+    assert_lun_not_supported(c);
+    // Off again: fixed format.
+    rig.set_descriptor_sense(false);
+    let (c, _) = rig.run(&inquiry(false, 0x80, 255), 255, &[]);
+    assert_invalid_field(c, 2, None);
+}
+
+#[test]
+fn mode_select_of_a_non_changeable_field_is_invalid_field_in_parameter_list() {
+    let rig = Rig::writable(44);
+    rig.ops();
+    // (page, byte in the page, new value, most significant differing bit)
+    let cases: [(Vec<u8>, usize, u8, u8); 9] = [
+        (caching(true), 2, 0x05, 0),                   // RCD
+        (caching(true), 2, 0x84, 7),                   // IC
+        (caching(true), 3, 0x01, 0),                   // retention priorities
+        (caching(true), 12, 0x20, 5),                  // FSW/LBCSS/DRA
+        (caching(false), 19, 0x01, 0),                 // reserved
+        (control_page(false), 2, 0x00, 1),             // GLTSD
+        (control_page(false), 3, 0x00, 4),             // QUEUE ALGORITHM MODIFIER
+        (control_page(false), 8, 0x7f, 7),             // BUSY TIMEOUT PERIOD
+        (RW_ERROR_RECOVERY_PAGE.to_vec(), 2, 0x40, 7), // AWRE
+    ];
+    for (page, at, value, bit) in cases {
+        let mut page = page;
+        page[at] = value;
+        let short = short_descriptor(RIG_BLOCKS as u32, 512);
+        let long = long_descriptor(RIG_BLOCKS, 512);
+        for (ten, params, header) in [
+            (false, select6(&[], &page), 4),
+            (false, select6(&short, &page), 12),
+            (true, select10(false, &[], &page), 8),
+            (true, select10(true, &long, &page), 24),
+        ] {
+            let cdb = if ten {
+                mode_select10(PF, params.len() as u16)
+            } else {
+                mode_select6(PF, params.len() as u8)
+            };
+            let (c, _) = rig.run(&cdb, 0, &params);
+            assert_invalid_param(c, (header + at) as u16, Some(bit));
+        }
+    }
+    // Nothing is applied when a later page is invalid.
+    let mut pages = caching(false);
+    let mut control = control_page(true);
+    control[2] &= !0x02;
+    pages.extend_from_slice(&control);
+    let params = select6(&[], &pages);
+    let (c, _) = rig.run(&mode_select6(PF, params.len() as u8), 0, &params);
+    assert_invalid_param(c, 4 + 20 + 2, Some(1));
+    assert!(rig.wce(0));
+    let (c, _) = rig.run(&inquiry(false, 0x80, 255), 255, &[]);
+    assert_invalid_field(c, 2, None);
+    assert!(!rig.ops().contains(&Op::Flush));
+}
+
+#[test]
+fn mode_select_cdb_errors() {
+    let rig = Rig::writable(45);
+    let params6 = select6(&[], &caching(false));
+    let params10 = select10(false, &[], &caching(false));
+    // PF=0: vendor-specific pages are not supported.
+    let (c, _) = rig.run(&mode_select6(0, params6.len() as u8), 0, &params6);
+    assert_invalid_field(c, 1, Some(4));
+    let (c, _) = rig.run(&mode_select10(0, params10.len() as u16), 0, &params10);
+    assert_invalid_field(c, 1, Some(4));
+    // SP=1: saving is not supported.
+    let (c, _) = rig.run(&mode_select6(PF | SP, params6.len() as u8), 0, &params6);
+    assert_invalid_field(c, 1, Some(0));
+    let (c, _) = rig.run(&mode_select10(PF | SP, params10.len() as u16), 0, &params10);
+    assert_invalid_field(c, 1, Some(0));
+    // NACA.
+    let mut cdb = mode_select6(PF, params6.len() as u8);
+    cdb[5] = 0x04;
+    let (c, _) = rig.run(&cdb, 0, &params6);
+    assert_invalid_field(c, 5, Some(2));
+    let mut cdb = mode_select10(PF, params10.len() as u16);
+    cdb[9] = 0x04;
+    let (c, _) = rig.run(&cdb, 0, &params10);
+    assert_invalid_field(c, 9, Some(2));
+    assert!(rig.wce(0));
+}
+
+#[test]
+fn mode_select_parameter_list_errors() {
+    let rig = Rig::writable(46);
+    // Length zero: nothing to do.
+    let (c, _) = rig.run(&mode_select6(PF, 0), 0, &[]);
+    assert_good(c);
+    let (c, _) = rig.run(&mode_select10(PF, 0), 0, &[]);
+    assert_good(c);
+    let params6 = select6(&[], &caching(false));
+    let params10 = select10(false, &[], &caching(false));
+    // Truncated header, page header or page: PARAMETER LIST LENGTH ERROR.
+    for len in [1usize, 3, 5, 10, 23] {
+        let (c, _) = rig.run(&mode_select6(PF, len as u8), 0, &params6[..len]);
+        assert_param_list_length_error(c);
+    }
+    for len in [1usize, 7, 9, 27] {
+        let (c, _) = rig.run(&mode_select10(PF, len as u16), 0, &params10[..len]);
+        assert_param_list_length_error(c);
+    }
+    // A block descriptor cut short.
+    let params = select6(&short_descriptor(0, 512), &[]);
+    let (c, _) = rig.run(&mode_select6(PF, 8), 0, &params[..8]);
+    assert_param_list_length_error(c);
+    // Data-out shorter than the parameter list length: not executed.
+    let (c, _) = rig.run(&mode_select6(PF, 24), 0, &params6[..20]);
+    assert_eq!(c, Completion::BufferTooSmall);
+    let (c, _) = rig.run(&mode_select10(PF, 28), 0, &[]);
+    assert_eq!(c, Completion::BufferTooSmall);
+    assert!(rig.wce(0));
+    // Medium type must be zero.
+    let mut p = params6.clone();
+    p[1] = 1;
+    let (c, _) = rig.run(&mode_select6(PF, p.len() as u8), 0, &p);
+    assert_invalid_param(c, 1, None);
+    let mut p = params10.clone();
+    p[2] = 1;
+    let (c, _) = rig.run(&mode_select10(PF, p.len() as u16), 0, &p);
+    assert_invalid_param(c, 2, None);
+    // Block descriptor length other than 0 or 8 (16 with LONGLBA).
+    let mut p = select6(&[0; 4], &[]);
+    p[3] = 4;
+    let (c, _) = rig.run(&mode_select6(PF, p.len() as u8), 0, &p);
+    assert_invalid_param(c, 3, None);
+    let p = select10(true, &short_descriptor(0, 512), &[]);
+    let (c, _) = rig.run(&mode_select10(PF, p.len() as u16), 0, &p);
+    assert_invalid_param(c, 6, None);
+    // A different block length or number of blocks.
+    for (params, ten, at) in [
+        (
+            select6(&short_descriptor(0, 4096), &caching(false)),
+            false,
+            4 + 5,
+        ),
+        (select6(&short_descriptor(0, 520), &[]), false, 4 + 5),
+        (
+            select10(false, &short_descriptor(0, 4096), &[]),
+            true,
+            8 + 5,
+        ),
+        (select10(true, &long_descriptor(0, 4096), &[]), true, 8 + 12),
+        (select6(&short_descriptor(1, 512), &[]), false, 4),
+        (
+            select10(true, &long_descriptor(RIG_BLOCKS + 1, 512), &[]),
+            true,
+            8,
+        ),
+    ] {
+        let cdb = if ten {
+            mode_select10(PF, params.len() as u16)
+        } else {
+            mode_select6(PF, params.len() as u8)
+        };
+        let (c, _) = rig.run(&cdb, 0, &params);
+        assert_invalid_param(c, at as u16, None);
+    }
+    // Unknown page, wrong page length, sub-page format.
+    let p = select6(&[], &[0x1c, 0x0a, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+    let (c, _) = rig.run(&mode_select6(PF, p.len() as u8), 0, &p);
+    assert_invalid_param(c, 4, None);
+    let mut page = caching(false);
+    page[1] = 0x0a;
+    let p = select6(&[], &page[..12]);
+    let (c, _) = rig.run(&mode_select6(PF, p.len() as u8), 0, &p);
+    assert_invalid_param(c, 5, None);
+    let mut page = caching(false);
+    page[0] |= 0x40;
+    let p = select10(false, &[], &page);
+    let (c, _) = rig.run(&mode_select10(PF, p.len() as u16), 0, &p);
+    assert_invalid_param(c, 8, Some(6));
+    // None of it changed anything.
+    assert!(rig.wce(0));
+}
+
+// ---------------------------------------------------------------------------
+// UNMAP (SBC-3 §5.28)
+// ---------------------------------------------------------------------------
+
+#[test]
+fn unmap_deallocates_and_reads_back_zeroes() {
+    let rig = Rig::writable(50);
+    let mut model = rig.data();
+    rig.ops();
+    let list = unmap_list(&[(10, 5), (100, 20), (RIG_BLOCKS - 1, 1)]);
+    let (c, data) = rig.run(&unmap_cdb(0, list.len() as u16), 4096, &list);
+    assert_good(c);
+    assert!(data.is_empty());
+    assert_eq!(
+        rig.ops(),
+        [
+            Op::Zeroes {
+                offset: 10 * 512,
+                len: 5 * 512,
+                deallocate: true
+            },
+            Op::Zeroes {
+                offset: 100 * 512,
+                len: 20 * 512,
+                deallocate: true
+            },
+            Op::Zeroes {
+                offset: (RIG_BLOCKS - 1) * 512,
+                len: 512,
+                deallocate: true
+            },
+        ]
+    );
+    for (lba, blocks) in [(10usize, 5usize), (100, 20), (RIG_BLOCKS as usize - 1, 1)] {
+        model[lba * 512..(lba + blocks) * 512].fill(0);
+    }
+    assert_eq!(rig.data(), model);
+    assert_eq!(rig.read(100, 20), vec![0; 20 * 512]);
+    // Overlapping descriptors, a zero-length one, GROUP NUMBER, and a
+    // parameter list longer than the descriptors: all fine.
+    let mut list = unmap_list(&[(200, 10), (205, 10), (RIG_BLOCKS, 0)]);
+    list.extend_from_slice(&[0xff; 7]);
+    let mut cdb = unmap_cdb(0, list.len() as u16);
+    cdb[6] = 0x1f;
+    let (c, _) = rig.run(&cdb, 0, &list);
+    assert_good(c);
+    model[200 * 512..215 * 512].fill(0);
+    assert_eq!(rig.data(), model);
+}
+
+#[test]
+fn unmap_punches_holes_in_a_file_image() {
+    const MIB: u64 = 1 << 20;
+    let rig = FileRig::new(4 * MIB, true, |_| {});
+    // 1 MiB at 1 MiB, written through the disk and made durable.
+    let payload = pattern(51, MIB as usize);
+    let (c, _) = rig.run(&block_cdb(WRITE_16, 2048, 2048), 0, &payload);
+    assert_good(c);
+    let (c, _) = rig.run(&block_cdb(SYNCHRONIZE_CACHE_10, 0, 0), 0, &[]);
+    assert_good(c);
+    let allocated = rig.allocated();
+    assert!(allocated >= MIB, "{allocated}");
+    let list = unmap_list(&[(2048, 2048)]);
+    let (c, _) = rig.run(&unmap_cdb(0, list.len() as u16), 0, &list);
+    assert_good(c);
+    let (c, data) = rig.run(&block_cdb(READ_16, 2048, 2048), MIB as usize, &[]);
+    assert_good(c);
+    assert!(data.iter().all(|&b| b == 0));
+    assert!(rig.contents().iter().all(|&b| b == 0));
+    if rig.can_punch_holes() {
+        let now = rig.allocated();
+        assert!(now + MIB / 2 <= allocated, "{allocated} -> {now}");
+        // GET LBA STATUS agrees.
+        let (c, data) = rig.run(&get_lba_status(2048, 4096), 4096, &[]);
+        assert_good(c);
+        assert_eq!(lba_status_descriptors(&data)[0], (2048, 6144, 1));
+    } else {
+        println!("note: the temporary directory's file system does not punch holes; allocation not checked");
+    }
+}
+
+#[test]
+fn unmap_parameter_list_errors() {
+    let rig = Rig::writable(52);
+    let before = rig.data();
+    rig.ops();
+    // Parameter list length zero: nothing to do.
+    let (c, _) = rig.run(&unmap_cdb(0, 0), 0, &[]);
+    assert_good(c);
+    // 1 to 7 bytes cannot hold the header.
+    let list = unmap_list(&[(0, 1)]);
+    for len in 1..8u16 {
+        let (c, _) = rig.run(&unmap_cdb(0, len), 0, &list[..usize::from(len)]);
+        assert_param_list_length_error(c);
+    }
+    // More descriptors than MAXIMUM UNMAP BLOCK DESCRIPTOR COUNT (64).
+    let ranges: Vec<(u64, u32)> = (0..65).map(|i| (i, 1)).collect();
+    let list = unmap_list(&ranges);
+    let (c, _) = rig.run(&unmap_cdb(0, list.len() as u16), 0, &list);
+    assert_invalid_param(c, 2, None);
+    // Data-out shorter than the parameter list length: not executed.
+    let list = unmap_list(&[(0, 1), (4, 1)]);
+    let (c, _) = rig.run(&unmap_cdb(0, list.len() as u16), 0, &list[..list.len() - 1]);
+    assert_eq!(c, Completion::BufferTooSmall);
+    // A descriptor off the medium: LBA OUT OF RANGE, and nothing is
+    // unmapped, not even the valid descriptors before it.
+    for bad in [
+        (RIG_BLOCKS - 1, 2),
+        (RIG_BLOCKS, 1),
+        (RIG_BLOCKS + 1, 0),
+        (u64::MAX, 1),
+    ] {
+        let list = unmap_list(&[(0, 4), (8, 8), bad]);
+        let (c, _) = rig.run(&unmap_cdb(0, list.len() as u16), 0, &list);
+        assert_lba_out_of_range(c);
+    }
+    assert_eq!(rig.ops(), []);
+    assert_eq!(rig.data(), before);
+    // 64 descriptors are fine.
+    let ranges: Vec<(u64, u32)> = (0..64).map(|i| (i * 2, 1)).collect();
+    let list = unmap_list(&ranges);
+    let (c, _) = rig.run(&unmap_cdb(0, list.len() as u16), 0, &list);
+    assert_good(c);
+    assert_eq!(rig.ops().len(), 64);
+    // A descriptor cut by the parameter list length or by the block
+    // descriptor data length is ignored.
+    let list = unmap_list(&[(300, 1), (RIG_BLOCKS, 1)]);
+    let (c, _) = rig.run(&unmap_cdb(0, 8 + 16 + 15), 0, &list);
+    assert_good(c);
+    let mut list = unmap_list(&[(301, 1), (RIG_BLOCKS, 1)]);
+    list[2..4].copy_from_slice(&16u16.to_be_bytes());
+    let (c, _) = rig.run(&unmap_cdb(0, list.len() as u16), 0, &list);
+    assert_good(c);
+    let mut list = unmap_list(&[(302, 1), (RIG_BLOCKS, 1)]);
+    list[2..4].copy_from_slice(&20u16.to_be_bytes());
+    let (c, _) = rig.run(&unmap_cdb(0, list.len() as u16), 0, &list);
+    assert_good(c);
+    assert_eq!(
+        rig.ops(),
+        (300..303)
+            .map(|lba| Op::Zeroes {
+                offset: lba * 512,
+                len: 512,
+                deallocate: true
+            })
+            .collect::<Vec<_>>()
+    );
+    // Only a header: nothing to do.
+    let list = unmap_list(&[]);
+    let (c, _) = rig.run(&unmap_cdb(0, 8), 0, &list);
+    assert_good(c);
+    assert_eq!(rig.ops(), []);
+}
+
+/// MAXIMUM UNMAP LBA COUNT bounds the blocks of all descriptors together.
+#[test]
+fn unmap_lba_count_is_limited_over_all_descriptors() {
+    let max = 1u32 << 21; // 1 GiB of 512-byte blocks
+    let rig = Rig::new(MemImage::sparse(Vec::new(), 4 << 30, false), 512, true);
+    let (c, data) = rig.run(&inquiry(true, 0xb0, 64), 64, &[]);
+    assert_good(c);
+    assert_eq!(be32(&data[20..]), max);
+    rig.ops();
+    for (ranges, field) in [
+        (vec![(0, max + 1)], 8 + 8),
+        (
+            vec![(0, max / 2), (u64::from(max), max / 2 + 1)],
+            8 + 16 + 8,
+        ),
+        (vec![(0, 1), (10, 1), (u64::from(max), max - 1)], 8 + 32 + 8),
+    ] {
+        let list = unmap_list(&ranges);
+        let (c, _) = rig.run(&unmap_cdb(0, list.len() as u16), 0, &list);
+        assert_invalid_param(c, field, None);
+    }
+    assert_eq!(rig.ops(), []);
+    for ranges in [
+        vec![(0, max)],
+        vec![(0, max / 2), (u64::from(max), max / 2)],
+    ] {
+        let list = unmap_list(&ranges);
+        let (c, _) = rig.run(&unmap_cdb(0, list.len() as u16), 0, &list);
+        assert_good(c);
+    }
+}
+
+#[test]
+fn unmap_cdb_and_unit_errors() {
+    let list = unmap_list(&[(0, 4)]);
+    let rig = Rig::writable(53);
+    let before = rig.data();
+    // ANCHOR: anchored LBAs are not supported (ANC_SUP=0).
+    let (c, _) = rig.run(&unmap_cdb(0x01, list.len() as u16), 0, &list);
+    assert_invalid_field(c, 1, Some(0));
+    // NACA.
+    let mut cdb = unmap_cdb(0, list.len() as u16);
+    cdb[9] = 0x04;
+    let (c, _) = rig.run(&cdb, 0, &list);
+    assert_invalid_field(c, 9, Some(2));
+    assert_eq!(rig.data(), before);
+    // Without thin provisioning UNMAP does not exist, writable or not.
+    for read_only in [false, true] {
+        let rig = Rig::new(MemImage::new(before.clone(), read_only), 512, false);
+        let (c, _) = rig.run(&unmap_cdb(0, list.len() as u16), 0, &list);
+        assert_invalid_opcode(c);
+        assert_eq!(rig.data(), before);
+    }
+    // Thin provisioning configured on a read-only unit: write protected.
+    let rig = Rig::new(MemImage::new(before.clone(), true), 512, true);
+    let (c, _) = rig.run(&unmap_cdb(0, list.len() as u16), 0, &list);
+    assert_write_protected(c);
+    assert_eq!(rig.ops(), []);
+}
+
+// ---------------------------------------------------------------------------
+// WRITE SAME (SBC-3 §5.41, §5.42)
+// ---------------------------------------------------------------------------
+
+#[test]
+fn write_same_replicates_one_block() {
+    for op in [WRITE_SAME_10, WRITE_SAME_16] {
+        let rig = Rig::writable(60);
+        let mut model = rig.data();
+        let block = pattern(61, 512);
+        // 300 blocks: more than one 64 KiB piece.
+        let (c, data) = rig.run(&write_same(op, 0, 50, 300), 4096, &block);
+        assert_good(c);
+        assert!(data.is_empty());
+        for b in 50..350 {
+            model[b * 512..(b + 1) * 512].copy_from_slice(&block);
+        }
+        assert_eq!(rig.data(), model);
+        // Data-out beyond one block is ignored; the last block.
+        let mut out = pattern(62, 512);
+        out.extend_from_slice(&[0xff; 100]);
+        let (c, _) = rig.run(&write_same(op, 0, RIG_BLOCKS - 1, 1), 0, &out);
+        assert_good(c);
+        model[(RIG_BLOCKS as usize - 1) * 512..].copy_from_slice(&out[..512]);
+        assert_eq!(rig.data(), model);
+    }
+    // 4096-byte blocks.
+    let rig = Rig::new(MemImage::new(vec![0; 64 * 4096], false), 4096, true);
+    let block = pattern(63, 4096);
+    let (c, _) = rig.run(&write_same(WRITE_SAME_16, 0, 2, 40), 0, &block);
+    assert_good(c);
+    let data = rig.data();
+    for b in 0..64 {
+        let expected = if (2..42).contains(&b) {
+            &block[..]
+        } else {
+            &[0u8; 4096][..]
+        };
+        assert_eq!(&data[b * 4096..(b + 1) * 4096], expected, "block {b}");
+    }
+}
+
+#[test]
+fn write_same_of_zeroes_and_with_unmap() {
+    let rig = Rig::writable(64);
+    let mut model = rig.data();
+    rig.ops();
+    let zeroes = |offset: u64, len: u64, deallocate| Op::Zeroes {
+        offset,
+        len,
+        deallocate,
+    };
+    for op in [WRITE_SAME_10, WRITE_SAME_16] {
+        // Zeroes: written as zeroes, the blocks stay mapped.
+        let (c, _) = rig.run(&write_same(op, 0, 10, 20), 0, &[0; 512]);
+        assert_good(c);
+        assert_eq!(rig.ops(), [zeroes(5120, 10240, false)]);
+        // UNMAP=1 with zeroes: deallocated (reads back as zeroes, LBPRZ).
+        let (c, _) = rig.run(&write_same(op, WS_UNMAP, 40, 20), 0, &[0; 512]);
+        assert_good(c);
+        assert_eq!(rig.ops(), [zeroes(40 * 512, 10240, true)]);
+        // UNMAP=1 with other data: that data is written.
+        let block = pattern(65, 512);
+        let (c, _) = rig.run(&write_same(op, WS_UNMAP, 70, 4), 0, &block);
+        assert_good(c);
+        assert_eq!(
+            rig.ops(),
+            [Op::Write {
+                offset: 70 * 512,
+                len: 2048,
+                durable: false
+            }]
+        );
+        for b in 70..74 {
+            model[b * 512..(b + 1) * 512].copy_from_slice(&block);
+        }
+    }
+    model[10 * 512..30 * 512].fill(0);
+    model[40 * 512..60 * 512].fill(0);
+    assert_eq!(rig.data(), model);
+    // NDOB (16 only): no data-out, zeroes.
+    let (c, _) = rig.run(&write_same(WRITE_SAME_16, WS_NDOB, 80, 4), 0, &[]);
+    assert_good(c);
+    assert_eq!(rig.ops(), [zeroes(80 * 512, 2048, false)]);
+    let (c, _) = rig.run(
+        &write_same(WRITE_SAME_16, WS_NDOB | WS_UNMAP, 90, 4),
+        0,
+        &[],
+    );
+    assert_good(c);
+    assert_eq!(rig.ops(), [zeroes(90 * 512, 2048, true)]);
+    model[80 * 512..84 * 512].fill(0);
+    model[90 * 512..94 * 512].fill(0);
+    assert_eq!(rig.data(), model);
+    // WRITE SAME(10) has no NDOB: bit 0 is ignored, data-out is needed.
+    let (c, _) = rig.run(&write_same(WRITE_SAME_10, 0x01, 80, 4), 0, &[]);
+    assert_eq!(c, Completion::BufferTooSmall);
+    // Zeroes into the unallocated tail of a sparse image need space unless
+    // they deallocate.
+    let sparse = Rig::new(
+        MemImage::sparse(vec![1; 64 << 10], 1 << 20, false),
+        512,
+        true,
+    );
+    let (c, _) = sparse.run(&write_same(WRITE_SAME_16, 0, 120, 16), 0, &[0; 512]);
+    assert_space_allocation_failed(c);
+    let (c, _) = sparse.run(&write_same(WRITE_SAME_16, 0, 120, 16), 0, &[1; 512]);
+    assert_space_allocation_failed(c);
+    assert_eq!(sparse.data(), vec![1; 64 << 10]);
+    let (c, _) = sparse.run(&write_same(WRITE_SAME_16, WS_UNMAP, 120, 16), 0, &[0; 512]);
+    assert_good(c);
+    let mut expected = vec![1; 64 << 10];
+    expected[120 * 512..].fill(0);
+    assert_eq!(sparse.data(), expected);
+}
+
+#[test]
+fn write_same_unmap_punches_holes_in_a_file_image() {
+    const MIB: u64 = 1 << 20;
+    let rig = FileRig::new(4 * MIB, true, |_| {});
+    let payload = pattern(66, 2 * MIB as usize);
+    let (c, _) = rig.run(&block_cdb(WRITE_16, 0, 4096), 0, &payload);
+    assert_good(c);
+    let (c, _) = rig.run(&block_cdb(SYNCHRONIZE_CACHE_16, 0, 0), 0, &[]);
+    assert_good(c);
+    let allocated = rig.allocated();
+    let (c, _) = rig.run(&write_same(WRITE_SAME_16, WS_UNMAP, 0, 2048), 0, &[0; 512]);
+    assert_good(c);
+    let (c, _) = rig.run(
+        &write_same(WRITE_SAME_16, WS_UNMAP | WS_NDOB, 2048, 2048),
+        0,
+        &[],
+    );
+    assert_good(c);
+    assert!(rig.contents().iter().all(|&b| b == 0));
+    if rig.can_punch_holes() {
+        let now = rig.allocated();
+        assert!(now + MIB <= allocated, "{allocated} -> {now}");
+    } else {
+        println!("note: the temporary directory's file system does not punch holes; allocation not checked");
+    }
+}
+
+#[test]
+fn write_same_errors() {
+    let rig = Rig::writable(67);
+    let before = rig.data();
+    rig.ops();
+    let block = vec![1; 512];
+    for op in [WRITE_SAME_10, WRITE_SAME_16] {
+        let len_byte = length_byte(op);
+        // WSNZ=1: zero blocks is refused.
+        let (c, _) = rig.run(&write_same(op, 0, 0, 0), 0, &block);
+        assert_invalid_field(c, len_byte, None);
+        // ANCHOR (ANC_SUP=0).
+        let (c, _) = rig.run(&write_same(op, WS_ANCHOR, 0, 1), 0, &block);
+        assert_invalid_field(c, 1, Some(4));
+        let (c, _) = rig.run(&write_same(op, WS_ANCHOR | WS_UNMAP, 0, 1), 0, &block);
+        assert_invalid_field(c, 1, Some(4));
+        // WRPROTECT.
+        let (c, _) = rig.run(&write_same(op, 0x20, 0, 1), 0, &block);
+        assert_invalid_field(c, 1, Some(7));
+        // Off the medium.
+        let (c, _) = rig.run(&write_same(op, 0, RIG_BLOCKS - 1, 2), 0, &block);
+        assert_lba_out_of_range(c);
+        let (c, _) = rig.run(&write_same(op, WS_UNMAP, RIG_BLOCKS, 1), 0, &block);
+        assert_lba_out_of_range(c);
+        // Less than one block of data-out: not executed.
+        let (c, _) = rig.run(&write_same(op, 0, 0, 1), 0, &block[..511]);
+        assert_eq!(c, Completion::BufferTooSmall);
+    }
+    let (c, _) = rig.run(&write_same(WRITE_SAME_16, 0, u64::MAX, 1), 0, &block);
+    assert_lba_out_of_range(c);
+    // Longer than MAXIMUM WRITE SAME LENGTH (1 GiB: 2^21 blocks), checked
+    // before the LBA.
+    for blocks in [(1 << 21) + 1, u32::MAX] {
+        let (c, _) = rig.run(&write_same(WRITE_SAME_16, 0, 0, blocks), 0, &block);
+        assert_invalid_field(c, 10, None);
+        let (c, _) = rig.run(&write_same(WRITE_SAME_16, 0, u64::MAX, blocks), 0, &block);
+        assert_invalid_field(c, 10, None);
+    }
+    let (c, _) = rig.run(&write_same(WRITE_SAME_16, 0, 0, 1 << 21), 0, &block);
+    assert_lba_out_of_range(c);
+    assert_eq!(rig.ops(), []);
+    assert_eq!(rig.data(), before);
+    // The maximum itself, on a large sparse disk.
+    let big = Rig::new(MemImage::sparse(Vec::new(), 2 << 30, false), 512, true);
+    let (c, _) = big.run(
+        &write_same(WRITE_SAME_16, WS_UNMAP, 1, 1 << 21),
+        0,
+        &[0; 512],
+    );
+    assert_good(c);
+    // 4096-byte blocks: 2^18.
+    let rig4k = Rig::new(MemImage::new(vec![0; 16 * 4096], false), 4096, true);
+    let (c, _) = rig4k.run(
+        &write_same(WRITE_SAME_16, 0, 0, (1 << 18) + 1),
+        0,
+        &[0; 4096],
+    );
+    assert_invalid_field(c, 10, None);
+    let (c, _) = rig4k.run(&write_same(WRITE_SAME_16, 0, 0, 1 << 18), 0, &[0; 4096]);
+    assert_lba_out_of_range(c);
+    // UNMAP without thin provisioning: the bit is not supported (LBPWS=0).
+    let plain = Rig::new(MemImage::new(before.clone(), false), 512, false);
+    for op in [WRITE_SAME_10, WRITE_SAME_16] {
+        let (c, _) = plain.run(&write_same(op, WS_UNMAP, 0, 4), 0, &[0; 512]);
+        assert_invalid_field(c, 1, Some(3));
+        let (c, _) = plain.run(&write_same(op, 0, 0, 4), 0, &[0; 512]);
+        assert_good(c);
+    }
+    // A read-only unit.
+    let ro = Rig::new(MemImage::new(before.clone(), true), 512, true);
+    for op in [WRITE_SAME_10, WRITE_SAME_16] {
+        for byte1 in [0, WS_UNMAP] {
+            let (c, _) = ro.run(&write_same(op, byte1, 0, 4), 0, &block);
+            assert_write_protected(c);
+        }
+    }
+    let (c, _) = ro.run(&write_same(WRITE_SAME_16, WS_NDOB, 0, 4), 0, &[]);
+    assert_write_protected(c);
+    assert_eq!(ro.ops(), []);
+    assert_eq!(ro.data(), before);
+}
+
+// ---------------------------------------------------------------------------
+// GET LBA STATUS (SBC-3 §5.7)
+// ---------------------------------------------------------------------------
+
+/// An allocation map in bytes as LBA status descriptors: 512-byte blocks,
+/// a hole only where it covers whole blocks, neighbours of one status
+/// merged.
+fn expected_lba_status(map: &[(u64, u64, bool)], from: u64) -> Vec<(u64, u32, u8)> {
+    let mut status: Vec<u8> = Vec::new();
+    for &(start, end, allocated) in map {
+        for block in start / 512..end.div_ceil(512) {
+            let whole_hole = !allocated && block * 512 >= start && (block + 1) * 512 <= end;
+            match status.get_mut(block as usize) {
+                // A block partly mapped is mapped.
+                Some(s) => *s = (*s).min(u8::from(whole_hole)),
+                None => status.push(u8::from(whole_hole)),
+            }
+        }
+    }
+    let mut out: Vec<(u64, u32, u8)> = Vec::new();
+    for (block, &s) in status.iter().enumerate().skip(from as usize) {
+        match out.last_mut() {
+            Some(last) if last.2 == s => last.1 += 1,
+            _ => out.push((block as u64, 1, s)),
+        }
+    }
+    out
+}
+
+#[test]
+fn get_lba_status_reports_mapped_and_deallocated_extents() {
+    use std::os::unix::fs::FileExt;
+    const BLOCKS: u64 = 4096; // 2 MiB
+                              // A sparse file with 64 KiB of data at 256 KiB.
+    let rig = FileRig::new(BLOCKS * 512, true, |f| {
+        f.write_all_at(&[0x5a; 64 << 10], 256 << 10).unwrap();
+    });
+    let map = rig.allocation_map();
+    let holes = map.iter().any(|e| !e.2);
+    let (c, data) = rig.run(&get_lba_status(0, 4096), 4096, &[]);
+    assert_good(c);
+    let d = lba_status_descriptors(&data);
+    assert_eq!(d, expected_lba_status(&map, 0));
+    // The written blocks are mapped.
+    assert!(d
+        .iter()
+        .any(|&(lba, n, s)| s == 0 && lba <= 512 && lba + u64::from(n) >= 640));
+    if holes {
+        assert_eq!(d, [(0, 512, 1), (512, 128, 0), (640, 3456, 1)]);
+    } else {
+        println!("note: the temporary directory's file system reports no holes");
+    }
+    // From an LBA inside an extent, which the first descriptor starts at.
+    for lba in [100u64, 600, 700, BLOCKS - 1] {
+        let (c, data) = rig.run(&get_lba_status(lba, 4096), 4096, &[]);
+        assert_good(c);
+        let d = lba_status_descriptors(&data);
+        assert_eq!(d, expected_lba_status(&map, lba), "from {lba}");
+        assert_eq!(d[0].0, lba);
+        let end = d.last().map(|&(l, n, _)| l + u64::from(n));
+        assert_eq!(end, Some(BLOCKS));
+    }
+    // The allocation length truncates; the header still counts what was
+    // prepared (at least one descriptor).
+    let (_, full) = rig.run(&get_lba_status(0, 4096), 4096, &[]);
+    let (c, data) = rig.run(&get_lba_status(0, 8), 4096, &[]);
+    assert_good(c);
+    assert_eq!(data, [0, 0, 0, 20, 0, 0, 0, 0]);
+    let (c, data) = rig.run(&get_lba_status(0, 24), 4096, &[]);
+    assert_good(c);
+    assert_eq!(data[..4], [0, 0, 0, 20]);
+    assert_eq!(data[8..], full[8..24]);
+    let (c, data) = rig.run(&get_lba_status(0, 0), 4096, &[]);
+    assert_good(c);
+    assert!(data.is_empty());
+    let (c, data) = rig.run(&get_lba_status(0, 4096), 30, &[]);
+    assert_good(c);
+    assert_eq!(data, full[..30]);
+    // A write into a hole maps it.
+    let (c, _) = rig.run(&block_cdb(WRITE_10, 0, 8), 0, &[7; 4096]);
+    assert_good(c);
+    let (c, data) = rig.run(&get_lba_status(0, 4096), 4096, &[]);
+    assert_good(c);
+    let d = lba_status_descriptors(&data);
+    assert_eq!(d, expected_lba_status(&rig.allocation_map(), 0));
+    assert_eq!((d[0].0, d[0].2), (0, 0));
+}
+
+#[test]
+fn get_lba_status_errors() {
+    let rig = FileRig::new(64 * 512, true, |_| {});
+    for lba in [64u64, 65, u64::MAX] {
+        let (c, data) = rig.run(&get_lba_status(lba, 4096), 4096, &[]);
+        assert_lba_out_of_range(c);
+        assert!(data.is_empty());
+    }
+    // Without thin provisioning the service action does not exist.
+    let plain = FileRig::new(64 * 512, false, |_| {});
+    let (c, _) = plain.run(&get_lba_status(0, 4096), 4096, &[]);
+    assert_invalid_field(c, 1, Some(4));
+    let ro = Rig::new(MemImage::new(vec![0; 64 * 512], true), 512, true);
+    let (c, _) = ro.run(&get_lba_status(0, 4096), 4096, &[]);
+    assert_invalid_field(c, 1, Some(4));
+}
+
+/// In-memory images: the stored bytes are mapped, a sparse tail is
+/// deallocated; an extent of 2^32 blocks or more continues in the next
+/// descriptor, so the descriptors stay contiguous.
+#[test]
+fn get_lba_status_on_memory_images() {
+    let rig = Rig::writable(70);
+    let (c, data) = rig.run(&get_lba_status(0, 4096), 4096, &[]);
+    assert_good(c);
+    assert_eq!(lba_status_descriptors(&data), [(0, RIG_BLOCKS as u32, 0)]);
+    let blocks = (1u64 << 32) + 16;
+    let huge = Rig::new(
+        MemImage::sparse(pattern(71, 4096), blocks * 512, false),
+        512,
+        true,
+    );
+    let (c, data) = huge.run(&get_lba_status(0, 4096), 4096, &[]);
+    assert_good(c);
+    let first = 8 + u64::from(u32::MAX);
+    assert_eq!(
+        lba_status_descriptors(&data),
+        [
+            (0, 8, 0),
+            (8, u32::MAX, 1),
+            (first, (blocks - first) as u32, 1)
+        ]
+    );
+    let (c, data) = huge.run(&get_lba_status(blocks - 1, 4096), 4096, &[]);
+    assert_good(c);
+    assert_eq!(lba_status_descriptors(&data), [(blocks - 1, 1, 1)]);
+    let (c, _) = huge.run(&get_lba_status(blocks, 4096), 4096, &[]);
+    assert_lba_out_of_range(c);
+}
+
+// ---------------------------------------------------------------------------
+// COMPARE AND WRITE (SBC-3 §5.3)
+// ---------------------------------------------------------------------------
+
+#[test]
+fn compare_and_write_writes_when_the_data_matches() {
+    let rig = Rig::writable(80);
+    rig.ops();
+    let verify = rig.stored(20, 3);
+    let new = pattern(81, 3 * 512);
+    let out = [verify, new.clone()].concat();
+    let (c, data) = rig.run(&compare_and_write(0, 20, 3), 4096, &out);
+    assert_good(c);
+    assert!(data.is_empty());
+    assert_eq!(rig.stored(20, 3), new);
+    let range = (20 * 512, 3 * 512);
+    assert_eq!(
+        rig.ops(),
+        [
+            Op::Read {
+                offset: range.0,
+                len: range.1
+            },
+            Op::Write {
+                offset: range.0,
+                len: range.1,
+                durable: false
+            }
+        ]
+    );
+    // FUA: the write is durable at completion.
+    let newer = pattern(82, 3 * 512);
+    let (c, _) = rig.run(
+        &compare_and_write(0x08, 20, 3),
+        0,
+        &[new, newer.clone()].concat(),
+    );
+    assert_good(c);
+    assert_eq!(rig.stored(20, 3), newer);
+    assert_eq!(
+        rig.ops()[1],
+        Op::Write {
+            offset: range.0,
+            len: range.1,
+            durable: true
+        }
+    );
+    // The largest, MAXIMUM COMPARE AND WRITE LENGTH (64 blocks), at the end.
+    let lba = RIG_BLOCKS - 64;
+    let new = pattern(83, 64 * 512);
+    let (c, _) = rig.run(
+        &compare_and_write(0, lba, 64),
+        0,
+        &[rig.stored(lba, 64), new.clone()].concat(),
+    );
+    assert_good(c);
+    assert_eq!(rig.stored(lba, 64), new);
+    // 4096-byte blocks.
+    let rig4k = Rig::new(MemImage::new(vec![9; 8 * 4096], false), 4096, true);
+    let new = pattern(84, 4096);
+    let (c, _) = rig4k.run(
+        &compare_and_write(0, 7, 1),
+        0,
+        &[vec![9; 4096], new.clone()].concat(),
+    );
+    assert_good(c);
+    assert_eq!(rig4k.stored(7, 1), new);
+}
+
+#[test]
+fn compare_and_write_miscompare_reports_the_offset_and_writes_nothing() {
+    let rig = Rig::writable(85);
+    let before = rig.data();
+    rig.ops();
+    for at in [0usize, 1, 511, 700, 3 * 512 - 1] {
+        let mut verify = rig.stored(20, 3);
+        verify[at] ^= 0x40;
+        // Later differences do not matter: the first one is reported.
+        verify[3 * 512 - 1] ^= 0x01;
+        let out = [verify, vec![0xee; 3 * 512]].concat();
+        let (c, data) = rig.run(&compare_and_write(0x08, 20, 3), 4096, &out);
+        assert_miscompare(c, at as u32);
+        assert!(data.is_empty());
+        assert_eq!(
+            rig.ops(),
+            [Op::Read {
+                offset: 20 * 512,
+                len: 3 * 512
+            }]
+        );
+    }
+    assert_eq!(rig.data(), before);
+}
+
+#[test]
+fn compare_and_write_errors() {
+    let rig = Rig::writable(86);
+    let before = rig.data();
+    rig.ops();
+    // Zero blocks: nothing compared or written, not an error.
+    let (c, _) = rig.run(&compare_and_write(0, 5, 0), 0, &[]);
+    assert_good(c);
+    let (c, _) = rig.run(&compare_and_write(0, RIG_BLOCKS, 0), 0, &[]);
+    assert_good(c);
+    // More than MAXIMUM COMPARE AND WRITE LENGTH.
+    for blocks in [65u8, 128, 255] {
+        let (c, _) = rig.run(&compare_and_write(0, 0, blocks), 0, &vec![0; 2 * 255 * 512]);
+        assert_invalid_field(c, 13, None);
+    }
+    // Data-out must hold the verify and the write data.
+    for len in [0usize, 512, 2 * 1024 - 1] {
+        let (c, _) = rig.run(&compare_and_write(0, 5, 2), 0, &before[..len]);
+        assert_eq!(c, Completion::BufferTooSmall);
+    }
+    // Off the medium.
+    for (lba, blocks) in [(RIG_BLOCKS - 1, 2u8), (RIG_BLOCKS, 1), (u64::MAX, 1)] {
+        let (c, _) = rig.run(&compare_and_write(0, lba, blocks), 0, &[0; 2048]);
+        assert_lba_out_of_range(c);
+    }
+    // WRPROTECT.
+    let (c, _) = rig.run(&compare_and_write(0x20, 0, 1), 0, &[0; 1024]);
+    assert_invalid_field(c, 1, Some(7));
+    assert_eq!(rig.ops(), []);
+    assert_eq!(rig.data(), before);
+    // Read-only.
+    let ro = Rig::new(MemImage::new(before.clone(), true), 512, true);
+    let out = [before[..512].to_vec(), vec![0; 512]].concat();
+    let (c, _) = ro.run(&compare_and_write(0, 0, 1), 0, &out);
+    assert_write_protected(c);
+    // The medium cannot be read: MEDIUM ERROR, nothing written.
+    let bad = Rig::new(
+        MemImage::new(before.clone(), false).with_read_error(512..1024),
+        512,
+        true,
+    );
+    let out = [before[..1024].to_vec(), vec![0; 1024]].concat();
+    let (c, _) = bad.run(&compare_and_write(0, 0, 2), 0, &out);
+    assert_medium_error(c);
+    assert_eq!(bad.data(), before);
+}
+
+// ---------------------------------------------------------------------------
+// VERIFY with byte check (SBC-3 §5.33)
+// ---------------------------------------------------------------------------
+
+#[test]
+fn verify_byte_check_01_compares_with_the_data_out() {
+    let rig = Rig::writable(90);
+    // 200 blocks: compared in several 64 KiB pieces.
+    let expected = rig.stored(10, 200);
+    for op in VERIFIES {
+        let (c, data) = rig.run(&verify_cdb(op, 10, 200, 0b01), 4096, &expected);
+        assert_good(c);
+        assert!(data.is_empty());
+        for at in [0usize, 511, 65_535, 65_536, 70_000, 200 * 512 - 1] {
+            let mut out = expected.clone();
+            out[at] ^= 0x80;
+            let (c, _) = rig.run(&verify_cdb(op, 10, 200, 0b01), 0, &out);
+            assert_miscompare(c, at as u32);
+        }
+        // Zero blocks: no data-out needed.
+        let (c, _) = rig.run(&verify_cdb(op, 10, 0, 0b01), 0, &[]);
+        assert_good(c);
+        // Short data-out: not executed.
+        let (c, _) = rig.run(
+            &verify_cdb(op, 10, 200, 0b01),
+            0,
+            &expected[..200 * 512 - 1],
+        );
+        assert_eq!(c, Completion::BufferTooSmall);
+        // Range errors first.
+        let (c, _) = rig.run(&verify_cdb(op, RIG_BLOCKS, 1, 0b01), 0, &expected);
+        assert_lba_out_of_range(c);
+    }
+    // A read error is a medium error.
+    let bad = Rig::new(
+        MemImage::new(vec![0; 64 * 512], false).with_read_error(4 * 512..5 * 512),
+        512,
+        false,
+    );
+    let (c, _) = bad.run(&verify_cdb(VERIFY_16, 0, 8, 0b01), 0, &[0; 8 * 512]);
+    assert_medium_error(c);
+}
+
+#[test]
+fn verify_byte_check_11_compares_every_block_with_one() {
+    let rig = Rig::writable(91);
+    let block = pattern(92, 512);
+    let (c, _) = rig.run(&write_same(WRITE_SAME_16, 0, 30, 300), 0, &block);
+    assert_good(c);
+    let mut other = block.clone();
+    other[77] ^= 1;
+    for op in VERIFIES {
+        let (c, _) = rig.run(&verify_cdb(op, 30, 300, 0b11), 0, &block);
+        assert_good(c);
+        // Only one block of data-out is taken.
+        let mut out = block.clone();
+        out.extend_from_slice(&[0xff; 512]);
+        let (c, _) = rig.run(&verify_cdb(op, 30, 300, 0b11), 0, &out);
+        assert_good(c);
+        let (c, _) = rig.run(&verify_cdb(op, 30, 300, 0b11), 0, &other);
+        assert_miscompare(c, 77);
+        let (c, _) = rig.run(&verify_cdb(op, 30, 300, 0b11), 0, &block[..511]);
+        assert_eq!(c, Completion::BufferTooSmall);
+        // BYTCHK 10b is reserved.
+        let (c, _) = rig.run(&verify_cdb(op, 30, 300, 0b10), 0, &block);
+        assert_invalid_field(c, 1, Some(2));
+    }
+    // One block differing far into the range: the offset counts from the
+    // start of the range, as if the block were replicated into the
+    // data-out.
+    let mut changed = block.clone();
+    changed[5] ^= 1;
+    let (c, _) = rig.run(&block_cdb(WRITE_10, 30 + 250, 1), 0, &changed);
+    assert_good(c);
+    let (c, _) = rig.run(&verify_cdb(VERIFY_12, 30, 300, 0b11), 0, &block);
+    assert_miscompare(c, 250 * 512 + 5);
+}
+
+// ---------------------------------------------------------------------------
+// Thin provisioning reported: READ CAPACITY(16), VPD B0h and B2h
+// ---------------------------------------------------------------------------
+
+#[test]
+fn thin_provisioning_is_reported_where_it_is_offered() {
+    // (block size, read only, discard) -> offered
+    for (block_size, read_only, discard) in [
+        (512u32, false, true),
+        (4096, false, true),
+        (512, false, false),
+        (512, true, true),
+        (4096, true, false),
+    ] {
+        let blocks = 64u64;
+        let rig = Rig::new(
+            MemImage::new(
+                vec![0; (blocks * u64::from(block_size)) as usize],
+                read_only,
+            ),
+            block_size,
+            discard,
+        );
+        let offered = discard && !read_only;
+        let exponent = if block_size == 512 { 3 } else { 0 };
+        // READ CAPACITY(16): LBPME and LBPRZ.
+        let (c, data) = rig.run(&rc16_cdb(32), 32, &[]);
+        assert_good(c);
+        let mut expected = expected_capacity16(blocks, block_size, exponent);
+        if offered {
+            expected[14] = 0xc0;
+        }
+        assert_eq!(data, expected, "{block_size} {read_only} {discard}");
+        // Logical block provisioning VPD: LBPU, LBPWS, LBPWS10, LBPRZ,
+        // thin provisioned; or nothing.
+        let (c, data) = rig.run(&inquiry(true, 0xb2, 255), 255, &[]);
+        assert_good(c);
+        if offered {
+            assert_eq!(data, [0, 0xb2, 0, 4, 0, 0xe4, 0x02, 0]);
+        } else {
+            assert_eq!(data, [0, 0xb2, 0, 4, 0, 0, 0, 0]);
+        }
+        // Block limits: the UNMAP limits only where UNMAP exists.
+        let (c, data) = rig.run(&inquiry(true, 0xb0, 255), 255, &[]);
+        assert_good(c);
+        let mut limits = vec![0u8; 64];
+        limits[1] = 0xb0;
+        limits[3] = 0x3c;
+        limits[4] = 0x01;
+        limits[5] = 64;
+        limits[6..8].copy_from_slice(&(1u16 << exponent).to_be_bytes());
+        limits[8..12].copy_from_slice(&((32u32 << 20) / block_size).to_be_bytes());
+        let max_unmap = (1u32 << 30) / block_size;
+        if offered {
+            limits[20..24].copy_from_slice(&max_unmap.to_be_bytes());
+            limits[24..28].copy_from_slice(&64u32.to_be_bytes());
+            limits[28..32].copy_from_slice(&(1u32 << exponent).to_be_bytes());
+            limits[32] = 0x80;
+        }
+        limits[36..44].copy_from_slice(&u64::from(max_unmap).to_be_bytes());
+        assert_eq!(data, limits, "{block_size} {read_only} {discard}");
+        // REPORT SUPPORTED OPERATION CODES lists UNMAP and GET LBA STATUS
+        // only then.
+        let (c, data) = rig.run(&rsoc(0x01, UNMAP, 0, 64), 64, &[]);
+        assert_good(c);
+        assert_eq!(data[1] & 0x07, if offered { 0x03 } else { 0x01 });
+        let (c, data) = rig.run(&rsoc(0x02, SERVICE_ACTION_IN_16, 0x12, 64), 64, &[]);
+        assert_good(c);
+        assert_eq!(data[1] & 0x07, if offered { 0x03 } else { 0x01 });
+    }
+}
+
+// ---------------------------------------------------------------------------
 // Robustness
 // ---------------------------------------------------------------------------
+
+/// A random CDB: random length and bytes; half the time a supported
+/// opcode, often with small service actions, a clear NACA bit and small
+/// LBAs and lengths, so the interesting paths are reached.
+fn random_cdb(rng: &mut XorShift) -> Vec<u8> {
+    if rng.below(3) == 0 {
+        return structured_cdb(rng);
+    }
+    let len = rng.below(33) as usize;
+    let mut cdb: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+    if len > 0 && rng.below(2) == 0 {
+        cdb[0] = ALL_COMMANDS[rng.below(ALL_COMMANDS.len() as u64) as usize].0;
+        if rng.below(2) == 0 {
+            if let Some(b) = cdb.get_mut(1) {
+                *b &= 0x1f;
+            }
+            for b in cdb.iter_mut().skip(2).take(6) {
+                if rng.below(3) != 0 {
+                    *b = 0;
+                }
+            }
+            if let Some(last) = cdb.last_mut() {
+                *last &= !0x04;
+            }
+        }
+    }
+    cdb
+}
+
+/// A supported command's CDB of the right length with random flags in
+/// byte 1, a small (sometimes huge) LBA and a small length, and now and
+/// then one random byte.
+fn structured_cdb(rng: &mut XorShift) -> Vec<u8> {
+    let (op, sa, len, _) = ALL_COMMANDS[rng.below(ALL_COMMANDS.len() as u64) as usize];
+    let mut cdb = vec![0u8; usize::from(len)];
+    cdb[0] = op;
+    cdb[1] = rng.next() as u8 & if rng.below(8) == 0 { 0xff } else { 0x1f };
+    if let Some(sa) = sa {
+        cdb[1] = (cdb[1] & 0xe0) | sa as u8;
+    }
+    let lba = match rng.below(8) {
+        0 => rng.next(),
+        1 => rng.below(1 << 22),
+        2 | 3 => rng.below(600),
+        _ => rng.below(32),
+    };
+    let blocks = match rng.below(8) {
+        0 => rng.next() as u32,
+        1 => rng.below(70_000) as u32,
+        _ => rng.below(20) as u32,
+    };
+    match len {
+        6 => {
+            cdb[1] = (cdb[1] & 0xe0) | (lba >> 16) as u8 & 0x1f;
+            cdb[2..4].copy_from_slice(&(lba as u16).to_be_bytes());
+            cdb[4] = blocks as u8;
+        }
+        10 => {
+            cdb[2..6].copy_from_slice(&(lba as u32).to_be_bytes());
+            cdb[7..9].copy_from_slice(&(blocks as u16).to_be_bytes());
+        }
+        12 => {
+            cdb[2..6].copy_from_slice(&(lba as u32).to_be_bytes());
+            cdb[6..10].copy_from_slice(&blocks.to_be_bytes());
+        }
+        _ if op == COMPARE_AND_WRITE => {
+            cdb[2..10].copy_from_slice(&lba.to_be_bytes());
+            cdb[13] = blocks as u8;
+        }
+        _ => {
+            cdb[2..10].copy_from_slice(&lba.to_be_bytes());
+            cdb[10..14].copy_from_slice(&blocks.to_be_bytes());
+        }
+    }
+    if rng.below(4) == 0 {
+        let i = rng.below(u64::from(len)) as usize;
+        cdb[i] = rng.next() as u8;
+    }
+    cdb
+}
+
+/// Data-out for `cdb`: a random slice of `pool`, or for MODE SELECT and
+/// UNMAP sometimes a well-formed parameter list with random contents.
+fn random_data_out(rng: &mut XorShift, cdb: &[u8], pool: &[u8]) -> Vec<u8> {
+    let op = cdb.first().copied().unwrap_or(0);
+    if rng.below(2) == 0 && (op == MODE_SELECT_6 || op == MODE_SELECT_10) {
+        let page = match rng.below(3) {
+            0 => caching(rng.below(2) == 0),
+            1 => control_page(rng.below(4) == 0),
+            _ => RW_ERROR_RECOVERY_PAGE.to_vec(),
+        };
+        return if op == MODE_SELECT_6 {
+            select6(&[], &page)
+        } else {
+            select10(false, &[], &page)
+        };
+    }
+    if rng.below(2) == 0 && op == UNMAP {
+        let ranges: Vec<(u64, u32)> = (0..rng.below(5))
+            .map(|_| (rng.below(600), rng.below(100) as u32))
+            .collect();
+        return unmap_list(&ranges);
+    }
+    let len = match rng.below(5) {
+        0 => 0,
+        1 => rng.below(64),
+        2 => rng.below(4097),
+        3 => rng.below(pool.len() as u64 / 2 + 1),
+        _ => pool.len() as u64 / 2,
+    } as usize;
+    let start = rng.below((pool.len() - len) as u64 + 1) as usize;
+    pool[start..start + len].to_vec()
+}
+
+/// Outcome counts of a random run: GOOD, CHECK CONDITION, buffer too small.
+#[derive(Debug, Default)]
+struct Outcomes {
+    good: u32,
+    check: u32,
+    too_small: u32,
+}
+
+/// Runs `count` random CDBs on random LUNs of `target` with random data-in
+/// buffer sizes and data-out slices of `pool`, checking that every command
+/// completes in one of the three ways, never writes past the data-in buffer,
+/// transfers data only with GOOD status, and reports only the sense keys
+/// `keys` allows (MISCOMPARE only for commands that compare).
+fn fuzz(
+    target: &Target,
+    luns: &[LunAddress],
+    pool: &[u8],
+    count: u32,
+    seed: u64,
+    keys: &[u8],
+    mut after_each: impl FnMut(&[u8]),
+) -> Outcomes {
+    const BUFFERS: [usize; 9] = [0, 1, 4, 18, 36, 255, 512, 4096, 65536];
+    let mut rng = XorShift::new(seed);
+    let mut seen = Outcomes::default();
+    for _ in 0..count {
+        let cdb = random_cdb(&mut rng);
+        let lun = luns[rng.below(luns.len() as u64) as usize];
+        let buffer = BUFFERS[rng.below(BUFFERS.len() as u64) as usize];
+        let out = random_data_out(&mut rng, &cdb, pool);
+        let mut din = VecDataIn::with_capacity(buffer);
+        let mut dout = SliceDataOut::new(&out);
+        let completion = target.execute(lun, &cdb, &mut din, &mut dout);
+        assert!(din.data.len() <= buffer, "{cdb:02x?}");
+        match completion {
+            Completion::Good => seen.good += 1,
+            Completion::CheckCondition(s) => {
+                seen.check += 1;
+                let fixed = s.to_fixed();
+                assert!(
+                    keys.contains(&fixed[2]),
+                    "unexpected sense: {fixed:02x?} for {cdb:02x?}"
+                );
+                if fixed[2] == 0x0e {
+                    assert!(
+                        matches!(cdb[0], 0x2f | 0x8f | 0xaf | COMPARE_AND_WRITE),
+                        "MISCOMPARE from {cdb:02x?}"
+                    );
+                }
+                assert!(din.data.is_empty(), "data with CHECK CONDITION: {cdb:02x?}");
+            }
+            Completion::BufferTooSmall => {
+                seen.too_small += 1;
+                assert!(din.data.is_empty(), "{cdb:02x?}");
+            }
+        }
+        after_each(&cdb);
+    }
+    seen
+}
 
 /// Random CDBs never panic, always complete in one of the three ways, never
 /// write past the data-in buffer, and transfer data only with GOOD status.
 #[test]
 fn random_cdbs_never_panic() {
-    const KNOWN: [u8; 27] = [
-        TEST_UNIT_READY,
-        REQUEST_SENSE,
-        READ_6,
-        WRITE_6,
-        INQUIRY,
-        MODE_SENSE_6,
-        START_STOP_UNIT,
-        PREVENT_ALLOW_MEDIUM_REMOVAL,
-        READ_CAPACITY_10,
-        READ_10,
-        WRITE_10,
-        WRITE_AND_VERIFY_10,
-        VERIFY_10,
-        SYNCHRONIZE_CACHE_10,
-        MODE_SENSE_10,
-        READ_16,
-        WRITE_16,
-        WRITE_AND_VERIFY_16,
-        VERIFY_16,
-        SYNCHRONIZE_CACHE_16,
-        SERVICE_ACTION_IN_16,
-        REPORT_LUNS,
-        MAINTENANCE_IN,
-        READ_12,
-        WRITE_12,
-        WRITE_AND_VERIFY_12,
-        VERIFY_12,
-    ];
-    const BUFFERS: [usize; 9] = [0, 1, 4, 18, 36, 255, 512, 4096, 65536];
     let f = Fixture::new();
     let luns = [
         L0,
@@ -2225,57 +4730,107 @@ fn random_cdbs_never_panic() {
         WLUN,
         LunAddress::Unsupported,
     ];
-    let data_out = pattern(99, 4096);
-    let mut rng = XorShift::new(0x5eed);
-    let (mut good, mut check, mut too_small) = (0u32, 0u32, 0u32);
-    for _ in 0..100_000 {
-        let len = rng.below(33) as usize;
-        let mut cdb: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
-        if len > 0 && rng.below(2) == 0 {
-            cdb[0] = KNOWN[rng.below(KNOWN.len() as u64) as usize];
-            // Keep the interesting cases reachable: small service actions,
-            // a clear NACA bit, often small LBAs and lengths.
-            if rng.below(2) == 0 {
-                if let Some(b) = cdb.get_mut(1) {
-                    *b &= 0x1f;
+    let pool = pattern(99, 4096);
+    // MEDIUM ERROR (LUN 4's read errors), ILLEGAL REQUEST, DATA PROTECT,
+    // MISCOMPARE (VERIFY with byte check).
+    let seen = fuzz(
+        &f.target,
+        &luns,
+        &pool,
+        100_000,
+        0x5eed,
+        &[0x03, 0x05, 0x07, 0x0e],
+        |_| {},
+    );
+    // The generator reaches all three outcomes.
+    assert!(
+        seen.good > 1000 && seen.check > 1000 && seen.too_small > 10,
+        "{seen:?}"
+    );
+}
+
+/// The same on writable disks with random data-out: every write that
+/// reaches the storage lies inside the image, and no write or flush fails
+/// on healthy storage (MEDIUM ERROR only for injected read errors).
+#[test]
+fn random_cdbs_on_writable_disks() {
+    // Random bytes, then zeroes (short, mostly empty parameter lists).
+    let mut pool = pattern(98, 64 << 10);
+    pool.extend_from_slice(&vec![0u8; 64 << 10]);
+    let rigs = [
+        Rig::new(
+            MemImage::new(pattern(1, 256 * 512), false).with_read_error(100 * 512..102 * 512),
+            512,
+            true,
+        ),
+        Rig::new(MemImage::new(pattern(2, 32 * 4096), false), 4096, true),
+        Rig::new(MemImage::new(pattern(3, 64 * 512), false), 512, false),
+        // Sparse: writes into the tail find no space.
+        Rig::new(
+            MemImage::sparse(pattern(4, 64 << 10), 1 << 30, false),
+            512,
+            true,
+        ),
+    ];
+    for (i, rig) in rigs.iter().enumerate() {
+        let size = rig.image.size();
+        let stored = rig.data().len();
+        let seen = fuzz(
+            &rig.target,
+            &[L0, L0, L0, LunAddress::Lun(1)],
+            &pool,
+            40_000,
+            0xd15c + i as u64,
+            &[0x03, 0x05, 0x07, 0x0e],
+            |cdb| {
+                for op in rig.ops() {
+                    let (offset, len) = match op {
+                        Op::Write { offset, len, .. } | Op::Zeroes { offset, len, .. } => {
+                            (offset, len)
+                        }
+                        Op::Read { offset, len } => (offset, len),
+                        Op::Flush => continue,
+                    };
+                    assert!(
+                        offset.checked_add(len).is_some_and(|end| end <= size),
+                        "{op:?} outside the image from {cdb:02x?}"
+                    );
                 }
-                for b in cdb.iter_mut().skip(2).take(6) {
-                    if rng.below(3) != 0 {
-                        *b = 0;
-                    }
-                }
-                if let Some(last) = cdb.last_mut() {
-                    *last &= !0x04;
-                }
-            }
-        }
-        let lun = luns[rng.below(luns.len() as u64) as usize];
-        let buffer = BUFFERS[rng.below(BUFFERS.len() as u64) as usize];
-        let out = &data_out[..rng.below(data_out.len() as u64 + 1) as usize];
-        let mut din = VecDataIn::with_capacity(buffer);
-        let mut dout = SliceDataOut::new(out);
-        let completion = f.target.execute(lun, &cdb, &mut din, &mut dout);
-        assert!(din.data.len() <= buffer, "{cdb:02x?}");
-        match completion {
-            Completion::Good => good += 1,
-            Completion::CheckCondition(s) => {
-                check += 1;
+            },
+        );
+        assert!(seen.good > 1000 && seen.check > 1000, "{i}: {seen:?}");
+        assert_eq!(rig.data().len(), stored);
+        // Every MEDIUM ERROR was a read error: run a few more and look.
+        let mut rng = XorShift::new(7);
+        for _ in 0..20_000 {
+            let cdb = random_cdb(&mut rng);
+            let n = rng.below(8193) as usize;
+            let (c, _) = rig.run(&cdb, 65536, &pool[..n]);
+            if let Completion::CheckCondition(s) = c {
                 let fixed = s.to_fixed();
                 assert!(
-                    matches!(fixed[2], 0x03 | 0x05 | 0x07),
-                    "unexpected sense key: {fixed:02x?} for {cdb:02x?}"
+                    fixed[2] != 0x03 || (fixed[12], i) == (0x11, 0),
+                    "{fixed:02x?} from {cdb:02x?}"
                 );
-                assert!(din.data.is_empty(), "data with CHECK CONDITION: {cdb:02x?}");
             }
-            Completion::BufferTooSmall => {
-                too_small += 1;
-                assert!(din.data.is_empty(), "{cdb:02x?}");
+        }
+        for op in rig.ops() {
+            if let Op::Write { offset, len, .. } | Op::Zeroes { offset, len, .. } = op {
+                assert!(offset + len <= size, "{op:?}");
             }
         }
     }
-    // The generator reaches all three outcomes.
-    assert!(
-        good > 1000 && check > 1000 && too_small > 10,
-        "{good} {check} {too_small}"
+    // A file image: nothing is written past its end.
+    let file = FileRig::new(1 << 20, true, |_| {});
+    let seen = fuzz(
+        &file.target,
+        &[L0],
+        &pool,
+        5_000,
+        0xf11e,
+        &[0x05, 0x07, 0x0e],
+        |_| {},
     );
+    assert!(seen.good > 100 && seen.check > 100, "{seen:?}");
+    assert_eq!(std::fs::metadata(&file.path).unwrap().len(), 1 << 20);
 }

@@ -112,7 +112,13 @@ pub enum Command {
     ReadCapacity16 {
         alloc_len: u32,
     },
-    Read(BlockRange),
+    /// READ(6/10/12/16).
+    Read {
+        range: BlockRange,
+        /// Force unit access: cached writes to the range reach the medium
+        /// before it is read (SBC-3 §5.11, table 38).
+        fua: bool,
+    },
     /// WRITE, or WRITE AND VERIFY (`verify`).
     Write {
         range: BlockRange,
@@ -269,7 +275,7 @@ impl Command {
                     length_field: 4,
                 };
                 if op == READ_6 {
-                    Command::Read(range)
+                    Command::Read { range, fua: false }
                 } else {
                     Command::Write {
                         range,
@@ -278,7 +284,10 @@ impl Command {
                     }
                 }
             }
-            READ_10 | READ_12 | READ_16 => Command::Read(protected_range(&b, op)?),
+            READ_10 | READ_12 | READ_16 => Command::Read {
+                range: protected_range(&b, op)?,
+                fua: b.u8(1) & 0x08 != 0,
+            },
             WRITE_10 | WRITE_12 | WRITE_16 => Command::Write {
                 range: protected_range(&b, op)?,
                 fua: b.u8(1) & 0x08 != 0,
@@ -420,11 +429,14 @@ mod tests {
         let cmd = Command::parse(&[0x08, 0x1f, 0xff, 0xff, 0, 0]).unwrap();
         assert_eq!(
             cmd,
-            Command::Read(BlockRange {
-                lba: 0x1f_ffff,
-                blocks: 256,
-                length_field: 4
-            })
+            Command::Read {
+                range: BlockRange {
+                    lba: 0x1f_ffff,
+                    blocks: 256,
+                    length_field: 4
+                },
+                fua: false
+            }
         );
     }
 
@@ -436,12 +448,20 @@ mod tests {
         cdb[10..14].copy_from_slice(&7u32.to_be_bytes());
         assert_eq!(
             Command::parse(&cdb).unwrap(),
-            Command::Read(BlockRange {
-                lba: 0x0123_4567_89ab_cdef,
-                blocks: 7,
-                length_field: 10
-            })
+            Command::Read {
+                range: BlockRange {
+                    lba: 0x0123_4567_89ab_cdef,
+                    blocks: 7,
+                    length_field: 10
+                },
+                fua: false
+            }
         );
+        cdb[1] = 0x08;
+        assert!(matches!(
+            Command::parse(&cdb),
+            Ok(Command::Read { fua: true, .. })
+        ));
     }
 
     #[test]
@@ -490,11 +510,14 @@ mod tests {
         // A READ(16) cut after the opcode: every field reads as zero.
         assert!(matches!(
             Command::parse(&[0x88]),
-            Ok(Command::Read(BlockRange {
-                lba: 0,
-                blocks: 0,
-                ..
-            }))
+            Ok(Command::Read {
+                range: BlockRange {
+                    lba: 0,
+                    blocks: 0,
+                    ..
+                },
+                fua: false
+            })
         ));
     }
 

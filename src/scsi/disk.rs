@@ -4,10 +4,11 @@
 //! (caching page WCE=1, the default) a completed WRITE is in the host page
 //! cache; SYNCHRONIZE CACHE makes every earlier completed write durable
 //! before it completes; a FUA write is durable when it completes. With WCE=0
-//! every write is durable at completion. Once a flush (or a durable write)
-//! has failed, every later flush and durable write fails too: the kernel
-//! reports a write-back error only once, and data it failed to write must
-//! never be reported as flushed ("fsyncgate").
+//! every write is durable at completion. A FUA read and a VERIFY write the
+//! cache back before they read the medium (SBC-3 §5.11, §5.33). Once a
+//! flush (or a durable write) has failed, every later flush and durable
+//! write fails too: the kernel reports a write-back error only once, and
+//! data it failed to write must never be reported as flushed ("fsyncgate").
 
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -227,7 +228,7 @@ impl Disk {
                 send(data_in, &data, *alloc_len as usize);
                 Ok(())
             }
-            Command::Read(range) => self.read(range, data_in),
+            Command::Read { range, fua } => self.read(range, *fua, data_in),
             Command::Write { range, fua, verify } => {
                 self.write(range, *fua || *verify, data_out)?;
                 if *verify {
@@ -341,6 +342,17 @@ impl Disk {
         })
     }
 
+    /// Makes every completed write durable if any may still sit in the
+    /// write cache (a writable unit with WCE=1): for commands that must
+    /// reach the medium itself (a FUA read, VERIFY).
+    fn write_back(&self) -> CommandResult<()> {
+        if self.write_cache() && !self.read_only() {
+            self.flush()
+        } else {
+            Ok(())
+        }
+    }
+
     /// Whether a write must be durable at completion, and whether that can
     /// still be promised.
     fn durability(&self, fua: bool) -> CommandResult<bool> {
@@ -351,7 +363,7 @@ impl Disk {
         Ok(durable)
     }
 
-    fn read(&self, range: &BlockRange, data_in: &mut dyn DataIn) -> CommandResult<()> {
+    fn read(&self, range: &BlockRange, fua: bool, data_in: &mut dyn DataIn) -> CommandResult<()> {
         self.check_transfer(range)?;
         // blocks <= MAX_TRANSFER_BYTES / block_size, so this fits in u32.
         let len = self.bytes(u64::from(range.blocks)) as usize;
@@ -363,6 +375,11 @@ impl Disk {
         }
         if len == 0 {
             return Ok(());
+        }
+        if fua {
+            // SBC-3 §5.11, table 38: with FUA=1 a more recent cached version
+            // of a block is written to the medium before it is read.
+            self.write_back()?;
         }
         let _shared = self.shared();
         data_in
@@ -459,10 +476,13 @@ impl Disk {
     /// UNMAP (SBC-3 §5.28): every descriptor is checked before any range is
     /// deallocated.
     fn unmap(&self, param_len: usize, data_out: &mut dyn DataOut) -> CommandResult<()> {
-        if !self.discard_enabled() {
-            self.check_writable()?;
+        if !self.config.discard {
+            // Not offered at all (LBPU=0, not listed by REPORT SUPPORTED
+            // OPERATION CODES): SPC-4 §4.3.5.1, an unsupported command.
             return Err(CommandError::InvalidOpcode(super::cdb::opcode::UNMAP));
         }
+        // Offered, but the unit is write protected (SBC-3 §4.10).
+        self.check_writable()?;
         if param_len == 0 {
             return Ok(());
         }
@@ -485,10 +505,14 @@ impl Disk {
         let mut list = vec![0u8; count * 16];
         data_out.read_bytes(&mut list);
         let mut ranges = Vec::with_capacity(count);
+        let mut total = 0u64;
         for (i, d) in list.chunks_exact(16).enumerate() {
             let lba = u64::from_be_bytes(d[0..8].try_into().unwrap_or_default());
             let blocks = u32::from_be_bytes(d[8..12].try_into().unwrap_or_default());
-            if blocks > self.max_unmap_blocks() {
+            // SBC-3 §5.28.2: the total over all descriptors is bounded by
+            // MAXIMUM UNMAP LBA COUNT.
+            total += u64::from(blocks);
+            if total > u64::from(self.max_unmap_blocks()) {
                 return Err(CommandError::param(8 + 16 * i + 8));
             }
             self.check_range(lba, u64::from(blocks))?;
@@ -545,7 +569,9 @@ impl Disk {
             } else {
                 (e.len / block, true)
             };
-            let blocks = blocks.min(self.blocks - pos);
+            // A descriptor counts at most 2^32 - 1 blocks; a longer extent
+            // continues in the next one, so the descriptors stay contiguous.
+            let blocks = blocks.min(self.blocks - pos).min(u64::from(u32::MAX));
             match extents.last_mut() {
                 Some(last) if last.2 == deallocated && last.1 + blocks <= u64::from(u32::MAX) => {
                     last.1 += blocks;
@@ -559,7 +585,7 @@ impl Disk {
         data.extend_from_slice(&[0; 4]);
         for (start, blocks, deallocated) in extents {
             data.extend_from_slice(&start.to_be_bytes());
-            data.extend_from_slice(&(blocks.min(u64::from(u32::MAX)) as u32).to_be_bytes());
+            data.extend_from_slice(&(blocks as u32).to_be_bytes());
             // PROVISIONING STATUS: 0 mapped, 1 deallocated.
             data.push(u8::from(deallocated));
             data.extend_from_slice(&[0; 3]);
@@ -617,46 +643,55 @@ impl Disk {
         self.check_transfer(range)?;
         let block = self.config.block_size as usize;
         let len = self.bytes(u64::from(range.blocks));
-        match bytchk {
-            0 => self.verify_medium(range),
-            1 | 3 => {
-                let needed = if bytchk == 1 { len as usize } else { block };
-                if range.blocks > 0 && data_out.remaining() < needed {
-                    return Err(CommandError::DataOutTooSmall {
-                        required: needed as u64,
-                        available: data_out.remaining(),
-                    });
-                }
-                let mut single = vec![0u8; if bytchk == 3 { block } else { 0 }];
-                if range.blocks > 0 && bytchk == 3 {
-                    data_out.read_bytes(&mut single);
-                }
-                let _shared = self.shared();
-                let mut medium = vec![0u8; CHUNK.min(len as usize)];
-                let mut expected = vec![0u8; medium.len()];
-                let mut done = 0u64;
-                while done < len {
-                    let n = (len - done).min(medium.len() as u64) as usize;
-                    self.read_medium(&mut medium[..n], self.byte_offset(range.lba) + done)?;
-                    if bytchk == 1 {
-                        data_out.read_bytes(&mut expected[..n]);
-                    } else {
-                        // CHUNK is a multiple of the block size.
-                        for piece in expected[..n].chunks_mut(block) {
-                            piece.copy_from_slice(&single[..piece.len()]);
-                        }
-                    }
-                    if let Some(at) = first_difference(&medium[..n], &expected[..n]) {
-                        return Err(CommandError::Miscompare {
-                            offset: done + at as u64,
-                        });
-                    }
-                    done += n as u64;
-                }
-                Ok(())
-            }
-            _ => Err(CommandError::field_bit(1, 2)),
+        // Data-out the comparison takes: the whole range, or one block.
+        let needed = match bytchk {
+            0 => 0,
+            1 => len as usize,
+            3 => block,
+            _ => return Err(CommandError::field_bit(1, 2)),
+        };
+        if range.blocks == 0 {
+            return Ok(());
         }
+        if data_out.remaining() < needed {
+            return Err(CommandError::DataOutTooSmall {
+                required: needed as u64,
+                available: data_out.remaining(),
+            });
+        }
+        // SBC-3 §5.33: referenced cached blocks are written to the medium
+        // first, as SYNCHRONIZE CACHE would.
+        self.write_back()?;
+        if bytchk == 0 {
+            return self.verify_medium(range);
+        }
+        let mut single = vec![0u8; if bytchk == 3 { block } else { 0 }];
+        data_out.read_bytes(&mut single);
+        let _shared = self.shared();
+        let mut medium = vec![0u8; CHUNK.min(len as usize)];
+        let mut expected = vec![0u8; medium.len()];
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(medium.len() as u64) as usize;
+            self.read_medium(&mut medium[..n], self.byte_offset(range.lba) + done)?;
+            if bytchk == 1 {
+                data_out.read_bytes(&mut expected[..n]);
+            } else {
+                // CHUNK is a multiple of the block size.
+                for piece in expected[..n].chunks_mut(block) {
+                    piece.copy_from_slice(&single[..piece.len()]);
+                }
+            }
+            if let Some(at) = first_difference(&medium[..n], &expected[..n]) {
+                // The offset into the data-out (for 11b, into the block
+                // replicated over the range, SBC-3 §5.33).
+                return Err(CommandError::Miscompare {
+                    offset: done + at as u64,
+                });
+            }
+            done += n as u64;
+        }
+        Ok(())
     }
 
     fn read_medium(&self, buf: &mut [u8], offset: u64) -> CommandResult<()> {

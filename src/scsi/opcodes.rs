@@ -64,7 +64,7 @@ static SUPPORTED: &[OpcodeInfo] = &[
         READ_CAPACITY_10,
         &[READ_CAPACITY_10, 0, FF, FF, FF, FF, 0, 0, 0x01, CTL],
     ),
-    op(READ_10, &[READ_10, 0xe0, FF, FF, FF, FF, 0, FF, FF, CTL]),
+    op(READ_10, &[READ_10, 0xe8, FF, FF, FF, FF, 0, FF, FF, CTL]),
     op(WRITE_10, &[WRITE_10, 0xe8, FF, FF, FF, FF, 0, FF, FF, CTL]),
     op(
         WRITE_AND_VERIFY_10,
@@ -94,7 +94,7 @@ static SUPPORTED: &[OpcodeInfo] = &[
     op(
         READ_16,
         &[
-            READ_16, 0xe0, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, 0, CTL,
+            READ_16, 0xe8, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, 0, CTL,
         ],
     ),
     op(
@@ -279,7 +279,7 @@ static SUPPORTED: &[OpcodeInfo] = &[
     ),
     op(
         READ_12,
-        &[READ_12, 0xe0, FF, FF, FF, FF, FF, FF, FF, FF, 0, CTL],
+        &[READ_12, 0xe8, FF, FF, FF, FF, FF, FF, FF, FF, 0, CTL],
     ),
     op(
         WRITE_12,
@@ -352,7 +352,10 @@ pub fn report_supported_opcodes(req: &ReportOpcodes, discard: bool) -> CommandRe
             let found = match req.options {
                 1 if with_sa => return Err(CommandError::field_bit(2, 2)),
                 1 => supported(discard).find(|c| c.opcode == req.opcode),
-                2 if !with_sa && is_supported_opcode(req.opcode) => {
+                // SPC-4 §6.35.2, table 263: option 010b on a command this
+                // logical unit supports without service actions is an
+                // invalid field; one it does not support is SUPPORT 001b.
+                2 if !with_sa && supported(discard).any(|c| c.opcode == req.opcode) => {
                     return Err(CommandError::field_bit(2, 2))
                 }
                 _ if with_sa => supported(discard).find(|c| {
@@ -381,10 +384,6 @@ pub fn report_supported_opcodes(req: &ReportOpcodes, discard: bool) -> CommandRe
         _ => return Err(CommandError::field_bit(2, 2)),
     }
     Ok(out)
-}
-
-fn is_supported_opcode(opcode: u8) -> bool {
-    SUPPORTED.iter().any(|c| c.opcode == opcode)
 }
 
 /// Parameter data for REPORT SUPPORTED TASK MANAGEMENT FUNCTIONS (SPC-4
@@ -494,8 +493,12 @@ mod tests {
         assert_eq!(out[1] & 0x07, 3);
         let out = report_supported_opcodes(&req(2, 0x9e, 0x13), true).unwrap();
         assert_eq!(out[1] & 0x07, 1);
-        // Option 2 on an opcode without service actions is an invalid field.
+        // Option 2 on an opcode without service actions is an invalid field,
+        // unless this logical unit does not support it.
         assert!(report_supported_opcodes(&req(2, 0x28, 0), true).is_err());
+        assert!(report_supported_opcodes(&req(2, 0x42, 0), true).is_err());
+        let out = report_supported_opcodes(&req(2, 0x42, 0), false).unwrap();
+        assert_eq!(out, [0, 0x01, 0, 0]);
         // Option 3 ignores the service action where there is none.
         let out = report_supported_opcodes(&req(3, 0x28, 7), true).unwrap();
         assert_eq!(out[1] & 0x07, 3);

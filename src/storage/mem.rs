@@ -23,7 +23,9 @@ use super::{Extent, IoVec, Storage};
 ///
 /// Writes may change only the stored bytes: a write reaching into the zero
 /// tail of a sparse image fails with `ENOSPC` (the tail takes no memory and
-/// stays that way). The stored bytes count as allocated, the tail as a hole.
+/// stays that way), as does zeroing it without deallocating; deallocating it
+/// succeeds (it is a hole already). The stored bytes count as allocated, the
+/// tail as a hole.
 #[derive(Default)]
 pub struct MemImage {
     data: RwLock<Vec<u8>>,
@@ -86,18 +88,24 @@ impl MemImage {
     /// Checks `len` bytes at `offset` lie within the stored bytes; returns
     /// the range as indexes.
     fn writable_range(&self, offset: u64, len: u64) -> io::Result<Range<usize>> {
-        if self.read_only {
-            return Err(io::Error::from_raw_os_error(libc::EROFS));
-        }
-        let end = offset
-            .checked_add(len)
-            .filter(|&end| end <= self.size)
-            .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let end = self.writable_end(offset, len)?;
         let stored = self.stored().len() as u64;
         if end > stored {
             return Err(io::Error::from_raw_os_error(libc::ENOSPC));
         }
         Ok(offset as usize..end as usize)
+    }
+
+    /// Checks the image is writable and `len` bytes at `offset` lie within
+    /// its size; returns the end offset.
+    fn writable_end(&self, offset: u64, len: u64) -> io::Result<u64> {
+        if self.read_only {
+            return Err(io::Error::from_raw_os_error(libc::EROFS));
+        }
+        offset
+            .checked_add(len)
+            .filter(|&end| end <= self.size)
+            .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))
     }
 
     fn read_fails(&self, start: u64, end: u64) -> bool {
@@ -207,7 +215,18 @@ impl Storage for MemImage {
         Ok(())
     }
 
-    fn write_zeroes(&self, offset: u64, len: u64, _deallocate: bool) -> io::Result<()> {
+    fn write_zeroes(&self, offset: u64, len: u64, deallocate: bool) -> io::Result<()> {
+        if deallocate {
+            // Deallocating needs no space: the part in the zero tail is a
+            // hole already; stored bytes are zeroed (they stay allocated).
+            let end = self.writable_end(offset, len)?;
+            let mut data = self.data.write().unwrap_or_else(PoisonError::into_inner);
+            let stored = data.len() as u64;
+            if offset < stored {
+                data[offset as usize..end.min(stored) as usize].fill(0);
+            }
+            return Ok(());
+        }
         let range = self.writable_range(offset, len)?;
         self.data.write().unwrap_or_else(PoisonError::into_inner)[range].fill(0);
         Ok(())
@@ -296,6 +315,33 @@ mod tests {
         assert_eq!(buf, [0u8; 8]);
         // A size below the data length grows to it.
         assert_eq!(MemImage::sparse(vec![0; 16], 4, true).size(), 16);
+    }
+
+    #[test]
+    fn sparse_tail_takes_no_writes_but_deallocates() {
+        let img = MemImage::sparse(vec![7u8; 1024], 4096, false);
+        let mut buf = [1u8; 512];
+        img.write_vectored_at(&[iov(&mut buf)], 512, false).unwrap();
+        let err = img
+            .write_vectored_at(&[iov(&mut buf)], 768, false)
+            .unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ENOSPC));
+        let err = img.write_zeroes(512, 1024, false).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ENOSPC));
+        assert_eq!(img.data(), [vec![7u8; 512], vec![1u8; 512]].concat());
+        // Deallocating reaches into the tail: the stored part is zeroed.
+        img.write_zeroes(768, 4096 - 768, true).unwrap();
+        assert_eq!(
+            img.data(),
+            [vec![7u8; 512], vec![1u8; 256], vec![0u8; 256]].concat()
+        );
+        img.write_zeroes(2048, 1024, true).unwrap();
+        assert_eq!(img.data().len(), 1024);
+        let err = img.write_zeroes(0, 4097, true).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+        let ro = MemImage::sparse(vec![7u8; 16], 64, true);
+        let err = ro.write_zeroes(32, 16, true).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EROFS));
     }
 
     #[test]

@@ -129,6 +129,7 @@ INITRD=$LOG.initrd
 } > "$INITRD"
 
 # ---------------------------------------------------------------- QEMU
+# shellcheck disable=SC2054 # the commas belong to QEMU's option syntax
 cmd=("$QEMU" -machine q35 -accel "$ACCEL" -cpu "$CPU" -smp "$SMP" -m "$MEM"
      -object "memory-backend-memfd,id=mem,size=$MEM,share=on" -numa node,memdev=mem
      -nodefaults -no-user-config -display none

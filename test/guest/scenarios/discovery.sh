@@ -9,8 +9,8 @@ for lun in $(disk_luns); do
     q=/sys/block/$b/queue
     d=/sys/block/$b/device
     serial=$(sg_vpd -p sn "$sg" | sed -n 's/^ *Unit serial number: *//p')
-    byid=$(for n in $(ls /dev/disk/by-id); do
-        [ "$(readlink -f "/dev/disk/by-id/$n")" = "$dev" ] && echo "$n"
+    byid=$(for n in /dev/disk/by-id/*; do
+        [ "$(readlink -f "$n")" = "$dev" ] && echo "${n##*/}"
     done | sort | tr '\n' , | sed 's/,$//')
     report DISK lun="$lun" dev="$b" sg="${sg#/dev/}" size="$(blockdev --getsize64 "$dev")" \
         sectors="$(cat "/sys/block/$b/size")" lbs="$(cat "$q/logical_block_size")" \

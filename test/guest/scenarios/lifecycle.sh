@@ -15,7 +15,7 @@ case "$p" in
         report REBOOTING
         reboot -f ;;
     io)
-        for r in 1 2; do
+        for _ in 1 2; do
             (while :; do dd if="$(lun_dev 0)" of=/dev/null bs=65536 iflag=direct 2>/dev/null; done) &
         done
         sleep 1

@@ -7,8 +7,9 @@ use std::path::PathBuf;
 
 use clap::Parser;
 
-/// Most images one daemon serves (LUNs 0..=255).
-pub const MAX_IMAGES: usize = 256;
+/// Most images one daemon serves: LUNs 0..=16383, every LUN that flat
+/// space addressing (SAM-5 §4.6.10, 14 bits) can express.
+pub const MAX_IMAGES: usize = crate::scsi::lun::MAX_LUN as usize + 1;
 
 /// Longest `serial=` value. VPD page 80h has room for more, but 20
 /// characters is what ATA and most initiator tools expect of a serial.
@@ -38,8 +39,27 @@ pub struct Cli {
     #[arg(long = "no-discard")]
     pub no_discard: bool,
 
+    /// Request queues to offer the VMM (1-62; QEMU asks for one per vCPU by
+    /// default, and must not ask for more than are offered).
+    #[arg(long = "num-queues", value_name = "N", default_value_t = 16,
+          value_parser = clap::value_parser!(u8).range(1..=62))]
+    pub num_queues: u8,
+
+    /// Worker threads serving the request queues (1 to --num-queues);
+    /// request queue i is served by thread i modulo THREADS.
+    #[arg(long = "threads", value_name = "T", default_value_t = 1,
+          value_parser = clap::value_parser!(u8).range(1..=62))]
+    pub threads: u8,
+
+    /// Busy-poll a queue for up to this many microseconds after it runs dry
+    /// before sleeping until the next kick (0-1000; 0, the default, never
+    /// polls): lower latency for a core's worth of CPU.
+    #[arg(long = "poll-us", value_name = "US", default_value_t = 0,
+          value_parser = clap::value_parser!(u16).range(0..=1000))]
+    pub poll_us: u16,
+
     /// Raw disk images (regular files or block devices), LUN 0 first; up to
-    /// 256. Options may follow a path after commas,
+    /// 16384. Options may follow a path after commas,
     /// IMAGE[,ro][,block-size=512|4096][,serial=SERIAL][,wwn=0xHEX], where
     /// SERIAL is 1-20 printable ASCII characters without spaces, HEX is 16
     /// hex digits of an NAA designator of type 2, 3 or 5, and a literal
@@ -195,6 +215,23 @@ fn parse_wwn(value: &str) -> Result<u64, &'static str> {
     match wwn >> 60 {
         2 | 3 | 5 => Ok(wwn),
         _ => Err("NAA type (first digit) must be 2 (IEEE extended), 3 (locally assigned) or 5 (IEEE registered)"),
+    }
+}
+
+impl Cli {
+    /// How the request queues are served, or why the flags do not fit.
+    pub fn queue_options(&self) -> Result<crate::virtio::backend::QueueOptions, String> {
+        if self.threads > self.num_queues {
+            return Err(format!(
+                "--threads {}: more threads than request queues (--num-queues {})",
+                self.threads, self.num_queues
+            ));
+        }
+        Ok(crate::virtio::backend::QueueOptions {
+            request_queues: usize::from(self.num_queues),
+            threads: usize::from(self.threads),
+            poll: std::time::Duration::from_micros(u64::from(self.poll_us)),
+        })
     }
 }
 

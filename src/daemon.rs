@@ -13,6 +13,7 @@ use vhost_user_backend::VhostUserDaemon;
 use vm_memory::GuestMemoryAtomic;
 
 use crate::scsi::Target;
+use crate::virtio::backend::QueueOptions;
 use crate::virtio::chain::GuestMem;
 use crate::virtio::ScsiBackend;
 
@@ -104,9 +105,14 @@ pub fn handle_stop_signals(socket_path: PathBuf) -> Result<(), DaemonError> {
 /// Serves VMM connections one after another, forever: when a VMM
 /// disconnects (guest shut down, QEMU killed), the device state is dropped
 /// and the daemon listens again on the same socket.
-pub fn serve(target: Arc<Target>, mut listener: Listener, path: &Path) -> Result<(), DaemonError> {
+pub fn serve(
+    target: Arc<Target>,
+    options: QueueOptions,
+    mut listener: Listener,
+    path: &Path,
+) -> Result<(), DaemonError> {
     loop {
-        let backend = Arc::new(ScsiBackend::new(target.clone()));
+        let backend = Arc::new(ScsiBackend::with_options(target.clone(), options));
         let mem = GuestMemoryAtomic::new(GuestMem::new());
         let mut daemon = VhostUserDaemon::new("vhost-device-scsi".into(), backend, mem)
             .map_err(|e| DaemonError::Device(e.to_string()))?;

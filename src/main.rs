@@ -30,10 +30,21 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: &Cli) -> Result<(), String> {
+    let options = cli.queue_options()?;
     let target = config::build_target(cli).map_err(|e| e.to_string())?;
     daemon::handle_stop_signals(cli.socket_path.clone()).map_err(|e| e.to_string())?;
     let listener = daemon::listen(&cli.socket_path).map_err(|e| e.to_string())?;
-    daemon::serve(Arc::new(target), listener, &cli.socket_path).map_err(|e| e.to_string())
+    log::info!(
+        "{} request queues on {} worker thread(s){}",
+        options.request_queues,
+        options.threads,
+        if options.poll.is_zero() {
+            String::new()
+        } else {
+            format!(", polling {} µs", options.poll.as_micros())
+        }
+    );
+    daemon::serve(Arc::new(target), options, listener, &cli.socket_path).map_err(|e| e.to_string())
 }
 
 /// clap's message up to its first blank line (before the usage text), as

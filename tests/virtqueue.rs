@@ -7,7 +7,9 @@ use std::sync::Arc;
 use vhost_device_scsi::scsi::inquiry::Identity;
 use vhost_device_scsi::scsi::{Disk, DiskConfig, Target};
 use vhost_device_scsi::storage::FileImage;
-use vhost_device_scsi::virtio::backend::{CONTROL_QUEUE, EVENT_QUEUE, FIRST_REQUEST_QUEUE};
+use vhost_device_scsi::virtio::backend::{
+    QueueOptions, CONTROL_QUEUE, EVENT_QUEUE, FIRST_REQUEST_QUEUE,
+};
 use vhost_device_scsi::virtio::chain::GuestMem;
 use vhost_device_scsi::virtio::ScsiBackend;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
@@ -16,6 +18,34 @@ use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::epoll::EventSet;
+
+/// Counts heap allocations made by the current thread, to check that the
+/// request path allocates nothing.
+struct CountingAllocator;
+
+thread_local! {
+    static ALLOCATIONS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+// SAFETY: forwards to the system allocator; only counts.
+unsafe impl std::alloc::GlobalAlloc for CountingAllocator {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        let _ = ALLOCATIONS.try_with(|c| c.set(c.get() + 1));
+        // SAFETY: same contract as the caller's.
+        unsafe { std::alloc::System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        // SAFETY: same contract as the caller's.
+        unsafe { std::alloc::System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: CountingAllocator = CountingAllocator;
+
+fn allocations() -> u64 {
+    ALLOCATIONS.with(|c| c.get())
+}
 
 const QUEUE_SIZE: u16 = 256;
 /// Rings of queue i start at RING_BASE + i * RING_STRIDE.
@@ -105,6 +135,10 @@ impl Harness {
     }
 
     fn with_access(sizes: &[usize], read_only: bool) -> Harness {
+        Harness::build(sizes, read_only, QueueOptions::default())
+    }
+
+    fn build(sizes: &[usize], read_only: bool, options: QueueOptions) -> Harness {
         let mut files = Vec::new();
         let mut images = Vec::new();
         let mut disks = Vec::new();
@@ -136,7 +170,7 @@ impl Harness {
             ])
             .unwrap(),
         );
-        let backend = ScsiBackend::new(Arc::new(Target::new(disks)));
+        let backend = ScsiBackend::with_options(Arc::new(Target::new(disks)), options);
         backend.update_memory(mem.clone()).unwrap();
         let mut rings = Vec::new();
         let vrings: Vec<VringRwLock> = (0..FIRST_REQUEST_QUEUE + 2)
@@ -887,4 +921,80 @@ fn more_than_64_descriptors_each_way() {
         used.sense()
     );
     assert_eq!(used.data_in(), &data[..]);
+}
+
+#[test]
+fn read_and_write_paths_do_not_allocate() {
+    let mut h = Harness::writable(&[1 << 20]);
+    let mut write = read10(8, 8);
+    write[0] = 0x2a;
+    let payload = vec![0x5au8; 4096];
+    // The counter sees this thread's allocations.
+    let before = allocations();
+    let probe = std::hint::black_box(vec![1u8; 3]);
+    assert!(allocations() > before, "the counting allocator counts");
+    drop(probe);
+    // Warm up (first use of lazily initialised state).
+    let _ = h.command(lun(0), &read10(0, 8), 4096);
+    for (cdb, data_out, data_in) in [
+        (read10(0, 8), None, 4096u32),
+        (write, Some(payload.clone()), 0),
+    ] {
+        for _ in 0..3 {
+            h.next_data = DATA_BASE;
+            let mut bufs = vec![Buf::R(request(lun(0), &cdb))];
+            if let Some(d) = &data_out {
+                bufs.push(Buf::R(d.clone()));
+            }
+            bufs.push(Buf::W(RESP_LEN));
+            if data_in > 0 {
+                bufs.push(Buf::W(data_in));
+            }
+            let _ = h.push(FIRST_REQUEST_QUEUE, &bufs);
+            let before = allocations();
+            h.backend
+                .handle_event(FIRST_REQUEST_QUEUE as u16, EventSet::IN, &h.vrings, 0)
+                .unwrap();
+            let made = allocations() - before;
+            assert_eq!(
+                made, 0,
+                "{:#x}: {made} heap allocations on the I/O path",
+                cdb[0]
+            );
+        }
+    }
+}
+
+#[test]
+fn request_queues_on_a_second_thread() {
+    let options = QueueOptions {
+        request_queues: 2,
+        threads: 2,
+        poll: std::time::Duration::from_micros(50),
+    };
+    let mut h = Harness::build(&[1 << 20], true, options);
+    assert_eq!(h.backend.queues_per_thread(), vec![0b0111, 0b1000]);
+    // Thread 1 serves request queue 1 (global index 3) as its vring 0.
+    h.next_data = DATA_BASE;
+    let second = FIRST_REQUEST_QUEUE + 1;
+    let writable = h.push(
+        second,
+        &[
+            Buf::R(request(lun(0), &read10(5, 1))),
+            Buf::W(RESP_LEN),
+            Buf::W(512),
+        ],
+    );
+    let r = h.rings[second];
+    let used_idx =
+        |h: &Harness| -> u16 { h.mem.memory().read_obj(GuestAddress(r.used + 2)).unwrap() };
+    assert_eq!(used_idx(&h), 0);
+    h.backend
+        .handle_event(0, EventSet::IN, &h.vrings[second..=second], 1)
+        .unwrap();
+    assert_eq!(used_idx(&h), 1);
+    assert_eq!(h.read(writable[1].0, 512), &h.images[0][5 * 512..6 * 512]);
+    // Thread 0 still serves the first request queue as its vring 2.
+    let used = h.command(lun(0), &read10(6, 1), 512);
+    assert_eq!(used.data_in(), &h.images[0][6 * 512..7 * 512]);
 }

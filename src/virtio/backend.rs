@@ -2,8 +2,9 @@
 //! handler that hands each request to the SCSI target.
 
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::{Duration, Instant};
 
 use log::{debug, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
@@ -30,18 +31,67 @@ pub const CONTROL_QUEUE: usize = 0;
 pub const EVENT_QUEUE: usize = 1;
 pub const FIRST_REQUEST_QUEUE: usize = 2;
 
-/// Request queues offered. QEMU's vhost-user-scsi-pci asks for one per vCPU
-/// by default, so offer enough for typical VMs; all are served.
-pub const NUM_REQUEST_QUEUES: usize = 16;
-pub const NUM_QUEUES: usize = FIRST_REQUEST_QUEUE + NUM_REQUEST_QUEUES;
+/// Request queues offered by default. QEMU's vhost-user-scsi-pci asks for
+/// one per vCPU unless told otherwise, so offer enough for typical VMs; all
+/// are served.
+pub const DEFAULT_REQUEST_QUEUES: usize = 16;
+/// Most request queues: vhost-user-backend maps queues to worker threads
+/// with 64-bit masks, and two queues are control and event.
+pub const MAX_REQUEST_QUEUES: usize = 62;
 
 /// Largest virtqueue the driver may set up (virtio split ring maximum).
 pub const MAX_QUEUE_SIZE: usize = 1024;
 
+/// How the request queues are served.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QueueOptions {
+    /// Request queues offered (1..=MAX_REQUEST_QUEUES).
+    pub request_queues: usize,
+    /// Worker threads (1..=request_queues). Request queue i is served by
+    /// thread i % threads; the control and event queues by thread 0.
+    pub threads: usize,
+    /// After a queue runs dry, keep polling it this long before sleeping
+    /// on its eventfd (zero: never poll).
+    pub poll: Duration,
+}
+
+impl Default for QueueOptions {
+    fn default() -> Self {
+        QueueOptions {
+            request_queues: DEFAULT_REQUEST_QUEUES,
+            threads: 1,
+            poll: Duration::ZERO,
+        }
+    }
+}
+
+impl QueueOptions {
+    /// The queues each worker thread serves, by global queue index.
+    fn thread_queues(&self) -> Vec<Vec<usize>> {
+        let threads = self.threads.clamp(1, self.request_queues.max(1));
+        let mut map = vec![Vec::new(); threads];
+        map[0].extend([CONTROL_QUEUE, EVENT_QUEUE]);
+        for i in 0..self.request_queues {
+            map[i % threads].push(FIRST_REQUEST_QUEUE + i);
+        }
+        for queues in &mut map {
+            queues.sort_unstable();
+        }
+        map
+    }
+}
+
 pub struct ScsiBackend {
     target: Arc<Target>,
-    mem: Mutex<Option<GuestMemoryAtomic<GuestMem>>>,
+    options: QueueOptions,
+    /// Global queue indexes served by each worker thread, ascending (the
+    /// order in which vhost-user-backend hands a thread its vrings).
+    thread_queues: Vec<Vec<usize>>,
+    mem: RwLock<Option<GuestMemoryAtomic<GuestMem>>>,
     config: Mutex<ScsiConfig>,
+    /// CDB and sense sizes, read per batch of requests without a lock.
+    cdb_size: AtomicUsize,
+    sense_size: AtomicUsize,
     /// One warning per connection for malformed requests; the rest go to
     /// debug so a guest cannot flood the host's log.
     warned_malformed: AtomicBool,
@@ -49,29 +99,49 @@ pub struct ScsiBackend {
 
 impl ScsiBackend {
     pub fn new(target: Arc<Target>) -> ScsiBackend {
+        ScsiBackend::with_options(target, QueueOptions::default())
+    }
+
+    pub fn with_options(target: Arc<Target>, options: QueueOptions) -> ScsiBackend {
+        let options = QueueOptions {
+            request_queues: options.request_queues.clamp(1, MAX_REQUEST_QUEUES),
+            threads: options
+                .threads
+                .clamp(1, options.request_queues.clamp(1, MAX_REQUEST_QUEUES)),
+            poll: options.poll,
+        };
+        let sizes = Sizes::default();
         let config = ScsiConfig {
-            num_request_queues: NUM_REQUEST_QUEUES as u32,
+            num_request_queues: options.request_queues as u32,
             // Linux uses seg_max as its scatter-gather table size.
             seg_max: 254,
             max_sectors: 0xffff,
             cmd_per_lun: 128,
-            sizes: Sizes::default(),
+            sizes,
             max_target: 0,
             max_lun: u32::from(MAX_LUN),
         };
         ScsiBackend {
             target,
-            mem: Mutex::new(None),
+            options,
+            thread_queues: options.thread_queues(),
+            mem: RwLock::new(None),
             config: Mutex::new(config),
+            cdb_size: AtomicUsize::new(sizes.cdb),
+            sense_size: AtomicUsize::new(sizes.sense),
             warned_malformed: AtomicBool::new(false),
         }
     }
 
+    pub fn options(&self) -> QueueOptions {
+        self.options
+    }
+
     fn sizes(&self) -> Sizes {
-        self.config
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .sizes
+        Sizes {
+            cdb: self.cdb_size.load(Ordering::Relaxed),
+            sense: self.sense_size.load(Ordering::Relaxed),
+        }
     }
 
     fn malformed(&self, queue: usize, what: &dyn std::fmt::Display) {
@@ -88,7 +158,7 @@ impl ScsiBackend {
     pub fn process_queue(&self, queue_index: usize, vring: &VringRwLock) -> io::Result<()> {
         let Some(atomic_mem) = self
             .mem
-            .lock()
+            .read()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
         else {
@@ -141,11 +211,37 @@ impl ScsiBackend {
                     vring.signal_used_queue()?;
                 }
             }
+            // Optional busy polling, notifications still off: a guest that
+            // submits again within the window is served without the
+            // kick/eventfd round trip.
+            if !self.options.poll.is_zero() && self.poll_for_work(vring, &mem) {
+                continue;
+            }
             if !vring.enable_notification().map_err(io::Error::other)? {
                 break;
             }
         }
         Ok(())
+    }
+
+    /// Spins until the driver makes a new request available or the polling
+    /// window ends; true if there is work.
+    fn poll_for_work(&self, vring: &VringRwLock, mem: &GuestMem) -> bool {
+        let deadline = Instant::now() + self.options.poll;
+        loop {
+            let state = vring.get_ref();
+            let queue = state.get_queue();
+            match queue.avail_idx(mem, std::sync::atomic::Ordering::Acquire) {
+                Ok(avail) if avail.0 != queue.next_avail() => return true,
+                Ok(_) => {}
+                Err(_) => return false,
+            }
+            drop(state);
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::hint::spin_loop();
+        }
     }
 }
 
@@ -154,7 +250,14 @@ impl VhostUserBackend for ScsiBackend {
     type Vring = VringRwLock;
 
     fn num_queues(&self) -> usize {
-        NUM_QUEUES
+        FIRST_REQUEST_QUEUE + self.options.request_queues
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        self.thread_queues
+            .iter()
+            .map(|queues| queues.iter().fold(0u64, |mask, &q| mask | (1 << q)))
+            .collect()
     }
 
     fn max_queue_size(&self) -> usize {
@@ -194,18 +297,18 @@ impl VhostUserBackend for ScsiBackend {
     }
 
     fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
-        self.config
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .write(offset, buf)
-            .map_err(|e| {
-                debug!("refused config write: {e}");
-                io::Error::new(io::ErrorKind::InvalidInput, e)
-            })
+        let mut config = self.config.lock().unwrap_or_else(PoisonError::into_inner);
+        config.write(offset, buf).map_err(|e| {
+            debug!("refused config write: {e}");
+            io::Error::new(io::ErrorKind::InvalidInput, e)
+        })?;
+        self.cdb_size.store(config.sizes.cdb, Ordering::Relaxed);
+        self.sense_size.store(config.sizes.sense, Ordering::Relaxed);
+        Ok(())
     }
 
     fn update_memory(&self, mem: GuestMemoryAtomic<GuestMem>) -> io::Result<()> {
-        *self.mem.lock().unwrap_or_else(PoisonError::into_inner) = Some(mem);
+        *self.mem.write().unwrap_or_else(PoisonError::into_inner) = Some(mem);
         Ok(())
     }
 
@@ -226,14 +329,23 @@ impl VhostUserBackend for ScsiBackend {
         device_event: u16,
         evset: EventSet,
         vrings: &[VringRwLock],
-        _thread_id: usize,
+        thread_id: usize,
     ) -> io::Result<()> {
         if evset != EventSet::IN {
             return Err(io::Error::other(format!("unexpected event set {evset:?}")));
         }
-        let index = usize::from(device_event);
-        let Some(vring) = vrings.get(index) else {
-            return Err(io::Error::other(format!("event for unknown queue {index}")));
+        // `device_event` indexes this thread's vrings; map it to the
+        // queue's global index.
+        let local = usize::from(device_event);
+        let (Some(vring), Some(&index)) = (
+            vrings.get(local),
+            self.thread_queues
+                .get(thread_id)
+                .and_then(|queues| queues.get(local)),
+        ) else {
+            return Err(io::Error::other(format!(
+                "event {local} for unknown queue of thread {thread_id}"
+            )));
         };
         match index {
             // No events are ever reported: the buffers the driver posts stay
@@ -241,5 +353,53 @@ impl VhostUserBackend for ScsiBackend {
             EVENT_QUEUE => Ok(()),
             _ => self.process_queue(index, vring),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn backend(request_queues: usize, threads: usize) -> ScsiBackend {
+        ScsiBackend::with_options(
+            Arc::new(Target::default()),
+            QueueOptions {
+                request_queues,
+                threads,
+                poll: Duration::ZERO,
+            },
+        )
+    }
+
+    #[test]
+    fn queues_are_spread_over_threads() {
+        let b = backend(5, 2);
+        assert_eq!(b.num_queues(), 7);
+        assert_eq!(b.thread_queues, vec![vec![0, 1, 2, 4, 6], vec![3, 5]]);
+        assert_eq!(b.queues_per_thread(), vec![0b101_0111, 0b010_1000]);
+        // Every queue is served by exactly one thread.
+        let all = b.queues_per_thread().iter().fold(0u64, |acc, m| {
+            assert_eq!(acc & m, 0);
+            acc | m
+        });
+        assert_eq!(all, (1 << 7) - 1);
+    }
+
+    #[test]
+    fn options_are_clamped() {
+        let b = backend(100, 100);
+        assert_eq!(b.options().request_queues, MAX_REQUEST_QUEUES);
+        assert_eq!(b.options().threads, MAX_REQUEST_QUEUES);
+        assert_eq!(b.queues_per_thread().len(), MAX_REQUEST_QUEUES);
+        let b = backend(0, 0);
+        assert_eq!((b.options().request_queues, b.options().threads), (1, 1));
+        assert_eq!(b.queues_per_thread(), vec![0b111]);
+    }
+
+    #[test]
+    fn default_is_one_thread_for_sixteen_queues() {
+        let b = ScsiBackend::new(Arc::new(Target::default()));
+        assert_eq!(b.num_queues(), 18);
+        assert_eq!(b.queues_per_thread(), vec![(1 << 18) - 1]);
     }
 }

@@ -4,9 +4,9 @@
 use std::ops::Deref;
 
 use virtio_queue::DescriptorChain;
-use vm_memory::{GuestMemory, GuestMemoryMmap, Permissions, VolatileSlice};
+use vm_memory::{GuestMemory, GuestMemoryMmap, Permissions};
 
-use super::sglist::SgList;
+use super::sglist::{SgList, Slices};
 
 /// Guest memory as the daemon maps it (no dirty bitmap).
 pub type GuestMem = GuestMemoryMmap<()>;
@@ -39,8 +39,8 @@ where
     M: Deref,
     M::Target: GuestMemory,
 {
-    let mut readable: Vec<VolatileSlice<'a, ()>> = Vec::new();
-    let mut writable: Vec<VolatileSlice<'a, ()>> = Vec::new();
+    let mut readable: Slices<'a, ()> = Slices::new();
+    let mut writable: Slices<'a, ()> = Slices::new();
     let (mut readable_len, mut writable_len) = (0usize, 0usize);
     for desc in chain {
         let len = desc.len();

@@ -5,6 +5,7 @@
 
 use std::io;
 
+use smallvec::SmallVec;
 use vm_memory::bitmap::BitmapSlice;
 use vm_memory::volatile_memory::PtrGuardMut;
 use vm_memory::VolatileSlice;
@@ -19,8 +20,15 @@ use crate::storage::{IoVec, Storage};
 /// How many iovecs are handed to the storage at once (kept on the stack).
 const IOVEC_BATCH: usize = 64;
 
+/// Slices kept inline before spilling to the heap: a typical request has a
+/// handful per direction.
+pub const INLINE_SLICES: usize = 8;
+
+/// The slices of one direction of a chain.
+pub type Slices<'a, B> = SmallVec<[VolatileSlice<'a, B>; INLINE_SLICES]>;
+
 pub struct SgList<'a, B> {
-    slices: Vec<VolatileSlice<'a, B>>,
+    slices: Slices<'a, B>,
     /// Index of the first slice not fully consumed.
     index: usize,
     /// Bytes consumed of `slices[index]`.
@@ -32,7 +40,7 @@ pub struct SgList<'a, B> {
 impl<'a, B: BitmapSlice> SgList<'a, B> {
     /// `total` must be the sum of the slices' lengths (the caller computed it
     /// with checked arithmetic while building `slices`).
-    pub fn new(slices: Vec<VolatileSlice<'a, B>>, total: usize) -> Self {
+    pub fn new(slices: Slices<'a, B>, total: usize) -> Self {
         SgList {
             slices,
             index: 0,
@@ -121,7 +129,7 @@ impl<'a, B: BitmapSlice> SgList<'a, B> {
         if len > self.remaining {
             return None;
         }
-        let mut front = Vec::new();
+        let mut front = Slices::new();
         let consumed = self.consumed;
         self.consume_with(len, |piece, _| {
             front.push(piece.clone());

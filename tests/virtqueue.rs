@@ -998,3 +998,35 @@ fn request_queues_on_a_second_thread() {
     let used = h.command(lun(0), &read10(6, 1), 512);
     assert_eq!(used.data_in(), &h.images[0][6 * 512..7 * 512]);
 }
+
+#[test]
+fn task_management_completes_pending_requests_first() {
+    let mut h = Harness::new(&[1 << 20]);
+    // A READ made available on the request queue but not kicked (its kick
+    // is still in flight when the TMF arrives).
+    h.next_data = DATA_BASE;
+    let writable = h.push(
+        FIRST_REQUEST_QUEUE,
+        &[
+            Buf::R(request(lun(0), &read10(3, 1))),
+            Buf::W(RESP_LEN),
+            Buf::W(512),
+        ],
+    );
+    let r = h.rings[FIRST_REQUEST_QUEUE];
+    let used_idx =
+        |h: &Harness| -> u16 { h.mem.memory().read_obj(GuestAddress(r.used + 2)).unwrap() };
+    assert_eq!(used_idx(&h), 0);
+    // ABORT TASK SET on the control queue: the READ completes first.
+    h.next_data = DATA_BASE + 0x10_0000;
+    let _ = h.push(CONTROL_QUEUE, &[Buf::R(tmf(1, lun(0))), Buf::W(1)]);
+    let used = h.kick(CONTROL_QUEUE);
+    assert_eq!(used.len(), 1);
+    assert_eq!(
+        used_idx(&h),
+        1,
+        "the pending READ was completed before the TMF answer"
+    );
+    assert_eq!(h.read(writable[0].0, RESP_LEN)[11], S_OK);
+    assert_eq!(h.read(writable[1].0, 512), &h.images[0][3 * 512..4 * 512]);
+}

@@ -351,8 +351,29 @@ impl VhostUserBackend for ScsiBackend {
             // No events are ever reported: the buffers the driver posts stay
             // available (virtio 1.2 §5.6.6.3).
             EVENT_QUEUE => Ok(()),
+            CONTROL_QUEUE => {
+                // Before answering a task management function, complete
+                // every request this thread's queues hold: a command the
+                // driver submitted before its TMF is then never left in the
+                // task set, so "FUNCTION COMPLETE" is true (see control.rs).
+                let queues = self.thread_queues.get(thread_id).map(Vec::as_slice);
+                for (vring, &queue) in vrings.iter().zip(queues.unwrap_or_default()) {
+                    if queue >= FIRST_REQUEST_QUEUE && Self::is_live(vring) {
+                        self.process_queue(queue, vring)?;
+                    }
+                }
+                self.process_queue(CONTROL_QUEUE, vring)
+            }
             _ => self.process_queue(index, vring),
         }
+    }
+}
+
+impl ScsiBackend {
+    /// Whether the driver has set the queue up and enabled it.
+    fn is_live(vring: &VringRwLock) -> bool {
+        let state = vring.get_ref();
+        state.get_queue().ready() && state.is_enabled()
     }
 }
 

@@ -1,11 +1,16 @@
 //! Control queue: task management functions and asynchronous notification
 //! queries (virtio 1.2 §5.6.6.2).
 //!
-//! Every request queue is served to completion on the thread that also
-//! serves the control queue, so when a TMF arrives no command is in the task
-//! set: aborts, clears and resets find nothing to do and complete
-//! (FUNCTION COMPLETE), and queries find no task (SAM-5 §7.6: FUNCTION
-//! COMPLETE means "not in the task set").
+//! Requests run to completion on their queue's worker thread, and before the
+//! control queue's thread answers a TMF it first completes every request
+//! available on the request queues it serves. With one worker thread (the
+//! default) no command is therefore in the task set when a TMF is answered:
+//! aborts, clears and resets find nothing to do and complete (FUNCTION
+//! COMPLETE), and queries find no task (SAM-5 §7.6: FUNCTION COMPLETE means
+//! "not in the task set"). With `--threads` > 1, a command may still be
+//! executing on another thread when a TMF is answered; it completes normally
+//! (the guest's driver ignores a completion for a command its error handler
+//! already owns).
 
 use virtio_bindings::virtio_scsi::{
     VIRTIO_SCSI_S_BAD_TARGET, VIRTIO_SCSI_S_FAILURE, VIRTIO_SCSI_S_FUNCTION_REJECTED,

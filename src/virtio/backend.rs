@@ -38,6 +38,9 @@ pub const DEFAULT_REQUEST_QUEUES: usize = 16;
 /// Most request queues: vhost-user-backend maps queues to worker threads
 /// with 64-bit masks, and two queues are control and event.
 pub const MAX_REQUEST_QUEUES: usize = 62;
+/// Most queues of any connection (control, event and request queues), e.g.
+/// for sizing file descriptor needs: each has a kick and a call eventfd.
+pub const NUM_QUEUES: usize = FIRST_REQUEST_QUEUE + MAX_REQUEST_QUEUES;
 
 /// Largest virtqueue the driver may set up (virtio split ring maximum).
 pub const MAX_QUEUE_SIZE: usize = 1024;

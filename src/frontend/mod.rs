@@ -1,0 +1,496 @@
+//! A virtio-scsi driver over a real vhost-user connection: what QEMU plus a
+//! guest's virtio_scsi driver do to a vhost-user-scsi backend, in a library,
+//! for the load generator (`vhost-scsi-bench`) and the tests that drive the
+//! daemon process.
+//!
+//! [`ScsiFrontend::connect`] negotiates like QEMU (SET_OWNER, features with
+//! VERSION_1, PROTOCOL_FEATURES and EVENT_IDX, protocol features MQ and
+//! REPLY_ACK, GET_QUEUE_NUM before using more than one request queue), shares
+//! one memfd as guest memory (SET_MEM_TABLE), and sets up the control, event
+//! and M request queues as split rings with kick and call eventfds, enabling
+//! them with SET_VRING_ENABLE. Each [`RequestQueue`] keeps N requests in
+//! flight, each in a slot of three descriptors (header, response, one data
+//! buffer; no INDIRECT) with a free list of heads, and follows the EVENT_IDX
+//! rules a guest follows: used_event in the available ring asks for
+//! interrupts, the device's avail_event decides whether to kick (virtio 1.2
+//! §2.7.7, §2.7.10). Queues are `Send`, so each can be driven by its own
+//! thread.
+
+mod histogram;
+mod process;
+mod queue;
+mod ring;
+pub mod scsi;
+
+use std::fs::File;
+use std::io;
+use std::os::unix::io::{AsRawFd, FromRawFd};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+pub use histogram::LatencyHistogram;
+pub use process::{process_cpu_time, DaemonProcess};
+pub use queue::{Command, Completion, Data, Reply, RequestQueue};
+pub use ring::vring_need_event;
+
+use queue::{SlotAddrs, DESCS_PER_SLOT};
+use ring::{Descriptor, RingAddrs, SplitRing, VRING_DESC_F_WRITE};
+
+/// Feature bits (virtio 1.2 §6).
+const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+
+/// Queue indexes (virtio 1.2 §5.6.2).
+pub const CONTROL_QUEUE: usize = 0;
+pub const EVENT_QUEUE: usize = 1;
+pub const FIRST_REQUEST_QUEUE: usize = 2;
+
+/// Largest virtqueue a driver may set up.
+pub const MAX_QUEUE_SIZE: u16 = 1024;
+/// Size of the control and event queues (QEMU's default virtqueue size).
+const AUX_QUEUE_SIZE: u16 = 128;
+/// Event buffers the driver posts, as Linux's virtio_scsi does.
+const EVENT_BUFFERS: u16 = 8;
+/// `struct virtio_scsi_event`.
+const EVENT_LEN: u32 = 16;
+/// Request slot metadata: header (51 bytes) and response (108 bytes).
+const SLOT_META_LEN: u64 = 256;
+const PAGE: u64 = 4096;
+
+/// Everything that can go wrong driving a device. Nothing the device sends
+/// back is trusted: a bad used index, id or length is an error here.
+#[derive(Debug, thiserror::Error)]
+pub enum FrontendError {
+    #[error("cannot connect to {}: {source}", .path.display())]
+    Connect { path: PathBuf, source: vhost::Error },
+    #[error("vhost-user {request}: {source}")]
+    VhostUser {
+        request: &'static str,
+        source: vhost::Error,
+    },
+    #[error("the device does not offer {0}")]
+    MissingFeature(&'static str),
+    #[error("{asked} request queue(s) asked for, the device offers {offered}")]
+    TooManyQueues { asked: usize, offered: usize },
+    #[error("invalid driver configuration: {0}")]
+    Config(String),
+    #[error("cannot create guest memory: {0}")]
+    MemorySetup(String),
+    #[error("guest memory access: {0}")]
+    GuestMemory(#[from] vm_memory::GuestMemoryError),
+    #[error("eventfd: {0}")]
+    EventFd(io::Error),
+    #[error(
+        "queue {queue}: the device returned used id {id}, not the head of a request in flight"
+    )]
+    UsedId { queue: usize, id: u32 },
+    #[error("queue {queue}: the device moved the used index from {last} to {device} with {in_flight} request(s) in flight")]
+    UsedIndex {
+        queue: usize,
+        last: u16,
+        device: u16,
+        in_flight: usize,
+    },
+    #[error(
+        "queue {queue}: used length {used_len} exceeds the request's {writable} writable bytes"
+    )]
+    UsedLength {
+        queue: usize,
+        used_len: u32,
+        writable: u32,
+    },
+    #[error("queue {queue}: no completion within {timeout:?}")]
+    Timeout { queue: usize, timeout: Duration },
+    #[error("queue {queue}: all {depth} request slots are in flight")]
+    QueueFull { queue: usize, depth: usize },
+    #[error("queue {queue}: a single command needs an idle queue")]
+    Busy { queue: usize },
+    #[error("queue {queue}: nothing in flight to wait for")]
+    NothingInFlight { queue: usize },
+    #[error("no request slot {slot} (queue depth {depth})")]
+    NoSuchSlot { slot: usize, depth: usize },
+    #[error("{len} bytes do not fit a slot's {capacity}-byte data buffer")]
+    DataTooLarge { len: u64, capacity: u32 },
+    #[error("a CDB of {0} bytes is longer than the 32 bytes a request has room for")]
+    CdbTooLong(usize),
+    #[error("a command cannot have both data-out and data-in (VIRTIO_SCSI_F_INOUT)")]
+    Bidirectional,
+    #[error("daemon: {0}")]
+    Daemon(String),
+}
+
+fn vhost_err(request: &'static str) -> impl FnOnce(vhost::Error) -> FrontendError {
+    move |source| FrontendError::VhostUser { request, source }
+}
+
+/// How the driver sets itself up.
+#[derive(Clone, Debug)]
+pub struct DriverConfig {
+    /// Request queues to set up (M); more than one needs the device's MQ.
+    pub request_queues: usize,
+    /// Requests in flight per queue (N), at most 341 (three descriptors
+    /// each in a queue of at most 1024).
+    pub queue_depth: usize,
+    /// Data buffer per request slot, in bytes.
+    pub data_size: u32,
+    /// Negotiate VIRTIO_RING_F_EVENT_IDX when the device offers it.
+    pub event_idx: bool,
+    /// How long [`RequestQueue::wait`] waits for a completion.
+    pub timeout: Duration,
+    /// How long to keep retrying to connect to the socket.
+    pub connect_timeout: Duration,
+}
+
+impl Default for DriverConfig {
+    fn default() -> Self {
+        DriverConfig {
+            request_queues: 1,
+            queue_depth: 1,
+            data_size: 1 << 20,
+            event_idx: true,
+            timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl DriverConfig {
+    /// The virtqueue size for `queue_depth` requests of three descriptors:
+    /// the next power of two.
+    pub fn ring_size(&self) -> Result<u16, FrontendError> {
+        if self.queue_depth == 0 || self.request_queues == 0 {
+            return Err(FrontendError::Config(
+                "at least one request queue and a queue depth of one are needed".into(),
+            ));
+        }
+        let descs = self.queue_depth * usize::from(DESCS_PER_SLOT);
+        match u16::try_from(descs.next_power_of_two()) {
+            Ok(size) if size <= MAX_QUEUE_SIZE => Ok(size),
+            _ => Err(FrontendError::Config(format!(
+                "queue depth {}: at most {} requests of {DESCS_PER_SLOT} descriptors fit a \
+                 {MAX_QUEUE_SIZE}-entry virtqueue",
+                self.queue_depth,
+                usize::from(MAX_QUEUE_SIZE) / usize::from(DESCS_PER_SLOT)
+            ))),
+        }
+    }
+}
+
+/// Hands out guest addresses, in order, from 0.
+struct Bump(u64);
+
+impl Bump {
+    fn take(&mut self, len: u64, align: u64) -> u64 {
+        let addr = self.0.div_ceil(align) * align;
+        self.0 = addr + len;
+        addr
+    }
+}
+
+struct RingPlan {
+    addrs: RingAddrs,
+    slots: Vec<SlotAddrs>,
+}
+
+fn plan_ring(bump: &mut Bump, size: u16) -> RingAddrs {
+    let desc = bump.take(RingAddrs::desc_bytes(size), PAGE);
+    let avail = bump.take(RingAddrs::avail_bytes(size), 2);
+    let used = bump.take(RingAddrs::used_bytes(size), PAGE);
+    RingAddrs { desc, avail, used }
+}
+
+fn memfd(size: u64) -> Result<File, FrontendError> {
+    // SAFETY: memfd_create with a valid NUL-terminated name.
+    let fd = unsafe { libc::memfd_create(c"vhost-scsi-frontend".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(FrontendError::MemorySetup(format!(
+            "memfd_create: {}",
+            io::Error::last_os_error()
+        )));
+    }
+    // SAFETY: fd is a fresh descriptor nothing else owns.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(size)
+        .map_err(|e| FrontendError::MemorySetup(format!("memfd of {size} bytes: {e}")))?;
+    Ok(file)
+}
+
+/// A queue the load does not use (control, event), kept configured.
+struct AuxQueue {
+    _ring: SplitRing,
+    _kick: EventFd,
+    _call: EventFd,
+}
+
+/// A connected, configured virtio-scsi device.
+pub struct ScsiFrontend {
+    frontend: Frontend,
+    mem: Arc<GuestMemoryMmap<()>>,
+    features: u64,
+    queues_offered: u64,
+    _aux: Vec<AuxQueue>,
+    queues: Vec<RequestQueue>,
+}
+
+impl ScsiFrontend {
+    /// Connects to the backend at `socket` (retrying until it listens or
+    /// `config.connect_timeout` passes) and sets the device up.
+    pub fn connect(socket: &Path, config: &DriverConfig) -> Result<ScsiFrontend, FrontendError> {
+        let ring_size = config.ring_size()?;
+        let deadline = Instant::now() + config.connect_timeout;
+        let mut frontend = loop {
+            match Frontend::connect(socket, (FIRST_REQUEST_QUEUE + 1) as u64) {
+                Ok(f) => break f,
+                Err(source) if Instant::now() >= deadline => {
+                    return Err(FrontendError::Connect {
+                        path: socket.to_path_buf(),
+                        source,
+                    })
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        };
+
+        // Negotiation, in QEMU's order.
+        frontend.set_owner().map_err(vhost_err("SET_OWNER"))?;
+        let offered = frontend.get_features().map_err(vhost_err("GET_FEATURES"))?;
+        let protocol_bit = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        if offered & VIRTIO_F_VERSION_1 == 0 {
+            return Err(FrontendError::MissingFeature("VIRTIO_F_VERSION_1"));
+        }
+        if offered & protocol_bit == 0 {
+            return Err(FrontendError::MissingFeature(
+                "VHOST_USER_F_PROTOCOL_FEATURES",
+            ));
+        }
+        let protocol = frontend
+            .get_protocol_features()
+            .map_err(vhost_err("GET_PROTOCOL_FEATURES"))?;
+        let wanted = VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK;
+        frontend
+            .set_protocol_features(protocol & wanted)
+            .map_err(vhost_err("SET_PROTOCOL_FEATURES"))?;
+        let queues_offered = if protocol.contains(VhostUserProtocolFeatures::MQ) {
+            frontend
+                .get_queue_num()
+                .map_err(vhost_err("GET_QUEUE_NUM"))?
+        } else {
+            (FIRST_REQUEST_QUEUE + 1) as u64
+        };
+        let request_offered =
+            usize::try_from(queues_offered.saturating_sub(FIRST_REQUEST_QUEUE as u64))
+                .unwrap_or(usize::MAX);
+        if config.request_queues > request_offered {
+            return Err(FrontendError::TooManyQueues {
+                asked: config.request_queues,
+                offered: request_offered,
+            });
+        }
+        let mut features = VIRTIO_F_VERSION_1 | protocol_bit;
+        if config.event_idx {
+            features |= offered & VIRTIO_RING_F_EVENT_IDX;
+        }
+        frontend
+            .set_features(features)
+            .map_err(vhost_err("SET_FEATURES"))?;
+        let event_idx = features & VIRTIO_RING_F_EVENT_IDX != 0;
+
+        // Guest memory: control and event rings with the event buffers,
+        // then per request queue its ring, slot metadata and data buffers.
+        let mut bump = Bump(0);
+        let aux_rings = [
+            plan_ring(&mut bump, AUX_QUEUE_SIZE),
+            plan_ring(&mut bump, AUX_QUEUE_SIZE),
+        ];
+        let event_buffers = bump.take(u64::from(EVENT_LEN * u32::from(EVENT_BUFFERS)), 64);
+        let data_stride = u64::from(config.data_size).div_ceil(PAGE).max(1) * PAGE;
+        let plans: Vec<RingPlan> = (0..config.request_queues)
+            .map(|_| {
+                let addrs = plan_ring(&mut bump, ring_size);
+                let meta = bump.take(SLOT_META_LEN * config.queue_depth as u64, PAGE);
+                let data = bump.take(data_stride * config.queue_depth as u64, PAGE);
+                let slots = (0..config.queue_depth as u64)
+                    .map(|i| SlotAddrs {
+                        header: meta + i * SLOT_META_LEN,
+                        response: meta + i * SLOT_META_LEN + 128,
+                        data: data + i * data_stride,
+                    })
+                    .collect();
+                RingPlan { addrs, slots }
+            })
+            .collect();
+        let mem_size = bump.0.div_ceil(2 << 20) * (2 << 20);
+        let mem_len = usize::try_from(mem_size)
+            .map_err(|_| FrontendError::MemorySetup(format!("{mem_size} bytes")))?;
+        let file = memfd(mem_size)?;
+        let mem = GuestMemoryMmap::<()>::from_ranges_with_files(&[(
+            GuestAddress(0),
+            mem_len,
+            Some(FileOffset::new(file, 0)),
+        )])
+        .map_err(|e| FrontendError::MemorySetup(e.to_string()))?;
+        let mem = Arc::new(mem);
+        let host = mem.get_host_address(GuestAddress(0))? as u64;
+        let region = mem
+            .find_region(GuestAddress(0))
+            .ok_or_else(|| FrontendError::MemorySetup("no region at 0".into()))?;
+        let fd = vm_memory::GuestMemoryRegion::file_offset(region)
+            .ok_or_else(|| FrontendError::MemorySetup("region without a file".into()))?
+            .file()
+            .as_raw_fd();
+        frontend
+            .set_mem_table(&[VhostUserMemoryRegionInfo {
+                guest_phys_addr: 0,
+                memory_size: mem_size,
+                userspace_addr: host,
+                mmap_offset: 0,
+                mmap_handle: fd,
+            }])
+            .map_err(vhost_err("SET_MEM_TABLE"))?;
+
+        let setup_ring = |frontend: &mut Frontend,
+                          index: usize,
+                          size: u16,
+                          addrs: RingAddrs|
+         -> Result<(SplitRing, EventFd, EventFd), FrontendError> {
+            frontend
+                .set_vring_num(index, size)
+                .map_err(vhost_err("SET_VRING_NUM"))?;
+            frontend
+                .set_vring_base(index, 0)
+                .map_err(vhost_err("SET_VRING_BASE"))?;
+            frontend
+                .set_vring_addr(
+                    index,
+                    &VringConfigData {
+                        queue_max_size: MAX_QUEUE_SIZE,
+                        queue_size: size,
+                        flags: 0,
+                        desc_table_addr: host + addrs.desc,
+                        used_ring_addr: host + addrs.used,
+                        avail_ring_addr: host + addrs.avail,
+                        log_addr: None,
+                    },
+                )
+                .map_err(vhost_err("SET_VRING_ADDR"))?;
+            let kick = EventFd::new(libc::EFD_NONBLOCK).map_err(FrontendError::EventFd)?;
+            let call = EventFd::new(libc::EFD_NONBLOCK).map_err(FrontendError::EventFd)?;
+            frontend
+                .set_vring_kick(index, &kick)
+                .map_err(vhost_err("SET_VRING_KICK"))?;
+            frontend
+                .set_vring_call(index, &call)
+                .map_err(vhost_err("SET_VRING_CALL"))?;
+            Ok((
+                SplitRing::new(mem.clone(), size, addrs, event_idx),
+                kick,
+                call,
+            ))
+        };
+
+        let mut aux = Vec::new();
+        for (index, addrs) in aux_rings.into_iter().enumerate() {
+            let (ring, kick, call) = setup_ring(&mut frontend, index, AUX_QUEUE_SIZE, addrs)?;
+            aux.push(AuxQueue {
+                _ring: ring,
+                _kick: kick,
+                _call: call,
+            });
+        }
+        let mut queues = Vec::new();
+        for (i, plan) in plans.into_iter().enumerate() {
+            let index = FIRST_REQUEST_QUEUE + i;
+            let (ring, kick, call) = setup_ring(&mut frontend, index, ring_size, plan.addrs)?;
+            queues.push(RequestQueue::new(
+                index,
+                ring,
+                mem.clone(),
+                kick,
+                call,
+                &plan.slots,
+                config.data_size,
+                config.timeout,
+            ));
+        }
+        for index in 0..FIRST_REQUEST_QUEUE + config.request_queues {
+            frontend
+                .set_vring_enable(index, true)
+                .map_err(vhost_err("SET_VRING_ENABLE"))?;
+        }
+
+        // Post the event buffers as Linux does; the device keeps them until
+        // it has an event to report.
+        let event = &mut aux[EVENT_QUEUE];
+        for i in 0..EVENT_BUFFERS {
+            event._ring.write_desc(
+                i,
+                Descriptor {
+                    addr: event_buffers + u64::from(i) * u64::from(EVENT_LEN),
+                    len: EVENT_LEN,
+                    flags: VRING_DESC_F_WRITE,
+                    next: 0,
+                },
+            )?;
+            event._ring.publish(i)?;
+        }
+        if event._ring.kick_needed()? {
+            event._kick.write(1).map_err(FrontendError::EventFd)?;
+        }
+
+        Ok(ScsiFrontend {
+            frontend,
+            mem,
+            features,
+            queues_offered,
+            _aux: aux,
+            queues,
+        })
+    }
+
+    /// The virtio features acknowledged.
+    pub fn features(&self) -> u64 {
+        self.features
+    }
+
+    /// Whether VIRTIO_RING_F_EVENT_IDX was negotiated.
+    pub fn event_idx(&self) -> bool {
+        self.features & VIRTIO_RING_F_EVENT_IDX != 0
+    }
+
+    /// All queues the device offers (GET_QUEUE_NUM: control, event and
+    /// request queues).
+    pub fn queues_offered(&self) -> u64 {
+        self.queues_offered
+    }
+
+    /// Guest memory size in bytes.
+    pub fn memory_size(&self) -> u64 {
+        vm_memory::GuestMemoryBackend::last_addr(&*self.mem).0 + 1
+    }
+
+    pub fn queues(&self) -> &[RequestQueue] {
+        &self.queues
+    }
+
+    /// The request queues, to hand one to each submitting thread.
+    pub fn queues_mut(&mut self) -> &mut [RequestQueue] {
+        &mut self.queues
+    }
+
+    /// Request queue `i` (0 = the first request queue, vhost-user index 2).
+    pub fn queue(&mut self, i: usize) -> Option<&mut RequestQueue> {
+        self.queues.get_mut(i)
+    }
+
+    /// The vhost-user connection, for messages this driver does not send.
+    pub fn vhost_frontend(&mut self) -> &mut Frontend {
+        &mut self.frontend
+    }
+}

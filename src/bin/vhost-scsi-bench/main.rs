@@ -33,7 +33,7 @@ enum Rw {
 /// Load generator for vhost-device-scsi: a real vhost-user frontend keeping
 /// N virtio-scsi READ/WRITE requests in flight on each of M request queues.
 #[derive(Debug, Parser)]
-#[command(name = "vhost-scsi-bench", version, about, long_about = None)]
+#[command(name = "vhost-scsi-bench", version)]
 struct Args {
     /// Daemon binary to run [default: vhost-device-scsi next to this binary]
     #[arg(long, value_name = "PATH")]
@@ -92,14 +92,25 @@ struct Args {
     #[arg(long)]
     direct: bool,
 
-    /// Extra argument for daemon A (and B, unless --compare-arg is given);
-    /// repeatable, e.g. --daemon-arg=--threads=2.
+    /// Extra argument for the daemon (A and B); repeatable, e.g.
+    /// --daemon-arg=--threads=2.
     #[arg(long, value_name = "ARG", allow_hyphen_values = true)]
     daemon_arg: Vec<OsString>,
 
-    /// Extra argument for daemon B only; repeatable.
+    /// Extra argument for daemon A only, after the --daemon-arg ones;
+    /// repeatable.
     #[arg(long, value_name = "ARG", allow_hyphen_values = true)]
-    compare_arg: Vec<OsString>,
+    a_arg: Vec<OsString>,
+
+    /// Extra argument for daemon B only, after the --daemon-arg ones;
+    /// repeatable.
+    #[arg(
+        long,
+        visible_alias = "compare-arg",
+        value_name = "ARG",
+        allow_hyphen_values = true
+    )]
+    b_arg: Vec<OsString>,
 
     /// Skip the host's pread/pwrite ceiling ("no virtualization" line).
     #[arg(long)]
@@ -458,14 +469,14 @@ fn run(args: &Args) -> Result<(), String> {
         Some(p) => p.clone(),
         None => default_daemon()?,
     };
-    let mut sides = vec![(daemon_a, args.daemon_arg.clone())];
+    let with = |own: &[OsString]| -> Vec<OsString> {
+        args.daemon_arg.iter().chain(own).cloned().collect()
+    };
+    let mut sides = vec![(daemon_a, with(&args.a_arg))];
     if let Some(b) = &args.compare {
-        let extra = if args.compare_arg.is_empty() {
-            args.daemon_arg.clone()
-        } else {
-            args.compare_arg.clone()
-        };
-        sides.push((b.clone(), extra));
+        sides.push((b.clone(), with(&args.b_arg)));
+    } else if !args.b_arg.is_empty() {
+        return Err("--b-arg without --compare".into());
     }
     for (bin, _) in &sides {
         if !bin.is_file() {

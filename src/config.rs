@@ -2,12 +2,14 @@
 //! argument's options, opens, locks and checks every image, with errors that
 //! name the LUN or image and what is wrong with it.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use log::{info, warn};
 
 use crate::cli::{Cli, LunSpec, LunSpecError, MAX_IMAGES};
 use crate::scsi::inquiry::Identity;
+use crate::scsi::lun::MAX_LUN;
 use crate::scsi::{Disk, DiskConfig, DiskError, Target};
 use crate::storage::lock::{self, LockError};
 use crate::storage::{FileImage, ImageKind, OpenError};
@@ -17,7 +19,7 @@ pub const BLOCK_SIZE: u32 = 512;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("too many images: {0} given, at most {MAX_IMAGES} (LUNs 0-255)")]
+    #[error("too many images: {0} given, at most {MAX_IMAGES} (LUNs 0-{MAX_LUN})")]
     TooManyImages(usize),
     #[error("LUN {lun} ({}): {source}", .source.image)]
     Option { lun: usize, source: LunSpecError },
@@ -42,10 +44,11 @@ pub fn build_target(cli: &Cli) -> Result<Target, ConfigError> {
         .map(|(lun, arg)| LunSpec::parse(arg).map_err(|source| ConfigError::Option { lun, source }))
         .collect::<Result<Vec<_>, _>>()?;
     let mut disks: Vec<Disk> = Vec::with_capacity(specs.len());
+    let mut seen = SeenIdentities::default();
     for (lun, spec) in specs.iter().enumerate() {
         let read_only = cli.read_only || spec.read_only;
         let (disk, kind, locked) = open_disk(spec, lun as u16, read_only, cli)?;
-        check_unique_identity(&specs, &disks, lun, disk.identity())?;
+        seen.add(&specs, lun, disk.identity())?;
         info!(
             "LUN {lun}: {} ({} bytes, {} blocks of {} bytes, {}, {}, {}, serial {}, NAA {:#018x})",
             spec.path.display(),
@@ -134,22 +137,39 @@ fn identity(spec: &LunSpec, path: &Path, lun: u16) -> Identity {
 /// multipath layer, which would mix their data up; one serial is confusing.
 /// Derived values never clash, so a clash involves an operator's option:
 /// the error names the LUN that has one.
-fn check_unique_identity(
-    specs: &[LunSpec],
-    earlier: &[Disk],
-    lun: usize,
-    identity: &Identity,
-) -> Result<(), ConfigError> {
-    for (other, disk) in earlier.iter().enumerate() {
-        let clash = if disk.identity().naa == identity.naa {
-            Some(("wwn", "WWN"))
-        } else if disk.identity().serial == identity.serial {
-            Some(("serial", "serial number"))
-        } else {
-            None
+///
+/// Indexed by value, so that checking N LUNs costs O(N), not O(N²): with
+/// 16384 LUNs the pairwise comparison took most of the startup time.
+#[derive(Debug, Default)]
+struct SeenIdentities {
+    /// NAA designator → the LUN that has it.
+    naa: HashMap<u64, usize>,
+    /// Serial number → the LUN that has it.
+    serial: HashMap<String, usize>,
+}
+
+impl SeenIdentities {
+    /// Checks `lun`'s identity against every LUN added before, then adds
+    /// it. The error is about the lowest-numbered LUN it clashes with, and
+    /// about the WWN if both clash with that LUN.
+    fn add(
+        &mut self,
+        specs: &[LunSpec],
+        lun: usize,
+        identity: &Identity,
+    ) -> Result<(), ConfigError> {
+        let same_naa = self.naa.get(&identity.naa).copied();
+        let same_serial = self.serial.get(&identity.serial).copied();
+        let clash = match (same_naa, same_serial) {
+            (Some(n), Some(s)) if s < n => Some((s, "serial", "serial number")),
+            (Some(n), _) => Some((n, "wwn", "WWN")),
+            (None, Some(s)) => Some((s, "serial", "serial number")),
+            (None, None) => None,
         };
-        let Some((name, what)) = clash else {
-            continue;
+        let Some((other, name, what)) = clash else {
+            self.naa.insert(identity.naa, lun);
+            self.serial.insert(identity.serial.clone(), lun);
+            return Ok(());
         };
         let has_option = |l: usize| match name {
             "wwn" => specs[l].wwn.is_some(),
@@ -164,14 +184,90 @@ fn check_unique_identity(
             "wwn" => format!("{:#018x}", identity.naa),
             _ => identity.serial.clone(),
         };
-        return Err(ConfigError::Option {
+        Err(ConfigError::Option {
             lun: blamed,
             source: LunSpecError {
                 image: specs[blamed].path.to_string_lossy().into_owned(),
                 option: Some(format!("{name}={value}")),
                 reason: format!("LUN {partner} has the same {what}"),
             },
-        });
+        })
     }
-    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn identity(serial: &str, naa: u64) -> Identity {
+        let mut identity = Identity::derived("x", 0);
+        identity.serial = serial.to_string();
+        identity.naa = naa;
+        identity
+    }
+
+    /// The message of `seen.add` for `lun`'s identity, or None if it fits.
+    fn clash(
+        seen: &mut SeenIdentities,
+        specs: &[LunSpec],
+        lun: usize,
+        id: Identity,
+    ) -> Option<String> {
+        seen.add(specs, lun, &id).err().map(|e| e.to_string())
+    }
+
+    #[test]
+    fn identity_clashes_name_the_lowest_other_lun() {
+        let spec = |path: &str, serial: bool, wwn: bool| LunSpec {
+            path: path.into(),
+            serial: serial.then(|| "S".to_string()),
+            wwn: wwn.then_some(0x3000_0000_0000_0001),
+            ..LunSpec::default()
+        };
+        let specs = [
+            spec("a", false, false),
+            spec("b", false, false),
+            spec("c", true, true),
+        ];
+        let mut seen = SeenIdentities::default();
+        assert_eq!(clash(&mut seen, &specs, 0, identity("A", 1)), None);
+        assert_eq!(clash(&mut seen, &specs, 1, identity("B", 2)), None);
+        // Same serial as LUN 0 and same WWN as LUN 1: LUN 0 is named.
+        assert_eq!(
+            clash(&mut seen, &specs, 2, identity("A", 2)).as_deref(),
+            Some("LUN 2 (c): serial=A: LUN 0 has the same serial number")
+        );
+        // Same WWN as LUN 0 and same serial as LUN 1: the WWN, LUN 0.
+        assert_eq!(
+            clash(&mut seen, &specs, 2, identity("B", 1)).as_deref(),
+            Some("LUN 2 (c): wwn=0x0000000000000001: LUN 0 has the same WWN")
+        );
+        // Neither: added.
+        assert_eq!(clash(&mut seen, &specs, 2, identity("C", 3)), None);
+        assert_eq!(seen.naa.len(), 3);
+        assert_eq!(seen.serial.len(), 3);
+    }
+
+    #[test]
+    fn a_clash_is_blamed_on_the_lun_with_the_option() {
+        // LUN 0 has serial=S, LUN 1 derived the same serial (in theory):
+        // LUN 0 is to blame.
+        let specs = [
+            LunSpec {
+                path: "a".into(),
+                serial: Some("S".into()),
+                ..LunSpec::default()
+            },
+            LunSpec {
+                path: "b".into(),
+                ..LunSpec::default()
+            },
+        ];
+        let mut seen = SeenIdentities::default();
+        assert_eq!(clash(&mut seen, &specs, 0, identity("S", 1)), None);
+        assert_eq!(
+            clash(&mut seen, &specs, 1, identity("S", 2)).as_deref(),
+            Some("LUN 0 (a): serial=S: LUN 1 has the same serial number")
+        );
+    }
 }

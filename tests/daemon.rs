@@ -75,10 +75,14 @@ fn operator_errors_are_one_line() {
         1,
         &["/dev/null", "neither a regular file nor a block device"],
     );
-    let many: Vec<&str> = std::iter::repeat_n(good, 257).collect();
+    let many: Vec<&str> = std::iter::repeat_n(good, 16385).collect();
     let mut args = vec!["-s", sock];
     args.extend(many);
-    assert_one_line_error(&run(&args), 1, &["257", "at most 256"]);
+    assert_one_line_error(
+        &run(&args),
+        1,
+        &["too many images: 16385 given, at most 16384 (LUNs 0-16383)"],
+    );
     assert_one_line_error(
         &run(&["-s", "/nonexistent-dir/s.sock", good]),
         1,

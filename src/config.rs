@@ -8,11 +8,13 @@ use std::path::{Path, PathBuf};
 use log::{info, warn};
 
 use crate::cli::{Cli, LunSpec, LunSpecError, MAX_IMAGES};
+use crate::fdlimit::{self, FdLimitError};
 use crate::scsi::inquiry::Identity;
 use crate::scsi::lun::MAX_LUN;
 use crate::scsi::{Disk, DiskConfig, DiskError, Target};
 use crate::storage::lock::{self, LockError};
 use crate::storage::{FileImage, ImageKind, OpenError};
+use crate::virtio::backend::FIRST_REQUEST_QUEUE;
 
 /// Logical block size of a LUN without `block-size=`.
 pub const BLOCK_SIZE: u32 = 512;
@@ -23,6 +25,8 @@ pub enum ConfigError {
     TooManyImages(usize),
     #[error("LUN {lun} ({}): {source}", .source.image)]
     Option { lun: usize, source: LunSpecError },
+    #[error(transparent)]
+    FileLimit(#[from] FdLimitError),
     #[error("image {}: {source}", .path.display())]
     Open { path: PathBuf, source: OpenError },
     #[error("image {}: {source}", .path.display())]
@@ -32,7 +36,8 @@ pub enum ConfigError {
 }
 
 /// Opens the images named on the command line as LUNs 0..N-1. Every
-/// IMAGE argument's options are checked before any image is opened.
+/// IMAGE argument's options, and the open-file limit, are checked before
+/// any image is opened.
 pub fn build_target(cli: &Cli) -> Result<Target, ConfigError> {
     if cli.images.len() > MAX_IMAGES {
         return Err(ConfigError::TooManyImages(cli.images.len()));
@@ -43,6 +48,17 @@ pub fn build_target(cli: &Cli) -> Result<Target, ConfigError> {
         .enumerate()
         .map(|(lun, arg)| LunSpec::parse(arg).map_err(|source| ConfigError::Option { lun, source }))
         .collect::<Result<Vec<_>, _>>()?;
+    // Each image keeps a descriptor open: make room for them all, or say
+    // so before opening any.
+    let queues = FIRST_REQUEST_QUEUE + usize::from(cli.num_queues);
+    if let Some(raised) = fdlimit::ensure(specs.len(), queues)? {
+        info!(
+            "raised the open-file limit from {} to {} for {} images",
+            raised.from,
+            raised.to,
+            specs.len()
+        );
+    }
     let mut disks: Vec<Disk> = Vec::with_capacity(specs.len());
     let mut seen = SeenIdentities::default();
     for (lun, spec) in specs.iter().enumerate() {

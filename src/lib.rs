@@ -7,6 +7,7 @@
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod fdlimit;
 pub mod frontend;
 pub mod scsi;
 pub mod storage;

@@ -141,11 +141,24 @@ impl Daemon {
     /// Runs the daemon with `args` after `-s sock`; its log (info level)
     /// goes to `sock` with the extension `.log`.
     fn start_with<S: AsRef<OsStr>>(sock: &Path, args: &[S]) -> Daemon {
+        Daemon::launch(sock, Command::new(BIN).args(args))
+    }
+
+    /// As `start_with`, under an open-file limit (`RLIMIT_NOFILE`) of
+    /// `soft` and `hard`.
+    fn start_with_nofile<S: AsRef<OsStr>>(
+        sock: &Path,
+        args: &[S],
+        (soft, hard): (u64, u64),
+    ) -> Daemon {
+        Daemon::launch(sock, with_nofile(Command::new(BIN).args(args), soft, hard))
+    }
+
+    fn launch(sock: &Path, command: &mut Command) -> Daemon {
         let log = std::fs::File::create(sock.with_extension("log")).unwrap();
-        let child = Command::new(BIN)
+        let child = command
             .arg("-s")
             .arg(sock)
-            .args(args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stderr(log)
@@ -376,6 +389,100 @@ fn lun_option_errors_are_one_line() {
         1,
         &["odd.raw", "not a multiple of the 4096-byte block size"],
     );
+}
+
+/// Makes `command` run under an open-file limit of `soft` and `hard`, set
+/// in the child before exec.
+fn with_nofile(command: &mut Command, soft: u64, hard: u64) -> &mut Command {
+    use std::os::unix::process::CommandExt;
+    let limit = libc::rlimit {
+        rlim_cur: soft as libc::rlim_t,
+        rlim_max: hard as libc::rlim_t,
+    };
+    // SAFETY: the closure only calls setrlimit, which is async-signal-safe,
+    // on a value it owns; nothing is allocated between fork and exec.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        })
+    }
+}
+
+/// The soft and hard open-file limits of `pid`, from /proc.
+fn nofile_of(pid: u32) -> (u64, u64) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let values: Vec<u64> = line
+        .split_whitespace()
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    (values[0], values[1])
+}
+
+#[test]
+fn open_file_limit_too_low_is_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("s.sock");
+    // 300 images that do not exist: the limit is checked before any image
+    // is opened. About 300 + 64 + 6 per queue (18 queues by default)
+    // descriptors are needed; the hard limit is 256.
+    let missing = dir.path().join("missing.raw");
+    let mut args = vec![OsStr::new("-s"), sock.as_os_str()];
+    args.extend(std::iter::repeat_n(missing.as_os_str(), 300));
+    let out = with_nofile(Command::new(BIN).args(&args), 256, 256)
+        .env("RUST_LOG", "off")
+        .output()
+        .unwrap();
+    assert_one_line_error(
+        &out,
+        1,
+        &[
+            "vhost-device-scsi: error: 300 images need about 472 open files, \
+           but the limit is 256 (raise it with ulimit -n or LimitNOFILE= in the systemd unit)\n",
+        ],
+    );
+    assert!(!sock.exists());
+    // Fewer queues need fewer descriptors: 300 + 64 + 6 * 3.
+    args.extend([OsStr::new("--num-queues"), OsStr::new("1")]);
+    let out = with_nofile(Command::new(BIN).args(&args), 256, 256)
+        .env("RUST_LOG", "off")
+        .output()
+        .unwrap();
+    assert_one_line_error(&out, 1, &["300 images need about 382 open files"]);
+}
+
+#[test]
+fn open_file_limit_is_raised_to_the_hard_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("s.sock");
+    let img = image(dir.path(), "d.raw", 4096);
+    // 600 read-only LUNs of one image: 600 descriptors, more than the soft
+    // limit of 256 allows, fewer than the hard limit of 1024.
+    let mut args = vec![OsStr::new("-r")];
+    args.extend(std::iter::repeat_n(img.as_os_str(), 600));
+    let daemon = Daemon::start_with_nofile(&sock, &args, (256, 1024));
+    assert_eq!(nofile_of(daemon.child.id()), (1024, 1024));
+    assert!(
+        daemon
+            .log()
+            .contains("raised the open-file limit from 256 to 1024 for 600 images"),
+        "{}",
+        daemon.log()
+    );
+    assert!(daemon.log().contains("LUN 599: "));
+    handshake(&sock);
+    drop(daemon);
+    // A limit that is high enough is left alone.
+    let daemon = Daemon::start_with_nofile(&sock, &args, (800, 1024));
+    assert_eq!(nofile_of(daemon.child.id()), (800, 1024));
+    assert!(!daemon.log().contains("open-file limit"));
 }
 
 /// The access mode (O_RDONLY, O_RDWR) of `pid`'s open file `path`.

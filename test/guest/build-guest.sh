@@ -5,9 +5,10 @@
 #   OUTDIR/kernel          Debian's kernel: the uncompressed vmlinux (QEMU boots
 #                          it through the PVH entry, much faster under TCG) when
 #                          it can be extracted, else the bzImage
-#   OUTDIR/initramfs.cpio  busybox, the virtio_pci/virtio_scsi/sd_mod/sg modules
-#                          and their dependencies, sg3_utils (uncompressed: the
-#                          kernel unpacks it faster under TCG)
+#   OUTDIR/initramfs.cpio  busybox, the virtio_pci/virtio_scsi/sd_mod/sg and ext4
+#                          (which mounts ext2, what busybox mke2fs makes)
+#                          modules and their dependencies, sg3_utils
+#                          (uncompressed: the kernel unpacks it faster under TCG)
 #   OUTDIR/fio.cpio        fio and the libraries it adds (about 80 MB, so
 #                          run-guest.sh appends it only when asked: -x fio)
 #   OUTDIR/stamp           what the guest was built from
@@ -32,7 +33,7 @@ OUT="" FORCE=0
 for arg; do
     case "$arg" in
         --force) FORCE=1 ;;
-        -h|--help) sed -n '2,23p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,24p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
         -*) die "unknown option $arg" ;;
         *) [ -z "$OUT" ] || die "one OUTDIR only"; OUT=$arg ;;
     esac
@@ -123,7 +124,7 @@ mkdir -p "$ROOT"/{bin,sbin,usr/bin,usr/sbin,dev,proc,sys,tmp,etc/guest}
 
 # Modules in load order, dependencies first, as `modprobe --show-depends`
 # lists them (soft dependencies included); installed uncompressed.
-MODULES="virtio_pci virtio_scsi sd_mod sg"
+MODULES="virtio_pci virtio_scsi sd_mod sg ext4"
 : > "$ROOT/etc/guest/modules"
 for m in $MODULES; do
     modprobe -C /dev/null -d "$MODROOT" -S "$KVER" --show-depends "$m" |

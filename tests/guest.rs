@@ -15,6 +15,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeSet;
+use std::ffi::OsString;
 use std::fmt::Display;
 use std::fs::{self, File};
 use std::io::Write as _;
@@ -502,6 +503,120 @@ fn guest_lifecycle() {
     );
 }
 
+/// Scenario 7: an ext2 file system made, filled and unmounted in one boot
+/// (busybox mke2fs, the ext4 driver, `sync`) is intact in the next, a new
+/// QEMU on the same daemon: every file, its size and md5. With the daemon
+/// gone, the image holds a clean file system with those files (`e2fsck
+/// -fn`, `debugfs`; CI installs them, elsewhere they are optional).
+#[test]
+fn guest_filesystem() {
+    let Some(sc) = Scenario::start("filesystem") else {
+        return;
+    };
+    let disk = sc.sparse_image("fs.raw", 64 * MIB);
+    let dir = sc.dir.join("files");
+    fs::create_dir(&dir).unwrap();
+    let files: Vec<(String, Vec<u8>)> = [
+        ("empty", 0),
+        ("one-byte", 1),
+        ("block", 4096),
+        ("odd", 65_537),
+        ("big", 3 * MIB as usize + 123),
+    ]
+    .iter()
+    .enumerate()
+    .map(|(i, &(name, len))| (name.to_string(), pseudo_random(700 + i as u64, len)))
+    .collect();
+    let mut paths = Vec::new();
+    for (name, data) in &files {
+        paths.push(dir.join(name));
+        fs::write(dir.join(name), data).unwrap();
+    }
+
+    let daemon = sc.daemon_rw(&[(&disk, "")], &[]);
+    let create = Boot {
+        env: vec![("PHASE", "create".into())],
+        files: paths,
+        ..Boot::default()
+    };
+    let serial = sc.boot(&daemon, "filesystem", &create);
+    for step in ["mkfs", "mount", "copy", "sync", "umount"] {
+        sc.ok(&serial, step);
+    }
+    let check = Boot {
+        env: vec![("PHASE", "check".into())],
+        ..Boot::default()
+    };
+    let serial = sc.boot(&daemon, "filesystem", &check);
+    sc.ok(&serial, "mount");
+    sc.ok(&serial, "umount");
+    let got = serial.records("FILE");
+    sc.check(
+        got.len() == files.len(),
+        format!(
+            "second boot: {} files in /files, {} written",
+            got.len(),
+            files.len()
+        ),
+    );
+    for (name, data) in &files {
+        let rec = sc.record_where(&got, "name", name);
+        sc.expect(
+            &format!("second boot, file {name}"),
+            &rec,
+            &[("size", data.len().to_string()), ("md5", md5_hex(data))],
+        );
+    }
+    drop(daemon);
+
+    // The ext2 superblock is at byte 1024, its magic EF53h at offset 56.
+    let magic = disk.read_at(1024 + 56, 2);
+    sc.check(
+        magic == [0x53, 0xef],
+        format!("no ext2 superblock magic in the image: {magic:02x?}"),
+    );
+    if !host_tools(&sc, &["e2fsck", "debugfs"], "e2fsprogs") {
+        return;
+    }
+    let fsck = Command::new("e2fsck")
+        .arg("-fn")
+        .arg(&disk.path)
+        .output()
+        .unwrap();
+    sc.check(
+        fsck.status.success(),
+        format!(
+            "e2fsck -fn {}: {}\n{}{}",
+            disk.path.display(),
+            fsck.status,
+            String::from_utf8_lossy(&fsck.stdout),
+            String::from_utf8_lossy(&fsck.stderr)
+        ),
+    );
+    let out = sc.dir.join("rdump");
+    fs::create_dir(&out).unwrap();
+    let dump = Command::new("debugfs")
+        .arg("-R")
+        .arg(format!("rdump /files {}", out.display()))
+        .arg(&disk.path)
+        .output()
+        .unwrap();
+    for (name, data) in &files {
+        let host = fs::read(out.join("files").join(name)).unwrap_or_default();
+        sc.check(
+            host == *data,
+            format!(
+                "debugfs rdump: /files/{name} has {} bytes, md5 {}; written: {} bytes, md5 {}\n{}",
+                host.len(),
+                md5_hex(&host),
+                data.len(),
+                md5_hex(data),
+                String::from_utf8_lossy(&dump.stderr)
+            ),
+        );
+    }
+}
+
 // ------------------------------------------------------------------ harness
 
 /// Where build-guest.sh put the guest (its default, unless overridden).
@@ -608,9 +723,31 @@ impl Scenario {
         Image { path, size }
     }
 
-    /// Starts the daemon on `images` (LUN = position) and waits for its
-    /// socket.
+    /// Starts the daemon on `images` (LUN = position), all read-only, and
+    /// waits for its socket.
     fn daemon(&self, images: &[&Image], extra: &[&str]) -> Daemon {
+        let mut args: Vec<OsString> = vec!["--read-only".into()];
+        args.extend(extra.iter().map(OsString::from));
+        args.extend(images.iter().map(|i| i.path.clone().into_os_string()));
+        self.start_daemon(args, images.len())
+    }
+
+    /// Starts the daemon on read-write LUNs: each image with its per-LUN
+    /// options (`""`, `",block-size=4096"`, ...), LUN = position.
+    fn daemon_rw(&self, luns: &[(&Image, &str)], extra: &[&str]) -> Daemon {
+        let mut args: Vec<OsString> = extra.iter().map(OsString::from).collect();
+        for (image, options) in luns {
+            assert!(!image.path.to_string_lossy().contains(','));
+            let mut arg = image.path.clone().into_os_string();
+            arg.push(options);
+            args.push(arg);
+        }
+        self.start_daemon(args, luns.len())
+    }
+
+    /// Starts the daemon with `args` (options and images, `luns` of them)
+    /// and waits for its socket.
+    fn start_daemon(&self, args: Vec<OsString>, luns: usize) -> Daemon {
         let socket = self.dir.join("vus.sock");
         let n = fs::read_dir(&self.dir)
             .unwrap()
@@ -622,11 +759,9 @@ impl Scenario {
         let log = self.dir.join(format!("daemon-{}.log", n + 1));
         *self.daemon_log.borrow_mut() = Some(log.clone());
         let child = Command::new(BIN)
-            .arg("--read-only")
             .arg("--socket-path")
             .arg(&socket)
-            .args(extra)
-            .args(images.iter().map(|i| &i.path))
+            .args(args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -637,7 +772,7 @@ impl Scenario {
             child,
             socket,
             log,
-            luns: images.len(),
+            luns,
         };
         let deadline = Instant::now() + Duration::from_secs(10);
         while !daemon.socket.exists() {
@@ -750,6 +885,16 @@ impl Scenario {
         serial
             .block(name)
             .unwrap_or_else(|| self.fail(format!("no output of `{name}` (@@BEGIN name={name})")))
+    }
+
+    /// The output of `name`, which must have succeeded.
+    fn ok(&self, serial: &Serial, name: &str) -> Block {
+        let b = self.block(serial, name);
+        self.check(
+            b.rc == 0,
+            format!("{name}: exit status {}:\n{}", b.rc, b.text),
+        );
+        b
     }
 
     /// Fails the test with `msg`, the end of the guest's serial log, QEMU's
@@ -1042,6 +1187,35 @@ fn tail(text: &str, n: usize) -> String {
 /// How the guest prints a string: trimmed, inner blanks as `_`.
 fn squash(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join("_")
+}
+
+/// Whether the host has `tools` (Debian package `package`) for optional
+/// checks: without them the checks are left out with a note, except with
+/// CI=true, where that is a failure.
+fn host_tools(sc: &Scenario, tools: &[&str], package: &str) -> bool {
+    let missing: Vec<&&str> = tools
+        .iter()
+        .filter(|t| {
+            Command::new(t)
+                .arg("-V")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_err()
+        })
+        .collect();
+    if missing.is_empty() {
+        return true;
+    }
+    let reason = format!("{missing:?} not found (apt-get install {package})");
+    if std::env::var("CI").as_deref() == Ok("true") {
+        sc.fail(format!("host checks need {reason}"));
+    }
+    note(format!(
+        "guest scenario `{}`: host checks left out: {reason}",
+        sc.name
+    ));
+    false
 }
 
 /// (opcode, service action) pairs that `sg_opcodes` lists, from its table:

@@ -20,7 +20,7 @@ use std::fmt::Display;
 use std::fs::{self, File};
 use std::io::Write as _;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Mutex, MutexGuard, PoisonError};
@@ -691,6 +691,176 @@ fn guest_fio() {
     }
 }
 
+/// Scenario 9: thin provisioning seen from the host. A sparse image takes
+/// disk space as the guest writes it; `blkdiscard` on a range gives that
+/// space back (a hole that reads as zeroes, the rest intact), and so does
+/// `fstrim` on a file system after a file is removed. With `--no-discard`
+/// the guest sees no discard support and the image keeps its blocks.
+#[test]
+fn guest_discard() {
+    let Some(sc) = Scenario::start("discard") else {
+        return;
+    };
+    let disk = sc.sparse_image("disk.raw", 32 * MIB);
+    let fsimg = sc.sparse_image("fs.raw", 32 * MIB);
+    let len = 8 * MIB;
+    let data = pseudo_random(900, len as usize);
+    let data_file = sc.dir.join("data");
+    fs::write(&data_file, &data).unwrap();
+    let (data_off, discard_off, discard_len) = (8 * MIB, 10 * MIB, 4 * MIB);
+    let env = |phase: &str| {
+        vec![
+            ("PHASE", phase.to_string()),
+            ("DATA_OFF", data_off.to_string()),
+            ("DISCARD_OFF", discard_off.to_string()),
+            ("DISCARD_LEN", discard_len.to_string()),
+        ]
+    };
+    let sectors = |bytes: u64| bytes / 512;
+    let queues = |serial: &Serial, luns: usize, discard_max: Option<&str>| {
+        for lun in 0..luns {
+            let rec = sc.record_where(&serial.records("QUEUE"), "lun", &lun.to_string());
+            let mut expected = vec![("lbs", "512".to_string())];
+            match discard_max {
+                Some(max) => expected.push(("discard_max_bytes", max.to_string())),
+                None => {
+                    // Linux discards with UNMAP (it prefers it to WRITE SAME).
+                    expected.push(("provisioning_mode", "unmap".to_string()));
+                    sc.check(
+                        rec.get("discard_max_bytes").parse::<u64>().unwrap_or(0) >= discard_len,
+                        format!("LUN {lun}: discard_max_bytes too small: {}", rec.line),
+                    );
+                }
+            }
+            sc.expect(&format!("LUN {lun} queue limits"), &rec, &expected);
+        }
+    };
+
+    let daemon = sc.daemon_rw(&[(&disk, ""), (&fsimg, "")], &[]);
+    let (disk0, fs0) = (disk.allocated(), fsimg.allocated());
+    let boot = Boot {
+        env: env("write"),
+        files: vec![data_file],
+        ..Boot::default()
+    };
+    let serial = sc.boot(&daemon, "discard", &boot);
+    queues(&serial, 2, None);
+    for step in ["write", "mkfs", "mount", "copy", "sync", "umount"] {
+        sc.ok(&serial, step);
+    }
+    let (disk1, fs1) = (disk.allocated(), fsimg.allocated());
+    sc.check(
+        disk1 >= disk0 + sectors(len),
+        format!(
+            "LUN 0: {disk0} blocks allocated before, {disk1} after the guest wrote {len} bytes"
+        ),
+    );
+    sc.check(
+        fs1 >= fs0 + sectors(len),
+        format!(
+            "LUN 1: {fs0} blocks allocated before, {fs1} after the guest wrote a {len}-byte file"
+        ),
+    );
+    sc.check(
+        disk.read_at(data_off, len) == data,
+        "LUN 0: the image does not hold what the guest wrote".to_string(),
+    );
+
+    let serial = sc.boot(
+        &daemon,
+        "discard",
+        &Boot {
+            env: env("discard"),
+            ..Boot::default()
+        },
+    );
+    queues(&serial, 2, None);
+    for step in ["blkdiscard", "mount", "remove", "fstrim", "umount"] {
+        sc.ok(&serial, step);
+    }
+    let (disk2, fs2) = (disk.allocated(), fsimg.allocated());
+    sc.check(
+        disk2 + sectors(discard_len) <= disk1,
+        format!(
+            "LUN 0: {disk1} blocks allocated before, {disk2} after a {discard_len}-byte blkdiscard"
+        ),
+    );
+    let zero_md5 = md5_hex(&vec![0; discard_len as usize]);
+    let read = sc.record_where(&serial.records("READ"), "lun", "0");
+    sc.expect(
+        "LUN 0, the discarded range read back",
+        &read,
+        &[("md5", zero_md5)],
+    );
+    let mut expected = data.clone();
+    let at = (discard_off - data_off) as usize;
+    expected[at..at + discard_len as usize].fill(0);
+    sc.check(
+        disk.read_at(data_off, len) == expected,
+        "LUN 0: after blkdiscard the image is not the data with zeroes in the discarded range"
+            .to_string(),
+    );
+    sc.check(
+        disk.holes()
+            .iter()
+            .any(|&(s, e)| s <= discard_off && e >= discard_off + discard_len),
+        format!(
+            "LUN 0: the discarded range [{discard_off}, {}) is no hole in the image; holes: {:?}",
+            discard_off + discard_len,
+            disk.holes()
+        ),
+    );
+    let file = sc.record(&serial, "FILE");
+    sc.expect("LUN 1, the file", &file, &[("md5", md5_hex(&data))]);
+    let trimmed: u64 = sc
+        .block(&serial, "fstrim")
+        .text
+        .split_whitespace()
+        .find_map(|w| w.parse().ok())
+        .unwrap_or(0);
+    sc.check(
+        trimmed >= len,
+        format!("fstrim trimmed {trimmed} bytes, the removed file had {len}"),
+    );
+    sc.check(
+        fs2 + sectors(len) <= fs1,
+        format!(
+            "LUN 1: {fs1} blocks allocated before, {fs2} after rm and fstrim of a {len}-byte file"
+        ),
+    );
+    drop(daemon);
+
+    // --no-discard: the same blkdiscard is refused, nothing deallocated.
+    let daemon = sc.daemon_rw(&[(&disk, "")], &["--no-discard"]);
+    let serial = sc.boot(
+        &daemon,
+        "discard",
+        &Boot {
+            env: env("nodiscard"),
+            ..Boot::default()
+        },
+    );
+    queues(&serial, 1, Some("0"));
+    let bd = sc.block(&serial, "blkdiscard");
+    sc.check(
+        bd.rc != 0 && bd.rc != 124,
+        format!(
+            "blkdiscard with --no-discard: exit status {}:\n{}",
+            bd.rc, bd.text
+        ),
+    );
+    let disk3 = disk.allocated();
+    sc.check(
+        disk3 == disk2,
+        format!("LUN 0 with --no-discard: {disk2} blocks allocated before, {disk3} after"),
+    );
+    note(format!(
+        "guest scenario `discard`: allocated 512-byte blocks: disk {disk0} -> {disk1} (8 MiB written) \
+         -> {disk2} (4 MiB blkdiscard) -> {disk3} (--no-discard); file system {fs0} -> {fs1} \
+         (8 MiB file) -> {fs2} (rm, fstrim: {trimmed} bytes trimmed)"
+    ));
+}
+
 // ------------------------------------------------------------------ harness
 
 /// Where build-guest.sh put the guest (its default, unless overridden).
@@ -1077,6 +1247,39 @@ impl Image {
 
     fn md5(&self) -> String {
         md5_hex(&fs::read(&self.path).unwrap())
+    }
+
+    /// Disk space the image takes, in 512-byte units (`stat -c %b`).
+    fn allocated(&self) -> u64 {
+        fs::metadata(&self.path).unwrap().blocks()
+    }
+
+    /// The holes of the image (SEEK_HOLE/SEEK_DATA) as byte ranges.
+    fn holes(&self) -> Vec<(u64, u64)> {
+        let file = File::open(&self.path).unwrap();
+        let seek = |pos: u64, whence: libc::c_int| {
+            // SAFETY: lseek on a descriptor `file` owns.
+            let r = unsafe { libc::lseek(file.as_raw_fd(), pos as libc::off_t, whence) };
+            let err = std::io::Error::last_os_error();
+            match r {
+                r if r >= 0 => (r as u64).min(self.size),
+                // SEEK_DATA past the last data: a hole to the end.
+                _ if err.raw_os_error() == Some(libc::ENXIO) => self.size,
+                _ => panic!("lseek {}: {err}", self.path.display()),
+            }
+        };
+        let mut holes = Vec::new();
+        let mut pos = 0;
+        while pos < self.size {
+            let hole = seek(pos, libc::SEEK_HOLE);
+            if hole >= self.size {
+                break;
+            }
+            let data = seek(hole, libc::SEEK_DATA);
+            holes.push((hole, data));
+            pos = data;
+        }
+        holes
     }
 
     /// The identity the daemon derives for this image at `lun`.

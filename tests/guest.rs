@@ -861,6 +861,203 @@ fn guest_discard() {
     ));
 }
 
+/// Scenario 10: sg3_utils' write and provisioning commands on a read-write
+/// LUN, checked against the image: UNMAP (two descriptors, one range not
+/// 4 KiB aligned), WRITE SAME with UNMAP, with NDOB, with a pattern; GET
+/// LBA STATUS matches the image's holes; COMPARE AND WRITE writes on a match
+/// and fails with MISCOMPARE (exit status 14, the offset) leaving the data;
+/// SYNCHRONIZE CACHE; the caching page's WCE follows the kernel's
+/// `cache_type` (MODE SELECT).
+#[test]
+fn guest_write_tools() {
+    let Some(sc) = Scenario::start("writetools") else {
+        return;
+    };
+    const BLOCK: u64 = 512;
+    // Data in LBAs [0, 8192) and [10240, 16384), a hole between.
+    let disk = sc.sparse_image("disk.raw", 8 * MIB);
+    let original = pseudo_random(1000, disk.size as usize);
+    disk.write_at(0, &original[..4 * MIB as usize]);
+    disk.write_at(5 * MIB, &original[5 * MIB as usize..]);
+    let mut image = original.clone();
+    image[4 * MIB as usize..5 * MIB as usize].fill(0);
+    let status_before = disk.lba_status(BLOCK);
+
+    let (unmap, odd) = ((1024u64, 512u64), (7001u64, 3u64));
+    let ws = (3072u64, 1024u64);
+    let ndob = (12288u64, 256u64);
+    let pat = (5120u64, 64u64);
+    let caw = (6144u64, 2u64);
+    let pattern: Vec<u8> = (0..BLOCK).map(|i| (i % 251) as u8 + 1).collect();
+    let caw_len = (caw.1 * BLOCK) as usize;
+    let caw_at = (caw.0 * BLOCK) as usize;
+    let new_data = pseudo_random(1001, caw_len);
+    let mut caw_match = original[caw_at..caw_at + caw_len].to_vec();
+    caw_match.extend_from_slice(&new_data);
+    // The second COMPARE AND WRITE compares with what was there before the
+    // first: it differs from the medium first at byte 700.
+    let mut caw_miscompare = new_data.clone();
+    caw_miscompare[700] ^= 0xff;
+    caw_miscompare.extend_from_slice(&pseudo_random(1002, caw_len));
+    let files = [
+        ("pattern", &pattern),
+        ("caw_match", &caw_match),
+        ("caw_miscompare", &caw_miscompare),
+    ]
+    .map(|(name, data)| {
+        let path = sc.dir.join(name);
+        fs::write(&path, data).unwrap();
+        path
+    });
+    let daemon = sc.daemon_rw(&[(&disk, "")], &[]);
+    let boot = Boot {
+        env: vec![
+            ("UNMAP_LBAS", format!("{},{}", unmap.0, odd.0)),
+            ("UNMAP_NUMS", format!("{},{}", unmap.1, odd.1)),
+            ("WS_LBA", ws.0.to_string()),
+            ("WS_NUM", ws.1.to_string()),
+            ("NDOB_LBA", ndob.0.to_string()),
+            ("NDOB_NUM", ndob.1.to_string()),
+            ("PAT_LBA", pat.0.to_string()),
+            ("PAT_NUM", pat.1.to_string()),
+            ("CAW_LBA", caw.0.to_string()),
+            ("CAW_NUM", caw.1.to_string()),
+        ],
+        files: files.to_vec(),
+        ..Boot::default()
+    };
+    let serial = sc.boot(&daemon, "writetools", &boot);
+
+    let status = |name: &str| parse_lba_status(&sc.ok(&serial, name).text);
+    sc.check(
+        status("status_before") == status_before,
+        format!(
+            "GET LBA STATUS before the writes: guest {:?}, the image's holes say {status_before:?}",
+            status("status_before")
+        ),
+    );
+    // Each deallocated range, as GET LBA STATUS reports it from its first
+    // LBA, as the guest reads it, and as the host finds it in the image.
+    let zero = |blocks: u64| md5_hex(&vec![0; (blocks * BLOCK) as usize]);
+    let holes = disk.holes();
+    for (name, what, (lba, n)) in [
+        ("unmap", "unmap", unmap),
+        ("ws_unmap", "ws_unmap", ws),
+        ("ws_ndob", "ws_ndob", ndob),
+    ] {
+        sc.ok(&serial, name);
+        let first = status(&format!("status_{name}"));
+        sc.check(
+            first.first() == Some(&(lba, n, true)),
+            format!(
+                "{name}: GET LBA STATUS at {lba} says {first:?}, expected {n} deallocated blocks"
+            ),
+        );
+        let read = serial
+            .records("READ")
+            .into_iter()
+            .find(|r| r.get("what") == what && r.get("lba") == lba.to_string())
+            .unwrap_or_else(|| sc.fail(format!("no READ line for {what} at {lba}")));
+        sc.expect(&format!("{name}: read back"), &read, &[("md5", zero(n))]);
+        let (start, end) = (lba * BLOCK, (lba + n) * BLOCK);
+        sc.check(
+            holes.iter().any(|&(s, e)| s <= start && e >= end),
+            format!("{name}: [{start}, {end}) is no hole in the image; holes: {holes:?}"),
+        );
+        image[start as usize..end as usize].fill(0);
+    }
+    // The UNMAP range that is not 4 KiB aligned reads as zeroes too.
+    let read = serial
+        .records("READ")
+        .into_iter()
+        .find(|r| r.get("what") == "unmap" && r.get("lba") == odd.0.to_string())
+        .unwrap_or_else(|| sc.fail(format!("no READ line for unmap at {}", odd.0)));
+    sc.expect(
+        "unmap (unaligned): read back",
+        &read,
+        &[("md5", zero(odd.1))],
+    );
+    image[(odd.0 * BLOCK) as usize..((odd.0 + odd.1) * BLOCK) as usize].fill(0);
+
+    sc.ok(&serial, "ws_pattern");
+    let at = (pat.0 * BLOCK) as usize;
+    for block in image[at..at + (pat.1 * BLOCK) as usize].chunks_mut(BLOCK as usize) {
+        block.copy_from_slice(&pattern);
+    }
+    let read = sc.record_where(&serial.records("READ"), "what", "ws_pattern");
+    sc.expect(
+        "ws_pattern: read back",
+        &read,
+        &[("md5", md5_hex(&image[at..at + (pat.1 * BLOCK) as usize]))],
+    );
+    let first = status("status_ws_pattern");
+    sc.check(
+        first.first().is_some_and(|&(l, _, d)| l == pat.0 && !d),
+        format!(
+            "ws_pattern: GET LBA STATUS at {} says {first:?}, expected mapped",
+            pat.0
+        ),
+    );
+
+    sc.ok(&serial, "caw_match");
+    let bad = sc.block(&serial, "caw_miscompare");
+    sc.check(
+        bad.rc == 14,
+        format!(
+            "caw_miscompare: exit status {}, expected 14 (MISCOMPARE):\n{}",
+            bad.rc, bad.text
+        ),
+    );
+    sc.contains(
+        "caw_miscompare",
+        &bad.text,
+        &["Miscompare at byte offset: 700"],
+    );
+    image[caw_at..caw_at + caw_len].copy_from_slice(&new_data);
+    let read = sc.record_where(&serial.records("READ"), "what", "caw");
+    sc.expect("caw: read back", &read, &[("md5", md5_hex(&new_data))]);
+
+    sc.ok(&serial, "sync");
+    for (when, modes, wce, cache_type) in [
+        ("default", "modes_default", true, "write_back"),
+        ("through", "modes_through", false, "write_through"),
+        ("back", "modes_back", true, "write_back"),
+    ] {
+        let text = sc.ok(&serial, modes).text;
+        sc.check(
+            caching_wce(&text) == Some(wce),
+            format!("{modes}: expected WCE={}:\n{text}", u8::from(wce)),
+        );
+        let rec = sc.record_where(&serial.records("CACHE"), "when", when);
+        sc.expect(
+            &format!("cache_type ({when})"),
+            &rec,
+            &[("cache_type", cache_type.into())],
+        );
+    }
+    sc.ok(&serial, "set_through");
+    sc.ok(&serial, "set_back");
+
+    // The image as the host reads it, and its layout as the guest saw it.
+    let on_disk = fs::read(&disk.path).unwrap();
+    let diff = on_disk.iter().zip(&image).position(|(a, b)| a != b);
+    sc.check(
+        diff.is_none(),
+        format!(
+            "the image differs from what the commands should have made of it, first at byte {}",
+            diff.unwrap_or(0)
+        ),
+    );
+    let after = disk.lba_status(BLOCK);
+    sc.check(
+        status("status_after") == after,
+        format!(
+            "GET LBA STATUS at the end: guest {:?}, the image's holes say {after:?}",
+            status("status_after")
+        ),
+    );
+}
+
 // ------------------------------------------------------------------ harness
 
 /// Where build-guest.sh put the guest (its default, unless overridden).
@@ -1282,6 +1479,34 @@ impl Image {
         holes
     }
 
+    /// The image's layout as GET LBA STATUS describes it, in `block`-byte
+    /// blocks: (first block, blocks, deallocated), contiguous, alternating;
+    /// a block only partly in a hole is mapped.
+    fn lba_status(&self, block: u64) -> Vec<(u64, u64, bool)> {
+        let blocks = self.size / block;
+        let mut out: Vec<(u64, u64, bool)> = Vec::new();
+        let mut push = |start: u64, end: u64, deallocated: bool| {
+            if end <= start {
+                return;
+            }
+            match out.last_mut() {
+                Some(last) if last.2 == deallocated => last.1 += end - start,
+                _ => out.push((start, end - start, deallocated)),
+            }
+        };
+        let mut pos = 0;
+        for (start, end) in self.holes() {
+            let (first, last) = (start.div_ceil(block), end / block);
+            if last > first {
+                push(pos, first, false);
+                push(first, last, true);
+                pos = last;
+            }
+        }
+        push(pos, blocks, false);
+        out
+    }
+
     /// The identity the daemon derives for this image at `lun`.
     fn identity(&self, lun: u16) -> Identity {
         let canonical = fs::canonicalize(&self.path).unwrap();
@@ -1498,6 +1723,37 @@ fn host_tools(sc: &Scenario, tools: &[&str], package: &str) -> bool {
         sc.name
     ));
     false
+}
+
+/// `sg_get_lba_status --brief` descriptors, `0x0000000000000800  0x400  1  0`
+/// (LBA, blocks, provisioning status, additional status), as (LBA, blocks,
+/// deallocated).
+fn parse_lba_status(text: &str) -> Vec<(u64, u64, bool)> {
+    let hex = |s: &str| u64::from_str_radix(s.strip_prefix("0x")?, 16).ok();
+    text.lines()
+        .filter_map(|l| {
+            let t: Vec<&str> = l.split_whitespace().collect();
+            if t.len() != 4 {
+                return None;
+            }
+            Some((hex(t[0])?, hex(t[1])?, t[2] == "1"))
+        })
+        .collect()
+}
+
+/// The WCE bit of the caching mode page in `sg_modes -p 8` output: the
+/// page's hex dump follows the ">> Caching" line, `08 12 04 ...`; WCE is bit
+/// 2 of byte 2.
+fn caching_wce(text: &str) -> Option<bool> {
+    let mut lines = text.lines().skip_while(|l| !l.starts_with(">> Caching"));
+    lines.next()?;
+    let bytes: Vec<u8> = lines
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|b| u8::from_str_radix(b, 16).ok())
+        .collect();
+    (bytes.first() == Some(&0x08)).then_some(bytes.get(2)? & 0x04 != 0)
 }
 
 /// (opcode, service action) pairs that `sg_opcodes` lists, from its table:

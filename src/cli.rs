@@ -39,6 +39,12 @@ pub struct Cli {
     #[arg(long = "no-discard")]
     pub no_discard: bool,
 
+    /// Open the images with O_DIRECT, bypassing the host page cache (as
+    /// QEMU's cache=none); the block size must meet the image's direct I/O
+    /// alignment.
+    #[arg(long = "direct")]
+    pub direct: bool,
+
     /// Request queues to offer the VMM (1-62; QEMU asks for one per vCPU by
     /// default, and must not ask for more than are offered).
     #[arg(long = "num-queues", value_name = "N", default_value_t = 16,

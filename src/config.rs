@@ -33,6 +33,16 @@ pub enum ConfigError {
     Lock { path: PathBuf, source: LockError },
     #[error("image {}: {source}", .path.display())]
     Disk { path: PathBuf, source: DiskError },
+    #[error(
+        "image {}: --direct needs a block size that is a multiple of {alignment} bytes \
+         (the image's direct I/O alignment), not {block_size}: add ,block-size=4096",
+        .path.display()
+    )]
+    DirectAlignment {
+        path: PathBuf,
+        block_size: u32,
+        alignment: u64,
+    },
 }
 
 /// Opens the images named on the command line as LUNs 0..N-1. Every
@@ -66,7 +76,7 @@ pub fn build_target(cli: &Cli) -> Result<Target, ConfigError> {
         let (disk, kind, locked) = open_disk(spec, lun as u16, read_only, cli)?;
         seen.add(&specs, lun, disk.identity())?;
         info!(
-            "LUN {lun}: {} ({} bytes, {} blocks of {} bytes, {}, {}, {}, serial {}, NAA {:#018x})",
+            "LUN {lun}: {} ({} bytes, {} blocks of {} bytes, {}, {}{}, {}, serial {}, NAA {:#018x})",
             spec.path.display(),
             disk.blocks() * u64::from(disk.block_size()),
             disk.blocks(),
@@ -80,6 +90,7 @@ pub fn build_target(cli: &Cli) -> Result<Target, ConfigError> {
                 ImageKind::RegularFile => "regular file",
                 ImageKind::BlockDevice => "block device",
             },
+            if cli.direct { ", O_DIRECT" } else { "" },
             if locked { "locked" } else { "not locked" },
             disk.identity().serial,
             disk.identity().naa,
@@ -97,10 +108,27 @@ fn open_disk(
     cli: &Cli,
 ) -> Result<(Disk, ImageKind, bool), ConfigError> {
     let path = spec.path.as_path();
-    let image = FileImage::open(path, read_only).map_err(|source| ConfigError::Open {
+    let open = if cli.direct {
+        FileImage::open_direct
+    } else {
+        FileImage::open
+    };
+    let image = open(path, read_only).map_err(|source| ConfigError::Open {
         path: path.to_path_buf(),
         source,
     })?;
+    let block_size = spec.block_size.unwrap_or(BLOCK_SIZE);
+    if let Some(align) = image.direct_alignment() {
+        // Every transfer is whole blocks at block offsets: the block size
+        // must meet O_DIRECT's offset alignment (buffers are bounced).
+        if u64::from(block_size) % align.offset != 0 {
+            return Err(ConfigError::DirectAlignment {
+                path: path.to_path_buf(),
+                block_size,
+                alignment: align.offset,
+            });
+        }
+    }
     // The locks belong to the open file: they last as long as the Disk
     // keeps the image open, which is the daemon's lifetime.
     let locked = match lock::lock_image(image.file(), read_only) {
@@ -120,7 +148,7 @@ fn open_disk(
         }
     };
     let config = DiskConfig {
-        block_size: spec.block_size.unwrap_or(BLOCK_SIZE),
+        block_size,
         identity: identity(spec, path, lun),
         solid_state: cli.solid_state,
         discard: !cli.no_discard,

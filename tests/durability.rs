@@ -78,3 +78,23 @@ fn data_out_shorter_than_the_transfer_is_overrun() {
     assert_eq!(r.response, 1, "VIRTIO_SCSI_S_OVERRUN");
     assert!(std::fs::read(&img).unwrap().iter().all(|&b| b == 0));
 }
+
+#[test]
+fn direct_io_writes_and_reads() {
+    // O_DIRECT needs a file system that supports it: the target directory,
+    // not a tmpfs /tmp.
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let img = image(dir.path(), 1 << 20);
+    let sock = dir.path().join("vus.sock");
+    let mut daemon = Daemon::start(&sock, &["--direct", img.to_str().unwrap()]);
+    let mut drv = ScsiDriver::connect(&sock);
+    let a = pattern(7, 16 * 512);
+    let r = drv.command(0, &write10(8, 16, false), &a, 0);
+    assert_eq!((r.response, r.status), (0, 0), "write: {r:?}");
+    let r = drv.command(0, &read10(8, 16), &[], 16 * 512);
+    assert_eq!(r.data_in, a);
+    // The image holds it after SIGKILL.
+    daemon.kill();
+    let on_disk = std::fs::read(&img).unwrap();
+    assert_eq!(&on_disk[8 * 512..24 * 512], &a[..]);
+}

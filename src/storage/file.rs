@@ -259,6 +259,16 @@ impl Storage for FileImage {
                 len: rest,
             });
         }
+        match self.fiemap_extent(offset, rest) {
+            Ok(extent) => return Ok(extent),
+            // No FIEMAP here (e.g. tmpfs): SEEK_DATA/SEEK_HOLE below.
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EOPNOTSUPP | libc::ENOTTY | libc::EINVAL)
+                ) => {}
+            Err(e) => return Err(e),
+        }
         let seek = |whence| -> io::Result<Option<u64>> {
             let pos = libc::off_t::try_from(offset)
                 .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
@@ -302,6 +312,66 @@ impl Storage for FileImage {
 }
 
 impl FileImage {
+    /// The extent at `offset` from FIEMAP, which — unlike SEEK_DATA — counts
+    /// preallocated ("unwritten") extents, such as those a zeroing
+    /// `fallocate(ZERO_RANGE)` leaves, as allocated: SBC-3 calls those
+    /// blocks mapped, and SEEK_DATA would see a hole in them as soon as the
+    /// page cache forgets them. Delayed-allocation data counts as allocated
+    /// too.
+    fn fiemap_extent(&self, offset: u64, rest: u64) -> io::Result<Extent> {
+        /// struct fiemap with room for one struct fiemap_extent
+        /// (linux/fiemap.h).
+        #[repr(C)]
+        #[derive(Default)]
+        struct Fiemap {
+            start: u64,
+            length: u64,
+            flags: u32,
+            mapped_extents: u32,
+            extent_count: u32,
+            reserved: u32,
+            // struct fiemap_extent
+            fe_logical: u64,
+            fe_physical: u64,
+            fe_length: u64,
+            fe_reserved64: [u64; 2],
+            fe_flags: u32,
+            fe_reserved: [u32; 3],
+        }
+        /// _IOWR('f', 11, struct fiemap)
+        const FS_IOC_FIEMAP: libc::c_ulong = 0xc020_660b;
+        let mut map = Fiemap {
+            start: offset,
+            length: rest,
+            extent_count: 1,
+            ..Fiemap::default()
+        };
+        // SAFETY: FS_IOC_FIEMAP reads the header and writes at most
+        // `extent_count` (1) extents into the struct, which has room for one.
+        let rc = unsafe { libc::ioctl(self.file.as_raw_fd(), FS_IOC_FIEMAP, &mut map) };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let end = offset.saturating_add(rest);
+        Ok(if map.mapped_extents == 0 || map.fe_logical >= end {
+            Extent {
+                allocated: false,
+                len: rest,
+            }
+        } else if map.fe_logical > offset {
+            Extent {
+                allocated: false,
+                len: map.fe_logical - offset,
+            }
+        } else {
+            let extent_end = map.fe_logical.saturating_add(map.fe_length);
+            Extent {
+                allocated: true,
+                len: extent_end.min(end).saturating_sub(offset).max(1),
+            }
+        })
+    }
+
     /// Runs `op` (preadv/pwritev-like) until every byte of `iov` is
     /// transferred, retrying short transfers and EINTR; a zero-byte
     /// transfer is `on_zero`.
@@ -650,5 +720,35 @@ mod tests {
             iov_base: buf.as_mut_ptr().cast(),
             iov_len: buf.len(),
         }
+    }
+
+    #[test]
+    fn extents_count_zeroed_ranges_as_allocated() {
+        let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+        let path = dir.path().join("sparse.raw");
+        let f = std::fs::File::create(&path).unwrap();
+        f.set_len(1 << 20).unwrap();
+        drop(f);
+        let img = FileImage::open(&path, false).unwrap();
+        // Data at 256 KiB, a zeroed (ZERO_RANGE) range at 512 KiB, holes
+        // elsewhere.
+        let mut data = vec![0x11u8; 64 << 10];
+        img.write_vectored_at(&[iov(&mut data)], 256 << 10, true)
+            .unwrap();
+        img.write_zeroes(512 << 10, 64 << 10, false).unwrap();
+        img.flush().unwrap();
+        let e = img.extent(0).unwrap();
+        assert_eq!((e.allocated, e.len), (false, 256 << 10));
+        let e = img.extent(256 << 10).unwrap();
+        assert!(e.allocated);
+        assert!(e.len >= 64 << 10 && e.len < 256 << 10, "{e:?}");
+        let e = img.extent(512 << 10).unwrap();
+        assert!(e.allocated, "a zeroed range stays mapped: {e:?}");
+        let e = img.extent(1020 << 10).unwrap();
+        assert_eq!((e.allocated, e.len), (false, 4 << 10));
+        // A punched range is a hole again.
+        img.write_zeroes(256 << 10, 64 << 10, true).unwrap();
+        let e = img.extent(256 << 10).unwrap();
+        assert!(!e.allocated, "{e:?}");
     }
 }

@@ -771,6 +771,72 @@ fn malformed_requests_are_answered_and_serving_continues() {
     assert_eq!(used.data_in(), &h.images[0][..512]);
 }
 
+/// An available ring entry naming a descriptor past the table (virtio 1.2
+/// §2.7.6) is dropped: it names no chain, and the used ring cannot return
+/// it. The requests around it are served; the queue handler does not fail
+/// (which would end the worker thread and every queue it serves). Found by
+/// the `request` fuzz target (fuzz/corpus/request/regress-head-past-table).
+#[test]
+fn head_index_past_the_table_is_dropped_and_serving_continues() {
+    let mut h = Harness::new(&[4096]);
+    h.next_data = DATA_BASE;
+    let writable = h.push(
+        FIRST_REQUEST_QUEUE,
+        &[
+            Buf::R(request(lun(0), &read10(1, 1))),
+            Buf::W(RESP_LEN),
+            Buf::W(512),
+        ],
+    );
+    // Entry 0 now names QUEUE_SIZE + 3; entry 1 the good chain.
+    let r = h.rings[FIRST_REQUEST_QUEUE];
+    h.mem
+        .memory()
+        .write_obj(QUEUE_SIZE + 3, GuestAddress(r.avail + 4))
+        .unwrap();
+    h.make_available(FIRST_REQUEST_QUEUE, 0);
+    let used = h.kick(FIRST_REQUEST_QUEUE);
+    assert_eq!(used, vec![(0, RESP_LEN + 512)]);
+    let (addr, len) = writable[1];
+    assert_eq!(h.read(addr, len), &h.images[0][512..1024]);
+    let used = h.command(lun(0), &read10(0, 1), 512);
+    assert_eq!(used.status(), 0);
+}
+
+/// A driver that moves the available index more than a queue size ahead
+/// (virtio 1.2 §2.7.6: the ring holds at most queue-size entries) gets
+/// nothing served until it puts the index right; the kick returns instead
+/// of spinning on entries that cannot be popped. Found by the `request`
+/// fuzz target (fuzz/corpus/request/regress-avail-index-jump).
+#[test]
+fn available_index_too_far_ahead_does_not_hang_the_queue() {
+    let h = Harness::new(&[4096]);
+    let r = h.rings[FIRST_REQUEST_QUEUE];
+    let set_idx = |h: &Harness, idx: u16| {
+        h.mem
+            .memory()
+            .write_obj(idx, GuestAddress(r.avail + 2))
+            .unwrap()
+    };
+    set_idx(&h, QUEUE_SIZE + 1);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let worker = std::thread::spawn(move || {
+        let mut h = h;
+        let used = h.kick(FIRST_REQUEST_QUEUE);
+        let _ = tx.send(());
+        (h, used)
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(10))
+        .expect("the queue handler returns");
+    let (mut h, used) = worker.join().unwrap();
+    assert!(used.is_empty(), "{used:?}");
+    // The driver puts the index right: served again.
+    set_idx(&h, 0);
+    let used = h.command(lun(0), &read10(2, 1), 512);
+    assert_eq!(used.status(), 0);
+    assert_eq!(used.data_in(), &h.images[0][1024..1536]);
+}
+
 #[test]
 fn event_queue_buffers_are_kept() {
     let mut h = Harness::new(&[4096]);

@@ -178,6 +178,20 @@ impl ScsiBackend {
                     break;
                 };
                 let head = chain.head_index();
+                if head >= state.get_queue().size() {
+                    // virtio 1.2 §2.7.6: an available ring entry is the head
+                    // of a chain, an index into the descriptor table. One
+                    // past the table names no chain and cannot be returned
+                    // (§2.7.8: a used element's id is the chain's head), so
+                    // the entry is dropped. Failing instead would end the
+                    // worker thread, and with it every queue it serves.
+                    drop(state);
+                    self.malformed(
+                        queue_index,
+                        &format_args!("available ring names descriptor {head}, past the table"),
+                    );
+                    continue;
+                }
                 let used_len = match split_chain(&mem, chain) {
                     Err(e) => {
                         self.malformed(queue_index, &e);
@@ -214,6 +228,20 @@ impl ScsiBackend {
                     vring.signal_used_queue()?;
                 }
             }
+            if Self::avail_index_broken(vring, &mem) {
+                // virtio 1.2 §2.7.6: the available ring holds queue-size
+                // entries, so its index runs at most that far ahead of the
+                // device. virtio-queue pops nothing from a ring whose index
+                // is further ahead, yet the index keeps looking like new
+                // work: stop until the driver puts it right (or resets the
+                // queue) instead of spinning on it.
+                self.malformed(
+                    queue_index,
+                    &"available index more than the queue size ahead",
+                );
+                vring.enable_notification().map_err(io::Error::other)?;
+                break;
+            }
             // Optional busy polling, notifications still off: a guest that
             // submits again within the window is served without the
             // kick/eventfd round trip.
@@ -225,6 +253,17 @@ impl ScsiBackend {
             }
         }
         Ok(())
+    }
+
+    /// Whether the driver's available index is more than a queue size
+    /// ahead of the device's (an unreadable index is left to the calls that
+    /// report it).
+    fn avail_index_broken(vring: &VringRwLock, mem: &GuestMem) -> bool {
+        let state = vring.get_ref();
+        let queue = state.get_queue();
+        queue
+            .avail_idx(mem, Ordering::Acquire)
+            .is_ok_and(|avail| avail.0.wrapping_sub(queue.next_avail()) > queue.size())
     }
 
     /// Spins until the driver makes a new request available or the polling

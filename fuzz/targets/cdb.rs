@@ -298,39 +298,9 @@ fn execute(target: &Target, handles: &[Handle], command: &Command) {
 // CDBs and parameter lists, for the generators of both targets
 // ---------------------------------------------------------------------------
 
-pub const TEST_UNIT_READY: u8 = 0x00;
-pub const REQUEST_SENSE: u8 = 0x03;
-pub const READ_6: u8 = 0x08;
-pub const WRITE_6: u8 = 0x0a;
-pub const INQUIRY: u8 = 0x12;
-pub const MODE_SELECT_6: u8 = 0x15;
-pub const MODE_SENSE_6: u8 = 0x1a;
-pub const START_STOP_UNIT: u8 = 0x1b;
-pub const PREVENT_ALLOW: u8 = 0x1e;
-pub const READ_CAPACITY_10: u8 = 0x25;
-pub const READ_10: u8 = 0x28;
-pub const WRITE_10: u8 = 0x2a;
-pub const WRITE_AND_VERIFY_10: u8 = 0x2e;
-pub const VERIFY_10: u8 = 0x2f;
-pub const SYNCHRONIZE_CACHE_10: u8 = 0x35;
-pub const WRITE_SAME_10: u8 = 0x41;
-pub const UNMAP: u8 = 0x42;
-pub const MODE_SELECT_10: u8 = 0x55;
-pub const MODE_SENSE_10: u8 = 0x5a;
-pub const READ_16: u8 = 0x88;
-pub const COMPARE_AND_WRITE: u8 = 0x89;
-pub const WRITE_16: u8 = 0x8a;
-pub const WRITE_AND_VERIFY_16: u8 = 0x8e;
-pub const VERIFY_16: u8 = 0x8f;
-pub const SYNCHRONIZE_CACHE_16: u8 = 0x91;
-pub const WRITE_SAME_16: u8 = 0x93;
-pub const SERVICE_ACTION_IN_16: u8 = 0x9e;
-pub const REPORT_LUNS: u8 = 0xa0;
-pub const MAINTENANCE_IN: u8 = 0xa3;
-pub const READ_12: u8 = 0xa8;
-pub const WRITE_12: u8 = 0xaa;
-pub const WRITE_AND_VERIFY_12: u8 = 0xae;
-pub const VERIFY_12: u8 = 0xaf;
+// The daemon's own operation codes, so the generators can never drift from
+// what the parser knows.
+pub use vhost_device_scsi::scsi::cdb::opcode::*;
 
 /// A 6/10/12/16-byte block command (by the opcode's group) for `blocks`
 /// logical blocks at `lba`; fields that do not fit are truncated.
@@ -616,7 +586,7 @@ pub fn random_command(
                 TEST_UNIT_READY,
                 REQUEST_SENSE,
                 START_STOP_UNIT,
-                PREVENT_ALLOW,
+                PREVENT_ALLOW_MEDIUM_REMOVAL,
                 SYNCHRONIZE_CACHE_10,
                 SYNCHRONIZE_CACHE_16,
             ]);
@@ -924,7 +894,12 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
             vec![
                 cmd(0, vec![TEST_UNIT_READY, 0, 0, 0, 0, 0], 0, vec![]),
                 cmd(0, vec![START_STOP_UNIT, 0, 0, 0, 1, 0], 0, vec![]),
-                cmd(0, vec![PREVENT_ALLOW, 0, 0, 0, 0, 0], 0, vec![]),
+                cmd(
+                    0,
+                    vec![PREVENT_ALLOW_MEDIUM_REMOVAL, 0, 0, 0, 0, 0],
+                    0,
+                    vec![],
+                ),
             ],
         ),
     ]

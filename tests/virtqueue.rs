@@ -1096,3 +1096,29 @@ fn task_management_completes_pending_requests_first() {
     assert_eq!(h.read(writable[0].0, RESP_LEN)[11], S_OK);
     assert_eq!(h.read(writable[1].0, 512), &h.images[0][3 * 512..4 * 512]);
 }
+
+#[test]
+fn a_used_ring_outside_memory_does_not_stop_the_worker() {
+    let mut h = Harness::new(&[1 << 20]);
+    // The second request queue's used ring points past guest memory.
+    let bad = FIRST_REQUEST_QUEUE + 1;
+    let r = h.rings[bad];
+    h.vrings[bad]
+        .set_queue_info(r.desc, r.avail, 4 * REGION_SIZE as u64)
+        .unwrap();
+    h.next_data = DATA_BASE;
+    let _ = h.push(
+        bad,
+        &[
+            Buf::R(request(lun(0), &read10(0, 1))),
+            Buf::W(RESP_LEN),
+            Buf::W(512),
+        ],
+    );
+    h.backend
+        .handle_event(bad as u16, EventSet::IN, &h.vrings, 0)
+        .expect("a broken queue is not an error of the worker thread");
+    // The same thread still serves the other queues.
+    let used = h.command(lun(0), &read10(1, 1), 512);
+    assert_eq!(used.data_in(), &h.images[0][512..1024]);
+}

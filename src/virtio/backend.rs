@@ -155,10 +155,22 @@ impl ScsiBackend {
         }
     }
 
+    /// Serves every available request on `vring`. A queue whose rings the
+    /// guest broke (e.g. a used ring outside guest memory) is left alone
+    /// until the next kick: returning the error would end the worker
+    /// thread, and with it every queue it serves (virtio 1.2 §2.1.2 lets a
+    /// device give up on such a queue; it never takes the daemon down).
+    pub fn process_queue(&self, queue_index: usize, vring: &VringRwLock) -> io::Result<()> {
+        if let Err(e) = self.serve_queue(queue_index, vring) {
+            self.malformed(queue_index, &format_args!("queue unusable: {e}"));
+        }
+        Ok(())
+    }
+
     /// Serves every available request on `vring`, re-checking after
     /// notifications are re-enabled so that no kick is lost (virtio 1.2
     /// §2.7.10 with VIRTIO_F_EVENT_IDX).
-    pub fn process_queue(&self, queue_index: usize, vring: &VringRwLock) -> io::Result<()> {
+    fn serve_queue(&self, queue_index: usize, vring: &VringRwLock) -> io::Result<()> {
         let Some(atomic_mem) = self
             .mem
             .read()

@@ -212,16 +212,8 @@ pub const STATS: [&str; 7] = [
     "descriptor sense",
 ];
 
-/// CDB length the operation code's group implies (SPC-4 §4.2.5.1).
-pub fn cdb_length(opcode: u8) -> usize {
-    match opcode >> 5 {
-        0 => 6,
-        1 | 2 => 10,
-        4 => 16,
-        5 => 12,
-        _ => 0,
-    }
-}
+/// CDB length the operation code's group implies: the parser's own rule.
+pub use vhost_device_scsi::scsi::cdb::cdb_length;
 
 fn execute(target: &Target, handles: &[Handle], command: &Command) {
     let address = address(command.lun);

@@ -160,11 +160,10 @@ impl ScsiBackend {
     /// until the next kick: returning the error would end the worker
     /// thread, and with it every queue it serves (virtio 1.2 §2.1.2 lets a
     /// device give up on such a queue; it never takes the daemon down).
-    pub fn process_queue(&self, queue_index: usize, vring: &VringRwLock) -> io::Result<()> {
+    pub fn process_queue(&self, queue_index: usize, vring: &VringRwLock) {
         if let Err(e) = self.serve_queue(queue_index, vring) {
             self.malformed(queue_index, &format_args!("queue unusable: {e}"));
         }
-        Ok(())
     }
 
     /// Serves every available request on `vring`, re-checking after
@@ -285,7 +284,7 @@ impl ScsiBackend {
         loop {
             let state = vring.get_ref();
             let queue = state.get_queue();
-            match queue.avail_idx(mem, std::sync::atomic::Ordering::Acquire) {
+            match queue.avail_idx(mem, Ordering::Acquire) {
                 Ok(avail) if avail.0 != queue.next_avail() => return true,
                 Ok(_) => {}
                 Err(_) => return false,
@@ -413,12 +412,16 @@ impl VhostUserBackend for ScsiBackend {
                 let queues = self.thread_queues.get(thread_id).map(Vec::as_slice);
                 for (vring, &queue) in vrings.iter().zip(queues.unwrap_or_default()) {
                     if queue >= FIRST_REQUEST_QUEUE && Self::is_live(vring) {
-                        self.process_queue(queue, vring)?;
+                        self.process_queue(queue, vring);
                     }
                 }
-                self.process_queue(CONTROL_QUEUE, vring)
+                self.process_queue(CONTROL_QUEUE, vring);
+                Ok(())
             }
-            _ => self.process_queue(index, vring),
+            _ => {
+                self.process_queue(index, vring);
+                Ok(())
+            }
         }
     }
 }

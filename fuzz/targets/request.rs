@@ -35,7 +35,8 @@
 //!   thread and so every queue it serves), no hang;
 //! - no storage access outside a LUN, nothing written to a read-only LUN;
 //! - one used-ring entry per popped chain whose head is a valid index, in
-//!   order; an unusable chain (readable after writable, outside memory)
+//!   order; an unusable chain (readable after writable, outside memory,
+//!   or broken: a loop, a link past its table, a nested indirect table)
 //!   has used length 0;
 //! - every used length is at most the chain's writable bytes, and exactly
 //!   the bytes written: writable buffers are poisoned and compared (a
@@ -508,7 +509,7 @@ fn in_memory(r: &Range<u64>) -> bool {
 struct Chain {
     head: u16,
     /// The device can use it: no readable descriptor after a writable one,
-    /// everything inside guest memory.
+    /// everything inside guest memory, and the chain followed to its end.
     usable: bool,
     readable: Vec<Range<u64>>,
     writable: Vec<Range<u64>>,
@@ -559,7 +560,12 @@ impl Model {
                     readable: Vec::new(),
                     writable: Vec::new(),
                 };
+                // A chain the iterator stops following before a descriptor
+                // without NEXT (a loop, a link past the table, a nested
+                // or unreadable indirect table) is broken: unusable.
+                let mut ended = false;
                 for d in chain {
+                    ended = !d.has_next();
                     if d.len() == 0 {
                         continue;
                     }
@@ -577,6 +583,9 @@ impl Model {
                         }
                         c.readable.push(r);
                     }
+                }
+                if !ended {
+                    c.usable = false;
                 }
                 if !c.usable {
                     c.readable.clear();

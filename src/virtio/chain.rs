@@ -20,6 +20,11 @@ pub enum ChainError {
     OutsideMemory { addr: u64, len: u32 },
     #[error("chain longer than the address space")]
     TooLong,
+    #[error(
+        "broken chain: a loop, a link past its table, a nested or unreadable \
+         indirect table, or more than 4 GiB"
+    )]
+    Broken,
 }
 
 /// The two halves of a descriptor chain.
@@ -30,7 +35,11 @@ pub struct SplitChain<'a> {
 
 /// Splits `chain` into guest memory slices, checking every descriptor
 /// against the memory map. The chain's own iterator bounds its length
-/// (queue size, indirect table size) and rejects loops.
+/// (queue size, indirect table size), but it reports a chain it cannot
+/// follow to the end only by stopping early: a chain whose last descriptor
+/// still has VIRTQ_DESC_F_NEXT, or that yields no descriptor at all, is
+/// refused whole ([`ChainError::Broken`]) rather than served from the part
+/// before the break.
 pub fn split_chain<'a, M>(
     mem: &'a GuestMem,
     chain: DescriptorChain<M>,
@@ -42,7 +51,10 @@ where
     let mut readable: Slices<'a, ()> = Slices::new();
     let mut writable: Slices<'a, ()> = Slices::new();
     let (mut readable_len, mut writable_len) = (0usize, 0usize);
+    // Whether the last descriptor seen ended the chain (no NEXT flag).
+    let mut ended = false;
     for desc in chain {
+        ended = !desc.has_next();
         let len = desc.len();
         if len == 0 {
             continue;
@@ -66,6 +78,22 @@ where
         for slice in slices {
             list.push(slice.map_err(|_| outside())?);
         }
+    }
+    // The iterator stops early, with NEXT still set on the last descriptor
+    // it yielded (or with none yielded), when the chain runs longer than the
+    // queue size or its indirect table (a loop; virtio 1.2 §2.7.5.2: "the
+    // driver MUST NOT create a descriptor chain longer than the Queue
+    // Size"), links to a descriptor past its table (§2.7.5: `next` indexes
+    // the table), reaches an INDIRECT descriptor inside an indirect table
+    // (§2.7.5.3.1: "MUST NOT set the VIRTQ_DESC_F_INDIRECT flag within an
+    // indirect descriptor"), an indirect table of a length that is not a
+    // whole number of descriptors or that cannot be read, or more than 4 GiB
+    // in total. Serving the part before the break would execute a command
+    // the driver never completed describing (a WRITE whose chain goes on
+    // into a nested table, say), so nothing of it is used: the chain is
+    // returned with nothing written, like one outside guest memory.
+    if !ended {
+        return Err(ChainError::Broken);
     }
     Ok(SplitChain {
         readable: SgList::new(readable, readable_len),

@@ -19,6 +19,7 @@
 mod histogram;
 mod process;
 mod queue;
+pub mod raw;
 mod ring;
 pub mod scsi;
 

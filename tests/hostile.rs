@@ -1,0 +1,1350 @@
+//! Hostile-frontend suite: the daemon process, driven over its real
+//! vhost-user socket by a frontend that breaks the rules on purpose —
+//! malformed descriptor chains, broken ring indexes, memory tables swapped
+//! under in-flight I/O, rings outside memory, malformed vhost-user
+//! messages. Each case asserts the exact outcome (virtio-scsi response,
+//! SCSI status and sense, used length, residual — or that the request is
+//! never completed, or the connection dropped, where the daemon gives up as
+//! virtio allows), and afterwards that the daemon process is alive, a fresh
+//! connection reads the image's bytes back correctly, and the image holds
+//! exactly what it should.
+//!
+//! The outcomes are listed in ARCHITECTURE.md ("Hostile guests").
+
+mod common;
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::Hasher;
+use std::io::{Read, Write};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use common::{read10, write10, Daemon, ScsiDriver};
+use vhost::vhost_user::VhostUserFrontend;
+use vhost::VhostBackend;
+use vhost_device_scsi::frontend::raw::{
+    spare_fd, Answer, RawConfig, RawDesc, RawDevice, RawSocket, RegionSpec, UsedElem,
+    VHOST_USER_NEED_REPLY, VHOST_USER_VERSION, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT,
+    VRING_DESC_F_WRITE,
+};
+use vhost_device_scsi::frontend::scsi::{lun_field, read16, write16, REQUEST_LEN, RESPONSE_LEN};
+use vmm_sys_util::eventfd::EventFd;
+
+/// How long a completion may take before the test fails.
+const WAIT: Duration = Duration::from_secs(10);
+/// How long to watch for a completion that must not come. Where the suite
+/// asserts that the daemon never completes a request, it also shows that
+/// the request was not merely slow: a later request on the same queue, or
+/// a fresh connection, is served.
+const QUIET: Duration = Duration::from_millis(300);
+
+const IMAGE_LEN: usize = 1 << 20;
+const BLOCK: usize = 512;
+const RESP_LEN: u32 = RESPONSE_LEN as u32;
+
+// virtio-scsi response codes (virtio 1.2 §5.6.6.1).
+const S_OK: u8 = 0;
+const S_OVERRUN: u8 = 1;
+const S_FAILURE: u8 = 9;
+// SAM status, sense keys.
+const GOOD: u8 = 0;
+const CHECK_CONDITION: u8 = 2;
+const ILLEGAL_REQUEST: u8 = 5;
+
+// vhost-user request codes.
+const GET_FEATURES: u32 = 1;
+const SET_FEATURES: u32 = 2;
+const SET_VRING_NUM: u32 = 8;
+const SET_VRING_CALL: u32 = 13;
+
+/// Canary byte for buffers the device must not write.
+const CANARY: u8 = 0xee;
+
+fn pattern(len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| ((i / BLOCK) as u8).wrapping_mul(7) ^ (i as u8).wrapping_mul(13))
+        .collect()
+}
+
+/// A daemon serving one image, and what the image must hold.
+struct Env {
+    _dir: tempfile::TempDir,
+    img: PathBuf,
+    sock: PathBuf,
+    daemon: Daemon,
+    /// The image's first `expected.len()` bytes; past them, `len` bytes in
+    /// all, the image is one hole (sparse images only).
+    expected: Vec<u8>,
+    len: u64,
+}
+
+impl Env {
+    fn new() -> Env {
+        Env::with_image(IMAGE_LEN as u64)
+    }
+
+    /// An image of `len` bytes whose first MiB holds a pattern; the rest is
+    /// a hole.
+    fn with_image(len: u64) -> Env {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("disk.raw");
+        let expected = pattern(IMAGE_LEN);
+        let mut f = std::fs::File::create(&img).unwrap();
+        f.write_all(&expected).unwrap();
+        f.set_len(len).unwrap();
+        drop(f);
+        let sock = dir.path().join("vus.sock");
+        let daemon = Daemon::start(&sock, &[img.to_str().unwrap()]);
+        Env {
+            _dir: dir,
+            img,
+            sock,
+            daemon,
+            expected,
+            len,
+        }
+    }
+
+    fn raw(&self) -> RawDevice {
+        self.raw_with(&RawConfig::default())
+    }
+
+    fn raw_with(&self, config: &RawConfig) -> RawDevice {
+        RawDevice::connect(&self.sock, config).unwrap_or_else(|e| panic!("raw frontend: {e}"))
+    }
+
+    fn pid(&self) -> u32 {
+        self.daemon.process.pid()
+    }
+
+    fn assert_alive(&mut self) {
+        assert_eq!(
+            self.daemon.process.try_wait().unwrap(),
+            None,
+            "the daemon exited"
+        );
+    }
+
+    /// After a hostile connection ended (`dev` is dropped first: the daemon
+    /// serves one connection at a time): the daemon is alive, a fresh
+    /// connection gets the image's bytes from READ(10), and the image holds
+    /// exactly what it should.
+    fn assert_still_serving(mut self, dev: Option<RawDevice>) {
+        drop(dev);
+        self.assert_alive();
+        let sock = self.sock.clone();
+        let (tx, rx) = mpsc::channel();
+        // A daemon that no longer accepts would block the handshake; the
+        // thread keeps the test itself from hanging.
+        std::thread::spawn(move || {
+            let mut drv = ScsiDriver::connect(&sock);
+            let first = drv.command(0, &read10(0, 16), &[], 16 * BLOCK as u32);
+            let last_lba = (IMAGE_LEN / BLOCK - 8) as u32;
+            let last = drv.command(0, &read10(last_lba, 8), &[], 8 * BLOCK as u32);
+            let _ = tx.send((first, last));
+        });
+        let (first, last) = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("a fresh connection is served");
+        for r in [&first, &last] {
+            assert_eq!((r.response, r.status), (S_OK, GOOD), "{r:?}");
+        }
+        assert_eq!(first.data_in, self.expected[..16 * BLOCK]);
+        assert_eq!(last.data_in, self.expected[IMAGE_LEN - 8 * BLOCK..]);
+        self.assert_image();
+        self.assert_alive();
+    }
+
+    /// The image file holds `expected` and, past it, only a hole.
+    fn assert_image(&self) {
+        let mut f = std::fs::File::open(&self.img).unwrap();
+        assert_eq!(f.metadata().unwrap().len(), self.len, "image size");
+        let mut head = vec![0u8; self.expected.len()];
+        f.read_exact(&mut head).unwrap();
+        assert_eq!(hash(&head), hash(&self.expected), "image contents changed");
+        if self.len > self.expected.len() as u64 {
+            // SAFETY: lseek on a descriptor we own.
+            let data = unsafe {
+                libc::lseek(
+                    f.as_raw_fd(),
+                    self.expected.len() as libc::off_t,
+                    libc::SEEK_DATA,
+                )
+            };
+            let err = std::io::Error::last_os_error().raw_os_error();
+            assert!(
+                data == -1 && err == Some(libc::ENXIO),
+                "data written past the first MiB (at {data})"
+            );
+        }
+    }
+}
+
+fn hash(bytes: &[u8]) -> u64 {
+    let mut h = DefaultHasher::new();
+    h.write(bytes);
+    h.finish()
+}
+
+/// `virtio_scsi_cmd_req` for target 0, `lun`.
+fn request(lun: u16, cdb: &[u8]) -> Vec<u8> {
+    let mut req = vec![0u8; REQUEST_LEN];
+    req[..8].copy_from_slice(&lun_field(lun));
+    req[8..16].copy_from_slice(&0x1234u64.to_le_bytes());
+    req[19..19 + cdb.len()].copy_from_slice(cdb);
+    req
+}
+
+/// The response the device wrote (virtio 1.2 §5.6.6.1).
+#[derive(Debug)]
+struct Resp {
+    sense_len: u32,
+    residual: u32,
+    status: u8,
+    response: u8,
+    sense: Vec<u8>,
+}
+
+impl Resp {
+    fn parse(b: &[u8]) -> Resp {
+        let le = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+        Resp {
+            sense_len: le(0),
+            residual: le(4),
+            status: b[10],
+            response: b[11],
+            sense: b[12..RESPONSE_LEN].to_vec(),
+        }
+    }
+
+    /// Fixed-format sense: key, ASC, ASCQ.
+    fn sense_key(&self) -> (u8, u8, u8) {
+        (self.sense[2] & 0x0f, self.sense[12], self.sense[13])
+    }
+}
+
+/// Guest buffers of one request.
+struct Bufs {
+    header: u64,
+    resp: u64,
+    data: u64,
+}
+
+/// Allocates a request header holding `cdb`, a response area and a
+/// `data_len`-byte data buffer; the response and data hold the canary, or
+/// `data_out` if given.
+fn bufs(dev: &mut RawDevice, cdb: &[u8], data_len: usize, data_out: Option<&[u8]>) -> Bufs {
+    let header = dev.alloc(REQUEST_LEN as u64);
+    dev.write(header, &request(0, cdb)).unwrap();
+    let resp = dev.alloc(RESPONSE_LEN as u64);
+    dev.write(resp, &[CANARY; RESPONSE_LEN]).unwrap();
+    let data = dev.alloc(data_len.max(1) as u64);
+    match data_out {
+        Some(bytes) => dev.write(data, bytes).unwrap(),
+        None => dev.write(data, &vec![CANARY; data_len]).unwrap(),
+    }
+    Bufs { header, resp, data }
+}
+
+/// Writes `descs` at table indexes `first..`, each linked to the next with
+/// NEXT (the caller's NEXT, `next` and other flags on the last are kept).
+fn put_chain(dev: &RawDevice, first: u16, descs: &[RawDesc]) -> u16 {
+    for (i, d) in descs.iter().enumerate() {
+        let mut d = *d;
+        if i + 1 < descs.len() {
+            d.flags |= VRING_DESC_F_NEXT;
+            d.next = first + i as u16 + 1;
+        }
+        dev.write_desc(first + i as u16, d).unwrap();
+    }
+    first
+}
+
+/// Descriptors for `header`, then data-out or response, in order.
+fn r(addr: u64, len: usize) -> RawDesc {
+    RawDesc::new(addr, len as u32, 0, 0)
+}
+fn w(addr: u64, len: usize) -> RawDesc {
+    RawDesc::new(addr, len as u32, VRING_DESC_F_WRITE, 0)
+}
+
+fn submit(dev: &mut RawDevice, head: u16) {
+    dev.publish(head).unwrap();
+    dev.kick().unwrap();
+}
+
+fn completion(dev: &mut RawDevice) -> UsedElem {
+    dev.wait_used(WAIT)
+        .unwrap()
+        .expect("the request is completed")
+}
+
+fn assert_untouched(dev: &RawDevice, addr: u64, len: usize, what: &str) {
+    assert!(
+        dev.read(addr, len).unwrap().iter().all(|&b| b == CANARY),
+        "{what} was written"
+    );
+}
+
+/// A well-formed READ(10) of `blocks` at `lba` with descriptors at
+/// `first..first + 3`; returns the response and data-in.
+fn good_read(dev: &mut RawDevice, first: u16, lba: u32, blocks: u16) -> (Resp, Vec<u8>) {
+    let len = usize::from(blocks) * BLOCK;
+    let b = bufs(dev, &read10(lba, blocks), len, None);
+    let head = put_chain(
+        dev,
+        first,
+        &[
+            r(b.header, REQUEST_LEN),
+            w(b.resp, RESPONSE_LEN),
+            w(b.data, len),
+        ],
+    );
+    submit(dev, head);
+    let used = completion(dev);
+    assert_eq!(
+        used,
+        UsedElem {
+            id: head.into(),
+            len: RESP_LEN + len as u32
+        }
+    );
+    (
+        Resp::parse(&dev.read(b.resp, RESPONSE_LEN).unwrap()),
+        dev.read(b.data, len).unwrap(),
+    )
+}
+
+// ---------------------------------------------------------------------
+// Descriptors and memory
+// ---------------------------------------------------------------------
+
+/// A descriptor beyond the end of guest memory: the chain is completed
+/// with a used length of 0 and nothing written (there is no way to answer
+/// through a chain that cannot be mapped).
+#[test]
+fn descriptor_outside_guest_memory() {
+    let env = Env::new();
+    let mut dev = env.raw();
+    let b = bufs(&mut dev, &read10(0, 8), 4096, None);
+    let end = 4u64 << 20;
+    // Data-in past the end.
+    let head = put_chain(
+        &dev,
+        0,
+        &[
+            r(b.header, REQUEST_LEN),
+            w(b.resp, RESPONSE_LEN),
+            w(end - 2048, 4096),
+        ],
+    );
+    submit(&mut dev, head);
+    assert_eq!(completion(&mut dev), UsedElem { id: 0, len: 0 });
+    assert_untouched(&dev, b.resp, RESPONSE_LEN, "the response");
+    // The header itself far outside.
+    let head = put_chain(
+        &dev,
+        3,
+        &[
+            r(1 << 40, REQUEST_LEN),
+            w(b.resp, RESPONSE_LEN),
+            w(b.data, 4096),
+        ],
+    );
+    submit(&mut dev, head);
+    assert_eq!(completion(&mut dev), UsedElem { id: 3, len: 0 });
+    assert_untouched(&dev, b.resp, RESPONSE_LEN, "the response");
+    assert_untouched(&dev, b.data, 4096, "data-in");
+    // The queue still serves.
+    let (resp, data) = good_read(&mut dev, 6, 4, 2);
+    assert_eq!((resp.response, resp.status), (S_OK, GOOD));
+    assert_eq!(data, env.expected[4 * BLOCK..6 * BLOCK]);
+    env.assert_still_serving(Some(dev));
+}
+
+/// A buffer that is contiguous in guest-physical memory but spans two
+/// memory regions (two separate mappings in the daemon) is served like any
+/// other: reads and writes land on both sides of the boundary.
+#[test]
+fn descriptor_straddling_two_memory_regions() {
+    let mut env = Env::new();
+    let config = RawConfig {
+        regions: vec![
+            RegionSpec {
+                gpa: 0,
+                size: 4 << 20,
+            },
+            RegionSpec {
+                gpa: 4 << 20,
+                size: 4 << 20,
+            },
+        ],
+        ..RawConfig::default()
+    };
+    let mut dev = env.raw_with(&config);
+    let boundary = 4u64 << 20;
+    let data = boundary - 1000;
+    // READ(10) of 8 blocks into the straddling buffer.
+    let b = bufs(&mut dev, &read10(16, 8), 0, None);
+    dev.write(data, &[CANARY; 4096]).unwrap();
+    let head = put_chain(
+        &dev,
+        0,
+        &[
+            r(b.header, REQUEST_LEN),
+            w(b.resp, RESPONSE_LEN),
+            w(data, 4096),
+        ],
+    );
+    submit(&mut dev, head);
+    assert_eq!(
+        completion(&mut dev),
+        UsedElem {
+            id: 0,
+            len: RESP_LEN + 4096
+        }
+    );
+    let resp = Resp::parse(&dev.read(b.resp, RESPONSE_LEN).unwrap());
+    assert_eq!((resp.response, resp.status, resp.residual), (S_OK, GOOD, 0));
+    assert_eq!(
+        dev.read(data, 4096).unwrap(),
+        env.expected[16 * BLOCK..24 * BLOCK]
+    );
+    // WRITE(10) of 8 blocks from a straddling buffer.
+    let out: Vec<u8> = (0..4096).map(|i| (i * 3 + 1) as u8).collect();
+    dev.write(data, &out).unwrap();
+    let b = bufs(&mut dev, &write10(40, 8, false), 0, None);
+    let head = put_chain(
+        &dev,
+        3,
+        &[
+            r(b.header, REQUEST_LEN),
+            r(data, 4096),
+            w(b.resp, RESPONSE_LEN),
+        ],
+    );
+    submit(&mut dev, head);
+    assert_eq!(
+        completion(&mut dev),
+        UsedElem {
+            id: 3,
+            len: RESP_LEN
+        }
+    );
+    let resp = Resp::parse(&dev.read(b.resp, RESPONSE_LEN).unwrap());
+    assert_eq!((resp.response, resp.status, resp.residual), (S_OK, GOOD, 0));
+    env.expected[40 * BLOCK..48 * BLOCK].copy_from_slice(&out);
+    env.assert_still_serving(Some(dev));
+}
+
+/// The 51-byte request header in 51 one-byte descriptors: served.
+#[test]
+fn header_split_over_one_byte_descriptors() {
+    let env = Env::new();
+    let mut dev = env.raw();
+    let b = bufs(&mut dev, &read10(100, 8), 4096, None);
+    let mut chain: Vec<RawDesc> = (0..REQUEST_LEN as u64)
+        .map(|i| r(b.header + i, 1))
+        .collect();
+    chain.push(w(b.resp, RESPONSE_LEN));
+    chain.push(w(b.data, 4096));
+    let head = put_chain(&dev, 0, &chain);
+    submit(&mut dev, head);
+    assert_eq!(
+        completion(&mut dev),
+        UsedElem {
+            id: 0,
+            len: RESP_LEN + 4096
+        }
+    );
+    let resp = Resp::parse(&dev.read(b.resp, RESPONSE_LEN).unwrap());
+    assert_eq!((resp.response, resp.status, resp.residual), (S_OK, GOOD, 0));
+    assert_eq!(
+        dev.read(b.data, 4096).unwrap(),
+        env.expected[100 * BLOCK..108 * BLOCK]
+    );
+    env.assert_still_serving(Some(dev));
+}
+
+/// Device-writable where device-readable is required. The request header
+/// marked writable: the chain has no readable part, so there is no request
+/// — VIRTIO_SCSI_S_FAILURE goes to the first 108 writable bytes, which is
+/// where the response lives (virtio 1.2 §5.6.6.1: readable part first,
+/// then the writable part starting with the response). Data-out marked
+/// writable: the WRITE has no data-out, so VIRTIO_SCSI_S_OVERRUN, the image
+/// is untouched, and the buffer (offered as data-in) is not written.
+#[test]
+fn writable_descriptor_where_readable_required() {
+    let env = Env::new();
+    let mut dev = env.raw();
+    let b = bufs(&mut dev, &write10(0, 1, false), 0, None);
+    let head = put_chain(
+        &dev,
+        0,
+        &[w(b.header, REQUEST_LEN), w(b.resp, RESPONSE_LEN)],
+    );
+    submit(&mut dev, head);
+    assert_eq!(
+        completion(&mut dev),
+        UsedElem {
+            id: 0,
+            len: RESP_LEN
+        }
+    );
+    let mut written = dev.read(b.header, REQUEST_LEN).unwrap();
+    written.extend(dev.read(b.resp, RESPONSE_LEN - REQUEST_LEN).unwrap());
+    let resp = Resp::parse(&written);
+    assert_eq!(
+        (resp.response, resp.status, resp.sense_len),
+        (S_FAILURE, 0, 0)
+    );
+    // The rest of the response descriptor is not written.
+    assert_untouched(
+        &dev,
+        b.resp + (RESPONSE_LEN - REQUEST_LEN) as u64,
+        REQUEST_LEN,
+        "the response past the first 108 writable bytes",
+    );
+
+    let b = bufs(&mut dev, &write10(0, 1, false), 512, None);
+    let head = put_chain(
+        &dev,
+        2,
+        &[
+            r(b.header, REQUEST_LEN),
+            w(b.resp, RESPONSE_LEN),
+            w(b.data, 512),
+        ],
+    );
+    submit(&mut dev, head);
+    assert_eq!(
+        completion(&mut dev),
+        UsedElem {
+            id: 2,
+            len: RESP_LEN
+        }
+    );
+    let resp = Resp::parse(&dev.read(b.resp, RESPONSE_LEN).unwrap());
+    assert_eq!(
+        (resp.response, resp.status, resp.residual),
+        (S_OVERRUN, 0, 512)
+    );
+    assert_untouched(&dev, b.data, 512, "the data buffer");
+    env.assert_still_serving(Some(dev));
+}
+
+/// Device-readable where device-writable is required. The response marked
+/// readable: nowhere to answer, so the chain is completed with a used
+/// length of 0 and nothing is written. Data-in marked readable (before the
+/// response, where data-out goes): the READ has no data-in, so
+/// VIRTIO_SCSI_S_OVERRUN with the unused data-out as residual, and the
+/// readable buffer is not written.
+#[test]
+fn readable_descriptor_where_writable_required() {
+    let env = Env::new();
+    let mut dev = env.raw();
+    let b = bufs(&mut dev, &read10(0, 1), 512, None);
+    let head = put_chain(
+        &dev,
+        0,
+        &[r(b.header, REQUEST_LEN), r(b.resp, RESPONSE_LEN)],
+    );
+    submit(&mut dev, head);
+    assert_eq!(completion(&mut dev), UsedElem { id: 0, len: 0 });
+    assert_untouched(&dev, b.resp, RESPONSE_LEN, "the readable response");
+
+    let head = put_chain(
+        &dev,
+        2,
+        &[
+            r(b.header, REQUEST_LEN),
+            r(b.data, 512),
+            w(b.resp, RESPONSE_LEN),
+        ],
+    );
+    submit(&mut dev, head);
+    assert_eq!(
+        completion(&mut dev),
+        UsedElem {
+            id: 2,
+            len: RESP_LEN
+        }
+    );
+    let resp = Resp::parse(&dev.read(b.resp, RESPONSE_LEN).unwrap());
+    assert_eq!(
+        (resp.response, resp.status, resp.residual),
+        (S_OVERRUN, 0, 512)
+    );
+    assert_untouched(&dev, b.data, 512, "the readable data buffer");
+    env.assert_still_serving(Some(dev));
+}
+
+/// Zero-length descriptors anywhere in a chain (even readable ones after
+/// writable ones) describe no bytes and are skipped: the READ is served.
+#[test]
+fn zero_length_descriptors() {
+    let env = Env::new();
+    let mut dev = env.raw();
+    let b = bufs(&mut dev, &read10(8, 4), 2048, None);
+    let chain = [
+        r(b.header, 0),
+        r(b.header, 20),
+        r(b.header + 20, 0),
+        r(b.header + 20, REQUEST_LEN - 20),
+        w(b.resp, 0),
+        w(b.resp, RESPONSE_LEN),
+        r(b.data, 0),
+        w(b.data, 1024),
+        w(b.data + 1024, 0),
+        w(b.data + 1024, 1024),
+        w(1 << 40, 0),
+    ];
+    let head = put_chain(&dev, 0, &chain);
+    submit(&mut dev, head);
+    assert_eq!(
+        completion(&mut dev),
+        UsedElem {
+            id: 0,
+            len: RESP_LEN + 2048
+        }
+    );
+    let resp = Resp::parse(&dev.read(b.resp, RESPONSE_LEN).unwrap());
+    assert_eq!((resp.response, resp.status, resp.residual), (S_OK, GOOD, 0));
+    assert_eq!(
+        dev.read(b.data, 2048).unwrap(),
+        env.expected[8 * BLOCK..12 * BLOCK]
+    );
+    env.assert_still_serving(Some(dev));
+}
+
+// ---------------------------------------------------------------------
+// Broken chains: nesting, loops, length, indexes
+// ---------------------------------------------------------------------
+
+/// An indirect table with an INDIRECT descriptor inside (virtio 1.2
+/// §2.7.5.3.1: the driver MUST NOT). The chain is refused whole — used
+/// length 0, nothing written, nothing executed — even though the part
+/// before the nested table is a complete WRITE request.
+#[test]
+fn indirect_table_that_nests() {
+    let env = Env::new();
+    let mut dev = env.raw();
+    let out = vec![0x77u8; 512];
+    let b = bufs(&mut dev, &write10(2, 1, false), 512, Some(&out));
+    let inner = dev.alloc(32);
+    dev.write_descs_at(inner, &[w(b.resp, RESPONSE_LEN)])
+        .unwrap();
+    let table = dev.alloc(64);
+    dev.write_descs_at(
+        table,
+        &[
+            RawDesc::new(b.header, REQUEST_LEN as u32, VRING_DESC_F_NEXT, 1),
+            RawDesc::new(b.data, 512, VRING_DESC_F_NEXT, 2),
+            RawDesc::new(b.resp, RESP_LEN, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 3),
+            RawDesc::new(inner, 16, VRING_DESC_F_INDIRECT, 0),
+        ],
+    )
+    .unwrap();
+    dev.write_desc(0, RawDesc::new(table, 64, VRING_DESC_F_INDIRECT, 0))
+        .unwrap();
+    submit(&mut dev, 0);
+    assert_eq!(completion(&mut dev), UsedElem { id: 0, len: 0 });
+    assert_untouched(&dev, b.resp, RESPONSE_LEN, "the response");
+    // A table whose only entry is another table.
+    dev.write_descs_at(table, &[RawDesc::new(inner, 16, VRING_DESC_F_INDIRECT, 0)])
+        .unwrap();
+    dev.write_desc(1, RawDesc::new(table, 16, VRING_DESC_F_INDIRECT, 0))
+        .unwrap();
+    submit(&mut dev, 1);
+    assert_eq!(completion(&mut dev), UsedElem { id: 1, len: 0 });
+    assert_untouched(&dev, b.resp, RESPONSE_LEN, "the response");
+    env.assert_still_serving(Some(dev));
+}
+
+/// An indirect table whose `next` fields loop: the chain never ends within
+/// the table's own length, so it is refused — used length 0, nothing
+/// written — instead of being served from its first descriptors.
+#[test]
+fn indirect_table_that_loops() {
+    let env = Env::new();
+    let mut dev = env.raw();
+    let b = bufs(&mut dev, &read10(0, 1), 512, None);
+    let table = dev.alloc(48);
+    dev.write_descs_at(
+        table,
+        &[
+            RawDesc::new(b.header, REQUEST_LEN as u32, VRING_DESC_F_NEXT, 1),
+            RawDesc::new(b.resp, RESP_LEN, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 2),
+            RawDesc::new(b.data, 512, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 1),
+        ],
+    )
+    .unwrap();
+    dev.write_desc(0, RawDesc::new(table, 48, VRING_DESC_F_INDIRECT, 0))
+        .unwrap();
+    submit(&mut dev, 0);
+    assert_eq!(completion(&mut dev), UsedElem { id: 0, len: 0 });
+    assert_untouched(&dev, b.resp, RESPONSE_LEN, "the response");
+    assert_untouched(&dev, b.data, 512, "data-in");
+    env.assert_still_serving(Some(dev));
+}
+
+/// A chain in the descriptor table longer than the queue (virtio 1.2
+/// §2.7.5.2: the driver MUST NOT), which in a table of queue-size entries
+/// means it loops: refused, used length 0, nothing written. An indirect
+/// table with more entries than the queue size is not that: Linux builds
+/// such tables (up to seg_max + 2 = 256 entries on 128-entry queues), and
+/// it is served, bounded by the table's own length.
+#[test]
+fn chain_longer_than_the_queue() {
+    let env = Env::new();
+    let config = RawConfig {
+        queue_size: 16,
+        ..RawConfig::default()
+    };
+    let mut dev = env.raw_with(&config);
+    let b = bufs(&mut dev, &read10(0, 14), 14 * BLOCK, None);
+    // 0: header, 1: response, 2..=15: data-in, 15 -> 2 again.
+    let mut chain = vec![r(b.header, REQUEST_LEN), w(b.resp, RESPONSE_LEN)];
+    chain.extend((0..14u64).map(|i| w(b.data + i * BLOCK as u64, BLOCK)));
+    chain[15].flags |= VRING_DESC_F_NEXT;
+    chain[15].next = 2;
+    put_chain(&dev, 0, &chain);
+    submit(&mut dev, 0);
+    assert_eq!(completion(&mut dev), UsedElem { id: 0, len: 0 });
+    assert_untouched(&dev, b.resp, RESPONSE_LEN, "the response");
+    assert_untouched(&dev, b.data, 14 * BLOCK, "data-in");
+
+    // 40 descriptors in one indirect table on a 16-entry queue.
+    let b = bufs(&mut dev, &read10(32, 38), 38 * BLOCK, None);
+    let mut table = vec![r(b.header, REQUEST_LEN), w(b.resp, RESPONSE_LEN)];
+    table.extend((0..38u64).map(|i| w(b.data + i * BLOCK as u64, BLOCK)));
+    let n = table.len();
+    for (i, d) in table.iter_mut().enumerate().take(n - 1) {
+        d.flags |= VRING_DESC_F_NEXT;
+        d.next = i as u16 + 1;
+    }
+    let addr = dev.alloc(16 * n as u64);
+    dev.write_descs_at(addr, &table).unwrap();
+    dev.write_desc(
+        3,
+        RawDesc::new(addr, 16 * n as u32, VRING_DESC_F_INDIRECT, 0),
+    )
+    .unwrap();
+    submit(&mut dev, 3);
+    assert_eq!(
+        completion(&mut dev),
+        UsedElem {
+            id: 3,
+            len: RESP_LEN + 38 * BLOCK as u32
+        }
+    );
+    let resp = Resp::parse(&dev.read(b.resp, RESPONSE_LEN).unwrap());
+    assert_eq!((resp.response, resp.status, resp.residual), (S_OK, GOOD, 0));
+    assert_eq!(
+        dev.read(b.data, 38 * BLOCK).unwrap(),
+        env.expected[32 * BLOCK..70 * BLOCK]
+    );
+    env.assert_still_serving(Some(dev));
+}
+
+/// The driver moves avail.idx more than a queue size ahead (virtio 1.2
+/// §2.7.6: the ring holds queue-size entries). Nothing on the queue is
+/// served while the index is broken — neither the bogus entries nor the
+/// valid one behind them — and nothing spins; once the driver puts the
+/// index right, the waiting request is served.
+#[test]
+fn avail_idx_jumps_more_than_the_queue_size() {
+    let env = Env::new();
+    let mut dev = env.raw();
+    let b = bufs(&mut dev, &read10(3, 1), 512, None);
+    let head = put_chain(
+        &dev,
+        0,
+        &[
+            r(b.header, REQUEST_LEN),
+            w(b.resp, RESPONSE_LEN),
+            w(b.data, 512),
+        ],
+    );
+    dev.write_avail_entry(0, head).unwrap();
+    dev.set_avail_idx(dev.queue_size() + 1).unwrap();
+    dev.kick().unwrap();
+    assert_eq!(dev.wait_used(QUIET).unwrap(), None);
+    assert_eq!(dev.used_idx().unwrap(), 0);
+    assert_untouched(&dev, b.resp, RESPONSE_LEN, "the response");
+    // Put right: one entry available.
+    dev.set_avail_idx(1).unwrap();
+    dev.kick().unwrap();
+    assert_eq!(
+        completion(&mut dev),
+        UsedElem {
+            id: 0,
+            len: RESP_LEN + 512
+        }
+    );
+    let resp = Resp::parse(&dev.read(b.resp, RESPONSE_LEN).unwrap());
+    assert_eq!((resp.response, resp.status), (S_OK, GOOD));
+    assert_eq!(
+        dev.read(b.data, 512).unwrap(),
+        env.expected[3 * BLOCK..4 * BLOCK]
+    );
+    env.assert_still_serving(Some(dev));
+}
+
+/// An available entry naming a descriptor ≥ the queue size names no chain
+/// (virtio 1.2 §2.7.6) and cannot be returned (§2.7.8: a used id is a
+/// head): it is dropped. The request after it is served, and it is the
+/// only one returned.
+#[test]
+fn available_head_index_past_the_queue() {
+    let env = Env::new();
+    let mut dev = env.raw();
+    let q = dev.queue_size();
+    dev.publish(q + 3).unwrap();
+    let (resp, data) = good_read(&mut dev, 0, 9, 1);
+    assert_eq!((resp.response, resp.status), (S_OK, GOOD));
+    assert_eq!(data, env.expected[9 * BLOCK..10 * BLOCK]);
+    assert_eq!(
+        dev.used_idx().unwrap(),
+        1,
+        "one used element for two entries"
+    );
+    env.assert_still_serving(Some(dev));
+}
+
+/// A `next` field naming a descriptor ≥ the queue size: the chain is
+/// broken, so it is refused — used length 0, nothing written — not served
+/// from the descriptors before the bad link.
+#[test]
+fn next_index_past_the_queue() {
+    let env = Env::new();
+    let mut dev = env.raw();
+    let q = dev.queue_size();
+    let b = bufs(&mut dev, &read10(0, 1), 512, None);
+    let head = put_chain(
+        &dev,
+        0,
+        &[r(b.header, REQUEST_LEN), w(b.resp, RESPONSE_LEN)],
+    );
+    dev.write_desc(
+        1,
+        RawDesc::new(
+            b.resp,
+            RESP_LEN,
+            VRING_DESC_F_WRITE | VRING_DESC_F_NEXT,
+            q + 5,
+        ),
+    )
+    .unwrap();
+    submit(&mut dev, head);
+    assert_eq!(completion(&mut dev), UsedElem { id: 0, len: 0 });
+    assert_untouched(&dev, b.resp, RESPONSE_LEN, "the response");
+    env.assert_still_serving(Some(dev));
+}
+
+// ---------------------------------------------------------------------
+// Transfer lengths against buffers
+// ---------------------------------------------------------------------
+
+/// The CDB's transfer length disagrees with the buffers. Data-out shorter
+/// than the WRITE: VIRTIO_SCSI_S_OVERRUN (virtio 1.2 §5.6.6.1), nothing
+/// written to the image, residual = the data-out offered. Data-in longer
+/// than the READ: GOOD, the data, and the unused rest as residual.
+#[test]
+fn transfer_length_disagrees_with_the_buffers() {
+    let env = Env::new();
+    let mut dev = env.raw();
+    let out = vec![0x55u8; 1024];
+    let b = bufs(&mut dev, &write10(0, 8, true), 1024, Some(&out));
+    let head = put_chain(
+        &dev,
+        0,
+        &[
+            r(b.header, REQUEST_LEN),
+            r(b.data, 1024),
+            w(b.resp, RESPONSE_LEN),
+        ],
+    );
+    submit(&mut dev, head);
+    assert_eq!(
+        completion(&mut dev),
+        UsedElem {
+            id: 0,
+            len: RESP_LEN
+        }
+    );
+    let resp = Resp::parse(&dev.read(b.resp, RESPONSE_LEN).unwrap());
+    assert_eq!(
+        (resp.response, resp.status, resp.residual, resp.sense_len),
+        (S_OVERRUN, 0, 1024, 0)
+    );
+
+    let b = bufs(&mut dev, &read10(20, 2), 4096, None);
+    let head = put_chain(
+        &dev,
+        3,
+        &[
+            r(b.header, REQUEST_LEN),
+            w(b.resp, RESPONSE_LEN),
+            w(b.data, 4096),
+        ],
+    );
+    submit(&mut dev, head);
+    assert_eq!(
+        completion(&mut dev),
+        UsedElem {
+            id: 3,
+            len: RESP_LEN + 1024
+        }
+    );
+    let resp = Resp::parse(&dev.read(b.resp, RESPONSE_LEN).unwrap());
+    assert_eq!(
+        (resp.response, resp.status, resp.residual),
+        (S_OK, GOOD, 3072)
+    );
+    let data = dev.read(b.data, 4096).unwrap();
+    assert_eq!(data[..1024], env.expected[20 * BLOCK..22 * BLOCK]);
+    assert!(
+        data[1024..].iter().all(|&b| b == CANARY),
+        "written past the transfer"
+    );
+    env.assert_still_serving(Some(dev));
+}
+
+/// Data-in shorter than the READ: VIRTIO_SCSI_S_OVERRUN, residual = the
+/// whole data-in (nothing transferred), no data written. Data-in shorter
+/// than an INQUIRY's allocation length is no error (SPC-4 §4.2.5.6: the
+/// allocation length is a limit, and the transfer stops at the buffer):
+/// GOOD, the buffer filled, residual 0.
+#[test]
+fn data_in_buffer_too_short() {
+    let env = Env::new();
+    let mut dev = env.raw();
+    let b = bufs(&mut dev, &read10(0, 8), 2048, None);
+    let head = put_chain(
+        &dev,
+        0,
+        &[
+            r(b.header, REQUEST_LEN),
+            w(b.resp, RESPONSE_LEN),
+            w(b.data, 2048),
+        ],
+    );
+    submit(&mut dev, head);
+    assert_eq!(
+        completion(&mut dev),
+        UsedElem {
+            id: 0,
+            len: RESP_LEN
+        }
+    );
+    let resp = Resp::parse(&dev.read(b.resp, RESPONSE_LEN).unwrap());
+    assert_eq!(
+        (resp.response, resp.status, resp.residual),
+        (S_OVERRUN, 0, 2048)
+    );
+    assert_untouched(&dev, b.data, 2048, "data-in");
+
+    let b = bufs(&mut dev, &[0x12, 0, 0, 0, 255, 0], 36, None);
+    let head = put_chain(
+        &dev,
+        3,
+        &[
+            r(b.header, REQUEST_LEN),
+            w(b.resp, RESPONSE_LEN),
+            w(b.data, 36),
+        ],
+    );
+    submit(&mut dev, head);
+    assert_eq!(
+        completion(&mut dev),
+        UsedElem {
+            id: 3,
+            len: RESP_LEN + 36
+        }
+    );
+    let resp = Resp::parse(&dev.read(b.resp, RESPONSE_LEN).unwrap());
+    assert_eq!((resp.response, resp.status, resp.residual), (S_OK, GOOD, 0));
+    let inquiry = dev.read(b.data, 36).unwrap();
+    assert_eq!(inquiry[0], 0x00, "direct-access block device");
+    assert!(usize::from(inquiry[4]) + 5 >= 36, "standard INQUIRY data");
+    env.assert_still_serving(Some(dev));
+}
+
+fn proc_status_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+}
+
+/// READ(16) and WRITE(16) asking for 1 GiB (2^21 blocks) with 4 KiB
+/// buffers, on a 2 GiB image (so the range itself is valid): more than the
+/// MAXIMUM TRANSFER LENGTH of the Block Limits page (32 MiB), so CHECK
+/// CONDITION, ILLEGAL REQUEST, INVALID FIELD IN CDB pointing at the
+/// TRANSFER LENGTH field (SBC-3 §6.5.3, SPC-4 §4.5.2.4.2). A transfer
+/// within the limit but longer than the buffers is OVERRUN. Nothing is
+/// allocated for what the guest asks: the daemon's peak RSS grows by far
+/// less than the transfer lengths.
+#[test]
+fn one_gib_transfer_length() {
+    let env = Env::with_image(2 << 30);
+    let mut dev = env.raw();
+    let hwm_before = proc_status_kib(env.pid(), "VmHWM:");
+    let mut id = 0;
+    for cdb in [read16(0, 1 << 21), write16(0, 1 << 21, false)] {
+        let write = cdb[0] == 0x8a;
+        let b = bufs(&mut dev, &cdb, 4096, Some(&[0x66; 4096]));
+        let data = if write {
+            r(b.data, 4096)
+        } else {
+            w(b.data, 4096)
+        };
+        let chain = if write {
+            [r(b.header, REQUEST_LEN), data, w(b.resp, RESPONSE_LEN)]
+        } else {
+            [r(b.header, REQUEST_LEN), w(b.resp, RESPONSE_LEN), data]
+        };
+        let head = put_chain(&dev, id, &chain);
+        id += 3;
+        submit(&mut dev, head);
+        assert_eq!(
+            completion(&mut dev),
+            UsedElem {
+                id: head.into(),
+                len: RESP_LEN
+            }
+        );
+        let resp = Resp::parse(&dev.read(b.resp, RESPONSE_LEN).unwrap());
+        assert_eq!(
+            (resp.response, resp.status),
+            (S_OK, CHECK_CONDITION),
+            "{resp:?}"
+        );
+        assert_eq!(resp.sense_key(), (ILLEGAL_REQUEST, 0x24, 0x00), "{resp:?}");
+        // SKSV, C/D = CDB, field pointer = byte 10 (TRANSFER LENGTH).
+        assert_eq!(resp.sense[15..18], [0xc0, 0, 10], "{resp:?}");
+        assert_eq!(resp.residual, 4096);
+    }
+    // 32 MiB, the largest allowed transfer, into 4 KiB: OVERRUN.
+    for cdb in [read16(1 << 20, 1 << 16), write16(1 << 20, 1 << 16, true)] {
+        let write = cdb[0] == 0x8a;
+        let b = bufs(&mut dev, &cdb, 4096, Some(&[0x66; 4096]));
+        let chain = if write {
+            [
+                r(b.header, REQUEST_LEN),
+                r(b.data, 4096),
+                w(b.resp, RESPONSE_LEN),
+            ]
+        } else {
+            [
+                r(b.header, REQUEST_LEN),
+                w(b.resp, RESPONSE_LEN),
+                w(b.data, 4096),
+            ]
+        };
+        let head = put_chain(&dev, id, &chain);
+        id += 3;
+        submit(&mut dev, head);
+        assert_eq!(
+            completion(&mut dev),
+            UsedElem {
+                id: head.into(),
+                len: RESP_LEN
+            }
+        );
+        let resp = Resp::parse(&dev.read(b.resp, RESPONSE_LEN).unwrap());
+        assert_eq!(
+            (resp.response, resp.status, resp.residual),
+            (S_OVERRUN, 0, 4096)
+        );
+    }
+    let hwm_after = proc_status_kib(env.pid(), "VmHWM:");
+    let growth = hwm_after.saturating_sub(hwm_before);
+    assert!(
+        growth < 64 << 10,
+        "peak RSS grew by {growth} KiB ({hwm_before} -> {hwm_after})"
+    );
+    env.assert_still_serving(Some(dev));
+}
+
+// ---------------------------------------------------------------------
+// Memory table and ring addresses
+// ---------------------------------------------------------------------
+
+/// SET_MEM_TABLE while requests are in flight: first the same table again
+/// (as QEMU re-sends it), then a table without the region holding the data
+/// buffers. Every request is completed exactly once, each either served in
+/// full (GOOD, the image's bytes) under the table it was popped with, or —
+/// once its data-in lies outside the new table — refused with used length
+/// 0; no access goes to memory no longer in the table. With the region put
+/// back, requests are served again.
+#[test]
+fn memory_table_changes_while_io_is_in_flight() {
+    let env = Env::new();
+    let config = RawConfig {
+        regions: vec![
+            RegionSpec {
+                gpa: 0,
+                size: 4 << 20,
+            },
+            RegionSpec {
+                gpa: 4 << 20,
+                size: 8 << 20,
+            },
+        ],
+        ..RawConfig::default()
+    };
+    let mut dev = env.raw_with(&config);
+    const N: u16 = 64;
+    const LEN: usize = 16 * BLOCK;
+    let mut reqs = Vec::new();
+    for i in 0..N {
+        let lba = u32::from(i) * 16 % (IMAGE_LEN / BLOCK) as u32;
+        let b = bufs(&mut dev, &read10(lba, 16), 0, None);
+        let data = (4u64 << 20) + u64::from(i) * LEN as u64;
+        dev.write(data, &[CANARY; LEN]).unwrap();
+        let head = put_chain(
+            &dev,
+            3 * i,
+            &[
+                r(b.header, REQUEST_LEN),
+                w(b.resp, RESPONSE_LEN),
+                w(data, LEN),
+            ],
+        );
+        dev.publish(head).unwrap();
+        reqs.push((lba, b.resp, data));
+    }
+    dev.kick().unwrap();
+    dev.set_mem_table(&[0, 1]).unwrap();
+    dev.set_mem_table(&[0]).unwrap();
+    let mut seen = vec![false; usize::from(N)];
+    let (mut served, mut refused) = (0, 0);
+    for _ in 0..N {
+        let used = completion(&mut dev);
+        let i = (used.id / 3) as usize;
+        assert!(used.id % 3 == 0 && i < usize::from(N), "bad id {}", used.id);
+        assert!(!seen[i], "request {i} completed twice");
+        seen[i] = true;
+        let (lba, resp, data) = reqs[i];
+        if used.len == 0 {
+            refused += 1;
+            assert_untouched(&dev, resp, RESPONSE_LEN, "a refused request's response");
+        } else {
+            served += 1;
+            assert_eq!(used.len, RESP_LEN + LEN as u32);
+            let resp = Resp::parse(&dev.read(resp, RESPONSE_LEN).unwrap());
+            assert_eq!((resp.response, resp.status, resp.residual), (S_OK, GOOD, 0));
+            let start = lba as usize * BLOCK;
+            assert_eq!(
+                dev.read(data, LEN).unwrap(),
+                env.expected[start..start + LEN]
+            );
+        }
+    }
+    assert_eq!(served + refused, N);
+    assert_eq!(
+        dev.wait_used(QUIET).unwrap(),
+        None,
+        "more completions than requests"
+    );
+    // Region 1 back: a request with data-in there is served.
+    dev.set_mem_table(&[0, 1]).unwrap();
+    let b = bufs(&mut dev, &read10(50, 2), 0, None);
+    let data = 4u64 << 20;
+    let head = put_chain(
+        &dev,
+        3 * N,
+        &[
+            r(b.header, REQUEST_LEN),
+            w(b.resp, RESPONSE_LEN),
+            w(data, 1024),
+        ],
+    );
+    submit(&mut dev, head);
+    assert_eq!(
+        completion(&mut dev),
+        UsedElem {
+            id: head.into(),
+            len: RESP_LEN + 1024
+        }
+    );
+    assert_eq!(
+        dev.read(data, 1024).unwrap(),
+        env.expected[50 * BLOCK..52 * BLOCK]
+    );
+    env.assert_still_serving(Some(dev));
+}
+
+/// SET_VRING_ADDR with ring addresses in no memory region: the daemon
+/// cannot translate them, answers the message with a failure (REPLY_ACK)
+/// and ends the connection (vhost-user-backend treats a failed request as
+/// fatal to the connection); it listens again.
+#[test]
+fn vring_addresses_outside_memory() {
+    let env = Env::new();
+    let mut dev = env.raw();
+    let (kick, call) = (
+        EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+        EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+    );
+    let err = dev
+        .setup_vring_at(3, 64, [0x10, 0x2000, 0x4000], &kick, &call)
+        .expect_err("ring addresses outside memory accepted");
+    assert!(err.to_string().contains("SET_VRING_ADDR"), "{err}");
+    // The connection is gone.
+    assert!(dev.vhost_frontend().get_features().is_err());
+    env.assert_still_serving(Some(dev));
+}
+
+/// Ring addresses that start inside memory but whose used ring runs past
+/// its end: accepted (the start translates), and the request made
+/// available is popped and executed, but its used element would lie past
+/// the end of memory, so it can never be returned: the daemon gives up on
+/// that queue (virtio 1.2 §2.1.2 lets a device stop using a queue the
+/// driver broke) without signalling, and without ending the worker thread
+/// — queue 2, served by the same thread, keeps working.
+#[test]
+fn vring_running_past_the_end_of_memory() {
+    let env = Env::new();
+    let mut dev = env.raw();
+    let (kick, call) = (
+        EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+        EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+    );
+    let end = 4u64 << 20;
+    let (desc, avail, used) = (0x30000u64, 0x38000u64, end - 4);
+    let addrs = [
+        dev.host_addr(desc).unwrap(),
+        dev.host_addr(avail).unwrap(),
+        dev.host_addr(used).unwrap(),
+    ];
+    dev.setup_vring_at(3, 256, addrs, &kick, &call).unwrap();
+    dev.vhost_frontend().set_vring_enable(3, true).unwrap();
+    // A READ(10) in descriptors 0-2 of queue 3's table, made available.
+    let b = bufs(&mut dev, &read10(0, 1), 512, None);
+    let chain = [
+        r(b.header, REQUEST_LEN),
+        w(b.resp, RESPONSE_LEN),
+        w(b.data, 512),
+    ];
+    for (i, d) in chain.iter().enumerate() {
+        let mut d = *d;
+        if i < 2 {
+            d.flags |= VRING_DESC_F_NEXT;
+            d.next = i as u16 + 1;
+        }
+        dev.write_descs_at(desc + 16 * i as u64, &[d]).unwrap();
+    }
+    dev.write(avail + 4, &0u16.to_le_bytes()).unwrap();
+    dev.write(avail + 2, &1u16.to_le_bytes()).unwrap();
+    kick.write(1).unwrap();
+    // Queue 2, same worker thread: served after queue 3's kick was handled.
+    let (resp, data) = good_read(&mut dev, 0, 30, 2);
+    assert_eq!((resp.response, resp.status), (S_OK, GOOD));
+    assert_eq!(data, env.expected[30 * BLOCK..32 * BLOCK]);
+    assert_eq!(call.read().ok(), None, "queue 3 signalled a completion");
+    assert_eq!(
+        dev.read(used + 2, 2).unwrap(),
+        [0, 0],
+        "queue 3's used index moved"
+    );
+    env.assert_still_serving(Some(dev));
+}
+
+// ---------------------------------------------------------------------
+// The vhost-user socket itself
+// ---------------------------------------------------------------------
+
+fn raw_socket(sock: &Path) -> RawSocket {
+    RawSocket::connect(sock, WAIT).unwrap()
+}
+
+/// Messages whose size field disagrees with what the request carries: a
+/// SET_VRING_NUM with a 4-byte body, a SET_FEATURES with a 16-byte body, a
+/// header announcing more than the 4 KiB maximum. Each ends the connection
+/// (vhost-user-backend: InvalidMessage); the daemon listens again. A
+/// well-formed GET_FEATURES first shows the raw socket is understood.
+#[test]
+fn vhost_user_messages_with_wrong_sizes() {
+    let env = Env::new();
+    let flags = VHOST_USER_VERSION;
+    let mut s = raw_socket(&env.sock);
+    s.send(GET_FEATURES, flags, 0, &[], &[]).unwrap();
+    match s.answer(WAIT).unwrap() {
+        Answer::Reply {
+            request,
+            size,
+            body,
+        } => {
+            assert_eq!((request, size), (GET_FEATURES, 8));
+            let features = u64::from_le_bytes(body[..8].try_into().unwrap());
+            assert_ne!(features & (1 << 32), 0, "VIRTIO_F_VERSION_1");
+        }
+        other => panic!("GET_FEATURES: {other:?}"),
+    }
+    s.send(
+        SET_VRING_NUM,
+        flags | VHOST_USER_NEED_REPLY,
+        4,
+        &[2, 0, 0, 0],
+        &[],
+    )
+    .unwrap();
+    assert_eq!(s.answer(WAIT).unwrap(), Answer::Closed);
+
+    let mut s = raw_socket(&env.sock);
+    s.send(SET_FEATURES, flags, 16, &[0u8; 16], &[]).unwrap();
+    assert_eq!(s.answer(WAIT).unwrap(), Answer::Closed);
+
+    let mut s = raw_socket(&env.sock);
+    s.send(SET_VRING_NUM, flags, 0x10_0000, &[0u8; 8], &[])
+        .unwrap();
+    assert_eq!(s.answer(WAIT).unwrap(), Answer::Closed);
+    drop(s);
+    env.assert_still_serving(None);
+}
+
+/// File descriptors attached where a request takes none (GET_FEATURES,
+/// SET_VRING_NUM), or one attached to a SET_VRING_CALL that says it has
+/// none (bit 8): each ends the connection (vhost-user-backend:
+/// InvalidMessage); the daemon listens again.
+#[test]
+fn vhost_user_messages_with_unexpected_fds() {
+    let env = Env::new();
+    let flags = VHOST_USER_VERSION;
+    let fd = spare_fd().unwrap();
+    let fd2 = spare_fd().unwrap();
+
+    let mut s = raw_socket(&env.sock);
+    s.send(GET_FEATURES, flags, 0, &[], &[fd.as_raw_fd()])
+        .unwrap();
+    assert_eq!(s.answer(WAIT).unwrap(), Answer::Closed);
+
+    let mut s = raw_socket(&env.sock);
+    let mut body = [0u8; 8];
+    body[..4].copy_from_slice(&2u32.to_le_bytes());
+    body[4..].copy_from_slice(&64u32.to_le_bytes());
+    s.send(
+        SET_VRING_NUM,
+        flags,
+        8,
+        &body,
+        &[fd.as_raw_fd(), fd2.as_raw_fd()],
+    )
+    .unwrap();
+    assert_eq!(s.answer(WAIT).unwrap(), Answer::Closed);
+
+    let mut s = raw_socket(&env.sock);
+    let body = (2u64 | 0x100).to_le_bytes();
+    s.send(SET_VRING_CALL, flags, 8, &body, &[fd.as_raw_fd()])
+        .unwrap();
+    assert_eq!(s.answer(WAIT).unwrap(), Answer::Closed);
+    drop(s);
+    env.assert_still_serving(None);
+}

@@ -81,10 +81,9 @@ where
     }
     // The iterator stops early, with NEXT still set on the last descriptor
     // it yielded (or with none yielded), when the chain runs longer than the
-    // queue size or its indirect table (a loop; virtio 1.2 §2.7.5.2: "the
-    // driver MUST NOT create a descriptor chain longer than the Queue
-    // Size"), links to a descriptor past its table (§2.7.5: `next` indexes
-    // the table), reaches an INDIRECT descriptor inside an indirect table
+    // queue size or its indirect table (a loop: virtio 1.2 §2.7.5.2 forbids
+    // loops, and §2.7.5.3.1 chains "longer than the Queue Size"), links to a
+    // descriptor past its table (§2.7.5: `next` indexes the table), reaches an INDIRECT descriptor inside an indirect table
     // (§2.7.5.3.1: "MUST NOT set the VIRTQ_DESC_F_INDIRECT flag within an
     // indirect descriptor"), an indirect table of a length that is not a
     // whole number of descriptors or that cannot be read, or more than 4 GiB

@@ -22,6 +22,7 @@ use vmm_sys_util::event::{
 use super::chain::{split_chain, GuestMem};
 use super::config::ScsiConfig;
 use super::control::handle_control;
+use super::memory::check_memory_table;
 use super::request::{handle_command, Sizes};
 use crate::scsi::lun::MAX_LUN;
 use crate::scsi::Target;
@@ -361,6 +362,16 @@ impl VhostUserBackend for ScsiBackend {
     }
 
     fn update_memory(&self, mem: GuestMemoryAtomic<GuestMem>) -> io::Result<()> {
+        // A region past the end of its file would raise SIGBUS at the first
+        // access beyond it: unmap the table before a queue uses it and fail
+        // the request (vhost-user-backend then ends the connection).
+        if let Err(e) = check_memory_table(&mem.memory()) {
+            mem.lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .replace(GuestMem::new());
+            *self.mem.write().unwrap_or_else(PoisonError::into_inner) = None;
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, e));
+        }
         *self.mem.write().unwrap_or_else(PoisonError::into_inner) = Some(mem);
         Ok(())
     }

@@ -6,6 +6,7 @@ pub mod backend;
 pub mod chain;
 pub mod config;
 pub mod control;
+pub mod memory;
 pub mod request;
 pub mod sglist;
 

@@ -1250,6 +1250,51 @@ fn memory_table_changes_while_io_is_in_flight() {
     env.assert_still_serving(Some(dev));
 }
 
+/// A memory table whose region runs past the end of its file (8 MiB
+/// announced from a 4 MiB memfd). mmap accepts it, but the first access
+/// beyond the file raises SIGBUS — before the fix, a response written
+/// there killed the daemon. The table is now refused (REPLY_ACK failure),
+/// unmapped before any queue uses it, and the connection ended.
+#[test]
+fn memory_table_region_past_the_end_of_its_file() {
+    let env = Env::new();
+    let mut dev = env.raw();
+    let b = bufs(&mut dev, &read10(0, 8), 4096, None);
+    let head = put_chain(
+        &dev,
+        0,
+        &[
+            r(b.header, REQUEST_LEN),
+            w(6 << 20, RESPONSE_LEN),
+            w(b.data, 4096),
+        ],
+    );
+    dev.publish(head).unwrap();
+    let table = [vhost::VhostUserMemoryRegionInfo {
+        guest_phys_addr: 0,
+        memory_size: 8 << 20,
+        userspace_addr: dev.host_addr(0).unwrap(),
+        mmap_offset: 0,
+        mmap_handle: dev.region_fd(0).unwrap(),
+    }];
+    let err = dev
+        .vhost_frontend()
+        .set_mem_table(&table)
+        .expect_err("a region past the end of its file accepted");
+    assert!(
+        matches!(
+            err,
+            vhost::Error::VhostUserProtocol(vhost::vhost_user::Error::BackendInternalError)
+        ),
+        "{err:?}"
+    );
+    // The connection is gone; the request made available is never served.
+    assert!(dev.vhost_frontend().get_features().is_err());
+    assert!(dev.kick().is_ok());
+    assert_eq!(dev.wait_used(QUIET).unwrap(), None);
+    env.assert_still_serving(Some(dev));
+}
+
 /// SET_VRING_ADDR with ring addresses in no memory region: the daemon
 /// cannot translate them, answers the message with a failure (REPLY_ACK)
 /// and ends the connection (vhost-user-backend treats a failed request as

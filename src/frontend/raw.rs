@@ -286,6 +286,21 @@ impl RawDevice {
             .map_err(vhost_err("SET_MEM_TABLE"))
     }
 
+    /// The memfd behind configured region `i`, to describe it in a memory
+    /// table of the caller's own making.
+    pub fn region_fd(&self, i: usize) -> Result<RawFd, FrontendError> {
+        let region = self
+            .mem
+            .iter()
+            .nth(i)
+            .ok_or_else(|| FrontendError::Config(format!("no memory region {i}")))?;
+        Ok(region
+            .file_offset()
+            .ok_or_else(|| FrontendError::MemorySetup("region without a file".into()))?
+            .file()
+            .as_raw_fd())
+    }
+
     /// SET_VRING_NUM, _BASE (0), _ADDR, _KICK and _CALL for queue `index`
     /// with its rings at guest addresses `addrs` (translated to this
     /// process's addresses as QEMU does).

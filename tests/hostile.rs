@@ -738,6 +738,61 @@ fn indirect_table_that_loops() {
     env.assert_still_serving(Some(dev));
 }
 
+/// Indirect descriptors that name no usable table — a length that is not
+/// a whole number of descriptors, a zero length, a table outside guest
+/// memory — and one with NEXT set after a table whose last entry links
+/// past it: each chain is refused, used length 0, nothing written.
+#[test]
+fn indirect_table_malformed() {
+    let env = Env::new();
+    let mut dev = env.raw();
+    let b = bufs(&mut dev, &read10(0, 1), 512, None);
+    let entries = [
+        RawDesc::new(b.header, REQUEST_LEN as u32, VRING_DESC_F_NEXT, 1),
+        RawDesc::new(b.resp, RESP_LEN, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 2),
+        RawDesc::new(b.data, 512, VRING_DESC_F_WRITE, 0),
+    ];
+    let table = dev.alloc(48);
+    dev.write_descs_at(table, &entries).unwrap();
+    let past = dev.alloc(48);
+    let mut linked_past = entries;
+    linked_past[2] = RawDesc::new(b.data, 512, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 3);
+    dev.write_descs_at(past, &linked_past).unwrap();
+    let cases = [
+        RawDesc::new(table, 40, VRING_DESC_F_INDIRECT, 0),
+        RawDesc::new(table, 0, VRING_DESC_F_INDIRECT, 0),
+        RawDesc::new(1 << 40, 48, VRING_DESC_F_INDIRECT, 0),
+        RawDesc::new(past, 48, VRING_DESC_F_INDIRECT, 0),
+    ];
+    for (i, d) in cases.iter().enumerate() {
+        dev.write_desc(i as u16, *d).unwrap();
+        submit(&mut dev, i as u16);
+        assert_eq!(
+            completion(&mut dev),
+            UsedElem {
+                id: i as u32,
+                len: 0
+            },
+            "case {i}"
+        );
+        assert_untouched(&dev, b.resp, RESPONSE_LEN, "the response");
+        assert_untouched(&dev, b.data, 512, "data-in");
+    }
+    // The same table, well-formed: served.
+    dev.write_desc(4, RawDesc::new(table, 48, VRING_DESC_F_INDIRECT, 0))
+        .unwrap();
+    submit(&mut dev, 4);
+    assert_eq!(
+        completion(&mut dev),
+        UsedElem {
+            id: 4,
+            len: RESP_LEN + 512
+        }
+    );
+    assert_eq!(dev.read(b.data, 512).unwrap(), env.expected[..512]);
+    env.assert_still_serving(Some(dev));
+}
+
 /// A chain in the descriptor table longer than the queue (virtio 1.2
 /// §2.7.5.3.1: the driver MUST NOT), which in a table of queue-size entries
 /// means it loops (§2.7.5.2 forbids loops): refused, used length 0, nothing

@@ -850,6 +850,50 @@ fn chain_longer_than_the_queue() {
         dev.read(b.data, 38 * BLOCK).unwrap(),
         env.expected[32 * BLOCK..70 * BLOCK]
     );
+
+    // The longest table a descriptor can name: 65535 entries, the header
+    // in 51 one-byte pieces, the response, then 65483 one-byte data-in
+    // descriptors. Served; the daemon's peak RSS does not grow by more than
+    // the slices it tracks (a few MiB).
+    let hwm_before = proc_status_kib(env.pid(), "VmHWM:");
+    let n = usize::from(u16::MAX);
+    let data_len = n - REQUEST_LEN - 1;
+    let b = bufs(&mut dev, &read10(64, 16), data_len, None);
+    let mut table: Vec<RawDesc> = (0..REQUEST_LEN as u64)
+        .map(|i| r(b.header + i, 1))
+        .collect();
+    table.push(w(b.resp, RESPONSE_LEN));
+    table.extend((0..data_len as u64).map(|i| w(b.data + i, 1)));
+    for (i, d) in table.iter_mut().enumerate().take(n - 1) {
+        d.flags |= VRING_DESC_F_NEXT;
+        d.next = i as u16 + 1;
+    }
+    let addr = dev.alloc(16 * n as u64);
+    dev.write_descs_at(addr, &table).unwrap();
+    dev.write_desc(
+        4,
+        RawDesc::new(addr, 16 * n as u32, VRING_DESC_F_INDIRECT, 0),
+    )
+    .unwrap();
+    submit(&mut dev, 4);
+    assert_eq!(
+        completion(&mut dev),
+        UsedElem {
+            id: 4,
+            len: RESP_LEN + 16 * BLOCK as u32
+        }
+    );
+    let resp = Resp::parse(&dev.read(b.resp, RESPONSE_LEN).unwrap());
+    assert_eq!(
+        (resp.response, resp.status, resp.residual),
+        (S_OK, GOOD, (data_len - 16 * BLOCK) as u32)
+    );
+    assert_eq!(
+        dev.read(b.data, 16 * BLOCK).unwrap(),
+        env.expected[64 * BLOCK..80 * BLOCK]
+    );
+    let growth = proc_status_kib(env.pid(), "VmHWM:").saturating_sub(hwm_before);
+    assert!(growth < 64 << 10, "peak RSS grew by {growth} KiB");
     env.assert_still_serving(Some(dev));
 }
 

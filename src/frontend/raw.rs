@@ -92,6 +92,13 @@ pub struct RawConfig {
     pub queue_size: u16,
     /// Queues the vhost-user connection may address (at least 3).
     pub max_queues: u64,
+    /// Enable the request queue at setup. When the device enables a queue
+    /// it serves whatever is already available on it (vhost-user-backend
+    /// processes a queue once when its kick is registered), so a test that
+    /// needs requests to sit unserved until a moment of its choosing sets
+    /// the queue up disabled and calls
+    /// [`RawDevice::enable_request_queue`] then.
+    pub enable_request_queue: bool,
     pub connect_timeout: Duration,
 }
 
@@ -104,6 +111,7 @@ impl Default for RawConfig {
             }],
             queue_size: 256,
             max_queues: 4,
+            enable_request_queue: true,
             connect_timeout: Duration::from_secs(10),
         }
     }
@@ -243,13 +251,24 @@ impl RawDevice {
             &kick,
             &call,
         )?;
-        for index in 0..=FIRST_REQUEST_QUEUE {
+        for index in [CONTROL_QUEUE, EVENT_QUEUE] {
             device
                 .frontend
                 .set_vring_enable(index, true)
                 .map_err(vhost_err("SET_VRING_ENABLE"))?;
         }
+        if config.enable_request_queue {
+            device.enable_request_queue()?;
+        }
         Ok(device)
+    }
+
+    /// SET_VRING_ENABLE for the request queue: the device serves what is
+    /// available on it and listens to its kicks from now on.
+    pub fn enable_request_queue(&mut self) -> Result<(), FrontendError> {
+        self.frontend
+            .set_vring_enable(FIRST_REQUEST_QUEUE, true)
+            .map_err(vhost_err("SET_VRING_ENABLE"))
     }
 
     /// The host (this process's) address of guest address `gpa`.

@@ -610,16 +610,16 @@ impl RawSocket {
         }
         self.stream
             .set_read_timeout(Some(timeout.max(Duration::from_millis(1))))
-            .map_err(FrontendError::EventFd)?;
+            .map_err(socket_error)?;
         let mut header = [0u8; 12];
         match self.stream.read(&mut header) {
             Ok(0) => return Ok(Answer::Closed),
             Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return Ok(Answer::Closed),
-            Err(e) => return Err(FrontendError::EventFd(e)),
+            Err(e) => return Err(socket_error(e)),
             Ok(n) if n < 12 => {
                 self.stream
                     .read_exact(&mut header[n..])
-                    .map_err(FrontendError::EventFd)?;
+                    .map_err(socket_error)?;
             }
             Ok(_) => {}
         }
@@ -627,9 +627,7 @@ impl RawSocket {
             |i: usize| u32::from_le_bytes([header[i], header[i + 1], header[i + 2], header[i + 3]]);
         let (request, size) = (word(0), word(8));
         let mut body = vec![0u8; (size as usize).min(4096)];
-        self.stream
-            .read_exact(&mut body)
-            .map_err(FrontendError::EventFd)?;
+        self.stream.read_exact(&mut body).map_err(socket_error)?;
         Ok(Answer::Reply {
             request,
             size,
@@ -640,6 +638,10 @@ impl RawSocket {
     pub fn stream(&self) -> &UnixStream {
         &self.stream
     }
+}
+
+fn socket_error(e: io::Error) -> FrontendError {
+    FrontendError::Daemon(format!("vhost-user socket: {e}"))
 }
 
 /// A file to pass where none is expected.

@@ -83,11 +83,11 @@ where
     // it yielded (or with none yielded), when the chain runs longer than the
     // queue size or its indirect table (a loop: virtio 1.2 §2.7.5.2 forbids
     // loops, and §2.7.5.3.1 chains "longer than the Queue Size"), links to a
-    // descriptor past its table (§2.7.5: `next` indexes the table), reaches an INDIRECT descriptor inside an indirect table
-    // (§2.7.5.3.1: "MUST NOT set the VIRTQ_DESC_F_INDIRECT flag within an
-    // indirect descriptor"), an indirect table of a length that is not a
-    // whole number of descriptors or that cannot be read, or more than 4 GiB
-    // in total. Serving the part before the break would execute a command
+    // descriptor past its table (§2.7.5: `next` indexes the table), reaches
+    // an INDIRECT descriptor inside an indirect table (§2.7.5.3.1: "MUST NOT
+    // set the VIRTQ_DESC_F_INDIRECT flag within an indirect descriptor"), an
+    // indirect table of a length that is not a whole number of descriptors
+    // or that cannot be read, or more than 4 GiB in total. Serving the part before the break would execute a command
     // the driver never completed describing (a WRITE whose chain goes on
     // into a nested table, say), so nothing of it is used: the chain is
     // returned with nothing written, like one outside guest memory.

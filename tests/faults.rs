@@ -289,3 +289,320 @@ fn an_image_truncated_underneath_gives_medium_errors_past_its_end() {
     assert!(daemon.try_wait().unwrap().is_none(), "daemon exited");
     daemon.kill();
 }
+
+/// A minimal FUSE file system in this process, straight on /dev/fuse (FUSE
+/// protocol 7.31, the subset a file's open, stat, read, write and sync
+/// need): one file, `disk.raw`, whose reads and writes of one byte range
+/// fail with EIO, as a failing disk's would. Root only (mount(2)); opened
+/// with FOPEN_DIRECT_IO so every read reaches the server with the
+/// daemon's own offset and length.
+mod fuse {
+    use std::ffi::CString;
+    use std::fs::File;
+    use std::io::{Read, Write};
+    use std::ops::Range;
+    use std::os::fd::AsRawFd;
+    use std::path::{Path, PathBuf};
+    use std::sync::{Arc, Mutex};
+    use std::thread::JoinHandle;
+
+    const LOOKUP: u32 = 1;
+    const FORGET: u32 = 2;
+    const GETATTR: u32 = 3;
+    const SETATTR: u32 = 4;
+    const OPEN: u32 = 14;
+    const READ: u32 = 15;
+    const WRITE: u32 = 16;
+    const RELEASE: u32 = 18;
+    const FSYNC: u32 = 20;
+    const FLUSH: u32 = 25;
+    const INIT: u32 = 26;
+    const ACCESS: u32 = 34;
+    const INTERRUPT: u32 = 36;
+    const DESTROY: u32 = 38;
+    const BATCH_FORGET: u32 = 42;
+    const FOPEN_DIRECT_IO: u32 = 1;
+    const ROOT: u64 = 1;
+    const FILE: u64 = 2;
+    const MAX_WRITE: u32 = 128 << 10;
+    pub const NAME: &str = "disk.raw";
+
+    struct State {
+        data: Mutex<Vec<u8>>,
+        bad: Range<u64>,
+    }
+
+    /// The mounted file system; unmounted (and its server stopped) when
+    /// dropped.
+    pub struct Mount {
+        dir: tempfile::TempDir,
+        server: Option<JoinHandle<()>>,
+    }
+
+    impl Mount {
+        pub fn new(data: Vec<u8>, bad: Range<u64>) -> std::io::Result<Mount> {
+            let dev = File::options().read(true).write(true).open("/dev/fuse")?;
+            let dir = tempfile::tempdir()?;
+            let target = CString::new(dir.path().to_str().unwrap()).unwrap();
+            let opts = CString::new(format!(
+                "fd={},rootmode=40000,user_id=0,group_id=0",
+                dev.as_raw_fd()
+            ))
+            .unwrap();
+            // SAFETY: valid C strings; mounts a FUSE file system served
+            // through `dev`.
+            let rc = unsafe {
+                libc::mount(
+                    c"vhost-scsi-test".as_ptr(),
+                    target.as_ptr(),
+                    c"fuse".as_ptr(),
+                    libc::MS_NOSUID | libc::MS_NODEV,
+                    opts.as_ptr().cast(),
+                )
+            };
+            if rc != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let state = Arc::new(State {
+                data: Mutex::new(data),
+                bad,
+            });
+            let server = std::thread::spawn(move || serve(dev, &state));
+            Ok(Mount {
+                dir,
+                server: Some(server),
+            })
+        }
+
+        pub fn file(&self) -> PathBuf {
+            self.dir.path().join(NAME)
+        }
+
+        fn path(&self) -> &Path {
+            self.dir.path()
+        }
+    }
+
+    impl Drop for Mount {
+        fn drop(&mut self) {
+            let target = CString::new(self.path().to_str().unwrap()).unwrap();
+            // SAFETY: a valid C string; lazily unmounts our own mount, which
+            // ends the server's reads with ENODEV.
+            unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+            if let Some(server) = self.server.take() {
+                let _ = server.join();
+            }
+        }
+    }
+
+    fn u32_at(b: &[u8], at: usize) -> u32 {
+        u32::from_le_bytes(b[at..at + 4].try_into().unwrap())
+    }
+
+    fn u64_at(b: &[u8], at: usize) -> u64 {
+        u64::from_le_bytes(b[at..at + 8].try_into().unwrap())
+    }
+
+    /// struct fuse_attr (88 bytes).
+    fn attr(node: u64, size: u64) -> Vec<u8> {
+        let mut a = Vec::with_capacity(88);
+        a.extend_from_slice(&node.to_le_bytes()); // ino
+        a.extend_from_slice(&size.to_le_bytes());
+        a.extend_from_slice(&size.div_ceil(512).to_le_bytes()); // blocks
+        a.extend_from_slice(&[0; 24]); // atime, mtime, ctime
+        a.extend_from_slice(&[0; 12]); // their nanoseconds
+        let mode = if node == ROOT {
+            libc::S_IFDIR | 0o755
+        } else {
+            libc::S_IFREG | 0o644
+        };
+        a.extend_from_slice(&mode.to_le_bytes());
+        a.extend_from_slice(&(if node == ROOT { 2u32 } else { 1 }).to_le_bytes()); // nlink
+        a.extend_from_slice(&[0; 8]); // uid, gid
+        a.extend_from_slice(&0u32.to_le_bytes()); // rdev
+        a.extend_from_slice(&4096u32.to_le_bytes()); // blksize
+        a.extend_from_slice(&0u32.to_le_bytes()); // flags
+        a
+    }
+
+    fn serve(mut dev: File, state: &State) {
+        let mut buf = vec![0u8; MAX_WRITE as usize + 64 * 1024];
+        loop {
+            let n = match dev.read(&mut buf) {
+                Ok(n) => n,
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::ENOENT)) => continue,
+                // ENODEV: unmounted.
+                Err(_) => return,
+            };
+            let req = &buf[..n];
+            if req.len() < 40 {
+                return;
+            }
+            let opcode = u32_at(req, 4);
+            let unique = u64_at(req, 8);
+            let node = u64_at(req, 16);
+            let body = &req[40..];
+            let size = state.data.lock().unwrap().len() as u64;
+            let reply: Result<Vec<u8>, i32> = match opcode {
+                FORGET | BATCH_FORGET | INTERRUPT => continue,
+                INIT => {
+                    let max_readahead = u32_at(body, 8);
+                    let mut out = Vec::with_capacity(64);
+                    out.extend_from_slice(&7u32.to_le_bytes());
+                    out.extend_from_slice(&31u32.to_le_bytes());
+                    out.extend_from_slice(&max_readahead.to_le_bytes());
+                    out.extend_from_slice(&0u32.to_le_bytes()); // flags
+                    out.extend_from_slice(&16u16.to_le_bytes()); // max_background
+                    out.extend_from_slice(&12u16.to_le_bytes()); // congestion_threshold
+                    out.extend_from_slice(&MAX_WRITE.to_le_bytes());
+                    out.extend_from_slice(&1u32.to_le_bytes()); // time_gran
+                    out.extend_from_slice(&[0; 36]); // max_pages .. unused
+                    Ok(out)
+                }
+                LOOKUP => {
+                    let name = body.split(|&b| b == 0).next().unwrap_or_default();
+                    if node == ROOT && name == NAME.as_bytes() {
+                        let mut out = Vec::with_capacity(128);
+                        out.extend_from_slice(&FILE.to_le_bytes());
+                        out.extend_from_slice(&[0; 8 + 8 + 8 + 4 + 4]); // generation, valid times
+                        out.extend_from_slice(&attr(FILE, size));
+                        Ok(out)
+                    } else {
+                        Err(libc::ENOENT)
+                    }
+                }
+                GETATTR | SETATTR => {
+                    let mut out = vec![0u8; 16]; // attr_valid, nsec, dummy
+                    out.extend_from_slice(&attr(node, if node == ROOT { 0 } else { size }));
+                    Ok(out)
+                }
+                OPEN => {
+                    let mut out = vec![0u8; 16];
+                    out[8..12].copy_from_slice(&FOPEN_DIRECT_IO.to_le_bytes());
+                    Ok(out)
+                }
+                READ => {
+                    let (offset, len) = (u64_at(body, 8), u64::from(u32_at(body, 16)));
+                    let end = (offset + len).min(size);
+                    if offset < state.bad.end && end > state.bad.start {
+                        Err(libc::EIO)
+                    } else if offset >= size {
+                        Ok(Vec::new())
+                    } else {
+                        Ok(state.data.lock().unwrap()[offset as usize..end as usize].to_vec())
+                    }
+                }
+                WRITE => {
+                    let (offset, len) = (u64_at(body, 8), u32_at(body, 16));
+                    let bytes = &body[40..40 + len as usize];
+                    let end = offset + u64::from(len);
+                    if offset < state.bad.end && end > state.bad.start {
+                        Err(libc::EIO)
+                    } else {
+                        let mut data = state.data.lock().unwrap();
+                        if data.len() < end as usize {
+                            data.resize(end as usize, 0);
+                        }
+                        data[offset as usize..end as usize].copy_from_slice(bytes);
+                        let mut out = len.to_le_bytes().to_vec();
+                        out.extend_from_slice(&[0; 4]);
+                        Ok(out)
+                    }
+                }
+                RELEASE | FSYNC | FLUSH | ACCESS => Ok(Vec::new()),
+                DESTROY => {
+                    let _ = dev.write_all(&header(16, 0, unique));
+                    return;
+                }
+                _ => Err(libc::ENOSYS),
+            };
+            let out = match reply {
+                Ok(body) => {
+                    let mut out = header(16 + body.len(), 0, unique);
+                    out.extend_from_slice(&body);
+                    out
+                }
+                Err(errno) => header(16, -errno, unique),
+            };
+            // The request may have been interrupted meanwhile (ENOENT).
+            let _ = dev.write_all(&out);
+        }
+    }
+
+    /// struct fuse_out_header.
+    fn header(len: usize, error: i32, unique: u64) -> Vec<u8> {
+        let mut h = Vec::with_capacity(len);
+        h.extend_from_slice(&(len as u32).to_le_bytes());
+        h.extend_from_slice(&error.to_le_bytes());
+        h.extend_from_slice(&unique.to_le_bytes());
+        h
+    }
+}
+
+/// Reads that fail with EIO underneath (a FUSE file whose one range fails,
+/// as a failing disk would): MEDIUM ERROR / UNRECOVERED READ ERROR for
+/// READ and VERIFY touching it, WRITE ERROR for a write into it, correct
+/// data elsewhere, and the daemon goes on.
+#[test]
+fn eio_from_the_image_is_a_medium_error() {
+    if !root_or_skip("eio_from_the_image_is_a_medium_error") {
+        return;
+    }
+    let data = pattern(0x61, 1 << 20);
+    // Blocks 1024-1031 (512 KiB to 516 KiB) fail.
+    let mount = match fuse::Mount::new(data.clone(), (512 << 10)..(516 << 10)) {
+        Ok(m) => m,
+        Err(e) => {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "cannot mount a FUSE file system (CI=true): {e}"
+            );
+            eprintln!("skipped: cannot mount a FUSE file system: {e}");
+            return;
+        }
+    };
+    let sockdir = tempfile::tempdir().unwrap();
+    let sock = sockdir.path().join("vus.sock");
+    let log = sockdir.path().join("daemon.log");
+    let img = mount.file();
+    let mut daemon = start_logged(&sock, &[img.to_str().unwrap()], &log, Some("warn"));
+    let mut drv = ScsiDriver::connect(&sock);
+
+    let r = drv.command(0, &read10(0, 16), &[], 8192);
+    good(&r, "read before the bad range");
+    assert_eq!(r.data_in, data[..8192]);
+    const MEDIUM_ERROR: (u8, u8, u8) = (0x03, 0x11, 0x00);
+    for (lba, blocks, what) in [
+        (1024, 1, "the first bad block"),
+        (1020, 8, "blocks into the bad range"),
+        (1031, 2, "blocks out of the bad range"),
+    ] {
+        let r = drv.command(0, &read10(lba, blocks), &[], u32::from(blocks) * 512);
+        assert_eq!(sense_of(&r), MEDIUM_ERROR, "READ of {what}");
+    }
+    let verify = [0x2f, 0, 0, 0, 0x03, 0xe8, 0, 0, 100, 0]; // LBA 1000, 100 blocks
+    assert_eq!(
+        sense_of(&drv.command(0, &verify, &[], 0)),
+        MEDIUM_ERROR,
+        "VERIFY"
+    );
+    // A write into the bad range: MEDIUM ERROR / WRITE ERROR.
+    let r = drv.command(0, &write10(1026, 1, false), &[0x77; 512], 0);
+    assert_eq!(sense_of(&r), (0x03, 0x0c, 0x00), "WRITE into the bad range");
+    // Around it, everything works.
+    let r = drv.command(0, &read10(1032, 8), &[], 4096);
+    good(&r, "read after the bad range");
+    assert_eq!(r.data_in, data[1032 * 512..1040 * 512]);
+    let fresh = pattern(0x62, 4096);
+    good(
+        &drv.command(0, &write10(1500, 8, true), &fresh, 0),
+        "FUA write elsewhere",
+    );
+    good(&drv.command(0, &SYNCHRONIZE_CACHE_10, &[], 0), "flush");
+    let r = drv.command(0, &read10(1500, 8), &[], 4096);
+    good(&r, "read back");
+    assert_eq!(r.data_in, fresh);
+    assert!(daemon.try_wait().unwrap().is_none(), "daemon exited");
+    daemon.kill();
+    drop(mount);
+}

@@ -9,6 +9,7 @@ pub mod config;
 pub mod daemon;
 pub mod fdlimit;
 pub mod frontend;
+pub mod logging;
 pub mod scsi;
 pub mod storage;
 pub mod virtio;

@@ -19,7 +19,12 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    // env_logger behind a per-call-site rate limit for warnings and errors
+    // (src/logging.rs): a guest cannot flood the journal.
+    if let Err(e) = vhost_device_scsi::logging::init() {
+        eprintln!("vhost-device-scsi: error: cannot set up logging: {e}");
+        return ExitCode::FAILURE;
+    }
     match run(&cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {

@@ -795,3 +795,498 @@ fn we_see_qemus_locks() {
     let _ = writer.wait();
     let _d = Daemon::start_with(&sock, &[&img]);
 }
+
+/// One operator error: the arguments, and what the daemon must answer.
+struct CliCase {
+    name: &'static str,
+    args: Vec<std::ffi::OsString>,
+    /// Run as an unprivileged user (nobody) when the test runs as root, so
+    /// that permissions apply.
+    unprivileged: bool,
+    code: i32,
+    /// The whole of stderr, one line.
+    stderr: String,
+}
+
+/// Runs every case, reporting each failure by name.
+fn run_cli_cases(cases: &[CliCase]) {
+    use std::os::unix::process::CommandExt;
+    let mut failures = Vec::new();
+    for case in cases {
+        let mut command = Command::new(BIN);
+        command.args(&case.args).env("RUST_LOG", "off");
+        // SAFETY: geteuid has no preconditions.
+        if case.unprivileged && unsafe { libc::geteuid() } == 0 {
+            command.gid(65534).uid(65534);
+        }
+        let out = command.output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let want = format!("{}\n", case.stderr);
+        if out.status.code() != Some(case.code) || stderr != want {
+            failures.push(format!(
+                "{}: exit {:?}, stderr {stderr:?}; expected exit {}, stderr {want:?}",
+                case.name,
+                out.status.code(),
+                case.code
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "\n{}", failures.join("\n"));
+}
+
+fn os_args(args: &[&dyn AsRef<OsStr>]) -> Vec<std::ffi::OsString> {
+    args.iter().map(|a| a.as_ref().to_os_string()).collect()
+}
+
+/// Operator errors tests above do not cover, each with its exit status
+/// (2 for what clap rejects, 1 for the rest) and its exact one-line
+/// message.
+#[test]
+fn every_operator_error_has_its_exit_status_and_one_line() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    // Traversable by the unprivileged cases.
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let d = dir.path();
+    let sock = d.join("s.sock");
+    let good = image(d, "good.raw", 4096);
+    let unreadable = image(d, "unreadable.raw", 4096);
+    std::fs::set_permissions(&unreadable, std::fs::Permissions::from_mode(0o000)).unwrap();
+    let read_only_file = image(d, "readonly.raw", 4096);
+    std::fs::set_permissions(&read_only_file, std::fs::Permissions::from_mode(0o444)).unwrap();
+    let loop_link = d.join("loop.raw");
+    std::os::unix::fs::symlink(&loop_link, &loop_link).unwrap();
+    let fifo = d.join("fifo");
+    let c_fifo = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a valid C string; creates a FIFO in our temporary directory.
+    assert_eq!(unsafe { libc::mkfifo(c_fifo.as_ptr(), 0o644) }, 0);
+    let closed = d.join("closed");
+    std::fs::create_dir(&closed).unwrap();
+    std::fs::set_permissions(&closed, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let long = d.join("x".repeat(110));
+    let e = "vhost-device-scsi: error:";
+    let clap_invalid = |flag: &str, value: &str, reason: &str| {
+        format!("error: invalid value '{value}' for '{flag}': {reason}")
+    };
+    let mut cases = vec![
+        CliCase {
+            name: "--num-queues 0",
+            args: os_args(&[&"-s", &sock, &"--num-queues", &"0", &good]),
+            unprivileged: false,
+            code: 2,
+            stderr: clap_invalid("--num-queues <N>", "0", "0 is not in 1..=62"),
+        },
+        CliCase {
+            name: "--num-queues 63",
+            args: os_args(&[&"-s", &sock, &"--num-queues", &"63", &good]),
+            unprivileged: false,
+            code: 2,
+            stderr: clap_invalid("--num-queues <N>", "63", "63 is not in 1..=62"),
+        },
+        CliCase {
+            name: "--num-queues abc",
+            args: os_args(&[&"-s", &sock, &"--num-queues", &"abc", &good]),
+            unprivileged: false,
+            code: 2,
+            stderr: clap_invalid("--num-queues <N>", "abc", "invalid digit found in string"),
+        },
+        CliCase {
+            name: "--num-queues 99999999999",
+            args: os_args(&[&"-s", &sock, &"--num-queues", &"99999999999", &good]),
+            unprivileged: false,
+            code: 2,
+            stderr: clap_invalid(
+                "--num-queues <N>",
+                "99999999999",
+                "99999999999 is not in 1..=62",
+            ),
+        },
+        CliCase {
+            name: "--num-queues without a value",
+            args: os_args(&[&"-s", &sock, &good, &"--num-queues"]),
+            unprivileged: false,
+            code: 2,
+            stderr: "error: a value is required for '--num-queues <N>' but none was supplied"
+                .into(),
+        },
+        CliCase {
+            name: "--threads 0",
+            args: os_args(&[&"-s", &sock, &"--threads", &"0", &good]),
+            unprivileged: false,
+            code: 2,
+            stderr: clap_invalid("--threads <T>", "0", "0 is not in 1..=62"),
+        },
+        CliCase {
+            name: "--threads 63",
+            args: os_args(&[&"-s", &sock, &"--threads", &"63", &good]),
+            unprivileged: false,
+            code: 2,
+            stderr: clap_invalid("--threads <T>", "63", "63 is not in 1..=62"),
+        },
+        CliCase {
+            name: "--threads -1",
+            args: os_args(&[&"-s", &sock, &"--threads", &"-1", &good]),
+            unprivileged: false,
+            code: 2,
+            stderr: "error: unexpected argument '-1' found".into(),
+        },
+        CliCase {
+            name: "--threads more than --num-queues",
+            args: os_args(&[
+                &"-s",
+                &sock,
+                &"--threads",
+                &"4",
+                &"--num-queues",
+                &"2",
+                &good,
+            ]),
+            unprivileged: false,
+            code: 1,
+            stderr: format!("{e} --threads 4: more threads than request queues (--num-queues 2)"),
+        },
+        CliCase {
+            name: "--poll-us 1001",
+            args: os_args(&[&"-s", &sock, &"--poll-us", &"1001", &good]),
+            unprivileged: false,
+            code: 2,
+            stderr: clap_invalid("--poll-us <US>", "1001", "1001 is not in 0..=1000"),
+        },
+        CliCase {
+            name: "--poll-us 1.5",
+            args: os_args(&[&"-s", &sock, &"--poll-us", &"1.5", &good]),
+            unprivileged: false,
+            code: 2,
+            stderr: clap_invalid("--poll-us <US>", "1.5", "invalid digit found in string"),
+        },
+        CliCase {
+            name: "--socket-path twice",
+            args: os_args(&[&"-s", &sock, &"-s", &sock, &good]),
+            unprivileged: false,
+            code: 2,
+            stderr: "error: the argument '--socket-path <PATH>' cannot be used multiple times"
+                .into(),
+        },
+        CliCase {
+            name: "--read-only twice",
+            args: os_args(&[&"-s", &sock, &"-r", &"-r", &good]),
+            unprivileged: false,
+            code: 2,
+            stderr: "error: the argument '--read-only' cannot be used multiple times".into(),
+        },
+        CliCase {
+            name: "empty socket path",
+            args: os_args(&[&"-s", &"", &good]),
+            unprivileged: false,
+            code: 2,
+            stderr: "error: a value is required for '--socket-path <PATH>' but none was supplied"
+                .into(),
+        },
+        CliCase {
+            name: "socket path is a directory",
+            args: os_args(&[&"-s", &d, &good]),
+            unprivileged: false,
+            code: 1,
+            stderr: format!(
+                "{e} socket path {}: exists and is not a socket",
+                d.display()
+            ),
+        },
+        CliCase {
+            name: "socket path too long",
+            args: os_args(&[&"-s", &long, &good]),
+            unprivileged: false,
+            code: 1,
+            stderr: format!(
+                "{e} socket path {}: path must be shorter than SUN_LEN",
+                long.display()
+            ),
+        },
+        CliCase {
+            name: "socket in a directory the daemon may not write",
+            args: os_args(&[&"-r", &"-s", &closed.join("s.sock"), &good]),
+            unprivileged: true,
+            code: 1,
+            stderr: format!(
+                "{e} socket path {}: Permission denied (os error 13)",
+                closed.join("s.sock").display()
+            ),
+        },
+        CliCase {
+            name: "empty image path",
+            args: os_args(&[&"-s", &sock, &""]),
+            unprivileged: false,
+            code: 1,
+            stderr: format!("{e} LUN 0 (): no image path before the options"),
+        },
+        CliCase {
+            name: "unreadable image",
+            args: os_args(&[&"-r", &"-s", &sock, &unreadable]),
+            unprivileged: true,
+            code: 1,
+            stderr: format!("{e} image {}: permission denied", unreadable.display()),
+        },
+        CliCase {
+            name: "read-only file served read-write",
+            args: os_args(&[&"-s", &sock, &read_only_file]),
+            unprivileged: true,
+            code: 1,
+            stderr: format!("{e} image {}: permission denied", read_only_file.display()),
+        },
+        CliCase {
+            name: "symbolic link loop",
+            args: os_args(&[&"-s", &sock, &loop_link]),
+            unprivileged: false,
+            code: 1,
+            stderr: format!(
+                "{e} image {}: cannot open: Too many levels of symbolic links (os error 40)",
+                loop_link.display()
+            ),
+        },
+        CliCase {
+            name: "a FIFO",
+            args: os_args(&[&"-s", &sock, &fifo]),
+            unprivileged: false,
+            code: 1,
+            stderr: format!(
+                "{e} image {}: is neither a regular file nor a block device",
+                fifo.display()
+            ),
+        },
+    ];
+    // Cases that need root: a read-only file system, and a block device
+    // whose direct I/O alignment (4096-byte sectors) the LUN's block size
+    // misses.
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let rofs = d.join("rofs");
+    let mut loop_device = None;
+    if root {
+        std::fs::create_dir(&rofs).unwrap();
+        let mount = |opts: &str| {
+            let status = Command::new("mount")
+                .args(["-t", "tmpfs", "-o", opts, "tmpfs"])
+                .arg(&rofs)
+                .status()
+                .unwrap();
+            assert!(status.success(), "mount -o {opts}");
+        };
+        mount("size=1m");
+        let on_rofs = image(&rofs, "x.raw", 4096);
+        mount("remount,ro");
+        cases.push(CliCase {
+            name: "image on a read-only file system, served read-write",
+            args: os_args(&[&"-s", &sock, &on_rofs]),
+            unprivileged: false,
+            code: 1,
+            stderr: format!(
+                "{e} image {}: cannot open: Read-only file system (os error 30)",
+                on_rofs.display()
+            ),
+        });
+        let backing = image(d, "loop.img", 1 << 20);
+        let out = Command::new("losetup")
+            .args(["-f", "--show", "--sector-size", "4096"])
+            .arg(&backing)
+            .output()
+            .unwrap();
+        if out.status.success() {
+            let dev = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            cases.push(CliCase {
+                name: "--direct with a block size below the device's alignment",
+                args: os_args(&[&"--direct", &"-s", &sock, &dev]),
+                unprivileged: false,
+                code: 1,
+                stderr: format!(
+                    "{e} image {dev}: --direct needs a block size that is a multiple of 4096 \
+                     bytes (the image's direct I/O alignment), not 512: add ,block-size=4096"
+                ),
+            });
+            loop_device = Some(dev);
+        } else {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "losetup: {out:?}"
+            );
+            eprintln!("skipped the --direct alignment case: no loop device");
+        }
+    } else {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "CI runs as root: the read-only file system and --direct cases must run"
+        );
+        eprintln!("skipped the cases that need root (mount, losetup)");
+    }
+    // Clean up (loop device, mount) even when a case fails.
+    let result = std::panic::catch_unwind(|| run_cli_cases(&cases));
+    if let Some(dev) = loop_device {
+        let _ = Command::new("losetup").args(["-d", &dev]).status();
+    }
+    if root {
+        let _ = Command::new("umount").arg(&rofs).status();
+    }
+    if let Err(panic) = result {
+        std::panic::resume_unwind(panic);
+    }
+    assert!(!sock.exists(), "no case got as far as listening");
+}
+
+/// xorshift64*: a reproducible stream for the operator-input fuzzing below.
+struct Xorshift(u64);
+
+impl Xorshift {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+
+    fn pick<'a>(&mut self, from: &[&'a [u8]]) -> &'a [u8] {
+        from[self.below(from.len())]
+    }
+}
+
+/// Per-LUN option syntax, fuzzed: any IMAGE argument parses or fails with
+/// a one-line reason, never panics.
+#[test]
+fn lun_spec_parsing_never_panics() {
+    use std::os::unix::ffi::OsStrExt;
+    use vhost_device_scsi::cli::LunSpec;
+    const PIECES: &[&[u8]] = &[
+        b",",
+        b",,",
+        b"ro",
+        b"block-size=",
+        b"serial=",
+        b"wwn=",
+        b"0x",
+        b"=",
+        b"512",
+        b"4096",
+        b"5000c50012345678",
+        b"abc",
+        b" ",
+        b"\xff",
+        b"\x00",
+        b"/",
+        b"disk.raw",
+        b"-1",
+        b"99999999999999999999",
+        b"\xe2\x82\xac",
+    ];
+    let mut rng = Xorshift(0x0005_eed0_fc11);
+    for _ in 0..200_000 {
+        let mut arg = Vec::new();
+        for _ in 0..rng.below(12) {
+            arg.extend_from_slice(rng.pick(PIECES));
+        }
+        match LunSpec::parse(OsStr::from_bytes(&arg)) {
+            Ok(spec) => assert!(!spec.path.as_os_str().is_empty(), "{arg:?}"),
+            Err(e) => {
+                let line = e.to_string();
+                assert!(
+                    !line.is_empty() && !line.contains('\n'),
+                    "{arg:?}: {line:?}"
+                );
+            }
+        }
+    }
+}
+
+/// The whole command line, fuzzed: random arguments (flags, values,
+/// images good and bad, a socket path in a missing directory so that no
+/// run gets as far as listening) always end in exit status 1 or 2 and one
+/// line on stderr, never a panic.
+#[test]
+fn random_command_lines_fail_with_one_line() {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = tempfile::tempdir().unwrap();
+    let good = image(dir.path(), "good.raw", 4096);
+    let odd = image(dir.path(), "odd.raw", 1000);
+    let sock = dir.path().join("missing-dir/s.sock");
+    let good = good.as_os_str().as_bytes().to_vec();
+    let odd = odd.as_os_str().as_bytes().to_vec();
+    let sock = sock.as_os_str().as_bytes().to_vec();
+    let good_ro = [good.as_slice(), b",ro"].concat();
+    let pieces: Vec<&[u8]> = vec![
+        b"-s",
+        b"--socket-path",
+        &sock,
+        &sock,
+        b"-r",
+        b"--read-only",
+        b"--solid-state",
+        b"--direct",
+        b"--no-discard",
+        b"--num-queues",
+        b"--threads",
+        b"--poll-us",
+        b"0",
+        b"1",
+        b"2",
+        b"62",
+        b"63",
+        b"1000",
+        b"1001",
+        b"-1",
+        b"x",
+        b"",
+        &good,
+        &good,
+        &good_ro,
+        &odd,
+        b"/nonexistent.raw",
+        b",ro",
+        b"--bogus",
+        b"-",
+        b"--",
+        b"\xff",
+    ];
+    let mut rng = Xorshift(0x00c0_ffee);
+    let mut failures = Vec::new();
+    let mut kinds = std::collections::BTreeMap::new();
+    for run in 0..300 {
+        let mut args: Vec<&OsStr> = Vec::new();
+        if rng.below(4) != 0 {
+            // Usually with a socket path, to get past clap more often.
+            args.extend([OsStr::new("-s"), OsStr::from_bytes(&sock)]);
+        }
+        for _ in 0..rng.below(7) {
+            args.push(OsStr::from_bytes(pieces[rng.below(pieces.len())]));
+        }
+        let out = Command::new(BIN)
+            .args(&args)
+            .env("RUST_LOG", "off")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let ok = matches!(out.status.code(), Some(1 | 2))
+            && stderr.lines().count() == 1
+            && !stderr.contains("panicked");
+        if !ok {
+            failures.push(format!(
+                "run {run}: {args:?}: exit {:?}, stderr {stderr:?}",
+                out.status.code()
+            ));
+        }
+        // What kind of error, for the summary: the message up to its
+        // first path or value.
+        let kind: String = stderr.chars().take(28).collect();
+        *kinds.entry(kind).or_insert(0u32) += 1;
+    }
+    assert!(failures.is_empty(), "\n{}", failures.join("\n"));
+    // The generator reaches the daemon's own checks, not only clap's.
+    assert!(
+        kinds
+            .keys()
+            .any(|k| k.starts_with("vhost-device-scsi: error:"))
+            && kinds.keys().any(|k| k.starts_with("error:")),
+        "{kinds:?}"
+    );
+    eprintln!("{kinds:#?}");
+}

@@ -98,3 +98,65 @@ fn direct_io_writes_and_reads() {
     let on_disk = std::fs::read(&img).unwrap();
     assert_eq!(&on_disk[8 * 512..24 * 512], &a[..]);
 }
+
+/// SIGKILL, then a new daemon on the same image and socket: a new
+/// connection reads back every flushed and FUA byte, and the new daemon
+/// holds the image lock again (the dead one's OFD locks died with it).
+#[test]
+fn restarted_after_sigkill_serves_every_flushed_byte() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path(), 4 << 20);
+    let sock = dir.path().join("vus.sock");
+    let arg = img.to_str().unwrap();
+    let mut daemon = Daemon::start(&sock, &[arg]);
+    let mut drv = ScsiDriver::connect(&sock);
+    // Flushed writes all over the image, FUA writes, and an unflushed one
+    // written last (the kernel has it; SIGKILL loses nothing it has).
+    let mut expect: Vec<(u32, Vec<u8>)> = Vec::new();
+    for (i, lba) in [0u32, 777, 4096, 8191 - 16].into_iter().enumerate() {
+        let data = pattern(10 + i as u8, 16 * 512);
+        let r = drv.command(0, &write10(lba, 16, false), &data, 0);
+        assert_eq!((r.response, r.status), (0, 0), "write: {r:?}");
+        expect.push((lba, data));
+    }
+    let r = drv.command(0, &SYNCHRONIZE_CACHE_10, &[], 0);
+    assert_eq!((r.response, r.status), (0, 0), "flush: {r:?}");
+    for (i, lba) in [100u32, 5000].into_iter().enumerate() {
+        let data = pattern(20 + i as u8, 8 * 512);
+        let r = drv.command(0, &write10(lba, 8, true), &data, 0);
+        assert_eq!((r.response, r.status), (0, 0), "FUA write: {r:?}");
+        expect.push((lba, data));
+    }
+    let unflushed = pattern(30, 8 * 512);
+    let r = drv.command(0, &write10(6000, 8, false), &unflushed, 0);
+    assert_eq!((r.response, r.status), (0, 0), "write: {r:?}");
+    expect.push((6000, unflushed));
+    daemon.kill();
+    drop(drv);
+
+    // The SIGKILLed daemon left its socket file behind: the new one
+    // replaces it, and takes the lock the dead one held.
+    assert!(sock.exists(), "stale socket left by SIGKILL");
+    let mut restarted = Daemon::start(&sock, &[arg]);
+    let mut drv = ScsiDriver::connect(&sock);
+    for (lba, data) in &expect {
+        let blocks = (data.len() / 512) as u16;
+        let r = drv.command(0, &read10(*lba, blocks), &[], data.len() as u32);
+        assert_eq!((r.response, r.status), (0, 0), "read: {r:?}");
+        assert_eq!(&r.data_in, data, "data at LBA {lba} after the restart");
+    }
+    // The lock: a second daemon on the image is refused while it serves.
+    let other = std::process::Command::new(common::BIN)
+        .arg("-s")
+        .arg(dir.path().join("other.sock"))
+        .arg(arg)
+        .output()
+        .unwrap();
+    assert_eq!(other.status.code(), Some(1), "{other:?}");
+    let stderr = String::from_utf8_lossy(&other.stderr);
+    assert!(
+        stderr.contains("locked by") && stderr.contains("it is being written"),
+        "{stderr}"
+    );
+    restarted.kill();
+}

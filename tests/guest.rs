@@ -1058,6 +1058,178 @@ fn guest_write_tools() {
     );
 }
 
+/// Scenario "killio": QEMU SIGKILLed while fio runs random reads and writes
+/// at queue depth 32. The daemon goes back to listening; a new QEMU reads a
+/// region written and fsynced before fio started and a region nobody
+/// wrote, and both are what they should be, in the guest and in the image.
+#[test]
+fn guest_killed_mid_io_at_qd32() {
+    let Some(sc) = Scenario::start("killio") else {
+        return;
+    };
+    let disk = sc.random_image("data.raw", 32 * MIB, 71);
+    let original = disk.read_at(0, 32 * MIB);
+    let synced = pseudo_random(72, 8 * MIB as usize);
+    let synced_file = sc.dir.join("synced");
+    fs::write(&synced_file, &synced).unwrap();
+    let mut daemon = sc.daemon_rw(&[(&disk, "")], &[]);
+    let pid = daemon.child.id();
+
+    let boot = Boot {
+        env: vec![("PHASE", "io".into())],
+        files: vec![synced_file],
+        extras: vec!["fio"],
+        ..Boot::default()
+    };
+    let mut qemu = sc.spawn(&daemon, "killio", &boot);
+    let s = qemu.wait_for(&sc, "fio to run", |s| !s.records("IO-RUNNING").is_empty());
+    sc.expect(
+        "dd of the synced region",
+        &sc.record(&s, "SYNCED"),
+        &[("rc", "0".into())],
+    );
+    let running = sc.record(&s, "IO-RUNNING");
+    let inflight: u32 = running.get("inflight").parse().unwrap_or(0);
+    sc.check(
+        inflight >= 2,
+        format!("fio never had more than {inflight} requests in flight"),
+    );
+    // Requests are in flight: kill QEMU without warning.
+    qemu.kill();
+    drop(qemu);
+    sc.check(
+        daemon.alive(),
+        "the daemon exited when QEMU was killed".to_string(),
+    );
+
+    let boot = Boot {
+        env: vec![("PHASE", "check".into())],
+        ..Boot::default()
+    };
+    let serial = sc.boot(&daemon, "killio", &boot);
+    let regions = serial.records("REGION");
+    for (name, want) in [
+        ("synced", md5_hex(&synced)),
+        ("untouched", md5_hex(&original[16 * MIB as usize..])),
+    ] {
+        let got = sc.record_where(&regions, "name", name);
+        sc.expect(
+            &format!("the {name} region after the kill"),
+            &got,
+            &[("rc", "0".into()), ("md5", want)],
+        );
+    }
+    let fio_region = sc.record_where(&regions, "name", "fio");
+    sc.expect(
+        "fio's region read after the kill",
+        &fio_region,
+        &[("rc", "0".into())],
+    );
+    sc.check(
+        daemon.alive() && daemon.child.id() == pid,
+        "the daemon did not survive".to_string(),
+    );
+    // The image itself: the synced region holds the data, the rest of the
+    // disk beyond fio's region is untouched.
+    let now = disk.read_at(0, 32 * MIB);
+    sc.check(
+        now[8 * MIB as usize..16 * MIB as usize] == synced[..],
+        "the image lost the fsynced region".to_string(),
+    );
+    sc.check(
+        now[16 * MIB as usize..] == original[16 * MIB as usize..],
+        "the image changed outside what the guest wrote".to_string(),
+    );
+    note(format!(
+        "guest scenario `killio`: QEMU killed with {inflight} requests in flight"
+    ));
+}
+
+/// Scenario "enospc": LUN 0's image is a sparse 64 MiB file on an 8 MiB
+/// tmpfs (root only: mount; without root the test says so and passes,
+/// except with CI=true). The guest's write of the whole disk fails with an
+/// I/O error once the file system is full (DATA PROTECT / SPACE ALLOCATION
+/// FAILED WRITE PROTECT), and the daemon keeps serving: the guest reads
+/// what was written to LUN 0 and all of LUN 1 correctly.
+#[test]
+fn guest_enospc() {
+    let Some(sc) = Scenario::start("enospc") else {
+        return;
+    };
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        sc.check(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "needs root to mount a tmpfs (CI=true)",
+        );
+        note("guest scenario `enospc` skipped: needs root to mount a tmpfs");
+        return;
+    }
+    let small = sc.dir.join("small");
+    fs::create_dir(&small).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=8m", "tmpfs"])
+        .arg(&small)
+        .status()
+        .unwrap();
+    sc.check(mounted.success(), format!("mount -t tmpfs: {mounted}"));
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(small.clone());
+    let full = Image {
+        path: small.join("full.raw"),
+        size: 64 * MIB,
+    };
+    File::create(&full.path)
+        .unwrap()
+        .set_len(full.size)
+        .unwrap();
+    let other = sc.random_image("other.raw", 8 * MIB, 81);
+    let mut daemon = sc.daemon_rw(&[(&full, ""), (&other, "")], &[]);
+    const READ_MIB: u64 = 4;
+    let boot = Boot {
+        env: vec![("READ_MIB", READ_MIB.to_string())],
+        ..Boot::default()
+    };
+    let serial = sc.boot(&daemon, "enospc", &boot);
+    let fill = sc.record(&serial, "FILL");
+    sc.check(
+        fill.get("rc") != "0",
+        format!(
+            "writing 64 MiB to an image on an 8 MiB file system succeeded: {}",
+            fill.line
+        ),
+    );
+    let errors = sc.ok(&serial, "errors");
+    sc.contains(
+        "the guest kernel's messages",
+        &errors.text.to_lowercase(),
+        &["space allocation"],
+    );
+    let reads = serial.records("READ");
+    let lun0 = sc.record_where(&reads, "lun", "0");
+    sc.expect(
+        "LUN 0 read after ENOSPC",
+        &lun0,
+        &[
+            ("rc", "0".into()),
+            ("md5", md5_hex(&full.read_at(0, READ_MIB * MIB))),
+        ],
+    );
+    let lun1 = sc.record_where(&reads, "lun", "1");
+    sc.expect(
+        "LUN 1 read after ENOSPC on LUN 0",
+        &lun1,
+        &[("rc", "0".into()), ("md5", other.md5())],
+    );
+    sc.check(daemon.alive(), "the daemon exited".to_string());
+    drop(daemon);
+}
+
 // ------------------------------------------------------------------ harness
 
 /// Where build-guest.sh put the guest (its default, unless overridden).

@@ -468,3 +468,27 @@ impl RequestQueue {
         })
     }
 }
+
+/// Playing a broken driver, for tests of how the device copes.
+impl RequestQueue {
+    /// Stores `idx` as the available index without publishing anything
+    /// (`None`: the true index again).
+    pub fn store_raw_avail_index(&mut self, idx: Option<u16>) -> Result<(), FrontendError> {
+        self.ring.store_raw_avail_idx(idx)
+    }
+
+    /// The device's avail_event field (EVENT_IDX).
+    pub fn avail_event(&self) -> Result<u16, FrontendError> {
+        self.ring.avail_event()
+    }
+
+    /// Overwrites the device's avail_event field.
+    pub fn set_avail_event(&mut self, value: u16) -> Result<(), FrontendError> {
+        self.ring.set_avail_event(value)
+    }
+
+    /// Kicks the device whether or not EVENT_IDX asks for it.
+    pub fn kick(&mut self) -> Result<(), FrontendError> {
+        self.kick.write(1).map_err(FrontendError::EventFd)
+    }
+}

@@ -145,6 +145,37 @@ impl SplitRing {
         }
     }
 
+    /// Stores `idx` as avail->idx without changing what the driver
+    /// believes it published (a broken driver, for tests); `None` stores the
+    /// true index back.
+    pub fn store_raw_avail_idx(&self, idx: Option<u16>) -> Result<(), FrontendError> {
+        self.mem.store(
+            idx.unwrap_or(self.avail_idx),
+            GuestAddress(self.addrs.avail + 2),
+            Ordering::Release,
+        )?;
+        Ok(())
+    }
+
+    /// The device's avail_event (used ring, after the elements), which the
+    /// device writes when it re-enables notifications with EVENT_IDX.
+    pub fn avail_event(&self) -> Result<u16, FrontendError> {
+        Ok(self.mem.load(
+            GuestAddress(self.addrs.used + 4 + 8 * u64::from(self.size)),
+            Ordering::Acquire,
+        )?)
+    }
+
+    /// Overwrites avail_event (a marker to see when the device next writes it).
+    pub fn set_avail_event(&self, value: u16) -> Result<(), FrontendError> {
+        self.mem.store(
+            value,
+            GuestAddress(self.addrs.used + 4 + 8 * u64::from(self.size)),
+            Ordering::Release,
+        )?;
+        Ok(())
+    }
+
     fn used_idx(&self) -> Result<u16, FrontendError> {
         Ok(self
             .mem

@@ -1,0 +1,49 @@
+# Scenario "killio" (boot with -x fio): QEMU is SIGKILLed while fio runs at
+# queue depth 32; a new QEMU then checks the disk. LUN 0 is laid out as
+#   [0, 8 MiB)    fio's region: random reads and writes, libaio, O_DIRECT
+#   [8, 16 MiB)   written from /harness/files/synced and fsynced before fio
+#   [16, 32 MiB)  never written
+# PHASE=io:
+#   @@SYNCED rc=N              dd + fsync of the synced region
+#   @@IO-RUNNING inflight=N    fio running; N = most requests seen in flight
+#                              on the disk (/sys/block/X/inflight), sampled
+#                              until 16 or 30 s (block fio-output: fio's
+#                              output if it ended)
+#   then waits (the host kills QEMU meanwhile)
+# PHASE=check:
+#   @@REGION name=synced|untouched|fio rc=N md5=HEX   O_DIRECT reads
+dev=$(lun_dev 0)
+region() { # NAME SKIP_MIB COUNT_MIB
+    _out=$(dd if="$dev" bs=1048576 skip="$2" count="$3" iflag=direct 2>/dev/null | md5sum)
+    # The pipeline's status is md5sum's: read again for dd's.
+    dd if="$dev" of=/dev/null bs=1048576 skip="$2" count="$3" iflag=direct 2>/dev/null
+    report REGION name="$1" rc=$? md5="${_out%% *}"
+}
+case "$PHASE" in
+    io)
+        dd if=/harness/files/synced of="$dev" bs=1048576 seek=8 oflag=direct conv=fsync 2>/dev/null
+        report SYNCED rc=$?
+        fio --name=killio --filename="$dev" --ioengine=libaio --direct=1 --iodepth=32 \
+            --rw=randrw --bs=4k --offset=0 --size=8M --time_based --runtime=600 \
+            --randseed=7 >/tmp/fio.out 2>&1 &
+        fio_pid=$!
+        most=0
+        i=0
+        while [ "$i" -lt 300 ] && kill -0 "$fio_pid" 2>/dev/null; do
+            set -- $(cat "/sys/block/${dev#/dev/}/inflight")
+            n=$(($1 + $2))
+            [ "$n" -gt "$most" ] && most=$n
+            [ "$most" -ge 16 ] && break
+            sleep 0.1
+            i=$((i + 1))
+        done
+        if ! kill -0 "$fio_pid" 2>/dev/null; then
+            run fio-output cat /tmp/fio.out
+        fi
+        report IO-RUNNING inflight="$most"
+        sleep 600 ;;
+    check)
+        region synced 8 8
+        region untouched 16 16
+        region fio 0 8 ;;
+esac

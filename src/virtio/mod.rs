@@ -8,5 +8,6 @@ pub mod config;
 pub mod control;
 pub mod request;
 pub mod sglist;
+pub mod uring;
 
 pub use backend::ScsiBackend;

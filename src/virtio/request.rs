@@ -107,13 +107,16 @@ pub fn handle_command(
     target: &Target,
     sizes: Sizes,
 ) -> (u32, Option<RequestError>) {
-    match start_command(chain, target, sizes, false) {
+    match start_command(chain, target, sizes, false, &mut || {}) {
         Started::Done(len, err) => (len, err),
         Started::Transfer(pending) => pending.run_sync(target),
     }
 }
 
 /// How [`start_command`] left a request.
+// Not boxed: the request path allocates nothing; the value lives on the
+// stack for one request.
+#[allow(clippy::large_enum_variant)]
 pub enum Started<'a> {
     /// Complete: the used length, and the error if it was malformed.
     Done(u32, Option<RequestError>),
@@ -249,12 +252,14 @@ fn response_for(completion: Completion, sizes: Sizes, residual: usize) -> Respon
 
 /// Parses one command request and runs it, except that a READ or WRITE is
 /// only validated and planned when `defer_transfers` is set: its transfer
-/// is left to the caller.
+/// is left to the caller. `before_sync` is called before anything touches
+/// the storage synchronously.
 pub fn start_command<'a>(
     chain: SplitChain<'a>,
     target: &Target,
     sizes: Sizes,
     defer_transfers: bool,
+    before_sync: &mut dyn FnMut(),
 ) -> Started<'a> {
     let SplitChain {
         mut readable,
@@ -314,17 +319,21 @@ pub fn start_command<'a>(
                 return if defer_transfers {
                     Started::Transfer(pending)
                 } else {
+                    before_sync();
                     let (len, err) = pending.run_sync(target);
                     Started::Done(len, err)
                 };
             }
             Prepared::Complete(completion) => completion,
-            Prepared::Execute => target.execute(
-                address,
-                cdb,
-                &mut GuestDataIn(&mut data_in),
-                &mut GuestDataOut(&mut data_out),
-            ),
+            Prepared::Execute => {
+                before_sync();
+                target.execute(
+                    address,
+                    cdb,
+                    &mut GuestDataIn(&mut data_in),
+                    &mut GuestDataOut(&mut data_out),
+                )
+            }
         };
         response_for(completion, sizes, 0)
     };

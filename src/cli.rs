@@ -292,6 +292,32 @@ mod tests {
         (e.option, e.reason)
     }
 
+    fn cli(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(["vhost-device-scsi", "-s", "s.sock"].iter().chain(args))
+    }
+
+    #[test]
+    fn io_engine_option() {
+        assert_eq!(cli(&["a.raw"]).unwrap().io_engine, IoEngineChoice::Auto);
+        for (value, choice) in [
+            ("auto", IoEngineChoice::Auto),
+            ("sync", IoEngineChoice::Sync),
+            ("io-uring", IoEngineChoice::IoUring),
+        ] {
+            let parsed = cli(&["--io-engine", value, "a.raw"]).unwrap();
+            assert_eq!(parsed.io_engine, choice);
+        }
+        assert_eq!(
+            cli(&["--io-engine", "sync", "a.raw"])
+                .unwrap()
+                .io_engine()
+                .unwrap(),
+            IoEngine::Sync
+        );
+        let e = cli(&["--io-engine", "uring", "a.raw"]).unwrap_err();
+        assert!(e.to_string().contains("--io-engine"), "{e}");
+    }
+
     #[test]
     fn plain_paths_still_work() {
         let spec = parse("/img/disk.raw").unwrap();

@@ -169,6 +169,21 @@ impl Harness {
     }
 
     fn build(sizes: &[usize], read_only: bool, options: QueueOptions) -> Harness {
+        Harness::build_full(sizes, read_only, options, false)
+    }
+
+    /// Writable images opened with O_DIRECT, on the target directory's file
+    /// system (a tmpfs /tmp may not take O_DIRECT).
+    fn direct(sizes: &[usize]) -> Harness {
+        Harness::build_full(sizes, false, QueueOptions::default(), true)
+    }
+
+    fn build_full(
+        sizes: &[usize],
+        read_only: bool,
+        options: QueueOptions,
+        direct: bool,
+    ) -> Harness {
         let mut files = Vec::new();
         let mut images = Vec::new();
         let mut disks = Vec::new();
@@ -180,9 +195,18 @@ impl Harness {
                         .rotate_left(lun as u32 * 7) as u8
                 })
                 .collect();
-            let mut file = tempfile::NamedTempFile::new().unwrap();
+            let mut file = if direct {
+                tempfile::NamedTempFile::new_in(env!("CARGO_TARGET_TMPDIR")).unwrap()
+            } else {
+                tempfile::NamedTempFile::new().unwrap()
+            };
             file.write_all(&data).unwrap();
-            let image = FileImage::open(file.path(), read_only).unwrap();
+            file.as_file().sync_all().unwrap();
+            let image = if direct {
+                FileImage::open_direct(file.path(), read_only).unwrap()
+            } else {
+                FileImage::open(file.path(), read_only).unwrap()
+            };
             let config = DiskConfig {
                 block_size: 512,
                 identity: Identity::derived(&file.path().to_string_lossy(), lun as u16),
@@ -816,6 +840,68 @@ fn a_used_ring_outside_memory_does_not_stop_the_worker() {
 
 // The data path, with each I/O engine.
 on_both_engines! {
+    fn direct_io_with_aligned_and_misaligned_buffers() {
+        let mut h = Harness::direct(&[1 << 20]);
+        let data: Vec<u8> = (0..8192u32).map(|i| (i % 253) as u8).collect();
+        // Data buffers at a page-aligned address and at an odd one.
+        for (round, data_addr) in [(0u32, DATA_BASE + 0x10000), (1, DATA_BASE + 0x20000 + 3)] {
+            let lba = 64 + round * 16;
+            let mut write = read10(lba, 16);
+            write[0] = 0x2a;
+            for (cdb, is_write) in [(write, true), (read10(lba, 16), false)] {
+                h.next_data = DATA_BASE;
+                let req = request(lun(0), &cdb);
+                let req_addr = h.alloc(req.len() as u32);
+                h.mem
+                    .memory()
+                    .write_slice(&req, GuestAddress(req_addr))
+                    .unwrap();
+                let resp_addr = h.alloc(RESP_LEN);
+                let descs = if is_write {
+                    h.mem
+                        .memory()
+                        .write_slice(&data, GuestAddress(data_addr))
+                        .unwrap();
+                    [
+                        SplitDescriptor::new(req_addr, req.len() as u32, VRING_DESC_F_NEXT as u16, 1),
+                        SplitDescriptor::new(data_addr, 8192, VRING_DESC_F_NEXT as u16, 2),
+                        SplitDescriptor::new(resp_addr, RESP_LEN, VRING_DESC_F_WRITE as u16, 0),
+                    ]
+                } else {
+                    h.mem
+                        .memory()
+                        .write_slice(&[0xee; 8192], GuestAddress(data_addr))
+                        .unwrap();
+                    [
+                        SplitDescriptor::new(req_addr, req.len() as u32, VRING_DESC_F_NEXT as u16, 1),
+                        SplitDescriptor::new(
+                            resp_addr,
+                            RESP_LEN,
+                            (VRING_DESC_F_NEXT | VRING_DESC_F_WRITE) as u16,
+                            2,
+                        ),
+                        SplitDescriptor::new(data_addr, 8192, VRING_DESC_F_WRITE as u16, 0),
+                    ]
+                };
+                h.push_raw(FIRST_REQUEST_QUEUE, &descs);
+                let used = h.kick(FIRST_REQUEST_QUEUE);
+                let expected_len = if is_write { RESP_LEN } else { RESP_LEN + 8192 };
+                assert_eq!(used, vec![(0, expected_len)], "round {round}, write {is_write}");
+                let resp = h.read(resp_addr, RESP_LEN);
+                assert_eq!((resp[11], resp[10]), (S_OK, 0), "round {round}, write {is_write}");
+                if !is_write {
+                    assert_eq!(h.read(data_addr, 8192), data, "round {round}");
+                }
+            }
+            if round == 0 && current_engine() == IoEngine::IoUring {
+                assert_eq!(h.backend.peak_in_flight(), 1, "aligned buffers go through the ring");
+            }
+        }
+        let on_disk = std::fs::read(h._files[0].path()).unwrap();
+        assert_eq!(&on_disk[64 * 512..80 * 512], &data[..]);
+        assert_eq!(&on_disk[80 * 512..96 * 512], &data[..]);
+    }
+
     fn requests_overlap_with_io_uring() {
         let h = Harness::new(&[1 << 20]);
         // Eight READs made available before one kick.

@@ -451,33 +451,51 @@ impl ScsiBackend {
 
     /// Completes what has arrived on the rings of thread `thread`, then
     /// serves their queues again (popping stops while a ring is full).
+    /// While completions keep arriving meanwhile, goes round again (a few
+    /// times at most, so other events are not starved): each round saves
+    /// an epoll wake-up.
     fn reap(&self, vrings: &[VringRwLock], thread: usize) {
+        const ROUNDS: usize = 8;
         let Some(worker) = self.workers.get(thread) else {
             return;
         };
-        let mut worker = worker.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(eventfd) = &worker.eventfd {
-            // Consumed before reaping: a completion posted later signals
-            // again.
-            let _ = eventfd.read();
-        }
-        let mut again: u64 = 0;
-        for (pos, ring) in worker.rings.iter_mut().enumerate() {
-            if let Some(ring) = ring {
-                if ring.reap() > 0 {
-                    again |= 1 << pos;
-                }
-            }
-        }
-        drop(worker);
         let queues = self
             .thread_queues
             .get(thread)
             .map(Vec::as_slice)
             .unwrap_or_default();
-        for (pos, (vring, &queue)) in vrings.iter().zip(queues).enumerate() {
-            if again & (1 << pos) != 0 && Self::is_live(vring) {
-                self.process_queue(queue, vring);
+        for _ in 0..ROUNDS {
+            let mut guard = worker.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(eventfd) = &guard.eventfd {
+                // Consumed before reaping: a completion posted later
+                // signals again.
+                let _ = eventfd.read();
+            }
+            let mut again: u64 = 0;
+            for (pos, ring) in guard.rings.iter_mut().enumerate() {
+                if let Some(ring) = ring {
+                    if ring.reap() > 0 {
+                        again |= 1 << pos;
+                    }
+                }
+            }
+            drop(guard);
+            if again == 0 {
+                return;
+            }
+            for (pos, (vring, &queue)) in vrings.iter().zip(queues).enumerate() {
+                if again & (1 << pos) != 0 && Self::is_live(vring) {
+                    self.process_queue(queue, vring);
+                }
+            }
+            let mut guard = worker.lock().unwrap_or_else(PoisonError::into_inner);
+            if !guard
+                .rings
+                .iter_mut()
+                .flatten()
+                .any(QueueRing::has_completions)
+            {
+                return;
             }
         }
     }

@@ -468,8 +468,21 @@ impl Disk {
     /// each `iov` entry is valid for the access for the duration of the
     /// call.
     pub fn transfer_sync(&self, transfer: &Transfer, iov: &[IoVec], done: u64) -> io::Result<()> {
-        let offset = transfer.offset + done;
         let _shared = self.shared();
+        self.transfer_registered(transfer, iov, done)
+    }
+
+    /// As [`Disk::transfer_sync`], for a transfer registered with
+    /// [`Disk::begin_async`] (which stands in for the unit's lock): an
+    /// engine runs a transfer it cannot submit this way, so that it never
+    /// waits for the lock while it has transfers in flight.
+    pub fn transfer_registered(
+        &self,
+        transfer: &Transfer,
+        iov: &[IoVec],
+        done: u64,
+    ) -> io::Result<()> {
+        let offset = transfer.offset + done;
         match transfer.direction {
             Direction::Read => self.storage.read_vectored_at(iov, offset),
             Direction::Write { durable } => self.storage.write_vectored_at(iov, offset, durable),

@@ -25,7 +25,7 @@ use super::chain::{split_chain, GuestMem};
 use super::config::ScsiConfig;
 use super::control::handle_control;
 use super::request::Sizes;
-use super::request::{start_command, Started};
+use super::request::{start_command, PendingCommand, RequestError, Started};
 use super::uring::{IoEngine, QueueRing};
 use crate::scsi::lun::MAX_LUN;
 use crate::scsi::Target;
@@ -327,10 +327,7 @@ impl ScsiBackend {
                                 };
                                 match declined {
                                     None => continue,
-                                    Some(pending) => {
-                                        worker.drain();
-                                        pending.run_sync(&self.target)
-                                    }
+                                    Some(pending) => self.run_inline(&mut worker, pending),
                                 }
                             }
                         };
@@ -390,6 +387,28 @@ impl ScsiBackend {
             }
         }
         Ok(())
+    }
+
+    /// Runs a READ or WRITE the ring did not take synchronously, keeping
+    /// this thread's other transfers in flight: registered as in flight on
+    /// the unit instead of taking its lock. Only while COMPARE AND WRITE
+    /// holds the unit does it drain them first and wait for the lock (a
+    /// thread blocked with transfers in flight would hold the COMPARE AND
+    /// WRITE up for good).
+    fn run_inline(
+        &self,
+        worker: &mut Worker,
+        pending: PendingCommand<'_>,
+    ) -> (u32, Option<RequestError>) {
+        let disk = self.target.luns().get(pending.lun);
+        if let Some(disk) = disk.filter(|d| d.begin_async()) {
+            let done = pending.run_registered(&self.target);
+            disk.end_async();
+            done
+        } else {
+            worker.drain();
+            pending.run_sync(&self.target)
+        }
     }
 
     /// The io_uring state of the worker thread serving `queue`.

@@ -149,11 +149,25 @@ pub struct TransferReply {
 impl<'a> PendingCommand<'a> {
     /// Does the transfer with the storage's synchronous calls and writes
     /// the response.
-    pub fn run_sync(mut self, target: &Target) -> (u32, Option<RequestError>) {
+    pub fn run_sync(self, target: &Target) -> (u32, Option<RequestError>) {
+        self.run(target, false)
+    }
+
+    /// As [`PendingCommand::run_sync`], for a transfer registered with
+    /// [`crate::scsi::Disk::begin_async`]: without taking the unit's lock.
+    pub fn run_registered(self, target: &Target) -> (u32, Option<RequestError>) {
+        self.run(target, true)
+    }
+
+    fn run(mut self, target: &Target, registered: bool) -> (u32, Option<RequestError>) {
         let transfer = self.transfer;
         let result = match target.luns().get(self.lun) {
             Some(disk) => self.data.transfer(transfer.len, |iov, done| {
-                disk.transfer_sync(&transfer, iov, done)
+                if registered {
+                    disk.transfer_registered(&transfer, iov, done)
+                } else {
+                    disk.transfer_sync(&transfer, iov, done)
+                }
             }),
             None => Err(std::io::Error::from(std::io::ErrorKind::NotFound)),
         };

@@ -182,10 +182,11 @@ impl QueueRing {
 
     /// Queues the transfer of `pending` (the chain with head `head`, in
     /// guest memory `mem`) for submission. Gives it back when this engine
-    /// cannot take it: no free slot, storage without a file, a buffer
-    /// O_DIRECT cannot take as it is, a durable write without RWF_DSYNC,
-    /// or the unit held by COMPARE AND WRITE; the caller then runs it
-    /// synchronously.
+    /// cannot take it or would do worse than the synchronous path: no free
+    /// slot, storage without a file, a write through the page cache, a
+    /// buffer O_DIRECT cannot take as it is, a durable write without
+    /// RWF_DSYNC, or the unit held by COMPARE AND WRITE; the caller then
+    /// runs it synchronously.
     // The command is handed back by value rather than boxed: the request
     // path allocates nothing.
     #[allow(clippy::result_large_err)]
@@ -202,9 +203,14 @@ impl QueueRing {
             return Err(pending);
         };
         let transfer = pending.transfer;
-        let durable = matches!(transfer.direction, Direction::Write { durable: true });
-        if durable && !file.dsync {
-            return Err(pending);
+        match transfer.direction {
+            // Writes through the page cache stay synchronous: io_uring
+            // hands buffered writes to one file to a single worker thread
+            // in turn (they are hashed by inode), which is slower than
+            // writing them inline.
+            Direction::Write { .. } if file.direct.is_none() => return Err(pending),
+            Direction::Write { durable: true } if !file.dsync => return Err(pending),
+            _ => {}
         }
         let Some(&index) = self.free.last() else {
             return Err(pending);
@@ -329,10 +335,6 @@ impl QueueRing {
         let Some(disk) = self.target.luns().get(reply.lun) else {
             return false;
         };
-        // Ended before any synchronous remainder below, which takes the
-        // unit's lock: a COMPARE AND WRITE waiting for this transfer holds
-        // it.
-        disk.end_async();
         let transfer = reply.transfer;
         let outcome = if result >= 0 {
             let done = result as usize;
@@ -340,10 +342,11 @@ impl QueueRing {
                 Ok(())
             } else {
                 // A short transfer (e.g. a read at the end of a file
-                // truncated underneath): the synchronous path does the
-                // rest, and reports a read past the end as it would.
+                // truncated underneath): the storage's synchronous call
+                // does the rest, and reports a read past the end as the
+                // sync engine does.
                 skip_iovecs(&mut slot.iov, done);
-                disk.transfer_sync(&transfer, &slot.iov, done as u64)
+                disk.transfer_registered(&transfer, &slot.iov, done as u64)
             }
         } else {
             match -result {
@@ -352,11 +355,15 @@ impl QueueRing {
                 // bounces), no RWF_DSYNC on this file system (it writes
                 // and fdatasyncs), or an interrupted transfer.
                 libc::EINVAL | libc::EOPNOTSUPP | libc::EAGAIN | libc::EINTR | libc::ECANCELED => {
-                    disk.transfer_sync(&transfer, &slot.iov, 0)
+                    disk.transfer_registered(&transfer, &slot.iov, 0)
                 }
                 errno => Err(io::Error::from_raw_os_error(errno)),
             }
         };
+        // The rest, if any, ran still registered as in flight: never waiting
+        // for the unit's lock, which a COMPARE AND WRITE waiting for this
+        // transfer may hold.
+        disk.end_async();
         // SAFETY: `slot.resp` names the response area in guest memory that
         // `slot.mem` keeps mapped; the chain is not yet returned to the
         // guest, so the device still owns that area.

@@ -840,6 +840,67 @@ fn a_used_ring_outside_memory_does_not_stop_the_worker() {
 
 // The data path, with each I/O engine.
 on_both_engines! {
+    fn a_full_queue_drained_by_another_queue_is_served_again() {
+        let mut h = Harness::new(&[1 << 20]);
+        let used_idx = |h: &Harness, q: usize| -> u16 {
+            h.mem
+                .memory()
+                .read_obj(GuestAddress(h.rings[q].used + 2))
+                .unwrap()
+        };
+        // 200 READs on the first request queue: with io_uring, 128 go in
+        // flight and the queue stops popping.
+        h.next_data = DATA_BASE;
+        let req = request(lun(0), &read10(16, 1));
+        let req_addr = h.alloc(req.len() as u32);
+        h.mem
+            .memory()
+            .write_slice(&req, GuestAddress(req_addr))
+            .unwrap();
+        let resp_addr = h.alloc(RESP_LEN + 512);
+        h.push_raw(
+            FIRST_REQUEST_QUEUE,
+            &[
+                SplitDescriptor::new(req_addr, req.len() as u32, VRING_DESC_F_NEXT as u16, 1),
+                SplitDescriptor::new(resp_addr, RESP_LEN + 512, VRING_DESC_F_WRITE as u16, 0),
+            ],
+        );
+        for _ in 1..200 {
+            h.make_available(FIRST_REQUEST_QUEUE, 0);
+        }
+        h.backend
+            .handle_event(FIRST_REQUEST_QUEUE as u16, EventSet::IN, &h.vrings, 0)
+            .unwrap();
+        // An INQUIRY on the second request queue of the same thread: run
+        // synchronously, after the thread's transfers in flight, which frees
+        // the first queue's slots without its completion handler.
+        h.next_data = DATA_BASE + 0x10_0000;
+        let second = FIRST_REQUEST_QUEUE + 1;
+        let _ = h.push(
+            second,
+            &[Buf::R(request(lun(0), &INQUIRY)), Buf::W(RESP_LEN), Buf::W(96)],
+        );
+        h.backend
+            .handle_event(second as u16, EventSet::IN, &h.vrings, 0)
+            .unwrap();
+        assert_eq!(used_idx(&h, second), 1);
+        if current_engine() == IoEngine::IoUring {
+            assert_eq!(used_idx(&h, FIRST_REQUEST_QUEUE), 128);
+            assert_eq!(h.backend.transfers_in_flight(0), 0);
+            // The completion event (the drain's completions signalled it)
+            // serves the stalled queue again: the other 72 are taken.
+            let (_, event) = h.backend.completion_listener(0).unwrap();
+            h.backend
+                .handle_event(event as u16, EventSet::IN, &h.vrings, 0)
+                .unwrap();
+            let taken =
+                usize::from(used_idx(&h, FIRST_REQUEST_QUEUE)) + h.backend.transfers_in_flight(0);
+            assert_eq!(taken, 200, "the stalled queue was served again");
+        }
+        h.backend.complete_transfers(&h.vrings, 0);
+        assert_eq!(used_idx(&h, FIRST_REQUEST_QUEUE), 200);
+    }
+
     fn direct_io_with_aligned_and_misaligned_buffers() {
         let mut h = Harness::direct(&[1 << 20]);
         let data: Vec<u8> = (0..8192u32).map(|i| (i % 253) as u8).collect();

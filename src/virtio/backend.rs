@@ -267,13 +267,12 @@ impl ScsiBackend {
             let mut completed = 0usize;
             let mut ring_full = false;
             loop {
-                if defer
-                    && self
-                        .ring_of(&mut worker, queue_index)
-                        .is_some_and(|r| r.is_full())
-                {
-                    ring_full = true;
-                    break;
+                if let Some(ring) = self.ring_of(&mut worker, queue_index) {
+                    ring.stalled = ring.is_full();
+                    if ring.stalled {
+                        ring_full = true;
+                        break;
+                    }
                 }
                 let mut state = vring.get_mut();
                 let Some(chain) = state.get_queue_mut().pop_descriptor_chain(&*mem) else {
@@ -493,7 +492,9 @@ impl ScsiBackend {
             let mut again: u64 = 0;
             for (pos, ring) in guard.rings.iter_mut().enumerate() {
                 if let Some(ring) = ring {
-                    if ring.reap() > 0 {
+                    // A stalled queue is served again even if its slots
+                    // were freed by a drain elsewhere on this thread.
+                    if ring.reap() > 0 || (ring.stalled && !ring.is_full()) {
                         again |= 1 << pos;
                     }
                 }

@@ -122,6 +122,10 @@ pub struct QueueRing {
     peak: usize,
     /// Entries pushed but not yet submitted.
     unsubmitted: usize,
+    /// The queue stopped popping because every slot was in flight (its
+    /// notifications stay off): it must be served again once slots free
+    /// up, whoever reaps them.
+    pub stalled: bool,
 }
 
 // SAFETY: the raw pointers in the slots name guest memory that the slot's
@@ -165,6 +169,7 @@ impl QueueRing {
             in_flight: 0,
             peak: 0,
             unsubmitted: 0,
+            stalled: false,
         })
     }
 

@@ -240,6 +240,11 @@ impl ScsiBackend {
     pub fn process_queue(&self, queue_index: usize, vring: &VringRwLock) {
         if let Err(e) = self.serve_queue(queue_index, vring) {
             self.malformed(queue_index, &format_args!("queue unusable: {e}"));
+            // Transfers queued before the error still go to the kernel.
+            let mut worker = self.worker_of(queue_index);
+            if let Some(ring) = self.ring_of(&mut worker, queue_index) {
+                ring.submit();
+            }
         }
     }
 

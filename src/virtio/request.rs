@@ -186,13 +186,15 @@ impl<'a> PendingCommand<'a> {
 
     /// Appends iovecs naming the data buffer's bytes the transfer moves
     /// (see [`SgList::iovecs`] for how long they stay valid).
-    pub fn data_iovecs(&self, out: &mut Vec<IoVec>) -> bool {
-        self.data.iovecs(self.transfer.len, out)
+    /// False if they would take more than `max`.
+    pub fn data_iovecs(&self, max: usize, out: &mut Vec<IoVec>) -> bool {
+        self.data.iovecs(self.transfer.len, max, out)
     }
 
-    /// Appends iovecs naming the response area.
-    pub fn response_iovecs(&self, out: &mut Vec<IoVec>) -> bool {
-        self.resp_area.iovecs(self.resp_area.remaining(), out)
+    /// Appends iovecs naming the response area; false if they would take
+    /// more than `max`.
+    pub fn response_iovecs(&self, max: usize, out: &mut Vec<IoVec>) -> bool {
+        self.resp_area.iovecs(self.resp_area.remaining(), max, out)
     }
 
     /// What answering the command later needs.

@@ -170,14 +170,14 @@ impl<'a, B: BitmapSlice> SgList<'a, B> {
 
     /// Appends to `out` iovecs naming the next `len` bytes of the list,
     /// without consuming them; false (and `out` as it was) if fewer than
-    /// `len` bytes remain.
+    /// `len` bytes remain or they take more than `max` iovecs.
     ///
     /// The pointers stay valid as long as the guest memory the list was
     /// built from stays mapped: the caller keeps its `Arc` alive for as long
     /// as it (or the kernel) uses them. Guest memory here is mmap-backed
     /// with no bitmap, so a slice's pointer guard is the mapping itself,
     /// not a bounce buffer that would vanish with the guard.
-    pub fn iovecs(&self, len: usize, out: &mut Vec<IoVec>) -> bool {
+    pub fn iovecs(&self, len: usize, max: usize, out: &mut Vec<IoVec>) -> bool {
         if len > self.remaining {
             return false;
         }
@@ -193,6 +193,12 @@ impl<'a, B: BitmapSlice> SgList<'a, B> {
                 return false;
             };
             if take > 0 {
+                if out.len() - start == max {
+                    // More pieces than the caller takes: `out` never grows
+                    // past `max` for a guest's chain.
+                    out.truncate(start);
+                    return false;
+                }
                 out.push(IoVec {
                     iov_base: piece.ptr_guard_mut().as_ptr().cast(),
                     iov_len: take,

@@ -56,9 +56,14 @@ pub const RING_ENTRIES: u32 = 128;
 /// (block plugging), so smaller batches get the device started sooner.
 const SUBMIT_BATCH: usize = 8;
 
-/// Most iovecs one submission takes (UIO_MAXIOV); longer transfers go
-/// through the synchronous path, which splits them.
-const MAX_IOVECS: usize = 1024;
+/// Most iovecs one transfer may take on the ring. Linux guests send at
+/// most seg_max (254) segments, which a guest memory region boundary may
+/// split once more; a chain cut into more pieces goes through the
+/// synchronous path, which splits it into batches. This also caps what a
+/// guest can make a slot's iovec vectors grow to.
+const MAX_IOVECS: usize = 256;
+/// Most pieces of a response area (12 + at most 256 sense bytes) taken.
+const MAX_RESPONSE_IOVECS: usize = 16;
 
 /// Checks that io_uring works here with the operations the engine uses:
 /// a ring can be set up (not disabled by sysctl or seccomp), it runs a
@@ -223,10 +228,9 @@ impl QueueRing {
         let slot = &mut self.slots[usize::from(index)];
         slot.iov.clear();
         slot.resp.clear();
-        if !pending.data_iovecs(&mut slot.iov)
-            || slot.iov.len() > MAX_IOVECS
+        if !pending.data_iovecs(MAX_IOVECS, &mut slot.iov)
             || !file.accepts(&slot.iov)
-            || !pending.response_iovecs(&mut slot.resp)
+            || !pending.response_iovecs(MAX_RESPONSE_IOVECS, &mut slot.resp)
         {
             return Err(pending);
         }

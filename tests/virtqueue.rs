@@ -814,6 +814,68 @@ fn offered_features() {
 
 // The data path, with each I/O engine.
 on_both_engines! {
+    fn compare_and_write_after_transfers_in_flight() {
+        let mut h = Harness::writable(&[1 << 20]);
+        let r = h.rings[FIRST_REQUEST_QUEUE];
+        let mut desc = 0u16;
+        let mut chain = |h: &mut Harness, descs: &[(u64, u32, bool)]| {
+            let head = desc;
+            let mem = h.mem.memory();
+            for (i, &(addr, len, writable)) in descs.iter().enumerate() {
+                let last = i + 1 == descs.len();
+                let mut flags = if last { 0 } else { VRING_DESC_F_NEXT as u16 };
+                if writable {
+                    flags |= VRING_DESC_F_WRITE as u16;
+                }
+                let d = SplitDescriptor::new(addr, len, flags, if last { 0 } else { desc + 1 });
+                mem.write_obj(RawDescriptor::from(d), GuestAddress(r.desc + 16 * u64::from(desc)))
+                    .unwrap();
+                desc += 1;
+            }
+            drop(mem);
+            h.make_available(FIRST_REQUEST_QUEUE, head);
+        };
+        // Four READs of LBA 0..4, then COMPARE AND WRITE of LBA 2.
+        for i in 0..4u64 {
+            let base = DATA_BASE + i * 0x2000;
+            let req = request(lun(0), &read10(i as u32, 1));
+            h.mem.memory().write_slice(&req, GuestAddress(base)).unwrap();
+            chain(&mut h, &[(base, REQ_LEN as u32, false), (base + 0x100, RESP_LEN + 512, true)]);
+        }
+        let mut caw = vec![0x89, 0];
+        caw.extend_from_slice(&2u64.to_be_bytes());
+        caw.extend_from_slice(&[0, 0, 0, 1, 0, 0]);
+        let new_block = vec![0x3cu8; 512];
+        let mut data_out = h.images[0][2 * 512..3 * 512].to_vec();
+        data_out.extend_from_slice(&new_block);
+        let base = DATA_BASE + 0x10000;
+        let req = request(lun(0), &caw);
+        h.mem.memory().write_slice(&req, GuestAddress(base)).unwrap();
+        h.mem.memory().write_slice(&data_out, GuestAddress(base + 0x100)).unwrap();
+        chain(
+            &mut h,
+            &[
+                (base, REQ_LEN as u32, false),
+                (base + 0x100, 1024, false),
+                (base + 0x1000, RESP_LEN, true),
+            ],
+        );
+        // One kick: the READs go in flight (io_uring), the COMPARE AND
+        // WRITE runs after them, without waiting for ever on them.
+        let used = h.kick(FIRST_REQUEST_QUEUE);
+        assert_eq!(used.len(), 5);
+        let caw_resp = h.read(base + 0x1000, RESP_LEN);
+        assert_eq!((caw_resp[11], caw_resp[10]), (S_OK, 0), "COMPARE AND WRITE: GOOD");
+        for i in 0..4u64 {
+            let resp = h.read(DATA_BASE + i * 0x2000 + 0x100, RESP_LEN + 512);
+            assert_eq!((resp[11], resp[10]), (S_OK, 0), "READ {i}");
+            let i = i as usize;
+            assert_eq!(&resp[RESP_LEN as usize..], &h.images[0][i * 512..(i + 1) * 512]);
+        }
+        let on_disk = std::fs::read(h._files[0].path()).unwrap();
+        assert_eq!(&on_disk[2 * 512..3 * 512], &new_block[..]);
+    }
+
     fn a_used_ring_outside_memory_does_not_stop_the_worker() {
         let mut h = Harness::new(&[1 << 20]);
         // The second request queue's used ring points past guest memory.

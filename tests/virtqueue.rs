@@ -294,6 +294,49 @@ impl Harness {
             .unwrap();
     }
 
+    /// A READ(10) of `blocks` blocks at `lba` as descriptors `first`,
+    /// `first + 1`, `first + 2` of `queue` (request, response, data-in),
+    /// with its buffers from `base` on and data-in page-aligned at `base +
+    /// 0x1000` (so O_DIRECT takes it as it is); made available `times`
+    /// times. Returns the response and data-in addresses.
+    fn push_aligned_read(
+        &mut self,
+        queue: usize,
+        first: u16,
+        base: u64,
+        lba: u32,
+        blocks: u16,
+        times: usize,
+    ) -> (u64, u64) {
+        assert_eq!(base % 0x1000, 0);
+        let r = self.rings[queue];
+        let (resp, data) = (base + 0x200, base + 0x1000);
+        let len = u32::from(blocks) * 512;
+        let mem = self.mem.memory();
+        let req = request(lun(0), &read10(lba, blocks));
+        mem.write_slice(&req, GuestAddress(base)).unwrap();
+        let descs = [
+            SplitDescriptor::new(base, req.len() as u32, VRING_DESC_F_NEXT as u16, first + 1),
+            SplitDescriptor::new(
+                resp,
+                RESP_LEN,
+                (VRING_DESC_F_NEXT | VRING_DESC_F_WRITE) as u16,
+                first + 2,
+            ),
+            SplitDescriptor::new(data, len, VRING_DESC_F_WRITE as u16, 0),
+        ];
+        for (i, d) in descs.iter().enumerate() {
+            let at = r.desc + 16 * (u64::from(first) + i as u64);
+            mem.write_obj(RawDescriptor::from(*d), GuestAddress(at))
+                .unwrap();
+        }
+        drop(mem);
+        for _ in 0..times {
+            self.make_available(queue, first);
+        }
+        (resp, data)
+    }
+
     /// Writes `bufs` into guest memory as one chain; returns the writable
     /// buffers' (address, length).
     fn push(&mut self, queue: usize, bufs: &[Buf]) -> Vec<(u64, u32)> {
@@ -902,36 +945,23 @@ on_both_engines! {
     }
 
     fn a_full_queue_drained_by_another_queue_is_served_again() {
-        let mut h = Harness::new(&[1 << 20]);
+        let mut h = Harness::direct(&[1 << 20]);
         let used_idx = |h: &Harness, q: usize| -> u16 {
             h.mem
                 .memory()
                 .read_obj(GuestAddress(h.rings[q].used + 2))
                 .unwrap()
         };
-        // 200 READs on the first request queue: with io_uring, 128 go in
-        // flight and the queue stops popping.
-        h.next_data = DATA_BASE;
-        let req = request(lun(0), &read10(16, 1));
-        let req_addr = h.alloc(req.len() as u32);
-        h.mem
-            .memory()
-            .write_slice(&req, GuestAddress(req_addr))
-            .unwrap();
-        let resp_addr = h.alloc(RESP_LEN + 512);
-        h.push_raw(
-            FIRST_REQUEST_QUEUE,
-            &[
-                SplitDescriptor::new(req_addr, req.len() as u32, VRING_DESC_F_NEXT as u16, 1),
-                SplitDescriptor::new(resp_addr, RESP_LEN + 512, VRING_DESC_F_WRITE as u16, 0),
-            ],
-        );
-        for _ in 1..200 {
-            h.make_available(FIRST_REQUEST_QUEUE, 0);
-        }
+        // 200 READs on the first request queue (one chain made available
+        // 200 times): with io_uring, 128 go in flight and the queue stops
+        // popping.
+        let (resp, data) = h.push_aligned_read(FIRST_REQUEST_QUEUE, 0, DATA_BASE, 16, 1, 200);
         h.backend
             .handle_event(FIRST_REQUEST_QUEUE as u16, EventSet::IN, &h.vrings, 0)
             .unwrap();
+        if current_engine() == IoEngine::IoUring {
+            assert_eq!(h.backend.transfers_in_flight(0), 128);
+        }
         // An INQUIRY on the second request queue of the same thread: run
         // synchronously, after the thread's transfers in flight, which frees
         // the first queue's slots without its completion handler.
@@ -960,6 +990,8 @@ on_both_engines! {
         }
         h.backend.complete_transfers(&h.vrings, 0);
         assert_eq!(used_idx(&h, FIRST_REQUEST_QUEUE), 200);
+        assert_eq!(h.read(resp, RESP_LEN)[11], S_OK);
+        assert_eq!(h.read(data, 512), &h.images[0][16 * 512..17 * 512]);
     }
 
     fn direct_io_with_aligned_and_misaligned_buffers() {
@@ -1025,32 +1057,23 @@ on_both_engines! {
     }
 
     fn requests_overlap_with_io_uring() {
-        let h = Harness::new(&[1 << 20]);
-        // Eight READs made available before one kick.
+        // O_DIRECT: the reads' completions come later, through the ring,
+        // never during their submission.
+        let mut h = Harness::direct(&[1 << 20]);
         let r = h.rings[FIRST_REQUEST_QUEUE];
-        let mut data_addrs = Vec::new();
-        for i in 0..8u16 {
-            let base = DATA_BASE + u64::from(i) * 0x2000;
-            let req = request(lun(0), &read10(u32::from(i) * 8, 8));
-            let mem = h.mem.memory();
-            mem.write_slice(&req, GuestAddress(base)).unwrap();
-            let descs = [
-                SplitDescriptor::new(base, REQ_LEN as u32, VRING_DESC_F_NEXT as u16, 2 * i + 1),
-                // Response and data-in in one descriptor.
-                SplitDescriptor::new(base + 0x100, RESP_LEN + 4096, VRING_DESC_F_WRITE as u16, 0),
-            ];
-            for (j, d) in descs.iter().enumerate() {
-                let at = r.desc + 16 * u64::from(2 * i + j as u16);
-                mem.write_obj(RawDescriptor::from(*d), GuestAddress(at))
-                    .unwrap();
-            }
-            h.make_available(FIRST_REQUEST_QUEUE, 2 * i);
-            data_addrs.push(base + 0x100 + u64::from(RESP_LEN));
-        }
+        // Eight READs made available before one kick.
+        let data: Vec<(u64, u64)> = (0..8u16)
+            .map(|i| {
+                let base = DATA_BASE + u64::from(i) * 0x4000;
+                h.push_aligned_read(FIRST_REQUEST_QUEUE, 3 * i, base, u32::from(i) * 8, 8, 1)
+            })
+            .collect();
         h.backend
             .handle_event(FIRST_REQUEST_QUEUE as u16, EventSet::IN, &h.vrings, 0)
             .unwrap();
-        let used_idx = |h: &Harness| -> u16 { h.mem.memory().read_obj(GuestAddress(r.used + 2)).unwrap() };
+        let used_idx = |h: &Harness| -> u16 {
+            h.mem.memory().read_obj(GuestAddress(r.used + 2)).unwrap()
+        };
         match current_engine() {
             IoEngine::IoUring => {
                 // All eight were submitted before any completion was reaped.
@@ -1066,9 +1089,10 @@ on_both_engines! {
         h.backend.complete_transfers(&h.vrings, 0);
         assert_eq!(used_idx(&h), 8);
         assert_eq!(h.backend.transfers_in_flight(0), 0);
-        for (i, addr) in data_addrs.iter().enumerate() {
+        for (i, &(resp, addr)) in data.iter().enumerate() {
+            assert_eq!(h.read(resp, RESP_LEN)[10..12], [0, S_OK], "READ {i}");
             assert_eq!(
-                h.read(*addr, 4096),
+                h.read(addr, 4096),
                 &h.images[0][i * 4096..(i + 1) * 4096],
                 "READ {i}"
             );
@@ -1110,16 +1134,8 @@ on_both_engines! {
     }
 
     fn task_management_waits_for_transfers_in_flight() {
-        let mut h = Harness::new(&[1 << 20]);
-        h.next_data = DATA_BASE;
-        let writable = h.push(
-            FIRST_REQUEST_QUEUE,
-            &[
-                Buf::R(request(lun(0), &read10(7, 2))),
-                Buf::W(RESP_LEN),
-                Buf::W(1024),
-            ],
-        );
+        let mut h = Harness::direct(&[1 << 20]);
+        let (resp, data) = h.push_aligned_read(FIRST_REQUEST_QUEUE, 0, DATA_BASE, 8, 2, 1);
         // Kicked, but its completion not reaped yet.
         h.backend
             .handle_event(FIRST_REQUEST_QUEUE as u16, EventSet::IN, &h.vrings, 0)
@@ -1136,8 +1152,8 @@ on_both_engines! {
         let r = h.rings[FIRST_REQUEST_QUEUE];
         let used_idx: u16 = h.mem.memory().read_obj(GuestAddress(r.used + 2)).unwrap();
         assert_eq!(used_idx, 1, "the READ was completed before the TMF answer");
-        assert_eq!(h.read(writable[0].0, RESP_LEN)[11], S_OK);
-        assert_eq!(h.read(writable[1].0, 1024), &h.images[0][7 * 512..9 * 512]);
+        assert_eq!(h.read(resp, RESP_LEN)[11], S_OK);
+        assert_eq!(h.read(data, 1024), &h.images[0][8 * 512..10 * 512]);
     }
 
     fn read_past_the_end_of_a_truncated_image_is_a_medium_error() {

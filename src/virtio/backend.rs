@@ -348,8 +348,10 @@ impl ScsiBackend {
                     .map_err(io::Error::other)?;
                 completed += 1;
             }
+            let mut slots_freed = false;
             if let Some(ring) = self.ring_of(&mut worker, queue_index) {
                 ring.submit();
+                slots_freed = ring.reap_inline() > 0;
             }
             if completed > 0 {
                 let needs = vring
@@ -362,6 +364,9 @@ impl ScsiBackend {
                 }
             }
             if ring_full {
+                if slots_freed {
+                    continue;
+                }
                 // Notifications stay off: reaping completions serves the
                 // queue again.
                 break;

@@ -7,6 +7,8 @@ use std::path::PathBuf;
 
 use clap::Parser;
 
+use crate::virtio::uring::IoEngine;
+
 /// Most images one daemon serves: LUNs 0..=16383, every LUN that flat
 /// space addressing (SAM-5 §4.6.10, 14 bits) can express.
 pub const MAX_IMAGES: usize = crate::scsi::lun::MAX_LUN as usize + 1;
@@ -63,6 +65,14 @@ pub struct Cli {
     #[arg(long = "poll-us", value_name = "US", default_value_t = 0,
           value_parser = clap::value_parser!(u16).range(0..=1000))]
     pub poll_us: u16,
+
+    /// How READ and WRITE transfers are carried out: `io-uring` keeps up to
+    /// 128 in flight per request queue; `sync` does one synchronous call at
+    /// a time per worker thread; `auto` (the default) uses io_uring where
+    /// the kernel supports it, else sync.
+    #[arg(long = "io-engine", value_name = "ENGINE", value_enum,
+          default_value_t = IoEngineChoice::Auto)]
+    pub io_engine: IoEngineChoice,
 
     /// Raw disk images (regular files or block devices), LUN 0 first; up to
     /// 16384. Options may follow a path after commas,
@@ -224,7 +234,35 @@ fn parse_wwn(value: &str) -> Result<u64, &'static str> {
     }
 }
 
+/// The `--io-engine` values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum IoEngineChoice {
+    Auto,
+    Sync,
+    #[value(name = "io-uring")]
+    IoUring,
+}
+
 impl Cli {
+    /// The I/O engine to use: `auto` probes io_uring (logging why it falls
+    /// back to sync); an explicit `io-uring` that does not work here is an
+    /// error.
+    pub fn io_engine(&self) -> Result<IoEngine, String> {
+        match self.io_engine {
+            IoEngineChoice::Sync => Ok(IoEngine::Sync),
+            IoEngineChoice::IoUring => crate::virtio::uring::probe()
+                .map(|()| IoEngine::IoUring)
+                .map_err(|e| format!("--io-engine io-uring: io_uring is not usable here: {e}")),
+            IoEngineChoice::Auto => match crate::virtio::uring::probe() {
+                Ok(()) => Ok(IoEngine::IoUring),
+                Err(e) => {
+                    log::info!("io_uring is not usable here ({e}): using the sync I/O engine");
+                    Ok(IoEngine::Sync)
+                }
+            },
+        }
+    }
+
     /// How the request queues are served, or why the flags do not fit.
     pub fn queue_options(&self) -> Result<crate::virtio::backend::QueueOptions, String> {
         if self.threads > self.num_queues {
@@ -252,6 +290,32 @@ mod tests {
     fn err(s: &str) -> (Option<String>, String) {
         let e = parse(s).unwrap_err();
         (e.option, e.reason)
+    }
+
+    fn cli(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(["vhost-device-scsi", "-s", "s.sock"].iter().chain(args))
+    }
+
+    #[test]
+    fn io_engine_option() {
+        assert_eq!(cli(&["a.raw"]).unwrap().io_engine, IoEngineChoice::Auto);
+        for (value, choice) in [
+            ("auto", IoEngineChoice::Auto),
+            ("sync", IoEngineChoice::Sync),
+            ("io-uring", IoEngineChoice::IoUring),
+        ] {
+            let parsed = cli(&["--io-engine", value, "a.raw"]).unwrap();
+            assert_eq!(parsed.io_engine, choice);
+        }
+        assert_eq!(
+            cli(&["--io-engine", "sync", "a.raw"])
+                .unwrap()
+                .io_engine()
+                .unwrap(),
+            IoEngine::Sync
+        );
+        let e = cli(&["--io-engine", "uring", "a.raw"]).unwrap_err();
+        assert!(e.to_string().contains("--io-engine"), "{e}");
     }
 
     #[test]

@@ -15,7 +15,9 @@ use vm_memory::GuestMemoryAtomic;
 use crate::scsi::Target;
 use crate::virtio::backend::QueueOptions;
 use crate::virtio::chain::GuestMem;
+use crate::virtio::uring::IoEngine;
 use crate::virtio::ScsiBackend;
+use vmm_sys_util::epoll::EventSet;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -108,14 +110,28 @@ pub fn handle_stop_signals(socket_path: PathBuf) -> Result<(), DaemonError> {
 pub fn serve(
     target: Arc<Target>,
     options: QueueOptions,
+    engine: IoEngine,
     mut listener: Listener,
     path: &Path,
 ) -> Result<(), DaemonError> {
+    info!("I/O engine: {engine}");
     loop {
-        let backend = Arc::new(ScsiBackend::with_options(target.clone(), options));
+        let backend = Arc::new(ScsiBackend::with_engine(target.clone(), options, engine));
         let mem = GuestMemoryAtomic::new(GuestMem::new());
-        let mut daemon = VhostUserDaemon::new("vhost-device-scsi".into(), backend, mem)
+        let mut daemon = VhostUserDaemon::new("vhost-device-scsi".into(), backend.clone(), mem)
             .map_err(|e| DaemonError::Device(e.to_string()))?;
+        // Each worker thread's epoll loop also watches the eventfd its
+        // io_uring rings signal on completion.
+        for (thread, handler) in daemon.get_epoll_handlers().iter().enumerate() {
+            if let Some((fd, id)) = backend.completion_listener(thread) {
+                handler
+                    .register_listener(fd, EventSet::IN, id)
+                    .map_err(|e| {
+                        DaemonError::Device(format!("cannot watch io_uring completions: {e}"))
+                    })?;
+            }
+        }
+        drop(backend);
         info!("listening on {}", path.display());
         daemon
             .start(&mut listener)

@@ -36,6 +36,7 @@ fn main() -> ExitCode {
 
 fn run(cli: &Cli) -> Result<(), String> {
     let options = cli.queue_options()?;
+    let engine = cli.io_engine()?;
     let target = config::build_target(cli).map_err(|e| e.to_string())?;
     daemon::handle_stop_signals(cli.socket_path.clone()).map_err(|e| e.to_string())?;
     let listener = daemon::listen(&cli.socket_path).map_err(|e| e.to_string())?;
@@ -49,7 +50,14 @@ fn run(cli: &Cli) -> Result<(), String> {
             format!(", polling {} µs", options.poll.as_micros())
         }
     );
-    daemon::serve(Arc::new(target), options, listener, &cli.socket_path).map_err(|e| e.to_string())
+    daemon::serve(
+        Arc::new(target),
+        options,
+        engine,
+        listener,
+        &cli.socket_path,
+    )
+    .map_err(|e| e.to_string())
 }
 
 /// clap's message up to its first blank line (before the usage text), as

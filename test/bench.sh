@@ -15,7 +15,10 @@
 # Matrix: 4k randread QD1 and QD32, 4k randwrite QD32, 1M sequential read
 # QD8, each on 1 and 2 request queues (one submitting thread per queue; the
 # daemon gets --threads=N when it has that flag), page cache; the O_DIRECT
-# rows are marked "not supported yet" unless the daemon has --direct.
+# rows are marked "not supported yet" unless the daemon has --direct. When
+# the daemon has --io-engine, a second table compares its engines on the
+# same binary with O_DIRECT: 4k randread and randwrite QD32 on one queue,
+# A = --io-engine=sync, B = --io-engine=io-uring (rounds alternate A, B).
 # Keep runs short on small machines: each row costs 2 x runtime per round.
 set -euo pipefail
 
@@ -57,6 +60,8 @@ DIRECT=0
 has_flag "$DAEMON" --direct && { [[ -z $COMPARE ]] || has_flag "$COMPARE" --direct; } && DIRECT=1
 THREADS=0
 has_flag "$DAEMON" --threads && THREADS=1
+ENGINES=0
+((DIRECT)) && has_flag "$DAEMON" --io-engine && ENGINES=1
 
 # name rw bs iodepth
 MATRIX=(
@@ -100,10 +105,27 @@ for cache in cached direct; do
     done
 done
 
-python3 - "$OUT/bench" "$RUNTIME" "$ROUNDS" "$DIRECT" "$THREADS" "$COMPARE" <<'EOF' | tee "$OUT/bench.md"
+# The I/O engines against each other: same binary, O_DIRECT, one queue.
+ENGINE_MATRIX=(
+    "4k-randread-qd32 randread 4k 32"
+    "4k-randwrite-qd32 randwrite 4k 32"
+)
+if ((ENGINES)); then
+    for row in "${ENGINE_MATRIX[@]}"; do
+        read -r name rw bs qd <<<"$row"
+        echo "bench.sh: $name, sync vs io-uring engine, O_DIRECT" >&2
+        "$BENCH" --daemon "$DAEMON" --compare "$DAEMON" --image "$IMAGE" --size "$SIZE" \
+            --rw "$rw" --bs "$bs" --iodepth "$qd" --queues 1 --runtime "$RUNTIME" \
+            --rounds "$ROUNDS" --warmup 0.5 --direct --json \
+            --a-arg=--io-engine=sync --b-arg=--io-engine=io-uring \
+            >"$OUT/bench/engines-$name.json"
+    done
+fi
+
+python3 - "$OUT/bench" "$RUNTIME" "$ROUNDS" "$DIRECT" "$THREADS" "$COMPARE" "$ENGINES" <<'EOF' | tee "$OUT/bench.md"
 import json, os, platform, sys
 
-folder, runtime, rounds, direct, threads, compare = sys.argv[1:7]
+folder, runtime, rounds, direct, threads, compare, engines = sys.argv[1:8]
 cpu = "unknown"
 with open("/proc/cpuinfo") as f:
     for line in f:
@@ -146,5 +168,26 @@ for cache in ["cached", "direct"]:
             print("| " + " | ".join(row) + " |")
 print()
 print("Daemon: " + ("--threads=N for N queues" if threads == "1" else "default threads")
-      + "; " + ("--direct supported" if direct == "1" else "no --direct flag yet") + ".")
+      + "; " + ("--direct supported" if direct == "1" else "no --direct flag yet") + "; "
+      + ("default --io-engine (auto)" if engines == "1" else "one I/O engine") + ".")
+if engines == "1":
+    print()
+    print("I/O engines, O_DIRECT, 1 queue, same binary: A = --io-engine=sync, "
+          "B = --io-engine=io-uring; host = pread/pwrite, one I/O at a time.")
+    print()
+    ecols = ["workload", "sync IOPS", "sync p50 µs", "io-uring IOPS", "io-uring p50 µs",
+             "io-uring/sync IOPS", "sync IOPS per round", "io-uring IOPS per round", "host IOPS"]
+    print("| " + " | ".join(ecols) + " |")
+    print("|---|" + "|".join(["---:"] * (len(ecols) - 1)) + "|")
+    elabels = {"4k-randread-qd32": "4k randread QD32", "4k-randwrite-qd32": "4k randwrite QD32"}
+    fmt = lambda v, d=1: "-" if v is None else f"{v:,.{d}f}"
+    for name in ["4k-randread-qd32", "4k-randwrite-qd32"]:
+        with open(f"{folder}/engines-{name}.json") as f:
+            r = json.load(f)
+        a, b, h = r["a"], r["b"], r["host"]
+        per_round = lambda side: ", ".join(f"{x:,.0f}" for x in side.get("round_iops", []))
+        print("| " + " | ".join([elabels[name], fmt(a["iops"], 0), fmt(a["lat_us"]["p50"]),
+                                 fmt(b["iops"], 0), fmt(b["lat_us"]["p50"]),
+                                 fmt(r["ratios"]["b_over_a"]["iops"], 2),
+                                 per_round(a), per_round(b), fmt(h["iops"], 0)]) + " |")
 EOF

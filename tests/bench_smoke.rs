@@ -263,3 +263,41 @@ fn bench_counts_writes_exactly() {
     assert_eq!(image.len(), 16 << 20);
     assert!(image.iter().all(|&b| b != 0));
 }
+
+#[test]
+fn bench_compares_io_engines_of_one_binary_with_direct_io() {
+    // O_DIRECT needs a file system that takes it: the target directory,
+    // not a tmpfs /tmp.
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let r = bench(
+        dir.path(),
+        &[
+            "--rw",
+            "randwrite",
+            "--ios",
+            "2000",
+            "--iodepth",
+            "16",
+            "--direct",
+            "--no-host",
+            "--compare",
+            DAEMON,
+            "--a-arg=--io-engine=sync",
+            "--b-arg=--io-engine=io-uring",
+        ],
+    );
+    assert_eq!(r.get("config.direct"), &Json::Bool(true));
+    for (side, engine) in [("a", "--io-engine=sync"), ("b", "--io-engine=io-uring")] {
+        check_side(&r, side, 4096.0);
+        assert_eq!(
+            r.num(&format!("{side}.ios")),
+            2000.0,
+            "{side}: every write done"
+        );
+        assert_eq!(
+            r.get(&format!("{side}.args")),
+            &Json::Arr(vec![Json::Str(engine.into())]),
+            "{side}"
+        );
+    }
+}

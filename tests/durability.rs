@@ -22,12 +22,11 @@ fn image(dir: &std::path::Path, len: usize) -> std::path::PathBuf {
     path
 }
 
-#[test]
-fn flushed_and_fua_writes_survive_sigkill() {
+fn flushed_and_fua_writes_survive_sigkill(engine: &str) {
     let dir = tempfile::tempdir().unwrap();
     let img = image(dir.path(), 1 << 20);
     let sock = dir.path().join("vus.sock");
-    let mut daemon = Daemon::start(&sock, &[img.to_str().unwrap()]);
+    let mut daemon = Daemon::start(&sock, &["--io-engine", engine, img.to_str().unwrap()]);
     let mut drv = ScsiDriver::connect(&sock);
 
     // A cached write, then SYNCHRONIZE CACHE.
@@ -51,6 +50,16 @@ fn flushed_and_fua_writes_survive_sigkill() {
 }
 
 #[test]
+fn flushed_and_fua_writes_survive_sigkill_sync_engine() {
+    flushed_and_fua_writes_survive_sigkill("sync");
+}
+
+#[test]
+fn flushed_and_fua_writes_survive_sigkill_io_uring_engine() {
+    flushed_and_fua_writes_survive_sigkill("io-uring");
+}
+
+#[test]
 fn read_only_daemon_changes_no_byte() {
     let dir = tempfile::tempdir().unwrap();
     let img = image(dir.path(), 1 << 20);
@@ -67,12 +76,11 @@ fn read_only_daemon_changes_no_byte() {
     assert_eq!(std::fs::read(&img).unwrap(), before);
 }
 
-#[test]
-fn data_out_shorter_than_the_transfer_is_overrun() {
+fn data_out_shorter_than_the_transfer_is_overrun(engine: &str) {
     let dir = tempfile::tempdir().unwrap();
     let img = image(dir.path(), 1 << 20);
     let sock = dir.path().join("vus.sock");
-    let _daemon = Daemon::start(&sock, &[img.to_str().unwrap()]);
+    let _daemon = Daemon::start(&sock, &["--io-engine", engine, img.to_str().unwrap()]);
     let mut drv = ScsiDriver::connect(&sock);
     let r = drv.command(0, &write10(0, 8, false), &[0x55; 1024], 0);
     assert_eq!(r.response, 1, "VIRTIO_SCSI_S_OVERRUN");
@@ -80,13 +88,25 @@ fn data_out_shorter_than_the_transfer_is_overrun() {
 }
 
 #[test]
-fn direct_io_writes_and_reads() {
+fn data_out_shorter_than_the_transfer_is_overrun_sync_engine() {
+    data_out_shorter_than_the_transfer_is_overrun("sync");
+}
+
+#[test]
+fn data_out_shorter_than_the_transfer_is_overrun_io_uring_engine() {
+    data_out_shorter_than_the_transfer_is_overrun("io-uring");
+}
+
+fn direct_io_writes_and_reads(engine: &str) {
     // O_DIRECT needs a file system that supports it: the target directory,
     // not a tmpfs /tmp.
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let img = image(dir.path(), 1 << 20);
     let sock = dir.path().join("vus.sock");
-    let mut daemon = Daemon::start(&sock, &["--direct", img.to_str().unwrap()]);
+    let mut daemon = Daemon::start(
+        &sock,
+        &["--io-engine", engine, "--direct", img.to_str().unwrap()],
+    );
     let mut drv = ScsiDriver::connect(&sock);
     let a = pattern(7, 16 * 512);
     let r = drv.command(0, &write10(8, 16, false), &a, 0);
@@ -159,4 +179,14 @@ fn restarted_after_sigkill_serves_every_flushed_byte() {
         "{stderr}"
     );
     restarted.kill();
+}
+
+#[test]
+fn direct_io_writes_and_reads_sync_engine() {
+    direct_io_writes_and_reads("sync");
+}
+
+#[test]
+fn direct_io_writes_and_reads_io_uring_engine() {
+    direct_io_writes_and_reads("io-uring");
 }

@@ -11,6 +11,7 @@ use vhost_device_scsi::virtio::backend::{
     QueueOptions, CONTROL_QUEUE, EVENT_QUEUE, FIRST_REQUEST_QUEUE,
 };
 use vhost_device_scsi::virtio::chain::GuestMem;
+use vhost_device_scsi::virtio::uring::IoEngine;
 use vhost_device_scsi::virtio::ScsiBackend;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
@@ -42,6 +43,35 @@ unsafe impl std::alloc::GlobalAlloc for CountingAllocator {
 
 #[global_allocator]
 static GLOBAL: CountingAllocator = CountingAllocator;
+
+thread_local! {
+    /// The I/O engine harnesses built on this (test) thread use.
+    static ENGINE: std::cell::Cell<IoEngine> = const { std::cell::Cell::new(IoEngine::Sync) };
+}
+
+fn current_engine() -> IoEngine {
+    ENGINE.with(std::cell::Cell::get)
+}
+
+/// Defines each test as a function of the I/O engine and runs it as two
+/// tests, `sync_engine::NAME` and `io_uring_engine::NAME`.
+macro_rules! on_both_engines {
+    ($($(#[$attr:meta])* fn $name:ident() $body:block)*) => {
+        $(
+            $(#[$attr])*
+            fn $name(engine: IoEngine) {
+                ENGINE.with(|e| e.set(engine));
+                $body
+            }
+        )*
+        mod sync_engine {
+            $(#[test] fn $name() { super::$name(super::IoEngine::Sync) })*
+        }
+        mod io_uring_engine {
+            $(#[test] fn $name() { super::$name(super::IoEngine::IoUring) })*
+        }
+    };
+}
 
 fn allocations() -> u64 {
     ALLOCATIONS.with(|c| c.get())
@@ -139,6 +169,21 @@ impl Harness {
     }
 
     fn build(sizes: &[usize], read_only: bool, options: QueueOptions) -> Harness {
+        Harness::build_full(sizes, read_only, options, false)
+    }
+
+    /// Writable images opened with O_DIRECT, on the target directory's file
+    /// system (a tmpfs /tmp may not take O_DIRECT).
+    fn direct(sizes: &[usize]) -> Harness {
+        Harness::build_full(sizes, false, QueueOptions::default(), true)
+    }
+
+    fn build_full(
+        sizes: &[usize],
+        read_only: bool,
+        options: QueueOptions,
+        direct: bool,
+    ) -> Harness {
         let mut files = Vec::new();
         let mut images = Vec::new();
         let mut disks = Vec::new();
@@ -150,9 +195,18 @@ impl Harness {
                         .rotate_left(lun as u32 * 7) as u8
                 })
                 .collect();
-            let mut file = tempfile::NamedTempFile::new().unwrap();
+            let mut file = if direct {
+                tempfile::NamedTempFile::new_in(env!("CARGO_TARGET_TMPDIR")).unwrap()
+            } else {
+                tempfile::NamedTempFile::new().unwrap()
+            };
             file.write_all(&data).unwrap();
-            let image = FileImage::open(file.path(), read_only).unwrap();
+            file.as_file().sync_all().unwrap();
+            let image = if direct {
+                FileImage::open_direct(file.path(), read_only).unwrap()
+            } else {
+                FileImage::open(file.path(), read_only).unwrap()
+            };
             let config = DiskConfig {
                 block_size: 512,
                 identity: Identity::derived(&file.path().to_string_lossy(), lun as u16),
@@ -170,7 +224,8 @@ impl Harness {
             ])
             .unwrap(),
         );
-        let backend = ScsiBackend::with_options(Arc::new(Target::new(disks)), options);
+        let backend =
+            ScsiBackend::with_engine(Arc::new(Target::new(disks)), options, current_engine());
         backend.update_memory(mem.clone()).unwrap();
         let mut rings = Vec::new();
         let vrings: Vec<VringRwLock> = (0..FIRST_REQUEST_QUEUE + 2)
@@ -179,10 +234,14 @@ impl Harness {
                 // The mock lays out and zeroes the rings, as a driver would.
                 let guard = mem.memory();
                 let mock = MockSplitQueue::create(&*guard, ring_addr(q), QUEUE_SIZE);
+                // The used ring goes past the whole available ring (the
+                // mock places it after only half of it), so that every
+                // queue entry can be in use at once.
+                let avail = mock.avail_addr().0;
                 let r = Rings {
                     desc: mock.desc_table_addr().0,
-                    avail: mock.avail_addr().0,
-                    used: mock.used_addr().0,
+                    avail,
+                    used: avail + 0x400,
                 };
                 rings.push(r);
                 vring.set_queue_size(QUEUE_SIZE);
@@ -235,6 +294,49 @@ impl Harness {
             .unwrap();
     }
 
+    /// A READ(10) of `blocks` blocks at `lba` as descriptors `first`,
+    /// `first + 1`, `first + 2` of `queue` (request, response, data-in),
+    /// with its buffers from `base` on and data-in page-aligned at `base +
+    /// 0x1000` (so O_DIRECT takes it as it is); made available `times`
+    /// times. Returns the response and data-in addresses.
+    fn push_aligned_read(
+        &mut self,
+        queue: usize,
+        first: u16,
+        base: u64,
+        lba: u32,
+        blocks: u16,
+        times: usize,
+    ) -> (u64, u64) {
+        assert_eq!(base % 0x1000, 0);
+        let r = self.rings[queue];
+        let (resp, data) = (base + 0x200, base + 0x1000);
+        let len = u32::from(blocks) * 512;
+        let mem = self.mem.memory();
+        let req = request(lun(0), &read10(lba, blocks));
+        mem.write_slice(&req, GuestAddress(base)).unwrap();
+        let descs = [
+            SplitDescriptor::new(base, req.len() as u32, VRING_DESC_F_NEXT as u16, first + 1),
+            SplitDescriptor::new(
+                resp,
+                RESP_LEN,
+                (VRING_DESC_F_NEXT | VRING_DESC_F_WRITE) as u16,
+                first + 2,
+            ),
+            SplitDescriptor::new(data, len, VRING_DESC_F_WRITE as u16, 0),
+        ];
+        for (i, d) in descs.iter().enumerate() {
+            let at = r.desc + 16 * (u64::from(first) + i as u64);
+            mem.write_obj(RawDescriptor::from(*d), GuestAddress(at))
+                .unwrap();
+        }
+        drop(mem);
+        for _ in 0..times {
+            self.make_available(queue, first);
+        }
+        (resp, data)
+    }
+
     /// Writes `bufs` into guest memory as one chain; returns the writable
     /// buffers' (address, length).
     fn push(&mut self, queue: usize, bufs: &[Buf]) -> Vec<(u64, u32)> {
@@ -281,6 +383,9 @@ impl Harness {
         self.backend
             .handle_event(queue as u16, EventSet::IN, &self.vrings, 0)
             .unwrap();
+        // Transfers an asynchronous engine has in flight complete too (the
+        // daemon's epoll loop would see their completion events).
+        self.backend.complete_transfers(&self.vrings, 0);
         let after = used_idx(self);
         let mem = self.mem.memory();
         (before..after)
@@ -372,23 +477,6 @@ fn single_descriptor_parts() {
 }
 
 #[test]
-fn read_into_many_descriptors() {
-    let mut h = Harness::new(&[1 << 20]);
-    // 8 blocks into data-in pieces of odd sizes.
-    let pieces = [1000u32, 24, 1, 2071, 1];
-    assert_eq!(pieces.iter().sum::<u32>(), 8 * 512 - 999);
-    let mut bufs = vec![Buf::R(request(lun(0), &read10(100, 8))), Buf::W(RESP_LEN)];
-    bufs.extend(pieces.iter().map(|&p| Buf::W(p)));
-    bufs.push(Buf::W(999));
-    let used = h.submit(FIRST_REQUEST_QUEUE, &bufs);
-    assert_eq!(used.response(), S_OK);
-    assert_eq!(used.status(), 0);
-    assert_eq!(used.residual(), 0);
-    assert_eq!(used.len, RESP_LEN + 4096);
-    assert_eq!(used.data_in(), &h.images[0][100 * 512..108 * 512]);
-}
-
-#[test]
 fn header_split_at_every_byte() {
     let mut h = Harness::new(&[1 << 20]);
     let req = request(lun(0), &read10(7, 1));
@@ -470,49 +558,6 @@ fn indirect_descriptor_table() {
 }
 
 #[test]
-fn data_straddling_two_memory_regions() {
-    let mut h = Harness::new(&[1 << 20]);
-    h.next_data = DATA_BASE;
-    let req = request(lun(0), &read10(10, 4));
-    let req_addr = h.alloc(req.len() as u32);
-    h.mem
-        .memory()
-        .write_slice(&req, GuestAddress(req_addr))
-        .unwrap();
-    let resp_addr = h.alloc(RESP_LEN);
-    // Data-in starts 1000 bytes before the region boundary.
-    let data_addr = REGION_SIZE as u64 - 1000;
-    h.push_raw(
-        FIRST_REQUEST_QUEUE,
-        &[
-            SplitDescriptor::new(req_addr, req.len() as u32, VRING_DESC_F_NEXT as u16, 1),
-            SplitDescriptor::new(
-                resp_addr,
-                RESP_LEN,
-                (VRING_DESC_F_NEXT | VRING_DESC_F_WRITE) as u16,
-                2,
-            ),
-            SplitDescriptor::new(data_addr, 2048, VRING_DESC_F_WRITE as u16, 0),
-        ],
-    );
-    assert_eq!(h.kick(FIRST_REQUEST_QUEUE), vec![(0, RESP_LEN + 2048)]);
-    assert_eq!(h.read(data_addr, 2048), &h.images[0][10 * 512..14 * 512]);
-}
-
-#[test]
-fn data_in_smaller_than_transfer_is_overrun() {
-    let mut h = Harness::new(&[1 << 20]);
-    let used = h.command(lun(0), &read10(0, 8), 2048);
-    assert_eq!(used.response(), S_OVERRUN);
-    assert_eq!(used.residual(), 2048, "nothing transferred");
-    assert_eq!(used.len, RESP_LEN);
-    assert!(
-        used.data_in().iter().all(|&b| b == 0xee),
-        "data-in untouched"
-    );
-}
-
-#[test]
 fn allocation_length_larger_than_buffer_is_truncated() {
     let mut h = Harness::new(&[1 << 20]);
     let used = h.command(lun(0), &[0x12, 0, 0, 0, 255, 0], 36);
@@ -520,40 +565,6 @@ fn allocation_length_larger_than_buffer_is_truncated() {
     assert_eq!(used.status(), 0);
     assert_eq!(used.residual(), 0);
     assert_eq!(used.len, RESP_LEN + 36);
-}
-
-#[test]
-fn check_condition_carries_sense() {
-    let mut h = Harness::new(&[1 << 20]);
-    let used = h.command(lun(0), &read10(2048, 1), 512);
-    assert_eq!(used.response(), S_OK);
-    assert_eq!(used.status(), 2, "CHECK CONDITION");
-    assert_eq!(used.sense_len(), 18);
-    let sense = used.sense();
-    assert_eq!(sense[0], 0x70);
-    assert_eq!(sense[2], 0x05);
-    assert_eq!((sense[12], sense[13]), (0x21, 0x00));
-    assert_eq!(used.residual(), 512);
-}
-
-#[test]
-fn write_on_read_only_lun_is_data_protect() {
-    let mut h = Harness::new(&[1 << 20]);
-    let mut cdb = read10(0, 1);
-    cdb[0] = 0x2a;
-    let used = h.submit(
-        FIRST_REQUEST_QUEUE,
-        &[
-            Buf::R(request(lun(0), &cdb)),
-            Buf::R(vec![0xab; 512]),
-            Buf::W(RESP_LEN),
-        ],
-    );
-    assert_eq!(used.status(), 2);
-    assert_eq!(used.sense()[2], 0x07, "DATA PROTECT");
-    assert_eq!((used.sense()[12], used.sense()[13]), (0x27, 0x00));
-    assert_eq!(used.residual(), 512, "data-out not consumed");
-    assert_eq!(used.len, RESP_LEN);
 }
 
 #[test]
@@ -610,49 +621,6 @@ fn requests_on_every_request_queue() {
         );
         let used = h.kick(q);
         assert_eq!(used.len(), 1, "queue {q}");
-    }
-}
-
-#[test]
-fn many_requests_per_kick() {
-    let mut h = Harness::new(&[1 << 20]);
-    // Three chains at descriptor indexes 0.., 3.., 6.. made available at once.
-    let r = h.rings[FIRST_REQUEST_QUEUE];
-    let mut data_addrs = Vec::new();
-    for i in 0..3u16 {
-        let base = DATA_BASE + u64::from(i) * 0x1000;
-        let req = request(lun(0), &read10(u32::from(i), 1));
-        let mem = h.mem.memory();
-        mem.write_slice(&req, GuestAddress(base)).unwrap();
-        let descs = [
-            SplitDescriptor::new(base, REQ_LEN as u32, VRING_DESC_F_NEXT as u16, 3 * i + 1),
-            SplitDescriptor::new(
-                base + 0x100,
-                RESP_LEN,
-                (VRING_DESC_F_NEXT | VRING_DESC_F_WRITE) as u16,
-                3 * i + 2,
-            ),
-            SplitDescriptor::new(base + 0x200, 512, VRING_DESC_F_WRITE as u16, 0),
-        ];
-        for (j, d) in descs.iter().enumerate() {
-            let at = r.desc + 16 * u64::from(3 * i + j as u16);
-            mem.write_obj(RawDescriptor::from(*d), GuestAddress(at))
-                .unwrap();
-        }
-        h.make_available(FIRST_REQUEST_QUEUE, 3 * i);
-        data_addrs.push(base + 0x200);
-    }
-    let used = h.kick(FIRST_REQUEST_QUEUE);
-    assert_eq!(
-        used,
-        vec![
-            (0, RESP_LEN + 512),
-            (3, RESP_LEN + 512),
-            (6, RESP_LEN + 512)
-        ]
-    );
-    for (i, addr) in data_addrs.iter().enumerate() {
-        assert_eq!(h.read(*addr, 512), &h.images[0][i * 512..(i + 1) * 512]);
     }
 }
 
@@ -887,238 +855,668 @@ fn offered_features() {
     assert_eq!(f & 1, 0, "VIRTIO_SCSI_F_INOUT is not offered");
 }
 
-#[test]
-fn write_from_many_descriptors_lands_in_the_image() {
-    let mut h = Harness::writable(&[1 << 20]);
-    let data: Vec<u8> = (0..4096u32).map(|i| (i * 7 + 3) as u8).collect();
-    let mut cdb = read10(40, 8);
-    cdb[0] = 0x2a;
-    // Header and data-out split at odd places across descriptors.
-    let req = request(lun(0), &cdb);
-    let mut bufs = vec![Buf::R(req[..20].to_vec())];
-    let mut joined = req[20..].to_vec();
-    joined.extend_from_slice(&data[..777]);
-    bufs.push(Buf::R(joined));
-    bufs.push(Buf::R(data[777..778].to_vec()));
-    bufs.push(Buf::R(data[778..].to_vec()));
-    bufs.push(Buf::W(RESP_LEN));
-    let used = h.submit(FIRST_REQUEST_QUEUE, &bufs);
-    assert_eq!((used.response(), used.status()), (S_OK, 0));
-    assert_eq!(used.residual(), 0, "all data-out consumed");
-    assert_eq!(used.len, RESP_LEN);
-    let on_disk = std::fs::read(h._files[0].path()).unwrap();
-    assert_eq!(&on_disk[40 * 512..48 * 512], &data[..]);
-    // And a READ through the queue returns it.
-    let used = h.command(lun(0), &read10(40, 8), 4096);
-    assert_eq!(used.data_in(), &data[..]);
-}
-
-#[test]
-fn data_out_smaller_than_transfer_is_overrun() {
-    let mut h = Harness::writable(&[1 << 20]);
-    let mut cdb = read10(0, 8);
-    cdb[0] = 0x2a;
-    let used = h.submit(
-        FIRST_REQUEST_QUEUE,
-        &[
-            Buf::R(request(lun(0), &cdb)),
-            Buf::R(vec![0x11; 1000]),
-            Buf::W(RESP_LEN),
-        ],
-    );
-    assert_eq!(used.response(), S_OVERRUN);
-    assert_eq!(used.residual(), 1000, "nothing consumed");
-    let on_disk = std::fs::read(h._files[0].path()).unwrap();
-    assert_eq!(&on_disk[..4096], &h.images[0][..4096], "image unchanged");
-}
-
-#[test]
-fn descriptor_sense_after_mode_select() {
-    let mut h = Harness::writable(&[1 << 20]);
-    // MODE SELECT(6), PF=1: the control page with D_SENSE=1.
-    let control = [0x0a, 0x0a, 0x02 | 0x04, 0x10, 0, 0, 0, 0, 0xff, 0xff, 0, 0];
-    let mut list = vec![0, 0, 0, 0];
-    list.extend_from_slice(&control);
-    let used = h.submit(
-        FIRST_REQUEST_QUEUE,
-        &[
-            Buf::R(request(lun(0), &[0x15, 0x10, 0, 0, list.len() as u8, 0])),
-            Buf::R(list),
-            Buf::W(RESP_LEN),
-        ],
-    );
-    assert_eq!(
-        (used.response(), used.status()),
-        (S_OK, 0),
-        "{:?}",
-        used.sense()
-    );
-    let used = h.command(lun(0), &read10(4096, 1), 512);
-    assert_eq!(used.status(), 2);
-    assert_eq!(&used.sense()[..4], &[0x72, 0x05, 0x21, 0x00]);
-    assert_eq!(used.sense_len(), 8);
-}
-
-#[test]
-fn more_than_64_descriptors_each_way() {
-    // A Linux guest sends up to 126 segments per request; the data moves in
-    // batches of 64 iovecs.
-    let mut h = Harness::writable(&[1 << 20]);
-    let data: Vec<u8> = (0..200 * 512u32).map(|i| (i % 251) as u8).collect();
-    let mut cdb = read10(10, 200);
-    cdb[0] = 0x2a;
-    let mut bufs = vec![Buf::R(request(lun(0), &cdb))];
-    bufs.extend(data.chunks(512).map(|c| Buf::R(c.to_vec())));
-    bufs.push(Buf::W(RESP_LEN));
-    let used = h.submit(FIRST_REQUEST_QUEUE, &bufs);
-    assert_eq!(
-        (used.response(), used.status()),
-        (S_OK, 0),
-        "{:?}",
-        used.sense()
-    );
-    let mut bufs = vec![Buf::R(request(lun(0), &read10(10, 200))), Buf::W(RESP_LEN)];
-    bufs.extend((0..200).map(|_| Buf::W(512)));
-    let used = h.submit(FIRST_REQUEST_QUEUE, &bufs);
-    assert_eq!(
-        (used.response(), used.status()),
-        (S_OK, 0),
-        "{:?}",
-        used.sense()
-    );
-    assert_eq!(used.data_in(), &data[..]);
-}
-
-#[test]
-fn read_and_write_paths_do_not_allocate() {
-    let mut h = Harness::writable(&[1 << 20]);
-    let mut write = read10(8, 8);
-    write[0] = 0x2a;
-    let payload = vec![0x5au8; 4096];
-    // The counter sees this thread's allocations.
-    let before = allocations();
-    let probe = std::hint::black_box(vec![1u8; 3]);
-    assert!(allocations() > before, "the counting allocator counts");
-    drop(probe);
-    // Warm up (first use of lazily initialised state).
-    let _ = h.command(lun(0), &read10(0, 8), 4096);
-    for (cdb, data_out, data_in) in [
-        (read10(0, 8), None, 4096u32),
-        (write, Some(payload.clone()), 0),
-    ] {
-        for _ in 0..3 {
-            h.next_data = DATA_BASE;
-            let mut bufs = vec![Buf::R(request(lun(0), &cdb))];
-            if let Some(d) = &data_out {
-                bufs.push(Buf::R(d.clone()));
+// The data path, with each I/O engine.
+on_both_engines! {
+    fn compare_and_write_after_transfers_in_flight() {
+        let mut h = Harness::writable(&[1 << 20]);
+        let r = h.rings[FIRST_REQUEST_QUEUE];
+        let mut desc = 0u16;
+        let mut chain = |h: &mut Harness, descs: &[(u64, u32, bool)]| {
+            let head = desc;
+            let mem = h.mem.memory();
+            for (i, &(addr, len, writable)) in descs.iter().enumerate() {
+                let last = i + 1 == descs.len();
+                let mut flags = if last { 0 } else { VRING_DESC_F_NEXT as u16 };
+                if writable {
+                    flags |= VRING_DESC_F_WRITE as u16;
+                }
+                let d = SplitDescriptor::new(addr, len, flags, if last { 0 } else { desc + 1 });
+                mem.write_obj(RawDescriptor::from(d), GuestAddress(r.desc + 16 * u64::from(desc)))
+                    .unwrap();
+                desc += 1;
             }
-            bufs.push(Buf::W(RESP_LEN));
-            if data_in > 0 {
-                bufs.push(Buf::W(data_in));
-            }
-            let _ = h.push(FIRST_REQUEST_QUEUE, &bufs);
-            let before = allocations();
+            drop(mem);
+            h.make_available(FIRST_REQUEST_QUEUE, head);
+        };
+        // Four READs of LBA 0..4, then COMPARE AND WRITE of LBA 2.
+        for i in 0..4u64 {
+            let base = DATA_BASE + i * 0x2000;
+            let req = request(lun(0), &read10(i as u32, 1));
+            h.mem.memory().write_slice(&req, GuestAddress(base)).unwrap();
+            chain(&mut h, &[(base, REQ_LEN as u32, false), (base + 0x100, RESP_LEN + 512, true)]);
+        }
+        let mut caw = vec![0x89, 0];
+        caw.extend_from_slice(&2u64.to_be_bytes());
+        caw.extend_from_slice(&[0, 0, 0, 1, 0, 0]);
+        let new_block = vec![0x3cu8; 512];
+        let mut data_out = h.images[0][2 * 512..3 * 512].to_vec();
+        data_out.extend_from_slice(&new_block);
+        let base = DATA_BASE + 0x10000;
+        let req = request(lun(0), &caw);
+        h.mem.memory().write_slice(&req, GuestAddress(base)).unwrap();
+        h.mem.memory().write_slice(&data_out, GuestAddress(base + 0x100)).unwrap();
+        chain(
+            &mut h,
+            &[
+                (base, REQ_LEN as u32, false),
+                (base + 0x100, 1024, false),
+                (base + 0x1000, RESP_LEN, true),
+            ],
+        );
+        // One kick: the READs go in flight (io_uring), the COMPARE AND
+        // WRITE runs after them, without waiting for ever on them.
+        let used = h.kick(FIRST_REQUEST_QUEUE);
+        assert_eq!(used.len(), 5);
+        let caw_resp = h.read(base + 0x1000, RESP_LEN);
+        assert_eq!((caw_resp[11], caw_resp[10]), (S_OK, 0), "COMPARE AND WRITE: GOOD");
+        for i in 0..4u64 {
+            let resp = h.read(DATA_BASE + i * 0x2000 + 0x100, RESP_LEN + 512);
+            assert_eq!((resp[11], resp[10]), (S_OK, 0), "READ {i}");
+            let i = i as usize;
+            assert_eq!(&resp[RESP_LEN as usize..], &h.images[0][i * 512..(i + 1) * 512]);
+        }
+        let on_disk = std::fs::read(h._files[0].path()).unwrap();
+        assert_eq!(&on_disk[2 * 512..3 * 512], &new_block[..]);
+    }
+
+    fn a_used_ring_outside_memory_does_not_stop_the_worker() {
+        let mut h = Harness::new(&[1 << 20]);
+        // The second request queue's used ring points past guest memory.
+        let bad = FIRST_REQUEST_QUEUE + 1;
+        let r = h.rings[bad];
+        h.vrings[bad]
+            .set_queue_info(r.desc, r.avail, 4 * REGION_SIZE as u64)
+            .unwrap();
+        h.next_data = DATA_BASE;
+        let _ = h.push(
+            bad,
+            &[
+                Buf::R(request(lun(0), &read10(0, 1))),
+                Buf::W(RESP_LEN),
+                Buf::W(512),
+            ],
+        );
+        h.backend
+            .handle_event(bad as u16, EventSet::IN, &h.vrings, 0)
+            .expect("a broken queue is not an error of the worker thread");
+        // The same thread still serves the other queues.
+        let used = h.command(lun(0), &read10(1, 1), 512);
+        assert_eq!(used.data_in(), &h.images[0][512..1024]);
+    }
+
+    fn a_full_queue_drained_by_another_queue_is_served_again() {
+        let mut h = Harness::direct(&[1 << 20]);
+        let used_idx = |h: &Harness, q: usize| -> u16 {
+            h.mem
+                .memory()
+                .read_obj(GuestAddress(h.rings[q].used + 2))
+                .unwrap()
+        };
+        // 200 READs on the first request queue (one chain made available
+        // 200 times): with io_uring, 128 go in flight and the queue stops
+        // popping.
+        let (resp, data) = h.push_aligned_read(FIRST_REQUEST_QUEUE, 0, DATA_BASE, 16, 1, 200);
+        h.backend
+            .handle_event(FIRST_REQUEST_QUEUE as u16, EventSet::IN, &h.vrings, 0)
+            .unwrap();
+        if current_engine() == IoEngine::IoUring {
+            assert_eq!(h.backend.transfers_in_flight(0), 128);
+        }
+        // An INQUIRY on the second request queue of the same thread: run
+        // synchronously, after the thread's transfers in flight, which frees
+        // the first queue's slots without its completion handler.
+        h.next_data = DATA_BASE + 0x10_0000;
+        let second = FIRST_REQUEST_QUEUE + 1;
+        let _ = h.push(
+            second,
+            &[Buf::R(request(lun(0), &INQUIRY)), Buf::W(RESP_LEN), Buf::W(96)],
+        );
+        h.backend
+            .handle_event(second as u16, EventSet::IN, &h.vrings, 0)
+            .unwrap();
+        assert_eq!(used_idx(&h, second), 1);
+        if current_engine() == IoEngine::IoUring {
+            assert_eq!(used_idx(&h, FIRST_REQUEST_QUEUE), 128);
+            assert_eq!(h.backend.transfers_in_flight(0), 0);
+            // The completion event (the drain's completions signalled it)
+            // serves the stalled queue again: the other 72 are taken.
+            let (_, event) = h.backend.completion_listener(0).unwrap();
             h.backend
-                .handle_event(FIRST_REQUEST_QUEUE as u16, EventSet::IN, &h.vrings, 0)
+                .handle_event(event as u16, EventSet::IN, &h.vrings, 0)
                 .unwrap();
-            let made = allocations() - before;
+            let taken =
+                usize::from(used_idx(&h, FIRST_REQUEST_QUEUE)) + h.backend.transfers_in_flight(0);
+            assert_eq!(taken, 200, "the stalled queue was served again");
+        }
+        h.backend.complete_transfers(&h.vrings, 0);
+        assert_eq!(used_idx(&h, FIRST_REQUEST_QUEUE), 200);
+        assert_eq!(h.read(resp, RESP_LEN)[11], S_OK);
+        assert_eq!(h.read(data, 512), &h.images[0][16 * 512..17 * 512]);
+    }
+
+    fn direct_io_with_aligned_and_misaligned_buffers() {
+        let mut h = Harness::direct(&[1 << 20]);
+        let data: Vec<u8> = (0..8192u32).map(|i| (i % 253) as u8).collect();
+        // Data buffers at a page-aligned address and at an odd one.
+        for (round, data_addr) in [(0u32, DATA_BASE + 0x10000), (1, DATA_BASE + 0x20000 + 3)] {
+            let lba = 64 + round * 16;
+            let mut write = read10(lba, 16);
+            write[0] = 0x2a;
+            for (cdb, is_write) in [(write, true), (read10(lba, 16), false)] {
+                h.next_data = DATA_BASE;
+                let req = request(lun(0), &cdb);
+                let req_addr = h.alloc(req.len() as u32);
+                h.mem
+                    .memory()
+                    .write_slice(&req, GuestAddress(req_addr))
+                    .unwrap();
+                let resp_addr = h.alloc(RESP_LEN);
+                let descs = if is_write {
+                    h.mem
+                        .memory()
+                        .write_slice(&data, GuestAddress(data_addr))
+                        .unwrap();
+                    [
+                        SplitDescriptor::new(req_addr, req.len() as u32, VRING_DESC_F_NEXT as u16, 1),
+                        SplitDescriptor::new(data_addr, 8192, VRING_DESC_F_NEXT as u16, 2),
+                        SplitDescriptor::new(resp_addr, RESP_LEN, VRING_DESC_F_WRITE as u16, 0),
+                    ]
+                } else {
+                    h.mem
+                        .memory()
+                        .write_slice(&[0xee; 8192], GuestAddress(data_addr))
+                        .unwrap();
+                    [
+                        SplitDescriptor::new(req_addr, req.len() as u32, VRING_DESC_F_NEXT as u16, 1),
+                        SplitDescriptor::new(
+                            resp_addr,
+                            RESP_LEN,
+                            (VRING_DESC_F_NEXT | VRING_DESC_F_WRITE) as u16,
+                            2,
+                        ),
+                        SplitDescriptor::new(data_addr, 8192, VRING_DESC_F_WRITE as u16, 0),
+                    ]
+                };
+                h.push_raw(FIRST_REQUEST_QUEUE, &descs);
+                let used = h.kick(FIRST_REQUEST_QUEUE);
+                let expected_len = if is_write { RESP_LEN } else { RESP_LEN + 8192 };
+                assert_eq!(used, vec![(0, expected_len)], "round {round}, write {is_write}");
+                let resp = h.read(resp_addr, RESP_LEN);
+                assert_eq!((resp[11], resp[10]), (S_OK, 0), "round {round}, write {is_write}");
+                if !is_write {
+                    assert_eq!(h.read(data_addr, 8192), data, "round {round}");
+                }
+            }
+            if round == 0 && current_engine() == IoEngine::IoUring {
+                assert_eq!(h.backend.peak_in_flight(), 1, "aligned buffers go through the ring");
+            }
+        }
+        let on_disk = std::fs::read(h._files[0].path()).unwrap();
+        assert_eq!(&on_disk[64 * 512..80 * 512], &data[..]);
+        assert_eq!(&on_disk[80 * 512..96 * 512], &data[..]);
+    }
+
+    fn requests_overlap_with_io_uring() {
+        // O_DIRECT: the reads' completions come later, through the ring,
+        // never during their submission.
+        let mut h = Harness::direct(&[1 << 20]);
+        let r = h.rings[FIRST_REQUEST_QUEUE];
+        // Eight READs made available before one kick.
+        let data: Vec<(u64, u64)> = (0..8u16)
+            .map(|i| {
+                let base = DATA_BASE + u64::from(i) * 0x4000;
+                h.push_aligned_read(FIRST_REQUEST_QUEUE, 3 * i, base, u32::from(i) * 8, 8, 1)
+            })
+            .collect();
+        h.backend
+            .handle_event(FIRST_REQUEST_QUEUE as u16, EventSet::IN, &h.vrings, 0)
+            .unwrap();
+        let used_idx = |h: &Harness| -> u16 {
+            h.mem.memory().read_obj(GuestAddress(r.used + 2)).unwrap()
+        };
+        match current_engine() {
+            IoEngine::IoUring => {
+                // All eight were submitted before any completion was reaped.
+                assert_eq!(h.backend.transfers_in_flight(0), 8);
+                assert_eq!(h.backend.peak_in_flight(), 8);
+                assert_eq!(used_idx(&h), 0, "nothing completed before reaping");
+            }
+            IoEngine::Sync => {
+                assert_eq!(h.backend.transfers_in_flight(0), 0);
+                assert_eq!(used_idx(&h), 8);
+            }
+        }
+        h.backend.complete_transfers(&h.vrings, 0);
+        assert_eq!(used_idx(&h), 8);
+        assert_eq!(h.backend.transfers_in_flight(0), 0);
+        for (i, &(resp, addr)) in data.iter().enumerate() {
+            assert_eq!(h.read(resp, RESP_LEN)[10..12], [0, S_OK], "READ {i}");
             assert_eq!(
-                made, 0,
-                "{:#x}: {made} heap allocations on the I/O path",
-                cdb[0]
+                h.read(addr, 4096),
+                &h.images[0][i * 4096..(i + 1) * 4096],
+                "READ {i}"
             );
         }
     }
-}
 
-#[test]
-fn request_queues_on_a_second_thread() {
-    let options = QueueOptions {
-        request_queues: 2,
-        threads: 2,
-        poll: std::time::Duration::from_micros(50),
-    };
-    let mut h = Harness::build(&[1 << 20], true, options);
-    assert_eq!(h.backend.queues_per_thread(), vec![0b0111, 0b1000]);
-    // Thread 1 serves request queue 1 (global index 3) as its vring 0.
-    h.next_data = DATA_BASE;
-    let second = FIRST_REQUEST_QUEUE + 1;
-    let writable = h.push(
-        second,
-        &[
-            Buf::R(request(lun(0), &read10(5, 1))),
-            Buf::W(RESP_LEN),
-            Buf::W(512),
-        ],
-    );
-    let r = h.rings[second];
-    let used_idx =
-        |h: &Harness| -> u16 { h.mem.memory().read_obj(GuestAddress(r.used + 2)).unwrap() };
-    assert_eq!(used_idx(&h), 0);
-    h.backend
-        .handle_event(0, EventSet::IN, &h.vrings[second..=second], 1)
-        .unwrap();
-    assert_eq!(used_idx(&h), 1);
-    assert_eq!(h.read(writable[1].0, 512), &h.images[0][5 * 512..6 * 512]);
-    // Thread 0 still serves the first request queue as its vring 2.
-    let used = h.command(lun(0), &read10(6, 1), 512);
-    assert_eq!(used.data_in(), &h.images[0][6 * 512..7 * 512]);
-}
+    fn more_requests_than_the_ring_holds_all_complete() {
+        let mut h = Harness::new(&[1 << 20]);
+        // One chain (request, then response and data-in in one descriptor)
+        // made available 200 times: more than a ring's 128 slots.
+        h.next_data = DATA_BASE;
+        let req = request(lun(0), &read10(16, 1));
+        let req_addr = h.alloc(req.len() as u32);
+        h.mem
+            .memory()
+            .write_slice(&req, GuestAddress(req_addr))
+            .unwrap();
+        let resp_addr = h.alloc(RESP_LEN + 512);
+        h.push_raw(
+            FIRST_REQUEST_QUEUE,
+            &[
+                SplitDescriptor::new(req_addr, req.len() as u32, VRING_DESC_F_NEXT as u16, 1),
+                SplitDescriptor::new(resp_addr, RESP_LEN + 512, VRING_DESC_F_WRITE as u16, 0),
+            ],
+        );
+        for _ in 1..200 {
+            h.make_available(FIRST_REQUEST_QUEUE, 0);
+        }
+        let used = h.kick(FIRST_REQUEST_QUEUE);
+        assert_eq!(used.len(), 200, "every request completed, none dropped");
+        assert!(used.iter().all(|&u| u == (0, RESP_LEN + 512)));
+        assert_eq!(
+            h.read(resp_addr + u64::from(RESP_LEN), 512),
+            &h.images[0][16 * 512..17 * 512]
+        );
+        if current_engine() == IoEngine::IoUring {
+            assert_eq!(h.backend.peak_in_flight(), 128, "the ring's capacity");
+        }
+    }
 
-#[test]
-fn task_management_completes_pending_requests_first() {
-    let mut h = Harness::new(&[1 << 20]);
-    // A READ made available on the request queue but not kicked (its kick
-    // is still in flight when the TMF arrives).
-    h.next_data = DATA_BASE;
-    let writable = h.push(
-        FIRST_REQUEST_QUEUE,
-        &[
-            Buf::R(request(lun(0), &read10(3, 1))),
-            Buf::W(RESP_LEN),
-            Buf::W(512),
-        ],
-    );
-    let r = h.rings[FIRST_REQUEST_QUEUE];
-    let used_idx =
-        |h: &Harness| -> u16 { h.mem.memory().read_obj(GuestAddress(r.used + 2)).unwrap() };
-    assert_eq!(used_idx(&h), 0);
-    // ABORT TASK SET on the control queue: the READ completes first.
-    h.next_data = DATA_BASE + 0x10_0000;
-    let _ = h.push(CONTROL_QUEUE, &[Buf::R(tmf(1, lun(0))), Buf::W(1)]);
-    let used = h.kick(CONTROL_QUEUE);
-    assert_eq!(used.len(), 1);
-    assert_eq!(
-        used_idx(&h),
-        1,
-        "the pending READ was completed before the TMF answer"
-    );
-    assert_eq!(h.read(writable[0].0, RESP_LEN)[11], S_OK);
-    assert_eq!(h.read(writable[1].0, 512), &h.images[0][3 * 512..4 * 512]);
-}
+    fn task_management_waits_for_transfers_in_flight() {
+        let mut h = Harness::direct(&[1 << 20]);
+        let (resp, data) = h.push_aligned_read(FIRST_REQUEST_QUEUE, 0, DATA_BASE, 8, 2, 1);
+        // Kicked, but its completion not reaped yet.
+        h.backend
+            .handle_event(FIRST_REQUEST_QUEUE as u16, EventSet::IN, &h.vrings, 0)
+            .unwrap();
+        if current_engine() == IoEngine::IoUring {
+            assert_eq!(h.backend.transfers_in_flight(0), 1);
+        }
+        h.next_data = DATA_BASE + 0x10_0000;
+        let _ = h.push(CONTROL_QUEUE, &[Buf::R(tmf(1, lun(0))), Buf::W(1)]);
+        // ABORT TASK SET: FUNCTION COMPLETE only once the READ is done.
+        let used = h.kick(CONTROL_QUEUE);
+        assert_eq!(used, vec![(0, 1)]);
+        assert_eq!(h.backend.transfers_in_flight(0), 0);
+        let r = h.rings[FIRST_REQUEST_QUEUE];
+        let used_idx: u16 = h.mem.memory().read_obj(GuestAddress(r.used + 2)).unwrap();
+        assert_eq!(used_idx, 1, "the READ was completed before the TMF answer");
+        assert_eq!(h.read(resp, RESP_LEN)[11], S_OK);
+        assert_eq!(h.read(data, 1024), &h.images[0][8 * 512..10 * 512]);
+    }
 
-#[test]
-fn a_used_ring_outside_memory_does_not_stop_the_worker() {
-    let mut h = Harness::new(&[1 << 20]);
-    // The second request queue's used ring points past guest memory.
-    let bad = FIRST_REQUEST_QUEUE + 1;
-    let r = h.rings[bad];
-    h.vrings[bad]
-        .set_queue_info(r.desc, r.avail, 4 * REGION_SIZE as u64)
-        .unwrap();
-    h.next_data = DATA_BASE;
-    let _ = h.push(
-        bad,
-        &[
-            Buf::R(request(lun(0), &read10(0, 1))),
-            Buf::W(RESP_LEN),
-            Buf::W(512),
-        ],
-    );
-    h.backend
-        .handle_event(bad as u16, EventSet::IN, &h.vrings, 0)
-        .expect("a broken queue is not an error of the worker thread");
-    // The same thread still serves the other queues.
-    let used = h.command(lun(0), &read10(1, 1), 512);
-    assert_eq!(used.data_in(), &h.images[0][512..1024]);
+    fn read_past_the_end_of_a_truncated_image_is_a_medium_error() {
+        let mut h = Harness::new(&[1 << 20]);
+        // The image shrinks underneath the daemon to 1024 blocks.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(h._files[0].path())
+            .unwrap()
+            .set_len(512 << 10)
+            .unwrap();
+        // Straddling the new end (a short read), and wholly past it.
+        for (lba, blocks) in [(1020u32, 8u16), (1500, 1)] {
+            let len = u32::from(blocks) * 512;
+            let used = h.command(lun(0), &read10(lba, blocks), len);
+            assert_eq!((used.response(), used.status()), (S_OK, 2), "LBA {lba}");
+            let sense = used.sense();
+            assert_eq!(sense[2], 0x03, "MEDIUM ERROR");
+            assert_eq!((sense[12], sense[13]), (0x11, 0x00), "UNRECOVERED READ ERROR");
+            assert_eq!(used.residual(), len, "nothing transferred");
+        }
+        // Blocks still in the file read fine.
+        let used = h.command(lun(0), &read10(1000, 8), 4096);
+        assert_eq!(used.status(), 0);
+        assert_eq!(used.data_in(), &h.images[0][1000 * 512..1008 * 512]);
+    }
+
+    fn read_into_many_descriptors() {
+        let mut h = Harness::new(&[1 << 20]);
+        // 8 blocks into data-in pieces of odd sizes.
+        let pieces = [1000u32, 24, 1, 2071, 1];
+        assert_eq!(pieces.iter().sum::<u32>(), 8 * 512 - 999);
+        let mut bufs = vec![Buf::R(request(lun(0), &read10(100, 8))), Buf::W(RESP_LEN)];
+        bufs.extend(pieces.iter().map(|&p| Buf::W(p)));
+        bufs.push(Buf::W(999));
+        let used = h.submit(FIRST_REQUEST_QUEUE, &bufs);
+        assert_eq!(used.response(), S_OK);
+        assert_eq!(used.status(), 0);
+        assert_eq!(used.residual(), 0);
+        assert_eq!(used.len, RESP_LEN + 4096);
+        assert_eq!(used.data_in(), &h.images[0][100 * 512..108 * 512]);
+    }
+
+    fn data_straddling_two_memory_regions() {
+        let mut h = Harness::new(&[1 << 20]);
+        h.next_data = DATA_BASE;
+        let req = request(lun(0), &read10(10, 4));
+        let req_addr = h.alloc(req.len() as u32);
+        h.mem
+            .memory()
+            .write_slice(&req, GuestAddress(req_addr))
+            .unwrap();
+        let resp_addr = h.alloc(RESP_LEN);
+        // Data-in starts 1000 bytes before the region boundary.
+        let data_addr = REGION_SIZE as u64 - 1000;
+        h.push_raw(
+            FIRST_REQUEST_QUEUE,
+            &[
+                SplitDescriptor::new(req_addr, req.len() as u32, VRING_DESC_F_NEXT as u16, 1),
+                SplitDescriptor::new(
+                    resp_addr,
+                    RESP_LEN,
+                    (VRING_DESC_F_NEXT | VRING_DESC_F_WRITE) as u16,
+                    2,
+                ),
+                SplitDescriptor::new(data_addr, 2048, VRING_DESC_F_WRITE as u16, 0),
+            ],
+        );
+        assert_eq!(h.kick(FIRST_REQUEST_QUEUE), vec![(0, RESP_LEN + 2048)]);
+        assert_eq!(h.read(data_addr, 2048), &h.images[0][10 * 512..14 * 512]);
+    }
+
+    fn data_in_smaller_than_transfer_is_overrun() {
+        let mut h = Harness::new(&[1 << 20]);
+        let used = h.command(lun(0), &read10(0, 8), 2048);
+        assert_eq!(used.response(), S_OVERRUN);
+        assert_eq!(used.residual(), 2048, "nothing transferred");
+        assert_eq!(used.len, RESP_LEN);
+        assert!(
+            used.data_in().iter().all(|&b| b == 0xee),
+            "data-in untouched"
+        );
+    }
+
+    fn check_condition_carries_sense() {
+        let mut h = Harness::new(&[1 << 20]);
+        let used = h.command(lun(0), &read10(2048, 1), 512);
+        assert_eq!(used.response(), S_OK);
+        assert_eq!(used.status(), 2, "CHECK CONDITION");
+        assert_eq!(used.sense_len(), 18);
+        let sense = used.sense();
+        assert_eq!(sense[0], 0x70);
+        assert_eq!(sense[2], 0x05);
+        assert_eq!((sense[12], sense[13]), (0x21, 0x00));
+        assert_eq!(used.residual(), 512);
+    }
+
+    fn write_on_read_only_lun_is_data_protect() {
+        let mut h = Harness::new(&[1 << 20]);
+        let mut cdb = read10(0, 1);
+        cdb[0] = 0x2a;
+        let used = h.submit(
+            FIRST_REQUEST_QUEUE,
+            &[
+                Buf::R(request(lun(0), &cdb)),
+                Buf::R(vec![0xab; 512]),
+                Buf::W(RESP_LEN),
+            ],
+        );
+        assert_eq!(used.status(), 2);
+        assert_eq!(used.sense()[2], 0x07, "DATA PROTECT");
+        assert_eq!((used.sense()[12], used.sense()[13]), (0x27, 0x00));
+        assert_eq!(used.residual(), 512, "data-out not consumed");
+        assert_eq!(used.len, RESP_LEN);
+    }
+
+    fn many_requests_per_kick() {
+        let mut h = Harness::new(&[1 << 20]);
+        // Three chains at descriptor indexes 0.., 3.., 6.. made available at once.
+        let r = h.rings[FIRST_REQUEST_QUEUE];
+        let mut data_addrs = Vec::new();
+        for i in 0..3u16 {
+            let base = DATA_BASE + u64::from(i) * 0x1000;
+            let req = request(lun(0), &read10(u32::from(i), 1));
+            let mem = h.mem.memory();
+            mem.write_slice(&req, GuestAddress(base)).unwrap();
+            let descs = [
+                SplitDescriptor::new(base, REQ_LEN as u32, VRING_DESC_F_NEXT as u16, 3 * i + 1),
+                SplitDescriptor::new(
+                    base + 0x100,
+                    RESP_LEN,
+                    (VRING_DESC_F_NEXT | VRING_DESC_F_WRITE) as u16,
+                    3 * i + 2,
+                ),
+                SplitDescriptor::new(base + 0x200, 512, VRING_DESC_F_WRITE as u16, 0),
+            ];
+            for (j, d) in descs.iter().enumerate() {
+                let at = r.desc + 16 * u64::from(3 * i + j as u16);
+                mem.write_obj(RawDescriptor::from(*d), GuestAddress(at))
+                    .unwrap();
+            }
+            h.make_available(FIRST_REQUEST_QUEUE, 3 * i);
+            data_addrs.push(base + 0x200);
+        }
+        let used = h.kick(FIRST_REQUEST_QUEUE);
+        assert_eq!(
+            used,
+            vec![
+                (0, RESP_LEN + 512),
+                (3, RESP_LEN + 512),
+                (6, RESP_LEN + 512)
+            ]
+        );
+        for (i, addr) in data_addrs.iter().enumerate() {
+            assert_eq!(h.read(*addr, 512), &h.images[0][i * 512..(i + 1) * 512]);
+        }
+    }
+
+    fn write_from_many_descriptors_lands_in_the_image() {
+        let mut h = Harness::writable(&[1 << 20]);
+        let data: Vec<u8> = (0..4096u32).map(|i| (i * 7 + 3) as u8).collect();
+        let mut cdb = read10(40, 8);
+        cdb[0] = 0x2a;
+        // Header and data-out split at odd places across descriptors.
+        let req = request(lun(0), &cdb);
+        let mut bufs = vec![Buf::R(req[..20].to_vec())];
+        let mut joined = req[20..].to_vec();
+        joined.extend_from_slice(&data[..777]);
+        bufs.push(Buf::R(joined));
+        bufs.push(Buf::R(data[777..778].to_vec()));
+        bufs.push(Buf::R(data[778..].to_vec()));
+        bufs.push(Buf::W(RESP_LEN));
+        let used = h.submit(FIRST_REQUEST_QUEUE, &bufs);
+        assert_eq!((used.response(), used.status()), (S_OK, 0));
+        assert_eq!(used.residual(), 0, "all data-out consumed");
+        assert_eq!(used.len, RESP_LEN);
+        let on_disk = std::fs::read(h._files[0].path()).unwrap();
+        assert_eq!(&on_disk[40 * 512..48 * 512], &data[..]);
+        // And a READ through the queue returns it.
+        let used = h.command(lun(0), &read10(40, 8), 4096);
+        assert_eq!(used.data_in(), &data[..]);
+    }
+
+    fn data_out_smaller_than_transfer_is_overrun() {
+        let mut h = Harness::writable(&[1 << 20]);
+        let mut cdb = read10(0, 8);
+        cdb[0] = 0x2a;
+        let used = h.submit(
+            FIRST_REQUEST_QUEUE,
+            &[
+                Buf::R(request(lun(0), &cdb)),
+                Buf::R(vec![0x11; 1000]),
+                Buf::W(RESP_LEN),
+            ],
+        );
+        assert_eq!(used.response(), S_OVERRUN);
+        assert_eq!(used.residual(), 1000, "nothing consumed");
+        let on_disk = std::fs::read(h._files[0].path()).unwrap();
+        assert_eq!(&on_disk[..4096], &h.images[0][..4096], "image unchanged");
+    }
+
+    fn descriptor_sense_after_mode_select() {
+        let mut h = Harness::writable(&[1 << 20]);
+        // MODE SELECT(6), PF=1: the control page with D_SENSE=1.
+        let control = [0x0a, 0x0a, 0x02 | 0x04, 0x10, 0, 0, 0, 0, 0xff, 0xff, 0, 0];
+        let mut list = vec![0, 0, 0, 0];
+        list.extend_from_slice(&control);
+        let used = h.submit(
+            FIRST_REQUEST_QUEUE,
+            &[
+                Buf::R(request(lun(0), &[0x15, 0x10, 0, 0, list.len() as u8, 0])),
+                Buf::R(list),
+                Buf::W(RESP_LEN),
+            ],
+        );
+        assert_eq!(
+            (used.response(), used.status()),
+            (S_OK, 0),
+            "{:?}",
+            used.sense()
+        );
+        let used = h.command(lun(0), &read10(4096, 1), 512);
+        assert_eq!(used.status(), 2);
+        assert_eq!(&used.sense()[..4], &[0x72, 0x05, 0x21, 0x00]);
+        assert_eq!(used.sense_len(), 8);
+    }
+
+    fn more_than_64_descriptors_each_way() {
+        // A Linux guest sends up to 126 segments per request; the data moves in
+        // batches of 64 iovecs.
+        let mut h = Harness::writable(&[1 << 20]);
+        let data: Vec<u8> = (0..200 * 512u32).map(|i| (i % 251) as u8).collect();
+        let mut cdb = read10(10, 200);
+        cdb[0] = 0x2a;
+        let mut bufs = vec![Buf::R(request(lun(0), &cdb))];
+        bufs.extend(data.chunks(512).map(|c| Buf::R(c.to_vec())));
+        bufs.push(Buf::W(RESP_LEN));
+        let used = h.submit(FIRST_REQUEST_QUEUE, &bufs);
+        assert_eq!(
+            (used.response(), used.status()),
+            (S_OK, 0),
+            "{:?}",
+            used.sense()
+        );
+        let mut bufs = vec![Buf::R(request(lun(0), &read10(10, 200))), Buf::W(RESP_LEN)];
+        bufs.extend((0..200).map(|_| Buf::W(512)));
+        let used = h.submit(FIRST_REQUEST_QUEUE, &bufs);
+        assert_eq!(
+            (used.response(), used.status()),
+            (S_OK, 0),
+            "{:?}",
+            used.sense()
+        );
+        assert_eq!(used.data_in(), &data[..]);
+    }
+
+    fn read_and_write_paths_do_not_allocate() {
+        let mut h = Harness::writable(&[1 << 20]);
+        let mut write = read10(8, 8);
+        write[0] = 0x2a;
+        let payload = vec![0x5au8; 4096];
+        // The counter sees this thread's allocations.
+        let before = allocations();
+        let probe = std::hint::black_box(vec![1u8; 3]);
+        assert!(allocations() > before, "the counting allocator counts");
+        drop(probe);
+        // Warm up (first use of lazily initialised state).
+        let _ = h.command(lun(0), &read10(0, 8), 4096);
+        for (cdb, data_out, data_in) in [
+            (read10(0, 8), None, 4096u32),
+            (write, Some(payload.clone()), 0),
+        ] {
+            for _ in 0..3 {
+                h.next_data = DATA_BASE;
+                let mut bufs = vec![Buf::R(request(lun(0), &cdb))];
+                if let Some(d) = &data_out {
+                    bufs.push(Buf::R(d.clone()));
+                }
+                bufs.push(Buf::W(RESP_LEN));
+                if data_in > 0 {
+                    bufs.push(Buf::W(data_in));
+                }
+                let _ = h.push(FIRST_REQUEST_QUEUE, &bufs);
+                let before = allocations();
+                h.backend
+                    .handle_event(FIRST_REQUEST_QUEUE as u16, EventSet::IN, &h.vrings, 0)
+                    .unwrap();
+                // Completing an asynchronous transfer allocates nothing
+                // either.
+                h.backend.complete_transfers(&h.vrings, 0);
+                let made = allocations() - before;
+                assert_eq!(
+                    made, 0,
+                    "{:#x}: {made} heap allocations on the I/O path",
+                    cdb[0]
+                );
+            }
+        }
+    }
+
+    fn request_queues_on_a_second_thread() {
+        let options = QueueOptions {
+            request_queues: 2,
+            threads: 2,
+            poll: std::time::Duration::from_micros(50),
+        };
+        let mut h = Harness::build(&[1 << 20], true, options);
+        assert_eq!(h.backend.queues_per_thread(), vec![0b0111, 0b1000]);
+        // Thread 1 serves request queue 1 (global index 3) as its vring 0.
+        h.next_data = DATA_BASE;
+        let second = FIRST_REQUEST_QUEUE + 1;
+        let writable = h.push(
+            second,
+            &[
+                Buf::R(request(lun(0), &read10(5, 1))),
+                Buf::W(RESP_LEN),
+                Buf::W(512),
+            ],
+        );
+        let r = h.rings[second];
+        let used_idx =
+            |h: &Harness| -> u16 { h.mem.memory().read_obj(GuestAddress(r.used + 2)).unwrap() };
+        assert_eq!(used_idx(&h), 0);
+        h.backend
+            .handle_event(0, EventSet::IN, &h.vrings[second..=second], 1)
+            .unwrap();
+        h.backend
+            .complete_transfers(&h.vrings[second..=second], 1);
+        assert_eq!(used_idx(&h), 1);
+        assert_eq!(h.read(writable[1].0, 512), &h.images[0][5 * 512..6 * 512]);
+        // Thread 0 still serves the first request queue as its vring 2.
+        let used = h.command(lun(0), &read10(6, 1), 512);
+        assert_eq!(used.data_in(), &h.images[0][6 * 512..7 * 512]);
+    }
+
+    fn task_management_completes_pending_requests_first() {
+        let mut h = Harness::new(&[1 << 20]);
+        // A READ made available on the request queue but not kicked (its kick
+        // is still in flight when the TMF arrives).
+        h.next_data = DATA_BASE;
+        let writable = h.push(
+            FIRST_REQUEST_QUEUE,
+            &[
+                Buf::R(request(lun(0), &read10(3, 1))),
+                Buf::W(RESP_LEN),
+                Buf::W(512),
+            ],
+        );
+        let r = h.rings[FIRST_REQUEST_QUEUE];
+        let used_idx =
+            |h: &Harness| -> u16 { h.mem.memory().read_obj(GuestAddress(r.used + 2)).unwrap() };
+        assert_eq!(used_idx(&h), 0);
+        // ABORT TASK SET on the control queue: the READ completes first.
+        h.next_data = DATA_BASE + 0x10_0000;
+        let _ = h.push(CONTROL_QUEUE, &[Buf::R(tmf(1, lun(0))), Buf::W(1)]);
+        let used = h.kick(CONTROL_QUEUE);
+        assert_eq!(used.len(), 1);
+        assert_eq!(
+            used_idx(&h),
+            1,
+            "the pending READ was completed before the TMF answer"
+        );
+        assert_eq!(h.read(writable[0].0, RESP_LEN)[11], S_OK);
+        assert_eq!(h.read(writable[1].0, 512), &h.images[0][3 * 512..4 * 512]);
+    }
 }

@@ -11,7 +11,7 @@
 //! data it failed to write must never be reported as flushed ("fsyncgate").
 
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{PoisonError, RwLock};
 
 use super::buffer::{DataIn, DataOut};
@@ -20,7 +20,7 @@ use super::error::{CommandError, CommandResult};
 use super::inquiry::{self, Identity, VpdParams};
 use super::mode::{self, ModeParams};
 use super::sense::{self, SenseData};
-use crate::storage::{IoVec, Storage};
+use crate::storage::{AsyncFile, IoVec, Storage};
 
 /// The largest single transfer, in bytes, reported in the block limits VPD
 /// page (and enforced): 32 MiB.
@@ -79,6 +79,26 @@ pub struct Disk {
     /// holds it shared, so the compare and the write are atomic (SBC-3
     /// §5.3).
     io_lock: RwLock<()>,
+    /// Transfers an asynchronous engine has in flight on this unit.
+    async_in_flight: AtomicUsize,
+}
+
+/// A planned READ or WRITE transfer: byte offset and length in the image
+/// (validated against the capacity), and its direction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Transfer {
+    pub offset: u64,
+    pub len: usize,
+    pub direction: Direction,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// Image to data-in.
+    Read,
+    /// Data-out to image; `durable`: on stable storage at completion (FUA
+    /// or write cache off).
+    Write { durable: bool },
 }
 
 impl std::fmt::Debug for Disk {
@@ -111,6 +131,7 @@ impl Disk {
             descriptor_sense: AtomicBool::new(false),
             flush_failed: AtomicBool::new(false),
             io_lock: RwLock::new(()),
+            async_in_flight: AtomicUsize::new(0),
         })
     }
 
@@ -363,28 +384,155 @@ impl Disk {
         Ok(durable)
     }
 
-    fn read(&self, range: &BlockRange, fua: bool, data_in: &mut dyn DataIn) -> CommandResult<()> {
+    /// READ (SBC-3 §5.8-5.11): validates and plans the transfer, which
+    /// the caller (or [`Disk::read`]) carries out, then hands the result
+    /// to [`Disk::finish_transfer`]. `None`: nothing to transfer.
+    pub fn plan_read(
+        &self,
+        range: &BlockRange,
+        fua: bool,
+        available: usize,
+    ) -> CommandResult<Option<Transfer>> {
         self.check_transfer(range)?;
         // blocks <= MAX_TRANSFER_BYTES / block_size, so this fits in u32.
         let len = self.bytes(u64::from(range.blocks)) as usize;
-        if len > data_in.remaining() {
+        if len > available {
             return Err(CommandError::DataInTooSmall {
                 required: len as u64,
-                available: data_in.remaining(),
+                available,
             });
         }
         if len == 0 {
-            return Ok(());
+            return Ok(None);
         }
         if fua {
             // SBC-3 §5.11, table 38: with FUA=1 a more recent cached version
             // of a block is written to the medium before it is read.
             self.write_back()?;
         }
+        Ok(Some(Transfer {
+            offset: self.byte_offset(range.lba),
+            len,
+            direction: Direction::Read,
+        }))
+    }
+
+    /// WRITE (SBC-3 §5.32-5.36) without verification: validates and plans
+    /// the transfer of data-out straight to the image.
+    pub fn plan_write(
+        &self,
+        range: &BlockRange,
+        fua: bool,
+        available: usize,
+    ) -> CommandResult<Option<Transfer>> {
+        self.check_transfer(range)?;
+        self.check_writable()?;
+        let len = self.bytes(u64::from(range.blocks)) as usize;
+        if len > available {
+            return Err(CommandError::DataOutTooSmall {
+                required: len as u64,
+                available,
+            });
+        }
+        if len == 0 {
+            return Ok(None);
+        }
+        let durable = self.durability(fua)?;
+        Ok(Some(Transfer {
+            offset: self.byte_offset(range.lba),
+            len,
+            direction: Direction::Write { durable },
+        }))
+    }
+
+    /// Turns the outcome of a planned transfer into the command's result
+    /// (a failed durable write poisons later flushes, as in
+    /// [`Disk::written`]).
+    pub fn finish_transfer(
+        &self,
+        transfer: &Transfer,
+        result: io::Result<()>,
+    ) -> CommandResult<()> {
+        match transfer.direction {
+            Direction::Read => result.map_err(CommandError::ReadError),
+            Direction::Write { durable } => self.written(result, durable),
+        }
+    }
+
+    /// Carries out a planned transfer (or what is left of it) through the
+    /// storage's synchronous calls: `iov` names the memory for the bytes
+    /// from `transfer.offset + done` on.
+    ///
+    /// # Safety contract
+    /// As [`Storage::read_vectored_at`] / [`Storage::write_vectored_at`]:
+    /// each `iov` entry is valid for the access for the duration of the
+    /// call.
+    pub fn transfer_sync(&self, transfer: &Transfer, iov: &[IoVec], done: u64) -> io::Result<()> {
         let _shared = self.shared();
-        data_in
-            .read_from(&*self.storage, self.byte_offset(range.lba), len)
-            .map_err(CommandError::ReadError)
+        self.transfer_registered(transfer, iov, done)
+    }
+
+    /// As [`Disk::transfer_sync`], for a transfer registered with
+    /// [`Disk::begin_async`] (which stands in for the unit's lock): an
+    /// engine runs a transfer it cannot submit this way, so that it never
+    /// waits for the lock while it has transfers in flight.
+    pub fn transfer_registered(
+        &self,
+        transfer: &Transfer,
+        iov: &[IoVec],
+        done: u64,
+    ) -> io::Result<()> {
+        let offset = transfer.offset + done;
+        match transfer.direction {
+            Direction::Read => self.storage.read_vectored_at(iov, offset),
+            Direction::Write { durable } => self.storage.write_vectored_at(iov, offset, durable),
+        }
+    }
+
+    /// The file an asynchronous engine may access directly.
+    pub fn async_file(&self) -> Option<AsyncFile> {
+        self.storage.async_file()
+    }
+
+    /// Registers a transfer an asynchronous engine is about to start. False
+    /// while COMPARE AND WRITE holds the unit exclusively: the engine must
+    /// then complete its own transfers in flight and use the synchronous
+    /// path, which waits for the COMPARE AND WRITE.
+    pub fn begin_async(&self) -> bool {
+        match self.io_lock.try_read() {
+            Ok(_shared) => {
+                self.async_in_flight.fetch_add(1, Ordering::AcqRel);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// An asynchronous transfer registered with [`Disk::begin_async`] has
+    /// ended (its result was reaped).
+    pub fn end_async(&self) {
+        self.async_in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// With the unit held exclusively, waits until every asynchronous
+    /// transfer has ended. Each engine thread completes its transfers
+    /// without taking the unit's lock (and drains them before any command
+    /// that does), so this wait ends.
+    fn wait_async_idle(&self) {
+        while self.async_in_flight.load(Ordering::Acquire) != 0 {
+            std::thread::sleep(std::time::Duration::from_micros(20));
+        }
+    }
+
+    fn read(&self, range: &BlockRange, fua: bool, data_in: &mut dyn DataIn) -> CommandResult<()> {
+        let Some(transfer) = self.plan_read(range, fua, data_in.remaining())? else {
+            return Ok(());
+        };
+        let result = {
+            let _shared = self.shared();
+            data_in.read_from(&*self.storage, transfer.offset, transfer.len)
+        };
+        self.finish_transfer(&transfer, result)
     }
 
     /// WRITE (SBC-3 §5.32-5.36): data-out straight to the image.
@@ -394,22 +542,15 @@ impl Disk {
         fua: bool,
         data_out: &mut dyn DataOut,
     ) -> CommandResult<()> {
-        self.check_transfer(range)?;
-        self.check_writable()?;
-        let len = self.bytes(u64::from(range.blocks)) as usize;
-        if len > data_out.remaining() {
-            return Err(CommandError::DataOutTooSmall {
-                required: len as u64,
-                available: data_out.remaining(),
-            });
-        }
-        if len == 0 {
+        let Some(transfer) = self.plan_write(range, fua, data_out.remaining())? else {
             return Ok(());
-        }
-        let durable = self.durability(fua)?;
-        let _shared = self.shared();
-        let result = data_out.write_to(&*self.storage, self.byte_offset(range.lba), len, durable);
-        self.written(result, durable)
+        };
+        let durable = matches!(transfer.direction, Direction::Write { durable: true });
+        let result = {
+            let _shared = self.shared();
+            data_out.write_to(&*self.storage, transfer.offset, transfer.len, durable)
+        };
+        self.finish_transfer(&transfer, result)
     }
 
     /// WRITE SAME(10/16) (SBC-3 §5.41, §5.42).
@@ -621,6 +762,9 @@ impl Disk {
         let durable = self.durability(fua)?;
         let offset = self.byte_offset(lba);
         let _exclusive = self.exclusive();
+        // SBC-3 §5.3: no other command may touch the medium between the
+        // compare and the write, asynchronous transfers included.
+        self.wait_async_idle();
         let mut medium = vec![0u8; len];
         self.read_medium(&mut medium, offset)?;
         let mut expected = vec![0u8; len];

@@ -15,6 +15,6 @@ pub mod sense;
 pub mod target;
 
 pub use buffer::{DataIn, DataOut, SliceDataOut, VecDataIn};
-pub use disk::{Disk, DiskConfig, DiskError};
+pub use disk::{Direction, Disk, DiskConfig, DiskError, Transfer};
 pub use lun::LunAddress;
-pub use target::{Completion, Target};
+pub use target::{Completion, Prepared, Target};

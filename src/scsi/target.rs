@@ -1,9 +1,11 @@
 //! The SCSI target device: a LUN map of disks, command dispatch, and the
 //! target-level commands (REPORT LUNS, REPORT SUPPORTED ...). No virtio here.
 
+use std::io;
+
 use super::buffer::{DataIn, DataOut};
 use super::cdb::Command;
-use super::disk::{request_sense, send, Disk};
+use super::disk::{request_sense, send, Disk, Transfer};
 use super::error::{CommandError, CommandResult};
 use super::inquiry::{self, Identity};
 use super::lun::LunAddress;
@@ -55,6 +57,19 @@ impl Completion {
     }
 }
 
+/// What [`Target::prepare`] decided about a command.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Prepared {
+    /// Not a plain READ or WRITE: run it with [`Target::execute`].
+    Execute,
+    /// Already complete: invalid, refused, or nothing to transfer.
+    Complete(Completion),
+    /// A validated READ or WRITE of the logical unit with index `lun`:
+    /// the caller carries out `transfer` and reports its result to
+    /// [`Target::finish`].
+    Transfer { lun: usize, transfer: Transfer },
+}
+
 /// A SCSI target with LUNs 0..N-1.
 #[derive(Debug, Default)]
 pub struct Target {
@@ -95,6 +110,55 @@ impl Target {
             (Err(_), None) => Err(CommandError::LunNotSupported),
         };
         Completion::from_result(result, disk.is_some_and(Disk::descriptor_sense))
+    }
+
+    /// Validates and plans a READ(6/10/12/16) or WRITE(6/10/12/16) (not
+    /// WRITE AND VERIFY) addressed to `lun`, with data-in and data-out
+    /// buffers of the given sizes, so that an asynchronous engine can carry
+    /// out the transfer. Errors complete with the same sense as
+    /// [`Target::execute`] gives; every other command is left to it.
+    pub fn prepare(
+        &self,
+        lun: LunAddress,
+        cdb: &[u8],
+        data_in: usize,
+        data_out: usize,
+    ) -> Prepared {
+        let LunAddress::Lun(n) = lun else {
+            return Prepared::Execute;
+        };
+        let Some(disk) = self.luns.get(usize::from(n)) else {
+            return Prepared::Execute;
+        };
+        let planned = match Command::parse(cdb) {
+            Ok(Command::Read { range, fua }) => disk.plan_read(&range, fua, data_in),
+            Ok(Command::Write {
+                range,
+                fua,
+                verify: false,
+            }) => disk.plan_write(&range, fua, data_out),
+            _ => return Prepared::Execute,
+        };
+        match planned {
+            Ok(Some(transfer)) => Prepared::Transfer {
+                lun: usize::from(n),
+                transfer,
+            },
+            Ok(None) => Prepared::Complete(Completion::Good),
+            Err(e) => Prepared::Complete(Completion::from_result(Err(e), disk.descriptor_sense())),
+        }
+    }
+
+    /// Completes a transfer planned by [`Target::prepare`] with the result
+    /// of carrying it out.
+    pub fn finish(&self, lun: usize, transfer: &Transfer, result: io::Result<()>) -> Completion {
+        match self.luns.get(lun) {
+            Some(disk) => Completion::from_result(
+                disk.finish_transfer(transfer, result),
+                disk.descriptor_sense(),
+            ),
+            None => Completion::from_result(Err(CommandError::LunNotSupported), false),
+        }
     }
 
     fn execute_on_disk(

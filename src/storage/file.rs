@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use super::{Extent, IoVec, Storage};
+use super::{AsyncFile, Extent, IoVec, Storage};
 
 /// At most this many iovecs go to one `preadv` call (well below IOV_MAX).
 const IOVECS_PER_CALL: usize = 64;
@@ -249,6 +249,14 @@ impl Storage for FileImage {
             done += n as u64;
         }
         Ok(())
+    }
+
+    fn async_file(&self) -> Option<AsyncFile> {
+        Some(AsyncFile {
+            fd: self.file.as_raw_fd(),
+            direct: self.direct,
+            dsync: self.dsync_writes.load(Ordering::Relaxed),
+        })
     }
 
     fn extent(&self, offset: u64) -> io::Result<Extent> {
@@ -508,7 +516,7 @@ impl FileImage {
 
 /// Whether every buffer meets O_DIRECT's alignment: addresses to the memory
 /// alignment, lengths to the offset alignment.
-fn is_aligned(iov: &[IoVec], align: DirectAlignment) -> bool {
+pub(super) fn is_aligned(iov: &[IoVec], align: DirectAlignment) -> bool {
     iov.iter().all(|v| {
         (v.iov_base as usize) % align.memory == 0 && (v.iov_len as u64) % align.offset == 0
     })

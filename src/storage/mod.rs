@@ -5,7 +5,7 @@ mod file;
 pub mod lock;
 mod mem;
 
-pub use file::{FileImage, ImageKind, OpenError};
+pub use file::{DirectAlignment, FileImage, ImageKind, OpenError};
 pub use mem::MemImage;
 
 use std::io;
@@ -21,6 +21,29 @@ pub type IoVec = libc::iovec;
 pub struct Extent {
     pub allocated: bool,
     pub len: u64,
+}
+
+/// What an asynchronous I/O engine needs to issue reads and writes to a
+/// storage object itself: its file descriptor and the rules its transfers
+/// must follow. Storage without one (memory images) is always accessed
+/// through the [`Storage`] methods.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AsyncFile {
+    pub fd: std::os::unix::io::RawFd,
+    /// Opened with O_DIRECT: transfers must meet this alignment (the
+    /// engine hands unaligned ones to the synchronous path, which bounces
+    /// them).
+    pub direct: Option<DirectAlignment>,
+    /// The file takes `RWF_DSYNC` writes (durable writes may be issued as
+    /// such; otherwise they go through [`Storage::write_vectored_at`]).
+    pub dsync: bool,
+}
+
+impl AsyncFile {
+    /// Whether `iov` can be transferred as it is (O_DIRECT alignment).
+    pub fn accepts(&self, iov: &[IoVec]) -> bool {
+        self.direct.is_none_or(|align| file::is_aligned(iov, align))
+    }
 }
 
 /// Byte-addressed storage behind a logical unit.
@@ -56,4 +79,10 @@ pub trait Storage: Send + Sync {
 
     /// The extent that starts at `offset` (which is below the size).
     fn extent(&self, offset: u64) -> io::Result<Extent>;
+
+    /// The file an asynchronous engine may read and write directly, if
+    /// any. The file descriptor stays open as long as `self` lives.
+    fn async_file(&self) -> Option<AsyncFile> {
+        None
+    }
 }

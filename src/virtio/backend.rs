@@ -2,8 +2,9 @@
 //! handler that hands each request to the SCSI target.
 
 use std::io;
+use std::os::unix::io::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use log::{debug, warn};
@@ -18,12 +19,15 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::chain::{split_chain, GuestMem};
 use super::config::ScsiConfig;
 use super::control::handle_control;
 use super::memory::check_memory_table;
-use super::request::{handle_command, Sizes};
+use super::request::Sizes;
+use super::request::{start_command, PendingCommand, RequestError, Started};
+use super::uring::{IoEngine, QueueRing};
 use crate::scsi::lun::MAX_LUN;
 use crate::scsi::Target;
 
@@ -99,6 +103,39 @@ pub struct ScsiBackend {
     /// One warning per connection for malformed requests; the rest go to
     /// debug so a guest cannot flood the host's log.
     warned_malformed: AtomicBool,
+    engine: IoEngine,
+    /// Per worker thread: its io_uring state (empty with the sync engine).
+    workers: Vec<Mutex<Worker>>,
+    /// For each global queue index: the worker thread serving it and the
+    /// queue's position among that thread's queues.
+    queue_owner: Vec<(usize, usize)>,
+}
+
+/// A worker thread's io_uring state: one ring per request queue it serves
+/// (set up at the queue's first transfer), and the eventfd they all signal,
+/// which the thread's epoll loop watches.
+struct Worker {
+    eventfd: Option<EventFd>,
+    /// Indexed like the thread's queues.
+    rings: Vec<Option<QueueRing>>,
+    /// Ring setup failed once: the thread's queues stay synchronous.
+    ring_failed: bool,
+}
+
+impl Worker {
+    /// Completes every transfer in flight on this thread's rings (before
+    /// anything runs synchronously, and before a TMF is answered).
+    fn drain(&mut self) {
+        for ring in self.rings.iter_mut().flatten() {
+            if ring.in_flight() > 0 {
+                ring.drain();
+            }
+        }
+    }
+
+    fn in_flight(&self) -> usize {
+        self.rings.iter().flatten().map(QueueRing::in_flight).sum()
+    }
 }
 
 impl ScsiBackend {
@@ -107,6 +144,16 @@ impl ScsiBackend {
     }
 
     pub fn with_options(target: Arc<Target>, options: QueueOptions) -> ScsiBackend {
+        ScsiBackend::with_engine(target, options, IoEngine::Sync)
+    }
+
+    /// A backend whose READ and WRITE transfers use `engine` (the caller
+    /// checked that it works here, see [`super::uring::probe`]).
+    pub fn with_engine(
+        target: Arc<Target>,
+        options: QueueOptions,
+        engine: IoEngine,
+    ) -> ScsiBackend {
         let options = QueueOptions {
             request_queues: options.request_queues.clamp(1, MAX_REQUEST_QUEUES),
             threads: options
@@ -125,10 +172,40 @@ impl ScsiBackend {
             max_target: 0,
             max_lun: u32::from(MAX_LUN),
         };
+        let thread_queues = options.thread_queues();
+        let mut queue_owner = vec![(0, 0); FIRST_REQUEST_QUEUE + options.request_queues];
+        for (thread, queues) in thread_queues.iter().enumerate() {
+            for (pos, &queue) in queues.iter().enumerate() {
+                queue_owner[queue] = (thread, pos);
+            }
+        }
+        let workers = thread_queues
+            .iter()
+            .map(|queues| {
+                let eventfd = match engine {
+                    IoEngine::Sync => None,
+                    IoEngine::IoUring => match EventFd::new(EFD_NONBLOCK) {
+                        Ok(fd) => Some(fd),
+                        Err(e) => {
+                            warn!("cannot create an io_uring completion eventfd ({e}): using the sync engine");
+                            None
+                        }
+                    },
+                };
+                Mutex::new(Worker {
+                    eventfd,
+                    rings: queues.iter().map(|_| None).collect(),
+                    ring_failed: false,
+                })
+            })
+            .collect();
         ScsiBackend {
             target,
             options,
-            thread_queues: options.thread_queues(),
+            thread_queues,
+            engine,
+            workers,
+            queue_owner,
             mem: RwLock::new(None),
             config: Mutex::new(config),
             cdb_size: AtomicUsize::new(sizes.cdb),
@@ -164,12 +241,19 @@ impl ScsiBackend {
     pub fn process_queue(&self, queue_index: usize, vring: &VringRwLock) {
         if let Err(e) = self.serve_queue(queue_index, vring) {
             self.malformed(queue_index, &format_args!("queue unusable: {e}"));
+            // Transfers queued before the error still go to the kernel.
+            let mut worker = self.worker_of(queue_index);
+            if let Some(ring) = self.ring_of(&mut worker, queue_index) {
+                ring.submit();
+            }
         }
     }
 
     /// Serves every available request on `vring`, re-checking after
     /// notifications are re-enabled so that no kick is lost (virtio 1.2
-    /// §2.7.10 with VIRTIO_F_EVENT_IDX).
+    /// §2.7.10 with VIRTIO_F_EVENT_IDX). With io_uring, READ and WRITE
+    /// transfers are submitted and completed later (see `reap`); when the
+    /// queue's ring is full, popping stops until completions free slots.
     fn serve_queue(&self, queue_index: usize, vring: &VringRwLock) -> io::Result<()> {
         let Some(atomic_mem) = self
             .mem
@@ -179,25 +263,39 @@ impl ScsiBackend {
         else {
             return Ok(());
         };
-        let mem = atomic_mem.memory();
+        let mem: Arc<GuestMem> = atomic_mem.memory().into_inner();
         let sizes = self.sizes();
+        let mut worker = self.worker_of(queue_index);
+        let defer =
+            queue_index >= FIRST_REQUEST_QUEUE && self.ring_for(&mut worker, queue_index, vring);
         loop {
             vring.disable_notification().map_err(io::Error::other)?;
             let mut completed = 0usize;
+            let mut ring_full = false;
             loop {
+                if let Some(ring) = self.ring_of(&mut worker, queue_index) {
+                    ring.stalled = ring.is_full();
+                    if ring.stalled {
+                        ring_full = true;
+                        break;
+                    }
+                }
                 let mut state = vring.get_mut();
                 let Some(chain) = state.get_queue_mut().pop_descriptor_chain(&*mem) else {
                     break;
                 };
                 let head = chain.head_index();
-                if head >= state.get_queue().size() {
+                let size = state.get_queue().size();
+                // Unlocked while the request runs: draining the rings may
+                // return other chains of this queue.
+                drop(state);
+                if head >= size {
                     // virtio 1.2 §2.7.6: an available ring entry is the head
                     // of a chain, an index into the descriptor table. One
                     // past the table names no chain and cannot be returned
                     // (§2.7.8: a used element's id is the chain's head), so
                     // the entry is dropped. Failing instead would end the
                     // worker thread, and with it every queue it serves.
-                    drop(state);
                     self.malformed(
                         queue_index,
                         &format_args!("available ring names descriptor {head}, past the table"),
@@ -210,6 +308,7 @@ impl ScsiBackend {
                         0
                     }
                     Ok(split) if queue_index == CONTROL_QUEUE => {
+                        worker.drain();
                         let (len, err) = handle_control(split, &self.target);
                         if let Some(e) = err {
                             self.malformed(queue_index, &e);
@@ -217,18 +316,43 @@ impl ScsiBackend {
                         len
                     }
                     Ok(split) => {
-                        let (len, err) = handle_command(split, &self.target, sizes);
+                        let started = start_command(split, &self.target, sizes, defer, &mut || {
+                            // Anything run synchronously comes after every
+                            // transfer this thread has in flight: SYNCHRONIZE
+                            // CACHE then covers them, and no transfer of this
+                            // thread is left holding up a COMPARE AND WRITE.
+                            worker.drain()
+                        });
+                        let (len, err) = match started {
+                            Started::Done(len, err) => (len, err),
+                            Started::Transfer(pending) => {
+                                let declined = match self.ring_of(&mut worker, queue_index) {
+                                    Some(ring) => ring.start(pending, head, &mem).err(),
+                                    None => Some(pending),
+                                };
+                                match declined {
+                                    None => continue,
+                                    Some(pending) => self.run_inline(&mut worker, pending),
+                                }
+                            }
+                        };
                         if let Some(e) = err {
                             self.malformed(queue_index, &e);
                         }
                         len
                     }
                 };
-                state
+                vring
+                    .get_mut()
                     .get_queue_mut()
                     .add_used(&*mem, head, used_len)
                     .map_err(io::Error::other)?;
                 completed += 1;
+            }
+            let mut slots_freed = false;
+            if let Some(ring) = self.ring_of(&mut worker, queue_index) {
+                ring.submit();
+                slots_freed = ring.reap_inline() > 0;
             }
             if completed > 0 {
                 let needs = vring
@@ -239,6 +363,14 @@ impl ScsiBackend {
                 if needs {
                     vring.signal_used_queue()?;
                 }
+            }
+            if ring_full {
+                if slots_freed {
+                    continue;
+                }
+                // Notifications stay off: reaping completions serves the
+                // queue again.
+                break;
             }
             if Self::avail_index_broken(vring, &mem) {
                 // virtio 1.2 §2.7.6: the available ring holds queue-size
@@ -265,6 +397,192 @@ impl ScsiBackend {
             }
         }
         Ok(())
+    }
+
+    /// Runs a READ or WRITE the ring did not take synchronously, keeping
+    /// this thread's other transfers in flight: registered as in flight on
+    /// the unit instead of taking its lock. Only while COMPARE AND WRITE
+    /// holds the unit does it drain them first and wait for the lock (a
+    /// thread blocked with transfers in flight would hold the COMPARE AND
+    /// WRITE up for good).
+    fn run_inline(
+        &self,
+        worker: &mut Worker,
+        pending: PendingCommand<'_>,
+    ) -> (u32, Option<RequestError>) {
+        let disk = self.target.luns().get(pending.lun);
+        if let Some(disk) = disk.filter(|d| d.begin_async()) {
+            let done = pending.run_registered(&self.target);
+            disk.end_async();
+            done
+        } else {
+            worker.drain();
+            pending.run_sync(&self.target)
+        }
+    }
+
+    /// The io_uring state of the worker thread serving `queue`.
+    fn worker_of(&self, queue: usize) -> MutexGuard<'_, Worker> {
+        let thread = self.queue_owner.get(queue).map_or(0, |&(t, _)| t);
+        self.workers[thread.min(self.workers.len() - 1)]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn ring_of<'w>(&self, worker: &'w mut Worker, queue: usize) -> Option<&'w mut QueueRing> {
+        let &(_, pos) = self.queue_owner.get(queue)?;
+        worker.rings.get_mut(pos)?.as_mut()
+    }
+
+    /// Whether `queue` has a ring (setting it up at first use).
+    fn ring_for(&self, worker: &mut Worker, queue: usize, vring: &VringRwLock) -> bool {
+        if self.engine != IoEngine::IoUring || worker.ring_failed {
+            return false;
+        }
+        let Some(eventfd) = worker.eventfd.as_ref().map(AsRawFd::as_raw_fd) else {
+            return false;
+        };
+        let Some(&(_, pos)) = self.queue_owner.get(queue) else {
+            return false;
+        };
+        let Some(entry) = worker.rings.get_mut(pos) else {
+            return false;
+        };
+        if entry.is_none() {
+            match QueueRing::new(self.target.clone(), vring.clone(), eventfd) {
+                Ok(ring) => *entry = Some(ring),
+                Err(e) => {
+                    warn!("queue {queue}: cannot set up an io_uring ({e}); this thread's queues use the sync engine");
+                    worker.ring_failed = true;
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    /// The eventfd worker thread `thread`'s rings signal, and the event
+    /// id to register it under with the thread's epoll loop (past the
+    /// queue and exit-event ids vhost-user-backend reserves).
+    pub fn completion_listener(&self, thread: usize) -> Option<(RawFd, u64)> {
+        let worker = self
+            .workers
+            .get(thread)?
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let fd = worker.eventfd.as_ref()?.as_raw_fd();
+        Some((fd, self.completion_event()))
+    }
+
+    fn completion_event(&self) -> u64 {
+        self.num_queues() as u64 + 1
+    }
+
+    /// Completes what has arrived on the rings of thread `thread`, then
+    /// serves their queues again (popping stops while a ring is full).
+    /// While completions keep arriving meanwhile, goes round again (a few
+    /// times at most, so other events are not starved): each round saves
+    /// an epoll wake-up.
+    fn reap(&self, vrings: &[VringRwLock], thread: usize) {
+        const ROUNDS: usize = 8;
+        let Some(worker) = self.workers.get(thread) else {
+            return;
+        };
+        let queues = self
+            .thread_queues
+            .get(thread)
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        for _ in 0..ROUNDS {
+            let mut guard = worker.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(eventfd) = &guard.eventfd {
+                // Consumed before reaping: a completion posted later
+                // signals again.
+                let _ = eventfd.read();
+            }
+            let mut again: u64 = 0;
+            for (pos, ring) in guard.rings.iter_mut().enumerate() {
+                if let Some(ring) = ring {
+                    // A stalled queue is served again even if its slots
+                    // were freed by a drain elsewhere on this thread.
+                    if ring.reap() > 0 || (ring.stalled && !ring.is_full()) {
+                        again |= 1 << pos;
+                    }
+                }
+            }
+            drop(guard);
+            if again == 0 {
+                return;
+            }
+            for (pos, (vring, &queue)) in vrings.iter().zip(queues).enumerate() {
+                if again & (1 << pos) != 0 && Self::is_live(vring) {
+                    self.process_queue(queue, vring);
+                }
+            }
+            let mut guard = worker.lock().unwrap_or_else(PoisonError::into_inner);
+            if !guard
+                .rings
+                .iter_mut()
+                .flatten()
+                .any(QueueRing::has_completions)
+            {
+                return;
+            }
+        }
+    }
+
+    /// Serves every request available on thread `thread`'s request queues
+    /// (`vrings` are the thread's vrings) and waits until each has
+    /// completed, transfers in flight included: what a TMF does before it
+    /// is answered. Public for tests that drive the backend without its
+    /// epoll loop.
+    pub fn complete_transfers(&self, vrings: &[VringRwLock], thread: usize) {
+        let queues = self
+            .thread_queues
+            .get(thread)
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        loop {
+            for (vring, &queue) in vrings.iter().zip(queues) {
+                if queue >= FIRST_REQUEST_QUEUE && Self::is_live(vring) {
+                    self.process_queue(queue, vring);
+                }
+            }
+            let Some(worker) = self.workers.get(thread) else {
+                return;
+            };
+            let mut worker = worker.lock().unwrap_or_else(PoisonError::into_inner);
+            if worker.in_flight() == 0 {
+                return;
+            }
+            // A full ring stopped popping: serve the queues again once
+            // the transfers are done.
+            worker.drain();
+        }
+    }
+
+    /// Transfers in flight on thread `thread`'s queues.
+    pub fn transfers_in_flight(&self, thread: usize) -> usize {
+        self.workers.get(thread).map_or(0, |w| {
+            w.lock().unwrap_or_else(PoisonError::into_inner).in_flight()
+        })
+    }
+
+    /// The most transfers any one queue has had in flight at once.
+    pub fn peak_in_flight(&self) -> usize {
+        self.workers
+            .iter()
+            .flat_map(|w| {
+                let w = w.lock().unwrap_or_else(PoisonError::into_inner);
+                w.rings.iter().flatten().map(QueueRing::peak).max()
+            })
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// The engine READ and WRITE transfers use.
+    pub fn engine(&self) -> IoEngine {
+        self.engine
     }
 
     /// Whether the driver's available index is more than a queue size
@@ -361,6 +679,29 @@ impl VhostUserBackend for ScsiBackend {
         Ok(())
     }
 
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        // vhost-user GET_VRING_BASE: the queue stops, and the index returned
+        // must account for every request taken from it. Transfers in flight
+        // are completed first (to the used ring, as the guest expects).
+        let queue = queue_index as usize;
+        if queue >= FIRST_REQUEST_QUEUE {
+            let mut worker = self.worker_of(queue);
+            if let Some(ring) = self.ring_of(&mut worker, queue) {
+                ring.drain();
+            }
+        }
+        Ok(())
+    }
+
+    fn reset_device(&self) {
+        for worker in &self.workers {
+            worker
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .drain();
+        }
+    }
+
     fn update_memory(&self, mem: GuestMemoryAtomic<GuestMem>) -> io::Result<()> {
         // A region past the end of its file would raise SIGBUS at the first
         // access beyond it: unmap the table before a queue uses it and fail
@@ -372,6 +713,8 @@ impl VhostUserBackend for ScsiBackend {
             *self.mem.write().unwrap_or_else(PoisonError::into_inner) = None;
             return Err(io::Error::new(io::ErrorKind::InvalidInput, e));
         }
+        // Transfers in flight keep the memory they were started in mapped
+        // (each holds an Arc of it), so a new memory table needs no wait.
         *self.mem.write().unwrap_or_else(PoisonError::into_inner) = Some(mem);
         Ok(())
     }
@@ -398,6 +741,10 @@ impl VhostUserBackend for ScsiBackend {
         if evset != EventSet::IN {
             return Err(io::Error::other(format!("unexpected event set {evset:?}")));
         }
+        if u64::from(device_event) == self.completion_event() {
+            self.reap(vrings, thread_id);
+            return Ok(());
+        }
         // `device_event` indexes this thread's vrings; map it to the
         // queue's global index.
         let local = usize::from(device_event);
@@ -420,12 +767,9 @@ impl VhostUserBackend for ScsiBackend {
                 // every request this thread's queues hold: a command the
                 // driver submitted before its TMF is then never left in the
                 // task set, so "FUNCTION COMPLETE" is true (see control.rs).
-                let queues = self.thread_queues.get(thread_id).map(Vec::as_slice);
-                for (vring, &queue) in vrings.iter().zip(queues.unwrap_or_default()) {
-                    if queue >= FIRST_REQUEST_QUEUE && Self::is_live(vring) {
-                        self.process_queue(queue, vring);
-                    }
-                }
+                // With io_uring, "complete" includes the transfers in
+                // flight: they are waited for.
+                self.complete_transfers(vrings, thread_id);
                 self.process_queue(CONTROL_QUEUE, vring);
                 Ok(())
             }

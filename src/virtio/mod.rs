@@ -9,5 +9,6 @@ pub mod control;
 pub mod memory;
 pub mod request;
 pub mod sglist;
+pub mod uring;
 
 pub use backend::ScsiBackend;

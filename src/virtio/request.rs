@@ -12,8 +12,9 @@ use virtio_bindings::virtio_scsi::{
 };
 
 use super::chain::SplitChain;
-use super::sglist::{GuestDataIn, GuestDataOut, SgList};
-use crate::scsi::{Completion, LunAddress, Target};
+use super::sglist::{write_to_iovecs, GuestDataIn, GuestDataOut, SgList};
+use crate::scsi::{Completion, Direction, LunAddress, Prepared, Target, Transfer};
+use crate::storage::IoVec;
 
 /// Bytes of the request header before the CDB.
 pub const REQ_HEADER_LEN: usize = 8 + 8 + 3;
@@ -63,13 +64,27 @@ impl Response {
 
     /// Writes the response header and `sizes.sense` bytes of sense area.
     fn write(&self, out: &mut SgList<'_, ()>, sizes: Sizes) -> usize {
-        let mut header = [0u8; RESP_HEADER_LEN];
-        header[0..4].copy_from_slice(&self.sense_len.to_le_bytes());
-        header[4..8].copy_from_slice(&self.residual.to_le_bytes());
+        let mut bytes = [0u8; RESP_HEADER_LEN + MAX_SENSE_SIZE as usize];
+        let len = self.encode(&mut bytes, sizes);
+        out.write_from(&bytes[..len])
+    }
+
+    /// The response header and `sizes.sense` bytes of sense area, as
+    /// written back; returns their length.
+    fn encode(
+        &self,
+        out: &mut [u8; RESP_HEADER_LEN + MAX_SENSE_SIZE as usize],
+        sizes: Sizes,
+    ) -> usize {
+        let sense = sizes.sense.min(MAX_SENSE_SIZE as usize);
+        out[0..4].copy_from_slice(&self.sense_len.to_le_bytes());
+        out[4..8].copy_from_slice(&self.residual.to_le_bytes());
         // status_qualifier stays zero.
-        header[10] = self.status;
-        header[11] = self.response;
-        out.write_from(&header) + out.write_from(&self.sense[..sizes.sense])
+        out[8..10].fill(0);
+        out[10] = self.status;
+        out[11] = self.response;
+        out[RESP_HEADER_LEN..RESP_HEADER_LEN + sense].copy_from_slice(&self.sense[..sense]);
+        RESP_HEADER_LEN + sense
     }
 }
 
@@ -92,6 +107,176 @@ pub fn handle_command(
     target: &Target,
     sizes: Sizes,
 ) -> (u32, Option<RequestError>) {
+    match start_command(chain, target, sizes, false, &mut || {}) {
+        Started::Done(len, err) => (len, err),
+        Started::Transfer(pending) => pending.run_sync(target),
+    }
+}
+
+/// How [`start_command`] left a request.
+// Not boxed: the request path allocates nothing; the value lives on the
+// stack for one request.
+#[allow(clippy::large_enum_variant)]
+pub enum Started<'a> {
+    /// Complete: the used length, and the error if it was malformed.
+    Done(u32, Option<RequestError>),
+    /// A validated READ or WRITE whose data transfer is still to be done,
+    /// asynchronously by the caller or with [`PendingCommand::run_sync`].
+    Transfer(PendingCommand<'a>),
+}
+
+/// A READ or WRITE whose response is written once its transfer is done.
+pub struct PendingCommand<'a> {
+    pub lun: usize,
+    pub transfer: Transfer,
+    sizes: Sizes,
+    resp_area: SgList<'a, ()>,
+    /// Data-in for a read, data-out for a write.
+    data: SgList<'a, ()>,
+}
+
+/// What is needed to answer a transfer done outside [`PendingCommand`]:
+/// kept by an asynchronous engine while the transfer is in flight.
+#[derive(Clone, Copy, Debug)]
+pub struct TransferReply {
+    pub lun: usize,
+    pub transfer: Transfer,
+    pub sizes: Sizes,
+    /// Bytes of the data buffer (data-in or data-out) the guest supplied.
+    pub data_len: usize,
+}
+
+impl<'a> PendingCommand<'a> {
+    /// Does the transfer with the storage's synchronous calls and writes
+    /// the response.
+    pub fn run_sync(self, target: &Target) -> (u32, Option<RequestError>) {
+        self.run(target, false)
+    }
+
+    /// As [`PendingCommand::run_sync`], for a transfer registered with
+    /// [`crate::scsi::Disk::begin_async`]: without taking the unit's lock.
+    pub fn run_registered(self, target: &Target) -> (u32, Option<RequestError>) {
+        self.run(target, true)
+    }
+
+    fn run(mut self, target: &Target, registered: bool) -> (u32, Option<RequestError>) {
+        let transfer = self.transfer;
+        let result = match target.luns().get(self.lun) {
+            Some(disk) => self.data.transfer(transfer.len, |iov, done| {
+                if registered {
+                    disk.transfer_registered(&transfer, iov, done)
+                } else {
+                    disk.transfer_sync(&transfer, iov, done)
+                }
+            }),
+            None => Err(std::io::Error::from(std::io::ErrorKind::NotFound)),
+        };
+        let completion = target.finish(self.lun, &transfer, result);
+        let response = response_for(completion, self.sizes, self.data.remaining());
+        let written = response.write(&mut self.resp_area, self.sizes) + self.data_in_written();
+        (saturate(written), None)
+    }
+
+    fn data_in_written(&self) -> usize {
+        match self.transfer.direction {
+            Direction::Read => self.data.consumed(),
+            Direction::Write { .. } => 0,
+        }
+    }
+
+    /// Appends iovecs naming the data buffer's bytes the transfer moves
+    /// (see [`SgList::iovecs`] for how long they stay valid).
+    /// False if they would take more than `max`.
+    pub fn data_iovecs(&self, max: usize, out: &mut Vec<IoVec>) -> bool {
+        self.data.iovecs(self.transfer.len, max, out)
+    }
+
+    /// Appends iovecs naming the response area; false if they would take
+    /// more than `max`.
+    pub fn response_iovecs(&self, max: usize, out: &mut Vec<IoVec>) -> bool {
+        self.resp_area.iovecs(self.resp_area.remaining(), max, out)
+    }
+
+    /// What answering the command later needs.
+    pub fn reply(&self) -> TransferReply {
+        TransferReply {
+            lun: self.lun,
+            transfer: self.transfer,
+            sizes: self.sizes,
+            data_len: self.data.remaining(),
+        }
+    }
+}
+
+/// Writes the response of a transfer carried out elsewhere (all of it if
+/// `result` is Ok) into the response area `resp`; returns the used length.
+///
+/// # Safety
+/// Every entry of `resp` must name guest memory that stays mapped and
+/// writable for the duration of the call.
+pub unsafe fn finish_transfer(
+    target: &Target,
+    reply: &TransferReply,
+    result: std::io::Result<()>,
+    resp: &[IoVec],
+) -> u32 {
+    let transferred = if result.is_ok() {
+        reply.transfer.len
+    } else {
+        0
+    };
+    let completion = target.finish(reply.lun, &reply.transfer, result);
+    let response = response_for(
+        completion,
+        reply.sizes,
+        reply.data_len.saturating_sub(transferred),
+    );
+    let mut bytes = [0u8; RESP_HEADER_LEN + MAX_SENSE_SIZE as usize];
+    let len = response.encode(&mut bytes, reply.sizes);
+    // SAFETY: the caller's guarantee.
+    let written = unsafe { write_to_iovecs(resp, &bytes[..len]) };
+    let data_in = match reply.transfer.direction {
+        Direction::Read => transferred,
+        Direction::Write { .. } => 0,
+    };
+    saturate(written + data_in)
+}
+
+/// The response for a command's completion; `residual` is the part of the
+/// data buffer not transferred.
+fn response_for(completion: Completion, sizes: Sizes, residual: usize) -> Response {
+    let mut r = Response::new(VIRTIO_SCSI_S_OK);
+    r.status = completion.status();
+    match completion {
+        Completion::Good => {}
+        Completion::CheckCondition(sense) => {
+            let encoded = sense.encode();
+            let bytes = encoded.as_slice();
+            let n = bytes.len().min(sizes.sense);
+            r.sense[..n].copy_from_slice(&bytes[..n]);
+            r.sense_len = n as u32;
+        }
+        Completion::BufferTooSmall => {
+            // virtio 1.2 §5.6.6.1: the CDB requires more data than the
+            // data-in or data-out buffer holds.
+            r = Response::new(VIRTIO_SCSI_S_OVERRUN);
+        }
+    }
+    r.residual = saturate(residual);
+    r
+}
+
+/// Parses one command request and runs it, except that a READ or WRITE is
+/// only validated and planned when `defer_transfers` is set: its transfer
+/// is left to the caller. `before_sync` is called before anything touches
+/// the storage synchronously.
+pub fn start_command<'a>(
+    chain: SplitChain<'a>,
+    target: &Target,
+    sizes: Sizes,
+    defer_transfers: bool,
+    before_sync: &mut dyn FnMut(),
+) -> Started<'a> {
     let SplitChain {
         mut readable,
         mut writable,
@@ -100,7 +285,7 @@ pub fn handle_command(
     let Some(mut resp_area) = writable.split_front(resp_len) else {
         // Nowhere to put a response: complete the chain with nothing
         // written; the guest's driver sees a zero length.
-        return (0, Some(RequestError::ShortResponse(resp_len)));
+        return Started::Done(0, Some(RequestError::ShortResponse(resp_len)));
     };
     let mut data_in = writable;
 
@@ -108,7 +293,7 @@ pub fn handle_command(
     let mut header = [0u8; REQ_HEADER_LEN + MAX_CDB_SIZE as usize];
     if readable.read_into(&mut header[..req_len]) < req_len {
         let written = Response::new(VIRTIO_SCSI_S_FAILURE).write(&mut resp_area, sizes);
-        return (saturate(written), Some(RequestError::ShortHeader(req_len)));
+        return Started::Done(saturate(written), Some(RequestError::ShortHeader(req_len)));
     }
     let mut data_out = readable;
 
@@ -116,7 +301,7 @@ pub fn handle_command(
     // both data-out and data-in is failed at once.
     if data_out.remaining() > 0 && data_in.remaining() > 0 {
         let written = Response::new(VIRTIO_SCSI_S_FAILURE).write(&mut resp_area, sizes);
-        return (saturate(written), Some(RequestError::BidirectionalData));
+        return Started::Done(saturate(written), Some(RequestError::BidirectionalData));
     }
 
     let mut lun = [0u8; 8];
@@ -131,30 +316,42 @@ pub fn handle_command(
         let mut sam_lun = [0u8; 8];
         sam_lun[..6].copy_from_slice(&lun[2..8]);
         let address = LunAddress::decode(&sam_lun);
-        let completion = target.execute(
-            address,
-            cdb,
-            &mut GuestDataIn(&mut data_in),
-            &mut GuestDataOut(&mut data_out),
-        );
-        let mut r = Response::new(VIRTIO_SCSI_S_OK);
-        r.status = completion.status();
-        match completion {
-            Completion::Good => {}
-            Completion::CheckCondition(sense) => {
-                let encoded = sense.encode();
-                let bytes = encoded.as_slice();
-                let n = bytes.len().min(sizes.sense);
-                r.sense[..n].copy_from_slice(&bytes[..n]);
-                r.sense_len = n as u32;
+        // READ and WRITE go through the same plan-transfer-finish steps
+        // whoever does the transfer, so both engines answer alike.
+        let prepared = target.prepare(address, cdb, data_in.remaining(), data_out.remaining());
+        let completion = match prepared {
+            Prepared::Transfer { lun, transfer } => {
+                let data = match transfer.direction {
+                    Direction::Read => data_in,
+                    Direction::Write { .. } => data_out,
+                };
+                let pending = PendingCommand {
+                    lun,
+                    transfer,
+                    sizes,
+                    resp_area,
+                    data,
+                };
+                return if defer_transfers {
+                    Started::Transfer(pending)
+                } else {
+                    before_sync();
+                    let (len, err) = pending.run_sync(target);
+                    Started::Done(len, err)
+                };
             }
-            Completion::BufferTooSmall => {
-                // virtio 1.2 §5.6.6.1: the CDB requires more data than the
-                // data-in or data-out buffer holds.
-                r = Response::new(VIRTIO_SCSI_S_OVERRUN);
+            Prepared::Complete(completion) => completion,
+            Prepared::Execute => {
+                before_sync();
+                target.execute(
+                    address,
+                    cdb,
+                    &mut GuestDataIn(&mut data_in),
+                    &mut GuestDataOut(&mut data_out),
+                )
             }
-        }
-        r
+        };
+        response_for(completion, sizes, 0)
     };
     // Residual: the part of the data buffer not transferred.
     let data_in_written = data_in.consumed();
@@ -165,7 +362,7 @@ pub fn handle_command(
     };
     response.residual = saturate(residual);
     let written = response.write(&mut resp_area, sizes) + data_in_written;
-    (saturate(written), None)
+    Started::Done(saturate(written), None)
 }
 
 /// A byte count as a 32-bit ring or header field (chains can describe more

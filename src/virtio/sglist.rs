@@ -168,9 +168,62 @@ impl<'a, B: BitmapSlice> SgList<'a, B> {
         })
     }
 
+    /// Appends to `out` iovecs naming the next `len` bytes of the list,
+    /// without consuming them; false (and `out` as it was) if fewer than
+    /// `len` bytes remain or they take more than `max` iovecs.
+    ///
+    /// The pointers stay valid as long as the guest memory the list was
+    /// built from stays mapped: the caller keeps its `Arc` alive for as long
+    /// as it (or the kernel) uses them. Guest memory here is mmap-backed
+    /// with no bitmap, so a slice's pointer guard is the mapping itself,
+    /// not a bounce buffer that would vanish with the guard.
+    pub fn iovecs(&self, len: usize, max: usize, out: &mut Vec<IoVec>) -> bool {
+        if len > self.remaining {
+            return false;
+        }
+        let start = out.len();
+        let mut left = len;
+        let mut index = self.index;
+        let mut offset_in = self.offset;
+        while left > 0 && index < self.slices.len() {
+            let slice = &self.slices[index];
+            let take = (slice.len() - offset_in).min(left);
+            let Ok(piece) = slice.subslice(offset_in, take) else {
+                out.truncate(start);
+                return false;
+            };
+            if take > 0 {
+                if out.len() - start == max {
+                    // More pieces than the caller takes: `out` never grows
+                    // past `max` for a guest's chain.
+                    out.truncate(start);
+                    return false;
+                }
+                out.push(IoVec {
+                    iov_base: piece.ptr_guard_mut().as_ptr().cast(),
+                    iov_len: take,
+                });
+            }
+            left -= take;
+            index += 1;
+            offset_in = 0;
+        }
+        if left > 0 {
+            out.truncate(start);
+            return false;
+        }
+        true
+    }
+
+    /// Marks the next `n` bytes as transferred by someone else (e.g. the
+    /// kernel, through [`SgList::iovecs`]).
+    pub fn consume(&mut self, n: usize) {
+        self.advance(n);
+    }
+
     /// Hands the next `len` bytes to `io` as batches of iovecs (with the
     /// byte offset of each batch), consuming them as each batch succeeds.
-    fn transfer<F>(&mut self, len: usize, mut io: F) -> io::Result<()>
+    pub fn transfer<F>(&mut self, len: usize, mut io: F) -> io::Result<()>
     where
         F: FnMut(&[IoVec], u64) -> io::Result<()>,
     {
@@ -257,4 +310,46 @@ impl<B: BitmapSlice> DataOut for GuestDataOut<'_, '_, B> {
     ) -> io::Result<()> {
         self.0.drain_to_storage(storage, offset, len, durable)
     }
+}
+
+/// Copies `data` into the memory `iov` names, in order; returns the count
+/// copied (short if the iovecs hold less).
+///
+/// # Safety
+/// Every entry of `iov` must name memory valid for writes of its length
+/// that nothing else accesses during the call (guest memory kept mapped by
+/// the caller).
+pub unsafe fn write_to_iovecs(iov: &[IoVec], data: &[u8]) -> usize {
+    let mut done = 0;
+    for v in iov {
+        if done == data.len() {
+            break;
+        }
+        let n = v.iov_len.min(data.len() - done);
+        // SAFETY: the caller guarantees `v` is writable for `iov_len` bytes,
+        // and `n` is at most that; `data[done..done + n]` is in bounds.
+        unsafe {
+            std::ptr::copy_nonoverlapping(data[done..].as_ptr(), v.iov_base.cast::<u8>(), n);
+        }
+        done += n;
+    }
+    done
+}
+
+/// Drops the first `n` bytes from an iovec list in place (for resuming a
+/// short transfer).
+pub fn skip_iovecs(iov: &mut Vec<IoVec>, mut n: usize) {
+    let mut whole = 0;
+    for v in iov.iter_mut() {
+        if n < v.iov_len {
+            // SAFETY: `n` is within the entry, so the pointer stays inside
+            // the memory it names.
+            v.iov_base = unsafe { v.iov_base.cast::<u8>().add(n) }.cast();
+            v.iov_len -= n;
+            break;
+        }
+        n -= v.iov_len;
+        whole += 1;
+    }
+    iov.drain(..whole);
 }

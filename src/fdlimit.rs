@@ -15,10 +15,11 @@ use std::io;
 /// directories read to name a lock holder, with room to spare.
 pub const BASE_FDS: u64 = 64;
 
-/// Descriptors per virtqueue: its kick, call and error eventfds, and a
-/// worker thread's epoll descriptor and exit eventfd pair (at most one
-/// worker thread per queue).
-pub const FDS_PER_QUEUE: u64 = 6;
+/// Descriptors per virtqueue: its kick, call and error eventfds, its
+/// io_uring (request queues, with the io-uring engine), and a worker
+/// thread's epoll descriptor, exit eventfd pair and io_uring completion
+/// eventfd (at most one worker thread per queue).
+pub const FDS_PER_QUEUE: u64 = 8;
 
 /// About how many descriptors a daemon serving `images` images on
 /// `queues` virtqueues keeps open.
@@ -163,30 +164,30 @@ mod tests {
 
     #[test]
     fn estimate() {
-        assert_eq!(needed(0, 18), 64 + 6 * 18);
-        assert_eq!(needed(16384, 18), 16384 + 64 + 6 * 18);
+        assert_eq!(needed(0, 18), 64 + 8 * 18);
+        assert_eq!(needed(16384, 18), 16384 + 64 + 8 * 18);
     }
 
     #[test]
     fn message() {
         let e = FdLimitError::TooLow {
             images: 16384,
-            needed: 16556,
+            needed: 16592,
             limit: 4096,
         };
         assert_eq!(
             e.to_string(),
-            "16384 images need about 16556 open files, but the limit is 4096 \
+            "16384 images need about 16592 open files, but the limit is 4096 \
              (raise it with ulimit -n or LimitNOFILE= in the systemd unit)"
         );
         let e = FdLimitError::TooLow {
             images: 1,
-            needed: 172,
+            needed: 208,
             limit: 100,
         };
         assert!(e
             .to_string()
-            .starts_with("1 image needs about 172 open files"));
+            .starts_with("1 image needs about 208 open files"));
     }
 
     #[test]

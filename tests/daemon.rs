@@ -444,18 +444,18 @@ fn open_file_limit_too_low_is_one_line() {
         &out,
         1,
         &[
-            "vhost-device-scsi: error: 300 images need about 472 open files, \
+            "vhost-device-scsi: error: 300 images need about 508 open files, \
            but the limit is 256 (raise it with ulimit -n or LimitNOFILE= in the systemd unit)\n",
         ],
     );
     assert!(!sock.exists());
-    // Fewer queues need fewer descriptors: 300 + 64 + 6 * 3.
+    // Fewer queues need fewer descriptors: 300 + 64 + 8 * 3.
     args.extend([OsStr::new("--num-queues"), OsStr::new("1")]);
     let out = with_nofile(Command::new(BIN).args(&args), 256, 256)
         .env("RUST_LOG", "off")
         .output()
         .unwrap();
-    assert_one_line_error(&out, 1, &["300 images need about 382 open files"]);
+    assert_one_line_error(&out, 1, &["300 images need about 388 open files"]);
 }
 
 #[test]
@@ -480,8 +480,8 @@ fn open_file_limit_is_raised_to_the_hard_limit() {
     handshake(&sock);
     drop(daemon);
     // A limit that is high enough is left alone.
-    let daemon = Daemon::start_with_nofile(&sock, &args, (800, 1024));
-    assert_eq!(nofile_of(daemon.child.id()), (800, 1024));
+    let daemon = Daemon::start_with_nofile(&sock, &args, (900, 1024));
+    assert_eq!(nofile_of(daemon.child.id()), (900, 1024));
     assert!(!daemon.log().contains("open-file limit"));
 }
 

@@ -264,6 +264,27 @@ impl ScsiBackend {
             return Ok(());
         };
         let mem: Arc<GuestMem> = atomic_mem.memory().into_inner();
+        {
+            let state = vring.get_ref();
+            let queue = state.get_queue();
+            // A queue whose descriptor table or rings are not all inside
+            // guest memory is not served at all: a request taken from it
+            // could be executed (a WRITE, say) but never returned, since
+            // its used ring cannot be written (virtio 1.2 §2.7: the driver
+            // places all three areas in memory it shares; §2.1.2 lets the
+            // device give up on a queue it cannot use).
+            if !queue.ready() {
+                return Ok(());
+            }
+            if !queue.is_valid(&*mem) {
+                drop(state);
+                self.malformed(
+                    queue_index,
+                    &"descriptor table or rings outside guest memory",
+                );
+                return Ok(());
+            }
+        }
         let sizes = self.sizes();
         let mut worker = self.worker_of(queue_index);
         let defer =

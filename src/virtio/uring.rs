@@ -318,6 +318,10 @@ impl QueueRing {
     /// once if EVENT_IDX asks for it. Returns the number completed.
     pub fn reap(&mut self) -> usize {
         let mut completed = 0;
+        // Chains actually put on the used ring: a used ring the guest
+        // placed outside its memory takes none, and then there is nothing
+        // to signal (virtio 1.2 §2.7.10).
+        let mut returned = 0;
         loop {
             let mut batch = [(0u64, 0i32); 32];
             let mut n = 0;
@@ -329,12 +333,13 @@ impl QueueRing {
                 break;
             }
             for &(user_data, result) in &batch[..n] {
-                if self.complete(user_data, result) {
+                if let Some(on_used_ring) = self.complete(user_data, result) {
                     completed += 1;
+                    returned += usize::from(on_used_ring);
                 }
             }
         }
-        if completed > 0 {
+        if returned > 0 {
             // virtio 1.2 §2.7.10: with EVENT_IDX, only when the driver asked
             // for an interrupt at this point of the used ring.
             if self.vring.needs_notification().unwrap_or(true) {
@@ -346,22 +351,18 @@ impl QueueRing {
         completed
     }
 
-    /// Completes the slot `user_data` names with the kernel's `result`.
-    fn complete(&mut self, user_data: u64, result: i32) -> bool {
+    /// Completes the slot `user_data` names with the kernel's `result`:
+    /// `None` if it names no transfer in flight, else whether the chain
+    /// went onto the used ring.
+    fn complete(&mut self, user_data: u64, result: i32) -> Option<bool> {
         let index = (user_data & 0xffff) as usize;
         let generation = (user_data >> 16) as u16;
-        let Some(slot) = self.slots.get_mut(index) else {
-            return false;
-        };
-        let Some(reply) = slot.reply else {
-            return false;
-        };
+        let slot = self.slots.get_mut(index)?;
+        let reply = slot.reply?;
         if slot.generation != generation {
-            return false;
+            return None;
         }
-        let Some(disk) = self.target.luns().get(reply.lun) else {
-            return false;
-        };
+        let disk = self.target.luns().get(reply.lun)?;
         let transfer = reply.transfer;
         let outcome = if result >= 0 {
             let done = result as usize;
@@ -400,10 +401,13 @@ impl QueueRing {
         slot.mem = None;
         self.free.push(index as u16);
         self.in_flight -= 1;
-        if let Err(e) = self.vring.add_used(head, used) {
-            debug!("cannot return chain {head} to the used ring: {e}");
+        match self.vring.add_used(head, used) {
+            Ok(()) => Some(true),
+            Err(e) => {
+                debug!("cannot return chain {head} to the used ring: {e}");
+                Some(false)
+            }
         }
-        true
     }
 
     /// Waits for and completes every transfer in flight. False if the ring

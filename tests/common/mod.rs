@@ -40,6 +40,26 @@ impl Daemon {
         }
     }
 
+    /// As [`Daemon::start`], with the daemon's standard error (its log)
+    /// going to the file `log`.
+    pub fn start_logging_to(socket: &Path, args: &[&str], log: &Path) -> Daemon {
+        let file = std::fs::File::create(log).unwrap();
+        let mut command = Command::new(BIN);
+        command
+            .arg("-s")
+            .arg(socket)
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stderr(file);
+        let process = DaemonProcess::spawn(command, socket, Duration::from_secs(10))
+            .unwrap_or_else(|e| panic!("daemon: {e}"));
+        Daemon {
+            process,
+            socket: socket.to_path_buf(),
+        }
+    }
+
     pub fn kill(&mut self) {
         self.process.kill();
     }

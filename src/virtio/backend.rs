@@ -47,6 +47,15 @@ pub const MAX_REQUEST_QUEUES: usize = 62;
 /// for sizing file descriptor needs: each has a kick and a call eventfd.
 pub const NUM_QUEUES: usize = FIRST_REQUEST_QUEUE + MAX_REQUEST_QUEUES;
 
+/// Chains returned to the used ring between two signals while a queue is
+/// being served. Signalling once per available ring would leave a driver
+/// that waits for the signal idle until the whole ring is served, and the
+/// device idle while the driver then refills it: signalling every few
+/// completions (when the driver asked for it) lets the two overlap. With 8,
+/// 4k reads at queue depth 32 through the page cache run twice as fast as
+/// with one signal per ring (README, *Benchmark*); 4 and 16 did as well.
+pub const SIGNAL_BATCH: usize = 8;
+
 /// Largest virtqueue the driver may set up (virtio split ring maximum).
 pub const MAX_QUEUE_SIZE: usize = 1024;
 
@@ -291,7 +300,8 @@ impl ScsiBackend {
             queue_index >= FIRST_REQUEST_QUEUE && self.ring_for(&mut worker, queue_index, vring);
         loop {
             vring.disable_notification().map_err(io::Error::other)?;
-            let mut completed = 0usize;
+            // Chains returned since the guest was last signalled.
+            let mut unsignalled = 0usize;
             let mut ring_full = false;
             loop {
                 if let Some(ring) = self.ring_of(&mut worker, queue_index) {
@@ -368,22 +378,19 @@ impl ScsiBackend {
                     .get_queue_mut()
                     .add_used(&*mem, head, used_len)
                     .map_err(io::Error::other)?;
-                completed += 1;
+                unsignalled += 1;
+                if unsignalled == SIGNAL_BATCH {
+                    unsignalled = 0;
+                    Self::signal_if_needed(vring, &mem)?;
+                }
             }
             let mut slots_freed = false;
             if let Some(ring) = self.ring_of(&mut worker, queue_index) {
                 ring.submit();
                 slots_freed = ring.reap_inline() > 0;
             }
-            if completed > 0 {
-                let needs = vring
-                    .get_mut()
-                    .get_queue_mut()
-                    .needs_notification(&*mem)
-                    .map_err(io::Error::other)?;
-                if needs {
-                    vring.signal_used_queue()?;
-                }
+            if unsignalled > 0 {
+                Self::signal_if_needed(vring, &mem)?;
             }
             if ring_full {
                 if slots_freed {
@@ -604,6 +611,21 @@ impl ScsiBackend {
     /// The engine READ and WRITE transfers use.
     pub fn engine(&self) -> IoEngine {
         self.engine
+    }
+
+    /// Signals the guest that chains were returned, if it asked to hear
+    /// about them at this point of the used ring (virtio 1.2 §2.7.10 with
+    /// VIRTIO_F_EVENT_IDX; §2.7.7 without).
+    fn signal_if_needed(vring: &VringRwLock, mem: &GuestMem) -> io::Result<()> {
+        let needs = vring
+            .get_mut()
+            .get_queue_mut()
+            .needs_notification(mem)
+            .map_err(io::Error::other)?;
+        if needs {
+            vring.signal_used_queue()?;
+        }
+        Ok(())
     }
 
     /// Whether the driver's available index is more than a queue size

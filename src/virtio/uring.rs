@@ -281,6 +281,11 @@ impl QueueRing {
         self.unsubmitted += 1;
         if self.unsubmitted >= SUBMIT_BATCH {
             self.submit();
+            // Reads the page cache answered during the submission are
+            // returned now, not after the whole available ring: the guest
+            // (if it asked for an interrupt) refills the queue while the
+            // rest is served, instead of waiting for all of it.
+            self.reap_inline();
         }
         Ok(())
     }

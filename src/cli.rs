@@ -80,7 +80,9 @@ pub struct Cli {
     /// SERIAL is 1-20 printable ASCII characters without spaces, HEX is 16
     /// hex digits of an NAA designator of type 2, 3 or 5, and a literal
     /// comma in a path is written ",,".
-    #[arg(value_name = "IMAGE")]
+    // At least one: a daemon with no logical unit would serve a SCSI host
+    // that the guest finds empty.
+    #[arg(value_name = "IMAGE", required = true)]
     pub images: Vec<OsString>,
 }
 

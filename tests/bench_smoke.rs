@@ -301,3 +301,26 @@ fn bench_compares_io_engines_of_one_binary_with_direct_io() {
         );
     }
 }
+
+#[test]
+fn bench_polls_the_used_ring_instead_of_sleeping() {
+    let dir = tempfile::tempdir().unwrap();
+    // A poll window (1 s) far longer than any request takes: the driver
+    // never sleeps on the call eventfd.
+    let r = bench(
+        dir.path(),
+        &[
+            "--ios",
+            "2000",
+            "--iodepth",
+            "1",
+            "--no-host",
+            "--poll-us",
+            "1000000",
+            "--daemon-arg=--poll-us=1000",
+        ],
+    );
+    check_side(&r, "a", 4096.0);
+    assert_eq!(r.num("a.ios"), 2000.0);
+    assert_eq!(r.num("a.waits_per_io"), 0.0);
+}

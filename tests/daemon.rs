@@ -870,6 +870,14 @@ fn every_operator_error_has_its_exit_status_and_one_line() {
     };
     let mut cases = vec![
         CliCase {
+            name: "no image",
+            args: os_args(&[&"-s", &sock]),
+            unprivileged: false,
+            code: 2,
+            stderr: "error: the following required arguments were not provided: <IMAGE>..."
+                .to_string(),
+        },
+        CliCase {
             name: "--num-queues 0",
             args: os_args(&[&"-s", &sock, &"--num-queues", &"0", &good]),
             unprivileged: false,

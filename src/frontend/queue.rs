@@ -357,6 +357,21 @@ impl RequestQueue {
         }
     }
 
+    /// Spins for up to `window` until the device returns a request; true if
+    /// it did (nothing is consumed: reap it).
+    pub fn poll_used(&self, window: Duration) -> Result<bool, FrontendError> {
+        let deadline = Instant::now() + window;
+        loop {
+            if self.ring.has_used()? {
+                return Ok(true);
+            }
+            if Instant::now() >= deadline {
+                return Ok(false);
+            }
+            std::hint::spin_loop();
+        }
+    }
+
     /// Sleeps until the device signals a completion, unless one is already
     /// there: asks for an interrupt at the next used entry (used_event),
     /// re-checks the used ring, then waits on the call eventfd. Fails after

@@ -176,6 +176,11 @@ impl SplitRing {
         Ok(())
     }
 
+    /// Whether the device returned an element not yet taken.
+    pub fn has_used(&self) -> Result<bool, FrontendError> {
+        Ok(self.used_idx()? != self.last_used)
+    }
+
     fn used_idx(&self) -> Result<u16, FrontendError> {
         Ok(self
             .mem

@@ -121,6 +121,14 @@ struct Args {
     #[arg(long)]
     no_event_idx: bool,
 
+    /// Before sleeping on a queue's call eventfd, busy-poll its used ring
+    /// for up to US microseconds (as a guest with polled completions
+    /// would): takes the driver's own wake-up out of the latency. Pair with
+    /// --daemon-arg=--poll-us=US to take the daemon's out too.
+    #[arg(long = "poll-us", value_name = "US", default_value_t = 0,
+          value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
+    poll_us: u64,
+
     /// Seed of the random offsets.
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -271,6 +279,7 @@ impl Plan<'_> {
             positions: self.image_size / self.args.bs,
             threads: usize::from(self.args.queues),
             seed: self.args.seed,
+            poll: std::time::Duration::from_micros(self.args.poll_us),
         }
     }
 }

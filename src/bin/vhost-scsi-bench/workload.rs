@@ -56,6 +56,8 @@ pub struct Job {
     pub positions: u64,
     pub threads: usize,
     pub seed: u64,
+    /// How long to busy-poll the used ring before sleeping (zero: never).
+    pub poll: std::time::Duration,
 }
 
 /// The offsets one thread visits, in units of `bs`: uniformly random over
@@ -227,6 +229,9 @@ pub fn drive_queue(
             ));
         }
         if reaped == 0 {
+            if !job.poll.is_zero() && queue.poll_used(job.poll).map_err(qerr)? {
+                continue;
+            }
             queue.wait().map_err(qerr)?;
             stats.waits += 1;
         }
@@ -351,6 +356,7 @@ mod tests {
             positions,
             threads,
             seed: 1,
+            poll: std::time::Duration::ZERO,
         }
     }
 

@@ -621,10 +621,29 @@ fn guest_filesystem() {
 /// whole in random order at queue depth 32 (libaio, O_DIRECT, blocks from
 /// one logical block to 64 KiB), then reads everything back and checks each
 /// block's CRC32C: no verify error, as many blocks read as written, and no
-/// block of either image left unwritten.
+/// block of either image left unwritten. With the daemon's defaults (the
+/// io_uring engine where the kernel has it, page cache).
 #[test]
 fn guest_fio() {
-    let Some(sc) = Scenario::start("fio") else {
+    fio_scenario("fio", &[]);
+}
+
+/// Scenario 8 with the images opened O_DIRECT: with the io_uring engine the
+/// guest's queue depth reaches the storage, transfers complete out of order
+/// and misaligned guest buffers take the synchronous bounce path.
+#[test]
+fn guest_fio_direct() {
+    fio_scenario("fio-direct", &["--direct"]);
+}
+
+/// Scenario 8 on the synchronous engine.
+#[test]
+fn guest_fio_sync_engine() {
+    fio_scenario("fio-sync", &["--io-engine=sync"]);
+}
+
+fn fio_scenario(scenario: &'static str, daemon_args: &[&str]) {
+    let Some(sc) = Scenario::start(scenario) else {
         return;
     };
     let luns = [
@@ -640,13 +659,26 @@ fn guest_fio() {
             .iter()
             .map(|(image, options, _)| (image, *options))
             .collect::<Vec<_>>(),
-        &[],
+        daemon_args,
     );
     let boot = Boot {
         extras: vec!["fio"],
         ..Boot::default()
     };
     let serial = sc.boot(&daemon, "fio", &boot);
+    let log = fs::read_to_string(&daemon.log).unwrap_or_default();
+    let engine = log
+        .lines()
+        .find_map(|l| l.split("I/O engine: ").nth(1))
+        .unwrap_or("not logged")
+        .trim()
+        .to_string();
+    note(format!(
+        "guest scenario `{scenario}`: daemon I/O engine {engine}"
+    ));
+    if daemon_args.contains(&"--io-engine=sync") {
+        sc.check(engine == "sync", format!("engine {engine}, sync asked for"));
+    }
     for (lun, (image, _, lbs)) in luns.iter().enumerate() {
         let queue = sc.record_where(&serial.records("QUEUE"), "lun", &lun.to_string());
         sc.expect(&format!("LUN {lun}"), &queue, &[("lbs", lbs.to_string())]);
@@ -684,7 +716,7 @@ fn guest_fio() {
         for l in out.text.lines().map(str::trim) {
             if l.starts_with("issued rwts") || l.starts_with("READ:") || l.starts_with("WRITE:") {
                 note(format!(
-                    "guest scenario `fio`: LUN {lun} ({lbs}-byte blocks): {l}"
+                    "guest scenario `{scenario}`: LUN {lun} ({lbs}-byte blocks): {l}"
                 ));
             }
         }

@@ -301,6 +301,21 @@ fn completion(dev: &mut RawDevice) -> UsedElem {
         .expect("the request is completed")
 }
 
+/// Submits the chain at `head` and checks that it comes back with
+/// `used_len` bytes written and a GOOD response with no residual at `resp`.
+fn submit_expect_good(dev: &mut RawDevice, head: u16, used_len: u32, resp: u64) {
+    submit(dev, head);
+    assert_eq!(
+        completion(dev),
+        UsedElem {
+            id: head.into(),
+            len: used_len
+        }
+    );
+    let resp = Resp::parse(&dev.read(resp, RESPONSE_LEN).unwrap());
+    assert_eq!((resp.response, resp.status, resp.residual), (S_OK, GOOD, 0));
+}
+
 fn assert_untouched(dev: &RawDevice, addr: u64, len: usize, what: &str) {
     assert!(
         dev.read(addr, len).unwrap().iter().all(|&b| b == CANARY),
@@ -466,16 +481,7 @@ fn descriptor_straddling_two_memory_regions() {
             w(data, 4096),
         ],
     );
-    submit(&mut dev, head);
-    assert_eq!(
-        completion(&mut dev),
-        UsedElem {
-            id: 0,
-            len: RESP_LEN + 4096
-        }
-    );
-    let resp = Resp::parse(&dev.read(b.resp, RESPONSE_LEN).unwrap());
-    assert_eq!((resp.response, resp.status, resp.residual), (S_OK, GOOD, 0));
+    submit_expect_good(&mut dev, head, RESP_LEN + 4096, b.resp);
     assert_eq!(
         dev.read(data, 4096).unwrap(),
         env.expected[16 * BLOCK..24 * BLOCK]
@@ -493,16 +499,7 @@ fn descriptor_straddling_two_memory_regions() {
             w(b.resp, RESPONSE_LEN),
         ],
     );
-    submit(&mut dev, head);
-    assert_eq!(
-        completion(&mut dev),
-        UsedElem {
-            id: 3,
-            len: RESP_LEN
-        }
-    );
-    let resp = Resp::parse(&dev.read(b.resp, RESPONSE_LEN).unwrap());
-    assert_eq!((resp.response, resp.status, resp.residual), (S_OK, GOOD, 0));
+    submit_expect_good(&mut dev, head, RESP_LEN, b.resp);
     env.expected[40 * BLOCK..48 * BLOCK].copy_from_slice(&out);
     env.assert_still_serving(Some(dev));
 }
@@ -519,16 +516,7 @@ fn header_split_over_one_byte_descriptors() {
     chain.push(w(b.resp, RESPONSE_LEN));
     chain.push(w(b.data, 4096));
     let head = put_chain(&dev, 0, &chain);
-    submit(&mut dev, head);
-    assert_eq!(
-        completion(&mut dev),
-        UsedElem {
-            id: 0,
-            len: RESP_LEN + 4096
-        }
-    );
-    let resp = Resp::parse(&dev.read(b.resp, RESPONSE_LEN).unwrap());
-    assert_eq!((resp.response, resp.status, resp.residual), (S_OK, GOOD, 0));
+    submit_expect_good(&mut dev, head, RESP_LEN + 4096, b.resp);
     assert_eq!(
         dev.read(b.data, 4096).unwrap(),
         env.expected[100 * BLOCK..108 * BLOCK]
@@ -670,16 +658,7 @@ fn zero_length_descriptors() {
         w(1 << 40, 0),
     ];
     let head = put_chain(&dev, 0, &chain);
-    submit(&mut dev, head);
-    assert_eq!(
-        completion(&mut dev),
-        UsedElem {
-            id: 0,
-            len: RESP_LEN + 2048
-        }
-    );
-    let resp = Resp::parse(&dev.read(b.resp, RESPONSE_LEN).unwrap());
-    assert_eq!((resp.response, resp.status, resp.residual), (S_OK, GOOD, 0));
+    submit_expect_good(&mut dev, head, RESP_LEN + 2048, b.resp);
     assert_eq!(
         dev.read(b.data, 2048).unwrap(),
         env.expected[8 * BLOCK..12 * BLOCK]
@@ -856,16 +835,7 @@ fn chain_longer_than_the_queue() {
         RawDesc::new(addr, 16 * n as u32, VRING_DESC_F_INDIRECT, 0),
     )
     .unwrap();
-    submit(&mut dev, 3);
-    assert_eq!(
-        completion(&mut dev),
-        UsedElem {
-            id: 3,
-            len: RESP_LEN + 38 * BLOCK as u32
-        }
-    );
-    let resp = Resp::parse(&dev.read(b.resp, RESPONSE_LEN).unwrap());
-    assert_eq!((resp.response, resp.status, resp.residual), (S_OK, GOOD, 0));
+    submit_expect_good(&mut dev, 3, RESP_LEN + 38 * BLOCK as u32, b.resp);
     assert_eq!(
         dev.read(b.data, 38 * BLOCK).unwrap(),
         env.expected[32 * BLOCK..70 * BLOCK]
@@ -1125,16 +1095,7 @@ fn data_in_buffer_too_short() {
             w(b.data, 36),
         ],
     );
-    submit(&mut dev, head);
-    assert_eq!(
-        completion(&mut dev),
-        UsedElem {
-            id: 3,
-            len: RESP_LEN + 36
-        }
-    );
-    let resp = Resp::parse(&dev.read(b.resp, RESPONSE_LEN).unwrap());
-    assert_eq!((resp.response, resp.status, resp.residual), (S_OK, GOOD, 0));
+    submit_expect_good(&mut dev, head, RESP_LEN + 36, b.resp);
     let inquiry = dev.read(b.data, 36).unwrap();
     assert_eq!(inquiry[0], 0x00, "direct-access block device");
     assert!(usize::from(inquiry[4]) + 5 >= 36, "standard INQUIRY data");

@@ -374,19 +374,25 @@ impl Harness {
         writable
     }
 
+    /// The device's used index on `queue`.
+    fn used_idx(&self, queue: usize) -> u16 {
+        self.mem
+            .memory()
+            .read_obj(GuestAddress(self.rings[queue].used + 2))
+            .unwrap()
+    }
+
     /// Kicks `queue` and returns the used-ring entries added since.
     fn kick(&mut self, queue: usize) -> Vec<(u16, u32)> {
         let r = self.rings[queue];
-        let used_idx =
-            |h: &Self| -> u16 { h.mem.memory().read_obj(GuestAddress(r.used + 2)).unwrap() };
-        let before = used_idx(self);
+        let before = self.used_idx(queue);
         self.backend
             .handle_event(queue as u16, EventSet::IN, &self.vrings, 0)
             .unwrap();
         // Transfers an asynchronous engine has in flight complete too (the
         // daemon's epoll loop would see their completion events).
         self.backend.complete_transfers(&self.vrings, 0);
-        let after = used_idx(self);
+        let after = self.used_idx(queue);
         let mem = self.mem.memory();
         (before..after)
             .map(|i| {
@@ -946,12 +952,6 @@ on_both_engines! {
 
     fn a_full_queue_drained_by_another_queue_is_served_again() {
         let mut h = Harness::direct(&[1 << 20]);
-        let used_idx = |h: &Harness, q: usize| -> u16 {
-            h.mem
-                .memory()
-                .read_obj(GuestAddress(h.rings[q].used + 2))
-                .unwrap()
-        };
         // 200 READs on the first request queue (one chain made available
         // 200 times): with io_uring, 128 go in flight and the queue stops
         // popping.
@@ -974,9 +974,9 @@ on_both_engines! {
         h.backend
             .handle_event(second as u16, EventSet::IN, &h.vrings, 0)
             .unwrap();
-        assert_eq!(used_idx(&h, second), 1);
+        assert_eq!(h.used_idx(second), 1);
         if current_engine() == IoEngine::IoUring {
-            assert_eq!(used_idx(&h, FIRST_REQUEST_QUEUE), 128);
+            assert_eq!(h.used_idx(FIRST_REQUEST_QUEUE), 128);
             assert_eq!(h.backend.transfers_in_flight(0), 0);
             // The completion event (the drain's completions signalled it)
             // serves the stalled queue again: the other 72 are taken.
@@ -985,11 +985,11 @@ on_both_engines! {
                 .handle_event(event as u16, EventSet::IN, &h.vrings, 0)
                 .unwrap();
             let taken =
-                usize::from(used_idx(&h, FIRST_REQUEST_QUEUE)) + h.backend.transfers_in_flight(0);
+                usize::from(h.used_idx(FIRST_REQUEST_QUEUE)) + h.backend.transfers_in_flight(0);
             assert_eq!(taken, 200, "the stalled queue was served again");
         }
         h.backend.complete_transfers(&h.vrings, 0);
-        assert_eq!(used_idx(&h, FIRST_REQUEST_QUEUE), 200);
+        assert_eq!(h.used_idx(FIRST_REQUEST_QUEUE), 200);
         assert_eq!(h.read(resp, RESP_LEN)[11], S_OK);
         assert_eq!(h.read(data, 512), &h.images[0][16 * 512..17 * 512]);
     }
@@ -1060,7 +1060,6 @@ on_both_engines! {
         // O_DIRECT: the reads' completions come later, through the ring,
         // never during their submission.
         let mut h = Harness::direct(&[1 << 20]);
-        let r = h.rings[FIRST_REQUEST_QUEUE];
         // Eight READs made available before one kick.
         let data: Vec<(u64, u64)> = (0..8u16)
             .map(|i| {
@@ -1071,23 +1070,20 @@ on_both_engines! {
         h.backend
             .handle_event(FIRST_REQUEST_QUEUE as u16, EventSet::IN, &h.vrings, 0)
             .unwrap();
-        let used_idx = |h: &Harness| -> u16 {
-            h.mem.memory().read_obj(GuestAddress(r.used + 2)).unwrap()
-        };
         match current_engine() {
             IoEngine::IoUring => {
                 // All eight were submitted before any completion was reaped.
                 assert_eq!(h.backend.transfers_in_flight(0), 8);
                 assert_eq!(h.backend.peak_in_flight(), 8);
-                assert_eq!(used_idx(&h), 0, "nothing completed before reaping");
+                assert_eq!(h.used_idx(FIRST_REQUEST_QUEUE), 0, "nothing completed before reaping");
             }
             IoEngine::Sync => {
                 assert_eq!(h.backend.transfers_in_flight(0), 0);
-                assert_eq!(used_idx(&h), 8);
+                assert_eq!(h.used_idx(FIRST_REQUEST_QUEUE), 8);
             }
         }
         h.backend.complete_transfers(&h.vrings, 0);
-        assert_eq!(used_idx(&h), 8);
+        assert_eq!(h.used_idx(FIRST_REQUEST_QUEUE), 8);
         assert_eq!(h.backend.transfers_in_flight(0), 0);
         for (i, &(resp, addr)) in data.iter().enumerate() {
             assert_eq!(h.read(resp, RESP_LEN)[10..12], [0, S_OK], "READ {i}");
@@ -1162,9 +1158,11 @@ on_both_engines! {
         let used = h.kick(CONTROL_QUEUE);
         assert_eq!(used, vec![(0, 1)]);
         assert_eq!(h.backend.transfers_in_flight(0), 0);
-        let r = h.rings[FIRST_REQUEST_QUEUE];
-        let used_idx: u16 = h.mem.memory().read_obj(GuestAddress(r.used + 2)).unwrap();
-        assert_eq!(used_idx, 1, "the READ was completed before the TMF answer");
+        assert_eq!(
+            h.used_idx(FIRST_REQUEST_QUEUE),
+            1,
+            "the READ was completed before the TMF answer"
+        );
         assert_eq!(h.read(resp, RESP_LEN)[11], S_OK);
         assert_eq!(h.read(data, 1024), &h.images[0][8 * 512..10 * 512]);
     }
@@ -1486,16 +1484,13 @@ on_both_engines! {
                 Buf::W(512),
             ],
         );
-        let r = h.rings[second];
-        let used_idx =
-            |h: &Harness| -> u16 { h.mem.memory().read_obj(GuestAddress(r.used + 2)).unwrap() };
-        assert_eq!(used_idx(&h), 0);
+        assert_eq!(h.used_idx(second), 0);
         h.backend
             .handle_event(0, EventSet::IN, &h.vrings[second..=second], 1)
             .unwrap();
         h.backend
             .complete_transfers(&h.vrings[second..=second], 1);
-        assert_eq!(used_idx(&h), 1);
+        assert_eq!(h.used_idx(second), 1);
         assert_eq!(h.read(writable[1].0, 512), &h.images[0][5 * 512..6 * 512]);
         // Thread 0 still serves the first request queue as its vring 2.
         let used = h.command(lun(0), &read10(6, 1), 512);
@@ -1515,17 +1510,14 @@ on_both_engines! {
                 Buf::W(512),
             ],
         );
-        let r = h.rings[FIRST_REQUEST_QUEUE];
-        let used_idx =
-            |h: &Harness| -> u16 { h.mem.memory().read_obj(GuestAddress(r.used + 2)).unwrap() };
-        assert_eq!(used_idx(&h), 0);
+        assert_eq!(h.used_idx(FIRST_REQUEST_QUEUE), 0);
         // ABORT TASK SET on the control queue: the READ completes first.
         h.next_data = DATA_BASE + 0x10_0000;
         let _ = h.push(CONTROL_QUEUE, &[Buf::R(tmf(1, lun(0))), Buf::W(1)]);
         let used = h.kick(CONTROL_QUEUE);
         assert_eq!(used.len(), 1);
         assert_eq!(
-            used_idx(&h),
+            h.used_idx(FIRST_REQUEST_QUEUE),
             1,
             "the pending READ was completed before the TMF answer"
         );

@@ -240,24 +240,38 @@ pub struct ScsiFrontend {
     queues: Vec<RequestQueue>,
 }
 
+/// Connects to the backend listening at `socket`, retrying until it
+/// listens or `timeout` passes (the daemon may still be starting).
+pub(crate) fn connect_with_retry(
+    socket: &Path,
+    max_queues: u64,
+    timeout: Duration,
+) -> Result<Frontend, FrontendError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match Frontend::connect(socket, max_queues) {
+            Ok(f) => return Ok(f),
+            Err(source) if Instant::now() >= deadline => {
+                return Err(FrontendError::Connect {
+                    path: socket.to_path_buf(),
+                    source,
+                })
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(10)),
+        }
+    }
+}
+
 impl ScsiFrontend {
     /// Connects to the backend at `socket` (retrying until it listens or
     /// `config.connect_timeout` passes) and sets the device up.
     pub fn connect(socket: &Path, config: &DriverConfig) -> Result<ScsiFrontend, FrontendError> {
         let ring_size = config.ring_size()?;
-        let deadline = Instant::now() + config.connect_timeout;
-        let mut frontend = loop {
-            match Frontend::connect(socket, (FIRST_REQUEST_QUEUE + 1) as u64) {
-                Ok(f) => break f,
-                Err(source) if Instant::now() >= deadline => {
-                    return Err(FrontendError::Connect {
-                        path: socket.to_path_buf(),
-                        source,
-                    })
-                }
-                Err(_) => std::thread::sleep(Duration::from_millis(10)),
-            }
-        };
+        let mut frontend = connect_with_retry(
+            socket,
+            (FIRST_REQUEST_QUEUE + 1) as u64,
+            config.connect_timeout,
+        )?;
 
         // Negotiation, in QEMU's order.
         frontend.set_owner().map_err(vhost_err("SET_OWNER"))?;

@@ -31,7 +31,10 @@ use vm_memory::{
 use vmm_sys_util::eventfd::EventFd;
 
 use super::ring::RingAddrs;
-use super::{memfd, vhost_err, FrontendError, CONTROL_QUEUE, EVENT_QUEUE, FIRST_REQUEST_QUEUE};
+use super::{
+    connect_with_retry, memfd, vhost_err, FrontendError, CONTROL_QUEUE, EVENT_QUEUE,
+    FIRST_REQUEST_QUEUE,
+};
 
 /// Descriptor flags (virtio 1.2 §2.7.5).
 pub const VRING_DESC_F_NEXT: u16 = 1;
@@ -166,19 +169,7 @@ impl RawDevice {
                 ))
             }
         }
-        let deadline = Instant::now() + config.connect_timeout;
-        let mut frontend = loop {
-            match Frontend::connect(socket, config.max_queues) {
-                Ok(f) => break f,
-                Err(source) if Instant::now() >= deadline => {
-                    return Err(FrontendError::Connect {
-                        path: socket.to_path_buf(),
-                        source,
-                    })
-                }
-                Err(_) => std::thread::sleep(Duration::from_millis(10)),
-            }
-        };
+        let mut frontend = connect_with_retry(socket, config.max_queues, config.connect_timeout)?;
         frontend.set_owner().map_err(vhost_err("SET_OWNER"))?;
         let offered = frontend.get_features().map_err(vhost_err("GET_FEATURES"))?;
         let protocol_bit = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();

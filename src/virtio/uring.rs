@@ -121,8 +121,8 @@ pub struct QueueRing {
     /// The queue completions are returned to.
     vring: VringRwLock,
     slots: Vec<Slot>,
+    /// Slots not in flight.
     free: Vec<u16>,
-    in_flight: usize,
     /// Most transfers in flight at once so far (for tests and logs).
     peak: usize,
     /// Entries pushed but not yet submitted.
@@ -174,7 +174,6 @@ impl QueueRing {
             vring,
             slots,
             free: (0..RING_ENTRIES as u16).rev().collect(),
-            in_flight: 0,
             peak: 0,
             unsubmitted: 0,
             buffered_reads: false,
@@ -187,7 +186,7 @@ impl QueueRing {
     }
 
     pub fn in_flight(&self) -> usize {
-        self.in_flight
+        self.slots.len() - self.free.len()
     }
 
     pub fn peak(&self) -> usize {
@@ -276,8 +275,7 @@ impl QueueRing {
         slot.head = head;
         slot.reply = Some(pending.reply());
         slot.mem = Some(mem.clone());
-        self.in_flight += 1;
-        self.peak = self.peak.max(self.in_flight);
+        self.peak = self.peak.max(self.in_flight());
         self.unsubmitted += 1;
         if self.unsubmitted >= SUBMIT_BATCH {
             self.submit();
@@ -405,7 +403,6 @@ impl QueueRing {
         slot.reply = None;
         slot.mem = None;
         self.free.push(index as u16);
-        self.in_flight -= 1;
         match self.vring.add_used(head, used) {
             Ok(()) => Some(true),
             Err(e) => {
@@ -418,7 +415,7 @@ impl QueueRing {
     /// Waits for and completes every transfer in flight. False if the ring
     /// failed, leaving transfers in flight.
     pub fn drain(&mut self) -> bool {
-        while self.in_flight > 0 {
+        while self.in_flight() > 0 {
             match self.ring.submit_and_wait(1) {
                 Ok(_) => self.unsubmitted = 0,
                 Err(e)
@@ -429,7 +426,7 @@ impl QueueRing {
                 Err(e) => {
                     warn!(
                         "io_uring: cannot wait for {} transfers: {e}",
-                        self.in_flight
+                        self.in_flight()
                     );
                     return false;
                 }

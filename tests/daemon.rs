@@ -4,7 +4,6 @@
 use std::ffi::OsStr;
 use std::io::Write;
 use std::os::unix::io::AsRawFd;
-use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -176,12 +175,14 @@ impl Daemon {
         std::fs::read_to_string(&self.log).unwrap()
     }
 
+    /// Waits until this daemon listens: its own log says so. A connect
+    /// alone proves nothing, since a stale or another process's listener
+    /// may hold the path until the daemon replaces it.
     fn wait_for_socket(&mut self, sock: &Path) {
         let deadline = Instant::now() + Duration::from_secs(10);
+        let listening = format!("listening on {}", sock.display());
         while Instant::now() < deadline {
-            if std::os::unix::net::UnixStream::connect(sock).is_ok() {
-                // That probe was a connection too; the daemon serves it and
-                // goes back to listening.
+            if self.log().contains(&listening) {
                 return;
             }
             if let Some(status) = self.child.try_wait().unwrap() {
@@ -189,7 +190,7 @@ impl Daemon {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        panic!("daemon did not listen on {}", sock.display());
+        panic!("daemon did not listen on {}: {}", sock.display(), self.log());
     }
 
     fn signal(&self, sig: i32) {
@@ -280,15 +281,25 @@ fn stale_socket_is_replaced_live_one_refused() {
     let img = image(dir.path(), "d.raw", 4096);
 
     // A live listener holds the path: refused, and the path is left alone.
-    let live = UnixListener::bind(&sock).unwrap();
-    let out = run(&["-s", sock.to_str().unwrap(), img.to_str().unwrap()]);
+    // The listener is another daemon, so that it lives in a process of its
+    // own: a listener of this test process would be copied into every child
+    // another test thread forks, and live on there after it is dropped here.
+    let mut live = Daemon::start(&sock, &[&img]);
+    let out = run(&["-r", "-s", sock.to_str().unwrap(), img.to_str().unwrap()]);
     assert_one_line_error(&out, 1, &["vus.sock", "in use"]);
     assert!(sock.exists());
-    drop(live);
 
-    // The listener is gone but its socket file stays: replaced.
+    // SIGKILL leaves its socket file behind with nobody listening: stale.
+    live.signal(libc::SIGKILL);
+    live.wait_exit();
     assert!(sock.exists());
-    let _daemon = Daemon::start(&sock, &[&img]);
+    let refused = std::os::unix::net::UnixStream::connect(&sock).unwrap_err();
+    assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
+
+    // Replaced: the new daemon serves on the same path.
+    let daemon = Daemon::start(&sock, &[&img]);
+    let replaced = format!("replacing stale socket {}", sock.display());
+    assert!(daemon.log().contains(&replaced), "{}", daemon.log());
     handshake(&sock);
 }
 
@@ -841,6 +852,41 @@ fn os_args(args: &[&dyn AsRef<OsStr>]) -> Vec<std::ffi::OsString> {
 /// Operator errors tests above do not cover, each with its exit status
 /// (2 for what clap rejects, 1 for the rest) and its exact one-line
 /// message.
+/// A tmpfs mounted on a directory, unmounted when dropped (lazily, so that
+/// a descriptor some forked child still holds cannot keep it mounted).
+struct TmpfsMount(PathBuf);
+
+impl TmpfsMount {
+    fn new(dir: &Path, opts: &str) -> TmpfsMount {
+        TmpfsMount::remount(dir, opts);
+        TmpfsMount(dir.to_path_buf())
+    }
+
+    fn remount(dir: &Path, opts: &str) {
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", opts, "tmpfs"])
+            .arg(dir)
+            .status()
+            .unwrap();
+        assert!(status.success(), "mount -o {opts} {}", dir.display());
+    }
+}
+
+impl Drop for TmpfsMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// A loop device, detached when dropped.
+struct LoopDevice(String);
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["-d", &self.0]).status();
+    }
+}
+
 #[test]
 fn every_operator_error_has_its_exit_status_and_one_line() {
     use std::os::unix::fs::PermissionsExt;
@@ -1068,20 +1114,24 @@ fn every_operator_error_has_its_exit_status_and_one_line() {
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
     let rofs = d.join("rofs");
-    let mut loop_device = None;
+    // Dropped last, on every path out of this test, a panic included.
+    let mut _loop_device = None;
+    let mut _rofs_mount = None;
     if root {
         std::fs::create_dir(&rofs).unwrap();
-        let mount = |opts: &str| {
-            let status = Command::new("mount")
-                .args(["-t", "tmpfs", "-o", opts, "tmpfs"])
-                .arg(&rofs)
-                .status()
-                .unwrap();
-            assert!(status.success(), "mount -o {opts}");
-        };
-        mount("size=1m");
-        let on_rofs = image(&rofs, "x.raw", 4096);
-        mount("remount,ro");
+        _rofs_mount = Some(TmpfsMount::new(&rofs, "size=1m"));
+        // The image is made by a child process: a descriptor of this
+        // process, even a closed one, may live on in a child that another
+        // test thread forked, and one open for writing makes the remount
+        // fail with EBUSY.
+        let on_rofs = rofs.join("x.raw");
+        let status = Command::new("truncate")
+            .args(["-s", "4096"])
+            .arg(&on_rofs)
+            .status()
+            .unwrap();
+        assert!(status.success(), "truncate {}", on_rofs.display());
+        TmpfsMount::remount(&rofs, "remount,ro");
         cases.push(CliCase {
             name: "image on a read-only file system, served read-write",
             args: os_args(&[&"-s", &sock, &on_rofs]),
@@ -1110,7 +1160,7 @@ fn every_operator_error_has_its_exit_status_and_one_line() {
                      bytes (the image's direct I/O alignment), not 512: add ,block-size=4096"
                 ),
             });
-            loop_device = Some(dev);
+            _loop_device = Some(LoopDevice(dev));
         } else {
             assert!(
                 std::env::var("CI").as_deref() != Ok("true"),
@@ -1125,17 +1175,7 @@ fn every_operator_error_has_its_exit_status_and_one_line() {
         );
         eprintln!("skipped the cases that need root (mount, losetup)");
     }
-    // Clean up (loop device, mount) even when a case fails.
-    let result = std::panic::catch_unwind(|| run_cli_cases(&cases));
-    if let Some(dev) = loop_device {
-        let _ = Command::new("losetup").args(["-d", &dev]).status();
-    }
-    if root {
-        let _ = Command::new("umount").arg(&rofs).status();
-    }
-    if let Err(panic) = result {
-        std::panic::resume_unwind(panic);
-    }
+    run_cli_cases(&cases);
     assert!(!sock.exists(), "no case got as far as listening");
 }
 

@@ -43,19 +43,11 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 
 # ------------------------------------------------------------ host packages
-# qemu-system-x86 is not needed to build, but to boot the guest: the tests
-# need it, so it is installed along with the rest.
-PKGS=(qemu-system-x86 busybox-static sg3-utils fio cpio kmod xz-utils zstd)
-installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'ok installed'; }
-missing=()
-for p in "${PKGS[@]}"; do installed "$p" || missing+=("$p"); done
-if ((${#missing[@]})); then
-    [ "$(id -u)" = 0 ] || die "missing packages: ${missing[*]} (run as root, or install them)"
-    log "installing ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get install -y -q --no-install-recommends "${missing[@]}" ||
-        { apt-get update -q && apt-get install -y -q --no-install-recommends "${missing[@]}"; }
-fi
+# QEMU is not needed to build, but to boot the guest: the tests need it (8.2
+# or later, from bookworm-backports on bookworm), so install-qemu.sh installs
+# it along with the rest; it does nothing when all is there.
+PKGS=(busybox-static sg3-utils fio cpio kmod xz-utils zstd)
+bash "$REPO/test/install-qemu.sh" "${PKGS[@]}" || die "cannot install QEMU and ${PKGS[*]}"
 
 version() { dpkg-query -W -f='${Version}' "$1"; }
 KERNEL_PKG=${KERNEL_PKG:-$(apt-cache depends linux-image-amd64 2>/dev/null |

@@ -19,6 +19,12 @@
 #   -m, --mem SIZE        guest RAM (default 512M), a shared memfd as vhost-user needs
 #       --device-opts S   appended to "-device vhost-user-scsi-pci,chardev=vus"
 #                         (default: nothing, i.e. QEMU's default properties)
+#       --chardev-opts S  appended to the vhost-user socket chardev
+#                         "-chardev socket,id=vus,path=SOCKET", e.g.
+#                         ",reconnect-ms=500" (QEMU 8.2 or later reconnects to
+#                         a restarted daemon)
+#       --qemu-arg ARG    one more QEMU argument (e.g. -qmp unix:PATH,server=on,wait=off
+#                         as two --qemu-arg, or -incoming URI); repeatable
 #       --reboot          let a guest reboot restart the VM (default: QEMU exits)
 #       --accel MODE      auto | kvm | tcg (default $VHOST_SCSI_GUEST_ACCEL, else
 #                         auto: KVM when it boots the guest kernel, else TCG;
@@ -30,12 +36,12 @@ set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 log() { echo "run-guest: $*" >&2; }
 die() { echo "run-guest: error: $*" >&2; exit 2; }
-usage() { sed -n '2,28p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { sed -n '2,34p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 
-SOCK="" LOG="" SCENARIO="" SMP=1 MEM=512M DEV_OPTS="" REBOOT=0 DRY=0
+SOCK="" LOG="" SCENARIO="" SMP=1 MEM=512M DEV_OPTS="" CHARDEV_OPTS="" REBOOT=0 DRY=0
 GUEST=${VHOST_SCSI_GUEST_DIR:-$HERE/../out/guest}
 ACCEL=${VHOST_SCSI_GUEST_ACCEL:-auto} QEMU=${QEMU:-qemu-system-x86_64}
-ENVS=() FILES=() EXTRAS=()
+ENVS=() FILES=() EXTRAS=() QEMU_EXTRA=()
 while (($#)); do
     case "$1" in
         -S|--socket) SOCK=${2?}; shift ;;
@@ -47,6 +53,8 @@ while (($#)); do
         --smp) SMP=${2?}; shift ;;
         -m|--mem) MEM=${2?}; shift ;;
         --device-opts) DEV_OPTS=${2?}; shift ;;
+        --chardev-opts) CHARDEV_OPTS=${2?}; shift ;;
+        --qemu-arg) QEMU_EXTRA+=("${2?}"); shift ;;
         --reboot) REBOOT=1 ;;
         --accel) ACCEL=${2?}; shift ;;
         --qemu) QEMU=${2?}; shift ;;
@@ -135,8 +143,9 @@ cmd=("$QEMU" -machine q35 -accel "$ACCEL" -cpu "$CPU" -smp "$SMP" -m "$MEM"
      -nodefaults -no-user-config -display none
      -chardev "file,id=serial,path=$LOG" -serial chardev:serial
      -kernel "$GUEST/kernel" -initrd "$INITRD" -append "console=ttyS0 quiet panic=-1"
-     -chardev "socket,id=vus,path=$SOCK" -device "vhost-user-scsi-pci,chardev=vus$DEV_OPTS")
+     -chardev "socket,id=vus,path=$SOCK$CHARDEV_OPTS" -device "vhost-user-scsi-pci,chardev=vus$DEV_OPTS")
 [ "$REBOOT" = 1 ] || cmd+=(-no-reboot)
+cmd+=("${QEMU_EXTRA[@]}")
 if [ "$DRY" = 1 ]; then
     printf '%q ' "${cmd[@]}"
     echo

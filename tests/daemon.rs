@@ -190,7 +190,11 @@ impl Daemon {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        panic!("daemon did not listen on {}: {}", sock.display(), self.log());
+        panic!(
+            "daemon did not listen on {}: {}",
+            sock.display(),
+            self.log()
+        );
     }
 
     fn signal(&self, sig: i32) {

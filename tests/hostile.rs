@@ -19,7 +19,7 @@ use std::io::{Read, Write};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::{read10, write10, Daemon, ScsiDriver};
 use vhost::vhost_user::VhostUserFrontend;
@@ -1572,4 +1572,160 @@ fn vhost_user_messages_with_unexpected_fds() {
     assert_eq!(s.answer(WAIT).unwrap(), Answer::Closed);
     drop(s);
     env.assert_still_serving(None);
+}
+
+// ---------------------------------------------------------------------
+// Bounded passes: no guest can pin a worker or hold a queue's stop up
+// ---------------------------------------------------------------------
+
+/// User plus system CPU time of `pid` so far.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // After the command name in parentheses: state is field 3, utime and
+    // stime fields 14 and 15 (proc(5)).
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    Duration::from_millis(ticks * 1000 / hz)
+}
+
+/// A queue — request queue 3, or the control queue — whose available ring
+/// is at guest address 0, with `avail.idx = 1` and a kick. virtio allows the
+/// address; virtio-queue pops nothing from such a ring, which used to make
+/// the worker loop for ever (pop: nothing, re-enable notifications: work
+/// available), holding its lock: a host core at 100%, every queue of the
+/// thread dead, and the next connection never served. Now the queue is
+/// refused (logged), the worker stays idle, the thread's other queue keeps
+/// working, and a fresh connection is served after this one ends.
+#[test]
+fn available_ring_at_guest_address_zero() {
+    for queue in [3usize, 0] {
+        let env = Env::new();
+        let mut dev = env.raw();
+        let (kick, call) = (
+            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+        );
+        // Descriptor table and used ring clear of the other queues' rings
+        // and of the buffers `bufs` allocates; the available ring at 0 (over
+        // the control queue's descriptor table, unused here).
+        let (desc, avail, used) = (0x30000u64, 0u64, 0x38000u64);
+        let addrs = [
+            dev.host_addr(desc).unwrap(),
+            dev.host_addr(avail).unwrap(),
+            dev.host_addr(used).unwrap(),
+        ];
+        dev.setup_vring_at(queue, 64, addrs, &kick, &call).unwrap();
+        dev.vhost_frontend().set_vring_enable(queue, true).unwrap();
+        let b = bufs(&mut dev, &read10(0, 1), 512, None);
+        let chain = [
+            r(b.header, REQUEST_LEN),
+            w(b.resp, RESPONSE_LEN),
+            w(b.data, 512),
+        ];
+        for (i, d) in chain.iter().enumerate() {
+            let mut d = *d;
+            if i < 2 {
+                d.flags |= VRING_DESC_F_NEXT;
+                d.next = i as u16 + 1;
+            }
+            dev.write_descs_at(desc + 16 * i as u64, &[d]).unwrap();
+        }
+        dev.write(avail + 4, &0u16.to_le_bytes()).unwrap();
+        dev.write(avail + 2, &1u16.to_le_bytes()).unwrap();
+        kick.write(1).unwrap();
+        env.wait_for_log(&format!("queue {queue}: malformed request from the guest"));
+        // Kicked again and again: each kick is one short look, no loop.
+        let cpu_before = cpu_time(env.pid());
+        let window = Instant::now();
+        for _ in 0..20 {
+            kick.write(1).unwrap();
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // The same worker thread serves queue 2.
+        let (resp, data) = good_read(&mut dev, 0, 30, 2);
+        assert_eq!((resp.response, resp.status), (S_OK, GOOD));
+        assert_eq!(data, env.expected[30 * BLOCK..32 * BLOCK]);
+        let busy = cpu_time(env.pid()) - cpu_before;
+        let elapsed = window.elapsed();
+        // A spinning worker uses the whole window; a few kicks use
+        // next to nothing (clock ticks are 10 ms here).
+        assert!(
+            busy < elapsed / 2,
+            "queue {queue}: the daemon used {busy:?} of CPU in {elapsed:?}"
+        );
+        assert_untouched(&dev, b.resp, RESPONSE_LEN, "the refused queue's response");
+        assert_eq!(call.read().ok(), None, "the refused queue signalled");
+        env.assert_still_serving(Some(dev));
+    }
+}
+
+/// GET_VRING_BASE (QEMU sends it at VM stop, reset, migration and
+/// shutdown) while the worker is busy with slow requests: 255 FUA WRITEs
+/// of 1 MiB each, the VMM stopping the queue 20 ms into them. The pass
+/// that serves them notices the queue stopped and ends, so the answer
+/// comes in bounded time (it used to wait for ever: the pass spun on the
+/// stopped queue while holding the lock stopping it needs). Every request
+/// the returned index accounts for was returned to the used ring, and
+/// none after it was executed.
+#[test]
+fn queue_stopped_behind_slow_requests() {
+    let env = Env::new();
+    let mut dev = env.raw();
+    // The writes put back the bytes the image holds: its contents stay.
+    let b = bufs(
+        &mut dev,
+        &write16(0, (IMAGE_LEN / BLOCK) as u32, true),
+        IMAGE_LEN,
+        Some(&env.expected),
+    );
+    let head = put_chain(
+        &dev,
+        0,
+        &[
+            r(b.header, REQUEST_LEN),
+            r(b.data, IMAGE_LEN),
+            w(b.resp, RESPONSE_LEN),
+        ],
+    );
+    let count = dev.queue_size() - 1;
+    for _ in 0..count {
+        dev.publish(head).unwrap();
+    }
+    dev.kick().unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    let (tx, rx) = mpsc::channel();
+    let sent = Instant::now();
+    std::thread::spawn(move || {
+        let base = dev.vhost_frontend().get_vring_base(2);
+        let _ = tx.send((base, dev));
+    });
+    let (base, dev) = rx
+        .recv_timeout(WAIT)
+        .expect("GET_VRING_BASE is answered behind slow requests");
+    let base = base.expect("GET_VRING_BASE") as u16;
+    eprintln!(
+        "GET_VRING_BASE answered after {:?}: {base} of {count} taken",
+        sent.elapsed()
+    );
+    assert!(
+        base < count,
+        "all {count} writes were done before the queue was stopped: nothing tested"
+    );
+    assert_eq!(
+        dev.used_idx().unwrap(),
+        base,
+        "every request taken was returned"
+    );
+    let resp = Resp::parse(&dev.read(b.resp, RESPONSE_LEN).unwrap());
+    if base > 0 {
+        assert_eq!((resp.response, resp.status), (S_OK, GOOD), "{resp:?}");
+    }
+    env.assert_still_serving(Some(dev));
 }

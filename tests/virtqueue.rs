@@ -2,6 +2,7 @@
 //! virtqueues in mock guest memory, as a guest driver would drive it.
 
 use std::io::Write;
+use std::os::unix::io::{AsRawFd, FromRawFd};
 use std::sync::Arc;
 
 use vhost_device_scsi::scsi::inquiry::Identity;
@@ -19,6 +20,7 @@ use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
 
 /// Counts heap allocations made by the current thread, to check that the
 /// request path allocates nothing.
@@ -1463,6 +1465,43 @@ on_both_engines! {
                 );
             }
         }
+    }
+
+    fn a_pass_out_of_time_kicks_its_queue_again() {
+        let mut h = Harness::new(&[1 << 20]);
+        // Every pass takes one request, then its time is up.
+        h.backend.set_pass_budget(std::time::Duration::ZERO);
+        let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        // SAFETY: dup of a descriptor we own; the File owns the copy.
+        let copy = unsafe { libc::dup(kick.as_raw_fd()) };
+        assert!(copy >= 0);
+        // SAFETY: `copy` is a fresh descriptor owned by nobody else.
+        let copy = unsafe { std::fs::File::from_raw_fd(copy) };
+        h.vrings[FIRST_REQUEST_QUEUE].set_kick(Some(copy));
+        let (resp, data) = h.push_aligned_read(FIRST_REQUEST_QUEUE, 0, DATA_BASE, 16, 1, 5);
+        let taken = |h: &Harness| {
+            usize::from(h.used_idx(FIRST_REQUEST_QUEUE)) + h.backend.transfers_in_flight(0)
+        };
+        // As the worker's epoll loop does: one pass per kick.
+        let mut passes = 0;
+        loop {
+            h.backend
+                .handle_event(FIRST_REQUEST_QUEUE as u16, EventSet::IN, &h.vrings, 0)
+                .unwrap();
+            passes += 1;
+            assert_eq!(taken(&h), passes, "one request per pass");
+            if kick.read().is_err() {
+                break;
+            }
+            assert!(passes < 5, "kicked again with nothing left");
+        }
+        // The fifth pass took the last request; its re-check found none
+        // left, so it did not kick the queue again.
+        assert_eq!(passes, 5);
+        h.backend.complete_transfers(&h.vrings, 0);
+        assert_eq!(h.used_idx(FIRST_REQUEST_QUEUE), 5);
+        assert_eq!(h.read(resp, RESP_LEN)[11], S_OK);
+        assert_eq!(h.read(data, 512), &h.images[0][16 * 512..17 * 512]);
     }
 
     fn request_queues_on_a_second_thread() {

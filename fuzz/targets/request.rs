@@ -55,7 +55,9 @@
 //! invariants are checked; where writable buffers overlap each other or a
 //! readable buffer, the exact byte accounting is skipped.
 
+use std::fs::File;
 use std::ops::Range;
+use std::os::unix::io::{FromRawFd, IntoRawFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -69,6 +71,7 @@ use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
 
 use super::cdb::{block_cdb, random_command, READ_10, READ_6, WRITE_10};
 use super::{
@@ -360,6 +363,9 @@ struct World {
     backend: ScsiBackend,
     vrings: Vec<VringRwLock>,
     luns: Vec<Handle>,
+    /// Per queue: its kick eventfd, which the backend also writes when a
+    /// pass runs out of time with requests left.
+    kicks: Vec<EventFd>,
 }
 
 impl World {
@@ -416,9 +422,15 @@ impl World {
             let _ = backend.set_config(24, &u32::from(cdb).to_le_bytes());
             let _ = backend.set_config(20, &u32::from(sense).to_le_bytes());
         }
+        let kicks: Vec<EventFd> = (0..QUEUES)
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK).expect("kick eventfd"))
+            .collect();
         let vrings = (0..QUEUES)
             .map(|i| {
                 let vring = VringRwLock::new(mem.clone(), MAX_QUEUE_SIZE).expect("vring");
+                let kick = kicks[i].try_clone().expect("kick eventfd copy");
+                // SAFETY: the copy is a descriptor nothing else owns.
+                vring.set_kick(Some(unsafe { File::from_raw_fd(kick.into_raw_fd()) }));
                 let (d, a, u) = rings(i);
                 vring.set_queue_size(if i == q { size } else { MAX_QUEUE_SIZE });
                 vring.set_queue_info(d, a, u).expect("ring addresses");
@@ -437,6 +449,7 @@ impl World {
             backend,
             vrings,
             luns,
+            kicks,
         }
     }
 
@@ -472,14 +485,24 @@ impl World {
         (get(24), get(20))
     }
 
+    /// Kicks `queue` and runs the worker as its epoll loop would: again
+    /// while the queue's kick eventfd is signalled (a pass that ran out of
+    /// time kicks itself). Each such pass took a request, so there are at
+    /// most as many as the queue holds.
     fn kick(&self, queue: usize) {
-        let result = self
-            .backend
-            .handle_event(queue as u16, EventSet::IN, &self.vrings, 0);
-        assert!(
-            result.is_ok(),
-            "handle_event on queue {queue} failed: {result:?} (the worker thread would stop serving)"
-        );
+        for _ in 0..=MAX_QUEUE_SIZE {
+            let result = self
+                .backend
+                .handle_event(queue as u16, EventSet::IN, &self.vrings, 0);
+            assert!(
+                result.is_ok(),
+                "handle_event on queue {queue} failed: {result:?} (the worker thread would stop serving)"
+            );
+            if self.kicks[queue].read().is_err() {
+                return;
+            }
+        }
+        panic!("queue {queue} kicked itself more often than it holds requests");
     }
 }
 

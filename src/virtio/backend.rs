@@ -8,12 +8,13 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use log::{debug, warn};
+use smallvec::SmallVec;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_bindings::virtio_scsi::{VIRTIO_SCSI_F_CHANGE, VIRTIO_SCSI_F_HOTPLUG};
-use virtio_queue::QueueT;
+use virtio_queue::{DescriptorChain, QueueT};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
@@ -55,6 +56,12 @@ pub const NUM_QUEUES: usize = FIRST_REQUEST_QUEUE + MAX_REQUEST_QUEUES;
 /// 4k reads at queue depth 32 through the page cache run twice as fast as
 /// with one signal per ring (README, *Benchmark*); 4 and 16 did as well.
 pub const SIGNAL_BATCH: usize = 8;
+
+/// Most time one pass over a queue spends taking new requests before it
+/// lets the worker thread go round its event loop (see `serve_queue`). A
+/// request that has started runs to its end, so a queue is stopped at most
+/// this long plus one request after the VMM asks.
+pub const PASS_BUDGET: Duration = Duration::from_millis(10);
 
 /// Largest virtqueue the driver may set up (virtio split ring maximum).
 pub const MAX_QUEUE_SIZE: usize = 1024;
@@ -118,6 +125,8 @@ pub struct ScsiBackend {
     /// For each global queue index: the worker thread serving it and the
     /// queue's position among that thread's queues.
     queue_owner: Vec<(usize, usize)>,
+    /// How long one pass over a queue takes new requests.
+    pass_budget: Duration,
 }
 
 /// A worker thread's io_uring state: one ring per request queue it serves
@@ -145,6 +154,18 @@ impl Worker {
     fn in_flight(&self) -> usize {
         self.rings.iter().flatten().map(QueueRing::in_flight).sum()
     }
+}
+
+/// Why a round of taking requests from a queue ended.
+enum RoundEnd {
+    /// The available ring is empty, or no more can be taken from it.
+    Empty,
+    /// The queue's io_uring ring has no free slot.
+    RingFull,
+    /// The pass used up its time budget.
+    OutOfTime,
+    /// The queue was stopped or disabled.
+    Stopped,
 }
 
 impl ScsiBackend {
@@ -220,7 +241,14 @@ impl ScsiBackend {
             cdb_size: AtomicUsize::new(sizes.cdb),
             sense_size: AtomicUsize::new(sizes.sense),
             warned_malformed: AtomicBool::new(false),
+            pass_budget: PASS_BUDGET,
         }
+    }
+
+    /// Bounds passes over a queue by `budget` instead of [`PASS_BUDGET`]
+    /// (for tests of the bound).
+    pub fn set_pass_budget(&mut self, budget: Duration) {
+        self.pass_budget = budget;
     }
 
     pub fn options(&self) -> QueueOptions {
@@ -258,63 +286,53 @@ impl ScsiBackend {
         }
     }
 
-    /// Serves every available request on `vring`, re-checking after
+    /// Serves the requests available on `vring`, re-checking after
     /// notifications are re-enabled so that no kick is lost (virtio 1.2
     /// §2.7.10 with VIRTIO_F_EVENT_IDX). With io_uring, READ and WRITE
     /// transfers are submitted and completed later (see `reap`); when the
     /// queue's ring is full, popping stops until completions free slots.
+    ///
+    /// A pass is bounded, whatever the guest queued: it ends when the queue
+    /// is stopped (GET_VRING_BASE, SET_VRING_ENABLE 0) or cannot be read,
+    /// and after [`ScsiBackend::pass_budget`] it stops taking requests and
+    /// kicks the queue itself, so that the worker's lock comes free (the
+    /// vhost-user thread needs it to stop a queue) and the thread's other
+    /// queues and events are served before this one goes on.
     fn serve_queue(&self, queue_index: usize, vring: &VringRwLock) -> io::Result<()> {
-        let Some(atomic_mem) = self
-            .mem
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
-        else {
+        let Some(mem) = self.usable_memory(queue_index, vring) else {
             return Ok(());
         };
-        let mem: Arc<GuestMem> = atomic_mem.memory().into_inner();
-        {
-            let state = vring.get_ref();
-            let queue = state.get_queue();
-            // A queue whose descriptor table or rings are not all inside
-            // guest memory is not served at all: a request taken from it
-            // could be executed (a WRITE, say) but never returned, since
-            // its used ring cannot be written (virtio 1.2 §2.7: the driver
-            // places all three areas in memory it shares; §2.1.2 lets the
-            // device give up on a queue it cannot use).
-            if !queue.ready() {
-                return Ok(());
-            }
-            if !queue.is_valid(&*mem) {
-                drop(state);
-                self.malformed(
-                    queue_index,
-                    &"descriptor table or rings outside guest memory",
-                );
-                return Ok(());
-            }
-        }
         let sizes = self.sizes();
+        let deadline = Instant::now() + self.pass_budget;
         let mut worker = self.worker_of(queue_index);
         let defer =
             queue_index >= FIRST_REQUEST_QUEUE && self.ring_for(&mut worker, queue_index, vring);
+        // Whether the last round ended on word that requests were available
+        // (enable_notification or polling said so).
+        let mut expect_work = false;
         loop {
             vring.disable_notification().map_err(io::Error::other)?;
             // Chains returned since the guest was last signalled.
             let mut unsignalled = 0usize;
-            let mut ring_full = false;
-            loop {
+            let mut popped = 0usize;
+            let end = loop {
                 if let Some(ring) = self.ring_of(&mut worker, queue_index) {
                     ring.stalled = ring.is_full();
                     if ring.stalled {
-                        ring_full = true;
-                        break;
+                        break RoundEnd::RingFull;
                     }
                 }
+                if popped > 0 && Instant::now() >= deadline {
+                    break RoundEnd::OutOfTime;
+                }
                 let mut state = vring.get_mut();
+                if !state.get_queue().ready() || !state.is_enabled() {
+                    break RoundEnd::Stopped;
+                }
                 let Some(chain) = state.get_queue_mut().pop_descriptor_chain(&*mem) else {
-                    break;
+                    break RoundEnd::Empty;
                 };
+                popped += 1;
                 let head = chain.head_index();
                 let size = state.get_queue().size();
                 // Unlocked while the request runs: draining the rings may
@@ -333,45 +351,11 @@ impl ScsiBackend {
                     );
                     continue;
                 }
-                let used_len = match split_chain(&mem, chain) {
-                    Err(e) => {
-                        self.malformed(queue_index, &e);
-                        0
-                    }
-                    Ok(split) if queue_index == CONTROL_QUEUE => {
-                        worker.drain();
-                        let (len, err) = handle_control(split, &self.target);
-                        if let Some(e) = err {
-                            self.malformed(queue_index, &e);
-                        }
-                        len
-                    }
-                    Ok(split) => {
-                        let started = start_command(split, &self.target, sizes, defer, &mut || {
-                            // Anything run synchronously comes after every
-                            // transfer this thread has in flight: SYNCHRONIZE
-                            // CACHE then covers them, and no transfer of this
-                            // thread is left holding up a COMPARE AND WRITE.
-                            worker.drain()
-                        });
-                        let (len, err) = match started {
-                            Started::Done(len, err) => (len, err),
-                            Started::Transfer(pending) => {
-                                let declined = match self.ring_of(&mut worker, queue_index) {
-                                    Some(ring) => ring.start(pending, head, &mem).err(),
-                                    None => Some(pending),
-                                };
-                                match declined {
-                                    None => continue,
-                                    Some(pending) => self.run_inline(&mut worker, pending),
-                                }
-                            }
-                        };
-                        if let Some(e) = err {
-                            self.malformed(queue_index, &e);
-                        }
-                        len
-                    }
+                let Some(used_len) =
+                    self.run_chain(queue_index, chain, &mem, sizes, defer, &mut worker)
+                else {
+                    // On the io_uring ring: returned when it completes.
+                    continue;
                 };
                 vring
                     .get_mut()
@@ -383,7 +367,7 @@ impl ScsiBackend {
                     unsignalled = 0;
                     Self::signal_if_needed(vring, &mem)?;
                 }
-            }
+            };
             let mut slots_freed = false;
             if let Some(ring) = self.ring_of(&mut worker, queue_index) {
                 ring.submit();
@@ -392,13 +376,36 @@ impl ScsiBackend {
             if unsignalled > 0 {
                 Self::signal_if_needed(vring, &mem)?;
             }
-            if ring_full {
-                if slots_freed {
-                    continue;
-                }
+            match end {
                 // Notifications stay off: reaping completions serves the
                 // queue again.
-                break;
+                RoundEnd::RingFull if slots_freed => {
+                    expect_work = false;
+                    continue;
+                }
+                RoundEnd::RingFull | RoundEnd::Stopped => break,
+                RoundEnd::OutOfTime => {
+                    // With requests left, notifications stay off and the
+                    // kick brings the worker back once its other events are
+                    // handled.
+                    if Self::has_available(vring, &mem)
+                        || vring.enable_notification().map_err(io::Error::other)?
+                    {
+                        Self::kick_again(vring);
+                    }
+                    break;
+                }
+                RoundEnd::Empty if expect_work && popped == 0 => {
+                    // Requests are available, yet none can be taken: the
+                    // available ring is not readable (virtio-queue does not
+                    // read one at guest address 0, say). Another pass comes
+                    // with the next kick; spinning here would pin a host
+                    // core and keep the queue from ever being stopped.
+                    self.malformed(queue_index, &"available requests cannot be read");
+                    vring.enable_notification().map_err(io::Error::other)?;
+                    break;
+                }
+                RoundEnd::Empty => {}
             }
             if Self::avail_index_broken(vring, &mem) {
                 // virtio 1.2 §2.7.6: the available ring holds queue-size
@@ -417,6 +424,7 @@ impl ScsiBackend {
             // Optional busy polling, notifications still off: a guest that
             // submits again within the window is served without the
             // kick/eventfd round trip.
+            expect_work = true;
             if !self.options.poll.is_zero() && self.poll_for_work(vring, &mem) {
                 continue;
             }
@@ -425,6 +433,114 @@ impl ScsiBackend {
             }
         }
         Ok(())
+    }
+
+    /// The guest memory `queue_index` is served in, if the queue is ready
+    /// and usable there. A queue whose descriptor table or rings are not
+    /// all inside guest memory is not served at all: a request taken from
+    /// it could be executed (a WRITE, say) but never returned, since its
+    /// used ring cannot be written (virtio 1.2 §2.7: the driver places all
+    /// three areas in memory it shares; §2.1.2 lets the device give up on a
+    /// queue it cannot use). Nor is one whose available ring is at guest
+    /// address 0, which virtio-queue refuses to read although virtio allows
+    /// it (no Linux driver places a ring there).
+    fn usable_memory(&self, queue_index: usize, vring: &VringRwLock) -> Option<Arc<GuestMem>> {
+        let atomic_mem = self
+            .mem
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()?;
+        let mem: Arc<GuestMem> = atomic_mem.memory().into_inner();
+        let state = vring.get_ref();
+        let queue = state.get_queue();
+        if !queue.ready() || !state.is_enabled() {
+            return None;
+        }
+        let problem = if !queue.is_valid(&*mem) {
+            "descriptor table or rings outside guest memory"
+        } else if queue.avail_ring() == 0 {
+            "available ring at guest address 0, which is not served"
+        } else {
+            return Some(mem);
+        };
+        drop(state);
+        self.malformed(queue_index, &problem);
+        None
+    }
+
+    /// Executes one request chain (control or command); its used length,
+    /// or None when an io_uring ring took it and returns it on completion.
+    fn run_chain(
+        &self,
+        queue_index: usize,
+        chain: DescriptorChain<&GuestMem>,
+        mem: &Arc<GuestMem>,
+        sizes: Sizes,
+        defer: bool,
+        worker: &mut Worker,
+    ) -> Option<u32> {
+        let head = chain.head_index();
+        let split = match split_chain(mem, chain) {
+            Ok(split) => split,
+            Err(e) => {
+                self.malformed(queue_index, &e);
+                return Some(0);
+            }
+        };
+        if queue_index == CONTROL_QUEUE {
+            worker.drain();
+            let (len, err) = handle_control(split, &self.target);
+            if let Some(e) = err {
+                self.malformed(queue_index, &e);
+            }
+            return Some(len);
+        }
+        let started = start_command(split, &self.target, sizes, defer, &mut || {
+            // Anything run synchronously comes after every transfer this
+            // thread has in flight: SYNCHRONIZE CACHE then covers them, and
+            // no transfer of this thread is left holding up a COMPARE AND
+            // WRITE.
+            worker.drain()
+        });
+        let (len, err) = match started {
+            Started::Done(len, err) => (len, err),
+            Started::Transfer(pending) => {
+                let declined = match self.ring_of(worker, queue_index) {
+                    Some(ring) => ring.start(pending, head, mem).err(),
+                    None => Some(pending),
+                };
+                match declined {
+                    None => return None,
+                    Some(pending) => self.run_inline(worker, pending),
+                }
+            }
+        };
+        if let Some(e) = err {
+            self.malformed(queue_index, &e);
+        }
+        Some(len)
+    }
+
+    /// Makes the worker thread's epoll loop serve `vring` again, as a
+    /// guest's kick would (an eventfd counter write).
+    fn kick_again(vring: &VringRwLock) {
+        let state = vring.get_ref();
+        if let Some(kick) = state.get_kick() {
+            let one: u64 = 1;
+            // SAFETY: the descriptor is the vring's kick eventfd, kept open
+            // while `state` borrows the vring; the buffer is 8 readable
+            // bytes, as an eventfd write takes.
+            let written = unsafe {
+                libc::write(
+                    kick.as_raw_fd(),
+                    std::ptr::addr_of!(one).cast(),
+                    std::mem::size_of::<u64>(),
+                )
+            };
+            if written != 8 {
+                debug!("cannot kick a queue again: {}", io::Error::last_os_error());
+            }
+        }
     }
 
     /// Runs a READ or WRITE the ring did not take synchronously, keeping
@@ -560,27 +676,57 @@ impl ScsiBackend {
     }
 
     /// Serves every request available on thread `thread`'s request queues
-    /// (`vrings` are the thread's vrings) and waits until each has
-    /// completed, transfers in flight included: what a TMF does before it
-    /// is answered. Public for tests that drive the backend without its
-    /// epoll loop.
+    /// (`vrings` are the thread's vrings) when called, and waits until each
+    /// has completed, transfers in flight included: what a TMF does before
+    /// it is answered. Requests made available later are not waited for,
+    /// nor are those of a queue that is stopped or cannot be read, so this
+    /// ends whatever the guest does. Public for tests that drive the
+    /// backend without its epoll loop.
     pub fn complete_transfers(&self, vrings: &[VringRwLock], thread: usize) {
         let queues = self
             .thread_queues
             .get(thread)
             .map(Vec::as_slice)
             .unwrap_or_default();
+        let mem = self
+            .mem
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .map(|m| m.memory().into_inner());
+        // Per queue: how far the available index was when called (inline:
+        // a thread has at most NUM_QUEUES queues).
+        let targets: SmallVec<[Option<u16>; NUM_QUEUES]> = vrings
+            .iter()
+            .map(|vring| {
+                let state = vring.get_ref();
+                let mem = mem.as_deref()?;
+                let avail = state.get_queue().avail_idx(mem, Ordering::Acquire).ok()?;
+                Some(avail.0)
+            })
+            .collect();
         loop {
-            for (vring, &queue) in vrings.iter().zip(queues) {
-                if queue >= FIRST_REQUEST_QUEUE && Self::is_live(vring) {
-                    self.process_queue(queue, vring);
+            // Whether a queue took requests and has more to take.
+            let mut more = false;
+            for ((vring, &queue), target) in vrings.iter().zip(queues).zip(&targets) {
+                if queue < FIRST_REQUEST_QUEUE || !Self::is_live(vring) {
+                    continue;
                 }
+                let before = vring.get_ref().get_queue().next_avail();
+                self.process_queue(queue, vring);
+                let state = vring.get_ref();
+                let queue = state.get_queue();
+                let after = queue.next_avail();
+                // Taken up to the target, or an index that moved backwards
+                // or too far (a broken ring): nothing more to wait for.
+                let left = target.map_or(1, |t| t.wrapping_sub(after));
+                more |= after != before && left != 0 && left <= queue.size();
             }
             let Some(worker) = self.workers.get(thread) else {
                 return;
             };
             let mut worker = worker.lock().unwrap_or_else(PoisonError::into_inner);
-            if worker.in_flight() == 0 {
+            if worker.in_flight() == 0 && !more {
                 return;
             }
             // A full ring stopped popping: serve the queues again once
@@ -639,19 +785,24 @@ impl ScsiBackend {
             .is_ok_and(|avail| avail.0.wrapping_sub(queue.next_avail()) > queue.size())
     }
 
+    /// Whether the driver has made requests available that the device has
+    /// not taken (an unreadable index counts as none).
+    fn has_available(vring: &VringRwLock, mem: &GuestMem) -> bool {
+        let state = vring.get_ref();
+        let queue = state.get_queue();
+        queue
+            .avail_idx(mem, Ordering::Acquire)
+            .is_ok_and(|avail| avail.0 != queue.next_avail())
+    }
+
     /// Spins until the driver makes a new request available or the polling
     /// window ends; true if there is work.
     fn poll_for_work(&self, vring: &VringRwLock, mem: &GuestMem) -> bool {
         let deadline = Instant::now() + self.options.poll;
         loop {
-            let state = vring.get_ref();
-            let queue = state.get_queue();
-            match queue.avail_idx(mem, Ordering::Acquire) {
-                Ok(avail) if avail.0 != queue.next_avail() => return true,
-                Ok(_) => {}
-                Err(_) => return false,
+            if Self::has_available(vring, mem) {
+                return true;
             }
-            drop(state);
             if Instant::now() >= deadline {
                 return false;
             }

@@ -490,6 +490,11 @@ impl Disk {
     }
 
     /// The file an asynchronous engine may access directly.
+    /// See [`crate::storage::Storage::transfer_granule`].
+    pub fn transfer_granule(&self) -> usize {
+        self.storage.transfer_granule()
+    }
+
     pub fn async_file(&self) -> Option<AsyncFile> {
         self.storage.async_file()
     }

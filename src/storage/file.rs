@@ -251,6 +251,12 @@ impl Storage for FileImage {
         Ok(())
     }
 
+    fn transfer_granule(&self) -> usize {
+        self.direct.map_or(1, |align| {
+            usize::try_from(align.offset).unwrap_or(usize::MAX)
+        })
+    }
+
     fn async_file(&self) -> Option<AsyncFile> {
         Some(AsyncFile {
             fd: self.file.as_raw_fd(),

@@ -70,6 +70,13 @@ pub trait Storage: Send + Sync {
     /// of its length for the duration of the call.
     fn write_vectored_at(&self, iov: &[IoVec], offset: u64, durable: bool) -> io::Result<()>;
 
+    /// Offsets and lengths of one vectored transfer must be multiples of
+    /// this for it to succeed (O_DIRECT's offset alignment; 1 where any
+    /// will do). Callers splitting a transfer split it at such multiples.
+    fn transfer_granule(&self) -> usize {
+        1
+    }
+
     /// Make all completed writes durable.
     fn flush(&self) -> io::Result<()>;
 

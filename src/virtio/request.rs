@@ -12,7 +12,7 @@ use virtio_bindings::virtio_scsi::{
 };
 
 use super::chain::SplitChain;
-use super::sglist::{write_to_iovecs, GuestDataIn, GuestDataOut, SgList};
+use super::sglist::{write_to_iovecs, Flow, GuestDataIn, GuestDataOut, SgList};
 use crate::scsi::{Completion, Direction, LunAddress, Prepared, Target, Transfer};
 use crate::storage::IoVec;
 
@@ -162,13 +162,21 @@ impl<'a> PendingCommand<'a> {
     fn run(mut self, target: &Target, registered: bool) -> (u32, Option<RequestError>) {
         let transfer = self.transfer;
         let result = match target.luns().get(self.lun) {
-            Some(disk) => self.data.transfer(transfer.len, |iov, done| {
-                if registered {
-                    disk.transfer_registered(&transfer, iov, done)
-                } else {
-                    disk.transfer_sync(&transfer, iov, done)
-                }
-            }),
+            Some(disk) => self.data.transfer(
+                transfer.len,
+                disk.transfer_granule(),
+                match transfer.direction {
+                    Direction::Read => Flow::ToGuest,
+                    Direction::Write { .. } => Flow::FromGuest,
+                },
+                |iov, done| {
+                    if registered {
+                        disk.transfer_registered(&transfer, iov, done)
+                    } else {
+                        disk.transfer_sync(&transfer, iov, done)
+                    }
+                },
+            ),
             None => Err(std::io::Error::from(std::io::ErrorKind::NotFound)),
         };
         let completion = target.finish(self.lun, &transfer, result);

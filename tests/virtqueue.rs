@@ -1564,3 +1564,82 @@ on_both_engines! {
         assert_eq!(h.read(writable[1].0, 512), &h.images[0][3 * 512..4 * 512]);
     }
 }
+
+/// With io_uring and two worker threads: transfers in flight on a thread
+/// that is not serving never hold up a COMPARE AND WRITE on the other
+/// thread. When a thread's event loop ends (an event other than "readable"
+/// on one of its descriptors: vhost-user-backend then stops the thread),
+/// its transfers are completed first; and a COMPARE AND WRITE completes
+/// the transfers of a thread not serving at that moment, since nobody else
+/// may be left to reap them. Either used to leave COMPARE AND WRITE waiting
+/// for ever, holding its unit.
+#[test]
+fn another_threads_transfers_do_not_wedge_compare_and_write() {
+    ENGINE.with(|e| e.set(IoEngine::IoUring));
+    let options = QueueOptions {
+        request_queues: 2,
+        threads: 2,
+        poll: std::time::Duration::ZERO,
+    };
+    let mut h = Harness::build_full(&[1 << 20], false, options, true);
+    // Request queue 1 (global index 3) is thread 1's vring 0.
+    let second = FIRST_REQUEST_QUEUE + 1;
+    let thread1 = h.vrings[second..=second].to_vec();
+    let thread1 = &thread1[..];
+
+    // Its event loop ends with eight O_DIRECT READs in flight.
+    let _ = h.push_aligned_read(second, 0, DATA_BASE, 0, 8, 8);
+    h.backend.handle_event(0, EventSet::IN, thread1, 1).unwrap();
+    assert!(h.backend.transfers_in_flight(1) > 0, "READs in flight");
+    assert!(h
+        .backend
+        .handle_event(0, EventSet::HANG_UP, thread1, 1)
+        .is_err());
+    assert_eq!(
+        h.backend.transfers_in_flight(1),
+        0,
+        "drained as its loop ends"
+    );
+    assert_eq!(h.used_idx(second), 8);
+
+    // Eight more in flight on thread 1, which then sits idle; a COMPARE AND
+    // WRITE of LBA 2 on thread 0.
+    let _ = h.push_aligned_read(second, 0, DATA_BASE, 0, 8, 8);
+    h.backend.handle_event(0, EventSet::IN, thread1, 1).unwrap();
+    assert!(h.backend.transfers_in_flight(1) > 0, "READs in flight");
+    let mut caw = vec![0x89, 0];
+    caw.extend_from_slice(&2u64.to_be_bytes());
+    caw.extend_from_slice(&[0, 0, 0, 1, 0, 0]);
+    let mut data_out = h.images[0][2 * 512..3 * 512].to_vec();
+    data_out.extend_from_slice(&[0x3c; 512]);
+    h.next_data = DATA_BASE + 0x10_0000;
+    let resp = h.push(
+        FIRST_REQUEST_QUEUE,
+        &[
+            Buf::R(request(lun(0), &caw)),
+            Buf::R(data_out),
+            Buf::W(RESP_LEN),
+        ],
+    )[0]
+    .0;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            h.backend
+                .handle_event(FIRST_REQUEST_QUEUE as u16, EventSet::IN, &h.vrings, 0)
+                .unwrap();
+            let _ = tx.send(());
+        });
+        let done = rx.recv_timeout(std::time::Duration::from_secs(10));
+        if done.is_err() {
+            // Unblock the waiting thread before failing.
+            h.backend.complete_transfers(&h.vrings[second..=second], 1);
+            panic!("COMPARE AND WRITE waited for another thread's transfers");
+        }
+    });
+    assert_eq!(h.used_idx(FIRST_REQUEST_QUEUE), 1);
+    let resp = h.read(resp, RESP_LEN);
+    assert_eq!((resp[11], resp[10]), (S_OK, 0), "COMPARE AND WRITE: GOOD");
+    assert_eq!(h.backend.transfers_in_flight(1), 0);
+    assert_eq!(h.used_idx(second), 16);
+}

@@ -11,8 +11,8 @@
 //! data it failed to write must never be reported as flushed ("fsyncgate").
 
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{PoisonError, RwLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard, PoisonError, RwLock};
 
 use super::buffer::{DataIn, DataOut};
 use super::cdb::{BlockRange, Command};
@@ -79,8 +79,10 @@ pub struct Disk {
     /// holds it shared, so the compare and the write are atomic (SBC-3
     /// §5.3).
     io_lock: RwLock<()>,
-    /// Transfers an asynchronous engine has in flight on this unit.
-    async_in_flight: AtomicUsize,
+    /// Transfers an asynchronous engine has in flight on this unit, and
+    /// the condition COMPARE AND WRITE waits on until they have ended.
+    async_in_flight: Mutex<usize>,
+    async_idle: Condvar,
 }
 
 /// A planned READ or WRITE transfer: byte offset and length in the image
@@ -131,7 +133,8 @@ impl Disk {
             descriptor_sense: AtomicBool::new(false),
             flush_failed: AtomicBool::new(false),
             io_lock: RwLock::new(()),
-            async_in_flight: AtomicUsize::new(0),
+            async_in_flight: Mutex::new(0),
+            async_idle: Condvar::new(),
         })
     }
 
@@ -506,7 +509,7 @@ impl Disk {
     pub fn begin_async(&self) -> bool {
         match self.io_lock.try_read() {
             Ok(_shared) => {
-                self.async_in_flight.fetch_add(1, Ordering::AcqRel);
+                *self.in_flight_count() += 1;
                 true
             }
             Err(_) => false,
@@ -516,17 +519,31 @@ impl Disk {
     /// An asynchronous transfer registered with [`Disk::begin_async`] has
     /// ended (its result was reaped).
     pub fn end_async(&self) {
-        self.async_in_flight.fetch_sub(1, Ordering::AcqRel);
+        let mut count = self.in_flight_count();
+        *count = count.saturating_sub(1);
+        if *count == 0 {
+            self.async_idle.notify_all();
+        }
+    }
+
+    fn in_flight_count(&self) -> MutexGuard<'_, usize> {
+        self.async_in_flight
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// With the unit held exclusively, waits until every asynchronous
     /// transfer has ended. Each engine thread completes its transfers
     /// without taking the unit's lock (and drains them before any command
-    /// that does), so this wait ends.
+    /// that does; a thread whose event loop ends drains them first), so
+    /// this wait ends.
     fn wait_async_idle(&self) {
-        while self.async_in_flight.load(Ordering::Acquire) != 0 {
-            std::thread::sleep(std::time::Duration::from_micros(20));
-        }
+        let count = self.in_flight_count();
+        drop(
+            self.async_idle
+                .wait_while(count, |count| *count != 0)
+                .unwrap_or_else(PoisonError::into_inner),
+        );
     }
 
     fn read(&self, range: &BlockRange, fua: bool, data_in: &mut dyn DataIn) -> CommandResult<()> {

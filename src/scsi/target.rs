@@ -62,6 +62,10 @@ impl Completion {
 pub enum Prepared {
     /// Not a plain READ or WRITE: run it with [`Target::execute`].
     Execute,
+    /// As `Execute`, for a command that holds its unit exclusively and
+    /// waits until every asynchronous transfer on it has ended (COMPARE AND
+    /// WRITE, SBC-3 §5.3): whoever reaps transfers must be able to run.
+    ExecuteExclusive,
     /// Already complete: invalid, refused, or nothing to transfer.
     Complete(Completion),
     /// A validated READ or WRITE of the logical unit with index `lun`:
@@ -137,6 +141,7 @@ impl Target {
                 fua,
                 verify: false,
             }) => disk.plan_write(&range, fua, data_out),
+            Ok(Command::CompareAndWrite { .. }) => return Prepared::ExecuteExclusive,
             _ => return Prepared::Execute,
         };
         match planned {

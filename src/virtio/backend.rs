@@ -4,7 +4,7 @@
 use std::io;
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, TryLockError};
 use std::time::{Duration, Instant};
 
 use log::{debug, warn};
@@ -27,7 +27,7 @@ use super::config::ScsiConfig;
 use super::control::handle_control;
 use super::memory::check_memory_table;
 use super::request::Sizes;
-use super::request::{start_command, PendingCommand, RequestError, Started};
+use super::request::{start_command, PendingCommand, RequestError, Started, SyncBarrier};
 use super::uring::{IoEngine, QueueRing};
 use crate::scsi::lun::MAX_LUN;
 use crate::scsi::Target;
@@ -495,12 +495,18 @@ impl ScsiBackend {
             }
             return Some(len);
         }
-        let started = start_command(split, &self.target, sizes, defer, &mut || {
+        let started = start_command(split, &self.target, sizes, defer, &mut |barrier| {
             // Anything run synchronously comes after every transfer this
             // thread has in flight: SYNCHRONIZE CACHE then covers them, and
             // no transfer of this thread is left holding up a COMPARE AND
             // WRITE.
-            worker.drain()
+            worker.drain();
+            if barrier == SyncBarrier::AllThreads {
+                // Nor one of a thread that is not serving now: its event
+                // loop may have ended (a VMM can end it) with transfers in
+                // flight that nobody would reap.
+                self.drain_idle_workers();
+            }
         });
         let (len, err) = match started {
             Started::Done(len, err) => (len, err),
@@ -562,6 +568,21 @@ impl ScsiBackend {
         } else {
             worker.drain();
             pending.run_sync(&self.target)
+        }
+    }
+
+    /// Completes the transfers in flight of every worker thread not busy
+    /// serving (its lock free); a busy one completes its own.
+    fn drain_idle_workers(&self) {
+        for worker in &self.workers {
+            let guard = match worker.try_lock() {
+                Ok(guard) => Some(guard),
+                Err(TryLockError::Poisoned(poisoned)) => Some(poisoned.into_inner()),
+                Err(TryLockError::WouldBlock) => None,
+            };
+            if let Some(mut worker) = guard {
+                worker.drain();
+            }
         }
     }
 
@@ -926,6 +947,31 @@ impl VhostUserBackend for ScsiBackend {
     }
 
     fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[VringRwLock],
+        thread_id: usize,
+    ) -> io::Result<()> {
+        let result = self.dispatch_event(device_event, evset, vrings, thread_id);
+        if result.is_err() {
+            // vhost-user-backend ends this thread's event loop: nobody would
+            // reap its transfers in flight, and a COMPARE AND WRITE on
+            // another thread would wait for them for ever.
+            if let Some(worker) = self.workers.get(thread_id) {
+                worker
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .drain();
+            }
+        }
+        result
+    }
+}
+
+impl ScsiBackend {
+    /// Handles one event of worker thread `thread_id`'s epoll loop.
+    fn dispatch_event(
         &self,
         device_event: u16,
         evset: EventSet,

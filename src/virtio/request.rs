@@ -107,7 +107,7 @@ pub fn handle_command(
     target: &Target,
     sizes: Sizes,
 ) -> (u32, Option<RequestError>) {
-    match start_command(chain, target, sizes, false, &mut || {}) {
+    match start_command(chain, target, sizes, false, &mut |_| {}) {
         Started::Done(len, err) => (len, err),
         Started::Transfer(pending) => pending.run_sync(target),
     }
@@ -274,6 +274,16 @@ fn response_for(completion: Completion, sizes: Sizes, residual: usize) -> Respon
     r
 }
 
+/// Which asynchronous transfers must end before a command runs
+/// synchronously (see [`start_command`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SyncBarrier {
+    /// Those of the calling thread: they must not wait behind it.
+    OwnThread,
+    /// Every thread's: the command waits until none is left on its unit.
+    AllThreads,
+}
+
 /// Parses one command request and runs it, except that a READ or WRITE is
 /// only validated and planned when `defer_transfers` is set: its transfer
 /// is left to the caller. `before_sync` is called before anything touches
@@ -283,7 +293,7 @@ pub fn start_command<'a>(
     target: &Target,
     sizes: Sizes,
     defer_transfers: bool,
-    before_sync: &mut dyn FnMut(),
+    before_sync: &mut dyn FnMut(SyncBarrier),
 ) -> Started<'a> {
     let SplitChain {
         mut readable,
@@ -343,14 +353,18 @@ pub fn start_command<'a>(
                 return if defer_transfers {
                     Started::Transfer(pending)
                 } else {
-                    before_sync();
+                    before_sync(SyncBarrier::OwnThread);
                     let (len, err) = pending.run_sync(target);
                     Started::Done(len, err)
                 };
             }
             Prepared::Complete(completion) => completion,
-            Prepared::Execute => {
-                before_sync();
+            Prepared::Execute | Prepared::ExecuteExclusive => {
+                before_sync(if matches!(prepared, Prepared::ExecuteExclusive) {
+                    SyncBarrier::AllThreads
+                } else {
+                    SyncBarrier::OwnThread
+                });
                 target.execute(
                     address,
                     cdb,

@@ -4536,6 +4536,63 @@ fn thin_provisioning_is_reported_where_it_is_offered() {
 }
 
 // ---------------------------------------------------------------------------
+// Conformance details (SPC-4, SBC-3)
+// ---------------------------------------------------------------------------
+
+/// The DPO bit of VERIFY and WRITE AND VERIFY (SBC-3 §5.33-5.35,
+/// §5.38-5.40: byte 1 bit 4) is evaluated: the CDB usage data of REPORT
+/// SUPPORTED OPERATION CODES (SPC-4 §6.35.3) has it set, and the commands
+/// complete with DPO=1.
+#[test]
+fn verify_and_write_and_verify_accept_dpo() {
+    let rig = Rig::writable(200);
+    // Byte 1 as the usage data must show it: VRPROTECT/WRPROTECT (bits
+    // 7-5), DPO (bit 4) and BYTCHK (bits 2-1) for VERIFY; WRPROTECT and
+    // DPO for WRITE AND VERIFY (BYTCHK: see the BYTCHK tests).
+    for (op, len, byte1) in [
+        (VERIFY_10, 10u8, 0b1111_0110u8),
+        (VERIFY_12, 12, 0b1111_0110),
+        (VERIFY_16, 16, 0b1111_0110),
+    ] {
+        let (c, data) = rig.run(&rsoc(0x01, op, 0, 4096), 4096, &[]);
+        assert_good(c);
+        assert_eq!(&data[..6], &[0, 0x03, 0, len, op, byte1], "{op:#x}");
+    }
+    for (op, len) in [
+        (WRITE_AND_VERIFY_10, 10u8),
+        (WRITE_AND_VERIFY_12, 12),
+        (WRITE_AND_VERIFY_16, 16),
+    ] {
+        let (c, data) = rig.run(&rsoc(0x01, op, 0, 4096), 4096, &[]);
+        assert_good(c);
+        assert_eq!(&data[..5], &[0, 0x03, 0, len, op], "{op:#x}");
+        assert_eq!(data[5] & 0xf0, 0xf0, "{op:#x}: WRPROTECT and DPO");
+    }
+    // DPO=1 is accepted.
+    for op in VERIFIES {
+        let mut cdb = block_cdb(op, 3, 2);
+        cdb[1] = 0x10;
+        let (c, _) = rig.run(&cdb, 0, &[]);
+        assert_good(c);
+        cdb[1] = 0x10 | 0b01 << 1;
+        let expected = rig.stored(3, 2);
+        let (c, _) = rig.run(&cdb, 0, &expected);
+        assert_good(c);
+    }
+    for (i, op) in [WRITE_AND_VERIFY_10, WRITE_AND_VERIFY_12, WRITE_AND_VERIFY_16]
+        .into_iter()
+        .enumerate()
+    {
+        let mut cdb = block_cdb(op, 8, 2);
+        cdb[1] = 0x10;
+        let data = pattern(201 + i as u64, 1024);
+        let (c, _) = rig.run(&cdb, 0, &data);
+        assert_good(c);
+        assert_eq!(rig.stored(8, 2), data);
+    }
+}
+
+// ---------------------------------------------------------------------------
 // Robustness
 // ---------------------------------------------------------------------------
 

@@ -3899,12 +3899,11 @@ fn write_same_replicates_one_block() {
             model[b * 512..(b + 1) * 512].copy_from_slice(&block);
         }
         assert_eq!(rig.data(), model);
-        // Data-out beyond one block is ignored; the last block.
-        let mut out = pattern(62, 512);
-        out.extend_from_slice(&[0xff; 100]);
+        // The last block.
+        let out = pattern(62, 512);
         let (c, _) = rig.run(&write_same(op, 0, RIG_BLOCKS - 1, 1), 0, &out);
         assert_good(c);
-        model[(RIG_BLOCKS as usize - 1) * 512..].copy_from_slice(&out[..512]);
+        model[(RIG_BLOCKS as usize - 1) * 512..].copy_from_slice(&out);
         assert_eq!(rig.data(), model);
     }
     // 4096-byte blocks.
@@ -3977,7 +3976,7 @@ fn write_same_of_zeroes_and_with_unmap() {
     assert_eq!(rig.data(), model);
     // WRITE SAME(10) has no NDOB: bit 0 is ignored, data-out is needed.
     let (c, _) = rig.run(&write_same(WRITE_SAME_10, 0x01, 80, 4), 0, &[]);
-    assert_eq!(c, Completion::BufferTooSmall);
+    assert_plain_sense(c, 0x05, 0x0e, 0x03);
     // Zeroes into the unallocated tail of a sparse image need space unless
     // they deallocate.
     let sparse = Rig::new(
@@ -4048,9 +4047,10 @@ fn write_same_errors() {
         assert_lba_out_of_range(c);
         let (c, _) = rig.run(&write_same(op, WS_UNMAP, RIG_BLOCKS, 1), 0, &block);
         assert_lba_out_of_range(c);
-        // Less than one block of data-out: not executed.
+        // Less than one block of data-out: see
+        // write_same_data_out_other_than_one_block_is_illegal_request.
         let (c, _) = rig.run(&write_same(op, 0, 0, 1), 0, &block[..511]);
-        assert_eq!(c, Completion::BufferTooSmall);
+        assert_plain_sense(c, 0x05, 0x0e, 0x03);
     }
     let (c, _) = rig.run(&write_same(WRITE_SAME_16, 0, u64::MAX, 1), 0, &block);
     assert_lba_out_of_range(c);
@@ -4589,6 +4589,53 @@ fn verify_and_write_and_verify_accept_dpo() {
         let (c, _) = rig.run(&cdb, 0, &data);
         assert_good(c);
         assert_eq!(rig.stored(8, 2), data);
+    }
+}
+
+/// WRITE SAME(10/16) takes exactly one logical block of data-out (SBC-3
+/// §5.41, §5.42). Any other length is CHECK CONDITION, ILLEGAL REQUEST,
+/// INVALID FIELD IN COMMAND INFORMATION UNIT (0Eh/03h), with nothing
+/// written, on 512- and 4096-byte blocks; not a transport-level failure.
+#[test]
+fn write_same_data_out_other_than_one_block_is_illegal_request() {
+    for (block, blocks) in [(512usize, 64u64), (4096, 16)] {
+        let rig = Rig::new(
+            MemImage::new(pattern(210, blocks as usize * block), false),
+            block as u32,
+            true,
+        );
+        let before = rig.data();
+        rig.ops();
+        for op in [WRITE_SAME_10, WRITE_SAME_16] {
+            for byte1 in [0, WS_UNMAP] {
+                for len in [0, 1, block - 1, block + 1, 2 * block, 4 * block] {
+                    let out = vec![0u8; len];
+                    let (c, data) = rig.run(&write_same(op, byte1, 2, 4), 4096, &out);
+                    assert_ne!(c, Completion::BufferTooSmall, "{op:#x} {len}");
+                    // Fixed format: 70h, ILLEGAL REQUEST, additional length
+                    // 10, ASC 0Eh ASCQ 03h, no sense-key specific data.
+                    let mut expected = [0u8; 18];
+                    expected[0] = 0x70;
+                    expected[2] = 0x05;
+                    expected[7] = 10;
+                    expected[12] = 0x0e;
+                    expected[13] = 0x03;
+                    assert_eq!(sense_bytes(c), expected, "{op:#x} byte1 {byte1:#x} {len}");
+                    assert!(data.is_empty());
+                }
+            }
+        }
+        assert_eq!(rig.ops(), []);
+        assert_eq!(rig.data(), before);
+        // Exactly one block is written to every block of the range.
+        let one = pattern(211, block);
+        let (c, _) = rig.run(&write_same(WRITE_SAME_16, 0, 2, 4), 0, &one);
+        assert_good(c);
+        assert_eq!(rig.stored(2, 4), one.repeat(4));
+        // NDOB: no data-out at all.
+        let (c, _) = rig.run(&write_same(WRITE_SAME_16, WS_NDOB, 2, 4), 0, &[]);
+        assert_good(c);
+        assert_eq!(rig.stored(2, 4), vec![0; 4 * block]);
     }
 }
 

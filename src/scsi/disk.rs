@@ -574,9 +574,14 @@ impl Disk {
         let block = self.config.block_size as usize;
         let mut pattern = vec![0u8; block];
         if !ndob {
-            if data_out.remaining() < block {
-                return Err(CommandError::DataOutTooSmall {
-                    required: block as u64,
+            // SBC-3 §5.41, §5.42: the data-out is one logical block. Any
+            // other length is the initiator's error, answered with sense
+            // rather than left to the transport (which would report a
+            // short buffer as a delivery failure, and a long one not at
+            // all).
+            if data_out.remaining() != block {
+                return Err(CommandError::DataOutLength {
+                    expected: block as u64,
                     available: data_out.remaining(),
                 });
             }

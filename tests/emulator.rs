@@ -3824,7 +3824,7 @@ fn unmap_parameter_list_errors() {
 /// MAXIMUM UNMAP LBA COUNT bounds the blocks of all descriptors together.
 #[test]
 fn unmap_lba_count_is_limited_over_all_descriptors() {
-    let max = 1u32 << 21; // 1 GiB of 512-byte blocks
+    let max = 1u32 << 20; // 1 Mi blocks (512 MiB of 512-byte blocks)
     let rig = Rig::new(MemImage::sparse(Vec::new(), 4 << 30, false), 512, true);
     let (c, data) = rig.run(&inquiry(true, 0xb0, 64), 64, &[]);
     assert_good(c);
@@ -4515,14 +4515,17 @@ fn thin_provisioning_is_reported_where_it_is_offered() {
         limits[5] = 64;
         limits[6..8].copy_from_slice(&(1u16 << exponent).to_be_bytes());
         limits[8..12].copy_from_slice(&((32u32 << 20) / block_size).to_be_bytes());
-        let max_unmap = (1u32 << 30) / block_size;
+        // MAXIMUM UNMAP LBA COUNT: 1 GiB, at most 1 Mi blocks (1048576
+        // for 512-byte blocks, 262144 for 4096).
+        let max_unmap: u32 = if block_size == 512 { 1048576 } else { 262144 };
+        let max_write_same = (1u32 << 30) / block_size;
         if offered {
             limits[20..24].copy_from_slice(&max_unmap.to_be_bytes());
             limits[24..28].copy_from_slice(&64u32.to_be_bytes());
             limits[28..32].copy_from_slice(&(1u32 << exponent).to_be_bytes());
             limits[32] = 0x80;
         }
-        limits[36..44].copy_from_slice(&u64::from(max_unmap).to_be_bytes());
+        limits[36..44].copy_from_slice(&u64::from(max_write_same).to_be_bytes());
         assert_eq!(data, limits, "{block_size} {read_only} {discard}");
         // REPORT SUPPORTED OPERATION CODES lists UNMAP and GET LBA STATUS
         // only then.
@@ -4637,6 +4640,121 @@ fn write_same_data_out_other_than_one_block_is_illegal_request() {
         assert_good(c);
         assert_eq!(rig.stored(2, 4), vec![0; 4 * block]);
     }
+}
+
+/// Every limit of the Block Limits VPD page (SBC-3 §6.5.3, table 197) is
+/// what the commands accept: a request at the limit completes, one past it
+/// is refused with the sense SBC-3 gives. MAXIMUM UNMAP LBA COUNT is at
+/// most 1 Mi blocks.
+#[test]
+fn block_limits_are_what_the_commands_accept() {
+    // 512-byte blocks, thin provisioned: 1 GiB + 1 MiB, 33 MiB of it
+    // stored (memory), the rest a sparse tail that only deallocation
+    // touches.
+    const BLOCKS: u64 = (1 << 21) + 2048;
+    const STORED: usize = 33 << 20;
+    let rig = Rig::new(
+        MemImage::sparse(pattern(220, STORED), BLOCKS * 512, false),
+        512,
+        true,
+    );
+    let (c, page) = rig.run(&inquiry(true, 0xb0, 255), 255, &[]);
+    assert_good(c);
+    let mut expected = vec![0u8; 64];
+    expected[1] = 0xb0;
+    expected[3] = 0x3c;
+    expected[4] = 0x01; // WSNZ
+    expected[5] = 64; // MAXIMUM COMPARE AND WRITE LENGTH
+    expected[6..8].copy_from_slice(&[0, 8]); // OPTIMAL TRANSFER LENGTH GRANULARITY
+    expected[8..12].copy_from_slice(&[0, 0x01, 0, 0]); // MAXIMUM TRANSFER LENGTH 65536
+    expected[20..24].copy_from_slice(&[0, 0x10, 0, 0]); // MAXIMUM UNMAP LBA COUNT 1048576
+    expected[24..28].copy_from_slice(&[0, 0, 0, 64]); // MAXIMUM UNMAP BLOCK DESCRIPTOR COUNT
+    expected[28..32].copy_from_slice(&[0, 0, 0, 8]); // OPTIMAL UNMAP GRANULARITY
+    expected[32] = 0x80; // UGAVALID, alignment 0
+    expected[36..44].copy_from_slice(&[0, 0, 0, 0, 0, 0x20, 0, 0]); // MAXIMUM WRITE SAME LENGTH 2097152
+    assert_eq!(page, expected);
+
+    // MAXIMUM TRANSFER LENGTH, 65536 blocks: READ, WRITE, VERIFY, WRITE
+    // AND VERIFY. One more is INVALID FIELD IN CDB at the transfer length.
+    let max_transfer = 65536u32;
+    let data = pattern(221, max_transfer as usize * 512);
+    for op in [WRITE_16, WRITE_AND_VERIFY_16] {
+        let (c, _) = rig.run(&block_cdb(op, 1, max_transfer), 0, &data);
+        assert_good(c);
+        let (c, _) = rig.run(&block_cdb(op, 1, max_transfer + 1), 0, &[data.clone(), vec![0; 512]].concat());
+        assert_invalid_field(c, 10, None);
+    }
+    assert_eq!(rig.read(1, max_transfer), data);
+    let (c, _) = rig.run(&block_cdb(READ_16, 1, max_transfer + 1), 64 << 20, &[]);
+    assert_invalid_field(c, 10, None);
+    let (c, _) = rig.run(&block_cdb(VERIFY_16, 1, max_transfer), 0, &[]);
+    assert_good(c);
+    let (c, _) = rig.run(&verify_cdb(VERIFY_16, 1, max_transfer, 0b01), 0, &data);
+    assert_good(c);
+    let (c, _) = rig.run(&block_cdb(VERIFY_16, 1, max_transfer + 1), 0, &[]);
+    assert_invalid_field(c, 10, None);
+
+    // MAXIMUM COMPARE AND WRITE LENGTH, 64 blocks; 65 is INVALID FIELD IN
+    // CDB at NUMBER OF LOGICAL BLOCKS (byte 13).
+    let verify = data[..64 * 512].to_vec();
+    let new = pattern(222, 64 * 512);
+    let (c, _) = rig.run(&compare_and_write(0, 1, 64), 0, &[verify, new.clone()].concat());
+    assert_good(c);
+    assert_eq!(rig.read(1, 64), new);
+    let (c, _) = rig.run(&compare_and_write(0, 1, 65), 0, &vec![0; 130 * 512]);
+    assert_invalid_field(c, 13, None);
+
+    // MAXIMUM WRITE SAME LENGTH, 2097152 blocks; one more is INVALID FIELD
+    // IN CDB at the NUMBER OF LOGICAL BLOCKS. WSNZ: zero is refused too.
+    let (c, _) = rig.run(&write_same(WRITE_SAME_16, WS_UNMAP, 100, 2097152), 0, &[0; 512]);
+    assert_good(c);
+    let (c, _) = rig.run(&write_same(WRITE_SAME_16, WS_UNMAP, 100, 2097153), 0, &[0; 512]);
+    assert_invalid_field(c, 10, None);
+    let (c, _) = rig.run(&write_same(WRITE_SAME_16, 0, 100, 0), 0, &[0; 512]);
+    assert_invalid_field(c, 10, None);
+
+    // MAXIMUM UNMAP LBA COUNT, 1048576 blocks over all descriptors; one
+    // more is INVALID FIELD IN PARAMETER LIST at the NUMBER OF LOGICAL
+    // BLOCKS of the descriptor that goes past it (SBC-3 §5.28.2).
+    let list = unmap_list(&[(0, 1048576)]);
+    let (c, _) = rig.run(&unmap_cdb(0, list.len() as u16), 0, &list);
+    assert_good(c);
+    let list = unmap_list(&[(0, 1048577)]);
+    let (c, _) = rig.run(&unmap_cdb(0, list.len() as u16), 0, &list);
+    assert_invalid_param(c, 16, None);
+    let list = unmap_list(&[(0, 1048576), (1048576, 1)]);
+    let (c, _) = rig.run(&unmap_cdb(0, list.len() as u16), 0, &list);
+    assert_invalid_param(c, 32, None);
+
+    // MAXIMUM UNMAP BLOCK DESCRIPTOR COUNT, 64; 65 is INVALID FIELD IN
+    // PARAMETER LIST at the UNMAP BLOCK DESCRIPTOR DATA LENGTH (byte 2).
+    let ranges: Vec<(u64, u32)> = (0..64).map(|i| (i * 8, 1)).collect();
+    let list = unmap_list(&ranges);
+    let (c, _) = rig.run(&unmap_cdb(0, list.len() as u16), 0, &list);
+    assert_good(c);
+    let ranges: Vec<(u64, u32)> = (0..65).map(|i| (i * 8, 1)).collect();
+    let list = unmap_list(&ranges);
+    let (c, _) = rig.run(&unmap_cdb(0, list.len() as u16), 0, &list);
+    assert_invalid_param(c, 2, None);
+
+    // 4096-byte blocks: MAXIMUM UNMAP LBA COUNT 262144 (1 GiB), MAXIMUM
+    // TRANSFER LENGTH 8192, MAXIMUM WRITE SAME LENGTH 262144.
+    let rig4k = Rig::new(MemImage::sparse(Vec::new(), 2 << 30, false), 4096, true);
+    let (c, page) = rig4k.run(&inquiry(true, 0xb0, 255), 255, &[]);
+    assert_good(c);
+    assert_eq!(&page[8..12], &[0, 0, 0x20, 0]);
+    assert_eq!(&page[20..24], &[0, 0x04, 0, 0]);
+    assert_eq!(&page[36..44], &[0, 0, 0, 0, 0, 0x04, 0, 0]);
+    let list = unmap_list(&[(0, 262144)]);
+    let (c, _) = rig4k.run(&unmap_cdb(0, list.len() as u16), 0, &list);
+    assert_good(c);
+    let list = unmap_list(&[(0, 262145)]);
+    let (c, _) = rig4k.run(&unmap_cdb(0, list.len() as u16), 0, &list);
+    assert_invalid_param(c, 16, None);
+    let (c, _) = rig4k.run(&write_same(WRITE_SAME_16, WS_UNMAP, 0, 262144), 0, &[0; 4096]);
+    assert_good(c);
+    let (c, _) = rig4k.run(&write_same(WRITE_SAME_16, WS_UNMAP, 0, 262145), 0, &[0; 4096]);
+    assert_invalid_field(c, 10, None);
 }
 
 // ---------------------------------------------------------------------------

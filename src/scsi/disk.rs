@@ -26,8 +26,16 @@ use crate::storage::{AsyncFile, IoVec, Storage};
 /// page (and enforced): 32 MiB.
 pub const MAX_TRANSFER_BYTES: u32 = 32 << 20;
 
-/// Largest UNMAP or WRITE SAME range, in bytes (block limits VPD).
+/// Largest WRITE SAME range, in bytes (block limits VPD, MAXIMUM WRITE
+/// SAME LENGTH).
+pub const MAX_WRITE_SAME_BYTES: u64 = 1 << 30;
+/// Largest UNMAP total, in bytes (block limits VPD, MAXIMUM UNMAP LBA
+/// COUNT), further capped at [`MAX_UNMAP_LBA_COUNT`] blocks.
 pub const MAX_UNMAP_BYTES: u64 = 1 << 30;
+/// Largest UNMAP total in logical blocks whatever the block size: 1 Mi.
+/// Initiators sanity-check MAXIMUM UNMAP LBA COUNT, and larger values are
+/// not worth the risk of being taken for garbage.
+pub const MAX_UNMAP_LBA_COUNT: u32 = 1 << 20;
 /// Most block descriptors in one UNMAP parameter list (block limits VPD).
 pub const MAX_UNMAP_DESCRIPTORS: u32 = 64;
 /// Largest COMPARE AND WRITE, in logical blocks (block limits VPD).
@@ -169,8 +177,18 @@ impl Disk {
         MAX_TRANSFER_BYTES / self.config.block_size
     }
 
+    /// MAXIMUM UNMAP LBA COUNT (SBC-3 §6.5.3), where UNMAP is offered.
     fn max_unmap_blocks(&self) -> u32 {
-        (MAX_UNMAP_BYTES / u64::from(self.config.block_size)) as u32
+        let blocks = MAX_UNMAP_BYTES / u64::from(self.config.block_size);
+        u32::try_from(blocks)
+            .unwrap_or(u32::MAX)
+            .min(MAX_UNMAP_LBA_COUNT)
+    }
+
+    /// MAXIMUM WRITE SAME LENGTH (SBC-3 §6.5.3).
+    fn max_write_same_blocks(&self) -> u32 {
+        let blocks = MAX_WRITE_SAME_BYTES / u64::from(self.config.block_size);
+        u32::try_from(blocks).unwrap_or(u32::MAX)
     }
 
     fn physical_exponent(&self) -> u8 {
@@ -561,8 +579,8 @@ impl Disk {
         ndob: bool,
         data_out: &mut dyn DataOut,
     ) -> CommandResult<()> {
-        if range.blocks > self.max_unmap_blocks() {
-            // Longer than MAXIMUM WRITE SAME LENGTH.
+        if range.blocks > self.max_write_same_blocks() {
+            // Longer than MAXIMUM WRITE SAME LENGTH (SBC-3 §6.5.3).
             return Err(CommandError::field(range.length_field));
         }
         self.check_range(range.lba, u64::from(range.blocks))?;
@@ -904,7 +922,7 @@ impl Disk {
             max_transfer_blocks: self.max_transfer_blocks(),
             solid_state: self.config.solid_state,
             max_compare_and_write_blocks: MAX_COMPARE_AND_WRITE_BLOCKS,
-            max_write_same_blocks: self.max_unmap_blocks(),
+            max_write_same_blocks: self.max_write_same_blocks(),
             max_unmap_blocks: if discard { self.max_unmap_blocks() } else { 0 },
             max_unmap_descriptors: if discard { MAX_UNMAP_DESCRIPTORS } else { 0 },
             thin_provisioning: discard,

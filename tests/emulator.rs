@@ -3874,10 +3874,11 @@ fn unmap_cdb_and_unit_errors() {
         assert_invalid_opcode(c);
         assert_eq!(rig.data(), before);
     }
-    // Thin provisioning configured on a read-only unit: write protected.
+    // Thin provisioning configured on a read-only unit: not offered there
+    // (see read_only_unit_with_discard_offers_no_unmap_anywhere).
     let rig = Rig::new(MemImage::new(before.clone(), true), 512, true);
     let (c, _) = rig.run(&unmap_cdb(0, list.len() as u16), 0, &list);
-    assert_write_protected(c);
+    assert_invalid_opcode(c);
     assert_eq!(rig.ops(), []);
 }
 
@@ -4755,6 +4756,61 @@ fn block_limits_are_what_the_commands_accept() {
     assert_good(c);
     let (c, _) = rig4k.run(&write_same(WRITE_SAME_16, WS_UNMAP, 0, 262145), 0, &[0; 4096]);
     assert_invalid_field(c, 10, None);
+}
+
+/// A read-only unit configured with discard is not thin provisioned, and
+/// every command says so alike (SBC-3 §4.7.3, §6.5.4): READ CAPACITY(16)
+/// LBPME=0 and LBPRZ=0, the logical block provisioning VPD page with
+/// LBPU, LBPWS and LBPWS10 zero, no UNMAP limits in the block limits page,
+/// REPORT SUPPORTED OPERATION CODES without UNMAP and GET LBA STATUS,
+/// UNMAP an INVALID COMMAND OPERATION CODE, GET LBA STATUS an unsupported
+/// service action, WRITE SAME with UNMAP write protected like any WRITE
+/// SAME: exactly the answers of a read-only unit without discard.
+#[test]
+fn read_only_unit_with_discard_offers_no_unmap_anywhere() {
+    let image = pattern(230, 64 * 512);
+    let with = Rig::new(MemImage::new(image.clone(), true), 512, true);
+    let without = Rig::new(MemImage::new(image.clone(), true), 512, false);
+    let list = unmap_list(&[(0, 4)]);
+    for rig in [&with, &without] {
+        let (c, data) = rig.run(&rc16_cdb(32), 32, &[]);
+        assert_good(c);
+        assert_eq!(data[14], 0x00, "LBPME=0, LBPRZ=0");
+        let (c, data) = rig.run(&inquiry(true, 0xb2, 255), 255, &[]);
+        assert_good(c);
+        assert_eq!(data, [0, 0xb2, 0, 4, 0, 0, 0, 0]);
+        let (c, data) = rig.run(&inquiry(true, 0xb0, 255), 255, &[]);
+        assert_good(c);
+        assert_eq!(&data[20..32], &[0; 12], "no UNMAP limits, no granularity");
+        assert_eq!(data[32], 0, "UGAVALID=0");
+        let (c, data) = rig.run(&rsoc(0x01, UNMAP, 0, 64), 64, &[]);
+        assert_good(c);
+        assert_eq!(data, [0, 0x01, 0, 0], "UNMAP not supported");
+        let (c, data) = rig.run(&rsoc(0x02, SERVICE_ACTION_IN_16, 0x12, 64), 64, &[]);
+        assert_good(c);
+        assert_eq!(data, [0, 0x01, 0, 0], "GET LBA STATUS not supported");
+        let (c, _) = rig.run(&unmap_cdb(0, list.len() as u16), 0, &list);
+        assert_invalid_opcode(c);
+        let (c, _) = rig.run(&get_lba_status(0, 4096), 4096, &[]);
+        assert_invalid_field(c, 1, Some(4));
+        for op in [WRITE_SAME_10, WRITE_SAME_16] {
+            for byte1 in [0, WS_UNMAP] {
+                let (c, _) = rig.run(&write_same(op, byte1, 0, 4), 0, &[0; 512]);
+                assert_write_protected(c);
+            }
+        }
+        assert_eq!(rig.ops(), []);
+        assert_eq!(rig.data(), image);
+    }
+    // Byte for byte the same listing and pages.
+    for cdb in [
+        rsoc(0, 0, 0, 4096),
+        inquiry(true, 0xb0, 255),
+        inquiry(true, 0xb2, 255),
+        rc16_cdb(32),
+    ] {
+        assert_eq!(with.run(&cdb, 4096, &[]), without.run(&cdb, 4096, &[]));
+    }
 }
 
 // ---------------------------------------------------------------------------

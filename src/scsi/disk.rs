@@ -640,13 +640,14 @@ impl Disk {
     /// UNMAP (SBC-3 §5.28): every descriptor is checked before any range is
     /// deallocated.
     fn unmap(&self, param_len: usize, data_out: &mut dyn DataOut) -> CommandResult<()> {
-        if !self.config.discard {
-            // Not offered at all (LBPU=0, not listed by REPORT SUPPORTED
-            // OPERATION CODES): SPC-4 §4.3.5.1, an unsupported command.
+        if !self.discard_enabled() {
+            // Not offered (LBPU=0, not listed by REPORT SUPPORTED OPERATION
+            // CODES): SPC-4 §4.3.5.1, an unsupported command. A read-only
+            // unit never offers it, discard configured or not: SBC-3
+            // §4.7.3.3, its logical blocks are never unmapped, so it is
+            // not thin provisioned (LBPME=0, VPD B2h all zero).
             return Err(CommandError::InvalidOpcode(super::cdb::opcode::UNMAP));
         }
-        // Offered, but the unit is write protected (SBC-3 §4.10).
-        self.check_writable()?;
         if param_len == 0 {
             return Ok(());
         }

@@ -4813,6 +4813,123 @@ fn read_only_unit_with_discard_offers_no_unmap_anywhere() {
     }
 }
 
+/// A writable [`MemImage`] whose medium holds the byte at `at` inverted
+/// after every write that covers it: a stuck cell, which a read-back
+/// succeeds on and only a byte-by-byte comparison catches.
+struct StuckByte {
+    image: MemImage,
+    at: u64,
+}
+
+impl Storage for StuckByte {
+    fn size(&self) -> u64 {
+        self.image.size()
+    }
+
+    fn read_only(&self) -> bool {
+        self.image.read_only()
+    }
+
+    fn read_vectored_at(&self, iov: &[IoVec], offset: u64) -> io::Result<()> {
+        self.image.read_vectored_at(iov, offset)
+    }
+
+    fn write_vectored_at(&self, iov: &[IoVec], offset: u64, durable: bool) -> io::Result<()> {
+        self.image.write_vectored_at(iov, offset, durable)?;
+        if (offset..offset + iov_len(iov)).contains(&self.at) {
+            let mut byte = [0u8; 1];
+            let one = |b: &mut [u8; 1]| IoVec {
+                iov_base: b.as_mut_ptr().cast(),
+                iov_len: 1,
+            };
+            self.image.read_vectored_at(&[one(&mut byte)], self.at)?;
+            byte[0] ^= 0xff;
+            self.image.write_vectored_at(&[one(&mut byte)], self.at, durable)?;
+        }
+        Ok(())
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        self.image.flush()
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, deallocate: bool) -> io::Result<()> {
+        self.image.write_zeroes(offset, len, deallocate)
+    }
+
+    fn extent(&self, offset: u64) -> io::Result<Extent> {
+        self.image.extent(offset)
+    }
+}
+
+/// WRITE AND VERIFY BYTCHK (SBC-3 §5.38-5.40, byte 1 bits 2-1): 00b writes
+/// and verifies the medium without comparing; 01b compares the medium with
+/// the data-out after the write, a mismatch being MISCOMPARE, MISCOMPARE
+/// DURING VERIFY OPERATION with the offset into the data-out in the
+/// INFORMATION field; 10b and 11b are reserved: INVALID FIELD IN CDB at
+/// byte 1 bit 2, nothing written. The usage data shows BYTCHK evaluated.
+#[test]
+fn write_and_verify_byte_check() {
+    const OPS: [u8; 3] = [WRITE_AND_VERIFY_10, WRITE_AND_VERIFY_12, WRITE_AND_VERIFY_16];
+    let wv = |op: u8, lba: u64, blocks: u32, bytchk: u8| {
+        let mut c = block_cdb(op, lba, blocks);
+        c[1] = bytchk << 1;
+        c
+    };
+    // Byte 1 of the usage data: WRPROTECT, DPO, BYTCHK.
+    let rig = Rig::writable(240);
+    for op in OPS {
+        let (c, data) = rig.run(&rsoc(0x01, op, 0, 64), 64, &[]);
+        assert_good(c);
+        assert_eq!(data[5], 0b1111_0110, "{op:#x}");
+    }
+    // A sound medium: 00b and 01b both write, and compare equal.
+    for (i, op) in OPS.into_iter().enumerate() {
+        for bytchk in [0u8, 1] {
+            let data = pattern(241 + 2 * i as u64 + u64::from(bytchk), 200 * 512);
+            let (c, _) = rig.run(&wv(op, 20, 200, bytchk), 0, &data);
+            assert_good(c);
+            assert_eq!(rig.stored(20, 200), data, "{op:#x} {bytchk}");
+        }
+    }
+    // Reserved values: nothing reaches the storage.
+    rig.ops();
+    let before = rig.data();
+    for op in OPS {
+        for bytchk in [0b10u8, 0b11] {
+            let (c, _) = rig.run(&wv(op, 20, 2, bytchk), 0, &[0x33; 1024]);
+            assert_invalid_field(c, 1, Some(2));
+        }
+    }
+    assert_eq!(rig.ops(), []);
+    assert_eq!(rig.data(), before);
+    // A stuck byte at image offset 64 KiB + 700, i.e. byte
+    // 65536 + 700 - 100 * 512 = 15036 of a data-out written at LBA 100
+    // (past the first 64 KiB piece, and not on a piece boundary).
+    let at = (64 << 10) + 700;
+    let disk = Disk::new(
+        Box::new(StuckByte {
+            image: MemImage::new(pattern(250, 512 * 512), false),
+            at,
+        }),
+        disk_config(0, 512, false),
+    )
+    .unwrap();
+    let target = Target::new(vec![disk]);
+    for op in OPS {
+        let data = pattern(251, 300 * 512);
+        // BYTCHK 00b reads the medium back, which succeeds.
+        let (c, _) = run_with_out(&target, L0, &wv(op, 100, 300, 0), 0, &data);
+        assert_good(c);
+        // BYTCHK 01b finds the difference.
+        let (c, _) = run_with_out(&target, L0, &wv(op, 100, 300, 1), 0, &data);
+        assert_miscompare(c, 15036);
+        // A range without the stuck byte compares equal.
+        let (c, _) = run_with_out(&target, L0, &wv(op, 300, 100, 1), 0, &data[..100 * 512]);
+        assert_good(c);
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Robustness
 // ---------------------------------------------------------------------------

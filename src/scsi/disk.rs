@@ -268,13 +268,27 @@ impl Disk {
                 Ok(())
             }
             Command::Read { range, fua } => self.read(range, *fua, data_in),
-            Command::Write { range, fua, verify } => {
-                self.write(range, *fua || *verify, data_out)?;
-                if *verify {
-                    self.verify_medium(range)?;
-                }
-                Ok(())
+            Command::Write {
+                range,
+                fua,
+                verify: false,
+                ..
+            } => self.write(range, *fua, data_out),
+            Command::Write {
+                range,
+                bytchk: false,
+                ..
+            } => {
+                // WRITE AND VERIFY, BYTCHK 00b (SBC-3 §5.38): written
+                // durably, then the medium is read back.
+                self.write(range, true, data_out)?;
+                self.verify_medium(range)
             }
+            Command::Write {
+                range,
+                bytchk: true,
+                ..
+            } => self.write_and_compare(range, data_out),
             Command::WriteSame { range, unmap, ndob } => {
                 self.write_same(range, *unmap, *ndob, data_out)
             }
@@ -569,6 +583,41 @@ impl Disk {
             data_out.write_to(&*self.storage, transfer.offset, transfer.len, durable)
         };
         self.finish_transfer(&transfer, result)
+    }
+
+    /// WRITE AND VERIFY with BYTCHK 01b (SBC-3 §5.38-5.40): the data-out
+    /// is written durably, read back from the medium and compared byte by
+    /// byte with the data-out; on a mismatch, MISCOMPARE with the offset of
+    /// the first differing byte in the data-out. Goes through the bounded
+    /// scratch buffers, a piece at a time.
+    fn write_and_compare(&self, range: &BlockRange, data_out: &mut dyn DataOut) -> CommandResult<()> {
+        let Some(transfer) = self.plan_write(range, true, data_out.remaining())? else {
+            return Ok(());
+        };
+        let durable = matches!(transfer.direction, Direction::Write { durable: true });
+        let mut written = vec![0u8; CHUNK.min(transfer.len)];
+        let mut medium = vec![0u8; written.len()];
+        let _shared = self.shared();
+        let mut done = 0usize;
+        while done < transfer.len {
+            let n = (transfer.len - done).min(written.len());
+            let offset = transfer.offset + done as u64;
+            data_out.read_bytes(&mut written[..n]);
+            let iov = IoVec {
+                iov_base: written.as_mut_ptr().cast(),
+                iov_len: n,
+            };
+            let result = self.storage.write_vectored_at(&[iov], offset, durable);
+            self.written(result, durable)?;
+            self.read_medium(&mut medium[..n], offset)?;
+            if let Some(at) = first_difference(&medium[..n], &written[..n]) {
+                return Err(CommandError::Miscompare {
+                    offset: (done + at) as u64,
+                });
+            }
+            done += n;
+        }
+        Ok(())
     }
 
     /// WRITE SAME(10/16) (SBC-3 §5.41, §5.42).

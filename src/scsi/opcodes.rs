@@ -50,8 +50,8 @@ const CTL: u8 = 0x04;
 /// does not take) and BYTCHK.
 const VERIFY_BYTE1: u8 = 0xf6;
 /// Byte 1 of WRITE AND VERIFY(10/12/16) (SBC-3 §5.38-5.40): WRPROTECT,
-/// DPO (accepted, as for VERIFY).
-const WV_BYTE1: u8 = 0xf0;
+/// DPO (accepted, as for VERIFY) and BYTCHK.
+const WV_BYTE1: u8 = 0xf6;
 
 /// Sorted by opcode, then service action.
 static SUPPORTED: &[OpcodeInfo] = &[

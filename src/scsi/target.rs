@@ -136,6 +136,7 @@ impl Target {
                 range,
                 fua,
                 verify: false,
+                ..
             }) => disk.plan_write(&range, fua, data_out),
             _ => return Prepared::Execute,
         };

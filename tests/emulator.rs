@@ -2725,8 +2725,7 @@ fn well_known_lun() {
     // CDB errors are reported as such.
     let (c, _) = f.run(WLUN, &inquiry(false, 0x80, 255), 4096);
     assert_invalid_field(c, 2, None);
-    let (c, _) = f.run(WLUN, &inquiry(true, 0x00, 255), 4096);
-    assert_invalid_field(c, 1, Some(0));
+    // INQUIRY with EVPD: see well_known_lun_vpd_pages.
     let (c, _) = f.run(WLUN, &[TEST_UNIT_READY, 0, 0, 0, 0, 0x04], 4096);
     assert_invalid_field(c, 5, Some(2));
 }
@@ -4927,6 +4926,33 @@ fn write_and_verify_byte_check() {
         // A range without the stuck byte compares equal.
         let (c, _) = run_with_out(&target, L0, &wv(op, 300, 100, 1), 0, &data[..100 * 512]);
         assert_good(c);
+    }
+}
+
+/// The REPORT LUNS well-known logical unit answers INQUIRY with EVPD=1
+/// for the VPD pages every logical unit has (SPC-4 §8.1, §7.8): Supported
+/// VPD Pages (00h) listing 00h and 83h, and Device Identification (83h),
+/// which holds no logical unit name (a well-known logical unit has none).
+/// Any other page is ILLEGAL REQUEST, INVALID FIELD IN CDB at the PAGE
+/// CODE (byte 2).
+#[test]
+fn well_known_lun_vpd_pages() {
+    let f = Fixture::new();
+    // Byte 0: peripheral qualifier 000b, device type 1Eh (well known).
+    let (c, data) = f.run(WLUN, &inquiry(true, 0x00, 255), 4096);
+    assert_good(c);
+    assert_eq!(data, [0x1e, 0x00, 0x00, 0x02, 0x00, 0x83]);
+    let (c, data) = f.run(WLUN, &inquiry(true, 0x83, 255), 4096);
+    assert_good(c);
+    assert_eq!(data, [0x1e, 0x83, 0x00, 0x00]);
+    // The allocation length truncates.
+    let (c, data) = f.run(WLUN, &inquiry(true, 0x00, 5), 4096);
+    assert_good(c);
+    assert_eq!(data, [0x1e, 0x00, 0x00, 0x02, 0x00]);
+    for page in [0x80u8, 0xb0, 0xb1, 0xb2, 0x86, 0xff] {
+        let (c, data) = f.run(WLUN, &inquiry(true, page, 255), 4096);
+        assert_invalid_field(c, 2, None);
+        assert!(data.is_empty(), "page {page:#x}");
     }
 }
 

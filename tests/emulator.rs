@@ -4956,6 +4956,114 @@ fn well_known_lun_vpd_pages() {
     }
 }
 
+/// WRITE SAME(16) with UNMAP on a thin-provisioned unit (LBPRZ=1): every
+/// accepted range reads back as zeroes (SBC-3 §4.7.3.4.2, §5.42), up to
+/// and including MAXIMUM WRITE SAME LENGTH (2097152 blocks of 512 bytes),
+/// on a sparse image file; blocks next to the range keep their data. With
+/// a zero block of data-out and with NDOB, and over ranges that start and
+/// end inside a file system block.
+#[test]
+fn write_same_unmap_largest_range_reads_back_zeroes() {
+    use std::os::unix::fs::FileExt;
+    const MAX: u64 = 2097152;
+    const LBA: u64 = 8;
+    let size = (LBA + MAX + 16) * 512;
+    // Data at the first, a middle and the last block of the range, and on
+    // both sides of it.
+    let marked = [LBA - 1, LBA, LBA + MAX / 2, LBA + MAX - 1, LBA + MAX];
+    for ndob in [false, true] {
+        let rig = FileRig::new(size, true, |f| {
+            for &b in &marked {
+                f.write_all_at(&[0x5a; 512], b * 512).unwrap();
+            }
+        });
+        let (c, data) = rig.run(&rc16_cdb(32), 32, &[]);
+        assert_good(c);
+        assert_eq!(data[14] & 0xc0, 0xc0, "LBPME=1, LBPRZ=1");
+        let (cdb, out) = if ndob {
+            (write_same(WRITE_SAME_16, WS_UNMAP | WS_NDOB, LBA, MAX as u32), vec![])
+        } else {
+            (write_same(WRITE_SAME_16, WS_UNMAP, LBA, MAX as u32), vec![0u8; 512])
+        };
+        let (c, _) = rig.run(&cdb, 0, &out);
+        assert_good(c);
+        for &b in &marked {
+            let (c, data) = rig.run(&block_cdb(READ_16, b, 1), 512, &[]);
+            assert_good(c);
+            let inside = (LBA..LBA + MAX).contains(&b);
+            let expected = if inside { [0u8; 512] } else { [0x5a; 512] };
+            assert_eq!(data, expected, "block {b} (ndob {ndob})");
+        }
+        // Blocks 1 and 2 past the range's start and end, read in one go.
+        let (c, data) = rig.run(&block_cdb(READ_16, LBA + MAX - 2, 3), 3 * 512, &[]);
+        assert_good(c);
+        assert_eq!(data[..1024], [0u8; 1024]);
+        assert_eq!(data[1024..], [0x5a; 512]);
+    }
+    // Ranges inside file system blocks: every block of the range reads
+    // back as zeroes, its neighbours keep their data.
+    let rig = FileRig::new(64 * 512, true, |f| {
+        f.write_all_at(&[0x77; 64 * 512], 0).unwrap();
+    });
+    for (lba, blocks) in [(3u64, 1u32), (9, 6), (17, 14), (40, 9)] {
+        let (c, _) = rig.run(&write_same(WRITE_SAME_16, WS_UNMAP, lba, blocks), 0, &[0; 512]);
+        assert_good(c);
+        let (c, data) = rig.run(&block_cdb(READ_16, lba - 1, blocks + 2), 64 * 512, &[]);
+        assert_good(c);
+        let n = blocks as usize * 512;
+        assert_eq!(data[..512], [0x77; 512], "{lba}+{blocks}");
+        assert!(data[512..512 + n].iter().all(|&b| b == 0), "{lba}+{blocks}");
+        assert_eq!(data[512 + n..], [0x77; 512], "{lba}+{blocks}");
+    }
+}
+
+/// GET LBA STATUS (SBC-3 §5.7): the first LBA status descriptor starts at
+/// the STARTING LOGICAL BLOCK ADDRESS, wherever it falls in an extent
+/// (first, inner or last block of a mapped or deallocated one), and the
+/// descriptors run on contiguously from there.
+#[test]
+fn get_lba_status_starts_at_the_starting_lba() {
+    use std::os::unix::fs::FileExt;
+    // Holes at 0..512 and 640..4096 (blocks), data at 512..640 — where the
+    // file system makes holes; the starting LBA is honoured either way.
+    let rig = FileRig::new(4096 * 512, true, |f| {
+        f.write_all_at(&[0x5a; 64 << 10], 256 << 10).unwrap();
+    });
+    for lba in [0u64, 1, 255, 511, 512, 513, 600, 639, 640, 641, 2000, 4094, 4095] {
+        let (c, data) = rig.run(&get_lba_status(lba, 4096), 4096, &[]);
+        assert_good(c);
+        let d = lba_status_descriptors(&data);
+        assert_eq!(d[0].0, lba, "first descriptor from {lba}: {d:?}");
+        let mut next = lba;
+        for &(start, blocks, _) in &d {
+            assert_eq!(start, next, "contiguous from {lba}: {d:?}");
+            assert!(blocks > 0);
+            next = start + u64::from(blocks);
+        }
+        assert_eq!(next, 4096, "from {lba}: {d:?}");
+    }
+    // An in-memory image with 4096-byte blocks: 2 stored (mapped) blocks,
+    // then a deallocated tail of 2^32 blocks and more.
+    let blocks = (1u64 << 32) + 40;
+    let rig = Rig::new(
+        MemImage::sparse(pattern(260, 2 * 4096), blocks * 4096, false),
+        4096,
+        true,
+    );
+    for (lba, expected) in [
+        (0u64, vec![(0u64, 2u32, 0u8), (2, u32::MAX, 1), (2 + u64::from(u32::MAX), 39, 1)]),
+        (1, vec![(1, 1, 0), (2, u32::MAX, 1), (2 + u64::from(u32::MAX), 39, 1)]),
+        (2, vec![(2, u32::MAX, 1), (2 + u64::from(u32::MAX), 39, 1)]),
+        // 2^32 + 40 - 1000 = 4294966336 blocks: one descriptor.
+        (1000, vec![(1000, 4294966336, 1)]),
+        (blocks - 1, vec![(blocks - 1, 1, 1)]),
+    ] {
+        let (c, data) = rig.run(&get_lba_status(lba, 4096), 4096, &[]);
+        assert_good(c);
+        assert_eq!(lba_status_descriptors(&data), expected, "from {lba}");
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Robustness
 // ---------------------------------------------------------------------------

@@ -4582,9 +4582,13 @@ fn verify_and_write_and_verify_accept_dpo() {
         let (c, _) = rig.run(&cdb, 0, &expected);
         assert_good(c);
     }
-    for (i, op) in [WRITE_AND_VERIFY_10, WRITE_AND_VERIFY_12, WRITE_AND_VERIFY_16]
-        .into_iter()
-        .enumerate()
+    for (i, op) in [
+        WRITE_AND_VERIFY_10,
+        WRITE_AND_VERIFY_12,
+        WRITE_AND_VERIFY_16,
+    ]
+    .into_iter()
+    .enumerate()
     {
         let mut cdb = block_cdb(op, 8, 2);
         cdb[1] = 0x10;
@@ -4681,7 +4685,11 @@ fn block_limits_are_what_the_commands_accept() {
     for op in [WRITE_16, WRITE_AND_VERIFY_16] {
         let (c, _) = rig.run(&block_cdb(op, 1, max_transfer), 0, &data);
         assert_good(c);
-        let (c, _) = rig.run(&block_cdb(op, 1, max_transfer + 1), 0, &[data.clone(), vec![0; 512]].concat());
+        let (c, _) = rig.run(
+            &block_cdb(op, 1, max_transfer + 1),
+            0,
+            &[data.clone(), vec![0; 512]].concat(),
+        );
         assert_invalid_field(c, 10, None);
     }
     assert_eq!(rig.read(1, max_transfer), data);
@@ -4698,7 +4706,11 @@ fn block_limits_are_what_the_commands_accept() {
     // CDB at NUMBER OF LOGICAL BLOCKS (byte 13).
     let verify = data[..64 * 512].to_vec();
     let new = pattern(222, 64 * 512);
-    let (c, _) = rig.run(&compare_and_write(0, 1, 64), 0, &[verify, new.clone()].concat());
+    let (c, _) = rig.run(
+        &compare_and_write(0, 1, 64),
+        0,
+        &[verify, new.clone()].concat(),
+    );
     assert_good(c);
     assert_eq!(rig.read(1, 64), new);
     let (c, _) = rig.run(&compare_and_write(0, 1, 65), 0, &vec![0; 130 * 512]);
@@ -4706,9 +4718,17 @@ fn block_limits_are_what_the_commands_accept() {
 
     // MAXIMUM WRITE SAME LENGTH, 2097152 blocks; one more is INVALID FIELD
     // IN CDB at the NUMBER OF LOGICAL BLOCKS. WSNZ: zero is refused too.
-    let (c, _) = rig.run(&write_same(WRITE_SAME_16, WS_UNMAP, 100, 2097152), 0, &[0; 512]);
+    let (c, _) = rig.run(
+        &write_same(WRITE_SAME_16, WS_UNMAP, 100, 2097152),
+        0,
+        &[0; 512],
+    );
     assert_good(c);
-    let (c, _) = rig.run(&write_same(WRITE_SAME_16, WS_UNMAP, 100, 2097153), 0, &[0; 512]);
+    let (c, _) = rig.run(
+        &write_same(WRITE_SAME_16, WS_UNMAP, 100, 2097153),
+        0,
+        &[0; 512],
+    );
     assert_invalid_field(c, 10, None);
     let (c, _) = rig.run(&write_same(WRITE_SAME_16, 0, 100, 0), 0, &[0; 512]);
     assert_invalid_field(c, 10, None);
@@ -4751,9 +4771,17 @@ fn block_limits_are_what_the_commands_accept() {
     let list = unmap_list(&[(0, 262145)]);
     let (c, _) = rig4k.run(&unmap_cdb(0, list.len() as u16), 0, &list);
     assert_invalid_param(c, 16, None);
-    let (c, _) = rig4k.run(&write_same(WRITE_SAME_16, WS_UNMAP, 0, 262144), 0, &[0; 4096]);
+    let (c, _) = rig4k.run(
+        &write_same(WRITE_SAME_16, WS_UNMAP, 0, 262144),
+        0,
+        &[0; 4096],
+    );
     assert_good(c);
-    let (c, _) = rig4k.run(&write_same(WRITE_SAME_16, WS_UNMAP, 0, 262145), 0, &[0; 4096]);
+    let (c, _) = rig4k.run(
+        &write_same(WRITE_SAME_16, WS_UNMAP, 0, 262145),
+        0,
+        &[0; 4096],
+    );
     assert_invalid_field(c, 10, None);
 }
 
@@ -4843,7 +4871,8 @@ impl Storage for StuckByte {
             };
             self.image.read_vectored_at(&[one(&mut byte)], self.at)?;
             byte[0] ^= 0xff;
-            self.image.write_vectored_at(&[one(&mut byte)], self.at, durable)?;
+            self.image
+                .write_vectored_at(&[one(&mut byte)], self.at, durable)?;
         }
         Ok(())
     }
@@ -4869,7 +4898,11 @@ impl Storage for StuckByte {
 /// byte 1 bit 2, nothing written. The usage data shows BYTCHK evaluated.
 #[test]
 fn write_and_verify_byte_check() {
-    const OPS: [u8; 3] = [WRITE_AND_VERIFY_10, WRITE_AND_VERIFY_12, WRITE_AND_VERIFY_16];
+    const OPS: [u8; 3] = [
+        WRITE_AND_VERIFY_10,
+        WRITE_AND_VERIFY_12,
+        WRITE_AND_VERIFY_16,
+    ];
     let wv = |op: u8, lba: u64, blocks: u32, bytchk: u8| {
         let mut c = block_cdb(op, lba, blocks);
         c[1] = bytchk << 1;
@@ -4981,9 +5014,15 @@ fn write_same_unmap_largest_range_reads_back_zeroes() {
         assert_good(c);
         assert_eq!(data[14] & 0xc0, 0xc0, "LBPME=1, LBPRZ=1");
         let (cdb, out) = if ndob {
-            (write_same(WRITE_SAME_16, WS_UNMAP | WS_NDOB, LBA, MAX as u32), vec![])
+            (
+                write_same(WRITE_SAME_16, WS_UNMAP | WS_NDOB, LBA, MAX as u32),
+                vec![],
+            )
         } else {
-            (write_same(WRITE_SAME_16, WS_UNMAP, LBA, MAX as u32), vec![0u8; 512])
+            (
+                write_same(WRITE_SAME_16, WS_UNMAP, LBA, MAX as u32),
+                vec![0u8; 512],
+            )
         };
         let (c, _) = rig.run(&cdb, 0, &out);
         assert_good(c);
@@ -5006,7 +5045,11 @@ fn write_same_unmap_largest_range_reads_back_zeroes() {
         f.write_all_at(&[0x77; 64 * 512], 0).unwrap();
     });
     for (lba, blocks) in [(3u64, 1u32), (9, 6), (17, 14), (40, 9)] {
-        let (c, _) = rig.run(&write_same(WRITE_SAME_16, WS_UNMAP, lba, blocks), 0, &[0; 512]);
+        let (c, _) = rig.run(
+            &write_same(WRITE_SAME_16, WS_UNMAP, lba, blocks),
+            0,
+            &[0; 512],
+        );
         assert_good(c);
         let (c, data) = rig.run(&block_cdb(READ_16, lba - 1, blocks + 2), 64 * 512, &[]);
         assert_good(c);
@@ -5029,7 +5072,9 @@ fn get_lba_status_starts_at_the_starting_lba() {
     let rig = FileRig::new(4096 * 512, true, |f| {
         f.write_all_at(&[0x5a; 64 << 10], 256 << 10).unwrap();
     });
-    for lba in [0u64, 1, 255, 511, 512, 513, 600, 639, 640, 641, 2000, 4094, 4095] {
+    for lba in [
+        0u64, 1, 255, 511, 512, 513, 600, 639, 640, 641, 2000, 4094, 4095,
+    ] {
         let (c, data) = rig.run(&get_lba_status(lba, 4096), 4096, &[]);
         assert_good(c);
         let d = lba_status_descriptors(&data);
@@ -5051,8 +5096,22 @@ fn get_lba_status_starts_at_the_starting_lba() {
         true,
     );
     for (lba, expected) in [
-        (0u64, vec![(0u64, 2u32, 0u8), (2, u32::MAX, 1), (2 + u64::from(u32::MAX), 39, 1)]),
-        (1, vec![(1, 1, 0), (2, u32::MAX, 1), (2 + u64::from(u32::MAX), 39, 1)]),
+        (
+            0u64,
+            vec![
+                (0u64, 2u32, 0u8),
+                (2, u32::MAX, 1),
+                (2 + u64::from(u32::MAX), 39, 1),
+            ],
+        ),
+        (
+            1,
+            vec![
+                (1, 1, 0),
+                (2, u32::MAX, 1),
+                (2 + u64::from(u32::MAX), 39, 1),
+            ],
+        ),
         (2, vec![(2, u32::MAX, 1), (2 + u64::from(u32::MAX), 39, 1)]),
         // 2^32 + 40 - 1000 = 4294966336 blocks: one descriptor.
         (1000, vec![(1000, 4294966336, 1)]),

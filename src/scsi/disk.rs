@@ -590,7 +590,11 @@ impl Disk {
     /// byte with the data-out; on a mismatch, MISCOMPARE with the offset of
     /// the first differing byte in the data-out. Goes through the bounded
     /// scratch buffers, a piece at a time.
-    fn write_and_compare(&self, range: &BlockRange, data_out: &mut dyn DataOut) -> CommandResult<()> {
+    fn write_and_compare(
+        &self,
+        range: &BlockRange,
+        data_out: &mut dyn DataOut,
+    ) -> CommandResult<()> {
         let Some(transfer) = self.plan_write(range, true, data_out.remaining())? else {
             return Ok(());
         };

@@ -75,7 +75,18 @@ static SUPPORTED: &[OpcodeInfo] = &[
     op(WRITE_10, &[WRITE_10, 0xe8, FF, FF, FF, FF, 0, FF, FF, CTL]),
     op(
         WRITE_AND_VERIFY_10,
-        &[WRITE_AND_VERIFY_10, WV_BYTE1, FF, FF, FF, FF, 0, FF, FF, CTL],
+        &[
+            WRITE_AND_VERIFY_10,
+            WV_BYTE1,
+            FF,
+            FF,
+            FF,
+            FF,
+            0,
+            FF,
+            FF,
+            CTL,
+        ],
     ),
     op(
         VERIFY_10,
@@ -155,7 +166,22 @@ static SUPPORTED: &[OpcodeInfo] = &[
     op(
         VERIFY_16,
         &[
-            VERIFY_16, VERIFY_BYTE1, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, 0, CTL,
+            VERIFY_16,
+            VERIFY_BYTE1,
+            FF,
+            FF,
+            FF,
+            FF,
+            FF,
+            FF,
+            FF,
+            FF,
+            FF,
+            FF,
+            FF,
+            FF,
+            0,
+            CTL,
         ],
     ),
     op(
@@ -311,7 +337,20 @@ static SUPPORTED: &[OpcodeInfo] = &[
     ),
     op(
         VERIFY_12,
-        &[VERIFY_12, VERIFY_BYTE1, FF, FF, FF, FF, FF, FF, FF, FF, 0, CTL],
+        &[
+            VERIFY_12,
+            VERIFY_BYTE1,
+            FF,
+            FF,
+            FF,
+            FF,
+            FF,
+            FF,
+            FF,
+            FF,
+            0,
+            CTL,
+        ],
     ),
 ];
 

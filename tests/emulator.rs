@@ -2725,8 +2725,7 @@ fn well_known_lun() {
     // CDB errors are reported as such.
     let (c, _) = f.run(WLUN, &inquiry(false, 0x80, 255), 4096);
     assert_invalid_field(c, 2, None);
-    let (c, _) = f.run(WLUN, &inquiry(true, 0x00, 255), 4096);
-    assert_invalid_field(c, 1, Some(0));
+    // INQUIRY with EVPD: see well_known_lun_vpd_pages.
     let (c, _) = f.run(WLUN, &[TEST_UNIT_READY, 0, 0, 0, 0, 0x04], 4096);
     assert_invalid_field(c, 5, Some(2));
 }
@@ -3824,7 +3823,7 @@ fn unmap_parameter_list_errors() {
 /// MAXIMUM UNMAP LBA COUNT bounds the blocks of all descriptors together.
 #[test]
 fn unmap_lba_count_is_limited_over_all_descriptors() {
-    let max = 1u32 << 21; // 1 GiB of 512-byte blocks
+    let max = 1u32 << 20; // 1 Mi blocks (512 MiB of 512-byte blocks)
     let rig = Rig::new(MemImage::sparse(Vec::new(), 4 << 30, false), 512, true);
     let (c, data) = rig.run(&inquiry(true, 0xb0, 64), 64, &[]);
     assert_good(c);
@@ -3874,10 +3873,11 @@ fn unmap_cdb_and_unit_errors() {
         assert_invalid_opcode(c);
         assert_eq!(rig.data(), before);
     }
-    // Thin provisioning configured on a read-only unit: write protected.
+    // Thin provisioning configured on a read-only unit: not offered there
+    // (see read_only_unit_with_discard_offers_no_unmap_anywhere).
     let rig = Rig::new(MemImage::new(before.clone(), true), 512, true);
     let (c, _) = rig.run(&unmap_cdb(0, list.len() as u16), 0, &list);
-    assert_write_protected(c);
+    assert_invalid_opcode(c);
     assert_eq!(rig.ops(), []);
 }
 
@@ -3899,12 +3899,11 @@ fn write_same_replicates_one_block() {
             model[b * 512..(b + 1) * 512].copy_from_slice(&block);
         }
         assert_eq!(rig.data(), model);
-        // Data-out beyond one block is ignored; the last block.
-        let mut out = pattern(62, 512);
-        out.extend_from_slice(&[0xff; 100]);
+        // The last block.
+        let out = pattern(62, 512);
         let (c, _) = rig.run(&write_same(op, 0, RIG_BLOCKS - 1, 1), 0, &out);
         assert_good(c);
-        model[(RIG_BLOCKS as usize - 1) * 512..].copy_from_slice(&out[..512]);
+        model[(RIG_BLOCKS as usize - 1) * 512..].copy_from_slice(&out);
         assert_eq!(rig.data(), model);
     }
     // 4096-byte blocks.
@@ -3977,7 +3976,7 @@ fn write_same_of_zeroes_and_with_unmap() {
     assert_eq!(rig.data(), model);
     // WRITE SAME(10) has no NDOB: bit 0 is ignored, data-out is needed.
     let (c, _) = rig.run(&write_same(WRITE_SAME_10, 0x01, 80, 4), 0, &[]);
-    assert_eq!(c, Completion::BufferTooSmall);
+    assert_plain_sense(c, 0x05, 0x0e, 0x03);
     // Zeroes into the unallocated tail of a sparse image need space unless
     // they deallocate.
     let sparse = Rig::new(
@@ -4048,9 +4047,10 @@ fn write_same_errors() {
         assert_lba_out_of_range(c);
         let (c, _) = rig.run(&write_same(op, WS_UNMAP, RIG_BLOCKS, 1), 0, &block);
         assert_lba_out_of_range(c);
-        // Less than one block of data-out: not executed.
+        // Less than one block of data-out: see
+        // write_same_data_out_other_than_one_block_is_illegal_request.
         let (c, _) = rig.run(&write_same(op, 0, 0, 1), 0, &block[..511]);
-        assert_eq!(c, Completion::BufferTooSmall);
+        assert_plain_sense(c, 0x05, 0x0e, 0x03);
     }
     let (c, _) = rig.run(&write_same(WRITE_SAME_16, 0, u64::MAX, 1), 0, &block);
     assert_lba_out_of_range(c);
@@ -4515,14 +4515,17 @@ fn thin_provisioning_is_reported_where_it_is_offered() {
         limits[5] = 64;
         limits[6..8].copy_from_slice(&(1u16 << exponent).to_be_bytes());
         limits[8..12].copy_from_slice(&((32u32 << 20) / block_size).to_be_bytes());
-        let max_unmap = (1u32 << 30) / block_size;
+        // MAXIMUM UNMAP LBA COUNT: 1 GiB, at most 1 Mi blocks (1048576
+        // for 512-byte blocks, 262144 for 4096).
+        let max_unmap: u32 = if block_size == 512 { 1048576 } else { 262144 };
+        let max_write_same = (1u32 << 30) / block_size;
         if offered {
             limits[20..24].copy_from_slice(&max_unmap.to_be_bytes());
             limits[24..28].copy_from_slice(&64u32.to_be_bytes());
             limits[28..32].copy_from_slice(&(1u32 << exponent).to_be_bytes());
             limits[32] = 0x80;
         }
-        limits[36..44].copy_from_slice(&u64::from(max_unmap).to_be_bytes());
+        limits[36..44].copy_from_slice(&u64::from(max_write_same).to_be_bytes());
         assert_eq!(data, limits, "{block_size} {read_only} {discard}");
         // REPORT SUPPORTED OPERATION CODES lists UNMAP and GET LBA STATUS
         // only then.
@@ -4532,6 +4535,591 @@ fn thin_provisioning_is_reported_where_it_is_offered() {
         let (c, data) = rig.run(&rsoc(0x02, SERVICE_ACTION_IN_16, 0x12, 64), 64, &[]);
         assert_good(c);
         assert_eq!(data[1] & 0x07, if offered { 0x03 } else { 0x01 });
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Conformance details (SPC-4, SBC-3)
+// ---------------------------------------------------------------------------
+
+/// The DPO bit of VERIFY and WRITE AND VERIFY (SBC-3 §5.33-5.35,
+/// §5.38-5.40: byte 1 bit 4) is evaluated: the CDB usage data of REPORT
+/// SUPPORTED OPERATION CODES (SPC-4 §6.35.3) has it set, and the commands
+/// complete with DPO=1.
+#[test]
+fn verify_and_write_and_verify_accept_dpo() {
+    let rig = Rig::writable(200);
+    // Byte 1 as the usage data must show it: VRPROTECT/WRPROTECT (bits
+    // 7-5), DPO (bit 4) and BYTCHK (bits 2-1) for VERIFY; WRPROTECT and
+    // DPO for WRITE AND VERIFY (BYTCHK: see the BYTCHK tests).
+    for (op, len, byte1) in [
+        (VERIFY_10, 10u8, 0b1111_0110u8),
+        (VERIFY_12, 12, 0b1111_0110),
+        (VERIFY_16, 16, 0b1111_0110),
+    ] {
+        let (c, data) = rig.run(&rsoc(0x01, op, 0, 4096), 4096, &[]);
+        assert_good(c);
+        assert_eq!(&data[..6], &[0, 0x03, 0, len, op, byte1], "{op:#x}");
+    }
+    for (op, len) in [
+        (WRITE_AND_VERIFY_10, 10u8),
+        (WRITE_AND_VERIFY_12, 12),
+        (WRITE_AND_VERIFY_16, 16),
+    ] {
+        let (c, data) = rig.run(&rsoc(0x01, op, 0, 4096), 4096, &[]);
+        assert_good(c);
+        assert_eq!(&data[..5], &[0, 0x03, 0, len, op], "{op:#x}");
+        assert_eq!(data[5] & 0xf0, 0xf0, "{op:#x}: WRPROTECT and DPO");
+    }
+    // DPO=1 is accepted.
+    for op in VERIFIES {
+        let mut cdb = block_cdb(op, 3, 2);
+        cdb[1] = 0x10;
+        let (c, _) = rig.run(&cdb, 0, &[]);
+        assert_good(c);
+        cdb[1] = 0x10 | 0b01 << 1;
+        let expected = rig.stored(3, 2);
+        let (c, _) = rig.run(&cdb, 0, &expected);
+        assert_good(c);
+    }
+    for (i, op) in [
+        WRITE_AND_VERIFY_10,
+        WRITE_AND_VERIFY_12,
+        WRITE_AND_VERIFY_16,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut cdb = block_cdb(op, 8, 2);
+        cdb[1] = 0x10;
+        let data = pattern(201 + i as u64, 1024);
+        let (c, _) = rig.run(&cdb, 0, &data);
+        assert_good(c);
+        assert_eq!(rig.stored(8, 2), data);
+    }
+}
+
+/// WRITE SAME(10/16) takes exactly one logical block of data-out (SBC-3
+/// §5.41, §5.42). Any other length is CHECK CONDITION, ILLEGAL REQUEST,
+/// INVALID FIELD IN COMMAND INFORMATION UNIT (0Eh/03h), with nothing
+/// written, on 512- and 4096-byte blocks; not a transport-level failure.
+#[test]
+fn write_same_data_out_other_than_one_block_is_illegal_request() {
+    for (block, blocks) in [(512usize, 64u64), (4096, 16)] {
+        let rig = Rig::new(
+            MemImage::new(pattern(210, blocks as usize * block), false),
+            block as u32,
+            true,
+        );
+        let before = rig.data();
+        rig.ops();
+        for op in [WRITE_SAME_10, WRITE_SAME_16] {
+            for byte1 in [0, WS_UNMAP] {
+                for len in [0, 1, block - 1, block + 1, 2 * block, 4 * block] {
+                    let out = vec![0u8; len];
+                    let (c, data) = rig.run(&write_same(op, byte1, 2, 4), 4096, &out);
+                    assert_ne!(c, Completion::BufferTooSmall, "{op:#x} {len}");
+                    // Fixed format: 70h, ILLEGAL REQUEST, additional length
+                    // 10, ASC 0Eh ASCQ 03h, no sense-key specific data.
+                    let mut expected = [0u8; 18];
+                    expected[0] = 0x70;
+                    expected[2] = 0x05;
+                    expected[7] = 10;
+                    expected[12] = 0x0e;
+                    expected[13] = 0x03;
+                    assert_eq!(sense_bytes(c), expected, "{op:#x} byte1 {byte1:#x} {len}");
+                    assert!(data.is_empty());
+                }
+            }
+        }
+        assert_eq!(rig.ops(), []);
+        assert_eq!(rig.data(), before);
+        // Exactly one block is written to every block of the range.
+        let one = pattern(211, block);
+        let (c, _) = rig.run(&write_same(WRITE_SAME_16, 0, 2, 4), 0, &one);
+        assert_good(c);
+        assert_eq!(rig.stored(2, 4), one.repeat(4));
+        // NDOB: no data-out at all.
+        let (c, _) = rig.run(&write_same(WRITE_SAME_16, WS_NDOB, 2, 4), 0, &[]);
+        assert_good(c);
+        assert_eq!(rig.stored(2, 4), vec![0; 4 * block]);
+    }
+}
+
+/// Every limit of the Block Limits VPD page (SBC-3 §6.5.3, table 197) is
+/// what the commands accept: a request at the limit completes, one past it
+/// is refused with the sense SBC-3 gives. MAXIMUM UNMAP LBA COUNT is at
+/// most 1 Mi blocks.
+#[test]
+fn block_limits_are_what_the_commands_accept() {
+    // 512-byte blocks, thin provisioned: 1 GiB + 1 MiB, 33 MiB of it
+    // stored (memory), the rest a sparse tail that only deallocation
+    // touches.
+    const BLOCKS: u64 = (1 << 21) + 2048;
+    const STORED: usize = 33 << 20;
+    let rig = Rig::new(
+        MemImage::sparse(pattern(220, STORED), BLOCKS * 512, false),
+        512,
+        true,
+    );
+    let (c, page) = rig.run(&inquiry(true, 0xb0, 255), 255, &[]);
+    assert_good(c);
+    let mut expected = vec![0u8; 64];
+    expected[1] = 0xb0;
+    expected[3] = 0x3c;
+    expected[4] = 0x01; // WSNZ
+    expected[5] = 64; // MAXIMUM COMPARE AND WRITE LENGTH
+    expected[6..8].copy_from_slice(&[0, 8]); // OPTIMAL TRANSFER LENGTH GRANULARITY
+    expected[8..12].copy_from_slice(&[0, 0x01, 0, 0]); // MAXIMUM TRANSFER LENGTH 65536
+    expected[20..24].copy_from_slice(&[0, 0x10, 0, 0]); // MAXIMUM UNMAP LBA COUNT 1048576
+    expected[24..28].copy_from_slice(&[0, 0, 0, 64]); // MAXIMUM UNMAP BLOCK DESCRIPTOR COUNT
+    expected[28..32].copy_from_slice(&[0, 0, 0, 8]); // OPTIMAL UNMAP GRANULARITY
+    expected[32] = 0x80; // UGAVALID, alignment 0
+    expected[36..44].copy_from_slice(&[0, 0, 0, 0, 0, 0x20, 0, 0]); // MAXIMUM WRITE SAME LENGTH 2097152
+    assert_eq!(page, expected);
+
+    // MAXIMUM TRANSFER LENGTH, 65536 blocks: READ, WRITE, VERIFY, WRITE
+    // AND VERIFY. One more is INVALID FIELD IN CDB at the transfer length.
+    let max_transfer = 65536u32;
+    let data = pattern(221, max_transfer as usize * 512);
+    for op in [WRITE_16, WRITE_AND_VERIFY_16] {
+        let (c, _) = rig.run(&block_cdb(op, 1, max_transfer), 0, &data);
+        assert_good(c);
+        let (c, _) = rig.run(
+            &block_cdb(op, 1, max_transfer + 1),
+            0,
+            &[data.clone(), vec![0; 512]].concat(),
+        );
+        assert_invalid_field(c, 10, None);
+    }
+    assert_eq!(rig.read(1, max_transfer), data);
+    let (c, _) = rig.run(&block_cdb(READ_16, 1, max_transfer + 1), 64 << 20, &[]);
+    assert_invalid_field(c, 10, None);
+    let (c, _) = rig.run(&block_cdb(VERIFY_16, 1, max_transfer), 0, &[]);
+    assert_good(c);
+    let (c, _) = rig.run(&verify_cdb(VERIFY_16, 1, max_transfer, 0b01), 0, &data);
+    assert_good(c);
+    let (c, _) = rig.run(&block_cdb(VERIFY_16, 1, max_transfer + 1), 0, &[]);
+    assert_invalid_field(c, 10, None);
+
+    // MAXIMUM COMPARE AND WRITE LENGTH, 64 blocks; 65 is INVALID FIELD IN
+    // CDB at NUMBER OF LOGICAL BLOCKS (byte 13).
+    let verify = data[..64 * 512].to_vec();
+    let new = pattern(222, 64 * 512);
+    let (c, _) = rig.run(
+        &compare_and_write(0, 1, 64),
+        0,
+        &[verify, new.clone()].concat(),
+    );
+    assert_good(c);
+    assert_eq!(rig.read(1, 64), new);
+    let (c, _) = rig.run(&compare_and_write(0, 1, 65), 0, &vec![0; 130 * 512]);
+    assert_invalid_field(c, 13, None);
+
+    // MAXIMUM WRITE SAME LENGTH, 2097152 blocks; one more is INVALID FIELD
+    // IN CDB at the NUMBER OF LOGICAL BLOCKS. WSNZ: zero is refused too.
+    let (c, _) = rig.run(
+        &write_same(WRITE_SAME_16, WS_UNMAP, 100, 2097152),
+        0,
+        &[0; 512],
+    );
+    assert_good(c);
+    let (c, _) = rig.run(
+        &write_same(WRITE_SAME_16, WS_UNMAP, 100, 2097153),
+        0,
+        &[0; 512],
+    );
+    assert_invalid_field(c, 10, None);
+    let (c, _) = rig.run(&write_same(WRITE_SAME_16, 0, 100, 0), 0, &[0; 512]);
+    assert_invalid_field(c, 10, None);
+
+    // MAXIMUM UNMAP LBA COUNT, 1048576 blocks over all descriptors; one
+    // more is INVALID FIELD IN PARAMETER LIST at the NUMBER OF LOGICAL
+    // BLOCKS of the descriptor that goes past it (SBC-3 §5.28.2).
+    let list = unmap_list(&[(0, 1048576)]);
+    let (c, _) = rig.run(&unmap_cdb(0, list.len() as u16), 0, &list);
+    assert_good(c);
+    let list = unmap_list(&[(0, 1048577)]);
+    let (c, _) = rig.run(&unmap_cdb(0, list.len() as u16), 0, &list);
+    assert_invalid_param(c, 16, None);
+    let list = unmap_list(&[(0, 1048576), (1048576, 1)]);
+    let (c, _) = rig.run(&unmap_cdb(0, list.len() as u16), 0, &list);
+    assert_invalid_param(c, 32, None);
+
+    // MAXIMUM UNMAP BLOCK DESCRIPTOR COUNT, 64; 65 is INVALID FIELD IN
+    // PARAMETER LIST at the UNMAP BLOCK DESCRIPTOR DATA LENGTH (byte 2).
+    let ranges: Vec<(u64, u32)> = (0..64).map(|i| (i * 8, 1)).collect();
+    let list = unmap_list(&ranges);
+    let (c, _) = rig.run(&unmap_cdb(0, list.len() as u16), 0, &list);
+    assert_good(c);
+    let ranges: Vec<(u64, u32)> = (0..65).map(|i| (i * 8, 1)).collect();
+    let list = unmap_list(&ranges);
+    let (c, _) = rig.run(&unmap_cdb(0, list.len() as u16), 0, &list);
+    assert_invalid_param(c, 2, None);
+
+    // 4096-byte blocks: MAXIMUM UNMAP LBA COUNT 262144 (1 GiB), MAXIMUM
+    // TRANSFER LENGTH 8192, MAXIMUM WRITE SAME LENGTH 262144.
+    let rig4k = Rig::new(MemImage::sparse(Vec::new(), 2 << 30, false), 4096, true);
+    let (c, page) = rig4k.run(&inquiry(true, 0xb0, 255), 255, &[]);
+    assert_good(c);
+    assert_eq!(&page[8..12], &[0, 0, 0x20, 0]);
+    assert_eq!(&page[20..24], &[0, 0x04, 0, 0]);
+    assert_eq!(&page[36..44], &[0, 0, 0, 0, 0, 0x04, 0, 0]);
+    let list = unmap_list(&[(0, 262144)]);
+    let (c, _) = rig4k.run(&unmap_cdb(0, list.len() as u16), 0, &list);
+    assert_good(c);
+    let list = unmap_list(&[(0, 262145)]);
+    let (c, _) = rig4k.run(&unmap_cdb(0, list.len() as u16), 0, &list);
+    assert_invalid_param(c, 16, None);
+    let (c, _) = rig4k.run(
+        &write_same(WRITE_SAME_16, WS_UNMAP, 0, 262144),
+        0,
+        &[0; 4096],
+    );
+    assert_good(c);
+    let (c, _) = rig4k.run(
+        &write_same(WRITE_SAME_16, WS_UNMAP, 0, 262145),
+        0,
+        &[0; 4096],
+    );
+    assert_invalid_field(c, 10, None);
+}
+
+/// A read-only unit configured with discard is not thin provisioned, and
+/// every command says so alike (SBC-3 §4.7.3, §6.5.4): READ CAPACITY(16)
+/// LBPME=0 and LBPRZ=0, the logical block provisioning VPD page with
+/// LBPU, LBPWS and LBPWS10 zero, no UNMAP limits in the block limits page,
+/// REPORT SUPPORTED OPERATION CODES without UNMAP and GET LBA STATUS,
+/// UNMAP an INVALID COMMAND OPERATION CODE, GET LBA STATUS an unsupported
+/// service action, WRITE SAME with UNMAP write protected like any WRITE
+/// SAME: exactly the answers of a read-only unit without discard.
+#[test]
+fn read_only_unit_with_discard_offers_no_unmap_anywhere() {
+    let image = pattern(230, 64 * 512);
+    let with = Rig::new(MemImage::new(image.clone(), true), 512, true);
+    let without = Rig::new(MemImage::new(image.clone(), true), 512, false);
+    let list = unmap_list(&[(0, 4)]);
+    for rig in [&with, &without] {
+        let (c, data) = rig.run(&rc16_cdb(32), 32, &[]);
+        assert_good(c);
+        assert_eq!(data[14], 0x00, "LBPME=0, LBPRZ=0");
+        let (c, data) = rig.run(&inquiry(true, 0xb2, 255), 255, &[]);
+        assert_good(c);
+        assert_eq!(data, [0, 0xb2, 0, 4, 0, 0, 0, 0]);
+        let (c, data) = rig.run(&inquiry(true, 0xb0, 255), 255, &[]);
+        assert_good(c);
+        assert_eq!(&data[20..32], &[0; 12], "no UNMAP limits, no granularity");
+        assert_eq!(data[32], 0, "UGAVALID=0");
+        let (c, data) = rig.run(&rsoc(0x01, UNMAP, 0, 64), 64, &[]);
+        assert_good(c);
+        assert_eq!(data, [0, 0x01, 0, 0], "UNMAP not supported");
+        let (c, data) = rig.run(&rsoc(0x02, SERVICE_ACTION_IN_16, 0x12, 64), 64, &[]);
+        assert_good(c);
+        assert_eq!(data, [0, 0x01, 0, 0], "GET LBA STATUS not supported");
+        let (c, _) = rig.run(&unmap_cdb(0, list.len() as u16), 0, &list);
+        assert_invalid_opcode(c);
+        let (c, _) = rig.run(&get_lba_status(0, 4096), 4096, &[]);
+        assert_invalid_field(c, 1, Some(4));
+        for op in [WRITE_SAME_10, WRITE_SAME_16] {
+            for byte1 in [0, WS_UNMAP] {
+                let (c, _) = rig.run(&write_same(op, byte1, 0, 4), 0, &[0; 512]);
+                assert_write_protected(c);
+            }
+        }
+        assert_eq!(rig.ops(), []);
+        assert_eq!(rig.data(), image);
+    }
+    // Byte for byte the same listing and pages.
+    for cdb in [
+        rsoc(0, 0, 0, 4096),
+        inquiry(true, 0xb0, 255),
+        inquiry(true, 0xb2, 255),
+        rc16_cdb(32),
+    ] {
+        assert_eq!(with.run(&cdb, 4096, &[]), without.run(&cdb, 4096, &[]));
+    }
+}
+
+/// A writable [`MemImage`] whose medium holds the byte at `at` inverted
+/// after every write that covers it: a stuck cell, which a read-back
+/// succeeds on and only a byte-by-byte comparison catches.
+struct StuckByte {
+    image: MemImage,
+    at: u64,
+}
+
+impl Storage for StuckByte {
+    fn size(&self) -> u64 {
+        self.image.size()
+    }
+
+    fn read_only(&self) -> bool {
+        self.image.read_only()
+    }
+
+    fn read_vectored_at(&self, iov: &[IoVec], offset: u64) -> io::Result<()> {
+        self.image.read_vectored_at(iov, offset)
+    }
+
+    fn write_vectored_at(&self, iov: &[IoVec], offset: u64, durable: bool) -> io::Result<()> {
+        self.image.write_vectored_at(iov, offset, durable)?;
+        if (offset..offset + iov_len(iov)).contains(&self.at) {
+            let mut byte = [0u8; 1];
+            let one = |b: &mut [u8; 1]| IoVec {
+                iov_base: b.as_mut_ptr().cast(),
+                iov_len: 1,
+            };
+            self.image.read_vectored_at(&[one(&mut byte)], self.at)?;
+            byte[0] ^= 0xff;
+            self.image
+                .write_vectored_at(&[one(&mut byte)], self.at, durable)?;
+        }
+        Ok(())
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        self.image.flush()
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, deallocate: bool) -> io::Result<()> {
+        self.image.write_zeroes(offset, len, deallocate)
+    }
+
+    fn extent(&self, offset: u64) -> io::Result<Extent> {
+        self.image.extent(offset)
+    }
+}
+
+/// WRITE AND VERIFY BYTCHK (SBC-3 §5.38-5.40, byte 1 bits 2-1): 00b writes
+/// and verifies the medium without comparing; 01b compares the medium with
+/// the data-out after the write, a mismatch being MISCOMPARE, MISCOMPARE
+/// DURING VERIFY OPERATION with the offset into the data-out in the
+/// INFORMATION field; 10b and 11b are reserved: INVALID FIELD IN CDB at
+/// byte 1 bit 2, nothing written. The usage data shows BYTCHK evaluated.
+#[test]
+fn write_and_verify_byte_check() {
+    const OPS: [u8; 3] = [
+        WRITE_AND_VERIFY_10,
+        WRITE_AND_VERIFY_12,
+        WRITE_AND_VERIFY_16,
+    ];
+    let wv = |op: u8, lba: u64, blocks: u32, bytchk: u8| {
+        let mut c = block_cdb(op, lba, blocks);
+        c[1] = bytchk << 1;
+        c
+    };
+    // Byte 1 of the usage data: WRPROTECT, DPO, BYTCHK.
+    let rig = Rig::writable(240);
+    for op in OPS {
+        let (c, data) = rig.run(&rsoc(0x01, op, 0, 64), 64, &[]);
+        assert_good(c);
+        assert_eq!(data[5], 0b1111_0110, "{op:#x}");
+    }
+    // A sound medium: 00b and 01b both write, and compare equal.
+    for (i, op) in OPS.into_iter().enumerate() {
+        for bytchk in [0u8, 1] {
+            let data = pattern(241 + 2 * i as u64 + u64::from(bytchk), 200 * 512);
+            let (c, _) = rig.run(&wv(op, 20, 200, bytchk), 0, &data);
+            assert_good(c);
+            assert_eq!(rig.stored(20, 200), data, "{op:#x} {bytchk}");
+        }
+    }
+    // Reserved values: nothing reaches the storage.
+    rig.ops();
+    let before = rig.data();
+    for op in OPS {
+        for bytchk in [0b10u8, 0b11] {
+            let (c, _) = rig.run(&wv(op, 20, 2, bytchk), 0, &[0x33; 1024]);
+            assert_invalid_field(c, 1, Some(2));
+        }
+    }
+    assert_eq!(rig.ops(), []);
+    assert_eq!(rig.data(), before);
+    // A stuck byte at image offset 64 KiB + 700, i.e. byte
+    // 65536 + 700 - 100 * 512 = 15036 of a data-out written at LBA 100
+    // (past the first 64 KiB piece, and not on a piece boundary).
+    let at = (64 << 10) + 700;
+    let disk = Disk::new(
+        Box::new(StuckByte {
+            image: MemImage::new(pattern(250, 512 * 512), false),
+            at,
+        }),
+        disk_config(0, 512, false),
+    )
+    .unwrap();
+    let target = Target::new(vec![disk]);
+    for op in OPS {
+        let data = pattern(251, 300 * 512);
+        // BYTCHK 00b reads the medium back, which succeeds.
+        let (c, _) = run_with_out(&target, L0, &wv(op, 100, 300, 0), 0, &data);
+        assert_good(c);
+        // BYTCHK 01b finds the difference.
+        let (c, _) = run_with_out(&target, L0, &wv(op, 100, 300, 1), 0, &data);
+        assert_miscompare(c, 15036);
+        // A range without the stuck byte compares equal.
+        let (c, _) = run_with_out(&target, L0, &wv(op, 300, 100, 1), 0, &data[..100 * 512]);
+        assert_good(c);
+    }
+}
+
+/// The REPORT LUNS well-known logical unit answers INQUIRY with EVPD=1
+/// for the VPD pages every logical unit has (SPC-4 §8.1, §7.8): Supported
+/// VPD Pages (00h) listing 00h and 83h, and Device Identification (83h),
+/// which holds no logical unit name (a well-known logical unit has none).
+/// Any other page is ILLEGAL REQUEST, INVALID FIELD IN CDB at the PAGE
+/// CODE (byte 2).
+#[test]
+fn well_known_lun_vpd_pages() {
+    let f = Fixture::new();
+    // Byte 0: peripheral qualifier 000b, device type 1Eh (well known).
+    let (c, data) = f.run(WLUN, &inquiry(true, 0x00, 255), 4096);
+    assert_good(c);
+    assert_eq!(data, [0x1e, 0x00, 0x00, 0x02, 0x00, 0x83]);
+    let (c, data) = f.run(WLUN, &inquiry(true, 0x83, 255), 4096);
+    assert_good(c);
+    assert_eq!(data, [0x1e, 0x83, 0x00, 0x00]);
+    // The allocation length truncates.
+    let (c, data) = f.run(WLUN, &inquiry(true, 0x00, 5), 4096);
+    assert_good(c);
+    assert_eq!(data, [0x1e, 0x00, 0x00, 0x02, 0x00]);
+    for page in [0x80u8, 0xb0, 0xb1, 0xb2, 0x86, 0xff] {
+        let (c, data) = f.run(WLUN, &inquiry(true, page, 255), 4096);
+        assert_invalid_field(c, 2, None);
+        assert!(data.is_empty(), "page {page:#x}");
+    }
+}
+
+/// WRITE SAME(16) with UNMAP on a thin-provisioned unit (LBPRZ=1): every
+/// accepted range reads back as zeroes (SBC-3 §4.7.3.4.2, §5.42), up to
+/// and including MAXIMUM WRITE SAME LENGTH (2097152 blocks of 512 bytes),
+/// on a sparse image file; blocks next to the range keep their data. With
+/// a zero block of data-out and with NDOB, and over ranges that start and
+/// end inside a file system block.
+#[test]
+fn write_same_unmap_largest_range_reads_back_zeroes() {
+    use std::os::unix::fs::FileExt;
+    const MAX: u64 = 2097152;
+    const LBA: u64 = 8;
+    let size = (LBA + MAX + 16) * 512;
+    // Data at the first, a middle and the last block of the range, and on
+    // both sides of it.
+    let marked = [LBA - 1, LBA, LBA + MAX / 2, LBA + MAX - 1, LBA + MAX];
+    for ndob in [false, true] {
+        let rig = FileRig::new(size, true, |f| {
+            for &b in &marked {
+                f.write_all_at(&[0x5a; 512], b * 512).unwrap();
+            }
+        });
+        let (c, data) = rig.run(&rc16_cdb(32), 32, &[]);
+        assert_good(c);
+        assert_eq!(data[14] & 0xc0, 0xc0, "LBPME=1, LBPRZ=1");
+        let (cdb, out) = if ndob {
+            (
+                write_same(WRITE_SAME_16, WS_UNMAP | WS_NDOB, LBA, MAX as u32),
+                vec![],
+            )
+        } else {
+            (
+                write_same(WRITE_SAME_16, WS_UNMAP, LBA, MAX as u32),
+                vec![0u8; 512],
+            )
+        };
+        let (c, _) = rig.run(&cdb, 0, &out);
+        assert_good(c);
+        for &b in &marked {
+            let (c, data) = rig.run(&block_cdb(READ_16, b, 1), 512, &[]);
+            assert_good(c);
+            let inside = (LBA..LBA + MAX).contains(&b);
+            let expected = if inside { [0u8; 512] } else { [0x5a; 512] };
+            assert_eq!(data, expected, "block {b} (ndob {ndob})");
+        }
+        // Blocks 1 and 2 past the range's start and end, read in one go.
+        let (c, data) = rig.run(&block_cdb(READ_16, LBA + MAX - 2, 3), 3 * 512, &[]);
+        assert_good(c);
+        assert_eq!(data[..1024], [0u8; 1024]);
+        assert_eq!(data[1024..], [0x5a; 512]);
+    }
+    // Ranges inside file system blocks: every block of the range reads
+    // back as zeroes, its neighbours keep their data.
+    let rig = FileRig::new(64 * 512, true, |f| {
+        f.write_all_at(&[0x77; 64 * 512], 0).unwrap();
+    });
+    for (lba, blocks) in [(3u64, 1u32), (9, 6), (17, 14), (40, 9)] {
+        let (c, _) = rig.run(
+            &write_same(WRITE_SAME_16, WS_UNMAP, lba, blocks),
+            0,
+            &[0; 512],
+        );
+        assert_good(c);
+        let (c, data) = rig.run(&block_cdb(READ_16, lba - 1, blocks + 2), 64 * 512, &[]);
+        assert_good(c);
+        let n = blocks as usize * 512;
+        assert_eq!(data[..512], [0x77; 512], "{lba}+{blocks}");
+        assert!(data[512..512 + n].iter().all(|&b| b == 0), "{lba}+{blocks}");
+        assert_eq!(data[512 + n..], [0x77; 512], "{lba}+{blocks}");
+    }
+}
+
+/// GET LBA STATUS (SBC-3 §5.7): the first LBA status descriptor starts at
+/// the STARTING LOGICAL BLOCK ADDRESS, wherever it falls in an extent
+/// (first, inner or last block of a mapped or deallocated one), and the
+/// descriptors run on contiguously from there.
+#[test]
+fn get_lba_status_starts_at_the_starting_lba() {
+    use std::os::unix::fs::FileExt;
+    // Holes at 0..512 and 640..4096 (blocks), data at 512..640 — where the
+    // file system makes holes; the starting LBA is honoured either way.
+    let rig = FileRig::new(4096 * 512, true, |f| {
+        f.write_all_at(&[0x5a; 64 << 10], 256 << 10).unwrap();
+    });
+    for lba in [
+        0u64, 1, 255, 511, 512, 513, 600, 639, 640, 641, 2000, 4094, 4095,
+    ] {
+        let (c, data) = rig.run(&get_lba_status(lba, 4096), 4096, &[]);
+        assert_good(c);
+        let d = lba_status_descriptors(&data);
+        assert_eq!(d[0].0, lba, "first descriptor from {lba}: {d:?}");
+        let mut next = lba;
+        for &(start, blocks, _) in &d {
+            assert_eq!(start, next, "contiguous from {lba}: {d:?}");
+            assert!(blocks > 0);
+            next = start + u64::from(blocks);
+        }
+        assert_eq!(next, 4096, "from {lba}: {d:?}");
+    }
+    // An in-memory image with 4096-byte blocks: 2 stored (mapped) blocks,
+    // then a deallocated tail of 2^32 blocks and more.
+    let blocks = (1u64 << 32) + 40;
+    let rig = Rig::new(
+        MemImage::sparse(pattern(260, 2 * 4096), blocks * 4096, false),
+        4096,
+        true,
+    );
+    for (lba, expected) in [
+        (
+            0u64,
+            vec![
+                (0u64, 2u32, 0u8),
+                (2, u32::MAX, 1),
+                (2 + u64::from(u32::MAX), 39, 1),
+            ],
+        ),
+        (
+            1,
+            vec![
+                (1, 1, 0),
+                (2, u32::MAX, 1),
+                (2 + u64::from(u32::MAX), 39, 1),
+            ],
+        ),
+        (2, vec![(2, u32::MAX, 1), (2 + u64::from(u32::MAX), 39, 1)]),
+        // 2^32 + 40 - 1000 = 4294966336 blocks: one descriptor.
+        (1000, vec![(1000, 4294966336, 1)]),
+        (blocks - 1, vec![(blocks - 1, 1, 1)]),
+    ] {
+        let (c, data) = rig.run(&get_lba_status(lba, 4096), 4096, &[]);
+        assert_good(c);
+        assert_eq!(lba_status_descriptors(&data), expected, "from {lba}");
     }
 }
 

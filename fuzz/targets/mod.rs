@@ -287,7 +287,7 @@ pub mod key {
 
 /// Every (key, ASC, ASCQ) the target may report (SPC-4 Annex D), written
 /// out here rather than taken from the crate.
-const KNOWN_SENSE: [(u8, u8, u8); 12] = [
+const KNOWN_SENSE: [(u8, u8, u8); 13] = [
     (key::ILLEGAL_REQUEST, 0x20, 0x00), // INVALID COMMAND OPERATION CODE
     (key::ILLEGAL_REQUEST, 0x21, 0x00), // LBA OUT OF RANGE
     (key::ILLEGAL_REQUEST, 0x24, 0x00), // INVALID FIELD IN CDB
@@ -295,6 +295,7 @@ const KNOWN_SENSE: [(u8, u8, u8); 12] = [
     (key::ILLEGAL_REQUEST, 0x39, 0x00), // SAVING PARAMETERS NOT SUPPORTED
     (key::ILLEGAL_REQUEST, 0x1a, 0x00), // PARAMETER LIST LENGTH ERROR
     (key::ILLEGAL_REQUEST, 0x26, 0x00), // INVALID FIELD IN PARAMETER LIST
+    (key::ILLEGAL_REQUEST, 0x0e, 0x03), // INVALID FIELD IN COMMAND INFORMATION UNIT
     (key::DATA_PROTECT, 0x27, 0x00),    // WRITE PROTECTED
     (key::DATA_PROTECT, 0x27, 0x07),    // SPACE ALLOCATION FAILED WRITE PROTECT
     (key::MEDIUM_ERROR, 0x11, 0x00),    // UNRECOVERED READ ERROR

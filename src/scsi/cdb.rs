@@ -125,6 +125,9 @@ pub enum Command {
         /// Force unit access: durable at completion.
         fua: bool,
         verify: bool,
+        /// WRITE AND VERIFY with BYTCHK 01b: the medium is compared byte by
+        /// byte with the data-out after the write (SBC-3 §5.38).
+        bytchk: bool,
     },
     /// WRITE SAME(10/16): one block of data-out (or zeroes with NDOB)
     /// written to every block of the range, or the range unmapped.
@@ -281,6 +284,7 @@ impl Command {
                         range,
                         fua: false,
                         verify: false,
+                        bytchk: false,
                     }
                 }
             }
@@ -292,12 +296,25 @@ impl Command {
                 range: protected_range(&b, op)?,
                 fua: b.u8(1) & 0x08 != 0,
                 verify: false,
+                bytchk: false,
             },
-            WRITE_AND_VERIFY_10 | WRITE_AND_VERIFY_12 | WRITE_AND_VERIFY_16 => Command::Write {
-                range: protected_range(&b, op)?,
-                fua: false,
-                verify: true,
-            },
+            WRITE_AND_VERIFY_10 | WRITE_AND_VERIFY_12 | WRITE_AND_VERIFY_16 => {
+                let range = protected_range(&b, op)?;
+                // SBC-3 §5.38-5.40, BYTCHK (byte 1 bits 2-1): 00b verify
+                // the medium, 01b compare it with the data-out; 10b and
+                // 11b are reserved.
+                let bytchk = match (b.u8(1) >> 1) & 0x03 {
+                    0 => false,
+                    1 => true,
+                    _ => return Err(CommandError::field_bit(1, 2)),
+                };
+                Command::Write {
+                    range,
+                    fua: false,
+                    verify: true,
+                    bytchk,
+                }
+            }
             WRITE_SAME_10 | WRITE_SAME_16 => {
                 let range = protected_range(&b, op)?;
                 // SBC-3 §5.41/§5.42: ANCHOR needs anchored LBAs (ANC_SUP=0).

@@ -26,8 +26,16 @@ use crate::storage::{AsyncFile, IoVec, Storage};
 /// page (and enforced): 32 MiB.
 pub const MAX_TRANSFER_BYTES: u32 = 32 << 20;
 
-/// Largest UNMAP or WRITE SAME range, in bytes (block limits VPD).
+/// Largest WRITE SAME range, in bytes (block limits VPD, MAXIMUM WRITE
+/// SAME LENGTH).
+pub const MAX_WRITE_SAME_BYTES: u64 = 1 << 30;
+/// Largest UNMAP total, in bytes (block limits VPD, MAXIMUM UNMAP LBA
+/// COUNT), further capped at [`MAX_UNMAP_LBA_COUNT`] blocks.
 pub const MAX_UNMAP_BYTES: u64 = 1 << 30;
+/// Largest UNMAP total in logical blocks whatever the block size: 1 Mi.
+/// Initiators sanity-check MAXIMUM UNMAP LBA COUNT, and larger values are
+/// not worth the risk of being taken for garbage.
+pub const MAX_UNMAP_LBA_COUNT: u32 = 1 << 20;
 /// Most block descriptors in one UNMAP parameter list (block limits VPD).
 pub const MAX_UNMAP_DESCRIPTORS: u32 = 64;
 /// Largest COMPARE AND WRITE, in logical blocks (block limits VPD).
@@ -172,8 +180,18 @@ impl Disk {
         MAX_TRANSFER_BYTES / self.config.block_size
     }
 
+    /// MAXIMUM UNMAP LBA COUNT (SBC-3 §6.5.3), where UNMAP is offered.
     fn max_unmap_blocks(&self) -> u32 {
-        (MAX_UNMAP_BYTES / u64::from(self.config.block_size)) as u32
+        let blocks = MAX_UNMAP_BYTES / u64::from(self.config.block_size);
+        u32::try_from(blocks)
+            .unwrap_or(u32::MAX)
+            .min(MAX_UNMAP_LBA_COUNT)
+    }
+
+    /// MAXIMUM WRITE SAME LENGTH (SBC-3 §6.5.3).
+    fn max_write_same_blocks(&self) -> u32 {
+        let blocks = MAX_WRITE_SAME_BYTES / u64::from(self.config.block_size);
+        u32::try_from(blocks).unwrap_or(u32::MAX)
     }
 
     fn physical_exponent(&self) -> u8 {
@@ -253,13 +271,27 @@ impl Disk {
                 Ok(())
             }
             Command::Read { range, fua } => self.read(range, *fua, data_in),
-            Command::Write { range, fua, verify } => {
-                self.write(range, *fua || *verify, data_out)?;
-                if *verify {
-                    self.verify_medium(range)?;
-                }
-                Ok(())
+            Command::Write {
+                range,
+                fua,
+                verify: false,
+                ..
+            } => self.write(range, *fua, data_out),
+            Command::Write {
+                range,
+                bytchk: false,
+                ..
+            } => {
+                // WRITE AND VERIFY, BYTCHK 00b (SBC-3 §5.38): written
+                // durably, then the medium is read back.
+                self.write(range, true, data_out)?;
+                self.verify_medium(range)
             }
+            Command::Write {
+                range,
+                bytchk: true,
+                ..
+            } => self.write_and_compare(range, data_out),
             Command::WriteSame { range, unmap, ndob } => {
                 self.write_same(range, *unmap, *ndob, data_out)
             }
@@ -575,6 +607,45 @@ impl Disk {
         self.finish_transfer(&transfer, result)
     }
 
+    /// WRITE AND VERIFY with BYTCHK 01b (SBC-3 §5.38-5.40): the data-out
+    /// is written durably, read back from the medium and compared byte by
+    /// byte with the data-out; on a mismatch, MISCOMPARE with the offset of
+    /// the first differing byte in the data-out. Goes through the bounded
+    /// scratch buffers, a piece at a time.
+    fn write_and_compare(
+        &self,
+        range: &BlockRange,
+        data_out: &mut dyn DataOut,
+    ) -> CommandResult<()> {
+        let Some(transfer) = self.plan_write(range, true, data_out.remaining())? else {
+            return Ok(());
+        };
+        let durable = matches!(transfer.direction, Direction::Write { durable: true });
+        let mut written = vec![0u8; CHUNK.min(transfer.len)];
+        let mut medium = vec![0u8; written.len()];
+        let _shared = self.shared();
+        let mut done = 0usize;
+        while done < transfer.len {
+            let n = (transfer.len - done).min(written.len());
+            let offset = transfer.offset + done as u64;
+            data_out.read_bytes(&mut written[..n]);
+            let iov = IoVec {
+                iov_base: written.as_mut_ptr().cast(),
+                iov_len: n,
+            };
+            let result = self.storage.write_vectored_at(&[iov], offset, durable);
+            self.written(result, durable)?;
+            self.read_medium(&mut medium[..n], offset)?;
+            if let Some(at) = first_difference(&medium[..n], &written[..n]) {
+                return Err(CommandError::Miscompare {
+                    offset: (done + at) as u64,
+                });
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
     /// WRITE SAME(10/16) (SBC-3 §5.41, §5.42).
     fn write_same(
         &self,
@@ -583,8 +654,8 @@ impl Disk {
         ndob: bool,
         data_out: &mut dyn DataOut,
     ) -> CommandResult<()> {
-        if range.blocks > self.max_unmap_blocks() {
-            // Longer than MAXIMUM WRITE SAME LENGTH.
+        if range.blocks > self.max_write_same_blocks() {
+            // Longer than MAXIMUM WRITE SAME LENGTH (SBC-3 §6.5.3).
             return Err(CommandError::field(range.length_field));
         }
         self.check_range(range.lba, u64::from(range.blocks))?;
@@ -596,9 +667,14 @@ impl Disk {
         let block = self.config.block_size as usize;
         let mut pattern = vec![0u8; block];
         if !ndob {
-            if data_out.remaining() < block {
-                return Err(CommandError::DataOutTooSmall {
-                    required: block as u64,
+            // SBC-3 §5.41, §5.42: the data-out is one logical block. Any
+            // other length is the initiator's error, answered with sense
+            // rather than left to the transport (which would report a
+            // short buffer as a delivery failure, and a long one not at
+            // all).
+            if data_out.remaining() != block {
+                return Err(CommandError::DataOutLength {
+                    expected: block as u64,
                     available: data_out.remaining(),
                 });
             }
@@ -639,13 +715,14 @@ impl Disk {
     /// UNMAP (SBC-3 §5.28): every descriptor is checked before any range is
     /// deallocated.
     fn unmap(&self, param_len: usize, data_out: &mut dyn DataOut) -> CommandResult<()> {
-        if !self.config.discard {
-            // Not offered at all (LBPU=0, not listed by REPORT SUPPORTED
-            // OPERATION CODES): SPC-4 §4.3.5.1, an unsupported command.
+        if !self.discard_enabled() {
+            // Not offered (LBPU=0, not listed by REPORT SUPPORTED OPERATION
+            // CODES): SPC-4 §4.3.5.1, an unsupported command. A read-only
+            // unit never offers it, discard configured or not: SBC-3
+            // §4.7.3.3, its logical blocks are never unmapped, so it is
+            // not thin provisioned (LBPME=0, VPD B2h all zero).
             return Err(CommandError::InvalidOpcode(super::cdb::opcode::UNMAP));
         }
-        // Offered, but the unit is write protected (SBC-3 §4.10).
-        self.check_writable()?;
         if param_len == 0 {
             return Ok(());
         }
@@ -921,7 +998,7 @@ impl Disk {
             max_transfer_blocks: self.max_transfer_blocks(),
             solid_state: self.config.solid_state,
             max_compare_and_write_blocks: MAX_COMPARE_AND_WRITE_BLOCKS,
-            max_write_same_blocks: self.max_unmap_blocks(),
+            max_write_same_blocks: self.max_write_same_blocks(),
             max_unmap_blocks: if discard { self.max_unmap_blocks() } else { 0 },
             max_unmap_descriptors: if discard { MAX_UNMAP_DESCRIPTORS } else { 0 },
             thin_provisioning: discard,

@@ -17,6 +17,11 @@ pub enum CommandError {
     InvalidParamField { byte: u16, bit: Option<u8> },
     #[error("parameter list length error")]
     ParamListLength,
+    /// The data-out buffer holds other than the exact number of bytes the
+    /// CDB implies, for a command that cannot take less or more (WRITE
+    /// SAME: one logical block).
+    #[error("data-out buffer of {available} bytes where the command takes exactly {expected}")]
+    DataOutLength { expected: u64, available: usize },
     #[error("miscompare at byte {offset}")]
     Miscompare { offset: u64 },
     #[error("no space left for a write: {0}")]
@@ -93,6 +98,11 @@ impl CommandError {
                 field(false, *byte, *bit, sense::INVALID_FIELD_IN_PARAMETER_LIST)
             }
             CommandError::ParamListLength => plain(sense::PARAMETER_LIST_LENGTH_ERROR),
+            // The transports that carry an expected data length (FCP-4
+            // FCP_DL, SRP) report a data-out that disagrees with the CDB as
+            // INVALID FIELD IN COMMAND INFORMATION UNIT (SPC-4 table D.1:
+            // 0Eh/03h); there is no CDB field to point at.
+            CommandError::DataOutLength { .. } => plain(sense::INVALID_FIELD_IN_COMMAND_IU),
             CommandError::Miscompare { offset } => SenseData {
                 information: Some(*offset),
                 ..SenseData::new(sense::MISCOMPARE_DURING_VERIFY)

@@ -163,6 +163,26 @@ pub fn vpd(page_code: u8, p: &VpdParams) -> CommandResult<Vec<u8>> {
     Ok(out)
 }
 
+/// A VPD page of a well-known logical unit (SPC-4 §8.1): the Supported VPD
+/// Pages page (00h) listing 00h and 83h, and the Device Identification
+/// page (83h) with no designation descriptor — a well-known logical unit
+/// has no logical unit name (SPC-4 §7.8.6.1 asks one of every logical
+/// unit but well-known ones), and this target has no target port or
+/// target device name to report. Any other page is INVALID FIELD IN CDB.
+pub fn well_known_vpd(page_code: u8) -> CommandResult<Vec<u8>> {
+    let body: &[u8] = match page_code {
+        page::SUPPORTED_PAGES => &[page::SUPPORTED_PAGES, page::DEVICE_IDENTIFICATION],
+        page::DEVICE_IDENTIFICATION => &[],
+        _ => return Err(CommandError::field(2)),
+    };
+    let mut out = Vec::with_capacity(4 + body.len());
+    out.push(TYPE_WELL_KNOWN_LU);
+    out.push(page_code);
+    out.extend_from_slice(&(body.len() as u16).to_be_bytes());
+    out.extend_from_slice(body);
+    Ok(out)
+}
+
 /// Device identification designators (SPC-4 §7.8.6): the NAA designator and
 /// a T10 vendor ID designator, both associated with the logical unit.
 fn device_identification(id: &Identity) -> Vec<u8> {

@@ -45,6 +45,13 @@ const fn thin(info: OpcodeInfo) -> OpcodeInfo {
 const FF: u8 = 0xff;
 /// Control byte: NACA is evaluated (and rejected).
 const CTL: u8 = 0x04;
+/// Byte 1 of VERIFY(10/12/16) (SBC-3 §5.33-5.35): VRPROTECT (rejected
+/// unless zero), DPO (accepted; a hint about caching the host page cache
+/// does not take) and BYTCHK.
+const VERIFY_BYTE1: u8 = 0xf6;
+/// Byte 1 of WRITE AND VERIFY(10/12/16) (SBC-3 §5.38-5.40): WRPROTECT,
+/// DPO (accepted, as for VERIFY) and BYTCHK.
+const WV_BYTE1: u8 = 0xf6;
 
 /// Sorted by opcode, then service action.
 static SUPPORTED: &[OpcodeInfo] = &[
@@ -68,11 +75,22 @@ static SUPPORTED: &[OpcodeInfo] = &[
     op(WRITE_10, &[WRITE_10, 0xe8, FF, FF, FF, FF, 0, FF, FF, CTL]),
     op(
         WRITE_AND_VERIFY_10,
-        &[WRITE_AND_VERIFY_10, 0xe0, FF, FF, FF, FF, 0, FF, FF, CTL],
+        &[
+            WRITE_AND_VERIFY_10,
+            WV_BYTE1,
+            FF,
+            FF,
+            FF,
+            FF,
+            0,
+            FF,
+            FF,
+            CTL,
+        ],
     ),
     op(
         VERIFY_10,
-        &[VERIFY_10, 0xe6, FF, FF, FF, FF, 0, FF, FF, CTL],
+        &[VERIFY_10, VERIFY_BYTE1, FF, FF, FF, FF, 0, FF, FF, CTL],
     ),
     op(
         SYNCHRONIZE_CACHE_10,
@@ -128,7 +146,7 @@ static SUPPORTED: &[OpcodeInfo] = &[
         WRITE_AND_VERIFY_16,
         &[
             WRITE_AND_VERIFY_16,
-            0xe0,
+            WV_BYTE1,
             FF,
             FF,
             FF,
@@ -148,7 +166,22 @@ static SUPPORTED: &[OpcodeInfo] = &[
     op(
         VERIFY_16,
         &[
-            VERIFY_16, 0xe6, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, 0, CTL,
+            VERIFY_16,
+            VERIFY_BYTE1,
+            FF,
+            FF,
+            FF,
+            FF,
+            FF,
+            FF,
+            FF,
+            FF,
+            FF,
+            FF,
+            FF,
+            FF,
+            0,
+            CTL,
         ],
     ),
     op(
@@ -289,7 +322,7 @@ static SUPPORTED: &[OpcodeInfo] = &[
         WRITE_AND_VERIFY_12,
         &[
             WRITE_AND_VERIFY_12,
-            0xe0,
+            WV_BYTE1,
             FF,
             FF,
             FF,
@@ -304,7 +337,20 @@ static SUPPORTED: &[OpcodeInfo] = &[
     ),
     op(
         VERIFY_12,
-        &[VERIFY_12, 0xe6, FF, FF, FF, FF, FF, FF, FF, FF, 0, CTL],
+        &[
+            VERIFY_12,
+            VERIFY_BYTE1,
+            FF,
+            FF,
+            FF,
+            FF,
+            FF,
+            FF,
+            FF,
+            FF,
+            0,
+            CTL,
+        ],
     ),
 ];
 

@@ -44,6 +44,9 @@ pub const WRITE_ERROR: Sense = sense(SenseKey::MediumError, 0x0c, 0x00);
 pub const INTERNAL_TARGET_FAILURE: Sense = sense(SenseKey::HardwareError, 0x44, 0x00);
 pub const PARAMETER_LIST_LENGTH_ERROR: Sense = sense(SenseKey::IllegalRequest, 0x1a, 0x00);
 pub const INVALID_FIELD_IN_PARAMETER_LIST: Sense = sense(SenseKey::IllegalRequest, 0x26, 0x00);
+/// The command's data does not match what its CDB implies (the transport's
+/// command as a whole, not one CDB field, is at fault).
+pub const INVALID_FIELD_IN_COMMAND_IU: Sense = sense(SenseKey::IllegalRequest, 0x0e, 0x03);
 pub const MISCOMPARE_DURING_VERIFY: Sense = sense(SenseKey::Miscompare, 0x1d, 0x00);
 /// SBC-3 §4.7.3.6: a thin-provisioned write that found no space.
 pub const SPACE_ALLOCATION_FAILED_WRITE_PROTECT: Sense = sense(SenseKey::DataProtect, 0x27, 0x07);

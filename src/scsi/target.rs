@@ -140,6 +140,7 @@ impl Target {
                 range,
                 fua,
                 verify: false,
+                ..
             }) => disk.plan_write(&range, fua, data_out),
             Ok(Command::CompareAndWrite { .. }) => return Prepared::ExecuteExclusive,
             _ => return Prepared::Execute,
@@ -195,8 +196,9 @@ impl Target {
         }
     }
 
-    /// The REPORT LUNS well-known LU (SPC-4 §8.2) answers INQUIRY, REPORT
-    /// LUNS, REQUEST SENSE and TEST UNIT READY.
+    /// The REPORT LUNS well-known LU (SPC-4 §8.2) answers INQUIRY (standard
+    /// data and its VPD pages), REPORT LUNS, REQUEST SENSE and TEST UNIT
+    /// READY.
     fn execute_on_wlun(
         &self,
         cmd: &Command,
@@ -225,7 +227,15 @@ impl Target {
                 send(data_in, &data, usize::from(*alloc_len));
                 Ok(())
             }
-            Command::Inquiry { evpd: true, .. } => Err(CommandError::field_bit(1, 0)),
+            Command::Inquiry {
+                evpd: true,
+                page,
+                alloc_len,
+            } => {
+                let data = inquiry::well_known_vpd(*page)?;
+                send(data_in, &data, usize::from(*alloc_len));
+                Ok(())
+            }
             _ => Err(CommandError::InvalidOpcode(
                 cdb.first().copied().unwrap_or(0),
             )),

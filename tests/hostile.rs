@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::{read10, write10, Daemon, ScsiDriver};
+use common::{cpu_time, read10, write10, Daemon, ScsiDriver};
 use vhost::vhost_user::VhostUserFrontend;
 use vhost::VhostBackend;
 use vhost_device_scsi::frontend::raw::{
@@ -1436,36 +1436,10 @@ fn vring_addresses_outside_memory() {
 fn vring_running_past_the_end_of_memory() {
     let env = Env::new();
     let mut dev = env.raw();
-    let (kick, call) = (
-        EventFd::new(libc::EFD_NONBLOCK).unwrap(),
-        EventFd::new(libc::EFD_NONBLOCK).unwrap(),
-    );
     let end = 4u64 << 20;
-    let (desc, avail, used) = (0x30000u64, 0x38000u64, end - 4);
-    let addrs = [
-        dev.host_addr(desc).unwrap(),
-        dev.host_addr(avail).unwrap(),
-        dev.host_addr(used).unwrap(),
-    ];
-    dev.setup_vring_at(3, 256, addrs, &kick, &call).unwrap();
-    dev.vhost_frontend().set_vring_enable(3, true).unwrap();
+    let used = end - 4;
     // A READ(10) in descriptors 0-2 of queue 3's table, made available.
-    let b = bufs(&mut dev, &read10(0, 1), 512, None);
-    let chain = [
-        r(b.header, REQUEST_LEN),
-        w(b.resp, RESPONSE_LEN),
-        w(b.data, 512),
-    ];
-    for (i, d) in chain.iter().enumerate() {
-        let mut d = *d;
-        if i < 2 {
-            d.flags |= VRING_DESC_F_NEXT;
-            d.next = i as u16 + 1;
-        }
-        dev.write_descs_at(desc + 16 * i as u64, &[d]).unwrap();
-    }
-    dev.write(avail + 4, &0u16.to_le_bytes()).unwrap();
-    dev.write(avail + 2, &1u16.to_le_bytes()).unwrap();
+    let (kick, call, b) = queue_at_with_one_read(&mut dev, 3, 256, [0x30000, 0x38000, used]);
     kick.write(1).unwrap();
     // The worker looks at the queue, finds its used ring outside memory and
     // leaves it alone: the READ is not even executed, since it could never
@@ -1591,21 +1565,45 @@ fn vhost_user_messages_with_unexpected_fds() {
 // Bounded passes: no guest can pin a worker or hold a queue's stop up
 // ---------------------------------------------------------------------
 
-/// User plus system CPU time of `pid` so far.
-fn cpu_time(pid: u32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    // After the command name in parentheses: state is field 3, utime and
-    // stime fields 14 and 15 (proc(5)).
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .unwrap()
-        .1
-        .split_whitespace()
-        .collect();
-    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-    // SAFETY: sysconf has no memory-safety preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
-    Duration::from_millis(ticks * 1000 / hz)
+/// Sets up queue `queue` with `size` entries and its rings at the guest
+/// addresses `[desc, avail, used]`, enables it, and makes a READ(10) of
+/// block 0 available in its descriptors 0-2 (without a kick). Returns the
+/// queue's kick and call eventfds and the READ's buffers.
+fn queue_at_with_one_read(
+    dev: &mut RawDevice,
+    queue: usize,
+    size: u16,
+    [desc, avail, used]: [u64; 3],
+) -> (EventFd, EventFd, Bufs) {
+    let (kick, call) = (
+        EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+        EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+    );
+    let addrs = [
+        dev.host_addr(desc).unwrap(),
+        dev.host_addr(avail).unwrap(),
+        dev.host_addr(used).unwrap(),
+    ];
+    dev.setup_vring_at(queue, size, addrs, &kick, &call)
+        .unwrap();
+    dev.vhost_frontend().set_vring_enable(queue, true).unwrap();
+    let b = bufs(dev, &read10(0, 1), 512, None);
+    let chain = [
+        r(b.header, REQUEST_LEN),
+        w(b.resp, RESPONSE_LEN),
+        w(b.data, 512),
+    ];
+    for (i, d) in chain.iter().enumerate() {
+        let mut d = *d;
+        if i < 2 {
+            d.flags |= VRING_DESC_F_NEXT;
+            d.next = i as u16 + 1;
+        }
+        dev.write_descs_at(desc + 16 * i as u64, &[d]).unwrap();
+    }
+    dev.write(avail + 4, &0u16.to_le_bytes()).unwrap();
+    dev.write(avail + 2, &1u16.to_le_bytes()).unwrap();
+    (kick, call, b)
 }
 
 /// A queue — request queue 3, or the control queue — whose available ring
@@ -1621,37 +1619,10 @@ fn available_ring_at_guest_address_zero() {
     for queue in [3usize, 0] {
         let env = Env::new();
         let mut dev = env.raw();
-        let (kick, call) = (
-            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
-            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
-        );
         // Descriptor table and used ring clear of the other queues' rings
         // and of the buffers `bufs` allocates; the available ring at 0 (over
         // the control queue's descriptor table, unused here).
-        let (desc, avail, used) = (0x30000u64, 0u64, 0x38000u64);
-        let addrs = [
-            dev.host_addr(desc).unwrap(),
-            dev.host_addr(avail).unwrap(),
-            dev.host_addr(used).unwrap(),
-        ];
-        dev.setup_vring_at(queue, 64, addrs, &kick, &call).unwrap();
-        dev.vhost_frontend().set_vring_enable(queue, true).unwrap();
-        let b = bufs(&mut dev, &read10(0, 1), 512, None);
-        let chain = [
-            r(b.header, REQUEST_LEN),
-            w(b.resp, RESPONSE_LEN),
-            w(b.data, 512),
-        ];
-        for (i, d) in chain.iter().enumerate() {
-            let mut d = *d;
-            if i < 2 {
-                d.flags |= VRING_DESC_F_NEXT;
-                d.next = i as u16 + 1;
-            }
-            dev.write_descs_at(desc + 16 * i as u64, &[d]).unwrap();
-        }
-        dev.write(avail + 4, &0u16.to_le_bytes()).unwrap();
-        dev.write(avail + 2, &1u16.to_le_bytes()).unwrap();
+        let (kick, call, b) = queue_at_with_one_read(&mut dev, queue, 64, [0x30000, 0, 0x38000]);
         kick.write(1).unwrap();
         env.wait_for_log(&format!("queue {queue}: malformed request from the guest"));
         // Kicked again and again: each kick is one short look, no loop.

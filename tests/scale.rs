@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::ScsiDriver;
+use common::{cpu_time, ScsiDriver};
 use vhost_device_scsi::scsi::inquiry::Identity;
 use vhost_device_scsi::scsi::{
     Completion, Disk, DiskConfig, LunAddress, SliceDataOut, Target, VecDataIn,
@@ -289,23 +289,6 @@ fn rss_kib(pid: u32) -> (u64, u64) {
             .unwrap()
     };
     (field("VmRSS:"), field("VmHWM:"))
-}
-
-/// User plus system CPU time of `pid` so far.
-fn cpu_time(pid: u32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    // After the command name in parentheses: state is field 3, utime and
-    // stime fields 14 and 15.
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .unwrap()
-        .1
-        .split_whitespace()
-        .collect();
-    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-    // SAFETY: sysconf has no memory-safety preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
-    Duration::from_millis(ticks * 1000 / hz)
 }
 
 /// A daemon started on `images`, killed when dropped.

@@ -1183,6 +1183,67 @@ fn every_operator_error_has_its_exit_status_and_one_line() {
     assert!(!sock.exists(), "no case got as far as listening");
 }
 
+/// Runs the daemon with `args` (logging off), or kills it and says so if
+/// it has not exited within `limit`.
+fn run_within(args: &[&OsStr], limit: Duration) -> Result<Output, String> {
+    let stderr = tempfile::tempfile().unwrap();
+    let mut child = Command::new(BIN)
+        .args(args)
+        .env("RUST_LOG", "off")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(stderr.try_clone().unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!("still running after {limit:?}"));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = stderr;
+    let mut text = Vec::new();
+    std::io::Seek::rewind(&mut stderr).unwrap();
+    std::io::Read::read_to_end(&mut stderr, &mut text).unwrap();
+    Ok(Output {
+        status,
+        stdout: Vec::new(),
+        stderr: text,
+    })
+}
+
+/// A FIFO nobody writes to is refused at once, read-only, read-write and
+/// with --direct: the image is opened without blocking and its type read
+/// from the open descriptor (opening a FIFO read-only waits for a writer).
+#[test]
+fn a_fifo_without_a_writer_does_not_block_startup() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("s.sock");
+    let fifo = dir.path().join("fifo");
+    let c_fifo = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a valid C string; creates a FIFO in our temporary directory.
+    assert_eq!(unsafe { libc::mkfifo(c_fifo.as_ptr(), 0o644) }, 0);
+    let want = format!(
+        "vhost-device-scsi: error: image {}: is neither a regular file nor a block device\n",
+        fifo.display()
+    );
+    for flags in [&["-r"][..], &[], &["--direct"], &["-r", "--direct"]] {
+        let mut args: Vec<&OsStr> = flags.iter().map(OsStr::new).collect();
+        args.extend([OsStr::new("-s"), sock.as_os_str(), fifo.as_os_str()]);
+        let out = run_within(&args, Duration::from_secs(10))
+            .unwrap_or_else(|e| panic!("{flags:?}: the daemon blocked on the FIFO: {e}"));
+        assert_eq!(out.status.code(), Some(1), "{flags:?}");
+        assert_eq!(String::from_utf8_lossy(&out.stderr), want, "{flags:?}");
+    }
+    assert!(!sock.exists());
+}
+
 /// xorshift64*: a reproducible stream for the operator-input fuzzing below.
 struct Xorshift(u64);
 

@@ -6,6 +6,7 @@ use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use log::{info, warn};
 use vhost::vhost_user::{Error as VhostUserError, Listener};
@@ -104,50 +105,80 @@ pub fn handle_stop_signals(socket_path: PathBuf) -> Result<(), DaemonError> {
     Ok(())
 }
 
+/// The first pause after a connection could not be set up; it doubles
+/// with each failure in a row, up to [`RETRY_MAX`].
+const RETRY_FIRST: Duration = Duration::from_millis(10);
+/// The longest pause between attempts.
+const RETRY_MAX: Duration = Duration::from_secs(1);
+
 /// Serves VMM connections one after another, forever: when a VMM
 /// disconnects (guest shut down, QEMU killed), the device state is dropped
-/// and the daemon listens again on the same socket.
+/// and the daemon listens again on the same socket. A connection that
+/// cannot be set up — accept failing (EMFILE, ENFILE, ENOMEM, ENOBUFS),
+/// threads or eventfds that cannot be created — is logged (rate-limited,
+/// like every warning) and retried after a pause that doubles from 10 ms
+/// to 1 s while failures go on: such errors pass, and a daemon that exited
+/// on them would leave its VMM nothing to reconnect to.
 pub fn serve(
     target: Arc<Target>,
     options: QueueOptions,
     engine: IoEngine,
     mut listener: Listener,
     path: &Path,
-) -> Result<(), DaemonError> {
+) -> ! {
     info!("I/O engine: {engine}");
+    let mut delay = RETRY_FIRST;
     loop {
-        let backend = Arc::new(ScsiBackend::with_engine(target.clone(), options, engine));
-        let mem = GuestMemoryAtomic::new(GuestMem::new());
-        let mut daemon = VhostUserDaemon::new("vhost-device-scsi".into(), backend.clone(), mem)
-            .map_err(|e| DaemonError::Device(e.to_string()))?;
-        // Each worker thread's epoll loop also watches the eventfd its
-        // io_uring rings signal on completion.
-        for (thread, handler) in daemon.get_epoll_handlers().iter().enumerate() {
-            if let Some((fd, id)) = backend.completion_listener(thread) {
-                handler
-                    .register_listener(fd, EventSet::IN, id)
-                    .map_err(|e| {
-                        DaemonError::Device(format!("cannot watch io_uring completions: {e}"))
-                    })?;
+        match serve_connection(&target, options, engine, &mut listener, path) {
+            Ok(()) => delay = RETRY_FIRST,
+            Err(e) => {
+                warn!("{e}; trying again in {} ms", delay.as_millis());
+                std::thread::sleep(delay);
+                delay = (delay * 2).min(RETRY_MAX);
             }
         }
-        drop(backend);
-        info!("listening on {}", path.display());
-        daemon
-            .start(&mut listener)
-            .map_err(|e| DaemonError::Accept {
-                path: path.to_path_buf(),
-                reason: e.to_string(),
-            })?;
-        info!("VMM connected");
-        match daemon.wait() {
-            Ok(())
-            | Err(vhost_user_backend::Error::HandleRequest(
-                VhostUserError::Disconnected | VhostUserError::PartialMessage,
-            )) => info!("VMM disconnected"),
-            Err(e) => warn!("VMM connection ended: {e}"),
-        }
-        // Dropping the daemon stops and joins its queue worker threads.
-        drop(daemon);
     }
+}
+
+/// Sets up the device for one connection, waits for a VMM to connect and
+/// serves it until it disconnects. An error means no VMM was served.
+fn serve_connection(
+    target: &Arc<Target>,
+    options: QueueOptions,
+    engine: IoEngine,
+    listener: &mut Listener,
+    path: &Path,
+) -> Result<(), DaemonError> {
+    let backend = Arc::new(ScsiBackend::with_engine(target.clone(), options, engine));
+    let mem = GuestMemoryAtomic::new(GuestMem::new());
+    let mut daemon = VhostUserDaemon::new("vhost-device-scsi".into(), backend.clone(), mem)
+        .map_err(|e| DaemonError::Device(e.to_string()))?;
+    // Each worker thread's epoll loop also watches the eventfd its
+    // io_uring rings signal on completion.
+    for (thread, handler) in daemon.get_epoll_handlers().iter().enumerate() {
+        if let Some((fd, id)) = backend.completion_listener(thread) {
+            handler
+                .register_listener(fd, EventSet::IN, id)
+                .map_err(|e| {
+                    DaemonError::Device(format!("cannot watch io_uring completions: {e}"))
+                })?;
+        }
+    }
+    drop(backend);
+    info!("listening on {}", path.display());
+    daemon.start(listener).map_err(|e| DaemonError::Accept {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    info!("VMM connected");
+    match daemon.wait() {
+        Ok(())
+        | Err(vhost_user_backend::Error::HandleRequest(
+            VhostUserError::Disconnected | VhostUserError::PartialMessage,
+        )) => info!("VMM disconnected"),
+        Err(e) => warn!("VMM connection ended: {e}"),
+    }
+    // Dropping the daemon stops and joins its queue worker threads.
+    drop(daemon);
+    Ok(())
 }

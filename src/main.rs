@@ -57,7 +57,6 @@ fn run(cli: &Cli) -> Result<(), String> {
         listener,
         &cli.socket_path,
     )
-    .map_err(|e| e.to_string())
 }
 
 /// clap's message up to its first blank line (before the usage text), as

@@ -500,6 +500,79 @@ fn open_file_limit_is_raised_to_the_hard_limit() {
     assert!(!daemon.log().contains("open-file limit"));
 }
 
+/// The lowest descriptor number `pid` has not open: with its soft
+/// open-file limit there, it cannot open another descriptor.
+fn lowest_free_fd(pid: u32) -> u64 {
+    let open: std::collections::HashSet<u64> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    (0..).find(|n| !open.contains(n)).unwrap()
+}
+
+/// Sets the open-file limits of the running process `pid`.
+fn set_nofile_of(pid: u32, (soft, hard): (u64, u64)) {
+    let limit = libc::rlimit {
+        rlim_cur: soft as libc::rlim_t,
+        rlim_max: hard as libc::rlim_t,
+    };
+    // SAFETY: prlimit reads the struct we pass and writes nothing.
+    let rc = unsafe {
+        libc::prlimit(
+            pid as libc::pid_t,
+            libc::RLIMIT_NOFILE,
+            &limit,
+            std::ptr::null_mut(),
+        )
+    };
+    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+}
+
+/// A connection the daemon cannot take — accept fails with EMFILE, its
+/// descriptors used up — is logged and retried, and the daemon keeps
+/// listening: once descriptors are free again a VMM connects and is
+/// served.
+#[test]
+fn running_out_of_descriptors_does_not_end_the_daemon() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("vus.sock");
+    let img = image(dir.path(), "d.raw", 1 << 20);
+    let mut daemon = Daemon::start(&sock, &[&img]);
+    let pid = daemon.child.id();
+    let limits = nofile_of(pid);
+    // The daemon waits in accept: no descriptor number is left below its
+    // soft limit.
+    set_nofile_of(pid, (lowest_free_fd(pid), limits.1));
+    let stream = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let failed = format!("cannot accept a connection on {}", sock.display());
+    while !daemon.log().contains(&failed) {
+        assert!(
+            Instant::now() < deadline,
+            "accept did not fail: {}",
+            daemon.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Still failing after several rounds of retries.
+    std::thread::sleep(Duration::from_millis(300));
+    let log = daemon.log();
+    assert!(
+        daemon.child.try_wait().unwrap().is_none(),
+        "the daemon exited: {log}"
+    );
+    assert!(
+        log.contains("Too many open files") && log.contains("trying again in"),
+        "{log}"
+    );
+    drop(stream);
+    set_nofile_of(pid, limits);
+    handshake(&sock);
+    assert!(daemon.child.try_wait().unwrap().is_none(), "still running");
+    // A later connection goes on as ever.
+    handshake(&sock);
+}
+
 /// The access mode (O_RDONLY, O_RDWR) of `pid`'s open file `path`.
 fn open_mode(pid: u32, path: &Path) -> i32 {
     let path = std::fs::canonicalize(path).unwrap();

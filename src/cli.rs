@@ -27,6 +27,20 @@ pub struct Cli {
     #[arg(short = 's', long = "socket-path", value_name = "PATH")]
     pub socket_path: PathBuf,
 
+    /// Permissions of the socket, in octal (default 0600): whoever may
+    /// connect to it gets every image, so only the daemon's user may
+    /// unless this (with --socket-group) lets a group or everyone in.
+    /// The umask does not widen it.
+    #[arg(long = "socket-mode", value_name = "MODE", default_value = "0600",
+          value_parser = parse_socket_mode)]
+    pub socket_mode: u32,
+
+    /// Group of the socket: a group name or a numeric gid (default: the
+    /// daemon's group). With --socket-mode 0660 its members may connect.
+    #[arg(long = "socket-group", value_name = "GROUP",
+          value_parser = clap::builder::NonEmptyStringValueParser::new())]
+    pub socket_group: Option<String>,
+
     /// Serve every image read-only (as ",ro" on each): images are opened
     /// O_RDONLY and guest writes fail with DATA PROTECT.
     #[arg(short = 'r', long = "read-only")]
@@ -245,7 +259,85 @@ pub enum IoEngineChoice {
     IoUring,
 }
 
+/// `--socket-mode`: permission bits in octal, 0-0777 (an optional leading
+/// `0o` is accepted); no setuid, setgid or sticky bit, which mean nothing
+/// on a socket.
+fn parse_socket_mode(value: &str) -> Result<u32, String> {
+    let digits = value.strip_prefix("0o").unwrap_or(value);
+    let bad = || "not an octal mode from 0000 to 0777 (e.g. 0660)".to_string();
+    if digits.is_empty() || digits.len() > 4 || !digits.bytes().all(|b| (b'0'..=b'7').contains(&b))
+    {
+        return Err(bad());
+    }
+    match u32::from_str_radix(digits, 8) {
+        Ok(mode) if mode <= 0o777 => Ok(mode),
+        _ => Err(bad()),
+    }
+}
+
+/// The gid of group `name` in the group database, or `None` if there is
+/// no such group.
+fn group_id(name: &str) -> Result<Option<u32>, String> {
+    let Ok(c_name) = std::ffi::CString::new(name) else {
+        return Ok(None);
+    };
+    let mut buf = vec![0u8; 1024];
+    loop {
+        // SAFETY: `group` and `result` are written by getgrnam_r, which
+        // keeps its strings in `buf` (valid for `buf.len()` bytes).
+        let (rc, found) = unsafe {
+            let mut group: libc::group = std::mem::zeroed();
+            let mut result: *mut libc::group = std::ptr::null_mut();
+            let rc = libc::getgrnam_r(
+                c_name.as_ptr(),
+                &mut group,
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                &mut result,
+            );
+            (rc, (!result.is_null()).then_some(group.gr_gid))
+        };
+        match rc {
+            0 => return Ok(found),
+            libc::ERANGE if buf.len() < 1 << 20 => buf.resize(buf.len() * 2, 0),
+            // No entry: some implementations say so with an errno.
+            libc::ENOENT | libc::ESRCH | libc::EBADF | libc::EPERM => return Ok(None),
+            e => {
+                return Err(format!(
+                    "cannot look up the group: {}",
+                    std::io::Error::from_raw_os_error(e)
+                ))
+            }
+        }
+    }
+}
+
 impl Cli {
+    /// Who may connect to the socket: `--socket-mode` and `--socket-group`
+    /// resolved (a group name first, as chown(1) does, then a numeric
+    /// gid), or why the group is unusable.
+    pub fn socket_access(&self) -> Result<crate::daemon::SocketAccess, String> {
+        let group = match &self.socket_group {
+            None => None,
+            Some(name) => {
+                let gid = match group_id(name).map_err(|e| format!("--socket-group {name}: {e}"))? {
+                    Some(gid) => gid,
+                    None => name.parse::<u32>().ok().filter(|&g| g != u32::MAX).ok_or_else(|| {
+                        format!("--socket-group {name}: no such group (a group name or a numeric gid)")
+                    })?,
+                };
+                Some(crate::daemon::SocketGroup {
+                    name: name.clone(),
+                    gid,
+                })
+            }
+        };
+        Ok(crate::daemon::SocketAccess {
+            mode: self.socket_mode,
+            group,
+        })
+    }
+
     /// The I/O engine to use: `auto` probes io_uring (logging why it falls
     /// back to sync); an explicit `io-uring` that does not work here is an
     /// error.
@@ -318,6 +410,19 @@ mod tests {
         );
         let e = cli(&["--io-engine", "uring", "a.raw"]).unwrap_err();
         assert!(e.to_string().contains("--io-engine"), "{e}");
+    }
+
+    #[test]
+    fn socket_modes() {
+        for (text, mode) in [("0600", 0o600), ("660", 0o660), ("0o777", 0o777), ("0", 0)] {
+            assert_eq!(parse_socket_mode(text), Ok(mode), "{text}");
+        }
+        for text in [
+            "", "0o", "8", "0999", "1777", "04755", "00660", "+660", "rw", "0x1ff",
+        ] {
+            assert!(parse_socket_mode(text).is_err(), "{text}");
+        }
+        assert_eq!(cli(&["i"]).unwrap().socket_mode, 0o600);
     }
 
     #[test]

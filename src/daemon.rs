@@ -2,10 +2,12 @@
 //! SIGINT/SIGTERM.
 
 use std::io;
-use std::os::unix::fs::FileTypeExt;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use log::{info, warn};
 use vhost::vhost_user::{Error as VhostUserError, Listener};
@@ -33,12 +35,43 @@ pub enum DaemonError {
     Device(String),
     #[error("cannot accept a connection on {}: {reason}", .path.display())]
     Accept { path: PathBuf, reason: String },
+    #[error("socket path {}: replaced by another file while being set up", .0.display())]
+    SocketReplaced(PathBuf),
+    #[error("--socket-group {group}: cannot give socket {} to the group: {source}", .path.display())]
+    SocketGroup {
+        group: String,
+        path: PathBuf,
+        source: io::Error,
+    },
+    #[error("--socket-mode {mode:04o}: cannot set the mode of socket {}: {source}", .path.display())]
+    SocketMode {
+        mode: u32,
+        path: PathBuf,
+        source: io::Error,
+    },
 }
 
-/// Binds the listening socket at `path`. A stale socket file (nobody
-/// accepts on it) is replaced; a live one, or any other kind of file, is an
-/// error, so two daemons never steal each other's socket.
-pub fn listen(path: &Path) -> Result<Listener, DaemonError> {
+/// Who may connect to the listening socket (and so use every image).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SocketAccess {
+    /// Permission bits, at most 0o777 (`--socket-mode`, default 0o600).
+    pub mode: u32,
+    /// The socket's group, if not the daemon's (`--socket-group`).
+    pub group: Option<SocketGroup>,
+}
+
+/// A group for the socket: as the operator named it, and its gid.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SocketGroup {
+    pub name: String,
+    pub gid: u32,
+}
+
+/// Binds the listening socket at `path` with the permissions and group of
+/// `access`. A stale socket file (nobody accepts on it) is replaced; a live
+/// one, or any other kind of file, is an error, so two daemons never steal
+/// each other's socket.
+pub fn listen(path: &Path, access: &SocketAccess) -> Result<Listener, DaemonError> {
     let socket_error = |source| DaemonError::Socket {
         path: path.to_path_buf(),
         source,
@@ -56,9 +89,81 @@ pub fn listen(path: &Path) -> Result<Listener, DaemonError> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(socket_error(e)),
     }
-    Listener::new(path, false).map_err(|e| match e {
+    // bind(2) creates the socket file with 0777 less the umask. Under a
+    // umask that leaves only the owner's bits of the mode asked for, the
+    // socket is never more open than asked: it gets its group, and only
+    // then the group's and others' bits. The umask is the process's; no
+    // other thread creates files meanwhile (only the signal thread runs).
+    let create_mode = access.mode & 0o700;
+    // SAFETY: umask only swaps the process's file creation mask.
+    let previous = unsafe { libc::umask(!create_mode & 0o777) };
+    let bound = Listener::new(path, false);
+    // SAFETY: as above, restoring the mask.
+    unsafe { libc::umask(previous) };
+    let listener = bound.map_err(|e| match e {
         vhost::vhost_user::Error::SocketError(io) => socket_error(io),
         other => socket_error(io::Error::other(other.to_string())),
+    })?;
+    // On an error the listener, dropped, removes the socket file.
+    set_access(path, access)?;
+    info!(
+        "socket {}: mode {:04o}{}",
+        path.display(),
+        access.mode,
+        match &access.group {
+            Some(g) => format!(", group {} ({})", g.name, g.gid),
+            None => String::new(),
+        }
+    );
+    Ok(listener)
+}
+
+/// Gives the socket file just bound at `path` its group and mode, through
+/// one descriptor of it (O_PATH, not following a symbolic link), so that a
+/// file swapped in at `path` meanwhile is refused rather than changed.
+fn set_access(path: &Path, access: &SocketAccess) -> Result<(), DaemonError> {
+    let socket_error = |source| DaemonError::Socket {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(socket_error)?;
+    let meta = file.metadata().map_err(socket_error)?;
+    // SAFETY: geteuid has no preconditions.
+    if !meta.file_type().is_socket() || meta.uid() != unsafe { libc::geteuid() } {
+        return Err(DaemonError::SocketReplaced(path.to_path_buf()));
+    }
+    if let Some(group) = &access.group {
+        // SAFETY: an empty C string with AT_EMPTY_PATH names the open
+        // file itself; uid -1 leaves the owner unchanged.
+        let rc = unsafe {
+            libc::fchownat(
+                file.as_raw_fd(),
+                c"".as_ptr(),
+                libc::uid_t::MAX,
+                group.gid,
+                libc::AT_EMPTY_PATH,
+            )
+        };
+        if rc != 0 {
+            return Err(DaemonError::SocketGroup {
+                group: group.name.clone(),
+                path: path.to_path_buf(),
+                source: io::Error::last_os_error(),
+            });
+        }
+    }
+    // An O_PATH descriptor takes no fchmod; its /proc link does take chmod.
+    let link = format!("/proc/self/fd/{}", file.as_raw_fd());
+    std::fs::set_permissions(link, std::fs::Permissions::from_mode(access.mode)).map_err(|source| {
+        DaemonError::SocketMode {
+            mode: access.mode,
+            path: path.to_path_buf(),
+            source,
+        }
     })
 }
 
@@ -104,50 +209,80 @@ pub fn handle_stop_signals(socket_path: PathBuf) -> Result<(), DaemonError> {
     Ok(())
 }
 
+/// The first pause after a connection could not be set up; it doubles
+/// with each failure in a row, up to [`RETRY_MAX`].
+const RETRY_FIRST: Duration = Duration::from_millis(10);
+/// The longest pause between attempts.
+const RETRY_MAX: Duration = Duration::from_secs(1);
+
 /// Serves VMM connections one after another, forever: when a VMM
 /// disconnects (guest shut down, QEMU killed), the device state is dropped
-/// and the daemon listens again on the same socket.
+/// and the daemon listens again on the same socket. A connection that
+/// cannot be set up — accept failing (EMFILE, ENFILE, ENOMEM, ENOBUFS),
+/// threads or eventfds that cannot be created — is logged (rate-limited,
+/// like every warning) and retried after a pause that doubles from 10 ms
+/// to 1 s while failures go on: such errors pass, and a daemon that exited
+/// on them would leave its VMM nothing to reconnect to.
 pub fn serve(
     target: Arc<Target>,
     options: QueueOptions,
     engine: IoEngine,
     mut listener: Listener,
     path: &Path,
-) -> Result<(), DaemonError> {
+) -> ! {
     info!("I/O engine: {engine}");
+    let mut delay = RETRY_FIRST;
     loop {
-        let backend = Arc::new(ScsiBackend::with_engine(target.clone(), options, engine));
-        let mem = GuestMemoryAtomic::new(GuestMem::new());
-        let mut daemon = VhostUserDaemon::new("vhost-device-scsi".into(), backend.clone(), mem)
-            .map_err(|e| DaemonError::Device(e.to_string()))?;
-        // Each worker thread's epoll loop also watches the eventfd its
-        // io_uring rings signal on completion.
-        for (thread, handler) in daemon.get_epoll_handlers().iter().enumerate() {
-            if let Some((fd, id)) = backend.completion_listener(thread) {
-                handler
-                    .register_listener(fd, EventSet::IN, id)
-                    .map_err(|e| {
-                        DaemonError::Device(format!("cannot watch io_uring completions: {e}"))
-                    })?;
+        match serve_connection(&target, options, engine, &mut listener, path) {
+            Ok(()) => delay = RETRY_FIRST,
+            Err(e) => {
+                warn!("{e}; trying again in {} ms", delay.as_millis());
+                std::thread::sleep(delay);
+                delay = (delay * 2).min(RETRY_MAX);
             }
         }
-        drop(backend);
-        info!("listening on {}", path.display());
-        daemon
-            .start(&mut listener)
-            .map_err(|e| DaemonError::Accept {
-                path: path.to_path_buf(),
-                reason: e.to_string(),
-            })?;
-        info!("VMM connected");
-        match daemon.wait() {
-            Ok(())
-            | Err(vhost_user_backend::Error::HandleRequest(
-                VhostUserError::Disconnected | VhostUserError::PartialMessage,
-            )) => info!("VMM disconnected"),
-            Err(e) => warn!("VMM connection ended: {e}"),
-        }
-        // Dropping the daemon stops and joins its queue worker threads.
-        drop(daemon);
     }
+}
+
+/// Sets up the device for one connection, waits for a VMM to connect and
+/// serves it until it disconnects. An error means no VMM was served.
+fn serve_connection(
+    target: &Arc<Target>,
+    options: QueueOptions,
+    engine: IoEngine,
+    listener: &mut Listener,
+    path: &Path,
+) -> Result<(), DaemonError> {
+    let backend = Arc::new(ScsiBackend::with_engine(target.clone(), options, engine));
+    let mem = GuestMemoryAtomic::new(GuestMem::new());
+    let mut daemon = VhostUserDaemon::new("vhost-device-scsi".into(), backend.clone(), mem)
+        .map_err(|e| DaemonError::Device(e.to_string()))?;
+    // Each worker thread's epoll loop also watches the eventfd its
+    // io_uring rings signal on completion.
+    for (thread, handler) in daemon.get_epoll_handlers().iter().enumerate() {
+        if let Some((fd, id)) = backend.completion_listener(thread) {
+            handler
+                .register_listener(fd, EventSet::IN, id)
+                .map_err(|e| {
+                    DaemonError::Device(format!("cannot watch io_uring completions: {e}"))
+                })?;
+        }
+    }
+    drop(backend);
+    info!("listening on {}", path.display());
+    daemon.start(listener).map_err(|e| DaemonError::Accept {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    info!("VMM connected");
+    match daemon.wait() {
+        Ok(())
+        | Err(vhost_user_backend::Error::HandleRequest(
+            VhostUserError::Disconnected | VhostUserError::PartialMessage,
+        )) => info!("VMM disconnected"),
+        Err(e) => warn!("VMM connection ended: {e}"),
+    }
+    // Dropping the daemon stops and joins its queue worker threads.
+    drop(daemon);
+    Ok(())
 }

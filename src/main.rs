@@ -37,9 +37,10 @@ fn main() -> ExitCode {
 fn run(cli: &Cli) -> Result<(), String> {
     let options = cli.queue_options()?;
     let engine = cli.io_engine()?;
+    let access = cli.socket_access()?;
     let target = config::build_target(cli).map_err(|e| e.to_string())?;
     daemon::handle_stop_signals(cli.socket_path.clone()).map_err(|e| e.to_string())?;
-    let listener = daemon::listen(&cli.socket_path).map_err(|e| e.to_string())?;
+    let listener = daemon::listen(&cli.socket_path, &access).map_err(|e| e.to_string())?;
     log::info!(
         "{} request queues on {} worker thread(s){}",
         options.request_queues,
@@ -57,7 +58,6 @@ fn run(cli: &Cli) -> Result<(), String> {
         listener,
         &cli.socket_path,
     )
-    .map_err(|e| e.to_string())
 }
 
 /// clap's message up to its first blank line (before the usage text), as

@@ -111,6 +111,8 @@ fn help_and_version() {
         "--read-only",
         "--solid-state",
         "--no-discard",
+        "--socket-mode",
+        "--socket-group",
         "--version",
         "IMAGE",
         "IMAGE[,ro][,block-size=512|4096][,serial=SERIAL][,wwn=0xHEX]",
@@ -498,6 +500,79 @@ fn open_file_limit_is_raised_to_the_hard_limit() {
     let daemon = Daemon::start_with_nofile(&sock, &args, (900, 1024));
     assert_eq!(nofile_of(daemon.child.id()), (900, 1024));
     assert!(!daemon.log().contains("open-file limit"));
+}
+
+/// The lowest descriptor number `pid` has not open: with its soft
+/// open-file limit there, it cannot open another descriptor.
+fn lowest_free_fd(pid: u32) -> u64 {
+    let open: std::collections::HashSet<u64> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    (0..).find(|n| !open.contains(n)).unwrap()
+}
+
+/// Sets the open-file limits of the running process `pid`.
+fn set_nofile_of(pid: u32, (soft, hard): (u64, u64)) {
+    let limit = libc::rlimit {
+        rlim_cur: soft as libc::rlim_t,
+        rlim_max: hard as libc::rlim_t,
+    };
+    // SAFETY: prlimit reads the struct we pass and writes nothing.
+    let rc = unsafe {
+        libc::prlimit(
+            pid as libc::pid_t,
+            libc::RLIMIT_NOFILE,
+            &limit,
+            std::ptr::null_mut(),
+        )
+    };
+    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+}
+
+/// A connection the daemon cannot take — accept fails with EMFILE, its
+/// descriptors used up — is logged and retried, and the daemon keeps
+/// listening: once descriptors are free again a VMM connects and is
+/// served.
+#[test]
+fn running_out_of_descriptors_does_not_end_the_daemon() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("vus.sock");
+    let img = image(dir.path(), "d.raw", 1 << 20);
+    let mut daemon = Daemon::start(&sock, &[&img]);
+    let pid = daemon.child.id();
+    let limits = nofile_of(pid);
+    // The daemon waits in accept: no descriptor number is left below its
+    // soft limit.
+    set_nofile_of(pid, (lowest_free_fd(pid), limits.1));
+    let stream = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let failed = format!("cannot accept a connection on {}", sock.display());
+    while !daemon.log().contains(&failed) {
+        assert!(
+            Instant::now() < deadline,
+            "accept did not fail: {}",
+            daemon.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Still failing after several rounds of retries.
+    std::thread::sleep(Duration::from_millis(300));
+    let log = daemon.log();
+    assert!(
+        daemon.child.try_wait().unwrap().is_none(),
+        "the daemon exited: {log}"
+    );
+    assert!(
+        log.contains("Too many open files") && log.contains("trying again in"),
+        "{log}"
+    );
+    drop(stream);
+    set_nofile_of(pid, limits);
+    handshake(&sock);
+    assert!(daemon.child.try_wait().unwrap().is_none(), "still running");
+    // A later connection goes on as ever.
+    handshake(&sock);
 }
 
 /// The access mode (O_RDONLY, O_RDWR) of `pid`'s open file `path`.
@@ -914,6 +989,11 @@ fn every_operator_error_has_its_exit_status_and_one_line() {
     std::fs::create_dir(&closed).unwrap();
     std::fs::set_permissions(&closed, std::fs::Permissions::from_mode(0o700)).unwrap();
     let long = d.join("x".repeat(110));
+    // Writable by the unprivileged cases.
+    let open = d.join("open");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let open_sock = open.join("s.sock");
     let e = "vhost-device-scsi: error:";
     let clap_invalid = |flag: &str, value: &str, reason: &str| {
         format!("error: invalid value '{value}' for '{flag}': {reason}")
@@ -1071,6 +1151,71 @@ fn every_operator_error_has_its_exit_status_and_one_line() {
             ),
         },
         CliCase {
+            name: "--socket-mode 999",
+            args: os_args(&[&"-s", &sock, &"--socket-mode", &"999", &good]),
+            unprivileged: false,
+            code: 2,
+            stderr: clap_invalid("--socket-mode <MODE>", "999", BAD_MODE),
+        },
+        CliCase {
+            name: "--socket-mode 01777 (sticky)",
+            args: os_args(&[&"-s", &sock, &"--socket-mode", &"01777", &good]),
+            unprivileged: false,
+            code: 2,
+            stderr: clap_invalid("--socket-mode <MODE>", "01777", BAD_MODE),
+        },
+        CliCase {
+            name: "--socket-mode rw-rw----",
+            args: os_args(&[&"-s", &sock, &"--socket-mode", &"rw-rw----", &good]),
+            unprivileged: false,
+            code: 2,
+            stderr: clap_invalid("--socket-mode <MODE>", "rw-rw----", BAD_MODE),
+        },
+        CliCase {
+            name: "--socket-mode empty",
+            args: os_args(&[&"-s", &sock, &"--socket-mode", &"", &good]),
+            unprivileged: false,
+            code: 2,
+            stderr: clap_invalid("--socket-mode <MODE>", "", BAD_MODE),
+        },
+        CliCase {
+            name: "--socket-group empty",
+            args: os_args(&[&"-s", &sock, &"--socket-group", &"", &good]),
+            unprivileged: false,
+            code: 2,
+            stderr: "error: a value is required for '--socket-group <GROUP>' but none was supplied"
+                .into(),
+        },
+        CliCase {
+            name: "--socket-group of no group",
+            args: os_args(&[&"-s", &sock, &"--socket-group", &"no-such-group-x", &good]),
+            unprivileged: false,
+            code: 1,
+            stderr: format!(
+                "{e} --socket-group no-such-group-x: no such group (a group name or a numeric gid)"
+            ),
+        },
+        CliCase {
+            name: "--socket-group gid -1",
+            args: os_args(&[&"-s", &sock, &"--socket-group", &"4294967295", &good]),
+            unprivileged: false,
+            code: 1,
+            stderr: format!(
+                "{e} --socket-group 4294967295: no such group (a group name or a numeric gid)"
+            ),
+        },
+        CliCase {
+            name: "--socket-group the daemon may not give",
+            args: os_args(&[&"-r", &"-s", &open_sock, &"--socket-group", &"0", &good]),
+            unprivileged: true,
+            code: 1,
+            stderr: format!(
+                "{e} --socket-group 0: cannot give socket {} to the group: \
+                 Operation not permitted (os error 1)",
+                open_sock.display()
+            ),
+        },
+        CliCase {
             name: "empty image path",
             args: os_args(&[&"-s", &sock, &""]),
             unprivileged: false,
@@ -1181,6 +1326,175 @@ fn every_operator_error_has_its_exit_status_and_one_line() {
     }
     run_cli_cases(&cases);
     assert!(!sock.exists(), "no case got as far as listening");
+    assert!(
+        !open_sock.exists(),
+        "a socket that could not be set up is removed"
+    );
+}
+
+/// Runs the daemon with `args` (logging off), or kills it and says so if
+/// it has not exited within `limit`.
+fn run_within(args: &[&OsStr], limit: Duration) -> Result<Output, String> {
+    let stderr = tempfile::tempfile().unwrap();
+    let mut child = Command::new(BIN)
+        .args(args)
+        .env("RUST_LOG", "off")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(stderr.try_clone().unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!("still running after {limit:?}"));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = stderr;
+    let mut text = Vec::new();
+    std::io::Seek::rewind(&mut stderr).unwrap();
+    std::io::Read::read_to_end(&mut stderr, &mut text).unwrap();
+    Ok(Output {
+        status,
+        stdout: Vec::new(),
+        stderr: text,
+    })
+}
+
+/// A FIFO nobody writes to is refused at once, read-only, read-write and
+/// with --direct: the image is opened without blocking and its type read
+/// from the open descriptor (opening a FIFO read-only waits for a writer).
+#[test]
+fn a_fifo_without_a_writer_does_not_block_startup() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("s.sock");
+    let fifo = dir.path().join("fifo");
+    let c_fifo = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a valid C string; creates a FIFO in our temporary directory.
+    assert_eq!(unsafe { libc::mkfifo(c_fifo.as_ptr(), 0o644) }, 0);
+    let want = format!(
+        "vhost-device-scsi: error: image {}: is neither a regular file nor a block device\n",
+        fifo.display()
+    );
+    for flags in [&["-r"][..], &[], &["--direct"], &["-r", "--direct"]] {
+        let mut args: Vec<&OsStr> = flags.iter().map(OsStr::new).collect();
+        args.extend([OsStr::new("-s"), sock.as_os_str(), fifo.as_os_str()]);
+        let out = run_within(&args, Duration::from_secs(10))
+            .unwrap_or_else(|e| panic!("{flags:?}: the daemon blocked on the FIFO: {e}"));
+        assert_eq!(out.status.code(), Some(1), "{flags:?}");
+        assert_eq!(String::from_utf8_lossy(&out.stderr), want, "{flags:?}");
+    }
+    assert!(!sock.exists());
+}
+
+/// What `--socket-mode` says of a value that is not a mode.
+const BAD_MODE: &str = "not an octal mode from 0000 to 0777 (e.g. 0660)";
+
+/// The permission bits and group of the file at `path`.
+fn mode_and_group(path: &Path) -> (u32, u32) {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::symlink_metadata(path).unwrap();
+    (meta.mode() & 0o7777, meta.gid())
+}
+
+/// The daemon in `command` under umask 000.
+fn with_umask_000(command: &mut Command) -> &mut Command {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: umask is async-signal-safe and allocates nothing.
+    unsafe {
+        command.pre_exec(|| {
+            libc::umask(0);
+            Ok(())
+        })
+    }
+}
+
+/// A group that is not the test's own (when root, who may give a file to
+/// any group), as (name, gid); else the test's own group.
+fn another_group() -> (String, u32) {
+    // SAFETY: getegid and geteuid have no preconditions.
+    let (egid, root) = unsafe { (libc::getegid(), libc::geteuid() == 0) };
+    let groups = std::fs::read_to_string("/etc/group").unwrap();
+    groups
+        .lines()
+        .filter_map(|l| {
+            let mut fields = l.split(':');
+            let name = fields.next()?;
+            let gid = fields.nth(1)?.parse::<u32>().ok()?;
+            Some((name.to_string(), gid))
+        })
+        .find(|(_, gid)| if root { *gid != egid } else { *gid == egid })
+        .expect("a group in /etc/group")
+}
+
+/// Only the daemon's user may connect by default: the socket is 0600
+/// even under umask 000 (bind(2) alone would make it srwxrwxrwx).
+#[test]
+fn the_socket_is_the_owners_alone_whatever_the_umask() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("vus.sock");
+    let img = image(dir.path(), "d.raw", 1 << 20);
+    let daemon = Daemon::launch(&sock, with_umask_000(Command::new(BIN).arg("-r").arg(&img)));
+    // SAFETY: getegid has no preconditions.
+    assert_eq!(mode_and_group(&sock), (0o600, unsafe { libc::getegid() }));
+    handshake(&sock);
+    drop(daemon);
+}
+
+/// --socket-mode and --socket-group, the group by name and by number, are
+/// what the socket gets, whatever the umask; the daemon serves through it.
+#[test]
+fn socket_mode_and_group_are_applied() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("vus.sock");
+    let img = image(dir.path(), "d.raw", 1 << 20);
+    let (name, gid) = another_group();
+    for (mode, group) in [
+        ("0660", name.clone()),
+        ("640", gid.to_string()),
+        ("0o666", name.clone()),
+    ] {
+        let daemon = Daemon::launch(
+            &sock,
+            with_umask_000(Command::new(BIN).args([
+                "-r",
+                "--socket-mode",
+                mode,
+                "--socket-group",
+                &group,
+                img.to_str().unwrap(),
+            ])),
+        );
+        let want = u32::from_str_radix(mode.trim_start_matches("0o"), 8).unwrap();
+        assert_eq!(mode_and_group(&sock), (want, gid), "{mode} {group}");
+        assert!(
+            daemon
+                .log()
+                .contains(&format!("mode {want:04o}, group {group} ({gid})")),
+            "{}",
+            daemon.log()
+        );
+        handshake(&sock);
+        drop(daemon);
+    }
+    // A mode alone keeps the daemon's group.
+    let daemon = Daemon::launch(
+        &sock,
+        with_umask_000(
+            Command::new(BIN)
+                .args(["-r", "--socket-mode", "0606"])
+                .arg(&img),
+        ),
+    );
+    // SAFETY: getegid has no preconditions.
+    assert_eq!(mode_and_group(&sock), (0o606, unsafe { libc::getegid() }));
+    drop(daemon);
 }
 
 /// xorshift64*: a reproducible stream for the operator-input fuzzing below.

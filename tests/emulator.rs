@@ -12,7 +12,7 @@
 use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::io::AsRawFd;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use vhost_device_scsi::scsi::inquiry::Identity;
@@ -211,6 +211,8 @@ struct Recorder {
     image: Arc<MemImage>,
     log: Arc<Mutex<Vec<Op>>>,
     failing_flushes: Arc<AtomicUsize>,
+    /// The errno those flushes fail with.
+    flush_errno: Arc<AtomicI32>,
 }
 
 fn iov_len(iov: &[IoVec]) -> u64 {
@@ -228,7 +230,9 @@ impl Recorder {
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
             .is_ok();
         if failed {
-            return Err(io::Error::from_raw_os_error(libc::EIO));
+            return Err(io::Error::from_raw_os_error(
+                self.flush_errno.load(Ordering::Relaxed),
+            ));
         }
         self.image.flush()
     }
@@ -298,6 +302,7 @@ struct Rig {
     image: Arc<MemImage>,
     log: Arc<Mutex<Vec<Op>>>,
     failing_flushes: Arc<AtomicUsize>,
+    flush_errno: Arc<AtomicI32>,
     block_size: usize,
 }
 
@@ -309,10 +314,12 @@ impl Rig {
         let image = Arc::new(image);
         let log = Arc::new(Mutex::new(Vec::new()));
         let failing_flushes = Arc::new(AtomicUsize::new(0));
+        let flush_errno = Arc::new(AtomicI32::new(libc::EIO));
         let recorder = Recorder {
             image: image.clone(),
             log: log.clone(),
             failing_flushes: failing_flushes.clone(),
+            flush_errno: flush_errno.clone(),
         };
         let disk =
             Disk::new(Box::new(recorder), disk_config(0, block_size, discard)).expect("valid disk");
@@ -321,6 +328,7 @@ impl Rig {
             image,
             log,
             failing_flushes,
+            flush_errno,
             block_size: block_size as usize,
         }
     }
@@ -363,6 +371,12 @@ impl Rig {
     /// From now on, the next `n` flushes of the storage (durable writes
     /// included) fail with EIO; later ones succeed again.
     fn fail_next_flushes(&self, n: usize) {
+        self.fail_next_flushes_with(n, libc::EIO);
+    }
+
+    /// As [`Rig::fail_next_flushes`], with `errno` instead of EIO.
+    fn fail_next_flushes_with(&self, n: usize, errno: i32) {
+        self.flush_errno.store(errno, Ordering::Relaxed);
         self.failing_flushes.store(n, Ordering::Relaxed);
     }
 
@@ -3064,21 +3078,35 @@ fn write_on_a_read_only_unit_changes_nothing() {
 #[test]
 fn write_into_the_unallocated_tail_finds_no_space() {
     // 64 KiB (128 blocks) stored of 1 MiB.
-    let rig = Rig::new(
-        MemImage::sparse(pattern(30, 64 << 10), 1 << 20, false),
-        512,
-        false,
-    );
-    let before = rig.data();
+    let sparse = || {
+        Rig::new(
+            MemImage::sparse(pattern(30, 64 << 10), 1 << 20, false),
+            512,
+            false,
+        )
+    };
     let payload = vec![0x77; 8 * 512];
     for op in WRITES {
         // In the tail, and straddling the end of the stored bytes.
         for lba in [200u64, 124, 2040] {
+            let rig = sparse();
+            let before = rig.data();
             let (c, _) = rig.run(&block_cdb(op, lba, 8), 0, &payload);
             assert_space_allocation_failed(c);
+            assert_eq!(rig.data(), before);
+            // A durable write's failure is sticky whatever its errno (its
+            // sync may have reported an earlier write-back error): WRITE
+            // AND VERIFY writes to the medium, so later flushes fail; a
+            // cached write's failure leaves them alone.
+            let (c, _) = rig.run(&block_cdb(SYNCHRONIZE_CACHE_10, 0, 0), 0, &[]);
+            if WRITES[4..].contains(&op) {
+                assert_write_error(c);
+            } else {
+                assert_good(c);
+            }
         }
     }
-    assert_eq!(rig.data(), before);
+    let rig = sparse();
     // The stored part takes writes; the tail still reads as zeroes.
     let (c, _) = rig.run(&block_cdb(WRITE_10, 120, 8), 0, &payload);
     assert_good(c);
@@ -3222,6 +3250,42 @@ fn a_failed_durable_write_poisons_later_flushes() {
     assert_write_error(c);
     let (c, _) = rig.run(&fua(block_cdb(WRITE_10, 2, 1)), 0, &payload);
     assert_write_error(c);
+}
+
+/// Whatever the errno of a durable write's failure, later flushes fail:
+/// a sync reports an earlier write-back error once, with the errno of its
+/// cause (ENOSPC or EDQUOT from thin storage, NFS or btrfs).
+#[test]
+fn a_durable_write_failing_with_any_errno_poisons_later_flushes() {
+    for (errno, write_cache) in [
+        (libc::ENOSPC, true),
+        (libc::EDQUOT, true),
+        (libc::ENOSPC, false),
+        (libc::EROFS, true),
+    ] {
+        let what = format!("errno {errno}, WCE={write_cache}");
+        let rig = Rig::writable(39);
+        let payload = pattern(40, 512);
+        rig.set_write_cache(write_cache);
+        let (c, _) = rig.run(&block_cdb(WRITE_10, 1, 1), 0, &payload);
+        assert_good(c);
+        rig.fail_next_flushes_with(1, errno);
+        // FUA, or any write with the write cache off: durable.
+        let (c, _) = rig.run(&fua(block_cdb(WRITE_10, 2, 1)), 0, &payload);
+        if matches!(errno, libc::ENOSPC | libc::EDQUOT) {
+            assert_space_allocation_failed(c);
+        } else {
+            assert_write_error(c);
+        }
+        // The storage would flush fine now; the unit must not say so.
+        for op in [SYNCHRONIZE_CACHE_10, SYNCHRONIZE_CACHE_16] {
+            let (c, _) = rig.run(&block_cdb(op, 0, 0), 0, &[]);
+            assert_write_error(c);
+        }
+        let (c, _) = rig.run(&fua(block_cdb(WRITE_10, 3, 1)), 0, &payload);
+        assert_write_error(c);
+        eprintln!("{what}: later flushes fail");
+    }
 }
 
 #[test]
@@ -5339,7 +5403,8 @@ fn random_cdbs_never_panic() {
 
 /// The same on writable disks with random data-out: every write that
 /// reaches the storage lies inside the image, and no write or flush fails
-/// on healthy storage (MEDIUM ERROR only for injected read errors).
+/// on healthy storage (MEDIUM ERROR only for injected read errors, and
+/// WRITE ERROR on the sparse disk once a durable write found no space).
 #[test]
 fn random_cdbs_on_writable_disks() {
     // Random bytes, then zeroes (short, mostly empty parameter lists).
@@ -5396,8 +5461,11 @@ fn random_cdbs_on_writable_disks() {
             let (c, _) = rig.run(&cdb, 65536, &pool[..n]);
             if let Completion::CheckCondition(s) = c {
                 let fixed = s.to_fixed();
+                // On the sparse disk a durable write into the tail fails
+                // with ENOSPC, which makes later flushes and durable
+                // writes fail with WRITE ERROR.
                 assert!(
-                    fixed[2] != 0x03 || (fixed[12], i) == (0x11, 0),
+                    fixed[2] != 0x03 || matches!((fixed[12], i), (0x11, 0) | (0x0c, 3)),
                     "{fixed:02x?} from {cdb:02x?}"
                 );
             }

@@ -303,6 +303,7 @@ mod fuse {
     use std::ops::Range;
     use std::os::fd::AsRawFd;
     use std::path::{Path, PathBuf};
+    use std::sync::atomic::{AtomicU32, Ordering};
     use std::sync::{Arc, Mutex};
     use std::thread::JoinHandle;
 
@@ -330,17 +331,48 @@ mod fuse {
     struct State {
         data: Mutex<Vec<u8>>,
         bad: Range<u64>,
+        /// Opens answered with FOPEN_DIRECT_IO.
+        direct_io: bool,
+        /// The errno the next FSYNC is answered with, once.
+        fsync_error: Mutex<Option<i32>>,
+        /// FSYNC requests served.
+        fsyncs: AtomicU32,
     }
 
     /// The mounted file system; unmounted (and its server stopped) when
     /// dropped.
     pub struct Mount {
         dir: tempfile::TempDir,
+        state: Arc<State>,
         server: Option<JoinHandle<()>>,
     }
 
     impl Mount {
+        /// A file of `data` whose bytes in `bad` fail with EIO, opened
+        /// with FOPEN_DIRECT_IO.
         pub fn new(data: Vec<u8>, bad: Range<u64>) -> std::io::Result<Mount> {
+            Mount::start(data, bad, true)
+        }
+
+        /// A file of `data` that goes through the kernel's page cache
+        /// (written through, as FUSE does without its writeback cache), so
+        /// that an `RWF_DSYNC` write ends in an FSYNC request.
+        pub fn cached(data: Vec<u8>) -> std::io::Result<Mount> {
+            Mount::start(data, 0..0, false)
+        }
+
+        /// Answers the next FSYNC with `errno`, as a file system reporting
+        /// an earlier write-back error does.
+        pub fn fail_next_fsync(&self, errno: i32) {
+            *self.state.fsync_error.lock().unwrap() = Some(errno);
+        }
+
+        /// FSYNC requests served so far.
+        pub fn fsyncs(&self) -> u32 {
+            self.state.fsyncs.load(Ordering::Relaxed)
+        }
+
+        fn start(data: Vec<u8>, bad: Range<u64>, direct_io: bool) -> std::io::Result<Mount> {
             let dev = File::options().read(true).write(true).open("/dev/fuse")?;
             let dir = tempfile::tempdir()?;
             let target = CString::new(dir.path().to_str().unwrap()).unwrap();
@@ -366,10 +398,15 @@ mod fuse {
             let state = Arc::new(State {
                 data: Mutex::new(data),
                 bad,
+                direct_io,
+                fsync_error: Mutex::new(None),
+                fsyncs: AtomicU32::new(0),
             });
-            let server = std::thread::spawn(move || serve(dev, &state));
+            let served = state.clone();
+            let server = std::thread::spawn(move || serve(dev, &served));
             Ok(Mount {
                 dir,
+                state,
                 server: Some(server),
             })
         }
@@ -478,7 +515,9 @@ mod fuse {
                 }
                 OPEN => {
                     let mut out = vec![0u8; 16];
-                    out[8..12].copy_from_slice(&FOPEN_DIRECT_IO.to_le_bytes());
+                    if state.direct_io {
+                        out[8..12].copy_from_slice(&FOPEN_DIRECT_IO.to_le_bytes());
+                    }
                     Ok(out)
                 }
                 READ => {
@@ -509,7 +548,14 @@ mod fuse {
                         Ok(out)
                     }
                 }
-                RELEASE | FSYNC | FLUSH | ACCESS => Ok(Vec::new()),
+                FSYNC => {
+                    state.fsyncs.fetch_add(1, Ordering::Relaxed);
+                    match state.fsync_error.lock().unwrap().take() {
+                        Some(errno) => Err(errno),
+                        None => Ok(Vec::new()),
+                    }
+                }
+                RELEASE | FLUSH | ACCESS => Ok(Vec::new()),
                 DESTROY => {
                     let _ = dev.write_all(&header(16, 0, unique));
                     return;
@@ -604,5 +650,74 @@ fn eio_from_the_image_is_a_medium_error() {
     assert_eq!(r.data_in, fresh);
     assert!(daemon.try_wait().unwrap().is_none(), "daemon exited");
     daemon.kill();
+    drop(mount);
+}
+
+/// A durable write whose sync reports ENOSPC (as thin storage, NFS or
+/// btrfs report an earlier write-back error, once): the write fails with
+/// SPACE ALLOCATION FAILED, and every later SYNCHRONIZE CACHE fails with
+/// MEDIUM ERROR / WRITE ERROR although the file system would now flush
+/// fine: the data the error was about may be lost.
+#[test]
+fn a_durable_write_failing_with_enospc_makes_later_flushes_fail() {
+    if !root_or_skip("a_durable_write_failing_with_enospc_makes_later_flushes_fail") {
+        return;
+    }
+    let mount = match fuse::Mount::cached(vec![0; 1 << 20]) {
+        Ok(m) => m,
+        Err(e) => {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "cannot mount a FUSE file system (CI=true): {e}"
+            );
+            eprintln!("skipped: cannot mount a FUSE file system: {e}");
+            return;
+        }
+    };
+    let sockdir = tempfile::tempdir().unwrap();
+    let sock = sockdir.path().join("vus.sock");
+    let log = sockdir.path().join("daemon.log");
+    let img = mount.file();
+    let mut daemon = start_logged(&sock, &[img.to_str().unwrap()], &log, Some("warn"));
+    let mut drv = ScsiDriver::connect(&sock);
+
+    let data = pattern(0x63, 4096);
+    good(
+        &drv.command(0, &write10(8, 8, false), &data, 0),
+        "cached write",
+    );
+    good(
+        &drv.command(0, &SYNCHRONIZE_CACHE_10, &[], 0),
+        "first flush",
+    );
+    let before = mount.fsyncs();
+    mount.fail_next_fsync(libc::ENOSPC);
+    let r = drv.command(0, &write10(16, 8, true), &data, 0);
+    assert_eq!(
+        mount.fsyncs(),
+        before + 1,
+        "the FUA write's sync reached the file system"
+    );
+    assert_eq!(
+        sense_of(&r),
+        (0x07, 0x27, 0x07),
+        "FUA write whose sync fails with ENOSPC"
+    );
+    // The file system would flush fine now; the daemon must not say so.
+    const WRITE_ERROR: (u8, u8, u8) = (0x03, 0x0c, 0x00);
+    for _ in 0..2 {
+        let r = drv.command(0, &SYNCHRONIZE_CACHE_10, &[], 0);
+        assert_eq!(sense_of(&r), WRITE_ERROR, "SYNCHRONIZE CACHE after it");
+    }
+    let r = drv.command(0, &write10(24, 8, true), &data, 0);
+    assert_eq!(sense_of(&r), WRITE_ERROR, "a later FUA write");
+    // Reads go on.
+    let r = drv.command(0, &read10(8, 8), &[], 4096);
+    good(&r, "read");
+    assert_eq!(r.data_in, data);
+    assert!(daemon.try_wait().unwrap().is_none(), "daemon exited");
+    daemon.kill();
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(log.contains("all later flushes will fail"), "{log}");
     drop(mount);
 }

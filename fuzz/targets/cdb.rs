@@ -270,7 +270,11 @@ fn execute(target: &Target, handles: &[Handle], command: &Command) {
                 (key::DATA_PROTECT, 0x27, 0x00) => spec.is_some_and(|l| l.read_only),
                 (key::DATA_PROTECT, 0x27, 0x07) => spec.is_some_and(|l| (l.stored as u64) < l.size),
                 (key::MEDIUM_ERROR, 0x11, 0x00) => spec.is_some_and(|l| !l.read_errors.is_empty()),
-                (key::MEDIUM_ERROR, 0x0c, 0x00) => spec.is_some_and(|l| l.failing_flushes),
+                // Failing flushes, or a durable write that found no space
+                // on the sparse LUN: sticky whatever the errno.
+                (key::MEDIUM_ERROR, 0x0c, 0x00) => {
+                    spec.is_some_and(|l| l.failing_flushes || (l.stored as u64) < l.size)
+                }
                 (key::MISCOMPARE, ..) => {
                     matches!(op, VERIFY_10 | VERIFY_12 | VERIFY_16 | COMPARE_AND_WRITE)
                 }

@@ -387,12 +387,17 @@ impl Disk {
     }
 
     /// Maps the result of a write; a failed durable write poisons later
-    /// flushes, since its sync may have consumed a write-back error that
-    /// belongs to earlier writes.
+    /// flushes, whatever its error: its sync may have consumed a
+    /// write-back error that belongs to earlier writes, and the kernel
+    /// reports that error with the errno of its cause (EIO, but also
+    /// ENOSPC or EDQUOT from thin storage, NFS or btrfs), only once.
     fn written(&self, result: io::Result<()>, durable: bool) -> CommandResult<()> {
         result.map_err(|e| {
-            if durable && e.raw_os_error() == Some(libc::EIO) {
-                self.flush_failed.store(true, Ordering::Relaxed);
+            if durable && !self.flush_failed.swap(true, Ordering::Relaxed) {
+                log::error!(
+                    "durable write to LUN with serial {} failed: {e}; all later flushes will fail",
+                    self.config.identity.serial
+                );
             }
             CommandError::write(e)
         })

@@ -95,10 +95,20 @@ impl FileImage {
     }
 
     fn open_with(path: &Path, read_only: bool, direct: bool) -> Result<Self, OpenError> {
-        // Check the type first: opening a FIFO would block, and a directory
-        // opens fine read-only.
-        let meta = std::fs::metadata(path)?;
-        let file_type = meta.file_type();
+        // Open first, then look at what was opened: a type checked on the
+        // path before opening could be swapped meanwhile. O_NONBLOCK, so
+        // that opening a FIFO (or a device that waits for a carrier)
+        // cannot block startup; O_NOCTTY, so a terminal never becomes
+        // ours. Both are cleared, and O_DIRECT set, once the descriptor is
+        // known to be an image: a FIFO refuses O_DIRECT at open, which
+        // would hide what is wrong with it.
+        let mut options = OpenOptions::new();
+        options
+            .read(true)
+            .write(!read_only)
+            .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY);
+        let mut file = options.open(path)?;
+        let file_type = file.metadata().map_err(OpenError::Io)?.file_type();
         let kind = if file_type.is_file() {
             ImageKind::RegularFile
         } else if file_type.is_block_device() {
@@ -108,12 +118,9 @@ impl FileImage {
         } else {
             return Err(OpenError::NotAnImage);
         };
-        let mut options = OpenOptions::new();
-        options.read(true).write(!read_only);
-        if direct {
-            options.custom_flags(libc::O_DIRECT);
-        }
-        let mut file = options.open(path)?;
+        // Blocking from here on (io_uring would otherwise hand EAGAIN back
+        // instead of waiting), with O_DIRECT if asked.
+        set_status_flags(&file, if direct { libc::O_DIRECT } else { 0 }).map_err(OpenError::Io)?;
         let direct = direct.then(|| direct_alignment(&file));
         // Seeking to the end gives the size of regular files and of block
         // devices alike (for the latter it equals BLKGETSIZE64).
@@ -528,6 +535,17 @@ pub(super) fn is_aligned(iov: &[IoVec], align: DirectAlignment) -> bool {
     })
 }
 
+/// Replaces the file status flags fcntl(F_SETFL) may change (O_APPEND,
+/// O_ASYNC, O_DIRECT, O_NOATIME, O_NONBLOCK) with `flags`.
+fn set_status_flags(file: &File, flags: libc::c_int) -> io::Result<()> {
+    // SAFETY: plain fcntl calls on a descriptor we own.
+    let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags) };
+    if rc == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// The O_DIRECT alignment of an open file (statx STATX_DIOALIGN, Linux 6.1),
 /// or a safe fallback where the kernel or file system does not say.
 fn direct_alignment(file: &File) -> DirectAlignment {
@@ -651,6 +669,34 @@ mod tests {
         let mut buf = [0u8; 16];
         let err = img.read_vectored_at(&[iov(&mut buf)], 504).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    /// Opened with O_NONBLOCK (a FIFO must not block startup), the image
+    /// is blocking afterwards: io_uring hands EAGAIN back for a
+    /// non-blocking file instead of waiting.
+    #[test]
+    fn an_opened_image_is_blocking_and_close_on_exec() {
+        let flags_of = |img: &FileImage| {
+            let fd = img.file().as_raw_fd();
+            // SAFETY: plain fcntl queries on a descriptor we own.
+            let (flags, fd_flags) = unsafe {
+                (
+                    libc::fcntl(fd, libc::F_GETFL),
+                    libc::fcntl(fd, libc::F_GETFD),
+                )
+            };
+            assert_ne!(fd_flags & libc::FD_CLOEXEC, 0);
+            flags & (libc::O_NONBLOCK | libc::O_DIRECT)
+        };
+        let tmp = tempfile::NamedTempFile::new().unwrap();
+        tmp.as_file().set_len(4096).unwrap();
+        for read_only in [true, false] {
+            let img = FileImage::open(tmp.path(), read_only).unwrap();
+            assert_eq!(flags_of(&img), 0);
+            if let Some((_tmp, img)) = direct_image(&[0; 4096], read_only) {
+                assert_eq!(flags_of(&img), libc::O_DIRECT);
+            }
+        }
     }
 
     #[test]

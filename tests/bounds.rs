@@ -579,12 +579,14 @@ fn memory_stays_bounded_at_the_largest_lengths() {
         &mut peaks,
     );
 
-    // UNMAP: 64 descriptors of up to 1 GiB in all; 4094 descriptors.
-    let ranges: Vec<(u64, u32)> = (0..64).map(|i| (i * 65536, 32768)).collect();
+    // UNMAP: 64 descriptors of 1 Mi blocks in all (the Block Limits page's
+    // MAXIMUM UNMAP LBA COUNT: 512 MiB of 512-byte blocks); 4094
+    // descriptors.
+    let ranges: Vec<(u64, u32)> = (0..64).map(|i| (i * 65536, 16384)).collect();
     let list = unmap_list(&ranges);
     let out = h.command(&unmap_cdb(list.len() as u16), Some(Buf::R(list)), 0);
     check(
-        "UNMAP 64 descriptors, 1 GiB",
+        "UNMAP 64 descriptors, 1 Mi blocks",
         out,
         GOOD,
         REQUEST_CAP,

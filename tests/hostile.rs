@@ -58,6 +58,9 @@ const GET_FEATURES: u32 = 1;
 const SET_FEATURES: u32 = 2;
 const SET_VRING_NUM: u32 = 8;
 const SET_VRING_CALL: u32 = 13;
+const SET_PROTOCOL_FEATURES: u32 = 16;
+const GET_CONFIG: u32 = 24;
+const SET_CONFIG: u32 = 25;
 
 /// Canary byte for buffers the device must not write.
 const CANARY: u8 = 0xee;
@@ -1795,6 +1798,121 @@ fn direct_io_with_finely_split_buffers() {
         submit_expect_good(&mut dev, chain, RESP_LEN + len as u32, b.resp);
         assert_eq!(dev.read(b.data, len).unwrap(), fresh, "{piece}-byte pieces");
         head += 1;
+    }
+    env.assert_still_serving(Some(dev));
+}
+
+// ---------------------------------------------------------------------
+// Protocol features never offered
+// ---------------------------------------------------------------------
+
+/// The daemon offers MQ and REPLY_ACK only, but the vhost crate records
+/// whatever SET_PROTOCOL_FEATURES acks. A VMM that acks CONFIG,
+/// CONFIGURE_MEM_SLOTS, LOG_SHMFD and RESET_DEVICE anyway gets: GET_CONFIG
+/// and SET_CONFIG refused (the configuration space stays as it was: a READ
+/// still answers with the default 96-byte sense area), SET_LOG_BASE refused
+/// (the connection ends), and ADD_MEM_REG accepted only up to the 8 regions
+/// SET_MEM_TABLE can carry (the ninth is refused and the connection ends).
+/// The daemon serves the next connection each time.
+#[test]
+fn protocol_features_never_offered_stay_unusable() {
+    use vhost::vhost_user::message::VhostUserProtocolFeatures as P;
+    use vhost::vhost_user::VhostUserFrontend;
+    let unoffered = P::CONFIG | P::CONFIGURE_MEM_SLOTS | P::LOG_SHMFD | P::RESET_DEVICE;
+    let env = Env::new();
+
+    // CONFIG, over a raw socket: the vhost crate's frontend waits for ever
+    // on a GET_CONFIG answer that reports failure.
+    let flags = VHOST_USER_VERSION;
+    let mut s = raw_socket(&env.sock);
+    let acked = (P::REPLY_ACK | unoffered).bits().to_le_bytes();
+    s.send(SET_PROTOCOL_FEATURES, flags, 8, &acked, &[])
+        .unwrap();
+    // VhostUserConfig: offset, size, flags, then `size` bytes.
+    let mut body = Vec::new();
+    for field in [0u32, 36, 0] {
+        body.extend_from_slice(&field.to_le_bytes());
+    }
+    body.extend_from_slice(&[0u8; 36]);
+    s.send(GET_CONFIG, flags, body.len() as u32, &body, &[])
+        .unwrap();
+    match s.answer(WAIT).unwrap() {
+        // The vhost-user specification: a zero-size payload is a failure.
+        Answer::Reply {
+            request,
+            size,
+            body,
+        } => assert_eq!(
+            (request, size, &body[4..8]),
+            (GET_CONFIG, 12, &[0u8; 4][..]),
+            "GET_CONFIG answered with the configuration space"
+        ),
+        other => panic!("GET_CONFIG: {other:?}"),
+    }
+    // sense_size 0: every later response would carry no sense data.
+    let mut body = Vec::new();
+    for field in [20u32, 4, 1, 0] {
+        body.extend_from_slice(&field.to_le_bytes());
+    }
+    s.send(
+        SET_CONFIG,
+        flags | VHOST_USER_NEED_REPLY,
+        body.len() as u32,
+        &body,
+        &[],
+    )
+    .unwrap();
+    // Refused: vhost-user-backend ends the connection on a failed request.
+    assert_eq!(s.answer(WAIT).unwrap(), Answer::Closed, "SET_CONFIG");
+    drop(s);
+
+    // RESET_DEVICE, as SET_VRING_ENABLE 0 on every queue would: the
+    // connection goes on; the disabled queue is not served.
+    let mut dev = env.raw();
+    let f = dev.vhost_frontend();
+    f.set_protocol_features(P::MQ | P::REPLY_ACK | unoffered)
+        .unwrap();
+    f.reset_device().unwrap();
+    drop(dev);
+
+    // LOG_SHMFD.
+    let mut dev = env.raw();
+    let log = spare_fd().unwrap();
+    let f = dev.vhost_frontend();
+    f.set_protocol_features(P::MQ | P::REPLY_ACK | unoffered)
+        .unwrap();
+    let region = vhost::VhostUserDirtyLogRegion {
+        mmap_size: 4096,
+        mmap_offset: 0,
+        mmap_handle: log.as_raw_fd(),
+    };
+    assert!(
+        f.set_log_base(0, Some(region)).is_err(),
+        "SET_LOG_BASE accepted"
+    );
+    drop(dev);
+
+    // CONFIGURE_MEM_SLOTS: the connection's table has one region; seven
+    // more are taken, the ninth is refused.
+    let mut dev = env.raw();
+    let regions: Vec<std::fs::File> = (0..8).map(|_| spare_fd().unwrap()).collect();
+    let f = dev.vhost_frontend();
+    f.set_protocol_features(P::MQ | P::REPLY_ACK | unoffered)
+        .unwrap();
+    for (i, fd) in regions.iter().enumerate() {
+        let info = vhost::VhostUserMemoryRegionInfo {
+            guest_phys_addr: 0x1000_0000 + 0x10_0000 * i as u64,
+            memory_size: 4096,
+            userspace_addr: 0x7000_0000_0000 + 0x10_0000 * i as u64,
+            mmap_offset: 0,
+            mmap_handle: fd.as_raw_fd(),
+        };
+        let added = f.add_mem_region(&info);
+        if i < 7 {
+            added.unwrap_or_else(|e| panic!("region {}: {e}", i + 2));
+        } else {
+            assert!(added.is_err(), "a ninth memory region was added");
+        }
     }
     env.assert_still_serving(Some(dev));
 }

@@ -224,12 +224,11 @@ fn nothing_beyond_lun_16383() {
 
 #[test]
 fn config_space_max_lun_covers_every_lun() {
-    use vhost_user_backend::VhostUserBackend;
     let backend =
         vhost_device_scsi::virtio::ScsiBackend::new(std::sync::Arc::new(Target::default()));
     // struct virtio_scsi_config: max_lun is the le32 at offset 32; Linux
     // scans LUNs 0..=max_lun.
-    let max_lun = u32::from_le_bytes(backend.get_config(32, 4).try_into().unwrap());
+    let max_lun = u32::from_le_bytes(backend.read_config(32, 4).try_into().unwrap());
     assert_eq!(max_lun, 16383);
     assert_eq!(max_lun as usize + 1, vhost_device_scsi::cli::MAX_IMAGES);
 }

@@ -823,21 +823,21 @@ fn event_queue_buffers_are_kept() {
 #[test]
 fn config_space() {
     let h = Harness::new(&[4096]);
-    let config = h.backend.get_config(0, 36);
+    let config = h.backend.read_config(0, 36);
     assert_eq!(config.len(), 36);
     assert_eq!(&config[0..4], &16u32.to_le_bytes(), "num_queues");
     assert_eq!(&config[20..24], &96u32.to_le_bytes(), "sense_size");
     assert_eq!(&config[24..28], &32u32.to_le_bytes(), "cdb_size");
-    assert!(h.backend.get_config(30, 100).is_empty());
-    assert!(h.backend.set_config(0, &[1, 0, 0, 0]).is_err());
-    assert!(h.backend.set_config(u32::MAX, &[1]).is_err());
+    assert!(h.backend.read_config(30, 100).is_empty());
+    assert!(h.backend.write_config(0, &[1, 0, 0, 0]).is_err());
+    assert!(h.backend.write_config(u32::MAX, &[1]).is_err());
 }
 
 #[test]
 fn smaller_cdb_and_sense_sizes_from_config() {
     let mut h = Harness::new(&[4096]);
-    h.backend.set_config(24, &16u32.to_le_bytes()).unwrap();
-    h.backend.set_config(20, &20u32.to_le_bytes()).unwrap();
+    h.backend.write_config(24, &16u32.to_le_bytes()).unwrap();
+    h.backend.write_config(20, &20u32.to_le_bytes()).unwrap();
     let mut req = request(lun(0), &read10(99, 1));
     req.truncate(19 + 16);
     let used = h.submit(

@@ -419,8 +419,8 @@ impl World {
         backend.update_memory(mem.clone()).expect("memory update");
         if let Some((cdb, sense)) = case.sizes {
             // Out-of-range sizes are refused, as from a real driver.
-            let _ = backend.set_config(24, &u32::from(cdb).to_le_bytes());
-            let _ = backend.set_config(20, &u32::from(sense).to_le_bytes());
+            let _ = backend.write_config(24, &u32::from(cdb).to_le_bytes());
+            let _ = backend.write_config(20, &u32::from(sense).to_le_bytes());
         }
         let kicks: Vec<EventFd> = (0..QUEUES)
             .map(|_| EventFd::new(libc::EFD_NONBLOCK).expect("kick eventfd"))
@@ -479,7 +479,7 @@ impl World {
 
     fn sizes(&self) -> (usize, usize) {
         let get = |offset| {
-            let b = self.backend.get_config(offset, 4);
+            let b = self.backend.read_config(offset, 4);
             u32::from_le_bytes(b.try_into().unwrap_or_default()) as usize
         };
         (get(24), get(20))

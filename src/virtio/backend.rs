@@ -255,6 +255,29 @@ impl ScsiBackend {
         self.options
     }
 
+    /// `size` bytes of the virtio-scsi configuration space at `offset`
+    /// (virtio 1.2 §5.6.4); empty if out of range. Not reachable over
+    /// vhost-user (see `get_config`): QEMU answers the guest from its own.
+    pub fn read_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        self.config
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .read(offset, size)
+    }
+
+    /// Writes the driver-writable fields of the configuration space
+    /// (cdb_size, sense_size), which then size requests and responses.
+    pub fn write_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        let mut config = self.config.lock().unwrap_or_else(PoisonError::into_inner);
+        config.write(offset, buf).map_err(|e| {
+            debug!("refused config write: {e}");
+            io::Error::new(io::ErrorKind::InvalidInput, e)
+        })?;
+        self.cdb_size.store(config.sizes.cdb, Ordering::Relaxed);
+        self.sense_size.store(config.sizes.sense, Ordering::Relaxed);
+        Ok(())
+    }
+
     fn sizes(&self) -> Sizes {
         Sizes {
             cdb: self.cdb_size.load(Ordering::Relaxed),
@@ -866,8 +889,15 @@ impl VhostUserBackend for ScsiBackend {
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
         // No CONFIG: QEMU's vhost-user-scsi-pci builds the configuration
         // space itself and warns at every start when a backend offers it.
-        // get_config/set_config below still describe this device's config
-        // space for the vhost-user library's callers.
+        //
+        // The vhost crate records whatever SET_PROTOCOL_FEATURES acks, so a
+        // VMM can reach the handlers of features never offered. What they
+        // could do here is refused: GET_CONFIG and SET_CONFIG below, and a
+        // memory table of more regions than SET_MEM_TABLE carries (ADD_MEM_REG,
+        // `check_memory_table`); vhost-user-backend itself refuses
+        // SET_LOG_BASE for this backend (no dirty bitmap), INFLIGHT_SHMFD
+        // and device state transfers. RESET_DEVICE only does what
+        // SET_VRING_ENABLE and RESET_OWNER, always allowed, do.
         VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK
     }
 
@@ -876,22 +906,24 @@ impl VhostUserBackend for ScsiBackend {
         // same code path either way.
     }
 
+    /// GET_CONFIG needs VHOST_USER_PROTOCOL_F_CONFIG, never offered: an
+    /// empty answer, which the vhost crate sends as a failure (a payload of
+    /// size 0).
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        self.config
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .read(offset, size)
+        debug!("refused GET_CONFIG of {size} bytes at {offset}: CONFIG was not offered");
+        Vec::new()
     }
 
+    /// SET_CONFIG needs VHOST_USER_PROTOCOL_F_CONFIG, never offered.
     fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
-        let mut config = self.config.lock().unwrap_or_else(PoisonError::into_inner);
-        config.write(offset, buf).map_err(|e| {
-            debug!("refused config write: {e}");
-            io::Error::new(io::ErrorKind::InvalidInput, e)
-        })?;
-        self.cdb_size.store(config.sizes.cdb, Ordering::Relaxed);
-        self.sense_size.store(config.sizes.sense, Ordering::Relaxed);
-        Ok(())
+        debug!(
+            "refused SET_CONFIG of {} bytes at {offset}: CONFIG was not offered",
+            buf.len()
+        );
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "VHOST_USER_PROTOCOL_F_CONFIG was not offered",
+        ))
     }
 
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {

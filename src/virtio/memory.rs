@@ -21,9 +21,18 @@ pub enum MemoryTableError {
     },
     #[error("memory region at guest address {gpa:#x}: cannot stat its file: {source}")]
     Stat { gpa: u64, source: io::Error },
+    #[error("{0} memory regions: at most {MAX_MEMORY_REGIONS}, as SET_MEM_TABLE carries")]
+    TooManyRegions(usize),
 }
 
-/// Checks that every region of `mem` backed by a regular file (memfd,
+/// Most regions of a memory table: what one SET_MEM_TABLE carries
+/// (VHOST_MEMORY_BASELINE_NREGIONS in the vhost-user specification). More
+/// can only be added with ADD_MEM_REG, whose CONFIGURE_MEM_SLOTS protocol
+/// feature is never offered.
+pub const MAX_MEMORY_REGIONS: usize = 8;
+
+/// Checks that `mem` has at most [`MAX_MEMORY_REGIONS`] regions and that
+/// every region of it backed by a regular file (memfd,
 /// tmpfs, hugetlbfs) lies within that file. mmap maps a range past the end
 /// of a file without complaint, but the first access to a page beyond it
 /// raises SIGBUS, which would end the daemon (vm-memory's `from_file` does
@@ -31,6 +40,9 @@ pub enum MemoryTableError {
 /// offset in the file, and a table that does not fit its file is one the
 /// daemon cannot use).
 pub fn check_memory_table(mem: &GuestMem) -> Result<(), MemoryTableError> {
+    if mem.num_regions() > MAX_MEMORY_REGIONS {
+        return Err(MemoryTableError::TooManyRegions(mem.num_regions()));
+    }
     for region in mem.iter() {
         let Some(file_offset) = region.file_offset() else {
             continue;

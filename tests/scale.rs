@@ -378,7 +378,9 @@ fn check_through_vhost_user(sock: &Path, images: &[PathBuf], luns: usize) -> Scs
 #[test]
 fn the_daemon_serves_16384_luns() {
     if let Some(hard) = hard_limit_too_low(LUNS) {
-        eprintln!("skipping: the hard open-file limit {hard} is too low for {LUNS} images");
+        common::skipped(&format!(
+            "the hard open-file limit {hard} is too low for {LUNS} images"
+        ));
         return;
     }
     // 16384 read-only LUNs on 128 images (readers share an image), which

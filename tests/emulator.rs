@@ -5498,3 +5498,31 @@ fn random_cdbs_on_writable_disks() {
     assert!(seen.good > 100 && seen.check > 100, "{seen:?}");
     assert_eq!(std::fs::metadata(&file.path).unwrap().len(), 1 << 20);
 }
+
+/// The identity derived from an image's path and LUN must never change
+/// between releases (it names the disk in the guest's /dev/disk/by-id): the
+/// serial number is FNV-1a (64-bit) of "LUN:canonical path" as 16 upper-case
+/// hex digits, and the NAA 3h designator (SPC-4 §7.8.6.6.2) holds the
+/// hash's low 60 bits. The values were computed outside the project (an
+/// independent FNV-1a in Python).
+#[test]
+fn derived_identities_are_stable() {
+    for (path, lun, serial, naa) in [
+        (
+            "/var/lib/images/vm1-disk0.raw",
+            0u16,
+            "861BB0A0A071FC55",
+            0x361b_b0a0_a071_fc55u64,
+        ),
+        (
+            "/var/lib/images/vm1-disk0.raw",
+            1,
+            "1F1AF006A764C6FA",
+            0x3f1a_f006_a764_c6fa,
+        ),
+        ("/dev/vdb", 16383, "59D3549E3EA70173", 0x39d3_549e_3ea7_0173),
+    ] {
+        let id = Identity::derived(path, lun);
+        assert_eq!((id.serial.as_str(), id.naa), (serial, naa), "{lun}:{path}");
+    }
+}

@@ -5,7 +5,7 @@
 #   [16, 32 MiB)  never written
 # PHASE=io:
 #   @@SYNCED rc=N              dd + fsync of the synced region
-#   @@IO-RUNNING inflight=N ios=M   fio has run for 3 s (or until 16
+#   @@IO-RUNNING inflight=N ios=M fio=running|ended   fio has run for 3 s (or until 16
 #                              requests were seen in flight): N = most seen in
 #                              flight on the disk (/sys/block/X/inflight, a
 #                              sample that often finds none: the single
@@ -46,11 +46,13 @@ case "$PHASE" in
             sleep 0.1
             i=$((i + 1))
         done
+        fio_state=running
         if ! kill -0 "$fio_pid" 2>/dev/null; then
+            fio_state=ended
             run fio-output cat /tmp/fio.out
         fi
         read -r r1 _ _ _ w1 _ <"$stat"
-        report IO-RUNNING inflight="$most" ios="$((r1 - r0 + w1 - w0))"
+        report IO-RUNNING inflight="$most" ios="$((r1 - r0 + w1 - w0))" fio="$fio_state"
         sleep 600 ;;
     check)
         region synced 8 8

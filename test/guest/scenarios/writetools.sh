@@ -57,7 +57,7 @@ run caw_miscompare sg_compare_and_write --in=/harness/files/caw_miscompare --lba
     --num="$CAW_NUM" "$sg"
 read_back caw "$CAW_LBA" "$CAW_NUM"
 
-run sync sg_sync "$sg"
+run sync sg_sync -v "$sg"
 
 run modes_default sg_modes -p 8 "$sg"
 report CACHE when=default cache_type="$(squash "$(cat "$cache")")"

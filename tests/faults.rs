@@ -296,6 +296,12 @@ fn an_image_truncated_underneath_gives_medium_errors_past_its_end() {
 /// fail with EIO, as a failing disk's would. Root only (mount(2)); opened
 /// with FOPEN_DIRECT_IO so every read reaches the server with the
 /// daemon's own offset and length.
+///
+/// It is also the durability oracle: it logs, in order, every WRITE and
+/// FSYNC/FSYNCDIR request and the moment each is answered, and it can hold
+/// FSYNC answers until the test lets them go — what the daemon's
+/// `fdatasync` and `RWF_DSYNC` writes really ask of a file system, which a
+/// SIGKILL of the daemon cannot show (the page cache survives it).
 mod fuse {
     use std::ffi::CString;
     use std::fs::File;
@@ -304,8 +310,9 @@ mod fuse {
     use std::os::fd::AsRawFd;
     use std::path::{Path, PathBuf};
     use std::sync::atomic::{AtomicU32, Ordering};
-    use std::sync::{Arc, Mutex};
+    use std::sync::{Arc, Condvar, Mutex};
     use std::thread::JoinHandle;
+    use std::time::{Duration, Instant};
 
     const LOOKUP: u32 = 1;
     const FORGET: u32 = 2;
@@ -318,11 +325,14 @@ mod fuse {
     const FSYNC: u32 = 20;
     const FLUSH: u32 = 25;
     const INIT: u32 = 26;
+    const FSYNCDIR: u32 = 30;
     const ACCESS: u32 = 34;
     const INTERRUPT: u32 = 36;
     const DESTROY: u32 = 38;
     const BATCH_FORGET: u32 = 42;
     const FOPEN_DIRECT_IO: u32 = 1;
+    /// fuse_fsync_in.fsync_flags: fdatasync rather than fsync.
+    const FUSE_FSYNC_FDATASYNC: u32 = 1;
     const ROOT: u64 = 1;
     const FILE: u64 = 2;
     const MAX_WRITE: u32 = 128 << 10;
@@ -337,6 +347,46 @@ mod fuse {
         fsync_error: Mutex<Option<i32>>,
         /// FSYNC requests served.
         fsyncs: AtomicU32,
+        /// The durability log and whether FSYNC answers are held.
+        log: Mutex<Log>,
+        /// Signalled when the log or the hold changes.
+        changed: Condvar,
+    }
+
+    #[derive(Default)]
+    struct Log {
+        events: Vec<Event>,
+        hold_fsyncs: bool,
+    }
+
+    /// A request the daemon's file system calls caused, as the server got
+    /// it.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum Op {
+        /// FUSE_WRITE of `len` bytes at `offset`: `write_flags` are
+        /// FUSE_WRITE_* (FUSE_WRITE_CACHE for page-cache write-back),
+        /// `flags` the open flags the kernel passes along (O_DIRECT; and
+        /// O_DSYNC or O_SYNC when this write is synchronous, RWF_DSYNC
+        /// included).
+        Write {
+            offset: u64,
+            len: u32,
+            write_flags: u32,
+            flags: u32,
+        },
+        /// FUSE_FSYNC (or FUSE_FSYNCDIR), `datasync` for fdatasync.
+        Fsync { dir: bool, datasync: bool },
+    }
+
+    /// One line of the durability log, in the order the server saw them.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum Event {
+        /// Request `unique` (the kernel's request id) arrived.
+        Request(u64, Op),
+        /// Request `unique` was answered with `error` (0 or -errno):
+        /// logged just before the answer goes to the kernel, so anything
+        /// the answer lets happen comes after it.
+        Answered(u64, i32),
     }
 
     /// The mounted file system; unmounted (and its server stopped) when
@@ -356,7 +406,9 @@ mod fuse {
 
         /// A file of `data` that goes through the kernel's page cache
         /// (written through, as FUSE does without its writeback cache), so
-        /// that an `RWF_DSYNC` write ends in an FSYNC request.
+        /// that an `RWF_DSYNC` write ends in an FSYNC request; opened with
+        /// O_DIRECT it takes direct writes (the kernel's `direct_IO`
+        /// path), which end in one too.
         pub fn cached(data: Vec<u8>) -> std::io::Result<Mount> {
             Mount::start(data, 0..0, false)
         }
@@ -370,6 +422,45 @@ mod fuse {
         /// FSYNC requests served so far.
         pub fn fsyncs(&self) -> u32 {
             self.state.fsyncs.load(Ordering::Relaxed)
+        }
+
+        /// The durability log so far.
+        pub fn events(&self) -> Vec<Event> {
+            self.state.log.lock().unwrap().events.clone()
+        }
+
+        /// From now on, FSYNC requests are logged but not answered until
+        /// [`release_fsyncs`](Self::release_fsyncs). The server answers
+        /// nothing else meanwhile (it is one thread).
+        pub fn hold_fsyncs(&self) {
+            self.state.log.lock().unwrap().hold_fsyncs = true;
+            self.state.changed.notify_all();
+        }
+
+        /// Answers the held FSYNC and stops holding.
+        pub fn release_fsyncs(&self) {
+            self.state.log.lock().unwrap().hold_fsyncs = false;
+            self.state.changed.notify_all();
+        }
+
+        /// Waits up to `timeout` for `f` to find something in the log.
+        pub fn wait_for<T>(
+            &self,
+            timeout: Duration,
+            mut f: impl FnMut(&[Event]) -> Option<T>,
+        ) -> Option<T> {
+            let deadline = Instant::now() + timeout;
+            let mut log = self.state.log.lock().unwrap();
+            loop {
+                if let Some(found) = f(&log.events) {
+                    return Some(found);
+                }
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return None;
+                }
+                log = self.state.changed.wait_timeout(log, left).unwrap().0;
+            }
         }
 
         fn start(data: Vec<u8>, bad: Range<u64>, direct_io: bool) -> std::io::Result<Mount> {
@@ -401,6 +492,8 @@ mod fuse {
                 direct_io,
                 fsync_error: Mutex::new(None),
                 fsyncs: AtomicU32::new(0),
+                log: Mutex::new(Log::default()),
+                changed: Condvar::new(),
             });
             let served = state.clone();
             let server = std::thread::spawn(move || serve(dev, &served));
@@ -422,6 +515,9 @@ mod fuse {
 
     impl Drop for Mount {
         fn drop(&mut self) {
+            // A test that failed while holding an FSYNC leaves nothing
+            // blocked.
+            self.release_fsyncs();
             let target = CString::new(self.path().to_str().unwrap()).unwrap();
             // SAFETY: a valid C string; lazily unmounts our own mount, which
             // ends the server's reads with ENODEV.
@@ -460,6 +556,13 @@ mod fuse {
         a.extend_from_slice(&4096u32.to_le_bytes()); // blksize
         a.extend_from_slice(&0u32.to_le_bytes()); // flags
         a
+    }
+
+    impl State {
+        fn record(&self, event: Event) {
+            self.log.lock().unwrap().events.push(event);
+            self.changed.notify_all();
+        }
     }
 
     fn serve(mut dev: File, state: &State) {
@@ -532,7 +635,18 @@ mod fuse {
                     }
                 }
                 WRITE => {
+                    // struct fuse_write_in: fh, offset, size, write_flags,
+                    // lock_owner, flags, padding.
                     let (offset, len) = (u64_at(body, 8), u32_at(body, 16));
+                    state.record(Event::Request(
+                        unique,
+                        Op::Write {
+                            offset,
+                            len,
+                            write_flags: u32_at(body, 20),
+                            flags: u32_at(body, 32),
+                        },
+                    ));
                     let bytes = &body[40..40 + len as usize];
                     let end = offset + u64::from(len);
                     if offset < state.bad.end && end > state.bad.start {
@@ -548,7 +662,21 @@ mod fuse {
                         Ok(out)
                     }
                 }
-                FSYNC => {
+                FSYNC | FSYNCDIR => {
+                    // struct fuse_fsync_in: fh, fsync_flags, padding.
+                    let datasync = u32_at(body, 8) & FUSE_FSYNC_FDATASYNC != 0;
+                    state.record(Event::Request(
+                        unique,
+                        Op::Fsync {
+                            dir: opcode == FSYNCDIR,
+                            datasync,
+                        },
+                    ));
+                    let mut log = state.log.lock().unwrap();
+                    while log.hold_fsyncs {
+                        log = state.changed.wait(log).unwrap();
+                    }
+                    drop(log);
                     state.fsyncs.fetch_add(1, Ordering::Relaxed);
                     match state.fsync_error.lock().unwrap().take() {
                         Some(errno) => Err(errno),
@@ -562,6 +690,10 @@ mod fuse {
                 }
                 _ => Err(libc::ENOSYS),
             };
+            if matches!(opcode, WRITE | FSYNC | FSYNCDIR) {
+                let error = reply.as_ref().err().map_or(0, |errno| -errno);
+                state.record(Event::Answered(unique, error));
+            }
             let out = match reply {
                 Ok(body) => {
                     let mut out = header(16 + body.len(), 0, unique);
@@ -720,4 +852,278 @@ fn a_durable_write_failing_with_enospc_makes_later_flushes_fail() {
     let log = std::fs::read_to_string(&log).unwrap();
     assert!(log.contains("all later flushes will fail"), "{log}");
     drop(mount);
+}
+
+/// A FUSE file served through the page cache, or `None` (printed) where
+/// this system cannot mount one; with `CI=true` that is a failure.
+fn cached_fuse_or_skip(test: &str, data: Vec<u8>) -> Option<fuse::Mount> {
+    if !root_or_skip(test) {
+        return None;
+    }
+    match fuse::Mount::cached(data) {
+        Ok(m) => Some(m),
+        Err(e) => {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "{test}: cannot mount a FUSE file system (CI=true): {e}"
+            );
+            eprintln!("skipped: {test}: cannot mount a FUSE file system: {e}");
+            None
+        }
+    }
+}
+
+/// How long the oracle waits for what must come (an FSYNC, a completion).
+const ORACLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a held FSYNC is watched for a completion that must not come.
+const HELD_WINDOW: Duration = Duration::from_millis(100);
+
+/// Runs `cdb` (with `data` out) on the idle queue `q` while the file
+/// system holds every FSYNC, and checks that it is durable at completion:
+/// an FSYNC reaches the file system after WRITE requests covering the
+/// bytes `range` (logged from `written_since` on) were answered, the
+/// command does not complete while that FSYNC is unanswered, and
+/// completes GOOD once it is.
+fn synced_before_completion(
+    q: &mut vhost_device_scsi::frontend::RequestQueue,
+    mount: &fuse::Mount,
+    what: &str,
+    cdb: &[u8],
+    data: &[u8],
+    written_since: usize,
+    range: std::ops::Range<u64>,
+) {
+    use fuse::{Event, Op};
+    use vhost_device_scsi::frontend::{Command as ScsiCommand, Data};
+
+    let mark = mount.events().len();
+    mount.hold_fsyncs();
+    let slot = q.next_free_slot().expect("an idle queue");
+    let data_dir = if data.is_empty() {
+        Data::None
+    } else {
+        q.write_data(slot, 0, data).unwrap();
+        Data::Out(data.len() as u32)
+    };
+    q.submit(&ScsiCommand {
+        lun: 0,
+        cdb,
+        data: data_dir,
+    })
+    .unwrap();
+    q.notify().unwrap();
+
+    // The FSYNC arrives (and is held) before the command completes.
+    let deadline = Instant::now() + ORACLE_TIMEOUT;
+    let held = loop {
+        let fsync = mount.wait_for(Duration::from_millis(1), |events| {
+            events[mark..].iter().find_map(|e| match e {
+                Event::Request(unique, Op::Fsync { .. }) => Some(*unique),
+                _ => None,
+            })
+        });
+        if let Some(unique) = fsync {
+            break unique;
+        }
+        if q.poll_used(Duration::ZERO).unwrap() {
+            mount.release_fsyncs();
+            panic!(
+                "{what} completed and no FSYNC reached the file system; it saw {:?}",
+                &mount.events()[mark..]
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: neither an FSYNC nor a completion in {ORACLE_TIMEOUT:?}; the file system saw {:?}",
+            &mount.events()[mark..]
+        );
+    };
+    let early = q.poll_used(HELD_WINDOW).unwrap();
+    mount.release_fsyncs();
+    assert!(
+        !early,
+        "{what} completed while its FSYNC was held unanswered; the file system saw {:?}",
+        &mount.events()[mark..]
+    );
+
+    let mut done = None;
+    while done.is_none() {
+        q.reap(|c| done = Some(c)).unwrap();
+        if done.is_none() {
+            q.wait()
+                .unwrap_or_else(|e| panic!("{what} after its FSYNC was answered: {e}"));
+        }
+    }
+    let events = mount.events();
+    let c = done.unwrap();
+    let header = c.response.expect("a response");
+    assert!(
+        header.is_good(),
+        "{what}: {header:?}, sense {:02x?}",
+        q.read_sense(c.slot, header.sense_len).unwrap()
+    );
+    let fsync_at = events
+        .iter()
+        .position(|e| matches!(e, Event::Request(u, Op::Fsync { dir: false, .. }) if *u == held))
+        .unwrap_or_else(|| panic!("{what}: the held request is no file FSYNC: {events:?}"));
+    assert!(
+        events[fsync_at..]
+            .iter()
+            .any(|e| matches!(e, Event::Answered(u, 0) if *u == held)),
+        "{what} completed GOOD, but its FSYNC was not answered (or failed): {events:?}"
+    );
+    // The data went to the file system, and was answered, before the FSYNC.
+    let before = &events[written_since..fsync_at];
+    let mut covered = vec![false; (range.end - range.start) as usize];
+    for e in before {
+        let &Event::Request(unique, Op::Write { offset, len, .. }) = e else {
+            continue;
+        };
+        if !before.contains(&Event::Answered(unique, 0)) {
+            continue;
+        }
+        let end = offset + u64::from(len);
+        for b in offset.max(range.start)..end.min(range.end) {
+            covered[(b - range.start) as usize] = true;
+        }
+    }
+    assert!(
+        covered.iter().all(|&c| c),
+        "{what}: bytes {range:?} were not all written (and answered) before the FSYNC: {:?}",
+        &events[written_since..]
+    );
+}
+
+/// MODE SELECT(6) of the caching page with WCE cleared (SBC-3 §6.4.5).
+fn write_cache_off(q: &mut vhost_device_scsi::frontend::RequestQueue) {
+    let mut params = vec![0u8, 0, 0, 0]; // header, no block descriptor
+    let mut page = vec![0u8; 20];
+    page[0] = 0x08;
+    page[1] = 0x12;
+    params.extend_from_slice(&page);
+    let cdb = [0x15, 0x10, 0, 0, params.len() as u8, 0];
+    let r = q.command(0, &cdb, &params, 0).unwrap();
+    good(&r, "MODE SELECT WCE=0");
+}
+
+/// The durability oracle, on the daemon binary serving an image on the
+/// FUSE file system with `engine` (and `--direct`): SYNCHRONIZE CACHE
+/// after a plain WRITE, a FUA WRITE, and with WCE=0 a plain WRITE each
+/// reach the file system as an FSYNC after their data, and complete only
+/// once it is answered. A SIGKILL of the daemon could not tell: the page
+/// cache keeps unsynced data.
+///
+/// What arrives (Linux 6.18, no FOPEN_DIRECT_IO): `fdatasync` is an FSYNC
+/// with FUSE_FSYNC_FDATASYNC; an `RWF_DSYNC` write, buffered or O_DIRECT,
+/// is a WRITE whose `flags` carry O_DSYNC followed by that FSYNC (the
+/// kernel's `generic_write_sync`), so the oracle needs no flag. (A file
+/// opened with FOPEN_DIRECT_IO gets the O_DSYNC flag and no FSYNC.)
+/// Through the page cache the io_uring engine writes synchronously, so
+/// its `RWF_DSYNC` is tested by the `--direct` case.
+fn syncs_reach_the_file_system_before_completion(test: &str, engine: &str, direct: bool) {
+    const BS: usize = 4096;
+    let Some(mount) = cached_fuse_or_skip(test, vec![0; 1 << 20]) else {
+        return;
+    };
+    let sockdir = tempfile::tempdir().unwrap();
+    let sock = sockdir.path().join("vus.sock");
+    let log = sockdir.path().join("daemon.log");
+    // 4096-byte blocks: FUSE does not report STATX_DIOALIGN, so --direct
+    // assumes 4096.
+    let lun = format!("{},block-size={BS}", mount.file().to_str().unwrap());
+    let mut args = vec!["--io-engine", engine, &lun];
+    if direct {
+        args.insert(0, "--direct");
+    }
+    let mut daemon = start_logged(&sock, &args, &log, Some("warn"));
+    let mut frontend = ScsiFrontend::connect(&sock, &DriverConfig::default()).unwrap();
+    let q = frontend.queue(0).unwrap();
+    let block = |lba: u64| lba * BS as u64..(lba + 1) * BS as u64;
+
+    // SYNCHRONIZE CACHE(10) after a plain WRITE.
+    let since = mount.events().len();
+    let a = pattern(0x71, BS);
+    good(
+        &q.command(0, &write10(1, 1, false), &a, 0).unwrap(),
+        "WRITE",
+    );
+    synced_before_completion(
+        q,
+        &mount,
+        "SYNCHRONIZE CACHE(10)",
+        &SYNCHRONIZE_CACHE_10,
+        &[],
+        since,
+        block(1),
+    );
+    // A FUA WRITE.
+    let b = pattern(0x72, BS);
+    let since = mount.events().len();
+    synced_before_completion(
+        q,
+        &mount,
+        "FUA WRITE(10)",
+        &write10(2, 1, true),
+        &b,
+        since,
+        block(2),
+    );
+    // WCE=0, then a plain WRITE.
+    write_cache_off(q);
+    let c = pattern(0x73, BS);
+    let since = mount.events().len();
+    synced_before_completion(
+        q,
+        &mount,
+        "WRITE(10) with WCE=0",
+        &write10(3, 1, false),
+        &c,
+        since,
+        block(3),
+    );
+
+    let r = q.command(0, &read10(1, 3), &[], 3 * BS as u32).unwrap();
+    good(&r, "read back");
+    assert_eq!(r.data_in, [a, b, c].concat());
+    eprintln!("{test}: the whole log: {:?}", mount.events());
+    assert!(daemon.try_wait().unwrap().is_none(), "daemon exited");
+    daemon.kill();
+    drop(frontend);
+    drop(mount);
+}
+
+#[test]
+fn syncs_reach_the_file_system_before_completion_sync_engine() {
+    syncs_reach_the_file_system_before_completion(
+        "syncs_reach_the_file_system_before_completion_sync_engine",
+        "sync",
+        false,
+    );
+}
+
+#[test]
+fn syncs_reach_the_file_system_before_completion_io_uring_engine() {
+    syncs_reach_the_file_system_before_completion(
+        "syncs_reach_the_file_system_before_completion_io_uring_engine",
+        "io-uring",
+        false,
+    );
+}
+
+#[test]
+fn syncs_reach_the_file_system_before_completion_sync_engine_direct() {
+    syncs_reach_the_file_system_before_completion(
+        "syncs_reach_the_file_system_before_completion_sync_engine_direct",
+        "sync",
+        true,
+    );
+}
+
+#[test]
+fn syncs_reach_the_file_system_before_completion_io_uring_engine_direct() {
+    syncs_reach_the_file_system_before_completion(
+        "syncs_reach_the_file_system_before_completion_io_uring_engine_direct",
+        "io-uring",
+        true,
+    );
 }

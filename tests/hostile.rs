@@ -944,6 +944,8 @@ fn avail_idx_jumps_more_than_the_queue_size() {
         dev.read(b.data, 512).unwrap(),
         env.expected[3 * BLOCK..4 * BLOCK]
     );
+    // None of the entries past the index put right came back later.
+    assert_eq!(dev.used_idx().unwrap(), 1, "only the request put right");
     env.assert_still_serving(Some(dev));
 }
 
@@ -1349,6 +1351,13 @@ fn memory_table_changes_while_io_is_in_flight() {
     let (lba, _, data) = reqs[0];
     assert_eq!(lba, 0);
     assert_eq!(dev.read(data, 1024).unwrap(), env.expected[..1024]);
+    // No racing READ came back a second time after the quiet watch: the
+    // used ring holds the 8 refused, the 64 and this one.
+    assert_eq!(
+        dev.used_idx().unwrap(),
+        8 + N + 1,
+        "more completions than requests"
+    );
     env.assert_still_serving(Some(dev));
 }
 
@@ -1404,7 +1413,15 @@ fn memory_table_region_past_the_end_of_its_file() {
     assert!(dev.vhost_frontend().get_features().is_err());
     dev.kick().unwrap();
     assert_eq!(dev.wait_used(QUIET).unwrap(), None);
-    env.assert_still_serving(Some(dev));
+    // The connection is over, so it need not be closed for the daemon to
+    // serve a fresh one: kept, to look at its used ring afterwards.
+    env.assert_still_serving(None);
+    assert_eq!(
+        dev.used_idx().unwrap(),
+        0,
+        "the request was completed after all"
+    );
+    assert_untouched(&dev, b.data, 4096, "the request's data-in");
 }
 
 /// SET_VRING_ADDR with ring addresses in no memory region: the daemon

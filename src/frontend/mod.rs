@@ -53,6 +53,18 @@ pub const CONTROL_QUEUE: usize = 0;
 pub const EVENT_QUEUE: usize = 1;
 pub const FIRST_REQUEST_QUEUE: usize = 2;
 
+/// How long a driver waiting on the call eventfd gives the device to signal
+/// a used entry it has seen appear: the device writes the used index
+/// first and signals afterwards (this daemon after up to `SIGNAL_BATCH`
+/// more chains, or at the end of its pass), so the signal may come a little
+/// later, never a second later on a device that works. A completion not
+/// signalled by then is an error ([`FrontendError::LostInterrupt`]), not a
+/// success found by looking at the ring.
+pub const INTERRUPT_GRACE: Duration = Duration::from_secs(1);
+/// How often a driver asleep on the call eventfd looks at the used ring,
+/// to notice a completion that came without a signal.
+const USED_CHECK_INTERVAL: Duration = Duration::from_millis(10);
+
 /// Largest virtqueue a driver may set up.
 pub const MAX_QUEUE_SIZE: u16 = 1024;
 /// Size of the control and event queues (QEMU's default virtqueue size).
@@ -109,6 +121,12 @@ pub enum FrontendError {
     },
     #[error("queue {queue}: no completion within {timeout:?}")]
     Timeout { queue: usize, timeout: Duration },
+    /// The used ring showed a completion the driver had asked to be told
+    /// about (it was asleep on the call eventfd, with used_event at that
+    /// entry under EVENT_IDX), and no signal followed within
+    /// [`INTERRUPT_GRACE`] (virtio 1.2 §2.7.7, §2.7.10).
+    #[error("queue {queue}: completion without interrupt: a used entry appeared while the driver waited for one, and the call eventfd was not signalled within {grace:?}")]
+    LostInterrupt { queue: usize, grace: Duration },
     #[error("queue {queue}: all {depth} request slots are in flight")]
     QueueFull { queue: usize, depth: usize },
     #[error("queue {queue}: a single command needs an idle queue")]
@@ -125,6 +143,76 @@ pub enum FrontendError {
     Bidirectional,
     #[error("daemon: {0}")]
     Daemon(String),
+}
+
+/// Waits until `fd` is readable or `timeout` passes.
+pub(crate) fn poll_in(
+    fd: std::os::unix::io::RawFd,
+    timeout: Duration,
+) -> Result<bool, FrontendError> {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = timeout.as_millis().clamp(1, i32::MAX as u128) as i32;
+    // SAFETY: one valid pollfd, for the duration of the call.
+    let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
+    if rc < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() == io::ErrorKind::Interrupted {
+            return Ok(false);
+        }
+        return Err(FrontendError::EventFd(e));
+    }
+    Ok(rc > 0)
+}
+
+/// Sleeps on queue `queue`'s call eventfd until it is signalled (the
+/// signal is consumed: true) or `timeout` passes with nothing returned
+/// (false). The caller has asked for an interrupt at the next used entry
+/// and seen none there after asking, so the device owes a signal for any
+/// entry that appears now: `has_used` looks at the used ring every
+/// [`USED_CHECK_INTERVAL`], and once it shows an entry, the signal must
+/// follow within [`INTERRUPT_GRACE`] (whether or not `timeout` is over by
+/// then), or this fails with [`FrontendError::LostInterrupt`]. Finding the
+/// entry is never taken as the signal.
+pub(crate) fn wait_for_signal(
+    call: &EventFd,
+    queue: usize,
+    timeout: Duration,
+    mut has_used: impl FnMut() -> Result<bool, FrontendError>,
+) -> Result<bool, FrontendError> {
+    let deadline = Instant::now() + timeout;
+    // When an entry was first seen without a signal.
+    let mut seen: Option<Instant> = None;
+    loop {
+        let now = Instant::now();
+        let step = match seen {
+            Some(at) => (at + INTERRUPT_GRACE).saturating_duration_since(now),
+            None => deadline
+                .saturating_duration_since(now)
+                .min(USED_CHECK_INTERVAL),
+        };
+        if poll_in(call.as_raw_fd(), step)? {
+            // Non-blocking: reads (and clears) the count.
+            let _ = call.read();
+            return Ok(true);
+        }
+        let now = Instant::now();
+        match seen {
+            Some(at) if now >= at + INTERRUPT_GRACE => {
+                return Err(FrontendError::LostInterrupt {
+                    queue,
+                    grace: INTERRUPT_GRACE,
+                })
+            }
+            Some(_) => {}
+            None if has_used()? => seen = Some(now),
+            None if now >= deadline => return Ok(false),
+            None => {}
+        }
+    }
 }
 
 fn vhost_err(request: &'static str) -> impl FnOnce(vhost::Error) -> FrontendError {

@@ -2,7 +2,6 @@
 //! slots, each owning three descriptors and its own header, response and
 //! data buffers in guest memory, with a free list of heads.
 
-use std::os::unix::io::AsRawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -11,7 +10,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::ring::{Descriptor, SplitRing, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use super::scsi::{lun_field, ResponseHeader, REQUEST_LEN, RESPONSE_HEADER_LEN, RESPONSE_LEN};
-use super::FrontendError;
+use super::{wait_for_signal, FrontendError};
 
 /// Descriptors per request: header, response and one data buffer.
 pub(crate) const DESCS_PER_SLOT: u16 = 3;
@@ -375,41 +374,32 @@ impl RequestQueue {
     /// Sleeps until the device signals a completion, unless one is already
     /// there: asks for an interrupt at the next used entry (used_event),
     /// re-checks the used ring, then waits on the call eventfd. Fails after
-    /// the queue's timeout.
+    /// the queue's timeout, and with [`FrontendError::LostInterrupt`] when
+    /// a completion appears while it sleeps but the device does not signal
+    /// it within [`INTERRUPT_GRACE`](super::INTERRUPT_GRACE) (a completion already there when it
+    /// asked needs no signal: the device may have read the old used_event).
+    /// Returning does not promise a completion: a late signal for one
+    /// already reaped also ends the sleep, so reap and wait again.
     pub fn wait(&mut self) -> Result<(), FrontendError> {
         if self.in_flight() == 0 {
             return Err(FrontendError::NothingInFlight { queue: self.index });
         }
-        let deadline = Instant::now() + self.timeout;
-        loop {
-            if self.ring.arm_interrupt()? {
-                return Ok(());
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(FrontendError::Timeout {
-                    queue: self.index,
-                    timeout: self.timeout,
-                });
-            }
-            let mut pfd = libc::pollfd {
-                fd: self.call.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            let ms = left.as_millis().clamp(1, i32::MAX as u128) as i32;
-            // SAFETY: one valid pollfd, for the duration of the call.
-            let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
-            if rc < 0 {
-                let e = std::io::Error::last_os_error();
-                if e.kind() != std::io::ErrorKind::Interrupted {
-                    return Err(FrontendError::EventFd(e));
-                }
-            } else if rc > 0 {
-                // Consume the signal; the eventfd is non-blocking.
-                let _ = self.call.read();
-                return Ok(());
-            }
+        // Signals for completions reaped without sleeping would end the
+        // sleep at once and could stand in for a missing one. Dropped
+        // before the used ring is re-read (arm_interrupt), so a signal
+        // consumed here belongs to a completion that re-read sees.
+        let _ = self.call.read();
+        if self.ring.arm_interrupt()? {
+            return Ok(());
+        }
+        let ring = &self.ring;
+        if wait_for_signal(&self.call, self.index, self.timeout, || ring.has_used())? {
+            Ok(())
+        } else {
+            Err(FrontendError::Timeout {
+                queue: self.index,
+                timeout: self.timeout,
+            })
         }
     }
 

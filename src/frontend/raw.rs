@@ -32,8 +32,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::ring::RingAddrs;
 use super::{
-    connect_with_retry, memfd, vhost_err, FrontendError, CONTROL_QUEUE, EVENT_QUEUE,
-    FIRST_REQUEST_QUEUE,
+    connect_with_retry, memfd, poll_in, vhost_err, wait_for_signal, FrontendError, CONTROL_QUEUE,
+    EVENT_QUEUE, FIRST_REQUEST_QUEUE,
 };
 
 /// Descriptor flags (virtio 1.2 §2.7.5).
@@ -447,46 +447,55 @@ impl RawDevice {
             .load(GuestAddress(self.ring.used + 2), Ordering::Acquire)?)
     }
 
+    /// The next used element, if the device returned one not yet taken.
+    fn take_used(&mut self) -> Result<Option<UsedElem>, FrontendError> {
+        if self.used_idx()? == self.last_used {
+            return Ok(None);
+        }
+        let elem = self.ring.used + 4 + 8 * u64::from(self.last_used % self.queue_size);
+        let id: u32 = self.mem.read_obj(GuestAddress(elem))?;
+        let len: u32 = self.mem.read_obj(GuestAddress(elem + 4))?;
+        self.last_used = self.last_used.wrapping_add(1);
+        Ok(Some(UsedElem { id, len }))
+    }
+
     /// The next used element, waiting for the call eventfd up to `timeout`;
-    /// `None` if the device returned nothing in that time.
+    /// `None` if the device returned nothing in that time. An element
+    /// already there is returned at once. Otherwise the driver sleeps, and
+    /// the device must signal what it returns meanwhile (EVENT_IDX is not
+    /// negotiated and VRING_AVAIL_F_NO_INTERRUPT never set, so every used
+    /// buffer asks for a notification, virtio 1.2 §2.7.7): an element that
+    /// appears without a signal within [`INTERRUPT_GRACE`](super::INTERRUPT_GRACE) is
+    /// [`FrontendError::LostInterrupt`], even past `timeout`.
     pub fn wait_used(&mut self, timeout: Duration) -> Result<Option<UsedElem>, FrontendError> {
+        if let Some(elem) = self.take_used()? {
+            return Ok(Some(elem));
+        }
+        // Signals for elements taken earlier without sleeping would end the
+        // sleep at once and stand in for a missing one. Dropped before the
+        // used ring is looked at again, so a signal consumed here belongs
+        // to an element that look sees.
+        let _ = self.call.read();
         let deadline = Instant::now() + timeout;
         loop {
-            if self.used_idx()? != self.last_used {
-                let elem = self.ring.used + 4 + 8 * u64::from(self.last_used % self.queue_size);
-                let id: u32 = self.mem.read_obj(GuestAddress(elem))?;
-                let len: u32 = self.mem.read_obj(GuestAddress(elem + 4))?;
-                self.last_used = self.last_used.wrapping_add(1);
-                return Ok(Some(UsedElem { id, len }));
+            if let Some(elem) = self.take_used()? {
+                return Ok(Some(elem));
             }
             let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
+            let last_used = self.last_used;
+            let used = self.ring.used;
+            let mem = &self.mem;
+            let signalled = wait_for_signal(&self.call, FIRST_REQUEST_QUEUE, left, || {
+                let idx: u16 = mem.load(GuestAddress(used + 2), Ordering::Acquire)?;
+                Ok(idx != last_used)
+            })?;
+            if !signalled {
                 return Ok(None);
             }
-            poll_in(self.call.as_raw_fd(), left)?;
-            let _ = self.call.read();
+            // Signalled: the element is there, or the signal was a late one
+            // for an element already taken (then sleep again).
         }
     }
-}
-
-/// Waits until `fd` is readable or `timeout` passes.
-fn poll_in(fd: RawFd, timeout: Duration) -> Result<bool, FrontendError> {
-    let mut pfd = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    let ms = timeout.as_millis().clamp(1, i32::MAX as u128) as i32;
-    // SAFETY: one valid pollfd, for the duration of the call.
-    let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
-    if rc < 0 {
-        let e = io::Error::last_os_error();
-        if e.kind() == io::ErrorKind::Interrupted {
-            return Ok(false);
-        }
-        return Err(FrontendError::EventFd(e));
-    }
-    Ok(rc > 0)
 }
 
 /// vhost-user message header flags: protocol version 1, and "reply needed".

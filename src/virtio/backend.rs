@@ -127,7 +127,12 @@ pub struct ScsiBackend {
     queue_owner: Vec<(usize, usize)>,
     /// How long one pass over a queue takes new requests.
     pass_budget: Duration,
+    /// Test hook: see [`ScsiBackend::set_before_enable_notification`].
+    before_enable: Option<BeforeEnableHook>,
 }
+
+/// What [`ScsiBackend::set_before_enable_notification`] installs.
+type BeforeEnableHook = Box<dyn Fn(usize) + Send + Sync>;
 
 /// A worker thread's io_uring state: one ring per request queue it serves
 /// (set up at the queue's first transfer), and the eventfd they all signal,
@@ -242,6 +247,7 @@ impl ScsiBackend {
             sense_size: AtomicUsize::new(sizes.sense),
             warned_malformed: AtomicBool::new(false),
             pass_budget: PASS_BUDGET,
+            before_enable: None,
         }
     }
 
@@ -249,6 +255,18 @@ impl ScsiBackend {
     /// (for tests of the bound).
     pub fn set_pass_budget(&mut self, budget: Duration) {
         self.pass_budget = budget;
+    }
+
+    /// For tests of the re-check after notifications are re-enabled:
+    /// `hook(queue)` runs each time a round of `queue` found nothing more
+    /// to take and notifications are about to be re-enabled — the moment
+    /// where a request the driver makes available is seen neither by the
+    /// pop loop nor as a kick (notifications are still off, so the driver
+    /// need not kick), and only the re-check after `enable_notification`
+    /// serves it (virtio 1.2 §2.7.10). A test's hook makes a request
+    /// available there. Not used by the daemon.
+    pub fn set_before_enable_notification(&mut self, hook: impl Fn(usize) + Send + Sync + 'static) {
+        self.before_enable = Some(Box::new(hook));
     }
 
     pub fn options(&self) -> QueueOptions {
@@ -450,6 +468,9 @@ impl ScsiBackend {
             expect_work = true;
             if !self.options.poll.is_zero() && self.poll_for_work(vring, &mem) {
                 continue;
+            }
+            if let Some(hook) = &self.before_enable {
+                hook(queue_index);
             }
             if !vring.enable_notification().map_err(io::Error::other)? {
                 break;

@@ -19,7 +19,9 @@
 //! errors are injected, DATA PROTECT only on read-only or full images,
 //! MISCOMPARE only from VERIFY and COMPARE AND WRITE); a command that ends
 //! in ILLEGAL REQUEST, MISCOMPARE (COMPARE AND WRITE) or a too-small buffer
-//! changes no image.
+//! changes no image; and what the data oracle checks (see
+//! [`super::oracle`]): READ data, the images after each change, and the
+//! exact outcome of well-formed block commands.
 
 use std::ops::Range;
 use std::sync::atomic::Ordering;

@@ -16,14 +16,14 @@
 //!   offset of the first differing byte (SBC-3 §5.3) and no change;
 //! - a write-class command that would write blocks of a write-protected unit
 //!   never completes GOOD, and a well-formed one must end in DATA PROTECT,
-//!   WRITE PROTECTED (SBC-3 §4.11); CDB validation may come first for one
+//!   WRITE PROTECTED (SBC-3, write protection); CDB validation may come first for one
 //!   that is not well-formed (SPC-4 leaves the order open). UNMAP is an
 //!   exception: a unit that is not thin provisioned (LBPU=0; the daemon
 //!   offers thin provisioning only on writable units with discard on) does
 //!   not support it, so INVALID COMMAND OPERATION CODE is right too;
 //! - a well-formed command in range never ends in ILLEGAL REQUEST;
 //! - a GOOD block command whose range is out of range is a failure (LBA OUT
-//!   OF RANGE is required, SBC-3 §4.5);
+//!   OF RANGE is required);
 //! - after any command that changed an image or the model, the image's
 //!   stored bytes equal the model's, byte for byte.
 //!
@@ -60,8 +60,8 @@ const READ_12: u8 = 0xa8;
 const WRITE_12: u8 = 0xaa;
 const WRITE_AND_VERIFY_12: u8 = 0xae;
 
-/// MAXIMUM COMPARE AND WRITE LENGTH the units report (block limits VPD,
-/// README "SCSI"): any length up to it must be accepted.
+/// MAXIMUM COMPARE AND WRITE LENGTH the units report (block limits VPD):
+/// any length up to it must be accepted.
 const MAX_COMPARE_AND_WRITE_BLOCKS: u64 = 64;
 /// MAXIMUM UNMAP BLOCK DESCRIPTOR COUNT the units report.
 const MAX_UNMAP_DESCRIPTORS: usize = 64;

@@ -19,11 +19,13 @@
 //! errors are injected, DATA PROTECT only on read-only or full images,
 //! MISCOMPARE only from VERIFY and COMPARE AND WRITE); a command that ends
 //! in ILLEGAL REQUEST, MISCOMPARE (COMPARE AND WRITE) or a too-small buffer
-//! changes no image.
+//! changes no image; and what the data oracle checks (see
+//! [`super::oracle`]): READ data, the images after each change, and the
+//! exact outcome of well-formed block commands.
 
 use std::ops::Range;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use vhost_device_scsi::scsi::inquiry::Identity;
 use vhost_device_scsi::scsi::{
@@ -31,6 +33,7 @@ use vhost_device_scsi::scsi::{
 };
 use vhost_device_scsi::storage::MemImage;
 
+use super::oracle::{Model, Outcome, Plan};
 use super::{check_sense, count, key, pattern, Checked, Encoder, Handle, Input, Rng, SenseContext};
 
 /// Most commands one input runs.
@@ -99,14 +102,18 @@ pub fn address(choice: u8) -> LunAddress {
 
 /// The initial contents of LUN `n`'s stored bytes.
 pub fn contents(n: usize) -> Vec<u8> {
-    thread_local! {
-        static CONTENTS: Vec<Vec<u8>> = LUNS
-            .iter()
+    initial_contents(n).to_vec()
+}
+
+/// [`contents`] without a copy.
+pub fn initial_contents(n: usize) -> &'static [u8] {
+    static CONTENTS: OnceLock<Vec<Vec<u8>>> = OnceLock::new();
+    &CONTENTS.get_or_init(|| {
+        LUNS.iter()
             .enumerate()
             .map(|(i, l)| pattern(0x1000 + i as u64, l.stored))
-            .collect();
-    }
-    CONTENTS.with(|c| c[n].clone())
+            .collect()
+    })[n]
 }
 
 /// A fresh target with the LUNs of [`LUNS`], each over a [`Checked`]
@@ -185,13 +192,14 @@ pub fn encode(commands: &[Command]) -> Vec<u8> {
 /// The fuzz target.
 pub fn run(data: &[u8]) {
     let (target, handles) = target();
+    let mut model = Model::default();
     let mut input = Input::new(data);
     for _ in 0..MAX_COMMANDS {
         if input.is_empty() {
             break;
         }
         let command = Command::read(&mut input);
-        execute(&target, &handles, &command);
+        execute(&target, &handles, &mut model, &command);
     }
     for (n, (spec, h)) in LUNS.iter().zip(&handles).enumerate() {
         if spec.read_only {
@@ -202,7 +210,7 @@ pub fn run(data: &[u8]) {
 }
 
 /// Names of the counters [`run`] keeps (see [`super::stats`]).
-pub const STATS: [&str; 7] = [
+pub const STATS: [&str; 9] = [
     "GOOD",
     "buffer too small",
     "ILLEGAL REQUEST",
@@ -210,38 +218,46 @@ pub const STATS: [&str; 7] = [
     "MEDIUM ERROR",
     "MISCOMPARE",
     "descriptor sense",
+    "outcome decided by the oracle",
+    "image compared with the model",
 ];
 
 /// CDB length the operation code's group implies: the parser's own rule.
 pub use vhost_device_scsi::scsi::cdb::cdb_length;
 
-fn execute(target: &Target, handles: &[Handle], command: &Command) {
+fn execute(target: &Target, handles: &[Handle], model: &mut Model, command: &Command) {
     let address = address(command.lun);
-    let spec = match address {
-        LunAddress::Lun(n) => LUNS.get(usize::from(n)),
+    let lun = match address {
+        LunAddress::Lun(n) if usize::from(n) < LUNS.len() => Some(usize::from(n)),
         _ => None,
     };
-    let changes = || -> usize {
-        handles
-            .iter()
-            .map(|h| h.changes.load(Ordering::Relaxed))
-            .sum()
+    let spec = lun.map(|n| &LUNS[n]);
+    let changes = || -> [usize; LUNS.len()] {
+        std::array::from_fn(|i| handles[i].changes.load(Ordering::Relaxed))
     };
     let before = changes();
     let capacity = command.data_in as usize;
+    let plan = Plan::new(model, lun, &command.cdb, &command.data_out, capacity);
     let mut din = VecDataIn::with_capacity(capacity);
     let mut dout = SliceDataOut::new(&command.data_out);
     let completion = target.execute(address, &command.cdb, &mut din, &mut dout);
-    let changed = changes() != before;
+    let after = changes();
+    let changed_luns: [bool; LUNS.len()] = std::array::from_fn(|i| after[i] != before[i]);
+    let changed = changed_luns.contains(&true);
     let what = || format!("{address:?} CDB {:02x?}", command.cdb);
     assert!(din.data.len() <= capacity, "data-in overflow: {}", what());
     let op = command.cdb.first().copied().unwrap_or(0);
-    match completion {
-        Completion::Good => count(0),
+    let mut parsed = None;
+    let outcome = match completion {
+        Completion::Good => {
+            count(0);
+            Outcome::Good
+        }
         Completion::BufferTooSmall => {
             count(1);
             assert!(din.data.is_empty(), "data with BufferTooSmall: {}", what());
             assert!(!changed, "BufferTooSmall changed an image: {}", what());
+            Outcome::TooSmall
         }
         Completion::CheckCondition(sense) => {
             assert!(din.data.is_empty(), "data with CHECK CONDITION: {}", what());
@@ -286,8 +302,20 @@ fn execute(target: &Target, handles: &[Handle], command: &Command) {
             {
                 assert!(!changed, "failed command changed an image: {}", what());
             }
+            parsed = Some(s);
+            Outcome::Sense(s.key, s.asc, s.ascq)
         }
-    }
+    };
+    plan.check(
+        model,
+        handles,
+        &changed_luns,
+        outcome,
+        parsed.as_ref(),
+        &din.data,
+        &command.data_out,
+        &what,
+    );
 }
 
 // ---------------------------------------------------------------------------

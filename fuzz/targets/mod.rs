@@ -6,6 +6,7 @@
 //! corpus. Only the crate's public API is used.
 
 pub mod cdb;
+pub mod oracle;
 pub mod request;
 
 use std::io;

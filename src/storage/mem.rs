@@ -75,6 +75,12 @@ impl MemImage {
         self.stored().clone()
     }
 
+    /// Calls `f` with the stored bytes (without the zero tail), without
+    /// copying them; writes wait until it returns.
+    pub fn with_data<R>(&self, f: impl FnOnce(&[u8]) -> R) -> R {
+        f(&self.stored())
+    }
+
     /// From now on, every flush and durable write fails with `EIO`, as
     /// after a write-back error on a real disk.
     pub fn fail_flushes(&self) {
@@ -306,6 +312,7 @@ mod tests {
         let img = MemImage::sparse(vec![9u8; 4], 1 << 40, true);
         assert_eq!(img.size(), 1 << 40);
         assert_eq!(img.data(), vec![9u8; 4]);
+        assert!(img.with_data(|d| d == [9u8; 4]));
         let mut buf = [0xaau8; 8];
         img.read_vectored_at(&[iov(&mut buf)], 0).unwrap();
         assert_eq!(buf, [9, 9, 9, 9, 0, 0, 0, 0]);

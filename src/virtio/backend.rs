@@ -22,12 +22,15 @@ use vmm_sys_util::event::{
 };
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::answer::Answered;
 use super::chain::{split_chain, GuestMem};
 use super::config::ScsiConfig;
 use super::control::handle_control;
 use super::memory::check_memory_table;
 use super::request::Sizes;
-use super::request::{start_command, PendingCommand, RequestError, Started, SyncBarrier};
+use super::request::{
+    start_command, PendingCommand, RequestError, Started, SyncBarrier, Transfers,
+};
 use super::uring::{IoEngine, QueueRing};
 use crate::scsi::lun::MAX_LUN;
 use crate::scsi::Target;
@@ -159,6 +162,37 @@ impl Worker {
     fn in_flight(&self) -> usize {
         self.rings.iter().flatten().map(QueueRing::in_flight).sum()
     }
+}
+
+/// What one pass over a queue works with.
+struct Pass<'v> {
+    queue: usize,
+    vring: &'v VringRwLock,
+    /// The guest memory the pass started in, mapped while it lasts.
+    mem: Arc<GuestMem>,
+    sizes: Sizes,
+    transfers: Transfers,
+    /// When the pass stops taking requests (see [`PASS_BUDGET`]).
+    deadline: Instant,
+}
+
+/// What a round of taking requests came to.
+struct Round {
+    end: RoundEnd,
+    /// Chains taken from the available ring.
+    popped: usize,
+    /// Chains returned since the guest was last signalled.
+    unsignalled: usize,
+}
+
+/// Whether a pass goes on after a round.
+enum NextStep {
+    /// Another round; `expecting_work`: something said requests are
+    /// available (so a round that takes none means they cannot be read).
+    Again {
+        expecting_work: bool,
+    },
+    Stop,
 }
 
 /// Why a round of taking requests from a queue ended.
@@ -343,140 +377,186 @@ impl ScsiBackend {
         let Some(mem) = self.usable_memory(queue_index, vring) else {
             return Ok(());
         };
-        let sizes = self.sizes();
-        let deadline = Instant::now() + self.pass_budget;
         let mut worker = self.worker_of(queue_index);
-        let defer =
-            queue_index >= FIRST_REQUEST_QUEUE && self.ring_for(&mut worker, queue_index, vring);
+        let transfers = if queue_index >= FIRST_REQUEST_QUEUE
+            && self.ring_for(&mut worker, queue_index, vring)
+        {
+            Transfers::HandOver
+        } else {
+            Transfers::RunHere
+        };
+        let pass = Pass {
+            queue: queue_index,
+            vring,
+            mem,
+            sizes: self.sizes(),
+            transfers,
+            deadline: Instant::now() + self.pass_budget,
+        };
         // Whether the last round ended on word that requests were available
         // (enable_notification or polling said so).
         let mut expect_work = false;
         loop {
             vring.disable_notification().map_err(io::Error::other)?;
-            // Chains returned since the guest was last signalled.
-            let mut unsignalled = 0usize;
-            let mut popped = 0usize;
-            let end = loop {
-                if let Some(ring) = self.ring_of(&mut worker, queue_index) {
-                    ring.stalled = ring.is_full();
-                    if ring.stalled {
-                        break RoundEnd::RingFull;
-                    }
+            let round = self.take_requests(&pass, &mut worker)?;
+            let slots_freed = match self.ring_of(&mut worker, queue_index) {
+                Some(ring) => {
+                    ring.submit();
+                    ring.reap_inline() > 0
                 }
-                if popped > 0 && Instant::now() >= deadline {
-                    break RoundEnd::OutOfTime;
-                }
-                let mut state = vring.get_mut();
-                if !state.get_queue().ready() || !state.is_enabled() {
-                    break RoundEnd::Stopped;
-                }
-                let Some(chain) = state.get_queue_mut().pop_descriptor_chain(&*mem) else {
-                    break RoundEnd::Empty;
-                };
-                popped += 1;
-                let head = chain.head_index();
-                let size = state.get_queue().size();
-                // Unlocked while the request runs: draining the rings may
-                // return other chains of this queue.
-                drop(state);
-                if head >= size {
-                    // virtio 1.2 §2.7.6: an available ring entry is the head
-                    // of a chain, an index into the descriptor table. One
-                    // past the table names no chain and cannot be returned
-                    // (§2.7.8: a used element's id is the chain's head), so
-                    // the entry is dropped. Failing instead would end the
-                    // worker thread, and with it every queue it serves.
-                    self.malformed(
-                        queue_index,
-                        &format_args!("available ring names descriptor {head}, past the table"),
-                    );
-                    continue;
-                }
-                let Some(used_len) =
-                    self.run_chain(queue_index, chain, &mem, sizes, defer, &mut worker)
-                else {
-                    // On the io_uring ring: returned when it completes.
-                    continue;
-                };
-                vring
-                    .get_mut()
-                    .get_queue_mut()
-                    .add_used(&*mem, head, used_len)
-                    .map_err(io::Error::other)?;
-                unsignalled += 1;
-                if unsignalled == SIGNAL_BATCH {
-                    unsignalled = 0;
-                    Self::signal_if_needed(vring, &mem)?;
-                }
+                None => false,
             };
-            let mut slots_freed = false;
-            if let Some(ring) = self.ring_of(&mut worker, queue_index) {
-                ring.submit();
-                slots_freed = ring.reap_inline() > 0;
+            if round.unsignalled > 0 {
+                Self::signal_if_needed(vring, &pass.mem)?;
             }
-            if unsignalled > 0 {
-                Self::signal_if_needed(vring, &mem)?;
-            }
-            match end {
-                // Notifications stay off: reaping completions serves the
-                // queue again.
-                RoundEnd::RingFull if slots_freed => {
-                    expect_work = false;
-                    continue;
-                }
-                RoundEnd::RingFull | RoundEnd::Stopped => break,
-                RoundEnd::OutOfTime => {
-                    // With requests left, notifications stay off and the
-                    // kick brings the worker back once its other events are
-                    // handled.
-                    if Self::has_available(vring, &mem)
-                        || vring.enable_notification().map_err(io::Error::other)?
-                    {
-                        Self::kick_again(vring);
-                    }
-                    break;
-                }
-                RoundEnd::Empty if expect_work && popped == 0 => {
-                    // Requests are available, yet none can be taken: the
-                    // available ring is not readable (virtio-queue does not
-                    // read one at guest address 0, say). Another pass comes
-                    // with the next kick; spinning here would pin a host
-                    // core and keep the queue from ever being stopped.
-                    self.malformed(queue_index, &"available requests cannot be read");
-                    vring.enable_notification().map_err(io::Error::other)?;
-                    break;
-                }
-                RoundEnd::Empty => {}
-            }
-            if Self::avail_index_broken(vring, &mem) {
-                // virtio 1.2 §2.7.6: the available ring holds queue-size
-                // entries, so its index runs at most that far ahead of the
-                // device. virtio-queue pops nothing from a ring whose index
-                // is further ahead, yet the index keeps looking like new
-                // work: stop until the driver puts it right (or resets the
-                // queue) instead of spinning on it.
-                self.malformed(
-                    queue_index,
-                    &"available index more than the queue size ahead",
-                );
-                vring.enable_notification().map_err(io::Error::other)?;
-                break;
-            }
-            // Optional busy polling, notifications still off: a guest that
-            // submits again within the window is served without the
-            // kick/eventfd round trip.
-            expect_work = true;
-            if !self.options.poll.is_zero() && self.poll_for_work(vring, &mem) {
-                continue;
-            }
-            if let Some(hook) = &self.before_enable {
-                hook(queue_index);
-            }
-            if !vring.enable_notification().map_err(io::Error::other)? {
-                break;
+            match self.next_step(&pass, &round, slots_freed, expect_work)? {
+                NextStep::Stop => return Ok(()),
+                NextStep::Again { expecting_work } => expect_work = expecting_work,
             }
         }
-        Ok(())
+    }
+
+    /// One round of a pass: pops available chains and answers each (or
+    /// hands its transfer to the queue's ring) until the ring is full, the
+    /// queue stops, the available ring is empty, or the pass's time is up.
+    /// Returned chains go to the used ring, the guest signalled every
+    /// [`SIGNAL_BATCH`] of them.
+    fn take_requests(&self, pass: &Pass<'_>, worker: &mut Worker) -> io::Result<Round> {
+        let (queue_index, vring, mem) = (pass.queue, pass.vring, &pass.mem);
+        let mut round = Round {
+            end: RoundEnd::Empty,
+            popped: 0,
+            unsignalled: 0,
+        };
+        round.end = loop {
+            if let Some(ring) = self.ring_of(worker, queue_index) {
+                ring.stalled = ring.is_full();
+                if ring.stalled {
+                    break RoundEnd::RingFull;
+                }
+            }
+            if round.popped > 0 && Instant::now() >= pass.deadline {
+                break RoundEnd::OutOfTime;
+            }
+            let mut state = vring.get_mut();
+            if !state.get_queue().ready() || !state.is_enabled() {
+                break RoundEnd::Stopped;
+            }
+            let Some(chain) = state.get_queue_mut().pop_descriptor_chain(&**mem) else {
+                break RoundEnd::Empty;
+            };
+            round.popped += 1;
+            let head = chain.head_index();
+            let size = state.get_queue().size();
+            // Unlocked while the request runs: draining the rings may
+            // return other chains of this queue.
+            drop(state);
+            if head >= size {
+                // virtio 1.2 §2.7.6: an available ring entry is the head
+                // of a chain, an index into the descriptor table. One past
+                // the table names no chain and cannot be returned (§2.7.8:
+                // a used element's id is the chain's head), so the entry is
+                // dropped. Failing instead would end the worker thread, and
+                // with it every queue it serves.
+                self.malformed(
+                    queue_index,
+                    &format_args!("available ring names descriptor {head}, past the table"),
+                );
+                continue;
+            }
+            let Some(used_len) =
+                self.run_chain(queue_index, chain, mem, pass.sizes, pass.transfers, worker)
+            else {
+                // On the io_uring ring: returned when it completes.
+                continue;
+            };
+            vring
+                .get_mut()
+                .get_queue_mut()
+                .add_used(&**mem, head, used_len)
+                .map_err(io::Error::other)?;
+            round.unsignalled += 1;
+            if round.unsignalled == SIGNAL_BATCH {
+                round.unsignalled = 0;
+                Self::signal_if_needed(vring, mem)?;
+            }
+        };
+        Ok(round)
+    }
+
+    /// After a round (its chains returned and signalled): whether the pass
+    /// goes on, re-checking for requests made available meanwhile with
+    /// notifications re-enabled (virtio 1.2 §2.7.10), or ends.
+    fn next_step(
+        &self,
+        pass: &Pass<'_>,
+        round: &Round,
+        slots_freed: bool,
+        expect_work: bool,
+    ) -> io::Result<NextStep> {
+        let (queue_index, vring, mem) = (pass.queue, pass.vring, &*pass.mem);
+        let enable = || vring.enable_notification().map_err(io::Error::other);
+        match round.end {
+            // Notifications stay off: reaping completions serves the queue
+            // again.
+            RoundEnd::RingFull if slots_freed => {
+                return Ok(NextStep::Again {
+                    expecting_work: false,
+                })
+            }
+            RoundEnd::RingFull | RoundEnd::Stopped => return Ok(NextStep::Stop),
+            RoundEnd::OutOfTime => {
+                // With requests left, notifications stay off and the kick
+                // brings the worker back once its other events are handled.
+                if Self::has_available(vring, mem) || enable()? {
+                    Self::kick_again(vring);
+                }
+                return Ok(NextStep::Stop);
+            }
+            RoundEnd::Empty if expect_work && round.popped == 0 => {
+                // Requests are available, yet none can be taken: the
+                // available ring is not readable (virtio-queue does not read
+                // one at guest address 0, say). Another pass comes with the
+                // next kick; spinning here would pin a host core and keep
+                // the queue from ever being stopped.
+                self.malformed(queue_index, &"available requests cannot be read");
+                enable()?;
+                return Ok(NextStep::Stop);
+            }
+            RoundEnd::Empty => {}
+        }
+        if Self::avail_index_broken(vring, mem) {
+            // virtio 1.2 §2.7.6: the available ring holds queue-size
+            // entries, so its index runs at most that far ahead of the
+            // device. virtio-queue pops nothing from a ring whose index is
+            // further ahead, yet the index keeps looking like new work: stop
+            // until the driver puts it right (or resets the queue) instead
+            // of spinning on it.
+            self.malformed(
+                queue_index,
+                &"available index more than the queue size ahead",
+            );
+            enable()?;
+            return Ok(NextStep::Stop);
+        }
+        // Optional busy polling, notifications still off: a guest that
+        // submits again within the window is served without the
+        // kick/eventfd round trip.
+        if !self.options.poll.is_zero() && self.poll_for_work(vring, mem) {
+            return Ok(NextStep::Again {
+                expecting_work: true,
+            });
+        }
+        if let Some(hook) = &self.before_enable {
+            hook(queue_index);
+        }
+        Ok(if enable()? {
+            NextStep::Again {
+                expecting_work: true,
+            }
+        } else {
+            NextStep::Stop
+        })
     }
 
     /// The guest memory `queue_index` is served in, if the queue is ready
@@ -520,7 +600,7 @@ impl ScsiBackend {
         chain: DescriptorChain<&GuestMem>,
         mem: &Arc<GuestMem>,
         sizes: Sizes,
-        defer: bool,
+        transfers: Transfers,
         worker: &mut Worker,
     ) -> Option<u32> {
         let head = chain.head_index();
@@ -533,13 +613,13 @@ impl ScsiBackend {
         };
         if queue_index == CONTROL_QUEUE {
             worker.drain();
-            let (len, err) = handle_control(split, &self.target);
-            if let Some(e) = err {
-                self.malformed(queue_index, &e);
+            let answered = handle_control(split, &self.target);
+            if let Some(e) = &answered.malformed {
+                self.malformed(queue_index, e);
             }
-            return Some(len);
+            return Some(answered.used_len);
         }
-        let started = start_command(split, &self.target, sizes, defer, &mut |barrier| {
+        let started = start_command(split, &self.target, sizes, transfers, &mut |barrier| {
             // Anything run synchronously comes after every transfer this
             // thread has in flight: SYNCHRONIZE CACHE then covers them, and
             // no transfer of this thread is left holding up a COMPARE AND
@@ -552,8 +632,8 @@ impl ScsiBackend {
                 self.drain_idle_workers();
             }
         });
-        let (len, err) = match started {
-            Started::Done(len, err) => (len, err),
+        let answered = match started {
+            Started::Done(answered) => answered,
             Started::Transfer(pending) => {
                 let declined = match self.ring_of(worker, queue_index) {
                     Some(ring) => ring.start(pending, head, mem).err(),
@@ -565,10 +645,10 @@ impl ScsiBackend {
                 }
             }
         };
-        if let Some(e) = err {
-            self.malformed(queue_index, &e);
+        if let Some(e) = &answered.malformed {
+            self.malformed(queue_index, e);
         }
-        Some(len)
+        Some(answered.used_len)
     }
 
     /// Makes the worker thread's epoll loop serve `vring` again, as a
@@ -603,7 +683,7 @@ impl ScsiBackend {
         &self,
         worker: &mut Worker,
         pending: PendingCommand<'_>,
-    ) -> (u32, Option<RequestError>) {
+    ) -> Answered<RequestError> {
         let disk = self.target.luns().get(pending.lun);
         if let Some(disk) = disk.filter(|d| d.begin_async()) {
             let done = pending.run_registered(&self.target);

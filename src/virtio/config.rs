@@ -1,12 +1,27 @@
 //! The virtio-scsi configuration space (virtio 1.2 §5.6.4).
 
+use std::mem::{offset_of, size_of};
+
+use virtio_bindings::virtio_scsi::virtio_scsi_config;
+use vm_memory::ByteValued;
+
 use super::request::{Sizes, MAX_CDB_SIZE, MAX_SENSE_SIZE};
 
 /// Offsets of the fields the driver may write.
-const SENSE_SIZE_OFFSET: u32 = 20;
-const CDB_SIZE_OFFSET: u32 = 24;
+const SENSE_SIZE_OFFSET: u32 = offset_of!(virtio_scsi_config, sense_size) as u32;
+const CDB_SIZE_OFFSET: u32 = offset_of!(virtio_scsi_config, cdb_size) as u32;
 /// Size of struct virtio_scsi_config.
-pub const CONFIG_LEN: usize = 36;
+pub const CONFIG_LEN: usize = size_of::<virtio_scsi_config>();
+
+/// `struct virtio_scsi_config` as bytes.
+#[derive(Clone, Copy, Default)]
+#[repr(transparent)]
+struct ConfigSpace(virtio_scsi_config);
+
+// SAFETY: virtio_scsi_config is a C struct of integers only (36 bytes, no
+// padding: the bindings assert its size and every field's offset), so any
+// byte pattern is a valid value and its bytes are all initialised.
+unsafe impl ByteValued for ConfigSpace {}
 
 /// Why a configuration write was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -30,22 +45,24 @@ pub struct ScsiConfig {
 }
 
 impl ScsiConfig {
-    /// struct virtio_scsi_config, little endian.
+    /// struct virtio_scsi_config, little endian (virtio 1.x devices).
     pub fn to_bytes(&self) -> [u8; CONFIG_LEN] {
-        let mut b = [0u8; CONFIG_LEN];
-        let mut put32 = |at: usize, v: u32| b[at..at + 4].copy_from_slice(&v.to_le_bytes());
-        put32(0, self.num_request_queues);
-        put32(4, self.seg_max);
-        put32(8, self.max_sectors);
-        put32(12, self.cmd_per_lun);
-        // event_info_size: sizeof(struct virtio_scsi_event).
-        put32(16, 16);
-        put32(20, self.sizes.sense as u32);
-        put32(24, self.sizes.cdb as u32);
-        put32(32, self.max_lun);
-        // max_channel (offset 28) stays 0.
-        b[30..32].copy_from_slice(&self.max_target.to_le_bytes());
-        b
+        let space = ConfigSpace(virtio_scsi_config {
+            num_queues: self.num_request_queues.to_le(),
+            seg_max: self.seg_max.to_le(),
+            max_sectors: self.max_sectors.to_le(),
+            cmd_per_lun: self.cmd_per_lun.to_le(),
+            // sizeof(struct virtio_scsi_event) (§5.6.6.3).
+            event_info_size: 16u32.to_le(),
+            sense_size: (self.sizes.sense as u32).to_le(),
+            cdb_size: (self.sizes.cdb as u32).to_le(),
+            max_channel: 0,
+            max_target: self.max_target.to_le(),
+            max_lun: self.max_lun.to_le(),
+        });
+        let mut bytes = [0u8; CONFIG_LEN];
+        bytes.copy_from_slice(space.as_slice());
+        bytes
     }
 
     /// `size` bytes at `offset`, or nothing if that is outside the space.
@@ -113,7 +130,14 @@ mod tests {
 
     #[test]
     fn layout() {
+        // virtio 1.2 §5.6.4: offsets written out from the spec's struct.
+        assert_eq!(
+            (SENSE_SIZE_OFFSET, CDB_SIZE_OFFSET, CONFIG_LEN),
+            (20, 24, 36)
+        );
         let b = config().to_bytes();
+        assert_eq!(&b[16..20], &16u32.to_le_bytes(), "event_info_size");
+        assert_eq!(&b[28..32], &[0, 0, 0, 0], "max_channel, max_target");
         assert_eq!(&b[0..4], &16u32.to_le_bytes());
         assert_eq!(&b[20..24], &96u32.to_le_bytes());
         assert_eq!(&b[24..28], &32u32.to_le_bytes());

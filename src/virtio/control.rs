@@ -12,6 +12,7 @@
 //! (the guest's driver ignores a completion for a command its error handler
 //! already owns).
 
+use super::answer::Answered;
 use virtio_bindings::virtio_scsi::{
     VIRTIO_SCSI_S_BAD_TARGET, VIRTIO_SCSI_S_FAILURE, VIRTIO_SCSI_S_FUNCTION_REJECTED,
     VIRTIO_SCSI_S_INCORRECT_LUN, VIRTIO_SCSI_S_OK, VIRTIO_SCSI_T_AN_QUERY,
@@ -44,7 +45,7 @@ pub enum ControlError {
 
 /// Handles one control request; returns the used length and the error if
 /// the request was malformed.
-pub fn handle_control(chain: SplitChain<'_>, target: &Target) -> (u32, Option<ControlError>) {
+pub fn handle_control(chain: SplitChain<'_>, target: &Target) -> Answered<ControlError> {
     let SplitChain {
         mut readable,
         mut writable,
@@ -127,25 +128,19 @@ fn task_management(target: &Target, subtype: u32, lun: &[u8; 8]) -> u32 {
     }
 }
 
-fn write_response(
-    out: &mut super::sglist::SgList<'_, ()>,
-    resp: &[u8],
-) -> (u32, Option<ControlError>) {
+fn write_response(out: &mut super::sglist::SgList<'_, ()>, resp: &[u8]) -> Answered<ControlError> {
     let n = out.write_from(resp);
     if n < resp.len() {
-        (saturate(n), Some(ControlError::ShortResponse))
+        Answered::malformed(saturate(n), ControlError::ShortResponse)
     } else {
-        (saturate(n), None)
+        Answered::ok(saturate(n))
     }
 }
 
 /// A malformed request: answer VIRTIO_SCSI_S_FAILURE in the first byte of
 /// the response buffer if there is room (a TMF response is that one byte;
 /// the request's type cannot be trusted to say more).
-fn fail(
-    out: &mut super::sglist::SgList<'_, ()>,
-    error: ControlError,
-) -> (u32, Option<ControlError>) {
+fn fail(out: &mut super::sglist::SgList<'_, ()>, error: ControlError) -> Answered<ControlError> {
     let n = out.write_from(&[VIRTIO_SCSI_S_FAILURE as u8]);
-    (saturate(n), Some(error))
+    Answered::malformed(saturate(n), error)
 }

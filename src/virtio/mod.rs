@@ -2,6 +2,7 @@
 //! descriptor chains, the control queue and the configuration space. Knows
 //! nothing of SCSI semantics beyond handing CDBs to [`crate::scsi::Target`].
 
+pub mod answer;
 pub mod backend;
 pub mod chain;
 pub mod config;

@@ -11,6 +11,7 @@ use virtio_bindings::virtio_scsi::{
     VIRTIO_SCSI_S_BAD_TARGET, VIRTIO_SCSI_S_FAILURE, VIRTIO_SCSI_S_OK, VIRTIO_SCSI_S_OVERRUN,
 };
 
+use super::answer::Answered;
 use super::chain::SplitChain;
 use super::sglist::{write_to_iovecs, Flow, GuestDataIn, GuestDataOut, SgList};
 use crate::scsi::{Completion, Direction, LunAddress, Prepared, Target, Transfer};
@@ -99,27 +100,13 @@ pub enum RequestError {
     BidirectionalData,
 }
 
-/// Executes one command request. Returns the number of bytes written to the
-/// device-writable part (the used-ring length), and the error if the
-/// request was malformed.
-pub fn handle_command(
-    chain: SplitChain<'_>,
-    target: &Target,
-    sizes: Sizes,
-) -> (u32, Option<RequestError>) {
-    match start_command(chain, target, sizes, false, &mut |_| {}) {
-        Started::Done(len, err) => (len, err),
-        Started::Transfer(pending) => pending.run_sync(target),
-    }
-}
-
 /// How [`start_command`] left a request.
 // Not boxed: the request path allocates nothing; the value lives on the
 // stack for one request.
 #[allow(clippy::large_enum_variant)]
 pub enum Started<'a> {
-    /// Complete: the used length, and the error if it was malformed.
-    Done(u32, Option<RequestError>),
+    /// Answered.
+    Done(Answered<RequestError>),
     /// A validated READ or WRITE whose data transfer is still to be done,
     /// asynchronously by the caller or with [`PendingCommand::run_sync`].
     Transfer(PendingCommand<'a>),
@@ -149,17 +136,17 @@ pub struct TransferReply {
 impl<'a> PendingCommand<'a> {
     /// Does the transfer with the storage's synchronous calls and writes
     /// the response.
-    pub fn run_sync(self, target: &Target) -> (u32, Option<RequestError>) {
-        self.run(target, false)
+    pub fn run_sync(self, target: &Target) -> Answered<RequestError> {
+        self.run(target, UnitAccess::Shared)
     }
 
     /// As [`PendingCommand::run_sync`], for a transfer registered with
     /// [`crate::scsi::Disk::begin_async`]: without taking the unit's lock.
-    pub fn run_registered(self, target: &Target) -> (u32, Option<RequestError>) {
-        self.run(target, true)
+    pub fn run_registered(self, target: &Target) -> Answered<RequestError> {
+        self.run(target, UnitAccess::Registered)
     }
 
-    fn run(mut self, target: &Target, registered: bool) -> (u32, Option<RequestError>) {
+    fn run(mut self, target: &Target, access: UnitAccess) -> Answered<RequestError> {
         let transfer = self.transfer;
         let result = match target.luns().get(self.lun) {
             Some(disk) => self.data.transfer(
@@ -169,12 +156,9 @@ impl<'a> PendingCommand<'a> {
                     Direction::Read => Flow::ToGuest,
                     Direction::Write { .. } => Flow::FromGuest,
                 },
-                |iov, done| {
-                    if registered {
-                        disk.transfer_registered(&transfer, iov, done)
-                    } else {
-                        disk.transfer_sync(&transfer, iov, done)
-                    }
+                |iov, done| match access {
+                    UnitAccess::Registered => disk.transfer_registered(&transfer, iov, done),
+                    UnitAccess::Shared => disk.transfer_sync(&transfer, iov, done),
                 },
             ),
             None => Err(std::io::Error::from(std::io::ErrorKind::NotFound)),
@@ -182,7 +166,7 @@ impl<'a> PendingCommand<'a> {
         let completion = target.finish(self.lun, &transfer, result);
         let response = response_for(completion, self.sizes, self.data.remaining());
         let written = response.write(&mut self.resp_area, self.sizes) + self.data_in_written();
-        (saturate(written), None)
+        Answered::ok(saturate(written))
     }
 
     fn data_in_written(&self) -> usize {
@@ -284,15 +268,35 @@ pub enum SyncBarrier {
     AllThreads,
 }
 
+/// Who carries out a planned READ or WRITE transfer (see [`start_command`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transfers {
+    /// `start_command` does, synchronously.
+    RunHere,
+    /// The caller does (an asynchronous engine): it gets them as
+    /// [`Started::Transfer`].
+    HandOver,
+}
+
+/// How a planned transfer accesses its unit (see [`PendingCommand`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum UnitAccess {
+    /// Holding the unit's lock shared.
+    Shared,
+    /// Registered with [`crate::scsi::Disk::begin_async`], which stands in
+    /// for the lock.
+    Registered,
+}
+
 /// Parses one command request and runs it, except that a READ or WRITE is
-/// only validated and planned when `defer_transfers` is set: its transfer
+/// only validated and planned with [`Transfers::HandOver`]: its transfer
 /// is left to the caller. `before_sync` is called before anything touches
 /// the storage synchronously.
 pub fn start_command<'a>(
     chain: SplitChain<'a>,
     target: &Target,
     sizes: Sizes,
-    defer_transfers: bool,
+    transfers: Transfers,
     before_sync: &mut dyn FnMut(SyncBarrier),
 ) -> Started<'a> {
     let SplitChain {
@@ -303,7 +307,10 @@ pub fn start_command<'a>(
     let Some(mut resp_area) = writable.split_front(resp_len) else {
         // Nowhere to put a response: complete the chain with nothing
         // written; the guest's driver sees a zero length.
-        return Started::Done(0, Some(RequestError::ShortResponse(resp_len)));
+        return Started::Done(Answered::malformed(
+            0,
+            RequestError::ShortResponse(resp_len),
+        ));
     };
     let mut data_in = writable;
 
@@ -311,7 +318,10 @@ pub fn start_command<'a>(
     let mut header = [0u8; REQ_HEADER_LEN + MAX_CDB_SIZE as usize];
     if readable.read_into(&mut header[..req_len]) < req_len {
         let written = Response::new(VIRTIO_SCSI_S_FAILURE).write(&mut resp_area, sizes);
-        return Started::Done(saturate(written), Some(RequestError::ShortHeader(req_len)));
+        return Started::Done(Answered::malformed(
+            saturate(written),
+            RequestError::ShortHeader(req_len),
+        ));
     }
     let mut data_out = readable;
 
@@ -319,7 +329,10 @@ pub fn start_command<'a>(
     // both data-out and data-in is failed at once.
     if data_out.remaining() > 0 && data_in.remaining() > 0 {
         let written = Response::new(VIRTIO_SCSI_S_FAILURE).write(&mut resp_area, sizes);
-        return Started::Done(saturate(written), Some(RequestError::BidirectionalData));
+        return Started::Done(Answered::malformed(
+            saturate(written),
+            RequestError::BidirectionalData,
+        ));
     }
 
     let mut lun = [0u8; 8];
@@ -350,12 +363,12 @@ pub fn start_command<'a>(
                     resp_area,
                     data,
                 };
-                return if defer_transfers {
-                    Started::Transfer(pending)
-                } else {
-                    before_sync(SyncBarrier::OwnThread);
-                    let (len, err) = pending.run_sync(target);
-                    Started::Done(len, err)
+                return match transfers {
+                    Transfers::HandOver => Started::Transfer(pending),
+                    Transfers::RunHere => {
+                        before_sync(SyncBarrier::OwnThread);
+                        Started::Done(pending.run_sync(target))
+                    }
                 };
             }
             Prepared::Complete(completion) => completion,
@@ -384,7 +397,7 @@ pub fn start_command<'a>(
     };
     response.residual = saturate(residual);
     let written = response.write(&mut resp_area, sizes) + data_in_written;
-    Started::Done(saturate(written), None)
+    Started::Done(Answered::ok(saturate(written)))
 }
 
 /// A byte count as a 32-bit ring or header field (chains can describe more

@@ -43,15 +43,10 @@ pub use ring::vring_need_event;
 
 use queue::{SlotAddrs, DESCS_PER_SLOT};
 use ring::{Descriptor, RingAddrs, SplitRing, VRING_DESC_F_WRITE};
-
-/// Feature bits (virtio 1.2 §6).
-const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
-const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+use ring::{FEATURE_EVENT_IDX, FEATURE_VERSION_1};
 
 /// Queue indexes (virtio 1.2 §5.6.2).
-pub const CONTROL_QUEUE: usize = 0;
-pub const EVENT_QUEUE: usize = 1;
-pub const FIRST_REQUEST_QUEUE: usize = 2;
+pub use crate::virtio::backend::{CONTROL_QUEUE, EVENT_QUEUE, FIRST_REQUEST_QUEUE};
 
 /// How long a driver waiting on the call eventfd gives the device to signal
 /// a used entry it has seen appear: the device writes the used index
@@ -65,8 +60,10 @@ pub const INTERRUPT_GRACE: Duration = Duration::from_secs(1);
 /// to notice a completion that came without a signal.
 const USED_CHECK_INTERVAL: Duration = Duration::from_millis(10);
 
-/// Largest virtqueue a driver may set up.
+/// Largest virtqueue a driver may set up (split ring maximum, 2^15; the
+/// device takes at most [`crate::virtio::backend::MAX_QUEUE_SIZE`]).
 pub const MAX_QUEUE_SIZE: u16 = 1024;
+const _: () = assert!(MAX_QUEUE_SIZE as usize == crate::virtio::backend::MAX_QUEUE_SIZE);
 /// Size of the control and event queues (QEMU's default virtqueue size).
 const AUX_QUEUE_SIZE: u16 = 128;
 /// Event buffers the driver posts, as Linux's virtio_scsi does.
@@ -365,7 +362,7 @@ impl ScsiFrontend {
         frontend.set_owner().map_err(vhost_err("SET_OWNER"))?;
         let offered = frontend.get_features().map_err(vhost_err("GET_FEATURES"))?;
         let protocol_bit = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
-        if offered & VIRTIO_F_VERSION_1 == 0 {
+        if offered & FEATURE_VERSION_1 == 0 {
             return Err(FrontendError::MissingFeature("VIRTIO_F_VERSION_1"));
         }
         if offered & protocol_bit == 0 {
@@ -396,14 +393,14 @@ impl ScsiFrontend {
                 offered: request_offered,
             });
         }
-        let mut features = VIRTIO_F_VERSION_1 | protocol_bit;
+        let mut features = FEATURE_VERSION_1 | protocol_bit;
         if config.event_idx {
-            features |= offered & VIRTIO_RING_F_EVENT_IDX;
+            features |= offered & FEATURE_EVENT_IDX;
         }
         frontend
             .set_features(features)
             .map_err(vhost_err("SET_FEATURES"))?;
-        let event_idx = features & VIRTIO_RING_F_EVENT_IDX != 0;
+        let event_idx = features & FEATURE_EVENT_IDX != 0;
 
         // Guest memory: control and event rings with the event buffers,
         // then per request queue its ring, slot metadata and data buffers.
@@ -564,7 +561,7 @@ impl ScsiFrontend {
 
     /// Whether VIRTIO_RING_F_EVENT_IDX was negotiated.
     pub fn event_idx(&self) -> bool {
-        self.features & VIRTIO_RING_F_EVENT_IDX != 0
+        self.features & FEATURE_EVENT_IDX != 0
     }
 
     /// All queues the device offers (GET_QUEUE_NUM: control, event and

@@ -36,13 +36,9 @@ use super::{
     EVENT_QUEUE, FIRST_REQUEST_QUEUE,
 };
 
-/// Descriptor flags (virtio 1.2 §2.7.5).
-pub const VRING_DESC_F_NEXT: u16 = 1;
-pub const VRING_DESC_F_WRITE: u16 = 2;
-pub const VRING_DESC_F_INDIRECT: u16 = 4;
+use super::ring::{FEATURE_INDIRECT_DESC, FEATURE_VERSION_1};
+pub use super::ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 
-const VIRTIO_F_VERSION_1: u64 = 1 << 32;
-const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
 /// Control and event queue size.
 const AUX_QUEUE_SIZE: u16 = 128;
 /// Where the three rings live in region 0, and where free memory starts.
@@ -181,8 +177,7 @@ impl RawDevice {
                 protocol & (VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK),
             )
             .map_err(vhost_err("SET_PROTOCOL_FEATURES"))?;
-        let features =
-            (VIRTIO_F_VERSION_1 | protocol_bit) | (offered & VIRTIO_RING_F_INDIRECT_DESC);
+        let features = (FEATURE_VERSION_1 | protocol_bit) | (offered & FEATURE_INDIRECT_DESC);
         frontend
             .set_features(features)
             .map_err(vhost_err("SET_FEATURES"))?;

@@ -9,14 +9,22 @@
 use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
 
+use virtio_bindings::{virtio_config, virtio_ring};
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::FrontendError;
 
-pub(crate) const VRING_DESC_F_NEXT: u16 = 1;
-pub(crate) const VRING_DESC_F_WRITE: u16 = 2;
+/// Descriptor flags (virtio 1.2 §2.7.5), as the 16-bit field holds them.
+pub const VRING_DESC_F_NEXT: u16 = virtio_ring::VRING_DESC_F_NEXT as u16;
+pub const VRING_DESC_F_WRITE: u16 = virtio_ring::VRING_DESC_F_WRITE as u16;
+pub const VRING_DESC_F_INDIRECT: u16 = virtio_ring::VRING_DESC_F_INDIRECT as u16;
 /// Used ring flag: the device asks not to be kicked (without EVENT_IDX).
-const VRING_USED_F_NO_NOTIFY: u16 = 1;
+const VRING_USED_F_NO_NOTIFY: u16 = virtio_ring::VRING_USED_F_NO_NOTIFY as u16;
+
+/// Feature bits a driver negotiates (virtio 1.2 §6), as masks.
+pub const FEATURE_VERSION_1: u64 = 1 << virtio_config::VIRTIO_F_VERSION_1;
+pub const FEATURE_INDIRECT_DESC: u64 = 1 << virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
+pub const FEATURE_EVENT_IDX: u64 = 1 << virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 
 /// A split-ring descriptor (virtio 1.2 §2.7.5), little-endian in memory.
 #[derive(Clone, Copy, Debug, Default)]

@@ -5,6 +5,8 @@ use std::mem::{offset_of, size_of};
 use virtio_bindings::virtio_scsi::virtio_scsi_config;
 use vm_memory::ByteValued;
 
+use super::wire::Wire;
+
 use super::request::{Sizes, MAX_CDB_SIZE, MAX_SENSE_SIZE};
 
 /// Offsets of the fields the driver may write.
@@ -12,16 +14,6 @@ const SENSE_SIZE_OFFSET: u32 = offset_of!(virtio_scsi_config, sense_size) as u32
 const CDB_SIZE_OFFSET: u32 = offset_of!(virtio_scsi_config, cdb_size) as u32;
 /// Size of struct virtio_scsi_config.
 pub const CONFIG_LEN: usize = size_of::<virtio_scsi_config>();
-
-/// `struct virtio_scsi_config` as bytes.
-#[derive(Clone, Copy, Default)]
-#[repr(transparent)]
-struct ConfigSpace(virtio_scsi_config);
-
-// SAFETY: virtio_scsi_config is a C struct of integers only (36 bytes, no
-// padding: the bindings assert its size and every field's offset), so any
-// byte pattern is a valid value and its bytes are all initialised.
-unsafe impl ByteValued for ConfigSpace {}
 
 /// Why a configuration write was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -47,7 +39,7 @@ pub struct ScsiConfig {
 impl ScsiConfig {
     /// struct virtio_scsi_config, little endian (virtio 1.x devices).
     pub fn to_bytes(&self) -> [u8; CONFIG_LEN] {
-        let space = ConfigSpace(virtio_scsi_config {
+        let space = Wire(virtio_scsi_config {
             num_queues: self.num_request_queues.to_le(),
             seg_max: self.seg_max.to_le(),
             max_sectors: self.max_sectors.to_le(),

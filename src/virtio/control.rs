@@ -12,25 +12,30 @@
 //! (the guest's driver ignores a completion for a command its error handler
 //! already owns).
 
-use super::answer::Answered;
+use std::mem::size_of;
+
 use virtio_bindings::virtio_scsi::{
-    VIRTIO_SCSI_S_BAD_TARGET, VIRTIO_SCSI_S_FAILURE, VIRTIO_SCSI_S_FUNCTION_REJECTED,
-    VIRTIO_SCSI_S_INCORRECT_LUN, VIRTIO_SCSI_S_OK, VIRTIO_SCSI_T_AN_QUERY,
-    VIRTIO_SCSI_T_AN_SUBSCRIBE, VIRTIO_SCSI_T_TMF, VIRTIO_SCSI_T_TMF_ABORT_TASK,
-    VIRTIO_SCSI_T_TMF_ABORT_TASK_SET, VIRTIO_SCSI_T_TMF_CLEAR_ACA,
+    virtio_scsi_ctrl_an_req, virtio_scsi_ctrl_tmf_req, VIRTIO_SCSI_S_BAD_TARGET,
+    VIRTIO_SCSI_S_FAILURE, VIRTIO_SCSI_S_FUNCTION_REJECTED, VIRTIO_SCSI_S_INCORRECT_LUN,
+    VIRTIO_SCSI_S_OK, VIRTIO_SCSI_T_AN_QUERY, VIRTIO_SCSI_T_AN_SUBSCRIBE, VIRTIO_SCSI_T_TMF,
+    VIRTIO_SCSI_T_TMF_ABORT_TASK, VIRTIO_SCSI_T_TMF_ABORT_TASK_SET, VIRTIO_SCSI_T_TMF_CLEAR_ACA,
     VIRTIO_SCSI_T_TMF_CLEAR_TASK_SET, VIRTIO_SCSI_T_TMF_I_T_NEXUS_RESET,
     VIRTIO_SCSI_T_TMF_LOGICAL_UNIT_RESET, VIRTIO_SCSI_T_TMF_QUERY_TASK,
     VIRTIO_SCSI_T_TMF_QUERY_TASK_SET,
 };
 
+use vm_memory::ByteValued;
+
+use super::answer::Answered;
 use super::chain::SplitChain;
 use super::request::saturate;
+use super::wire::Wire;
 use crate::scsi::{LunAddress, Target};
 
 /// virtio_scsi_ctrl_tmf_req: type, subtype, lun[8], id.
-const TMF_REQ_LEN: usize = 4 + 4 + 8 + 8;
+const TMF_REQ_LEN: usize = size_of::<virtio_scsi_ctrl_tmf_req>();
 /// virtio_scsi_ctrl_an_req: type, lun[8], event_requested.
-const AN_REQ_LEN: usize = 4 + 8 + 4;
+const AN_REQ_LEN: usize = size_of::<virtio_scsi_ctrl_an_req>();
 
 /// Why a control request was malformed; logged by the caller.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -50,21 +55,18 @@ pub fn handle_control(chain: SplitChain<'_>, target: &Target) -> Answered<Contro
         mut readable,
         mut writable,
     } = chain;
-    let mut req = [0u8; TMF_REQ_LEN];
-    let got = readable.read_into(&mut req);
-    if got < 4 {
-        return fail(&mut writable, ControlError::ShortRequest(4));
+    // The larger of the two requests; both start with their type.
+    let mut req = Wire::<virtio_scsi_ctrl_tmf_req>::default();
+    let got = readable.read_into(req.as_mut_slice());
+    if got < size_of::<u32>() {
+        return fail(&mut writable, ControlError::ShortRequest(size_of::<u32>()));
     }
-    let req_type = u32::from_le_bytes([req[0], req[1], req[2], req[3]]);
-    match req_type {
+    match u32::from_le(req.0.type_) {
         VIRTIO_SCSI_T_TMF => {
             if got < TMF_REQ_LEN {
                 return fail(&mut writable, ControlError::ShortRequest(TMF_REQ_LEN));
             }
-            let subtype = u32::from_le_bytes([req[4], req[5], req[6], req[7]]);
-            let mut lun = [0u8; 8];
-            lun.copy_from_slice(&req[8..16]);
-            let response = task_management(target, subtype, &lun);
+            let response = task_management(target, u32::from_le(req.0.subtype), &req.0.lun);
             // virtio_scsi_ctrl_tmf_resp: response.
             write_response(&mut writable, &[response as u8])
         }
@@ -72,9 +74,10 @@ pub fn handle_control(chain: SplitChain<'_>, target: &Target) -> Answered<Contro
             if got < AN_REQ_LEN {
                 return fail(&mut writable, ControlError::ShortRequest(AN_REQ_LEN));
             }
-            let mut lun = [0u8; 8];
-            lun.copy_from_slice(&req[4..12]);
-            let response = if is_target_zero(&lun) {
+            let mut an = Wire::<virtio_scsi_ctrl_an_req>::default();
+            an.as_mut_slice()
+                .copy_from_slice(&req.as_slice()[..AN_REQ_LEN]);
+            let response = if is_target_zero(&an.0.lun) {
                 VIRTIO_SCSI_S_OK
             } else {
                 VIRTIO_SCSI_S_BAD_TARGET

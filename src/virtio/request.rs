@@ -11,16 +11,23 @@ use virtio_bindings::virtio_scsi::{
     VIRTIO_SCSI_S_BAD_TARGET, VIRTIO_SCSI_S_FAILURE, VIRTIO_SCSI_S_OK, VIRTIO_SCSI_S_OVERRUN,
 };
 
+use std::mem::offset_of;
+
+use virtio_bindings::virtio_scsi::{virtio_scsi_cmd_req, virtio_scsi_cmd_resp};
+use vm_memory::ByteValued;
+
 use super::answer::Answered;
 use super::chain::SplitChain;
 use super::sglist::{write_to_iovecs, Flow, GuestDataIn, GuestDataOut, SgList};
+use super::wire::Wire;
 use crate::scsi::{Completion, Direction, LunAddress, Prepared, Target, Transfer};
 use crate::storage::IoVec;
 
-/// Bytes of the request header before the CDB.
-pub const REQ_HEADER_LEN: usize = 8 + 8 + 3;
-/// Bytes of the response header before the sense data.
-pub const RESP_HEADER_LEN: usize = 4 + 4 + 2 + 1 + 1;
+/// Bytes of the request header before the CDB (virtio_scsi_cmd_req).
+pub const REQ_HEADER_LEN: usize = offset_of!(virtio_scsi_cmd_req, cdb);
+/// Bytes of the response header before the sense data
+/// (virtio_scsi_cmd_resp).
+pub const RESP_HEADER_LEN: usize = offset_of!(virtio_scsi_cmd_resp, sense);
 /// Largest CDB and sense sizes the driver may configure (they size stack
 /// buffers, so they are capped whatever the driver writes).
 pub const MAX_CDB_SIZE: u32 = 256;
@@ -78,12 +85,13 @@ impl Response {
         sizes: Sizes,
     ) -> usize {
         let sense = sizes.sense.min(MAX_SENSE_SIZE as usize);
-        out[0..4].copy_from_slice(&self.sense_len.to_le_bytes());
-        out[4..8].copy_from_slice(&self.residual.to_le_bytes());
+        let mut header = Wire::<virtio_scsi_cmd_resp>(virtio_scsi_cmd_resp::default());
+        header.0.sense_len = self.sense_len.to_le();
+        header.0.resid = self.residual.to_le();
         // status_qualifier stays zero.
-        out[8..10].fill(0);
-        out[10] = self.status;
-        out[11] = self.response;
+        header.0.status = self.status;
+        header.0.response = self.response;
+        out[..RESP_HEADER_LEN].copy_from_slice(&header.as_slice()[..RESP_HEADER_LEN]);
         out[RESP_HEADER_LEN..RESP_HEADER_LEN + sense].copy_from_slice(&self.sense[..sense]);
         RESP_HEADER_LEN + sense
     }
@@ -336,7 +344,8 @@ pub fn start_command<'a>(
     }
 
     let mut lun = [0u8; 8];
-    lun.copy_from_slice(&header[0..8]);
+    let lun_at = offset_of!(virtio_scsi_cmd_req, lun);
+    lun.copy_from_slice(&header[lun_at..lun_at + 8]);
     let cdb = &header[REQ_HEADER_LEN..req_len];
 
     // virtio 1.2 §5.6.6.1: lun[0] is 1, lun[1] the target, lun[2..4] a

@@ -4,6 +4,8 @@
 //! device) hands requests to [`scsi`] (the SCSI target emulator), which reads
 //! and writes [`storage`] (image files).
 
+#![deny(unsafe_op_in_unsafe_fn)]
+#![deny(clippy::undocumented_unsafe_blocks)]
 pub mod cli;
 pub mod config;
 pub mod daemon;

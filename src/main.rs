@@ -1,5 +1,8 @@
 //! vhost-device-scsi: command line → configuration → serve.
 
+#![deny(unsafe_op_in_unsafe_fn)]
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 use std::process::ExitCode;
 use std::sync::Arc;
 

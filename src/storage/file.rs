@@ -549,9 +549,10 @@ fn set_status_flags(file: &File, flags: libc::c_int) -> io::Result<()> {
 /// The O_DIRECT alignment of an open file (statx STATX_DIOALIGN, Linux 6.1),
 /// or a safe fallback where the kernel or file system does not say.
 fn direct_alignment(file: &File) -> DirectAlignment {
-    // SAFETY: statx fills the zeroed struct; the path is empty with
-    // AT_EMPTY_PATH, so it describes the open fd.
+    // SAFETY: libc::statx is plain data; all zeroes is a valid value.
     let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: statx fills the struct `stx` points to; the path is empty
+    // with AT_EMPTY_PATH, so it describes the open descriptor.
     let rc = unsafe {
         libc::statx(
             file.as_raw_fd(),

@@ -452,10 +452,8 @@ mod tests {
         // non-QEMU program might take; it conflicts with OFD locks.
         let fl = flock(101, libc::F_WRLCK);
         // SAFETY: F_SETLK reads one `struct flock`; `other` is open.
-        assert_eq!(
-            unsafe { libc::fcntl(other.as_raw_fd(), libc::F_SETLK, &fl) },
-            0
-        );
+        let rc = unsafe { libc::fcntl(other.as_raw_fd(), libc::F_SETLK, &fl) };
+        assert_eq!(rc, 0);
         let f = open(tmp.path());
         let (holder, conflict) = conflict(lock_image(&f, true));
         // The SETLK of byte 100 works; the write lock is found by the probe

@@ -4,6 +4,9 @@
 //! WRITE requests in flight on each of M request queues, and compares the
 //! result with a second daemon binary and with the host's own pread/pwrite.
 
+#![deny(unsafe_op_in_unsafe_fn)]
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 mod report;
 mod workload;
 

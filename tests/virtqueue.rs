@@ -228,8 +228,13 @@ impl Harness {
             ])
             .unwrap(),
         );
-        let backend =
+        let mut backend =
             ScsiBackend::with_engine(Arc::new(Target::new(disks)), options, current_engine());
+        // One kick, one pass over everything available, however slow the
+        // machine: the harness has no epoll loop to come back on the kick
+        // a pass that runs out of time gives its queue (the test of that
+        // bound sets its own).
+        backend.set_pass_budget(std::time::Duration::from_secs(3600));
         backend.update_memory(mem.clone()).unwrap();
         let mut rings = Vec::new();
         let vrings: Vec<VringRwLock> = (0..FIRST_REQUEST_QUEUE + 2)

@@ -10,6 +10,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use log::{info, warn};
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
 use vhost::vhost_user::{Error as VhostUserError, Listener};
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::GuestMemoryAtomic;
@@ -167,43 +169,30 @@ fn set_access(path: &Path, access: &SocketAccess) -> Result<(), DaemonError> {
     })
 }
 
-/// Blocks SIGINT and SIGTERM in this thread (and every thread it starts
-/// later) and starts a thread that waits for them, removes the socket and
-/// exits with status 0. Call before any other thread is started.
+/// Starts a thread that waits for SIGINT and SIGTERM, removes the socket
+/// and exits with status 0. The signal handler, signal-hook's, only wakes
+/// that thread (a write to its self-pipe); the logging, the removal and the
+/// exit run on the thread, never in the handler.
 pub fn handle_stop_signals(socket_path: PathBuf) -> Result<(), DaemonError> {
-    // SAFETY: sigset_t is plain data; the libc calls only read and write the
-    // set passed to them.
-    let set = unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        let rc = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        if rc != 0 {
-            return Err(DaemonError::Signals(io::Error::from_raw_os_error(rc)));
-        }
-        set
-    };
+    let mut signals = Signals::new([SIGINT, SIGTERM]).map_err(DaemonError::Signals)?;
     std::thread::Builder::new()
         .name("signals".into())
-        .spawn(move || loop {
-            let mut signal: libc::c_int = 0;
-            // SAFETY: `set` is a valid, initialised signal set.
-            let rc = unsafe { libc::sigwait(&set, &mut signal) };
-            if rc != 0 {
-                continue;
+        .spawn(move || {
+            // `forever` ends only when the `Signals` is closed, which
+            // nothing does.
+            if let Some(signal) = signals.forever().next() {
+                info!(
+                    "{} received: removing {} and exiting",
+                    if signal == SIGINT {
+                        "SIGINT"
+                    } else {
+                        "SIGTERM"
+                    },
+                    socket_path.display()
+                );
+                let _ = std::fs::remove_file(&socket_path);
+                std::process::exit(0);
             }
-            info!(
-                "{} received: removing {} and exiting",
-                if signal == libc::SIGINT {
-                    "SIGINT"
-                } else {
-                    "SIGTERM"
-                },
-                socket_path.display()
-            );
-            let _ = std::fs::remove_file(&socket_path);
-            std::process::exit(0);
         })
         .map_err(DaemonError::Signals)?;
     Ok(())

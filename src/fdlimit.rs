@@ -8,6 +8,8 @@
 
 use std::io;
 
+use rlimit::Resource;
+
 /// Descriptors the daemon needs besides the images' and the queues': stdin,
 /// stdout and stderr, the listening socket, the VMM connection and its
 /// backend request channel, the guest memory region files (at most 8
@@ -118,31 +120,13 @@ pub fn ensure(images: usize, queues: usize) -> Result<Option<Raised>, FdLimitErr
     }
 }
 
-/// The soft and hard `RLIMIT_NOFILE`.
-#[allow(clippy::unnecessary_cast)] // rlim_t is u32 on 32-bit targets
+/// The soft and hard `RLIMIT_NOFILE` (no limit is [`rlimit::INFINITY`]).
 fn get() -> io::Result<(u64, u64)> {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes one `struct rlimit`, which `limit` is.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok((limit.rlim_cur as u64, limit.rlim_max as u64))
+    Resource::NOFILE.get()
 }
 
-#[allow(clippy::unnecessary_cast)]
 fn set(soft: u64, hard: u64) -> io::Result<()> {
-    let limit = libc::rlimit {
-        rlim_cur: soft as libc::rlim_t,
-        rlim_max: hard as libc::rlim_t,
-    };
-    // SAFETY: setrlimit reads one `struct rlimit`, which `limit` is.
-    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    Resource::NOFILE.set(soft, hard)
 }
 
 #[cfg(test)]

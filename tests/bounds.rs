@@ -6,7 +6,7 @@
 //! the allocator sees only this process's requests; one test function, so
 //! no other test thread allocates meanwhile.
 //!
-//! The bounds asserted are the ones README's "Resource bounds" states.
+//! The bounds asserted are the ones docs/resource-bounds.md states.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -66,7 +66,7 @@ static GLOBAL: PeakAllocator = PeakAllocator;
 const KIB: usize = 1 << 10;
 const MIB: usize = 1 << 20;
 
-/// README "Resource bounds": what one request may allocate, besides the
+/// docs/resource-bounds.md: what one request may allocate, besides the
 /// O_DIRECT bounce buffer.
 const REQUEST_CAP: usize = MIB;
 /// With `--direct` and guest buffers O_DIRECT cannot take, plus the

@@ -1758,7 +1758,7 @@ impl Image {
         out
     }
 
-    /// The identity README promises for this image at `lun`.
+    /// The identity docs/guest-view.md promises for this image at `lun`.
     fn identity(&self, lun: u16) -> ExpectedId {
         let canonical = fs::canonicalize(&self.path).unwrap();
         ExpectedId::derived(&canonical.to_string_lossy(), lun)
@@ -2073,11 +2073,11 @@ fn supported_opcodes() -> BTreeSet<(u8, Option<u16>)> {
     .collect()
 }
 
-/// Vendor and product identification (README, *What the guest sees*).
+/// Vendor and product identification (docs/guest-view.md).
 const VENDOR: &str = "RUSTVMM";
 const PRODUCT: &str = "VHOST-SCSI DISK";
 
-/// The identity README promises for an image: serial number and NAA 3h
+/// The identity docs/guest-view.md promises for an image: serial number and NAA 3h
 /// designator derived from the canonical path and the LUN, written here
 /// from FNV-1a's definition (64-bit, over "LUN:path"): the serial is the
 /// hash as 16 upper-case hex digits, the designator NAA 3h (locally

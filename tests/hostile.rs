@@ -9,7 +9,7 @@
 //! connection reads the image's bytes back correctly, and the image holds
 //! exactly what it should.
 //!
-//! The outcomes are listed in ARCHITECTURE.md ("Hostile guests").
+//! The outcomes are listed in docs/hostile-guests.md.
 
 mod common;
 

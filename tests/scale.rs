@@ -4,7 +4,7 @@
 //! 300 and LUN 16383 through flat space addresses) and through the daemon
 //! over a real vhost-user connection, with its startup time and memory.
 //!
-//! The measurement for the README is an ignored test, best run on a
+//! The measurement for docs/benchmarks.md (*Startup with 16384 LUNs*) is an ignored test, best run on a
 //! release build:
 //!
 //! ```sh
@@ -409,7 +409,7 @@ fn the_daemon_serves_16384_luns() {
     assert!(text.contains(&format!("LUN 16383: {}", images[127].display())));
 }
 
-/// One line of the README's numbers: startup time, CPU and memory for
+/// One line of the numbers in docs/benchmarks.md: startup time, CPU and memory for
 /// `n` images, median of several runs.
 fn measure(dir: &Path, images: &[PathBuf], rust_log: &str) {
     const RUNS: usize = 5;

@@ -57,7 +57,7 @@ pub const NUM_QUEUES: usize = FIRST_REQUEST_QUEUE + MAX_REQUEST_QUEUES;
 /// device idle while the driver then refills it: signalling every few
 /// completions (when the driver asked for it) lets the two overlap. With 8,
 /// 4k reads at queue depth 32 through the page cache run twice as fast as
-/// with one signal per ring (README, *Benchmark*); 4 and 16 did as well.
+/// with one signal per ring (docs/benchmarks.md); 4 and 16 did as well.
 pub const SIGNAL_BATCH: usize = 8;
 
 /// Most time one pass over a queue spends taking new requests before it

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use log::{info, warn};
 
-use crate::cli::{Cli, LunSpec, LunSpecError, MAX_IMAGES};
+use crate::cli::Cli;
 use crate::fdlimit::{self, FdLimitError};
 use crate::scsi::inquiry::Identity;
 use crate::scsi::lun::MAX_LUN;
@@ -15,6 +15,9 @@ use crate::scsi::{Disk, DiskConfig, DiskError, Target};
 use crate::storage::lock::{self, LockError};
 use crate::storage::{FileImage, ImageKind, OpenError};
 use crate::virtio::backend::FIRST_REQUEST_QUEUE;
+
+mod lun_spec;
+pub use lun_spec::{LunSpec, LunSpecError, MAX_IMAGES, MAX_SERIAL_LEN};
 
 /// Logical block size of a LUN without `block-size=`.
 pub const BLOCK_SIZE: u32 = 512;

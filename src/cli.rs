@@ -1,14 +1,17 @@
-//! Command-line interface: the clap definitions. The per-LUN option syntax
-//! of the IMAGE arguments is [`LunSpec`]'s, in `config/lun_spec.rs`.
+//! Command-line interface: the clap definitions, and [`Cli::into_config`],
+//! which turns them into a [`DaemonConfig`]. The per-LUN option syntax of
+//! the IMAGE arguments is [`LunSpec`]'s, in `config/lun_spec.rs`.
 
 use std::ffi::OsString;
 use std::path::PathBuf;
 
+use clap::builder::PossibleValue;
 use clap::Parser;
 
-use crate::virtio::uring::IoEngine;
+use crate::config::{self, ConfigError, DaemonConfig, SocketConfig};
+use crate::virtio::backend::QueueOptions;
 
-pub use crate::config::{LunSpec, LunSpecError, MAX_IMAGES, MAX_SERIAL_LEN};
+pub use crate::config::{IoEngineChoice, LunSpec, LunSpecError, MAX_IMAGES, MAX_SERIAL_LEN};
 
 /// vhost-user SCSI target: serves raw disk images to a virtual machine as
 /// SCSI disks on target 0, one LUN per image in command-line order.
@@ -93,13 +96,15 @@ pub struct Cli {
     pub images: Vec<OsString>,
 }
 
-/// The `--io-engine` values.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum IoEngineChoice {
-    Auto,
-    Sync,
-    #[value(name = "io-uring")]
-    IoUring,
+/// The `--io-engine` values: `auto`, `sync`, `io-uring`.
+impl clap::ValueEnum for IoEngineChoice {
+    fn value_variants<'a>() -> &'a [Self] {
+        &IoEngineChoice::ALL
+    }
+
+    fn to_possible_value(&self) -> Option<PossibleValue> {
+        Some(PossibleValue::new(self.name()))
+    }
 }
 
 /// `--socket-mode`: permission bits in octal, 0-0777 (an optional leading
@@ -118,100 +123,33 @@ fn parse_socket_mode(value: &str) -> Result<u32, String> {
     }
 }
 
-/// The gid of group `name` in the group database, or `None` if there is
-/// no such group.
-fn group_id(name: &str) -> Result<Option<u32>, String> {
-    let Ok(c_name) = std::ffi::CString::new(name) else {
-        return Ok(None);
-    };
-    let mut buf = vec![0u8; 1024];
-    loop {
-        // SAFETY: `group` and `result` are written by getgrnam_r, which
-        // keeps its strings in `buf` (valid for `buf.len()` bytes).
-        let (rc, found) = unsafe {
-            let mut group: libc::group = std::mem::zeroed();
-            let mut result: *mut libc::group = std::ptr::null_mut();
-            let rc = libc::getgrnam_r(
-                c_name.as_ptr(),
-                &mut group,
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-                &mut result,
-            );
-            (rc, (!result.is_null()).then_some(group.gr_gid))
-        };
-        match rc {
-            0 => return Ok(found),
-            libc::ERANGE if buf.len() < 1 << 20 => buf.resize(buf.len() * 2, 0),
-            // No entry: some implementations say so with an errno.
-            libc::ENOENT | libc::ESRCH | libc::EBADF | libc::EPERM => return Ok(None),
-            e => {
-                return Err(format!(
-                    "cannot look up the group: {}",
-                    std::io::Error::from_raw_os_error(e)
-                ))
-            }
-        }
-    }
-}
-
 impl Cli {
-    /// Who may connect to the socket: `--socket-mode` and `--socket-group`
-    /// resolved (a group name first, as chown(1) does, then a numeric
-    /// gid), or why the group is unusable.
-    pub fn socket_access(&self) -> Result<crate::daemon::SocketAccess, String> {
-        let group = match &self.socket_group {
-            None => None,
-            Some(name) => {
-                let gid = match group_id(name).map_err(|e| format!("--socket-group {name}: {e}"))? {
-                    Some(gid) => gid,
-                    None => name.parse::<u32>().ok().filter(|&g| g != u32::MAX).ok_or_else(|| {
-                        format!("--socket-group {name}: no such group (a group name or a numeric gid)")
-                    })?,
-                };
-                Some(crate::daemon::SocketGroup {
-                    name: name.clone(),
-                    gid,
-                })
-            }
-        };
-        Ok(crate::daemon::SocketAccess {
-            mode: self.socket_mode,
-            group,
-        })
-    }
-
-    /// The I/O engine to use: `auto` probes io_uring (logging why it falls
-    /// back to sync); an explicit `io-uring` that does not work here is an
-    /// error.
-    pub fn io_engine(&self) -> Result<IoEngine, String> {
-        match self.io_engine {
-            IoEngineChoice::Sync => Ok(IoEngine::Sync),
-            IoEngineChoice::IoUring => crate::virtio::uring::probe()
-                .map(|()| IoEngine::IoUring)
-                .map_err(|e| format!("--io-engine io-uring: io_uring is not usable here: {e}")),
-            IoEngineChoice::Auto => match crate::virtio::uring::probe() {
-                Ok(()) => Ok(IoEngine::IoUring),
-                Err(e) => {
-                    log::info!("io_uring is not usable here ({e}): using the sync I/O engine");
-                    Ok(IoEngine::Sync)
-                }
-            },
-        }
-    }
-
-    /// How the request queues are served, or why the flags do not fit.
-    pub fn queue_options(&self) -> Result<crate::virtio::backend::QueueOptions, String> {
-        if self.threads > self.num_queues {
-            return Err(format!(
-                "--threads {}: more threads than request queues (--num-queues {})",
-                self.threads, self.num_queues
-            ));
-        }
-        Ok(crate::virtio::backend::QueueOptions {
+    /// The daemon's configuration: the flags as they are, every IMAGE
+    /// argument parsed ([`config::parse_luns`]), and the checks clap does
+    /// not make (more threads than request queues), in that order. Nothing
+    /// here looks at the system: the socket's group, the I/O engine and the
+    /// images are for start-up.
+    pub fn into_config(self) -> Result<DaemonConfig, ConfigError> {
+        let queues = QueueOptions {
             request_queues: usize::from(self.num_queues),
             threads: usize::from(self.threads),
             poll: std::time::Duration::from_micros(u64::from(self.poll_us)),
+        };
+        config::check_queues(&queues)?;
+        let luns = config::parse_luns(&self.images)?;
+        Ok(DaemonConfig {
+            socket: SocketConfig {
+                path: self.socket_path,
+                mode: self.socket_mode,
+                group: self.socket_group,
+            },
+            luns,
+            read_only: self.read_only,
+            direct: self.direct,
+            discard: !self.no_discard,
+            solid_state: self.solid_state,
+            queues,
+            io_engine: self.io_engine,
         })
     }
 }
@@ -238,12 +176,109 @@ mod tests {
         assert_eq!(
             cli(&["--io-engine", "sync", "a.raw"])
                 .unwrap()
-                .io_engine()
-                .unwrap(),
-            IoEngine::Sync
+                .into_config()
+                .unwrap()
+                .io_engine,
+            IoEngineChoice::Sync
         );
         let e = cli(&["--io-engine", "uring", "a.raw"]).unwrap_err();
         assert!(e.to_string().contains("--io-engine"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("[possible values: auto, sync, io-uring]"),
+            "{e}"
+        );
+    }
+
+    /// A command line with no flags gives `DaemonConfig::new`'s defaults.
+    #[test]
+    fn defaults_are_the_configs() {
+        let config = cli(&["a.raw", "b,,c.raw,ro"])
+            .unwrap()
+            .into_config()
+            .unwrap();
+        let luns = vec![
+            LunSpec::parse("a.raw".as_ref()).unwrap(),
+            LunSpec {
+                path: "b,c.raw".into(),
+                read_only: true,
+                ..LunSpec::default()
+            },
+        ];
+        assert_eq!(config, DaemonConfig::new("s.sock", luns));
+    }
+
+    #[test]
+    fn every_flag_reaches_the_config() {
+        let config = cli(&[
+            "--socket-mode",
+            "0660",
+            "--socket-group",
+            "kvm",
+            "-r",
+            "--solid-state",
+            "--no-discard",
+            "--direct",
+            "--num-queues",
+            "4",
+            "--threads",
+            "2",
+            "--poll-us",
+            "50",
+            "--io-engine",
+            "io-uring",
+            "a.raw,block-size=4096",
+        ])
+        .unwrap()
+        .into_config()
+        .unwrap();
+        assert_eq!(
+            config,
+            DaemonConfig {
+                socket: SocketConfig {
+                    path: "s.sock".into(),
+                    mode: 0o660,
+                    group: Some("kvm".into()),
+                },
+                luns: vec![LunSpec {
+                    path: "a.raw".into(),
+                    block_size: Some(4096),
+                    ..LunSpec::default()
+                }],
+                read_only: true,
+                direct: true,
+                discard: false,
+                solid_state: true,
+                queues: QueueOptions {
+                    request_queues: 4,
+                    threads: 2,
+                    poll: std::time::Duration::from_micros(50),
+                },
+                io_engine: IoEngineChoice::IoUring,
+            }
+        );
+    }
+
+    /// The operator errors of the conversion, in the order they are
+    /// checked: threads, then the number of images, then each image's
+    /// options.
+    #[test]
+    fn conversion_errors() {
+        let message = |args: &[&str]| cli(args).unwrap().into_config().unwrap_err().to_string();
+        assert_eq!(
+            message(&["--num-queues", "2", "--threads", "3", "a,bogus"]),
+            "--threads 3: more threads than request queues (--num-queues 2)"
+        );
+        assert_eq!(
+            message(&["a.raw", "b.raw,block-size=1"]),
+            "LUN 1 (b.raw): block-size=1: must be 512 or 4096"
+        );
+        let mut many = vec!["a,bogus"; MAX_IMAGES + 1];
+        many[0] = "a.raw";
+        assert_eq!(
+            message(&many),
+            "too many images: 16385 given, at most 16384 (LUNs 0-16383)"
+        );
     }
 
     #[test]
@@ -256,6 +291,9 @@ mod tests {
         ] {
             assert!(parse_socket_mode(text).is_err(), "{text}");
         }
-        assert_eq!(cli(&["i"]).unwrap().socket_mode, 0o600);
+        assert_eq!(
+            cli(&["i"]).unwrap().socket_mode,
+            crate::config::DEFAULT_SOCKET_MODE
+        );
     }
 }

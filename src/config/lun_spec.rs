@@ -1,4 +1,4 @@
-//! The IMAGE[,OPTIONS] syntax of a LUN: an image path and its per-LUN
+//! The `IMAGE[,OPTIONS]` syntax of a LUN: an image path and its per-LUN
 //! options, parsed without clap, so that the command line and anything
 //! else that adds LUNs share one syntax and one set of messages.
 
@@ -110,6 +110,15 @@ impl LunSpec {
             }
         }
         Ok(spec)
+    }
+}
+
+/// `PATH[,OPTION]...` from a string, as [`LunSpec::parse`].
+impl std::str::FromStr for LunSpec {
+    type Err = LunSpecError;
+
+    fn from_str(s: &str) -> Result<LunSpec, LunSpecError> {
+        LunSpec::parse(OsStr::new(s))
     }
 }
 

@@ -1,26 +1,108 @@
-//! From the command line to a configured SCSI target: parses every IMAGE
-//! argument's options, opens, locks and checks every image, with errors that
-//! name the LUN or image and what is wrong with it.
+//! The daemon's configuration as plain data, [`DaemonConfig`], whoever
+//! fills it in (clap, in `cli.rs`; tests; later the management API), and
+//! the start-up steps that act on it: resolving the socket's group and the
+//! I/O engine, and opening, locking and checking every image into a
+//! configured SCSI target, with errors that name the LUN or image and what
+//! is wrong with it.
+//!
+//! Nothing here knows clap. The messages still name the command-line flags
+//! (`--threads`, `--socket-group`, ...), which is what an operator types.
 
 use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::io;
 use std::path::{Path, PathBuf};
 
 use log::{info, warn};
 
-use crate::cli::{Cli, LunSpec, LunSpecError, MAX_IMAGES};
+use crate::daemon::{SocketAccess, SocketGroup};
 use crate::fdlimit::{self, FdLimitError};
 use crate::scsi::inquiry::Identity;
 use crate::scsi::lun::MAX_LUN;
 use crate::scsi::{Disk, DiskConfig, DiskError, Target};
 use crate::storage::lock::{self, LockError};
 use crate::storage::{FileImage, ImageKind, OpenError};
-use crate::virtio::backend::FIRST_REQUEST_QUEUE;
+use crate::virtio::backend::{QueueOptions, FIRST_REQUEST_QUEUE, MAX_REQUEST_QUEUES};
+use crate::virtio::uring::IoEngine;
+
+mod lun_spec;
+pub use lun_spec::{LunSpec, LunSpecError, MAX_IMAGES, MAX_SERIAL_LEN};
 
 /// Logical block size of a LUN without `block-size=`.
 pub const BLOCK_SIZE: u32 = 512;
 
+/// Permissions of the socket unless the operator asks for others: only the
+/// daemon's user may connect.
+pub const DEFAULT_SOCKET_MODE: u32 = 0o600;
+
+/// Longest busy-poll after a queue runs dry (`--poll-us` at most 1000).
+pub const MAX_POLL: std::time::Duration = std::time::Duration::from_micros(1000);
+
+/// Everything the daemon is started with. [`DaemonConfig::new`] gives the
+/// command line's defaults; every field may then be set directly.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DaemonConfig {
+    /// Where to listen, and who may connect.
+    pub socket: SocketConfig,
+    /// The images, LUN 0 first (at most [`MAX_IMAGES`]).
+    pub luns: Vec<LunSpec>,
+    /// Serve every LUN read-only (as `ro` on each).
+    pub read_only: bool,
+    /// Open the images with O_DIRECT.
+    pub direct: bool,
+    /// Offer UNMAP and WRITE SAME with UNMAP (thin provisioning).
+    pub discard: bool,
+    /// Report the disks as solid state (non-rotating).
+    pub solid_state: bool,
+    /// Request queues (1-62), worker threads (1 to request queues) and
+    /// busy-polling (up to [`MAX_POLL`]).
+    pub queues: QueueOptions,
+    /// How READ and WRITE transfers are carried out; resolved, with a
+    /// probe of io_uring, by [`IoEngineChoice::resolve`] at start-up.
+    pub io_engine: IoEngineChoice,
+}
+
+/// The listening socket: its path, and who may connect (resolved into a
+/// [`SocketAccess`] by [`SocketConfig::access`] at start-up).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SocketConfig {
+    pub path: PathBuf,
+    /// Permission bits, 0-0o777.
+    pub mode: u32,
+    /// The socket's group as the operator named it (a group name or a
+    /// numeric gid), if not the daemon's.
+    pub group: Option<String>,
+}
+
+/// The I/O engine asked for; [`IoEngineChoice::resolve`] turns it into the
+/// [`IoEngine`] to use.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum IoEngineChoice {
+    /// io_uring where a probe shows it works, else sync.
+    #[default]
+    Auto,
+    Sync,
+    IoUring,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    #[error("--threads {threads}: more threads than request queues (--num-queues {queues})")]
+    Threads { threads: usize, queues: usize },
+    #[error("--num-queues {0}: not from 1 to {MAX_REQUEST_QUEUES}")]
+    Queues(usize),
+    #[error("--threads {0}: not from 1 to {MAX_REQUEST_QUEUES}")]
+    ThreadCount(usize),
+    #[error("--poll-us {}: not from 0 to 1000", .0.as_micros())]
+    Poll(std::time::Duration),
+    #[error("--socket-mode {0:04o}: not an octal mode from 0000 to 0777 (e.g. 0660)")]
+    SocketMode(u32),
+    #[error("--socket-group {name}: cannot look up the group: {source}")]
+    GroupLookup { name: String, source: io::Error },
+    #[error("--socket-group {0}: no such group (a group name or a numeric gid)")]
+    NoSuchGroup(String),
+    #[error("--io-engine io-uring: io_uring is not usable here: {0}")]
+    IoUring(io::Error),
     #[error("too many images: {0} given, at most {MAX_IMAGES} (LUNs 0-{MAX_LUN})")]
     TooManyImages(usize),
     #[error("LUN {lun} ({}): {source}", .source.image)]
@@ -45,22 +127,198 @@ pub enum ConfigError {
     },
 }
 
-/// Opens the images named on the command line as LUNs 0..N-1. Every
-/// IMAGE argument's options, and the open-file limit, are checked before
-/// any image is opened.
-pub fn build_target(cli: &Cli) -> Result<Target, ConfigError> {
-    if cli.images.len() > MAX_IMAGES {
-        return Err(ConfigError::TooManyImages(cli.images.len()));
+impl DaemonConfig {
+    /// Serving `luns` on `socket_path`, with every other setting as the
+    /// command line's default: socket mode 0600 in the daemon's group,
+    /// read-write, through the page cache, discard on, rotating, 16 request
+    /// queues on one thread without polling, I/O engine `auto`.
+    pub fn new(socket_path: impl Into<PathBuf>, luns: Vec<LunSpec>) -> DaemonConfig {
+        DaemonConfig {
+            socket: SocketConfig::new(socket_path),
+            luns,
+            read_only: false,
+            direct: false,
+            discard: true,
+            solid_state: false,
+            queues: QueueOptions::default(),
+            io_engine: IoEngineChoice::Auto,
+        }
     }
-    let specs = cli
-        .images
-        .iter()
+
+    /// Checks what can be checked without looking at the system: the
+    /// queue settings, the socket mode and the number of LUNs.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        check_queues(&self.queues)?;
+        if self.socket.mode > 0o777 {
+            return Err(ConfigError::SocketMode(self.socket.mode));
+        }
+        if self.luns.len() > MAX_IMAGES {
+            return Err(ConfigError::TooManyImages(self.luns.len()));
+        }
+        Ok(())
+    }
+}
+
+/// Checks the queue settings: 1-62 request queues, 1 to that many worker
+/// threads, polling for at most [`MAX_POLL`].
+pub fn check_queues(queues: &QueueOptions) -> Result<(), ConfigError> {
+    if !(1..=MAX_REQUEST_QUEUES).contains(&queues.request_queues) {
+        return Err(ConfigError::Queues(queues.request_queues));
+    }
+    if queues.threads == 0 {
+        return Err(ConfigError::ThreadCount(queues.threads));
+    }
+    if queues.threads > queues.request_queues {
+        return Err(ConfigError::Threads {
+            threads: queues.threads,
+            queues: queues.request_queues,
+        });
+    }
+    if queues.poll > MAX_POLL {
+        return Err(ConfigError::Poll(queues.poll));
+    }
+    Ok(())
+}
+
+/// Parses `IMAGE[,OPTIONS]` arguments as LUNs 0..N-1; too many of them is an
+/// error before any is parsed.
+pub fn parse_luns<A: AsRef<OsStr>>(args: &[A]) -> Result<Vec<LunSpec>, ConfigError> {
+    if args.len() > MAX_IMAGES {
+        return Err(ConfigError::TooManyImages(args.len()));
+    }
+    args.iter()
         .enumerate()
-        .map(|(lun, arg)| LunSpec::parse(arg).map_err(|source| ConfigError::Option { lun, source }))
-        .collect::<Result<Vec<_>, _>>()?;
+        .map(|(lun, arg)| {
+            LunSpec::parse(arg.as_ref()).map_err(|source| ConfigError::Option { lun, source })
+        })
+        .collect()
+}
+
+impl SocketConfig {
+    /// `path`, mode 0600, the daemon's group.
+    pub fn new(path: impl Into<PathBuf>) -> SocketConfig {
+        SocketConfig {
+            path: path.into(),
+            mode: DEFAULT_SOCKET_MODE,
+            group: None,
+        }
+    }
+
+    /// Who may connect to the socket: the group resolved (a group name
+    /// first, as chown(1) does, then a numeric gid), or why it is unusable.
+    pub fn access(&self) -> Result<SocketAccess, ConfigError> {
+        let group = match &self.group {
+            None => None,
+            Some(name) => {
+                let gid = match group_id(name).map_err(|source| ConfigError::GroupLookup {
+                    name: name.clone(),
+                    source,
+                })? {
+                    Some(gid) => gid,
+                    None => name
+                        .parse::<u32>()
+                        .ok()
+                        .filter(|&g| g != u32::MAX)
+                        .ok_or_else(|| ConfigError::NoSuchGroup(name.clone()))?,
+                };
+                Some(SocketGroup {
+                    name: name.clone(),
+                    gid,
+                })
+            }
+        };
+        Ok(SocketAccess {
+            mode: self.mode,
+            group,
+        })
+    }
+}
+
+/// The gid of group `name` in the group database, or `None` if there is
+/// no such group.
+fn group_id(name: &str) -> io::Result<Option<u32>> {
+    let Ok(c_name) = std::ffi::CString::new(name) else {
+        return Ok(None);
+    };
+    let mut buf = vec![0u8; 1024];
+    loop {
+        // SAFETY: `group` and `result` are written by getgrnam_r, which
+        // keeps its strings in `buf` (valid for `buf.len()` bytes).
+        let (rc, found) = unsafe {
+            let mut group: libc::group = std::mem::zeroed();
+            let mut result: *mut libc::group = std::ptr::null_mut();
+            let rc = libc::getgrnam_r(
+                c_name.as_ptr(),
+                &mut group,
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                &mut result,
+            );
+            (rc, (!result.is_null()).then_some(group.gr_gid))
+        };
+        match rc {
+            0 => return Ok(found),
+            libc::ERANGE if buf.len() < 1 << 20 => buf.resize(buf.len() * 2, 0),
+            // No entry: some implementations say so with an errno.
+            libc::ENOENT | libc::ESRCH | libc::EBADF | libc::EPERM => return Ok(None),
+            e => return Err(io::Error::from_raw_os_error(e)),
+        }
+    }
+}
+
+impl IoEngineChoice {
+    /// Every choice, in the order the command line lists them.
+    pub const ALL: [IoEngineChoice; 3] = [
+        IoEngineChoice::Auto,
+        IoEngineChoice::Sync,
+        IoEngineChoice::IoUring,
+    ];
+
+    /// The name an operator gives it: `auto`, `sync` or `io-uring`.
+    pub fn name(self) -> &'static str {
+        match self {
+            IoEngineChoice::Auto => "auto",
+            IoEngineChoice::Sync => "sync",
+            IoEngineChoice::IoUring => "io-uring",
+        }
+    }
+
+    /// The I/O engine to use: `auto` probes io_uring (logging why it falls
+    /// back to sync); an explicit `io-uring` that does not work here is an
+    /// error.
+    pub fn resolve(self) -> Result<IoEngine, ConfigError> {
+        match self {
+            IoEngineChoice::Sync => Ok(IoEngine::Sync),
+            IoEngineChoice::IoUring => crate::virtio::uring::probe()
+                .map(|()| IoEngine::IoUring)
+                .map_err(ConfigError::IoUring),
+            IoEngineChoice::Auto => match crate::virtio::uring::probe() {
+                Ok(()) => Ok(IoEngine::IoUring),
+                Err(e) => {
+                    info!("io_uring is not usable here ({e}): using the sync I/O engine");
+                    Ok(IoEngine::Sync)
+                }
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for IoEngineChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Opens the images of `config.luns` as LUNs 0..N-1. The number of LUNs
+/// and the open-file limit are checked before any image is opened.
+pub fn build_target(config: &DaemonConfig) -> Result<Target, ConfigError> {
+    let specs = &config.luns;
+    if specs.len() > MAX_IMAGES {
+        return Err(ConfigError::TooManyImages(specs.len()));
+    }
     // Each image keeps a descriptor open: make room for them all, or say
     // so before opening any.
-    let queues = FIRST_REQUEST_QUEUE + usize::from(cli.num_queues);
+    let queues = FIRST_REQUEST_QUEUE + config.queues.request_queues;
     if let Some(raised) = fdlimit::ensure(specs.len(), queues)? {
         info!(
             "raised the open-file limit from {} to {} for {} images",
@@ -72,9 +330,9 @@ pub fn build_target(cli: &Cli) -> Result<Target, ConfigError> {
     let mut disks: Vec<Disk> = Vec::with_capacity(specs.len());
     let mut seen = SeenIdentities::default();
     for (lun, spec) in specs.iter().enumerate() {
-        let read_only = cli.read_only || spec.read_only;
-        let (disk, kind, locked) = open_disk(spec, lun as u16, read_only, cli)?;
-        seen.add(&specs, lun, disk.identity())?;
+        let read_only = config.read_only || spec.read_only;
+        let (disk, kind, locked) = open_disk(spec, lun as u16, read_only, config)?;
+        seen.add(specs, lun, disk.identity())?;
         info!(
             "LUN {lun}: {} ({} bytes, {} blocks of {} bytes, {}, {}{}, {}, serial {}, NAA {:#018x})",
             spec.path.display(),
@@ -90,7 +348,7 @@ pub fn build_target(cli: &Cli) -> Result<Target, ConfigError> {
                 ImageKind::RegularFile => "regular file",
                 ImageKind::BlockDevice => "block device",
             },
-            if cli.direct { ", O_DIRECT" } else { "" },
+            if config.direct { ", O_DIRECT" } else { "" },
             if locked { "locked" } else { "not locked" },
             disk.identity().serial,
             disk.identity().naa,
@@ -105,10 +363,10 @@ fn open_disk(
     spec: &LunSpec,
     lun: u16,
     read_only: bool,
-    cli: &Cli,
+    config: &DaemonConfig,
 ) -> Result<(Disk, ImageKind, bool), ConfigError> {
     let path = spec.path.as_path();
-    let open = if cli.direct {
+    let open = if config.direct {
         FileImage::open_direct
     } else {
         FileImage::open
@@ -150,8 +408,8 @@ fn open_disk(
     let config = DiskConfig {
         block_size,
         identity: identity(spec, path, lun),
-        solid_state: cli.solid_state,
-        discard: !cli.no_discard,
+        solid_state: config.solid_state,
+        discard: config.discard,
     };
     let kind = image.kind();
     let disk = Disk::new(Box::new(image), config).map_err(|source| ConfigError::Disk {
@@ -242,6 +500,231 @@ impl SeenIdentities {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An image of `len` zero bytes in `dir`.
+    fn image(dir: &Path, name: &str, len: usize) -> PathBuf {
+        let path = dir.join(name);
+        std::fs::write(&path, vec![0u8; len]).unwrap();
+        path
+    }
+
+    fn lun(path: &Path) -> LunSpec {
+        LunSpec {
+            path: path.to_path_buf(),
+            ..LunSpec::default()
+        }
+    }
+
+    /// A configuration built field by field, with no command line, gives
+    /// the target it describes.
+    #[test]
+    fn a_config_without_clap_builds_its_target() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = image(dir.path(), "a.raw", 8192);
+        let b = image(dir.path(), "b.raw", 8192);
+        let mut config = DaemonConfig::new(
+            dir.path().join("s.sock"),
+            vec![
+                LunSpec {
+                    serial: Some("SERIAL-A".into()),
+                    wwn: Some(0x5000_c500_1234_5678),
+                    ..lun(&a)
+                },
+                format!("{},ro,block-size=4096", b.display())
+                    .parse()
+                    .unwrap(),
+            ],
+        );
+        config.discard = false;
+        config.solid_state = true;
+        config.io_engine = IoEngineChoice::Sync;
+        config.check().unwrap();
+        assert_eq!(config.io_engine.resolve().unwrap(), IoEngine::Sync);
+        let target = build_target(&config).unwrap();
+        let luns = target.luns();
+        assert_eq!(luns.len(), 2);
+        assert_eq!(
+            (luns[0].read_only(), luns[0].block_size(), luns[0].blocks()),
+            (false, 512, 16)
+        );
+        assert_eq!(luns[0].identity().serial, "SERIAL-A");
+        assert_eq!(luns[0].identity().naa, 0x5000_c500_1234_5678);
+        assert_eq!(
+            (luns[1].read_only(), luns[1].block_size(), luns[1].blocks()),
+            (true, 4096, 2)
+        );
+        assert!(luns.iter().all(|d| !d.discard_enabled()));
+        drop(target);
+
+        // The global flags reach every LUN (discard only a writable one).
+        config.discard = true;
+        let target = build_target(&config).unwrap();
+        assert!(target.luns()[0].discard_enabled());
+        assert!(!target.luns()[1].discard_enabled());
+        drop(target);
+        config.read_only = true;
+        let target = build_target(&config).unwrap();
+        assert!(target.luns().iter().all(|d| d.read_only()));
+    }
+
+    #[test]
+    fn build_target_errors_name_the_lun_or_image() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = image(dir.path(), "a", 4096);
+        let b = image(dir.path(), "b", 4096);
+        let missing = dir.path().join("missing.raw");
+        let with_serial = |path: &Path| LunSpec {
+            serial: Some("S".into()),
+            ..lun(path)
+        };
+        let message = |luns: Vec<LunSpec>| {
+            let config = DaemonConfig::new("s.sock", luns);
+            build_target(&config).err().unwrap().to_string()
+        };
+        assert_eq!(
+            message(vec![with_serial(&a), with_serial(&b)]),
+            format!(
+                "LUN 1 ({}): serial=S: LUN 0 has the same serial number",
+                b.display()
+            )
+        );
+        assert!(message(vec![lun(&a), lun(&missing)])
+            .starts_with(&format!("image {}: ", missing.display())));
+        assert_eq!(
+            message(vec![lun(&a); MAX_IMAGES + 1]),
+            "too many images: 16385 given, at most 16384 (LUNs 0-16383)"
+        );
+    }
+
+    /// What clap rules out, a configuration built by hand is checked for.
+    #[test]
+    fn check_rejects_what_the_command_line_cannot_say() {
+        let message = |change: &dyn Fn(&mut DaemonConfig)| {
+            let mut config = DaemonConfig::new("s.sock", vec![lun(Path::new("a"))]);
+            change(&mut config);
+            config.check().err().map(|e| e.to_string())
+        };
+        assert_eq!(message(&|_| {}), None);
+        assert_eq!(
+            message(&|c| {
+                c.queues.request_queues = 2;
+                c.queues.threads = 3;
+            })
+            .as_deref(),
+            Some("--threads 3: more threads than request queues (--num-queues 2)")
+        );
+        assert_eq!(
+            message(&|c| c.queues.request_queues = 0).as_deref(),
+            Some("--num-queues 0: not from 1 to 62")
+        );
+        assert_eq!(
+            message(&|c| c.queues.request_queues = 63).as_deref(),
+            Some("--num-queues 63: not from 1 to 62")
+        );
+        assert_eq!(
+            message(&|c| c.queues.threads = 0).as_deref(),
+            Some("--threads 0: not from 1 to 62")
+        );
+        assert_eq!(
+            message(&|c| c.queues.poll = std::time::Duration::from_micros(1001)).as_deref(),
+            Some("--poll-us 1001: not from 0 to 1000")
+        );
+        assert_eq!(
+            message(&|c| c.socket.mode = 0o1777).as_deref(),
+            Some("--socket-mode 1777: not an octal mode from 0000 to 0777 (e.g. 0660)")
+        );
+        assert_eq!(
+            message(&|c| c.luns = vec![lun(Path::new("a")); MAX_IMAGES + 1]).as_deref(),
+            Some("too many images: 16385 given, at most 16384 (LUNs 0-16383)")
+        );
+    }
+
+    #[test]
+    fn parse_luns_numbers_the_luns() {
+        let luns = parse_luns(&["a", "b,,c,ro"]).unwrap();
+        assert_eq!(luns[0], lun(Path::new("a")));
+        assert_eq!(
+            (luns[1].path.as_path(), luns[1].read_only),
+            (Path::new("b,c"), true)
+        );
+        assert_eq!(
+            parse_luns(&["a", "b", "c,block-size=1"])
+                .unwrap_err()
+                .to_string(),
+            "LUN 2 (c): block-size=1: must be 512 or 4096"
+        );
+        // Too many is said before any argument is parsed.
+        assert_eq!(
+            parse_luns(&vec![",bad"; MAX_IMAGES + 1])
+                .unwrap_err()
+                .to_string(),
+            "too many images: 16385 given, at most 16384 (LUNs 0-16383)"
+        );
+        assert!(parse_luns::<&str>(&[]).unwrap().is_empty());
+    }
+
+    #[test]
+    fn io_engine_choices() {
+        let names: Vec<String> = IoEngineChoice::ALL.iter().map(|c| c.to_string()).collect();
+        assert_eq!(names, ["auto", "sync", "io-uring"]);
+        assert_eq!(IoEngineChoice::default(), IoEngineChoice::Auto);
+        assert_eq!(IoEngineChoice::Sync.resolve().unwrap(), IoEngine::Sync);
+        // The probe decides what the other two give.
+        match crate::virtio::uring::probe() {
+            Ok(()) => {
+                assert_eq!(IoEngineChoice::Auto.resolve().unwrap(), IoEngine::IoUring);
+                assert_eq!(
+                    IoEngineChoice::IoUring.resolve().unwrap(),
+                    IoEngine::IoUring
+                );
+            }
+            Err(_) => {
+                assert_eq!(IoEngineChoice::Auto.resolve().unwrap(), IoEngine::Sync);
+                let e = IoEngineChoice::IoUring.resolve().unwrap_err().to_string();
+                assert!(
+                    e.starts_with("--io-engine io-uring: io_uring is not usable here: "),
+                    "{e}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn socket_access_resolves_the_group() {
+        let mut socket = SocketConfig::new("s.sock");
+        assert_eq!(
+            socket.access().unwrap(),
+            SocketAccess {
+                mode: 0o600,
+                group: None
+            }
+        );
+        socket.mode = 0o660;
+        socket.group = Some("0".into());
+        assert_eq!(
+            socket.access().unwrap(),
+            SocketAccess {
+                mode: 0o660,
+                group: Some(SocketGroup {
+                    name: "0".into(),
+                    gid: 0
+                })
+            }
+        );
+        for (group, message) in [
+            (
+                "no-such-group-x",
+                "--socket-group no-such-group-x: no such group (a group name or a numeric gid)",
+            ),
+            (
+                "4294967295",
+                "--socket-group 4294967295: no such group (a group name or a numeric gid)",
+            ),
+        ] {
+            socket.group = Some(group.into());
+            assert_eq!(socket.access().unwrap_err().to_string(), message);
+        }
+    }
 
     fn identity(serial: &str, naa: u64) -> Identity {
         let mut identity = Identity::derived("x", 0);

@@ -1,4 +1,5 @@
-//! vhost-device-scsi: command line → configuration → serve.
+//! vhost-device-scsi: command line → configuration ([`DaemonConfig`]) →
+//! start-up → serve.
 
 #![deny(unsafe_op_in_unsafe_fn)]
 #![deny(clippy::undocumented_unsafe_blocks)]
@@ -8,7 +9,8 @@ use std::sync::Arc;
 
 use clap::Parser;
 use vhost_device_scsi::cli::Cli;
-use vhost_device_scsi::{config, daemon};
+use vhost_device_scsi::config::{self, DaemonConfig};
+use vhost_device_scsi::daemon;
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -28,7 +30,11 @@ fn main() -> ExitCode {
         eprintln!("vhost-device-scsi: error: cannot set up logging: {e}");
         return ExitCode::FAILURE;
     }
-    match run(&cli) {
+    let started = cli
+        .into_config()
+        .map_err(|e| e.to_string())
+        .and_then(|config| run(&config));
+    match started {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
             eprintln!("vhost-device-scsi: error: {message}");
@@ -37,13 +43,18 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: &Cli) -> Result<(), String> {
-    let options = cli.queue_options()?;
-    let engine = cli.io_engine()?;
-    let access = cli.socket_access()?;
-    let target = config::build_target(cli).map_err(|e| e.to_string())?;
-    daemon::handle_stop_signals(cli.socket_path.clone()).map_err(|e| e.to_string())?;
-    let listener = daemon::listen(&cli.socket_path, &access).map_err(|e| e.to_string())?;
+/// Starts the daemon configured by `config`: every check that looks at
+/// the system (io_uring, the socket's group, the images) comes before the
+/// socket is bound; then it serves for ever.
+fn run(config: &DaemonConfig) -> Result<(), String> {
+    config.check().map_err(|e| e.to_string())?;
+    let options = config.queues;
+    let engine = config.io_engine.resolve().map_err(|e| e.to_string())?;
+    let access = config.socket.access().map_err(|e| e.to_string())?;
+    let target = config::build_target(config).map_err(|e| e.to_string())?;
+    let socket_path = &config.socket.path;
+    daemon::handle_stop_signals(socket_path.clone()).map_err(|e| e.to_string())?;
+    let listener = daemon::listen(socket_path, &access).map_err(|e| e.to_string())?;
     log::info!(
         "{} request queues on {} worker thread(s){}",
         options.request_queues,
@@ -54,13 +65,7 @@ fn run(cli: &Cli) -> Result<(), String> {
             format!(", polling {} µs", options.poll.as_micros())
         }
     );
-    daemon::serve(
-        Arc::new(target),
-        options,
-        engine,
-        listener,
-        &cli.socket_path,
-    )
+    daemon::serve(Arc::new(target), options, engine, listener, socket_path)
 }
 
 /// clap's message up to its first blank line (before the usage text), as

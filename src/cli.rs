@@ -86,13 +86,27 @@ pub struct Cli {
 
     /// Raw disk images (regular files or block devices), LUN 0 first; up to
     /// 16384. Options may follow a path after commas,
-    /// IMAGE[,ro][,block-size=512|4096][,serial=SERIAL][,wwn=0xHEX], where
-    /// SERIAL is 1-20 printable ASCII characters without spaces, HEX is 16
-    /// hex digits of an NAA designator of type 2, 3 or 5, and a literal
-    /// comma in a path is written ",,".
+    /// `IMAGE[,ro][,block-size=512|4096][,serial=SERIAL][,wwn=0xHEX]`, where
+    /// `SERIAL` is 1-20 printable ASCII characters without spaces, `HEX` is
+    /// 16 hex digits of an NAA designator of type 2, 3 or 5, and a literal
+    /// comma in a path is written `,,`.
     // At least one: a daemon with no logical unit would serve a SCSI host
     // that the guest finds empty.
-    #[arg(value_name = "IMAGE", required = true)]
+    // The --help text is the `help` below, not this doc comment: clap shows
+    // a doc comment as it is, backticks and all, and without them rustdoc
+    // reads the brackets as links. Keep the two saying the same thing (and
+    // the doc comment one paragraph: a second would become clap's long_help,
+    // which `help` does not override).
+    #[arg(
+        value_name = "IMAGE",
+        required = true,
+        help = "Raw disk images (regular files or block devices), LUN 0 first; \
+                up to 16384. Options may follow a path after commas, \
+                IMAGE[,ro][,block-size=512|4096][,serial=SERIAL][,wwn=0xHEX], \
+                where SERIAL is 1-20 printable ASCII characters without \
+                spaces, HEX is 16 hex digits of an NAA designator of type 2, \
+                3 or 5, and a literal comma in a path is written \",,\""
+    )]
     pub images: Vec<OsString>,
 }
 

@@ -58,11 +58,11 @@ impl RingAddrs {
     pub fn desc_bytes(size: u16) -> u64 {
         16 * u64::from(size)
     }
-    /// flags, idx, ring[size], used_event.
+    /// `flags`, `idx`, `ring[size]`, `used_event`.
     pub fn avail_bytes(size: u16) -> u64 {
         6 + 2 * u64::from(size)
     }
-    /// flags, idx, ring[size] of (id, len), avail_event.
+    /// `flags`, `idx`, `ring[size]` of (`id`, `len`), `avail_event`.
     pub fn used_bytes(size: u16) -> u64 {
         6 + 8 * u64::from(size)
     }

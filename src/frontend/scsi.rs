@@ -2,11 +2,12 @@
 //! (virtio 1.2 §5.6.6.1): CDBs for the commands a load generator issues and
 //! the response header.
 
-/// `virtio_scsi_cmd_req` with the default 32-byte CDB: lun[8], id(le64),
-/// task_attr, prio, crn, cdb[32].
+/// `virtio_scsi_cmd_req` with the default 32-byte CDB: `lun[8]`, `id`
+/// (le64), `task_attr`, `prio`, `crn`, `cdb[32]`.
 pub const REQUEST_LEN: usize = 8 + 8 + 3 + 32;
-/// `virtio_scsi_cmd_resp` with the default 96-byte sense: sense_len(le32),
-/// residual(le32), status_qualifier(le16), status, response, sense[96].
+/// `virtio_scsi_cmd_resp` with the default 96-byte sense: `sense_len`
+/// (le32), `residual` (le32), `status_qualifier` (le16), `status`,
+/// `response`, `sense[96]`.
 pub const RESPONSE_LEN: usize = 4 + 4 + 2 + 1 + 1 + 96;
 /// The response header before the sense bytes.
 pub const RESPONSE_HEADER_LEN: usize = 12;

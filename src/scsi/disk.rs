@@ -425,7 +425,7 @@ impl Disk {
     }
 
     /// READ (SBC-3 §5.8-5.11): validates and plans the transfer, which
-    /// the caller (or [`Disk::read`]) carries out, then hands the result
+    /// the caller (or `Disk::read`) carries out, then hands the result
     /// to [`Disk::finish_transfer`]. `None`: nothing to transfer.
     pub fn plan_read(
         &self,
@@ -487,7 +487,7 @@ impl Disk {
 
     /// Turns the outcome of a planned transfer into the command's result
     /// (a failed durable write poisons later flushes, as in
-    /// [`Disk::written`]).
+    /// `Disk::written`).
     pub fn finish_transfer(
         &self,
         transfer: &Transfer,

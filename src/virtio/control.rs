@@ -32,9 +32,9 @@ use super::request::saturate;
 use super::wire::Wire;
 use crate::scsi::{LunAddress, Target};
 
-/// virtio_scsi_ctrl_tmf_req: type, subtype, lun[8], id.
+/// `virtio_scsi_ctrl_tmf_req`: `type`, `subtype`, `lun[8]`, `id`.
 const TMF_REQ_LEN: usize = size_of::<virtio_scsi_ctrl_tmf_req>();
-/// virtio_scsi_ctrl_an_req: type, lun[8], event_requested.
+/// `virtio_scsi_ctrl_an_req`: `type`, `lun[8]`, `event_requested`.
 const AN_REQ_LEN: usize = size_of::<virtio_scsi_ctrl_an_req>();
 
 /// Why a control request was malformed; logged by the caller.

@@ -234,7 +234,7 @@ impl<'a, B: BitmapSlice> SgList<'a, B> {
     /// start (but the last, which ends at `len`): storage opened with
     /// O_DIRECT takes only transfers whose offset and length are multiples
     /// of its alignment, and bounces each call's memory as a whole. Where a
-    /// batch of [`IOVEC_BATCH`] pieces does not reach the next multiple
+    /// batch of `IOVEC_BATCH` pieces does not reach the next multiple
     /// (a chain cut into tiny pieces), that stretch goes through a buffer of
     /// `granule` bytes instead, copied in the direction `flow` says.
     pub fn transfer<F>(

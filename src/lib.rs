@@ -1,8 +1,77 @@
 //! vhost-device-scsi: a vhost-user SCSI target serving raw disk images.
 //!
-//! Three layers, one direction: [`virtio`] (the vhost-user virtio-scsi
-//! device) hands requests to [`scsi`] (the SCSI target emulator), which reads
-//! and writes [`storage`] (image files).
+//! A VMM (QEMU's `vhost-user-scsi-pci`) connects to the daemon's Unix socket
+//! and hands it the queues of a virtio-scsi device; the daemon answers the
+//! guest's SCSI commands from image files or block devices, one LUN per
+//! image. The binary (`src/main.rs`) is a thin shell over this library:
+//! command line ([`cli`]) → [`config::DaemonConfig`] → start-up
+//! ([`config::build_target`] opens, locks and checks every image) →
+//! [`daemon::serve`], one VMM connection after another.
+//!
+//! # Three layers, one direction
+//!
+//! Calls go down, never up: nothing below the transport sees a virtio type,
+//! nothing in storage a SCSI one. Each layer has its own error type.
+//!
+//! - [`virtio`], the transport: vhost-user and virtio-scsi (virtio 1.2
+//!   §5.6), descriptor chains over guest memory, the request, control and
+//!   event queues, the configuration space. [`virtio::ScsiBackend`] is the
+//!   device `vhost-user-backend` runs.
+//! - [`scsi`], the SCSI target (SPC-4, SBC-3): a LUN address, CDB bytes and
+//!   two data buffers behind the [`scsi::DataIn`] and [`scsi::DataOut`]
+//!   traits go in, a [`scsi::Completion`] (status and sense) comes out.
+//!   [`scsi::Target`] maps LUNs to [`scsi::Disk`]s, SBC direct-access
+//!   logical units. Tests drive it with byte vectors ([`scsi::VecDataIn`]).
+//! - [`storage`], where the blocks live: the [`storage::Storage`] trait,
+//!   implemented by [`storage::FileImage`] (a regular file or block device,
+//!   positional vectored I/O) and [`storage::MemImage`] (memory, for tests
+//!   and fuzzing).
+//!
+//! Beside them: [`virtio::uring`], the io_uring engine
+//! ([`virtio::uring::IoEngine`] says whether transfers use it or
+//! synchronous calls; a [`virtio::uring::QueueRing`] per request queue keeps
+//! up to 128 READ and WRITE transfers in flight), and [`frontend`], the
+//! other side of the socket: a vhost-user virtio-scsi driver negotiating like
+//! QEMU ([`frontend::ScsiFrontend`]), with the daemon run as a child process
+//! ([`frontend::DaemonProcess`]), for the load generator `vhost-scsi-bench`
+//! and the tests.
+//!
+//! # One request
+//!
+//! 1. The guest kicks a request queue; `vhost-user-backend`'s worker thread
+//!    calls [`ScsiBackend::process_queue`](virtio::ScsiBackend::process_queue),
+//!    which pops the available chains in a pass bounded in time.
+//! 2. [`virtio::chain::split_chain`] turns a chain into bounds-checked
+//!    slices of guest memory; [`virtio::request::start_command`] reads the
+//!    request header and CDB from them and hands the command to the target.
+//! 3. A READ or WRITE is planned by [`scsi::Target::prepare`], its data moved
+//!    straight between the image and guest memory (queued on the ring by
+//!    [`virtio::uring::QueueRing::start`], or a `preadv`/`pwritev2` right
+//!    there), and its result turned into status and sense by
+//!    [`scsi::Target::finish`]. Every other command runs in
+//!    [`scsi::Target::execute`].
+//! 4. The response is written and the chain returned to the used ring; each
+//!    chain's outcome is a [`virtio::answer::Answered`] (the bytes written,
+//!    and why the request was malformed, if it was). The guest is signalled
+//!    every few chains and at the end of the pass, as EVENT_IDX asks.
+//!
+//! # Durability
+//!
+//! The logical unit decides, the storage carries out. [`scsi::Disk`] owns
+//! the write cache state and the sticky flush error (a failed durable write
+//! or flush fails every later flush, since the kernel reports a write-back
+//! error only once), and asks for a durable write for FUA or with the write
+//! cache off. [`storage::FileImage`] makes it durable with
+//! `pwritev2(RWF_DSYNC)` (or a write and `fdatasync` where that is refused),
+//! the io_uring engine with a WRITEV carrying `RWF_DSYNC`; SYNCHRONIZE CACHE
+//! is a [`storage::Storage::flush`].
+//!
+//! # Further reading
+//!
+//! In the repository: ARCHITECTURE.md (the modules, the path of a request
+//! step by step, the design decisions) and docs/, one topic a page, listed
+//! in docs/README.md: docs/usage.md for operators, docs/durability.md,
+//! docs/io-uring.md, docs/hostile-guests.md and others in depth.
 
 #![deny(unsafe_op_in_unsafe_fn)]
 #![deny(clippy::undocumented_unsafe_blocks)]

@@ -107,12 +107,7 @@ fn root_or_skip(test: &str) -> bool {
     if unsafe { libc::geteuid() } == 0 {
         return true;
     }
-    let why = format!("{test}: needs root to mount a tmpfs");
-    assert!(
-        std::env::var("CI").as_deref() != Ok("true"),
-        "{why} (CI=true)"
-    );
-    eprintln!("skipped: {why}");
+    common::skipped(&format!("{test}: needs root to mount a tmpfs"));
     false
 }
 
@@ -723,21 +718,12 @@ mod fuse {
 /// data elsewhere, and the daemon goes on.
 #[test]
 fn eio_from_the_image_is_a_medium_error() {
-    if !root_or_skip("eio_from_the_image_is_a_medium_error") {
-        return;
-    }
     let data = pattern(0x61, 1 << 20);
     // Blocks 1024-1031 (512 KiB to 516 KiB) fail.
-    let mount = match fuse::Mount::new(data.clone(), (512 << 10)..(516 << 10)) {
-        Ok(m) => m,
-        Err(e) => {
-            assert!(
-                std::env::var("CI").as_deref() != Ok("true"),
-                "cannot mount a FUSE file system (CI=true): {e}"
-            );
-            eprintln!("skipped: cannot mount a FUSE file system: {e}");
-            return;
-        }
+    let Some(mount) = fuse_or_skip("eio_from_the_image_is_a_medium_error", || {
+        fuse::Mount::new(data.clone(), (512 << 10)..(516 << 10))
+    }) else {
+        return;
     };
     let sockdir = tempfile::tempdir().unwrap();
     let sock = sockdir.path().join("vus.sock");
@@ -792,19 +778,11 @@ fn eio_from_the_image_is_a_medium_error() {
 /// fine: the data the error was about may be lost.
 #[test]
 fn a_durable_write_failing_with_enospc_makes_later_flushes_fail() {
-    if !root_or_skip("a_durable_write_failing_with_enospc_makes_later_flushes_fail") {
+    let Some(mount) = cached_fuse_or_skip(
+        "a_durable_write_failing_with_enospc_makes_later_flushes_fail",
+        vec![0; 1 << 20],
+    ) else {
         return;
-    }
-    let mount = match fuse::Mount::cached(vec![0; 1 << 20]) {
-        Ok(m) => m,
-        Err(e) => {
-            assert!(
-                std::env::var("CI").as_deref() != Ok("true"),
-                "cannot mount a FUSE file system (CI=true): {e}"
-            );
-            eprintln!("skipped: cannot mount a FUSE file system: {e}");
-            return;
-        }
     };
     let sockdir = tempfile::tempdir().unwrap();
     let sock = sockdir.path().join("vus.sock");
@@ -857,17 +835,23 @@ fn a_durable_write_failing_with_enospc_makes_later_flushes_fail() {
 /// A FUSE file served through the page cache, or `None` (printed) where
 /// this system cannot mount one; with `CI=true` that is a failure.
 fn cached_fuse_or_skip(test: &str, data: Vec<u8>) -> Option<fuse::Mount> {
+    fuse_or_skip(test, || fuse::Mount::cached(data))
+}
+
+/// The FUSE file system `mount` mounts, if this machine can mount one:
+/// else the test is skipped (root and /dev/fuse are needed), and fails
+/// under CI.
+fn fuse_or_skip(
+    test: &str,
+    mount: impl FnOnce() -> std::io::Result<fuse::Mount>,
+) -> Option<fuse::Mount> {
     if !root_or_skip(test) {
         return None;
     }
-    match fuse::Mount::cached(data) {
+    match mount() {
         Ok(m) => Some(m),
         Err(e) => {
-            assert!(
-                std::env::var("CI").as_deref() != Ok("true"),
-                "{test}: cannot mount a FUSE file system (CI=true): {e}"
-            );
-            eprintln!("skipped: {test}: cannot mount a FUSE file system: {e}");
+            common::skipped(&format!("{test}: cannot mount a FUSE file system: {e}"));
             None
         }
     }

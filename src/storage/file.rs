@@ -99,9 +99,9 @@ impl FileImage {
         // path before opening could be swapped meanwhile. O_NONBLOCK, so
         // that opening a FIFO (or a device that waits for a carrier)
         // cannot block startup; O_NOCTTY, so a terminal never becomes
-        // ours. Both are cleared, and O_DIRECT set, once the descriptor is
-        // known to be an image: a FIFO refuses O_DIRECT at open, which
-        // would hide what is wrong with it.
+        // ours (it matters only at open). O_NONBLOCK is cleared, and
+        // O_DIRECT set, once the descriptor is known to be an image: a FIFO
+        // refuses O_DIRECT at open, which would hide what is wrong with it.
         let mut options = OpenOptions::new();
         options
             .read(true)

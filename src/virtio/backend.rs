@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use log::{debug, warn};
 use smallvec::SmallVec;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringState, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_bindings::virtio_scsi::{VIRTIO_SCSI_F_CHANGE, VIRTIO_SCSI_F_HOTPLUG};
@@ -439,7 +439,7 @@ impl ScsiBackend {
                 break RoundEnd::OutOfTime;
             }
             let mut state = vring.get_mut();
-            if !state.get_queue().ready() || !state.is_enabled() {
+            if !Self::state_is_live(&state) {
                 break RoundEnd::Stopped;
             }
             let Some(chain) = state.get_queue_mut().pop_descriptor_chain(&**mem) else {
@@ -577,7 +577,7 @@ impl ScsiBackend {
         let mem: Arc<GuestMem> = atomic_mem.memory().into_inner();
         let state = vring.get_ref();
         let queue = state.get_queue();
-        if !queue.ready() || !state.is_enabled() {
+        if !Self::state_is_live(&state) {
             return None;
         }
         let problem = if !queue.is_valid(&*mem) {
@@ -1157,7 +1157,11 @@ impl ScsiBackend {
 impl ScsiBackend {
     /// Whether the driver has set the queue up and enabled it.
     fn is_live(vring: &VringRwLock) -> bool {
-        let state = vring.get_ref();
+        Self::state_is_live(&vring.get_ref())
+    }
+
+    /// As [`ScsiBackend::is_live`], for a vring whose state is held.
+    fn state_is_live(state: &VringState) -> bool {
         state.get_queue().ready() && state.is_enabled()
     }
 }

@@ -286,8 +286,9 @@ impl<'a, B: BitmapSlice> SgList<'a, B> {
                 // (`done` is one), cutting its last pieces short.
                 let mut excess = (done + batch_len) % granule;
                 if excess == batch_len {
-                    self.transfer_through_buffer(done, granule.min(len - done), flow, &mut io)?;
-                    done += granule.min(len - done);
+                    let stretch = granule.min(len - done);
+                    self.transfer_through_buffer(done, stretch, flow, &mut io)?;
+                    done += stretch;
                     continue;
                 }
                 batch_len -= excess;

@@ -21,9 +21,9 @@ use crate::scsi::inquiry::Identity;
 use crate::scsi::lun::MAX_LUN;
 use crate::scsi::{Disk, DiskConfig, DiskError, Target};
 use crate::storage::lock::{self, LockError};
+use crate::storage::IoEngine;
 use crate::storage::{FileImage, ImageKind, OpenError};
 use crate::virtio::backend::{QueueOptions, FIRST_REQUEST_QUEUE, MAX_REQUEST_QUEUES};
-use crate::virtio::uring::IoEngine;
 
 mod lun_spec;
 pub use lun_spec::{LunSpec, LunSpecError, MAX_IMAGES, MAX_SERIAL_LEN};
@@ -289,10 +289,10 @@ impl IoEngineChoice {
     pub fn resolve(self) -> Result<IoEngine, ConfigError> {
         match self {
             IoEngineChoice::Sync => Ok(IoEngine::Sync),
-            IoEngineChoice::IoUring => crate::virtio::uring::probe()
+            IoEngineChoice::IoUring => crate::storage::uring::probe()
                 .map(|()| IoEngine::IoUring)
                 .map_err(ConfigError::IoUring),
-            IoEngineChoice::Auto => match crate::virtio::uring::probe() {
+            IoEngineChoice::Auto => match crate::storage::uring::probe() {
                 Ok(()) => Ok(IoEngine::IoUring),
                 Err(e) => {
                     info!("io_uring is not usable here ({e}): using the sync I/O engine");
@@ -670,7 +670,7 @@ mod tests {
         assert_eq!(IoEngineChoice::default(), IoEngineChoice::Auto);
         assert_eq!(IoEngineChoice::Sync.resolve().unwrap(), IoEngine::Sync);
         // The probe decides what the other two give.
-        match crate::virtio::uring::probe() {
+        match crate::storage::uring::probe() {
             Ok(()) => {
                 assert_eq!(IoEngineChoice::Auto.resolve().unwrap(), IoEngine::IoUring);
                 assert_eq!(

@@ -17,9 +17,9 @@ use vhost_user_backend::VhostUserDaemon;
 use vm_memory::GuestMemoryAtomic;
 
 use crate::scsi::Target;
+use crate::storage::IoEngine;
 use crate::virtio::backend::QueueOptions;
 use crate::virtio::chain::GuestMem;
-use crate::virtio::uring::IoEngine;
 use crate::virtio::ScsiBackend;
 use vmm_sys_util::epoll::EventSet;
 

@@ -21,7 +21,7 @@ use vhost_device_scsi::scsi::inquiry::Identity;
 use vhost_device_scsi::scsi::{
     Completion, Disk, DiskConfig, DiskError, LunAddress, SliceDataOut, Target, VecDataIn,
 };
-use vhost_device_scsi::storage::{Extent, FileImage, IoVec, MemImage, Storage};
+use vhost_device_scsi::storage::{Extent, FileImage, IoBufs, IoBufsMut, MemImage, Storage};
 
 // ---------------------------------------------------------------------------
 // Fixture
@@ -217,10 +217,6 @@ struct Recorder {
     flush_errno: Arc<AtomicI32>,
 }
 
-fn iov_len(iov: &[IoVec]) -> u64 {
-    iov.iter().map(|v| v.iov_len as u64).sum()
-}
-
 impl Recorder {
     fn record(&self, op: Op) {
         self.log.lock().unwrap().push(op);
@@ -249,21 +245,21 @@ impl Storage for Recorder {
         self.image.read_only()
     }
 
-    fn read_vectored_at(&self, iov: &[IoVec], offset: u64) -> io::Result<()> {
+    fn read_vectored_at(&self, bufs: &mut IoBufsMut<'_>, offset: u64) -> io::Result<()> {
         self.record(Op::Read {
             offset,
-            len: iov_len(iov),
+            len: bufs.len() as u64,
         });
-        self.image.read_vectored_at(iov, offset)
+        self.image.read_vectored_at(bufs, offset)
     }
 
-    fn write_vectored_at(&self, iov: &[IoVec], offset: u64, durable: bool) -> io::Result<()> {
+    fn write_vectored_at(&self, bufs: &IoBufs<'_>, offset: u64, durable: bool) -> io::Result<()> {
         self.record(Op::Write {
             offset,
-            len: iov_len(iov),
+            len: bufs.len() as u64,
             durable,
         });
-        self.image.write_vectored_at(iov, offset, false)?;
+        self.image.write_vectored_at(bufs, offset, false)?;
         if durable {
             self.sync()?;
         }
@@ -4929,22 +4925,21 @@ impl Storage for StuckByte {
         self.image.read_only()
     }
 
-    fn read_vectored_at(&self, iov: &[IoVec], offset: u64) -> io::Result<()> {
-        self.image.read_vectored_at(iov, offset)
+    fn read_vectored_at(&self, bufs: &mut IoBufsMut<'_>, offset: u64) -> io::Result<()> {
+        self.image.read_vectored_at(bufs, offset)
     }
 
-    fn write_vectored_at(&self, iov: &[IoVec], offset: u64, durable: bool) -> io::Result<()> {
-        self.image.write_vectored_at(iov, offset, durable)?;
-        if (offset..offset + iov_len(iov)).contains(&self.at) {
+    fn write_vectored_at(&self, bufs: &IoBufs<'_>, offset: u64, durable: bool) -> io::Result<()> {
+        self.image.write_vectored_at(bufs, offset, durable)?;
+        if (offset..offset + bufs.len() as u64).contains(&self.at) {
             let mut byte = [0u8; 1];
-            let one = |b: &mut [u8; 1]| IoVec {
-                iov_base: b.as_mut_ptr().cast(),
-                iov_len: 1,
-            };
-            self.image.read_vectored_at(&[one(&mut byte)], self.at)?;
+            let mut into = IoBufsMut::new();
+            into.push_bytes(&mut byte);
+            self.image.read_vectored_at(&mut into, self.at)?;
             byte[0] ^= 0xff;
-            self.image
-                .write_vectored_at(&[one(&mut byte)], self.at, durable)?;
+            let mut from = IoBufs::new();
+            from.push_bytes(&byte);
+            self.image.write_vectored_at(&from, self.at, durable)?;
         }
         Ok(())
     }

@@ -10,11 +10,11 @@ use vhost_device_scsi::frontend::vring_need_event;
 use vhost_device_scsi::scsi::inquiry::Identity;
 use vhost_device_scsi::scsi::{Disk, DiskConfig, Target};
 use vhost_device_scsi::storage::FileImage;
+use vhost_device_scsi::storage::IoEngine;
 use vhost_device_scsi::virtio::backend::{
     QueueOptions, CONTROL_QUEUE, EVENT_QUEUE, FIRST_REQUEST_QUEUE,
 };
 use vhost_device_scsi::virtio::chain::GuestMem;
-use vhost_device_scsi::virtio::uring::IoEngine;
 use vhost_device_scsi::virtio::ScsiBackend;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};

@@ -14,7 +14,7 @@ use std::ops::Range;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use vhost_device_scsi::storage::{Extent, IoVec, MemImage, Storage};
+use vhost_device_scsi::storage::{Extent, IoBufs, IoBufsMut, MemImage, Storage};
 
 /// Outcome counters of the current thread's executions, so a run can show
 /// which paths its inputs reached.
@@ -234,12 +234,6 @@ pub struct Handle {
     pub changes: Arc<AtomicUsize>,
 }
 
-fn iov_total(iov: &[IoVec]) -> u64 {
-    iov.iter()
-        .try_fold(0u64, |acc, v| acc.checked_add(v.iov_len as u64))
-        .unwrap_or(u64::MAX)
-}
-
 impl Storage for Checked {
     fn size(&self) -> u64 {
         self.image.size()
@@ -249,14 +243,14 @@ impl Storage for Checked {
         self.image.read_only()
     }
 
-    fn read_vectored_at(&self, iov: &[IoVec], offset: u64) -> io::Result<()> {
-        self.check("read", offset, iov_total(iov));
-        self.image.read_vectored_at(iov, offset)
+    fn read_vectored_at(&self, bufs: &mut IoBufsMut<'_>, offset: u64) -> io::Result<()> {
+        self.check("read", offset, bufs.len() as u64);
+        self.image.read_vectored_at(bufs, offset)
     }
 
-    fn write_vectored_at(&self, iov: &[IoVec], offset: u64, durable: bool) -> io::Result<()> {
-        self.change("write", offset, iov_total(iov));
-        self.image.write_vectored_at(iov, offset, durable)
+    fn write_vectored_at(&self, bufs: &IoBufs<'_>, offset: u64, durable: bool) -> io::Result<()> {
+        self.change("write", offset, bufs.len() as u64);
+        self.image.write_vectored_at(bufs, offset, durable)
     }
 
     fn flush(&self) -> io::Result<()> {

@@ -423,7 +423,7 @@ impl World {
             let _ = backend.write_config(20, &u32::from(sense).to_le_bytes());
         }
         let kicks: Vec<EventFd> = (0..QUEUES)
-            .map(|_| EventFd::new(libc::EFD_NONBLOCK).expect("kick eventfd"))
+            .map(|_| EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).expect("kick eventfd"))
             .collect();
         let vrings = (0..QUEUES)
             .map(|i| {

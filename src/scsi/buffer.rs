@@ -4,7 +4,7 @@
 
 use std::io;
 
-use crate::storage::{IoVec, Storage};
+use crate::storage::{IoBufs, IoBufsMut, Storage};
 
 /// Data-in: the buffer the device fills for the initiator.
 pub trait DataIn {
@@ -82,11 +82,9 @@ impl DataIn for VecDataIn {
         }
         let start = self.data.len();
         self.data.resize(start + len, 0);
-        let iov = IoVec {
-            iov_base: self.data[start..].as_mut_ptr().cast(),
-            iov_len: len,
-        };
-        let result = storage.read_vectored_at(&[iov], offset);
+        let mut destination = IoBufsMut::new();
+        destination.push_bytes(&mut self.data[start..]);
+        let result = storage.read_vectored_at(&mut destination, offset);
         if result.is_err() {
             self.data.truncate(start);
         }
@@ -128,11 +126,9 @@ impl DataOut for SliceDataOut<'_> {
         let Some(chunk) = self.data.get(..len) else {
             return Err(io::Error::from(io::ErrorKind::InvalidInput));
         };
-        let iov = IoVec {
-            iov_base: chunk.as_ptr() as *mut libc::c_void,
-            iov_len: len,
-        };
-        storage.write_vectored_at(&[iov], offset, durable)?;
+        let mut source = IoBufs::new();
+        source.push_bytes(chunk);
+        storage.write_vectored_at(&source, offset, durable)?;
         self.data = &self.data[len..];
         Ok(())
     }

@@ -11,8 +11,8 @@
 //! data it failed to write must never be reported as flushed ("fsyncgate").
 
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Condvar, Mutex, MutexGuard, PoisonError, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, PoisonError, RwLock};
 
 use super::buffer::{DataIn, DataOut};
 use super::cdb::{BlockRange, Command};
@@ -20,7 +20,7 @@ use super::error::{CommandError, CommandResult};
 use super::inquiry::{self, Identity, VpdParams};
 use super::mode::{self, ModeParams};
 use super::sense::{self, SenseData};
-use crate::storage::{AsyncFile, IoVec, Storage};
+use crate::storage::{Direction, IoBufs, IoBufsMut, Storage, Transfer};
 
 /// The largest single transfer, in bytes, reported in the block limits VPD
 /// page (and enforced): 32 MiB.
@@ -74,7 +74,7 @@ pub enum DiskError {
 }
 
 pub struct Disk {
-    storage: Box<dyn Storage>,
+    storage: Arc<dyn Storage>,
     config: DiskConfig,
     blocks: u64,
     /// Caching mode page WCE.
@@ -84,31 +84,69 @@ pub struct Disk {
     /// A flush or durable write failed: no later flush may succeed.
     flush_failed: AtomicBool,
     /// COMPARE AND WRITE holds this exclusively; every other data access
-    /// holds it shared, so the compare and the write are atomic (SBC-3
-    /// §5.3).
+    /// holds it shared (or a [`TransferAccess`], taken with it shared), so
+    /// the compare and the write are atomic (SBC-3 §5.3).
     io_lock: RwLock<()>,
-    /// Transfers an asynchronous engine has in flight on this unit, and
-    /// the condition COMPARE AND WRITE waits on until they have ended.
-    async_in_flight: Mutex<usize>,
-    async_idle: Condvar,
+    /// READ and WRITE transfers handed over and not yet finished.
+    handed_over: Arc<HandedOver>,
 }
 
-/// A planned READ or WRITE transfer: byte offset and length in the image
-/// (validated against the capacity), and its direction.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Transfer {
-    pub offset: u64,
-    pub len: usize,
-    pub direction: Direction,
+/// The count of a unit's transfers handed over to be carried out
+/// elsewhere, and the condition COMPARE AND WRITE waits on until none is
+/// left.
+#[derive(Debug, Default)]
+struct HandedOver {
+    count: AtomicUsize,
+    /// Taken by whoever waits for the count to reach zero, and by whoever
+    /// brings it there before notifying, so no wake-up is lost.
+    lock: Mutex<()>,
+    idle: Condvar,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Direction {
-    /// Image to data-in.
-    Read,
-    /// Data-out to image; `durable`: on stable storage at completion (FUA
-    /// or write cache off).
-    Write { durable: bool },
+impl HandedOver {
+    fn wait_idle(&self) {
+        let guard = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
+        drop(
+            self.idle
+                .wait_while(guard, |_| self.count.load(Ordering::Acquire) != 0)
+                .unwrap_or_else(PoisonError::into_inner),
+        );
+    }
+}
+
+/// Access to a unit for one handed-over READ or WRITE transfer, and the
+/// storage to carry it out on: while it lives, COMPARE AND WRITE waits
+/// (SBC-3 §5.3). Dropping it ends the transfer's access; a transfer in
+/// flight keeps it until its result is in.
+pub struct TransferAccess {
+    storage: Arc<dyn Storage>,
+    handed_over: Arc<HandedOver>,
+}
+
+impl TransferAccess {
+    /// The storage the transfer is carried out on.
+    pub fn storage(&self) -> &Arc<dyn Storage> {
+        &self.storage
+    }
+}
+
+impl Drop for TransferAccess {
+    fn drop(&mut self) {
+        if self.handed_over.count.fetch_sub(1, Ordering::AcqRel) == 1 {
+            let _guard = self
+                .handed_over
+                .lock
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            self.handed_over.idle.notify_all();
+        }
+    }
+}
+
+impl std::fmt::Debug for TransferAccess {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TransferAccess").finish_non_exhaustive()
+    }
 }
 
 impl std::fmt::Debug for Disk {
@@ -135,14 +173,13 @@ impl Disk {
         }
         Ok(Disk {
             blocks: size / u64::from(block_size),
-            storage,
+            storage: Arc::from(storage),
             config,
             write_cache: AtomicBool::new(true),
             descriptor_sense: AtomicBool::new(false),
             flush_failed: AtomicBool::new(false),
             io_lock: RwLock::new(()),
-            async_in_flight: Mutex::new(0),
-            async_idle: Condvar::new(),
+            handed_over: Arc::default(),
         })
     }
 
@@ -499,88 +536,42 @@ impl Disk {
         }
     }
 
-    /// Carries out a planned transfer (or what is left of it) through the
-    /// storage's synchronous calls: `iov` names the memory for the bytes
-    /// from `transfer.offset + done` on.
-    ///
-    /// # Safety contract
-    /// As [`Storage::read_vectored_at`] / [`Storage::write_vectored_at`]:
-    /// each `iov` entry is valid for the access for the duration of the
-    /// call.
-    pub fn transfer_sync(&self, transfer: &Transfer, iov: &[IoVec], done: u64) -> io::Result<()> {
-        let _shared = self.shared();
-        self.transfer_registered(transfer, iov, done)
-    }
-
-    /// As [`Disk::transfer_sync`], for a transfer registered with
-    /// [`Disk::begin_async`] (which stands in for the unit's lock): an
-    /// engine runs a transfer it cannot submit this way, so that it never
-    /// waits for the lock while it has transfers in flight.
-    pub fn transfer_registered(
-        &self,
-        transfer: &Transfer,
-        iov: &[IoVec],
-        done: u64,
-    ) -> io::Result<()> {
-        let offset = transfer.offset + done;
-        match transfer.direction {
-            Direction::Read => self.storage.read_vectored_at(iov, offset),
-            Direction::Write { durable } => self.storage.write_vectored_at(iov, offset, durable),
-        }
-    }
-
-    /// The file an asynchronous engine may access directly.
-    /// See [`crate::storage::Storage::transfer_granule`].
-    pub fn transfer_granule(&self) -> usize {
-        self.storage.transfer_granule()
-    }
-
-    pub fn async_file(&self) -> Option<AsyncFile> {
-        self.storage.async_file()
-    }
-
-    /// Registers a transfer an asynchronous engine is about to start. False
-    /// while COMPARE AND WRITE holds the unit exclusively: the engine must
-    /// then complete its own transfers in flight and use the synchronous
-    /// path, which waits for the COMPARE AND WRITE.
-    pub fn begin_async(&self) -> bool {
+    /// Access for a planned transfer handed over to be carried out
+    /// elsewhere, without waiting: `None` while COMPARE AND WRITE holds the
+    /// unit (the caller must then finish its own transfers in flight before
+    /// it waits with [`Disk::wait_transfer_access`], or the COMPARE AND
+    /// WRITE would wait for them for good).
+    pub fn try_transfer_access(&self) -> Option<TransferAccess> {
         match self.io_lock.try_read() {
-            Ok(_shared) => {
-                *self.in_flight_count() += 1;
-                true
-            }
-            Err(_) => false,
+            Ok(_shared) => Some(self.transfer_access()),
+            Err(_) => None,
         }
     }
 
-    /// An asynchronous transfer registered with [`Disk::begin_async`] has
-    /// ended (its result was reaped).
-    pub fn end_async(&self) {
-        let mut count = self.in_flight_count();
-        *count = count.saturating_sub(1);
-        if *count == 0 {
-            self.async_idle.notify_all();
+    /// As [`Disk::try_transfer_access`], waiting while COMPARE AND WRITE
+    /// holds the unit.
+    pub fn wait_transfer_access(&self) -> TransferAccess {
+        let _shared = self.shared();
+        self.transfer_access()
+    }
+
+    /// Registers a handed-over transfer; called with the unit's lock held
+    /// shared, so that a COMPARE AND WRITE taking it next waits for it.
+    fn transfer_access(&self) -> TransferAccess {
+        self.handed_over.count.fetch_add(1, Ordering::AcqRel);
+        TransferAccess {
+            storage: self.storage.clone(),
+            handed_over: self.handed_over.clone(),
         }
     }
 
-    fn in_flight_count(&self) -> MutexGuard<'_, usize> {
-        self.async_in_flight
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// With the unit held exclusively, waits until every asynchronous
+    /// With the unit held exclusively, waits until every handed-over
     /// transfer has ended. Each engine thread completes its transfers
     /// without taking the unit's lock (and drains them before any command
     /// that does; a thread whose event loop ends drains them first), so
     /// this wait ends.
     fn wait_async_idle(&self) {
-        let count = self.in_flight_count();
-        drop(
-            self.async_idle
-                .wait_while(count, |count| *count != 0)
-                .unwrap_or_else(PoisonError::into_inner),
-        );
+        self.handed_over.wait_idle();
     }
 
     fn read(&self, range: &BlockRange, fua: bool, data_in: &mut dyn DataIn) -> CommandResult<()> {
@@ -634,11 +625,9 @@ impl Disk {
             let n = (transfer.len - done).min(written.len());
             let offset = transfer.offset + done as u64;
             data_out.read_bytes(&mut written[..n]);
-            let iov = IoVec {
-                iov_base: written.as_mut_ptr().cast(),
-                iov_len: n,
-            };
-            let result = self.storage.write_vectored_at(&[iov], offset, durable);
+            let mut source = IoBufs::new();
+            source.push_bytes(&written[..n]);
+            let result = self.storage.write_vectored_at(&source, offset, durable);
             self.written(result, durable)?;
             self.read_medium(&mut medium[..n], offset)?;
             if let Some(at) = first_difference(&medium[..n], &written[..n]) {
@@ -702,11 +691,11 @@ impl Disk {
             let mut done = 0u64;
             while done < len {
                 let n = (len - done).min(chunk.len() as u64) as usize;
-                let iov = IoVec {
-                    iov_base: chunk.as_mut_ptr().cast(),
-                    iov_len: n,
-                };
-                let result = self.storage.write_vectored_at(&[iov], offset + done, false);
+                let mut source = IoBufs::new();
+                source.push_bytes(&chunk[..n]);
+                let result = self
+                    .storage
+                    .write_vectored_at(&source, offset + done, false);
                 self.written(result, false)?;
                 done += n as u64;
             }
@@ -943,12 +932,10 @@ impl Disk {
     }
 
     fn read_medium(&self, buf: &mut [u8], offset: u64) -> CommandResult<()> {
-        let iov = IoVec {
-            iov_base: buf.as_mut_ptr().cast(),
-            iov_len: buf.len(),
-        };
+        let mut destination = IoBufsMut::new();
+        destination.push_bytes(buf);
         self.storage
-            .read_vectored_at(&[iov], offset)
+            .read_vectored_at(&mut destination, offset)
             .map_err(CommandError::ReadError)
     }
 

@@ -14,7 +14,8 @@ pub mod opcodes;
 pub mod sense;
 pub mod target;
 
+pub use crate::storage::{Direction, Transfer};
 pub use buffer::{DataIn, DataOut, SliceDataOut, VecDataIn};
-pub use disk::{Direction, Disk, DiskConfig, DiskError, Transfer};
+pub use disk::{Disk, DiskConfig, DiskError, TransferAccess};
 pub use lun::LunAddress;
 pub use target::{Completion, Prepared, Target};

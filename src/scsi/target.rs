@@ -5,12 +5,13 @@ use std::io;
 
 use super::buffer::{DataIn, DataOut};
 use super::cdb::Command;
-use super::disk::{request_sense, send, Disk, Transfer};
+use super::disk::{request_sense, send, Disk};
 use super::error::{CommandError, CommandResult};
 use super::inquiry::{self, Identity};
 use super::lun::LunAddress;
 use super::opcodes;
 use super::sense::{self, SenseData};
+use crate::storage::Transfer;
 
 /// SAM-5 status codes (§5.3.1, table 26).
 pub mod status {

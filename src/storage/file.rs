@@ -9,7 +9,10 @@ use std::path::{Path, PathBuf};
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use super::{AsyncFile, Extent, IoVec, Storage};
+use super::{AsyncFile, Extent, IoBufs, IoBufsMut, Storage};
+
+/// An entry of the piece lists handed to `preadv(2)` and friends.
+type IoVec = libc::iovec;
 
 /// At most this many iovecs go to one `preadv` call (well below IOV_MAX).
 const IOVECS_PER_CALL: usize = 64;
@@ -164,29 +167,36 @@ impl Storage for FileImage {
         self.read_only
     }
 
-    fn read_vectored_at(&self, iov: &[IoVec], offset: u64) -> io::Result<()> {
-        self.transfer(
-            iov,
-            offset,
-            io::ErrorKind::UnexpectedEof,
-            |fd, v, n, off| {
-                // SAFETY: every entry names memory the caller guarantees to be
-                // writable for its length (Storage::read_vectored_at contract).
-                unsafe { libc::preadv(fd, v, n, off) }
-            },
-        )
+    fn read_vectored_at(&self, bufs: &mut IoBufsMut<'_>, offset: u64) -> io::Result<()> {
+        let preadv = |fd, v, n, off| {
+            // SAFETY: `transfer` hands `n` entries of memory valid for
+            // writes (its contract).
+            unsafe { libc::preadv(fd, v, n, off) }
+        };
+        // SAFETY: `bufs`' pieces are valid for writes while it is borrowed
+        // (IoBufsMut's invariant), for all of this call.
+        unsafe { self.transfer(bufs.iovecs(), offset, io::ErrorKind::UnexpectedEof, preadv) }
     }
 
-    fn write_vectored_at(&self, iov: &[IoVec], offset: u64, durable: bool) -> io::Result<()> {
+    fn write_vectored_at(&self, bufs: &IoBufs<'_>, offset: u64, durable: bool) -> io::Result<()> {
         if self.read_only {
             return Err(io::Error::from_raw_os_error(libc::EROFS));
         }
+        let pwritev2_dsync = |fd, v, n, off| {
+            // SAFETY: `transfer` hands `n` entries of memory valid for
+            // reads (its contract).
+            unsafe { libc::pwritev2(fd, v, n, off, libc::RWF_DSYNC) }
+        };
+        let pwritev = |fd, v, n, off| {
+            // SAFETY: as above.
+            unsafe { libc::pwritev(fd, v, n, off) }
+        };
+        let iov = bufs.iovecs();
         if durable && self.dsync_writes.load(Ordering::Relaxed) {
-            let result = self.transfer(iov, offset, io::ErrorKind::WriteZero, |fd, v, n, off| {
-                // SAFETY: every entry names memory the caller guarantees to
-                // be readable for its length (write_vectored_at contract).
-                unsafe { libc::pwritev2(fd, v, n, off, libc::RWF_DSYNC) }
-            });
+            // SAFETY: `bufs`' pieces are valid for reads while it is
+            // borrowed (IoBufs' invariant), for all of this call.
+            let result =
+                unsafe { self.transfer(iov, offset, io::ErrorKind::WriteZero, pwritev2_dsync) };
             match result {
                 Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::ENOSYS)) => {
                     // Kernel or file system without RWF_DSYNC: write, then
@@ -196,10 +206,8 @@ impl Storage for FileImage {
                 other => return other,
             }
         }
-        self.transfer(iov, offset, io::ErrorKind::WriteZero, |fd, v, n, off| {
-            // SAFETY: as above.
-            unsafe { libc::pwritev(fd, v, n, off) }
-        })?;
+        // SAFETY: as above.
+        unsafe { self.transfer(iov, offset, io::ErrorKind::WriteZero, pwritev) }?;
         if durable {
             self.flush()?;
         }
@@ -248,11 +256,9 @@ impl Storage for FileImage {
         let mut done = 0u64;
         while done < len {
             let n = (len - done).min(ZEROES.len() as u64) as usize;
-            let iov = IoVec {
-                iov_base: ZEROES.as_ptr() as *mut libc::c_void,
-                iov_len: n,
-            };
-            self.write_vectored_at(&[iov], offset + done, false)?;
+            let mut zeroes = IoBufs::new();
+            zeroes.push_bytes(&ZEROES[..n]);
+            self.write_vectored_at(&zeroes, offset + done, false)?;
             done += n as u64;
         }
         Ok(())
@@ -396,7 +402,11 @@ impl FileImage {
     /// Runs `op` (preadv/pwritev-like) until every byte of `iov` is
     /// transferred, retrying short transfers and EINTR; a zero-byte
     /// transfer is `on_zero`.
-    fn transfer<F>(
+    ///
+    /// # Safety
+    /// Every entry of `iov` names memory valid for the access `op` makes
+    /// (writes for a read, reads for a write) for the duration of the call.
+    unsafe fn transfer<F>(
         &self,
         iov: &[IoVec],
         offset: u64,
@@ -407,22 +417,28 @@ impl FileImage {
         F: Fn(libc::c_int, *const IoVec, libc::c_int, libc::off_t) -> isize,
     {
         let Some(align) = self.direct else {
-            return self.transfer_as_is(iov, offset, on_zero, &op);
+            // SAFETY: the caller's guarantee.
+            return unsafe { self.transfer_as_is(iov, offset, on_zero, &op) };
         };
-        if is_aligned(iov, align) {
-            match self.transfer_as_is(iov, offset, on_zero, &op) {
+        if super::iobufs::aligned(iov, align.memory, align.offset) {
+            // SAFETY: the caller's guarantee.
+            match unsafe { self.transfer_as_is(iov, offset, on_zero, &op) } {
                 // The kernel wanted a stricter alignment than statx said.
                 Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
                 other => return other,
             }
         }
-        self.transfer_bounced(iov, offset, on_zero, align, &op)
+        // SAFETY: the caller's guarantee.
+        unsafe { self.transfer_bounced(iov, offset, on_zero, align, &op) }
     }
 
     /// O_DIRECT with guest buffers the kernel cannot take as they are: the
     /// data goes through an aligned buffer (bounded by the largest
     /// transfer the SCSI layer allows, 32 MiB).
-    fn transfer_bounced<F>(
+    ///
+    /// # Safety
+    /// As [`FileImage::transfer`].
+    unsafe fn transfer_bounced<F>(
         &self,
         iov: &[IoVec],
         offset: u64,
@@ -446,8 +462,8 @@ impl FileImage {
         if writing {
             let mut at = 0;
             for v in iov.iter().filter(|v| v.iov_len > 0) {
-                // SAFETY: the caller guarantees each entry is readable for
-                // its length; `bounce` holds `total` bytes.
+                // SAFETY: each entry is readable for its length (this
+                // function's contract); `bounce` holds `total` bytes.
                 unsafe {
                     std::ptr::copy_nonoverlapping(
                         v.iov_base.cast::<u8>(),
@@ -462,12 +478,14 @@ impl FileImage {
             iov_base: bounce.as_mut_ptr().cast(),
             iov_len: total,
         }];
-        self.transfer_as_is(&whole, offset, on_zero, op)?;
+        // SAFETY: `whole` names `bounce`, `total` bytes valid for both
+        // accesses while it lives.
+        unsafe { self.transfer_as_is(&whole, offset, on_zero, op) }?;
         if !writing {
             let mut at = 0;
             for v in iov.iter().filter(|v| v.iov_len > 0) {
-                // SAFETY: the caller guarantees each entry is writable for
-                // its length; `bounce` holds `total` bytes.
+                // SAFETY: each entry is writable for its length (this
+                // function's contract); `bounce` holds `total` bytes.
                 unsafe {
                     std::ptr::copy_nonoverlapping(
                         bounce.as_mut_ptr().add(at),
@@ -481,7 +499,9 @@ impl FileImage {
         Ok(())
     }
 
-    fn transfer_as_is<F>(
+    /// # Safety
+    /// As [`FileImage::transfer`].
+    unsafe fn transfer_as_is<F>(
         &self,
         iov: &[IoVec],
         offset: u64,
@@ -525,14 +545,6 @@ impl FileImage {
         }
         Ok(())
     }
-}
-
-/// Whether every buffer meets O_DIRECT's alignment: addresses to the memory
-/// alignment, lengths to the offset alignment.
-pub(super) fn is_aligned(iov: &[IoVec], align: DirectAlignment) -> bool {
-    iov.iter().all(|v| {
-        (v.iov_base as usize) % align.memory == 0 && (v.iov_len as u64) % align.offset == 0
-    })
 }
 
 /// Replaces the file status flags fcntl(F_SETFL) may change (O_APPEND,
@@ -625,11 +637,19 @@ mod tests {
     use super::*;
     use std::io::Write;
 
-    fn iov(buf: &mut [u8]) -> IoVec {
-        IoVec {
-            iov_base: buf.as_mut_ptr().cast(),
-            iov_len: buf.len(),
+    /// `bufs` as one list to read into.
+    fn into_bufs<'a>(bufs: impl IntoIterator<Item = &'a mut [u8]>) -> IoBufsMut<'a> {
+        let mut list = IoBufsMut::new();
+        for buf in bufs {
+            list.push_bytes(buf);
         }
+        list
+    }
+
+    fn from_bytes(buf: &[u8]) -> IoBufs<'_> {
+        let mut list = IoBufs::new();
+        list.push_bytes(buf);
+        list
     }
 
     fn image(bytes: &[u8]) -> (tempfile::NamedTempFile, FileImage) {
@@ -646,7 +666,7 @@ mod tests {
         assert_eq!(img.size(), 4096);
         assert_eq!(img.kind(), ImageKind::RegularFile);
         let (mut a, mut b, mut c) = ([0u8; 3], [0u8; 100], [0u8; 1]);
-        img.read_vectored_at(&[iov(&mut a), iov(&mut b), iov(&mut c)], 10)
+        img.read_vectored_at(&mut into_bufs([&mut a[..], &mut b[..], &mut c[..]]), 10)
             .unwrap();
         assert_eq!(a, data[10..13]);
         assert_eq!(b, data[13..113]);
@@ -658,8 +678,8 @@ mod tests {
         let data: Vec<u8> = (0..200u8).collect();
         let (_tmp, img) = image(&data);
         let mut bufs = [[0u8; 2]; 100];
-        let iovs: Vec<IoVec> = bufs.iter_mut().map(|b| iov(b)).collect();
-        img.read_vectored_at(&iovs, 0).unwrap();
+        img.read_vectored_at(&mut into_bufs(bufs.iter_mut().map(|b| &mut b[..])), 0)
+            .unwrap();
         let flat: Vec<u8> = bufs.concat();
         assert_eq!(flat, data);
     }
@@ -668,7 +688,9 @@ mod tests {
     fn read_past_end_is_eof() {
         let (_tmp, img) = image(&[1u8; 512]);
         let mut buf = [0u8; 16];
-        let err = img.read_vectored_at(&[iov(&mut buf)], 504).unwrap_err();
+        let err = img
+            .read_vectored_at(&mut into_bufs([&mut buf[..]]), 504)
+            .unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
     }
 
@@ -745,25 +767,24 @@ mod tests {
         assert!(align.offset <= 4096);
         // Aligned buffer.
         let mut aligned = AlignedBuffer::new(8192, 4096).unwrap();
-        let iov = IoVec {
-            iov_base: aligned.as_mut_ptr().cast(),
-            iov_len: 8192,
-        };
-        img.read_vectored_at(&[iov], 8192).unwrap();
-        // SAFETY: the buffer holds 8192 initialised bytes.
-        let got = unsafe { std::slice::from_raw_parts(aligned.as_mut_ptr(), 8192) };
-        assert_eq!(got, &data[8192..16384]);
+        // SAFETY: the buffer holds 8192 zeroed bytes, only accessed
+        // through this slice while it lives.
+        let aligned_bytes = unsafe { std::slice::from_raw_parts_mut(aligned.as_mut_ptr(), 8192) };
+        img.read_vectored_at(&mut into_bufs([&mut aligned_bytes[..]]), 8192)
+            .unwrap();
+        assert_eq!(&aligned_bytes[..], &data[8192..16384]);
         // A misaligned guest buffer (odd address, odd split) is bounced.
         let mut raw = vec![0u8; 4096 + 1];
         let (a, b) = raw[1..].split_at_mut(1000);
-        img.read_vectored_at(&[iov_of(a), iov_of(b)], 4096).unwrap();
+        img.read_vectored_at(&mut into_bufs([a, b]), 4096).unwrap();
         assert_eq!(&raw[1..], &data[4096..8192]);
         // Writes both ways, durable and not.
         let mut new = vec![0x77u8; 4096 + 1];
         let (a, b) = new[1..].split_at_mut(3);
-        img.write_vectored_at(&[iov_of(a), iov_of(b)], 0, true)
+        img.write_vectored_at(&into_bufs([a, b]).into(), 0, true)
             .unwrap();
-        img.write_vectored_at(&[iov], 12288, false).unwrap();
+        img.write_vectored_at(&from_bytes(aligned_bytes), 12288, false)
+            .unwrap();
         img.flush().unwrap();
         let on_disk = std::fs::read(tmp.path()).unwrap();
         assert_eq!(&on_disk[..4096], &[0x77u8; 4096][..]);
@@ -776,13 +797,6 @@ mod tests {
             .all(|&b| b == 0));
     }
 
-    fn iov_of(buf: &mut [u8]) -> IoVec {
-        IoVec {
-            iov_base: buf.as_mut_ptr().cast(),
-            iov_len: buf.len(),
-        }
-    }
-
     #[test]
     fn extents_count_zeroed_ranges_as_allocated() {
         let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
@@ -793,8 +807,8 @@ mod tests {
         let img = FileImage::open(&path, false).unwrap();
         // Data at 256 KiB, a zeroed (ZERO_RANGE) range at 512 KiB, holes
         // elsewhere.
-        let mut data = vec![0x11u8; 64 << 10];
-        img.write_vectored_at(&[iov(&mut data)], 256 << 10, true)
+        let data = vec![0x11u8; 64 << 10];
+        img.write_vectored_at(&from_bytes(&data), 256 << 10, true)
             .unwrap();
         img.write_zeroes(512 << 10, 64 << 10, false).unwrap();
         img.flush().unwrap();

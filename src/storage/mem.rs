@@ -8,7 +8,7 @@ use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{PoisonError, RwLock};
 
-use super::{Extent, IoVec, Storage};
+use super::{Extent, IoBufs, IoBufsMut, Storage};
 
 /// A byte-addressed image in memory.
 ///
@@ -119,20 +119,6 @@ impl MemImage {
             .as_ref()
             .is_some_and(|bad| start < bad.end && bad.start < end)
     }
-
-    /// Fills `dst` with the image bytes at `offset`, which the caller has
-    /// checked to lie within the size.
-    fn copy_out(&self, dst: &mut [u8], offset: u64) {
-        // Offsets at or beyond the stored data (including any that do not fit
-        // in usize) are in the zero tail.
-        let start = usize::try_from(offset).unwrap_or(usize::MAX);
-        let data = self.stored();
-        let stored = data.get(start..).unwrap_or(&[]);
-        let n = stored.len().min(dst.len());
-        let (head, tail) = dst.split_at_mut(n);
-        head.copy_from_slice(&stored[..n]);
-        tail.fill(0);
-    }
 }
 
 impl fmt::Debug for MemImage {
@@ -155,13 +141,10 @@ impl Storage for MemImage {
         self.read_only
     }
 
-    fn read_vectored_at(&self, iov: &[IoVec], offset: u64) -> io::Result<()> {
+    fn read_vectored_at(&self, bufs: &mut IoBufsMut<'_>, offset: u64) -> io::Result<()> {
         // Check the whole transfer before touching any buffer, so that an
         // error leaves the destination unmodified.
-        let total = iov
-            .iter()
-            .try_fold(0u64, |acc, v| acc.checked_add(v.iov_len as u64))
-            .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let total = bufs.len() as u64;
         if total == 0 {
             return Ok(());
         }
@@ -172,41 +155,27 @@ impl Storage for MemImage {
         if self.read_fails(offset, end) {
             return Err(io::Error::from_raw_os_error(libc::EIO));
         }
-        let mut pos = offset;
-        for v in iov {
-            if v.iov_len == 0 {
-                // May be a null pointer; nothing to fill.
-                continue;
-            }
-            // SAFETY: the caller guarantees every entry points to memory
-            // valid for writes of its length for the duration of the call
-            // (Storage::read_vectored_at contract); a non-empty entry
-            // therefore has a non-null, suitably sized pointer.
-            let dst = unsafe { std::slice::from_raw_parts_mut(v.iov_base.cast::<u8>(), v.iov_len) };
-            self.copy_out(dst, pos);
-            pos += v.iov_len as u64;
+        // Offsets at or beyond the stored data (including any that do not
+        // fit in usize) are in the zero tail.
+        let start = usize::try_from(offset).unwrap_or(usize::MAX);
+        let data = self.stored();
+        let stored = data.get(start..).unwrap_or(&[]);
+        let n = stored.len().min(bufs.len());
+        bufs.fill_from(&stored[..n]);
+        drop(data);
+        static ZEROES: [u8; 4096] = [0; 4096];
+        let mut at = n;
+        while at < bufs.len() {
+            let chunk = (bufs.len() - at).min(ZEROES.len());
+            at += bufs.fill_at(at, &ZEROES[..chunk]);
         }
         Ok(())
     }
 
-    fn write_vectored_at(&self, iov: &[IoVec], offset: u64, durable: bool) -> io::Result<()> {
-        let total = iov
-            .iter()
-            .try_fold(0u64, |acc, v| acc.checked_add(v.iov_len as u64))
-            .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
-        let range = self.writable_range(offset, total)?;
+    fn write_vectored_at(&self, bufs: &IoBufs<'_>, offset: u64, durable: bool) -> io::Result<()> {
+        let range = self.writable_range(offset, bufs.len() as u64)?;
         let mut data = self.data.write().unwrap_or_else(PoisonError::into_inner);
-        let mut pos = range.start;
-        for v in iov {
-            if v.iov_len == 0 {
-                continue;
-            }
-            // SAFETY: the caller guarantees every entry points to memory
-            // valid for reads of its length (write_vectored_at contract).
-            let src = unsafe { std::slice::from_raw_parts(v.iov_base.cast::<u8>(), v.iov_len) };
-            data[pos..pos + src.len()].copy_from_slice(src);
-            pos += src.len();
-        }
+        bufs.gather_into(&mut data[range]);
         drop(data);
         if durable {
             self.flush()?;
@@ -258,11 +227,16 @@ impl Storage for MemImage {
 mod tests {
     use super::*;
 
-    fn iov(buf: &mut [u8]) -> IoVec {
-        IoVec {
-            iov_base: buf.as_mut_ptr().cast(),
-            iov_len: buf.len(),
+    fn bufs<'a>(bufs: impl IntoIterator<Item = &'a mut [u8]>) -> IoBufsMut<'a> {
+        let mut list = IoBufsMut::new();
+        for buf in bufs {
+            list.push_bytes(buf);
         }
+        list
+    }
+
+    fn iov(buf: &mut [u8]) -> IoBufsMut<'_> {
+        bufs([buf])
     }
 
     #[test]
@@ -272,7 +246,7 @@ mod tests {
         assert_eq!(img.size(), 4096);
         assert!(img.read_only());
         let (mut a, mut b, mut c) = ([0u8; 3], [0u8; 100], [0u8; 1]);
-        img.read_vectored_at(&[iov(&mut a), iov(&mut b), iov(&mut c)], 10)
+        img.read_vectored_at(&mut bufs([&mut a[..], &mut b[..], &mut c[..]]), 10)
             .unwrap();
         assert_eq!(a, data[10..13]);
         assert_eq!(b, data[13..113]);
@@ -284,27 +258,25 @@ mod tests {
     fn read_past_end_is_eof_and_writes_nothing() {
         let img = MemImage::new(vec![1u8; 512], false);
         let mut buf = [7u8; 16];
-        let err = img.read_vectored_at(&[iov(&mut buf)], 504).unwrap_err();
+        let err = img.read_vectored_at(&mut iov(&mut buf), 504).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
         assert_eq!(buf, [7u8; 16]);
         let err = img
-            .read_vectored_at(&[iov(&mut buf)], u64::MAX)
+            .read_vectored_at(&mut iov(&mut buf), u64::MAX)
             .unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
         // The last bytes are readable.
-        img.read_vectored_at(&[iov(&mut buf)], 496).unwrap();
+        img.read_vectored_at(&mut iov(&mut buf), 496).unwrap();
         assert_eq!(buf, [1u8; 16]);
     }
 
     #[test]
     fn empty_reads_succeed() {
         let img = MemImage::new(vec![1u8; 8], true);
-        let null = IoVec {
-            iov_base: std::ptr::null_mut(),
-            iov_len: 0,
-        };
-        img.read_vectored_at(&[], u64::MAX).unwrap();
-        img.read_vectored_at(&[null, null], 4).unwrap();
+        img.read_vectored_at(&mut IoBufsMut::new(), u64::MAX)
+            .unwrap();
+        img.read_vectored_at(&mut bufs([&mut [][..], &mut [][..]]), 4)
+            .unwrap();
     }
 
     #[test]
@@ -314,10 +286,10 @@ mod tests {
         assert_eq!(img.data(), vec![9u8; 4]);
         assert!(img.with_data(|d| d == [9u8; 4]));
         let mut buf = [0xaau8; 8];
-        img.read_vectored_at(&[iov(&mut buf)], 0).unwrap();
+        img.read_vectored_at(&mut iov(&mut buf), 0).unwrap();
         assert_eq!(buf, [9, 9, 9, 9, 0, 0, 0, 0]);
         let mut buf = [0xaau8; 8];
-        img.read_vectored_at(&[iov(&mut buf)], (1 << 40) - 8)
+        img.read_vectored_at(&mut iov(&mut buf), (1 << 40) - 8)
             .unwrap();
         assert_eq!(buf, [0u8; 8]);
         // A size below the data length grows to it.
@@ -328,9 +300,10 @@ mod tests {
     fn sparse_tail_takes_no_writes_but_deallocates() {
         let img = MemImage::sparse(vec![7u8; 1024], 4096, false);
         let mut buf = [1u8; 512];
-        img.write_vectored_at(&[iov(&mut buf)], 512, false).unwrap();
+        img.write_vectored_at(&iov(&mut buf).into(), 512, false)
+            .unwrap();
         let err = img
-            .write_vectored_at(&[iov(&mut buf)], 768, false)
+            .write_vectored_at(&iov(&mut buf).into(), 768, false)
             .unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::ENOSPC));
         let err = img.write_zeroes(512, 1024, false).unwrap_err();
@@ -355,15 +328,15 @@ mod tests {
     fn injected_read_error() {
         let img = MemImage::new(vec![3u8; 1024], true).with_read_error(512..520);
         let mut buf = [0u8; 512];
-        img.read_vectored_at(&[iov(&mut buf)], 0).unwrap();
+        img.read_vectored_at(&mut iov(&mut buf), 0).unwrap();
         let mut buf = [0u8; 8];
-        let err = img.read_vectored_at(&[iov(&mut buf)], 516).unwrap_err();
+        let err = img.read_vectored_at(&mut iov(&mut buf), 516).unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::EIO));
         assert_eq!(buf, [0u8; 8]);
-        img.read_vectored_at(&[iov(&mut buf)], 520).unwrap();
+        img.read_vectored_at(&mut iov(&mut buf), 520).unwrap();
         assert_eq!(buf, [3u8; 8]);
         // An empty range injects nothing.
         let img = MemImage::new(vec![3u8; 16], true).with_read_error(4..4);
-        img.read_vectored_at(&[iov(&mut buf)], 0).unwrap();
+        img.read_vectored_at(&mut iov(&mut buf), 0).unwrap();
     }
 }

@@ -1,19 +1,21 @@
 //! Storage backends: where a logical unit's blocks live. Knows files and
 //! syscalls (and, for tests and fuzzing, memory), nothing of SCSI or virtio.
 
+pub mod engine;
 mod file;
+mod iobufs;
 pub mod lock;
 mod mem;
+pub mod uring;
 
+pub use engine::{
+    Direction, Engine, IoEngine, Submission, Submitted, SyncEngine, Transfer, TransferMemory,
+};
 pub use file::{DirectAlignment, FileImage, ImageKind, OpenError};
+pub use iobufs::{IoBufs, IoBufsMut, MemoryOwner, PinnedBufs};
 pub use mem::MemImage;
 
 use std::io;
-
-/// A (pointer, length) pair naming memory to transfer into or out of, as
-/// `preadv(2)` takes it. Built from guest memory by the transport, or from
-/// plain buffers in tests.
-pub type IoVec = libc::iovec;
 
 /// An allocation extent: a run of bytes that are all allocated (mapped) or
 /// all deallocated (a hole, reading as zeroes).
@@ -40,9 +42,10 @@ pub struct AsyncFile {
 }
 
 impl AsyncFile {
-    /// Whether `iov` can be transferred as it is (O_DIRECT alignment).
-    pub fn accepts(&self, iov: &[IoVec]) -> bool {
-        self.direct.is_none_or(|align| file::is_aligned(iov, align))
+    /// Whether `bufs` can be transferred as they are (O_DIRECT alignment).
+    pub fn accepts(&self, bufs: &PinnedBufs) -> bool {
+        self.direct
+            .is_none_or(|align| iobufs::aligned(bufs.iovecs(), align.memory, align.offset))
     }
 }
 
@@ -54,21 +57,15 @@ pub trait Storage: Send + Sync {
     /// Whether writes are refused.
     fn read_only(&self) -> bool;
 
-    /// Fill every buffer in `iov`, in order, with the bytes starting at
-    /// `offset`. Either all bytes are transferred or an error is returned
-    /// (a read past the end is `UnexpectedEof`).
-    ///
-    /// # Safety contract for implementors
-    /// Each `iov` entry must point to memory valid for writes of its length
-    /// for the duration of the call; callers guarantee that.
-    fn read_vectored_at(&self, iov: &[IoVec], offset: u64) -> io::Result<()>;
+    /// Fills `bufs`, in order, with the bytes starting at `offset`. Either
+    /// all bytes are transferred or an error is returned (a read past the
+    /// end is `UnexpectedEof`).
+    fn read_vectored_at(&self, bufs: &mut IoBufsMut<'_>, offset: u64) -> io::Result<()>;
 
-    /// Write every buffer in `iov`, in order, starting at `offset`. With
-    /// `durable`, the data is on stable storage when this returns (as with
-    /// `RWF_DSYNC`); otherwise it may sit in a volatile cache until
-    /// [`Storage::flush`]. Each `iov` entry points to memory valid for reads
-    /// of its length for the duration of the call.
-    fn write_vectored_at(&self, iov: &[IoVec], offset: u64, durable: bool) -> io::Result<()>;
+    /// Writes `bufs`, in order, starting at `offset`. With `durable`, the
+    /// data is on stable storage when this returns (as with `RWF_DSYNC`);
+    /// otherwise it may sit in a volatile cache until [`Storage::flush`].
+    fn write_vectored_at(&self, bufs: &IoBufs<'_>, offset: u64, durable: bool) -> io::Result<()>;
 
     /// Offsets and lengths of one vectored transfer must be multiples of
     /// this for it to succeed (O_DIRECT's offset alignment; 1 where any

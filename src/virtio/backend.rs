@@ -26,14 +26,14 @@ use super::answer::Answered;
 use super::chain::{split_chain, GuestMem};
 use super::config::ScsiConfig;
 use super::control::handle_control;
+use super::inflight::QueueIo;
 use super::memory::check_memory_table;
 use super::request::Sizes;
-use super::request::{
-    start_command, PendingCommand, RequestError, Started, SyncBarrier, Transfers,
-};
-use super::uring::{IoEngine, QueueRing};
+use super::request::{start_command, PendingCommand, RequestError, Started, SyncBarrier};
 use crate::scsi::lun::MAX_LUN;
 use crate::scsi::Target;
+use crate::storage::uring::{UringEngine, RING_ENTRIES};
+use crate::storage::{IoEngine, SyncEngine};
 
 /// Queue indexes (virtio 1.2 §5.6.2).
 pub const CONTROL_QUEUE: usize = 0;
@@ -123,7 +123,7 @@ pub struct ScsiBackend {
     /// debug so a guest cannot flood the host's log.
     warned_malformed: AtomicBool,
     engine: IoEngine,
-    /// Per worker thread: its io_uring state (empty with the sync engine).
+    /// Per worker thread: the I/O of the request queues it serves.
     workers: Vec<Mutex<Worker>>,
     /// For each global queue index: the worker thread serving it and the
     /// queue's position among that thread's queues.
@@ -137,30 +137,31 @@ pub struct ScsiBackend {
 /// What [`ScsiBackend::set_before_enable_notification`] installs.
 type BeforeEnableHook = Box<dyn Fn(usize) + Send + Sync>;
 
-/// A worker thread's io_uring state: one ring per request queue it serves
-/// (set up at the queue's first transfer), and the eventfd they all signal,
-/// which the thread's epoll loop watches.
+/// A worker thread's I/O: per request queue it serves, its engine and
+/// requests in flight (set up at the queue's first transfer), and the
+/// eventfd the io_uring engines signal, which the thread's epoll loop
+/// watches.
 struct Worker {
     eventfd: Option<EventFd>,
     /// Indexed like the thread's queues.
-    rings: Vec<Option<QueueRing>>,
-    /// Ring setup failed once: the thread's queues stay synchronous.
+    queues: Vec<Option<QueueIo>>,
+    /// io_uring setup failed once: the thread's queues use the sync engine.
     ring_failed: bool,
 }
 
 impl Worker {
-    /// Completes every transfer in flight on this thread's rings (before
+    /// Completes every transfer in flight on this thread's queues (before
     /// anything runs synchronously, and before a TMF is answered).
     fn drain(&mut self) {
-        for ring in self.rings.iter_mut().flatten() {
-            if ring.in_flight() > 0 {
-                ring.drain();
+        for io in self.queues.iter_mut().flatten() {
+            if io.in_flight() > 0 {
+                io.drain();
             }
         }
     }
 
     fn in_flight(&self) -> usize {
-        self.rings.iter().flatten().map(QueueRing::in_flight).sum()
+        self.queues.iter().flatten().map(QueueIo::in_flight).sum()
     }
 }
 
@@ -171,7 +172,6 @@ struct Pass<'v> {
     /// The guest memory the pass started in, mapped while it lasts.
     mem: Arc<GuestMem>,
     sizes: Sizes,
-    transfers: Transfers,
     /// When the pass stops taking requests (see [`PASS_BUDGET`]).
     deadline: Instant,
 }
@@ -199,8 +199,8 @@ enum NextStep {
 enum RoundEnd {
     /// The available ring is empty, or no more can be taken from it.
     Empty,
-    /// The queue's io_uring ring has no free slot.
-    RingFull,
+    /// The queue's engine cannot take another transfer.
+    EngineFull,
     /// The pass used up its time budget.
     OutOfTime,
     /// The queue was stopped or disabled.
@@ -217,7 +217,7 @@ impl ScsiBackend {
     }
 
     /// A backend whose READ and WRITE transfers use `engine` (the caller
-    /// checked that it works here, see [`super::uring::probe`]).
+    /// checked that it works here, see [`crate::storage::uring::probe`]).
     pub fn with_engine(
         target: Arc<Target>,
         options: QueueOptions,
@@ -263,7 +263,7 @@ impl ScsiBackend {
                 };
                 Mutex::new(Worker {
                     eventfd,
-                    rings: queues.iter().map(|_| None).collect(),
+                    queues: queues.iter().map(|_| None).collect(),
                     ring_failed: false,
                 })
             })
@@ -355,8 +355,8 @@ impl ScsiBackend {
             self.malformed(queue_index, &format_args!("queue unusable: {e}"));
             // Transfers queued before the error still go to the kernel.
             let mut worker = self.worker_of(queue_index);
-            if let Some(ring) = self.ring_of(&mut worker, queue_index) {
-                ring.submit();
+            if let Some(io) = self.io_of(&mut worker, queue_index) {
+                io.push();
             }
         }
     }
@@ -378,19 +378,14 @@ impl ScsiBackend {
             return Ok(());
         };
         let mut worker = self.worker_of(queue_index);
-        let transfers = if queue_index >= FIRST_REQUEST_QUEUE
-            && self.ring_for(&mut worker, queue_index, vring)
-        {
-            Transfers::HandOver
-        } else {
-            Transfers::RunHere
-        };
+        if queue_index >= FIRST_REQUEST_QUEUE {
+            self.set_up_io(&mut worker, queue_index, vring);
+        }
         let pass = Pass {
             queue: queue_index,
             vring,
             mem,
             sizes: self.sizes(),
-            transfers,
             deadline: Instant::now() + self.pass_budget,
         };
         // Whether the last round ended on word that requests were available
@@ -399,10 +394,10 @@ impl ScsiBackend {
         loop {
             vring.disable_notification().map_err(io::Error::other)?;
             let round = self.take_requests(&pass, &mut worker)?;
-            let slots_freed = match self.ring_of(&mut worker, queue_index) {
-                Some(ring) => {
-                    ring.submit();
-                    ring.reap_inline() > 0
+            let slots_freed = match self.io_of(&mut worker, queue_index) {
+                Some(io) => {
+                    io.push();
+                    io.reap_inline() > 0
                 }
                 None => false,
             };
@@ -429,10 +424,10 @@ impl ScsiBackend {
             unsignalled: 0,
         };
         round.end = loop {
-            if let Some(ring) = self.ring_of(worker, queue_index) {
-                ring.stalled = ring.is_full();
-                if ring.stalled {
-                    break RoundEnd::RingFull;
+            if let Some(io) = self.io_of(worker, queue_index) {
+                io.stalled = io.is_full();
+                if io.stalled {
+                    break RoundEnd::EngineFull;
                 }
             }
             if round.popped > 0 && Instant::now() >= pass.deadline {
@@ -448,8 +443,8 @@ impl ScsiBackend {
             round.popped += 1;
             let head = chain.head_index();
             let size = state.get_queue().size();
-            // Unlocked while the request runs: draining the rings may
-            // return other chains of this queue.
+            // Unlocked while the request runs: draining transfers in
+            // flight may return other chains of this queue.
             drop(state);
             if head >= size {
                 // virtio 1.2 §2.7.6: an available ring entry is the head
@@ -464,10 +459,8 @@ impl ScsiBackend {
                 );
                 continue;
             }
-            let Some(used_len) =
-                self.run_chain(queue_index, chain, mem, pass.sizes, pass.transfers, worker)
-            else {
-                // On the io_uring ring: returned when it completes.
+            let Some(used_len) = self.run_chain(queue_index, chain, mem, pass.sizes, worker) else {
+                // In flight: returned when its transfer completes.
                 continue;
             };
             vring
@@ -499,12 +492,12 @@ impl ScsiBackend {
         match round.end {
             // Notifications stay off: reaping completions serves the queue
             // again.
-            RoundEnd::RingFull if slots_freed => {
+            RoundEnd::EngineFull if slots_freed => {
                 return Ok(NextStep::Again {
                     expecting_work: false,
                 })
             }
-            RoundEnd::RingFull | RoundEnd::Stopped => return Ok(NextStep::Stop),
+            RoundEnd::EngineFull | RoundEnd::Stopped => return Ok(NextStep::Stop),
             RoundEnd::OutOfTime => {
                 // With requests left, notifications stay off and the kick
                 // brings the worker back once its other events are handled.
@@ -593,14 +586,13 @@ impl ScsiBackend {
     }
 
     /// Executes one request chain (control or command); its used length,
-    /// or None when an io_uring ring took it and returns it on completion.
+    /// or None when its transfer is in flight and returns it on completion.
     fn run_chain(
         &self,
         queue_index: usize,
         chain: DescriptorChain<&GuestMem>,
         mem: &Arc<GuestMem>,
         sizes: Sizes,
-        transfers: Transfers,
         worker: &mut Worker,
     ) -> Option<u32> {
         let head = chain.head_index();
@@ -619,7 +611,7 @@ impl ScsiBackend {
             }
             return Some(answered.used_len);
         }
-        let started = start_command(split, &self.target, sizes, transfers, &mut |barrier| {
+        let started = start_command(split, &self.target, sizes, &mut |barrier| {
             // Anything run synchronously comes after every transfer this
             // thread has in flight: SYNCHRONIZE CACHE then covers them, and
             // no transfer of this thread is left holding up a COMPARE AND
@@ -635,14 +627,7 @@ impl ScsiBackend {
         let answered = match started {
             Started::Done(answered) => answered,
             Started::Transfer(pending) => {
-                let declined = match self.ring_of(worker, queue_index) {
-                    Some(ring) => ring.start(pending, head, mem).err(),
-                    None => Some(pending),
-                };
-                match declined {
-                    None => return None,
-                    Some(pending) => self.run_inline(worker, pending),
-                }
+                self.start_transfer(queue_index, pending, head, worker)?
             }
         };
         if let Some(e) = &answered.malformed {
@@ -673,25 +658,42 @@ impl ScsiBackend {
         }
     }
 
-    /// Runs a READ or WRITE the ring did not take synchronously, keeping
-    /// this thread's other transfers in flight: registered as in flight on
-    /// the unit instead of taking its lock. Only while COMPARE AND WRITE
-    /// holds the unit does it drain them first and wait for the lock (a
-    /// thread blocked with transfers in flight would hold the COMPARE AND
-    /// WRITE up for good).
-    fn run_inline(
+    /// Hands a READ or WRITE over to the queue's engine: its answer if it
+    /// was carried out at once, `None` if it is in flight. The transfer
+    /// holds access to its unit until its result is in; only while COMPARE
+    /// AND WRITE holds the unit does the thread complete its own transfers
+    /// in flight first and wait (a thread blocked with transfers in flight
+    /// would hold the COMPARE AND WRITE up for good).
+    fn start_transfer(
         &self,
+        queue_index: usize,
+        mut pending: PendingCommand<'_>,
+        head: u16,
         worker: &mut Worker,
-        pending: PendingCommand<'_>,
-    ) -> Answered<RequestError> {
-        let disk = self.target.luns().get(pending.lun);
-        if let Some(disk) = disk.filter(|d| d.begin_async()) {
-            let done = pending.run_registered(&self.target);
-            disk.end_async();
-            done
-        } else {
-            worker.drain();
-            pending.run_sync(&self.target)
+    ) -> Option<Answered<RequestError>> {
+        let Some(disk) = self.target.luns().get(pending.lun) else {
+            let missing = io::Error::from(io::ErrorKind::NotFound);
+            return Some(pending.answer(&self.target, Err(missing)));
+        };
+        let access = match disk.try_transfer_access() {
+            Some(access) => access,
+            None => {
+                worker.drain();
+                disk.wait_transfer_access()
+            }
+        };
+        match self.io_of(worker, queue_index) {
+            Some(io) => io.start(pending, access, head),
+            None => {
+                // Not a request queue of this thread (cannot happen: the
+                // pass set its I/O up); answered synchronously all the same.
+                let result = crate::storage::engine::transfer_sync(
+                    &**access.storage(),
+                    pending.transfer,
+                    pending.memory(),
+                );
+                Some(pending.answer(&self.target, result))
+            }
         }
     }
 
@@ -718,36 +720,49 @@ impl ScsiBackend {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn ring_of<'w>(&self, worker: &'w mut Worker, queue: usize) -> Option<&'w mut QueueRing> {
+    fn io_of<'w>(&self, worker: &'w mut Worker, queue: usize) -> Option<&'w mut QueueIo> {
         let &(_, pos) = self.queue_owner.get(queue)?;
-        worker.rings.get_mut(pos)?.as_mut()
+        worker.queues.get_mut(pos)?.as_mut()
     }
 
-    /// Whether `queue` has a ring (setting it up at first use).
-    fn ring_for(&self, worker: &mut Worker, queue: usize, vring: &VringRwLock) -> bool {
-        if self.engine != IoEngine::IoUring || worker.ring_failed {
-            return false;
-        }
-        let Some(eventfd) = worker.eventfd.as_ref().map(AsRawFd::as_raw_fd) else {
-            return false;
-        };
+    /// Sets up the I/O of request queue `queue` at its first pass: the
+    /// io_uring engine if the backend uses it and a ring can be set up
+    /// here, else the sync engine.
+    fn set_up_io(&self, worker: &mut Worker, queue: usize, vring: &VringRwLock) {
         let Some(&(_, pos)) = self.queue_owner.get(queue) else {
-            return false;
+            return;
         };
-        let Some(entry) = worker.rings.get_mut(pos) else {
-            return false;
+        let eventfd = worker.eventfd.as_ref().map(AsRawFd::as_raw_fd);
+        let ring_failed = &mut worker.ring_failed;
+        let Some(entry) = worker.queues.get_mut(pos) else {
+            return;
         };
-        if entry.is_none() {
-            match QueueRing::new(self.target.clone(), vring.clone(), eventfd) {
-                Ok(ring) => *entry = Some(ring),
-                Err(e) => {
-                    warn!("queue {queue}: cannot set up an io_uring ({e}); this thread's queues use the sync engine");
-                    worker.ring_failed = true;
-                    return false;
+        if entry.is_some() {
+            return;
+        }
+        let uring = match eventfd {
+            Some(eventfd) if self.engine == IoEngine::IoUring && !*ring_failed => {
+                match UringEngine::new(eventfd) {
+                    Ok(engine) => Some(engine),
+                    Err(e) => {
+                        warn!("queue {queue}: cannot set up an io_uring ({e}); this thread's queues use the sync engine");
+                        *ring_failed = true;
+                        None
+                    }
                 }
             }
-        }
-        true
+            _ => None,
+        };
+        *entry = Some(match uring {
+            Some(engine) => QueueIo::new(
+                Box::new(engine),
+                RING_ENTRIES as u16,
+                self.target.clone(),
+                vring.clone(),
+            ),
+            // One request at a time: the sync engine answers in the call.
+            None => QueueIo::new(Box::new(SyncEngine), 1, self.target.clone(), vring.clone()),
+        });
     }
 
     /// The eventfd worker thread `thread`'s rings signal, and the event
@@ -790,11 +805,11 @@ impl ScsiBackend {
                 let _ = eventfd.read();
             }
             let mut again: u64 = 0;
-            for (pos, ring) in guard.rings.iter_mut().enumerate() {
-                if let Some(ring) = ring {
+            for (pos, io) in guard.queues.iter_mut().enumerate() {
+                if let Some(io) = io {
                     // A stalled queue is served again even if its slots
                     // were freed by a drain elsewhere on this thread.
-                    if ring.reap() > 0 || (ring.stalled && !ring.is_full()) {
+                    if io.reap() > 0 || (io.stalled && !io.is_full()) {
                         again |= 1 << pos;
                     }
                 }
@@ -810,10 +825,10 @@ impl ScsiBackend {
             }
             let mut guard = worker.lock().unwrap_or_else(PoisonError::into_inner);
             if !guard
-                .rings
+                .queues
                 .iter_mut()
                 .flatten()
-                .any(QueueRing::has_completions)
+                .any(QueueIo::has_completions)
             {
                 return;
             }
@@ -893,7 +908,7 @@ impl ScsiBackend {
             .iter()
             .flat_map(|w| {
                 let w = w.lock().unwrap_or_else(PoisonError::into_inner);
-                w.rings.iter().flatten().map(QueueRing::peak).max()
+                w.queues.iter().flatten().map(QueueIo::peak).max()
             })
             .max()
             .unwrap_or(0)
@@ -1034,8 +1049,8 @@ impl VhostUserBackend for ScsiBackend {
         let queue = queue_index as usize;
         if queue >= FIRST_REQUEST_QUEUE {
             let mut worker = self.worker_of(queue);
-            if let Some(ring) = self.ring_of(&mut worker, queue) {
-                ring.drain();
+            if let Some(io) = self.io_of(&mut worker, queue) {
+                io.drain();
             }
         }
         Ok(())

@@ -2,6 +2,7 @@
 //! parts (virtio 1.2 §2.7.4: readable descriptors first, then writable).
 
 use std::ops::Deref;
+use std::sync::Arc;
 
 use virtio_queue::DescriptorChain;
 use vm_memory::{GuestMemory, GuestMemoryMmap, Permissions};
@@ -33,7 +34,7 @@ pub struct SplitChain<'a> {
     pub writable: SgList<'a, ()>,
 }
 
-/// Splits `chain` into guest memory slices, checking every descriptor
+/// Splits `chain` into slices of the guest memory `mem`, checking every descriptor
 /// against the memory map. The chain's own iterator bounds its length
 /// (queue size, indirect table size), but it reports a chain it cannot
 /// follow to the end only by stopping early: a chain whose last descriptor
@@ -41,7 +42,7 @@ pub struct SplitChain<'a> {
 /// refused whole ([`ChainError::Broken`]) rather than served from the part
 /// before the break.
 pub fn split_chain<'a, M>(
-    mem: &'a GuestMem,
+    mem: &'a Arc<GuestMem>,
     chain: DescriptorChain<M>,
 ) -> Result<SplitChain<'a>, ChainError>
 where
@@ -94,8 +95,12 @@ where
     if !ended {
         return Err(ChainError::Broken);
     }
-    Ok(SplitChain {
-        readable: SgList::new(readable, readable_len),
-        writable: SgList::new(writable, writable_len),
-    })
+    // SAFETY: every slice was taken from `**mem` above.
+    let (readable, writable) = unsafe {
+        (
+            SgList::in_guest_memory(readable, readable_len, mem),
+            SgList::in_guest_memory(writable, writable_len, mem),
+        )
+    };
+    Ok(SplitChain { readable, writable })
 }

@@ -7,10 +7,10 @@ pub mod backend;
 pub mod chain;
 pub mod config;
 pub mod control;
+pub mod inflight;
 pub mod memory;
 pub mod request;
 pub mod sglist;
-pub mod uring;
 pub mod wire;
 
 pub use backend::ScsiBackend;

@@ -18,10 +18,10 @@ use vm_memory::ByteValued;
 
 use super::answer::Answered;
 use super::chain::SplitChain;
-use super::sglist::{write_to_iovecs, Flow, GuestDataIn, GuestDataOut, SgList};
+use super::sglist::{GuestDataIn, GuestDataOut, SgList};
 use super::wire::Wire;
 use crate::scsi::{Completion, Direction, LunAddress, Prepared, Target, Transfer};
-use crate::storage::IoVec;
+use crate::storage::{PinnedBufs, TransferMemory};
 
 /// Bytes of the request header before the CDB (virtio_scsi_cmd_req).
 pub const REQ_HEADER_LEN: usize = offset_of!(virtio_scsi_cmd_req, cdb);
@@ -108,6 +108,10 @@ pub enum RequestError {
     BidirectionalData,
 }
 
+/// Most pieces of a response area (12 + at most 256 sense bytes) pinned
+/// for a response written after the transfer completes.
+const MAX_RESPONSE_PIECES: usize = 16;
+
 /// How [`start_command`] left a request.
 // Not boxed: the request path allocates nothing; the value lives on the
 // stack for one request.
@@ -115,8 +119,8 @@ pub enum RequestError {
 pub enum Started<'a> {
     /// Answered.
     Done(Answered<RequestError>),
-    /// A validated READ or WRITE whose data transfer is still to be done,
-    /// asynchronously by the caller or with [`PendingCommand::run_sync`].
+    /// A validated READ or WRITE whose data transfer is still to be done:
+    /// by an engine, through [`PendingCommand::memory`].
     Transfer(PendingCommand<'a>),
 }
 
@@ -130,8 +134,8 @@ pub struct PendingCommand<'a> {
     data: SgList<'a, ()>,
 }
 
-/// What is needed to answer a transfer done outside [`PendingCommand`]:
-/// kept by an asynchronous engine while the transfer is in flight.
+/// What is needed to answer a transfer whose result comes after
+/// [`PendingCommand`] is gone: kept while the transfer is in flight.
 #[derive(Clone, Copy, Debug)]
 pub struct TransferReply {
     pub lun: usize,
@@ -142,36 +146,19 @@ pub struct TransferReply {
 }
 
 impl<'a> PendingCommand<'a> {
-    /// Does the transfer with the storage's synchronous calls and writes
-    /// the response.
-    pub fn run_sync(self, target: &Target) -> Answered<RequestError> {
-        self.run(target, UnitAccess::Shared)
+    /// The data buffer the transfer moves bytes into or out of.
+    pub fn memory(&mut self) -> &mut dyn TransferMemory {
+        &mut self.data
     }
 
-    /// As [`PendingCommand::run_sync`], for a transfer registered with
-    /// [`crate::scsi::Disk::begin_async`]: without taking the unit's lock.
-    pub fn run_registered(self, target: &Target) -> Answered<RequestError> {
-        self.run(target, UnitAccess::Registered)
-    }
-
-    fn run(mut self, target: &Target, access: UnitAccess) -> Answered<RequestError> {
-        let transfer = self.transfer;
-        let result = match target.luns().get(self.lun) {
-            Some(disk) => self.data.transfer(
-                transfer.len,
-                disk.transfer_granule(),
-                match transfer.direction {
-                    Direction::Read => Flow::ToGuest,
-                    Direction::Write { .. } => Flow::FromGuest,
-                },
-                |iov, done| match access {
-                    UnitAccess::Registered => disk.transfer_registered(&transfer, iov, done),
-                    UnitAccess::Shared => disk.transfer_sync(&transfer, iov, done),
-                },
-            ),
-            None => Err(std::io::Error::from(std::io::ErrorKind::NotFound)),
-        };
-        let completion = target.finish(self.lun, &transfer, result);
+    /// Answers the command with the result of its transfer, carried out
+    /// through [`PendingCommand::memory`] (which counts what was moved).
+    pub fn answer(
+        mut self,
+        target: &Target,
+        result: std::io::Result<()>,
+    ) -> Answered<RequestError> {
+        let completion = target.finish(self.lun, &self.transfer, result);
         let response = response_for(completion, self.sizes, self.data.remaining());
         let written = response.write(&mut self.resp_area, self.sizes) + self.data_in_written();
         Answered::ok(saturate(written))
@@ -184,17 +171,12 @@ impl<'a> PendingCommand<'a> {
         }
     }
 
-    /// Appends iovecs naming the data buffer's bytes the transfer moves
-    /// (see [`SgList::iovecs`] for how long they stay valid).
-    /// False if they would take more than `max`.
-    pub fn data_iovecs(&self, max: usize, out: &mut Vec<IoVec>) -> bool {
-        self.data.iovecs(self.transfer.len, max, out)
-    }
-
-    /// Appends iovecs naming the response area; false if they would take
-    /// more than `max`.
-    pub fn response_iovecs(&self, max: usize, out: &mut Vec<IoVec>) -> bool {
-        self.resp_area.iovecs(self.resp_area.remaining(), max, out)
+    /// Pins the response area into `out`, for [`finish_transfer`] to write
+    /// once the transfer is done; false if it cannot be (cut into more
+    /// than a response's worth of pieces).
+    pub fn pin_response(&self, out: &mut PinnedBufs) -> bool {
+        self.resp_area
+            .pin(self.resp_area.remaining(), MAX_RESPONSE_PIECES, out)
     }
 
     /// What answering the command later needs.
@@ -208,17 +190,14 @@ impl<'a> PendingCommand<'a> {
     }
 }
 
-/// Writes the response of a transfer carried out elsewhere (all of it if
-/// `result` is Ok) into the response area `resp`; returns the used length.
-///
-/// # Safety
-/// Every entry of `resp` must name guest memory that stays mapped and
-/// writable for the duration of the call.
-pub unsafe fn finish_transfer(
+/// Writes the response of a transfer completed after its
+/// [`PendingCommand`] was gone (all of it transferred if `result` is Ok)
+/// into the response area pinned in `resp`; returns the used length.
+pub fn finish_transfer(
     target: &Target,
     reply: &TransferReply,
     result: std::io::Result<()>,
-    resp: &[IoVec],
+    resp: &mut PinnedBufs,
 ) -> u32 {
     let transferred = if result.is_ok() {
         reply.transfer.len
@@ -233,8 +212,7 @@ pub unsafe fn finish_transfer(
     );
     let mut bytes = [0u8; RESP_HEADER_LEN + MAX_SENSE_SIZE as usize];
     let len = response.encode(&mut bytes, reply.sizes);
-    // SAFETY: the caller's guarantee.
-    let written = unsafe { write_to_iovecs(resp, &bytes[..len]) };
+    let written = resp.fill_from(&bytes[..len]);
     let data_in = match reply.transfer.direction {
         Direction::Read => transferred,
         Direction::Write { .. } => 0,
@@ -276,35 +254,14 @@ pub enum SyncBarrier {
     AllThreads,
 }
 
-/// Who carries out a planned READ or WRITE transfer (see [`start_command`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Transfers {
-    /// `start_command` does, synchronously.
-    RunHere,
-    /// The caller does (an asynchronous engine): it gets them as
-    /// [`Started::Transfer`].
-    HandOver,
-}
-
-/// How a planned transfer accesses its unit (see [`PendingCommand`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum UnitAccess {
-    /// Holding the unit's lock shared.
-    Shared,
-    /// Registered with [`crate::scsi::Disk::begin_async`], which stands in
-    /// for the lock.
-    Registered,
-}
-
 /// Parses one command request and runs it, except that a READ or WRITE is
-/// only validated and planned with [`Transfers::HandOver`]: its transfer
-/// is left to the caller. `before_sync` is called before anything touches
-/// the storage synchronously.
+/// only validated and planned: its transfer is handed over to the caller
+/// ([`Started::Transfer`]). `before_sync` is called before a command
+/// touches the storage synchronously.
 pub fn start_command<'a>(
     chain: SplitChain<'a>,
     target: &Target,
     sizes: Sizes,
-    transfers: Transfers,
     before_sync: &mut dyn FnMut(SyncBarrier),
 ) -> Started<'a> {
     let SplitChain {
@@ -357,7 +314,7 @@ pub fn start_command<'a>(
         sam_lun[..6].copy_from_slice(&lun[2..8]);
         let address = LunAddress::decode(&sam_lun);
         // READ and WRITE go through the same plan-transfer-finish steps
-        // whoever does the transfer, so both engines answer alike.
+        // whichever engine does the transfer, so all answer alike.
         let prepared = target.prepare(address, cdb, data_in.remaining(), data_out.remaining());
         let completion = match prepared {
             Prepared::Transfer { lun, transfer } => {
@@ -365,20 +322,13 @@ pub fn start_command<'a>(
                     Direction::Read => data_in,
                     Direction::Write { .. } => data_out,
                 };
-                let pending = PendingCommand {
+                return Started::Transfer(PendingCommand {
                     lun,
                     transfer,
                     sizes,
                     resp_area,
                     data,
-                };
-                return match transfers {
-                    Transfers::HandOver => Started::Transfer(pending),
-                    Transfers::RunHere => {
-                        before_sync(SyncBarrier::OwnThread);
-                        Started::Done(pending.run_sync(target))
-                    }
-                };
+                });
             }
             Prepared::Complete(completion) => completion,
             Prepared::Execute | Prepared::ExecuteExclusive => {

@@ -4,14 +4,16 @@
 //! list was built, so no access through it can leave guest memory.
 
 use std::io;
+use std::sync::Arc;
 
 use smallvec::SmallVec;
 use vm_memory::bitmap::BitmapSlice;
-use vm_memory::volatile_memory::PtrGuardMut;
 use vm_memory::VolatileSlice;
 
+use super::chain::GuestMem;
 use crate::scsi::{DataIn, DataOut};
-use crate::storage::{IoVec, Storage};
+use crate::storage::engine::transfer_sync;
+use crate::storage::{Direction, IoBufsMut, PinnedBufs, Storage, Transfer, TransferMemory};
 
 // Writes through raw pointers bypass vm-memory's dirty bitmap; the backend
 // uses no bitmap and does not offer dirty logging (live migration of the
@@ -35,11 +37,35 @@ pub struct SgList<'a, B> {
     offset: usize,
     remaining: usize,
     consumed: usize,
+    /// The guest memory every slice lies in, when the list was built from
+    /// a mapping an `Arc` owns: the list's memory can then be pinned for
+    /// an asynchronous transfer (see [`SgList::in_guest_memory`]).
+    owner: Option<&'a Arc<GuestMem>>,
+}
+
+impl<'a> SgList<'a, ()> {
+    /// A list over guest memory that `owner` maps; `total` as for
+    /// [`SgList::new`].
+    ///
+    /// # Safety
+    /// Every slice must lie in `owner`'s mappings (taken from `**owner`):
+    /// [`TransferMemory::pin`] relies on `owner` keeping them mapped.
+    pub(super) unsafe fn in_guest_memory(
+        slices: Slices<'a, ()>,
+        total: usize,
+        owner: &'a Arc<GuestMem>,
+    ) -> Self {
+        SgList {
+            owner: Some(owner),
+            ..SgList::new(slices, total)
+        }
+    }
 }
 
 impl<'a, B: BitmapSlice> SgList<'a, B> {
     /// `total` must be the sum of the slices' lengths (the caller computed it
-    /// with checked arithmetic while building `slices`).
+    /// with checked arithmetic while building `slices`). Such a list cannot
+    /// be pinned.
     pub fn new(slices: Slices<'a, B>, total: usize) -> Self {
         SgList {
             slices,
@@ -47,6 +73,7 @@ impl<'a, B: BitmapSlice> SgList<'a, B> {
             offset: 0,
             remaining: total,
             consumed: 0,
+            owner: None,
         }
     }
 
@@ -138,96 +165,54 @@ impl<'a, B: BitmapSlice> SgList<'a, B> {
         // Splitting is not a transfer: `consumed` keeps counting only the
         // bytes read or written through `self`.
         self.consumed = consumed;
-        Some(SgList::new(front, len))
+        Some(SgList {
+            // The pieces lie where `self`'s do.
+            owner: self.owner,
+            ..SgList::new(front, len)
+        })
     }
+}
 
-    /// Reads `len` bytes of `storage` at `offset` straight into guest
-    /// memory.
-    fn fill_from_storage(
-        &mut self,
-        storage: &dyn Storage,
-        offset: u64,
-        len: usize,
-    ) -> io::Result<()> {
-        self.transfer(
-            len,
-            storage.transfer_granule(),
-            Flow::ToGuest,
-            |iov, done| storage.read_vectored_at(iov, offset + done),
-        )
-    }
-
-    /// Writes the next `len` bytes of guest memory straight to `storage` at
-    /// `offset`.
-    fn drain_to_storage(
-        &mut self,
-        storage: &dyn Storage,
-        offset: u64,
-        len: usize,
-        durable: bool,
-    ) -> io::Result<()> {
-        self.transfer(
-            len,
-            storage.transfer_granule(),
-            Flow::FromGuest,
-            |iov, done| storage.write_vectored_at(iov, offset + done, durable),
-        )
-    }
-
-    /// Appends to `out` iovecs naming the next `len` bytes of the list,
-    /// without consuming them; false (and `out` as it was) if fewer than
-    /// `len` bytes remain or they take more than `max` iovecs.
-    ///
-    /// The pointers stay valid as long as the guest memory the list was
-    /// built from stays mapped: the caller keeps its `Arc` alive for as long
-    /// as it (or the kernel) uses them. Guest memory here is mmap-backed
-    /// with no bitmap, so a slice's pointer guard is the mapping itself,
-    /// not a bounce buffer that would vanish with the guard.
-    pub fn iovecs(&self, len: usize, max: usize, out: &mut Vec<IoVec>) -> bool {
+impl<'a> SgList<'a, ()> {
+    /// The next `len` bytes of the list as one piece list, without
+    /// consuming them; `None` if fewer than `len` bytes remain or they take
+    /// more than `max` pieces.
+    fn guest_bufs(&self, len: usize, max: usize) -> Option<IoBufsMut<'a>> {
         if len > self.remaining {
-            return false;
+            return None;
         }
-        let start = out.len();
+        let mut bufs = IoBufsMut::new();
+        let mut pieces = 0;
         let mut left = len;
         let mut index = self.index;
         let mut offset_in = self.offset;
         while left > 0 && index < self.slices.len() {
             let slice = &self.slices[index];
             let take = (slice.len() - offset_in).min(left);
-            let Ok(piece) = slice.subslice(offset_in, take) else {
-                out.truncate(start);
-                return false;
-            };
+            let piece = slice.subslice(offset_in, take).ok()?;
             if take > 0 {
-                if out.len() - start == max {
-                    // More pieces than the caller takes: `out` never grows
-                    // past `max` for a guest's chain.
-                    out.truncate(start);
-                    return false;
+                if pieces == max {
+                    // More pieces than the caller takes: the list never
+                    // grows past `max` for a guest's chain.
+                    return None;
                 }
-                out.push(IoVec {
-                    iov_base: piece.ptr_guard_mut().as_ptr().cast(),
-                    iov_len: take,
-                });
+                bufs.push_guest(&piece);
+                pieces += 1;
             }
             left -= take;
             index += 1;
             offset_in = 0;
         }
-        if left > 0 {
-            out.truncate(start);
-            return false;
-        }
-        true
+        (left == 0).then_some(bufs)
     }
 
     /// Marks the next `n` bytes as transferred by someone else (e.g. the
-    /// kernel, through [`SgList::iovecs`]).
+    /// kernel, through pinned memory).
     pub fn consume(&mut self, n: usize) {
         self.advance(n);
     }
 
-    /// Hands the next `len` bytes to `io` as batches of iovecs (with the
+    /// Hands the next `len` bytes to `io` as batches of pieces (with the
     /// byte offset of each batch), consuming them as each batch succeeds.
     ///
     /// Every batch starts and ends at a multiple of `granule` from the
@@ -237,29 +222,20 @@ impl<'a, B: BitmapSlice> SgList<'a, B> {
     /// batch of `IOVEC_BATCH` pieces does not reach the next multiple
     /// (a chain cut into tiny pieces), that stretch goes through a buffer of
     /// `granule` bytes instead, copied in the direction `flow` says.
-    pub fn transfer<F>(
+    pub fn transfer(
         &mut self,
         len: usize,
         granule: usize,
         flow: Flow,
-        mut io: F,
-    ) -> io::Result<()>
-    where
-        F: FnMut(&[IoVec], u64) -> io::Result<()>,
-    {
+        io: &mut dyn FnMut(&mut IoBufsMut<'_>, u64) -> io::Result<()>,
+    ) -> io::Result<()> {
         if len > self.remaining {
             return Err(io::Error::from(io::ErrorKind::InvalidInput));
         }
         let granule = granule.max(1);
         let mut done = 0usize;
         while done < len {
-            let mut iov = [IoVec {
-                iov_base: std::ptr::null_mut(),
-                iov_len: 0,
-            }; IOVEC_BATCH];
-            // The guards keep each mapping valid while storage accesses it;
-            // they live until the end of this iteration.
-            let mut guards: [Option<PtrGuardMut>; IOVEC_BATCH] = std::array::from_fn(|_| None);
+            let mut bufs = IoBufsMut::new();
             let mut count = 0;
             let mut batch_len = 0usize;
             let mut index = self.index;
@@ -270,12 +246,7 @@ impl<'a, B: BitmapSlice> SgList<'a, B> {
                 let Ok(piece) = slice.subslice(offset_in, take) else {
                     return Err(io::Error::from(io::ErrorKind::InvalidInput));
                 };
-                let guard = piece.ptr_guard_mut();
-                iov[count] = IoVec {
-                    iov_base: guard.as_ptr().cast(),
-                    iov_len: take,
-                };
-                guards[count] = Some(guard);
+                bufs.push_guest(&piece);
                 count += 1;
                 batch_len += take;
                 index += 1;
@@ -284,25 +255,17 @@ impl<'a, B: BitmapSlice> SgList<'a, B> {
             if done + batch_len < len {
                 // Not the last batch: end it at a multiple of `granule`
                 // (`done` is one), cutting its last pieces short.
-                let mut excess = (done + batch_len) % granule;
+                let excess = (done + batch_len) % granule;
                 if excess == batch_len {
                     let stretch = granule.min(len - done);
-                    self.transfer_through_buffer(done, stretch, flow, &mut io)?;
+                    self.transfer_through_buffer(done, stretch, flow, io)?;
                     done += stretch;
                     continue;
                 }
                 batch_len -= excess;
-                while excess > 0 {
-                    let last = &mut iov[count - 1];
-                    let cut = excess.min(last.iov_len);
-                    last.iov_len -= cut;
-                    excess -= cut;
-                    if last.iov_len == 0 {
-                        count -= 1;
-                    }
-                }
+                bufs.truncate(batch_len);
             }
-            io(&iov[..count], done as u64)?;
+            io(&mut bufs, done as u64)?;
             self.advance(batch_len);
             done += batch_len;
         }
@@ -311,28 +274,21 @@ impl<'a, B: BitmapSlice> SgList<'a, B> {
 
     /// Moves the next `len` bytes between guest memory and `io` through a
     /// buffer of their own (a stretch too finely cut for one batch).
-    fn transfer_through_buffer<F>(
+    fn transfer_through_buffer(
         &mut self,
         done: usize,
         len: usize,
         flow: Flow,
-        io: &mut F,
-    ) -> io::Result<()>
-    where
-        F: FnMut(&[IoVec], u64) -> io::Result<()>,
-    {
+        io: &mut dyn FnMut(&mut IoBufsMut<'_>, u64) -> io::Result<()>,
+    ) -> io::Result<()> {
         // At most one storage alignment unit (4 KiB on common devices):
         // chosen by the storage, not the guest.
         let mut buf = vec![0u8; len];
-        let whole = |buf: &mut Vec<u8>| {
-            [IoVec {
-                iov_base: buf.as_mut_ptr().cast(),
-                iov_len: buf.len(),
-            }]
-        };
         match flow {
             Flow::ToGuest => {
-                io(&whole(&mut buf), done as u64)?;
+                let mut whole = IoBufsMut::new();
+                whole.push_bytes(&mut buf);
+                io(&mut whole, done as u64)?;
                 if self.write_from(&buf) < len {
                     return Err(io::Error::from(io::ErrorKind::InvalidInput));
                 }
@@ -341,10 +297,47 @@ impl<'a, B: BitmapSlice> SgList<'a, B> {
                 if self.read_into(&mut buf) < len {
                     return Err(io::Error::from(io::ErrorKind::InvalidInput));
                 }
-                io(&whole(&mut buf), done as u64)?;
+                let mut whole = IoBufsMut::new();
+                whole.push_bytes(&mut buf);
+                io(&mut whole, done as u64)?;
             }
         }
         Ok(())
+    }
+}
+
+/// A list over guest memory is the memory of a READ's data-in or a
+/// WRITE's data-out, for whichever engine carries the transfer out.
+impl TransferMemory for SgList<'_, ()> {
+    fn len(&self) -> usize {
+        self.remaining
+    }
+
+    fn transfer(
+        &mut self,
+        len: usize,
+        granule: usize,
+        direction: Direction,
+        io: &mut dyn FnMut(&mut IoBufsMut<'_>, u64) -> io::Result<()>,
+    ) -> io::Result<()> {
+        let flow = match direction {
+            Direction::Read => Flow::ToGuest,
+            Direction::Write { .. } => Flow::FromGuest,
+        };
+        SgList::transfer(self, len, granule, flow, io)
+    }
+
+    fn pin(&self, len: usize, max_pieces: usize, out: &mut PinnedBufs) -> bool {
+        let (Some(owner), Some(bufs)) = (self.owner, self.guest_bufs(len, max_pieces)) else {
+            out.release();
+            return false;
+        };
+        // SAFETY: every slice of a list with an owner lies in the owner's
+        // mappings (`in_guest_memory`'s contract, kept by `split_front`),
+        // and `bufs` holds pieces of those slices; the `Arc` handed over
+        // keeps the mappings alive for as long as `out` holds it.
+        unsafe { out.pin(&bufs, owner.clone()) };
+        true
     }
 }
 
@@ -358,9 +351,9 @@ pub enum Flow {
 }
 
 /// Data-in over guest memory.
-pub struct GuestDataIn<'s, 'a, B>(pub &'s mut SgList<'a, B>);
+pub struct GuestDataIn<'s, 'a>(pub &'s mut SgList<'a, ()>);
 
-impl<B: BitmapSlice> DataIn for GuestDataIn<'_, '_, B> {
+impl DataIn for GuestDataIn<'_, '_> {
     fn remaining(&self) -> usize {
         self.0.remaining()
     }
@@ -374,14 +367,19 @@ impl<B: BitmapSlice> DataIn for GuestDataIn<'_, '_, B> {
     }
 
     fn read_from(&mut self, storage: &dyn Storage, offset: u64, len: usize) -> io::Result<()> {
-        self.0.fill_from_storage(storage, offset, len)
+        let transfer = Transfer {
+            offset,
+            len,
+            direction: Direction::Read,
+        };
+        transfer_sync(storage, transfer, self.0)
     }
 }
 
 /// Data-out over guest memory.
-pub struct GuestDataOut<'s, 'a, B>(pub &'s mut SgList<'a, B>);
+pub struct GuestDataOut<'s, 'a>(pub &'s mut SgList<'a, ()>);
 
-impl<B: BitmapSlice> DataOut for GuestDataOut<'_, '_, B> {
+impl DataOut for GuestDataOut<'_, '_> {
     fn remaining(&self) -> usize {
         self.0.remaining()
     }
@@ -397,50 +395,13 @@ impl<B: BitmapSlice> DataOut for GuestDataOut<'_, '_, B> {
         len: usize,
         durable: bool,
     ) -> io::Result<()> {
-        self.0.drain_to_storage(storage, offset, len, durable)
+        let transfer = Transfer {
+            offset,
+            len,
+            direction: Direction::Write { durable },
+        };
+        transfer_sync(storage, transfer, self.0)
     }
-}
-
-/// Copies `data` into the memory `iov` names, in order; returns the count
-/// copied (short if the iovecs hold less).
-///
-/// # Safety
-/// Every entry of `iov` must name memory valid for writes of its length
-/// that nothing else accesses during the call (guest memory kept mapped by
-/// the caller).
-pub unsafe fn write_to_iovecs(iov: &[IoVec], data: &[u8]) -> usize {
-    let mut done = 0;
-    for v in iov {
-        if done == data.len() {
-            break;
-        }
-        let n = v.iov_len.min(data.len() - done);
-        // SAFETY: the caller guarantees `v` is writable for `iov_len` bytes,
-        // and `n` is at most that; `data[done..done + n]` is in bounds.
-        unsafe {
-            std::ptr::copy_nonoverlapping(data[done..].as_ptr(), v.iov_base.cast::<u8>(), n);
-        }
-        done += n;
-    }
-    done
-}
-
-/// Drops the first `n` bytes from an iovec list in place (for resuming a
-/// short transfer).
-pub fn skip_iovecs(iov: &mut Vec<IoVec>, mut n: usize) {
-    let mut whole = 0;
-    for v in iov.iter_mut() {
-        if n < v.iov_len {
-            // SAFETY: `n` is within the entry, so the pointer stays inside
-            // the memory it names.
-            v.iov_base = unsafe { v.iov_base.cast::<u8>().add(n) }.cast();
-            v.iov_len -= n;
-            break;
-        }
-        n -= v.iov_len;
-        whole += 1;
-    }
-    iov.drain(..whole);
 }
 
 #[cfg(test)]
@@ -460,18 +421,10 @@ mod tests {
         let mut list = SgList::new(slices, len);
         let mut calls = Vec::new();
         let mut arrived = vec![0u8; len];
-        list.transfer(len, granule, Flow::FromGuest, |iov, at| {
-            let mut pos = at as usize;
-            let mut call_len = 0;
-            for v in iov {
-                // SAFETY: each iovec names part of `memory`, alive and not
-                // otherwise accessed during the call.
-                let bytes =
-                    unsafe { std::slice::from_raw_parts(v.iov_base.cast::<u8>(), v.iov_len) };
-                arrived[pos..pos + v.iov_len].copy_from_slice(bytes);
-                pos += v.iov_len;
-                call_len += v.iov_len;
-            }
+        list.transfer(len, granule, Flow::FromGuest, &mut |bufs, at| {
+            let pos = at as usize;
+            let call_len = bufs.gather_into(&mut arrived[pos..]);
+            assert_eq!(call_len, bufs.len());
             calls.push((at, call_len));
             Ok(())
         })

@@ -1,0 +1,245 @@
+//! A request queue's I/O: the engine its READ and WRITE transfers go to,
+//! and the requests whose transfers are in flight there.
+//!
+//! One path for every engine: [`QueueIo::start`] pins the request's
+//! response area, submits the transfer, and either answers at once (the
+//! engine carried it out during the call) or keeps what the answer needs
+//! in a slot — the chain's head, the reply, the pinned response area and
+//! the unit access — until [`QueueIo::reap`] brings the result. Used only
+//! by the worker thread serving the queue (and, with that thread's lock
+//! held, by the vhost-user handler thread when the VMM stops the queue).
+
+use std::io;
+use std::sync::Arc;
+
+use log::debug;
+use vhost_user_backend::{VringRwLock, VringT};
+
+use super::answer::Answered;
+use super::request::{finish_transfer, PendingCommand, RequestError, TransferReply};
+use crate::scsi::{Target, TransferAccess};
+use crate::storage::engine::transfer_sync;
+use crate::storage::{Engine, PinnedBufs, Submission, Submitted};
+
+/// A request whose transfer is in flight.
+#[derive(Default)]
+struct Waiting {
+    /// Bumped at each use; tokens carry it, so a stale result can never
+    /// answer a later request.
+    generation: u16,
+    head: u16,
+    /// Set while in flight.
+    reply: Option<TransferReply>,
+    /// The response area, pinned for the answer.
+    resp: PinnedBufs,
+    /// The unit access the transfer holds until its result is in.
+    access: Option<TransferAccess>,
+}
+
+/// A request queue's engine and its requests in flight.
+pub struct QueueIo {
+    engine: Box<dyn Engine>,
+    target: Arc<Target>,
+    /// The queue answers are returned to.
+    vring: VringRwLock,
+    waiting: Vec<Waiting>,
+    /// Slots not in flight.
+    free: Vec<u16>,
+    /// The queue stopped popping because the engine was full (its
+    /// notifications stay off): it must be served again once transfers
+    /// complete, whoever reaps them.
+    pub stalled: bool,
+}
+
+impl QueueIo {
+    /// The I/O of the queue `vring` through `engine`, with room for
+    /// `capacity` requests in flight.
+    pub fn new(
+        engine: Box<dyn Engine>,
+        capacity: u16,
+        target: Arc<Target>,
+        vring: VringRwLock,
+    ) -> QueueIo {
+        QueueIo {
+            engine,
+            target,
+            vring,
+            waiting: (0..capacity).map(|_| Waiting::default()).collect(),
+            free: (0..capacity).rev().collect(),
+            stalled: false,
+        }
+    }
+
+    /// Carries out or starts the transfer of `pending` (the chain with
+    /// head `head`) with `access` to its unit: its answer if it is done,
+    /// `None` if it is in flight (answered by [`QueueIo::reap`]).
+    pub fn start(
+        &mut self,
+        mut pending: PendingCommand<'_>,
+        access: TransferAccess,
+        head: u16,
+    ) -> Option<Answered<RequestError>> {
+        let slot = match self.free.last() {
+            Some(&index) if pending.pin_response(&mut self.waiting[usize::from(index)].resp) => {
+                index
+            }
+            _ => {
+                // No room to wait for a result, or a response area cut too
+                // finely to pin: done here, synchronously.
+                let result = transfer_sync(&**access.storage(), pending.transfer, pending.memory());
+                return Some(pending.answer(&self.target, result));
+            }
+        };
+        let waiting = &mut self.waiting[usize::from(slot)];
+        let generation = waiting.generation.wrapping_add(1);
+        let token = (u64::from(generation) << 16) | u64::from(slot);
+        let submitted = self.engine.submit(Submission {
+            storage: access.storage(),
+            transfer: pending.transfer,
+            memory: pending.memory(),
+            token,
+        });
+        match submitted {
+            Submitted::Done(result) => {
+                waiting.resp.release();
+                drop(access);
+                Some(pending.answer(&self.target, result))
+            }
+            Submitted::Queued => {
+                waiting.generation = generation;
+                waiting.head = head;
+                waiting.reply = Some(pending.reply());
+                waiting.access = Some(access);
+                self.free.pop();
+                // Reads the page cache answered while a batch went to the
+                // kernel are answered now, not after the whole available
+                // ring: the guest (if it asked for an interrupt) refills
+                // the queue while the rest is served.
+                self.reap_inline();
+                None
+            }
+        }
+    }
+
+    /// Hands queued transfers to the kernel.
+    pub fn push(&mut self) {
+        self.engine.push();
+    }
+
+    pub fn is_full(&self) -> bool {
+        self.free.is_empty() || self.engine.is_full()
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.waiting.len() - self.free.len()
+    }
+
+    pub fn peak(&self) -> usize {
+        self.engine.peak()
+    }
+
+    pub fn has_completions(&mut self) -> bool {
+        self.engine.has_completions()
+    }
+
+    /// Answers the transfers whose results have arrived; returns how many.
+    pub fn reap(&mut self) -> usize {
+        self.answer_results(|engine, answer| engine.reap(answer))
+    }
+
+    /// As [`QueueIo::reap`], for results that may have arrived during
+    /// submission.
+    pub fn reap_inline(&mut self) -> usize {
+        self.answer_results(|engine, answer| engine.reap_inline(answer))
+    }
+
+    /// Waits for and answers every transfer in flight. False if the engine
+    /// failed, leaving transfers in flight.
+    pub fn drain(&mut self) -> bool {
+        let mut drained = true;
+        self.answer_results(|engine, answer| {
+            drained = engine.drain(answer);
+            0
+        });
+        drained
+    }
+
+    /// Runs `collect` with a callback that answers each result: writes its
+    /// response, returns the chain to the used ring; then signals the
+    /// guest once if EVENT_IDX asks for it. Returns how many were
+    /// answered.
+    fn answer_results(
+        &mut self,
+        collect: impl FnOnce(&mut dyn Engine, &mut dyn FnMut(u64, io::Result<()>)) -> usize,
+    ) -> usize {
+        let mut answered = 0;
+        // Chains actually put on the used ring: a used ring the guest
+        // placed outside its memory takes none, and then there is nothing
+        // to signal (virtio 1.2 §2.7.10).
+        let mut returned = 0;
+        let QueueIo {
+            engine,
+            target,
+            vring,
+            waiting,
+            free,
+            ..
+        } = self;
+        collect(&mut **engine, &mut |token, result| {
+            let Some(on_used_ring) = answer(target, vring, waiting, free, token, result) else {
+                return;
+            };
+            answered += 1;
+            returned += usize::from(on_used_ring);
+        });
+        if returned > 0 {
+            // virtio 1.2 §2.7.10: with EVENT_IDX, only when the driver asked
+            // for an interrupt at this point of the used ring.
+            if self.vring.needs_notification().unwrap_or(true) {
+                if let Err(e) = self.vring.signal_used_queue() {
+                    debug!("cannot signal the used queue: {e}");
+                }
+            }
+        }
+        answered
+    }
+}
+
+/// Answers the request `token` names with its transfer's `result`: `None`
+/// if it names no request in flight, else whether the chain went onto the
+/// used ring.
+fn answer(
+    target: &Target,
+    vring: &VringRwLock,
+    waiting: &mut [Waiting],
+    free: &mut Vec<u16>,
+    token: u64,
+    result: io::Result<()>,
+) -> Option<bool> {
+    let index = (token & 0xffff) as usize;
+    let generation = (token >> 16) as u16;
+    let slot = waiting.get_mut(index)?;
+    if slot.generation != generation {
+        return None;
+    }
+    let reply = slot.reply.take()?;
+    // The transfer is over: a COMPARE AND WRITE waiting for it may go on.
+    slot.access = None;
+    let used = finish_transfer(target, &reply, result, &mut slot.resp);
+    slot.resp.release();
+    free.push(index as u16);
+    match vring.add_used(slot.head, used) {
+        Ok(()) => Some(true),
+        Err(e) => {
+            debug!("cannot return chain {} to the used ring: {e}", slot.head);
+            Some(false)
+        }
+    }
+}
+
+impl Drop for QueueIo {
+    fn drop(&mut self) {
+        // Every transfer is answered before its memory and queue go away.
+        self.drain();
+    }
+}

@@ -242,6 +242,9 @@ fn group_id(name: &str) -> io::Result<Option<u32>> {
     };
     let mut buf = vec![0u8; 1024];
     loop {
+        // libc, not rustix: getgrnam_r is the C library's group database
+        // (NSS: /etc/group, LDAP, systemd-userdb...), not a system call;
+        // rustix has no such lookup.
         // SAFETY: `group` and `result` are written by getgrnam_r, which
         // keeps its strings in `buf` (valid for `buf.len()` bytes).
         let (rc, found) = unsafe {

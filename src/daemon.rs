@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use log::{info, warn};
+use rustix::fs::{AtFlags, Gid, Mode};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 use vhost::vhost_user::{Error as VhostUserError, Listener};
@@ -97,11 +98,9 @@ pub fn listen(path: &Path, access: &SocketAccess) -> Result<Listener, DaemonErro
     // then the group's and others' bits. The umask is the process's; no
     // other thread creates files meanwhile (only the signal thread runs).
     let create_mode = access.mode & 0o700;
-    // SAFETY: umask only swaps the process's file creation mask.
-    let previous = unsafe { libc::umask(!create_mode & 0o777) };
+    let previous = rustix::process::umask(Mode::from_raw_mode(!create_mode & 0o777));
     let bound = Listener::new(path, false);
-    // SAFETY: as above, restoring the mask.
-    unsafe { libc::umask(previous) };
+    rustix::process::umask(previous);
     let listener = bound.map_err(|e| match e {
         vhost::vhost_user::Error::SocketError(io) => socket_error(io),
         other => socket_error(io::Error::other(other.to_string())),
@@ -134,29 +133,21 @@ fn set_access(path: &Path, access: &SocketAccess) -> Result<(), DaemonError> {
         .open(path)
         .map_err(socket_error)?;
     let meta = file.metadata().map_err(socket_error)?;
-    // SAFETY: geteuid has no preconditions.
-    if !meta.file_type().is_socket() || meta.uid() != unsafe { libc::geteuid() } {
+    if !meta.file_type().is_socket() || meta.uid() != rustix::process::geteuid().as_raw() {
         return Err(DaemonError::SocketReplaced(path.to_path_buf()));
     }
     if let Some(group) = &access.group {
-        // SAFETY: an empty C string with AT_EMPTY_PATH names the open
-        // file itself; uid -1 leaves the owner unchanged.
-        let rc = unsafe {
-            libc::fchownat(
-                file.as_raw_fd(),
-                c"".as_ptr(),
-                libc::uid_t::MAX,
-                group.gid,
-                libc::AT_EMPTY_PATH,
-            )
-        };
-        if rc != 0 {
-            return Err(DaemonError::SocketGroup {
+        // An empty path with AT_EMPTY_PATH names the open file itself; no
+        // owner (uid -1) leaves the owner unchanged. The gid is passed as
+        // is: `from_raw` would only add a debug assertion against -1.
+        let gid = Gid::from_raw_unchecked(group.gid);
+        rustix::fs::chownat(&file, c"", None, Some(gid), AtFlags::EMPTY_PATH).map_err(|e| {
+            DaemonError::SocketGroup {
                 group: group.name.clone(),
                 path: path.to_path_buf(),
-                source: io::Error::last_os_error(),
-            });
-        }
+                source: e.into(),
+            }
+        })?;
     }
     // An O_PATH descriptor takes no fchmod; its /proc link does take chmod.
     let link = format!("/proc/self/fd/{}", file.as_raw_fd());

@@ -9,6 +9,9 @@ use std::path::{Path, PathBuf};
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use rustix::fs::{AtFlags, FallocateFlags, OFlags, StatxFlags};
+use rustix::io::Errno;
+
 use super::{AsyncFile, Extent, IoBufs, IoBufsMut, Storage};
 
 /// An entry of the piece lists handed to `preadv(2)` and friends.
@@ -123,7 +126,12 @@ impl FileImage {
         };
         // Blocking from here on (io_uring would otherwise hand EAGAIN back
         // instead of waiting), with O_DIRECT if asked.
-        set_status_flags(&file, if direct { libc::O_DIRECT } else { 0 }).map_err(OpenError::Io)?;
+        let flags = if direct {
+            OFlags::DIRECT
+        } else {
+            OFlags::empty()
+        };
+        set_status_flags(&file, flags).map_err(OpenError::Io)?;
         let direct = direct.then(|| direct_alignment(&file));
         // Seeking to the end gives the size of regular files and of block
         // devices alike (for the latter it equals BLKGETSIZE64).
@@ -225,30 +233,25 @@ impl Storage for FileImage {
         if len == 0 {
             return Ok(());
         }
-        let modes: &[libc::c_int] = if deallocate {
+        let modes: &[FallocateFlags] = if deallocate {
             &[
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+                FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+                FallocateFlags::ZERO_RANGE | FallocateFlags::KEEP_SIZE,
             ]
         } else {
-            &[libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE]
+            &[FallocateFlags::ZERO_RANGE | FallocateFlags::KEEP_SIZE]
         };
-        let (start, length) = match (libc::off_t::try_from(offset), libc::off_t::try_from(len)) {
-            (Ok(s), Ok(l)) => (s, l),
-            _ => return Err(io::Error::from(io::ErrorKind::InvalidInput)),
-        };
+        // The kernel takes signed offsets (loff_t), which rustix would cast
+        // to silently: refused here, as before.
+        if i64::try_from(offset).is_err() || i64::try_from(len).is_err() {
+            return Err(io::Error::from(io::ErrorKind::InvalidInput));
+        }
         for &mode in modes {
-            // SAFETY: fallocate on our own fd; no memory is passed.
-            let rc = unsafe { libc::fallocate(self.file.as_raw_fd(), mode, start, length) };
-            if rc == 0 {
-                return Ok(());
-            }
-            let err = io::Error::last_os_error();
-            if !matches!(
-                err.raw_os_error(),
-                Some(libc::EOPNOTSUPP | libc::ENOSYS | libc::EINVAL)
-            ) {
-                return Err(err);
+            match rustix::fs::fallocate(&self.file, mode, offset, len) {
+                Ok(()) => return Ok(()),
+                // Not this mode here: the next one, or zeroes written.
+                Err(Errno::OPNOTSUPP | Errno::NOSYS | Errno::INVAL) => {}
+                Err(e) => return Err(e.into()),
             }
         }
         // No fallocate support for this mode: write zeroes.
@@ -296,27 +299,24 @@ impl Storage for FileImage {
                 ) => {}
             Err(e) => return Err(e),
         }
-        let seek = |whence| -> io::Result<Option<u64>> {
-            let pos = libc::off_t::try_from(offset)
-                .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-            // SAFETY: lseek on our own fd. The file offset is not used by
-            // positional I/O, so moving it is harmless.
-            let rc = unsafe { libc::lseek(self.file.as_raw_fd(), pos, whence) };
-            if rc >= 0 {
-                return Ok(Some(rc as u64));
-            }
-            let err = io::Error::last_os_error();
-            match err.raw_os_error() {
-                // No data at or after `offset`.
-                Some(libc::ENXIO) => Ok(None),
-                _ => Err(err),
-            }
+        // lseek takes a signed offset, which rustix would cast to silently:
+        // refused here, as before.
+        if i64::try_from(offset).is_err() {
+            return Err(io::Error::from(io::ErrorKind::InvalidInput));
+        }
+        // The file offset is not used by positional I/O, so moving it is
+        // harmless.
+        let seek = |pos| match rustix::fs::seek(&self.file, pos) {
+            Ok(found) => Ok(Some(found)),
+            // No data at or after `offset`.
+            Err(Errno::NXIO) => Ok(None),
+            Err(e) => Err(e),
         };
-        let data = match seek(libc::SEEK_DATA) {
+        let data = match seek(rustix::fs::SeekFrom::Data(offset)) {
             Ok(data) => data,
             // A file system without SEEK_DATA: everything counts as mapped.
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Some(offset),
-            Err(e) => return Err(e),
+            Err(Errno::INVAL) => Some(offset),
+            Err(e) => return Err(e.into()),
         };
         Ok(match data {
             None => Extent {
@@ -328,7 +328,7 @@ impl Storage for FileImage {
                 len: (start - offset).min(rest),
             },
             Some(_) => {
-                let hole = seek(libc::SEEK_HOLE)?.unwrap_or(self.size);
+                let hole = seek(rustix::fs::SeekFrom::Hole(offset))?.unwrap_or(self.size);
                 Extent {
                     allocated: true,
                     len: hole.saturating_sub(offset).min(rest).max(1),
@@ -549,42 +549,28 @@ impl FileImage {
 
 /// Replaces the file status flags fcntl(F_SETFL) may change (O_APPEND,
 /// O_ASYNC, O_DIRECT, O_NOATIME, O_NONBLOCK) with `flags`.
-fn set_status_flags(file: &File, flags: libc::c_int) -> io::Result<()> {
-    // SAFETY: plain fcntl calls on a descriptor we own.
-    let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags) };
-    if rc == -1 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+fn set_status_flags(file: &File, flags: OFlags) -> io::Result<()> {
+    Ok(rustix::fs::fcntl_setfl(file, flags)?)
 }
 
 /// The O_DIRECT alignment of an open file (statx STATX_DIOALIGN, Linux 6.1),
 /// or a safe fallback where the kernel or file system does not say.
 fn direct_alignment(file: &File) -> DirectAlignment {
-    // SAFETY: libc::statx is plain data; all zeroes is a valid value.
-    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
-    // SAFETY: statx fills the struct `stx` points to; the path is empty
-    // with AT_EMPTY_PATH, so it describes the open descriptor.
-    let rc = unsafe {
-        libc::statx(
-            file.as_raw_fd(),
-            c"".as_ptr(),
-            libc::AT_EMPTY_PATH,
-            libc::STATX_DIOALIGN,
-            &mut stx,
-        )
-    };
-    if rc == 0
-        && stx.stx_mask & libc::STATX_DIOALIGN != 0
-        && stx.stx_dio_mem_align > 0
-        && stx.stx_dio_offset_align > 0
-    {
-        DirectAlignment {
-            memory: stx.stx_dio_mem_align as usize,
-            offset: u64::from(stx.stx_dio_offset_align),
+    // The path is empty with AT_EMPTY_PATH: statx describes the open
+    // descriptor. A kernel without statx (rustix reports NOSYS) gets the
+    // fallback too.
+    match rustix::fs::statx(file, c"", AtFlags::EMPTY_PATH, StatxFlags::DIOALIGN) {
+        Ok(stx)
+            if StatxFlags::from_bits_retain(stx.stx_mask).contains(StatxFlags::DIOALIGN)
+                && stx.stx_dio_mem_align > 0
+                && stx.stx_dio_offset_align > 0 =>
+        {
+            DirectAlignment {
+                memory: stx.stx_dio_mem_align as usize,
+                offset: u64::from(stx.stx_dio_offset_align),
+            }
         }
-    } else {
-        FALLBACK_DIRECT_ALIGNMENT
+        _ => FALLBACK_DIRECT_ALIGNMENT,
     }
 }
 
@@ -700,24 +686,18 @@ mod tests {
     #[test]
     fn an_opened_image_is_blocking_and_close_on_exec() {
         let flags_of = |img: &FileImage| {
-            let fd = img.file().as_raw_fd();
-            // SAFETY: plain fcntl queries on a descriptor we own.
-            let (flags, fd_flags) = unsafe {
-                (
-                    libc::fcntl(fd, libc::F_GETFL),
-                    libc::fcntl(fd, libc::F_GETFD),
-                )
-            };
-            assert_ne!(fd_flags & libc::FD_CLOEXEC, 0);
-            flags & (libc::O_NONBLOCK | libc::O_DIRECT)
+            let fd_flags = rustix::io::fcntl_getfd(img.file()).unwrap();
+            assert!(fd_flags.contains(rustix::io::FdFlags::CLOEXEC));
+            let flags = rustix::fs::fcntl_getfl(img.file()).unwrap();
+            flags & (OFlags::NONBLOCK | OFlags::DIRECT)
         };
         let tmp = tempfile::NamedTempFile::new().unwrap();
         tmp.as_file().set_len(4096).unwrap();
         for read_only in [true, false] {
             let img = FileImage::open(tmp.path(), read_only).unwrap();
-            assert_eq!(flags_of(&img), 0);
+            assert_eq!(flags_of(&img), OFlags::empty());
             if let Some((_tmp, img)) = direct_image(&[0; 4096], read_only) {
-                assert_eq!(flags_of(&img), libc::O_DIRECT);
+                assert_eq!(flags_of(&img), OFlags::DIRECT);
             }
         }
     }

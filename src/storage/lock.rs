@@ -227,6 +227,11 @@ pub fn lock_image(file: &File, read_only: bool) -> Result<(), LockError> {
     Ok(())
 }
 
+// These locks go through libc, not rustix: rustix's `fcntl_lock` takes
+// only classic process-owned locks (F_SETLK/F_SETLKW) on the whole file
+// (l_start 0, l_len 0), and has neither OFD locks (F_OFD_SETLK) nor a lock
+// test (F_OFD_GETLK) reporting the holder's pid, nor one-byte ranges.
+
 /// A one-byte `struct flock` at `byte`.
 fn flock(byte: i64, kind: libc::c_int) -> libc::flock {
     // SAFETY: `flock` is a plain C struct of integers, for which all-zero
@@ -451,6 +456,7 @@ mod tests {
         // A traditional (process-owned) write lock on byte 101, as a
         // non-QEMU program might take; it conflicts with OFD locks.
         let fl = flock(101, libc::F_WRLCK);
+        // libc: rustix's fcntl_lock cannot lock one byte.
         // SAFETY: F_SETLK reads one `struct flock`; `other` is open.
         let rc = unsafe { libc::fcntl(other.as_raw_fd(), libc::F_SETLK, &fl) };
         assert_eq!(rc, 0);

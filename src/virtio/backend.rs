@@ -2,7 +2,7 @@
 //! handler that hands each request to the SCSI target.
 
 use std::io;
-use std::os::unix::io::{AsRawFd, RawFd};
+use std::os::unix::io::{AsRawFd, BorrowedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, TryLockError};
 use std::time::{Duration, Instant};
@@ -641,19 +641,17 @@ impl ScsiBackend {
     fn kick_again(vring: &VringRwLock) {
         let state = vring.get_ref();
         if let Some(kick) = state.get_kick() {
-            let one: u64 = 1;
+            // vmm-sys-util's EventConsumer offers no AsFd, only a raw
+            // descriptor; it is borrowed, not owned (an EventFd made from it
+            // would close the vring's kick fd when dropped).
             // SAFETY: the descriptor is the vring's kick eventfd, kept open
-            // while `state` borrows the vring; the buffer is 8 readable
-            // bytes, as an eventfd write takes.
-            let written = unsafe {
-                libc::write(
-                    kick.as_raw_fd(),
-                    std::ptr::addr_of!(one).cast(),
-                    std::mem::size_of::<u64>(),
-                )
-            };
-            if written != 8 {
-                debug!("cannot kick a queue again: {}", io::Error::last_os_error());
+            // while `state` borrows the vring, and `fd` does not outlive
+            // `state`.
+            let fd = unsafe { BorrowedFd::borrow_raw(kick.as_raw_fd()) };
+            // An eventfd write adds an 8-byte value to the counter, whole or
+            // not at all (eventfd(2)).
+            if let Err(e) = rustix::io::write(fd, &1u64.to_ne_bytes()) {
+                debug!("cannot kick a queue again: {}", io::Error::from(e));
             }
         }
     }

@@ -1111,3 +1111,185 @@ fn syncs_reach_the_file_system_before_completion_io_uring_engine_direct() {
         true,
     );
 }
+
+/// SBC-3 §5.24 and the sticky flush error: a SYNCHRONIZE CACHE whose
+/// FSYNC fails with EIO fails with MEDIUM ERROR / WRITE ERROR, and so does
+/// every later one, without asking the file system again (it would answer
+/// GOOD now, and the data the error was about may be lost). With io_uring
+/// the flush is the engine's FSYNC request; with the sync engine an
+/// `fdatasync` in the worker thread.
+fn a_failed_flush_fails_every_later_flush(test: &str, engine: &str) {
+    let Some(mount) = cached_fuse_or_skip(test, vec![0; 1 << 20]) else {
+        return;
+    };
+    let sockdir = tempfile::tempdir().unwrap();
+    let sock = sockdir.path().join("vus.sock");
+    let log = sockdir.path().join("daemon.log");
+    let img = mount.file();
+    let args = ["--io-engine", engine, img.to_str().unwrap()];
+    let mut daemon = start_logged(&sock, &args, &log, Some("warn"));
+    let mut drv = ScsiDriver::connect(&sock);
+    const WRITE_ERROR: (u8, u8, u8) = (0x03, 0x0c, 0x00);
+
+    let data = pattern(0x64, 4096);
+    good(
+        &drv.command(0, &write10(8, 8, false), &data, 0),
+        "cached write",
+    );
+    let before = mount.fsyncs();
+    mount.fail_next_fsync(libc::EIO);
+    let r = drv.command(0, &SYNCHRONIZE_CACHE_10, &[], 0);
+    assert_eq!(
+        mount.fsyncs(),
+        before + 1,
+        "the flush reached the file system"
+    );
+    assert_eq!(
+        sense_of(&r),
+        WRITE_ERROR,
+        "SYNCHRONIZE CACHE whose FSYNC failed"
+    );
+    for _ in 0..2 {
+        let r = drv.command(0, &SYNCHRONIZE_CACHE_10, &[], 0);
+        assert_eq!(sense_of(&r), WRITE_ERROR, "a later SYNCHRONIZE CACHE");
+    }
+    assert_eq!(
+        mount.fsyncs(),
+        before + 1,
+        "a flush that must fail does not ask the file system"
+    );
+    let r = drv.command(0, &read10(8, 8), &[], 4096);
+    good(&r, "read");
+    assert_eq!(r.data_in, data);
+    assert!(daemon.try_wait().unwrap().is_none(), "daemon exited");
+    daemon.kill();
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(log.contains("all later flushes will fail"), "{log}");
+    drop(mount);
+}
+
+#[test]
+fn a_failed_flush_fails_every_later_flush_sync_engine() {
+    a_failed_flush_fails_every_later_flush(
+        "a_failed_flush_fails_every_later_flush_sync_engine",
+        "sync",
+    );
+}
+
+#[test]
+fn a_failed_flush_fails_every_later_flush_io_uring_engine() {
+    a_failed_flush_fails_every_later_flush(
+        "a_failed_flush_fails_every_later_flush_io_uring_engine",
+        "io-uring",
+    );
+}
+
+/// Answers held FSYNCs when dropped.
+struct ReleaseFsyncs<'m>(&'m fuse::Mount);
+
+impl Drop for ReleaseFsyncs<'_> {
+    fn drop(&mut self) {
+        self.0.release_fsyncs();
+    }
+}
+
+/// With io_uring, SYNCHRONIZE CACHE is a request in flight like a READ:
+/// while the file system holds its FSYNC, a READ on the same queue is
+/// served and completes, and the flush completes GOOD once the FSYNC is
+/// answered. (A flush carried out in the worker thread would hold the
+/// READ up until the FSYNC was answered.)
+#[test]
+fn a_flush_in_flight_holds_up_no_read_io_uring_engine() {
+    use vhost_device_scsi::frontend::{Command as ScsiCommand, Data};
+    const TEST: &str = "a_flush_in_flight_holds_up_no_read_io_uring_engine";
+    let data = pattern(0x65, 1 << 20);
+    let Some(mount) = cached_fuse_or_skip(TEST, data.clone()) else {
+        return;
+    };
+    let sockdir = tempfile::tempdir().unwrap();
+    let sock = sockdir.path().join("vus.sock");
+    let log = sockdir.path().join("daemon.log");
+    let img = mount.file();
+    let args = ["--io-engine", "io-uring", img.to_str().unwrap()];
+    let mut daemon = start_logged(&sock, &args, &log, Some("warn"));
+    let config = DriverConfig {
+        queue_depth: 2,
+        ..DriverConfig::default()
+    };
+    let mut frontend = ScsiFrontend::connect(&sock, &config).unwrap();
+    let q = frontend.queue(0).unwrap();
+    // The READ below is then served from the page cache: the FUSE server,
+    // busy holding the FSYNC, answers nothing meanwhile.
+    let warm = q.command(0, &read10(16, 8), &[], 4096).unwrap();
+    good(&warm, "READ before");
+
+    let mark = mount.events().len();
+    mount.hold_fsyncs();
+    // Whatever fails below, the FSYNC is answered before the daemon is
+    // killed (a daemon with an FSYNC held in the kernel cannot exit).
+    let _release = ReleaseFsyncs(&mount);
+    let flush = q
+        .submit(&ScsiCommand {
+            lun: 0,
+            cdb: &SYNCHRONIZE_CACHE_10,
+            data: Data::None,
+        })
+        .unwrap();
+    q.notify().unwrap();
+    let held = mount.wait_for(ORACLE_TIMEOUT, |events| {
+        events[mark..]
+            .iter()
+            .any(|e| matches!(e, fuse::Event::Request(_, fuse::Op::Fsync { .. })))
+            .then_some(())
+    });
+    if held.is_none() {
+        mount.release_fsyncs();
+        panic!(
+            "no FSYNC reached the file system: {:?}",
+            &mount.events()[mark..]
+        );
+    }
+    let read = q
+        .submit(&ScsiCommand {
+            lun: 0,
+            cdb: &read10(16, 8),
+            data: Data::In(4096),
+        })
+        .unwrap();
+    q.notify().unwrap();
+    let mut completed = Vec::new();
+    let deadline = Instant::now() + ORACLE_TIMEOUT;
+    while !completed.iter().any(|&(slot, _)| slot == read) && Instant::now() < deadline {
+        if q.poll_used(Duration::from_millis(10)).unwrap() {
+            q.reap(|c| completed.push((c.slot, c.response.map(|h| h.is_good()))))
+                .unwrap();
+        }
+    }
+    let flush_done_early = completed.iter().any(|&(slot, _)| slot == flush);
+    mount.release_fsyncs();
+    assert!(
+        completed.contains(&(read, Some(true))),
+        "the READ was not answered GOOD while the flush's FSYNC was held: {completed:?}"
+    );
+    assert!(
+        !flush_done_early,
+        "SYNCHRONIZE CACHE completed while its FSYNC was held"
+    );
+    let mut got = vec![0u8; 4096];
+    q.read_data(read, 0, &mut got).unwrap();
+    assert_eq!(got, &data[16 * 512..24 * 512]);
+    while !completed.iter().any(|&(slot, _)| slot == flush) {
+        q.wait().unwrap();
+        q.reap(|c| completed.push((c.slot, c.response.map(|h| h.is_good()))))
+            .unwrap();
+    }
+    assert!(
+        completed.contains(&(flush, Some(true))),
+        "SYNCHRONIZE CACHE after its FSYNC was answered: {completed:?}"
+    );
+    assert!(daemon.try_wait().unwrap().is_none(), "daemon exited");
+    daemon.kill();
+    drop(_release);
+    drop(frontend);
+    drop(mount);
+}

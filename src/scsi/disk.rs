@@ -341,16 +341,7 @@ impl Disk {
             }
             Command::Verify { range, bytchk } => self.verify(range, *bytchk, data_out),
             Command::SynchronizeCache(range) => {
-                // SBC-3 §5.24: NUMBER OF LOGICAL BLOCKS zero means "through
-                // the last LBA"; the range must still be on the medium.
-                let end = if range.blocks == 0 {
-                    range.lba.checked_add(1)
-                } else {
-                    range.lba.checked_add(u64::from(range.blocks))
-                };
-                if end.is_none_or(|end| end > self.blocks) {
-                    return Err(CommandError::LbaOutOfRange);
-                }
+                self.plan_flush(range)?;
                 self.flush()
             }
             Command::ReportLuns { .. }
@@ -413,7 +404,33 @@ impl Disk {
         if self.flush_failed.load(Ordering::Relaxed) {
             return Err(CommandError::WriteError(earlier_flush_failed()));
         }
-        self.storage.flush().map_err(|e| {
+        self.flushed(self.storage.flush())
+    }
+
+    /// SYNCHRONIZE CACHE (SBC-3 §5.24): validates the range; the flush is
+    /// the caller's, with its result handed to [`Disk::flushed`]. Fails
+    /// at once once a flush has failed.
+    pub fn plan_flush(&self, range: &BlockRange) -> CommandResult<()> {
+        // NUMBER OF LOGICAL BLOCKS zero means "through the last LBA"; the
+        // range must still be on the medium.
+        let end = if range.blocks == 0 {
+            range.lba.checked_add(1)
+        } else {
+            range.lba.checked_add(u64::from(range.blocks))
+        };
+        if end.is_none_or(|end| end > self.blocks) {
+            return Err(CommandError::LbaOutOfRange);
+        }
+        if self.flush_failed.load(Ordering::Relaxed) {
+            return Err(CommandError::WriteError(earlier_flush_failed()));
+        }
+        Ok(())
+    }
+
+    /// Turns the result of a flush of the storage into the command's,
+    /// remembering a failure for good.
+    pub fn flushed(&self, result: io::Result<()>) -> CommandResult<()> {
+        result.map_err(|e| {
             self.flush_failed.store(true, Ordering::Relaxed);
             log::error!(
                 "flush of LUN with serial {} failed: {e}; all later flushes will fail",

@@ -18,4 +18,4 @@ pub use crate::storage::{Direction, Transfer};
 pub use buffer::{DataIn, DataOut, SliceDataOut, VecDataIn};
 pub use disk::{Disk, DiskConfig, DiskError, TransferAccess};
 pub use lun::LunAddress;
-pub use target::{Completion, Prepared, Target};
+pub use target::{Completion, Planned, Prepared, Target};

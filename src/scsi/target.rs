@@ -69,10 +69,19 @@ pub enum Prepared {
     ExecuteExclusive,
     /// Already complete: invalid, refused, or nothing to transfer.
     Complete(Completion),
-    /// A validated READ or WRITE of the logical unit with index `lun`:
-    /// the caller carries out `transfer` and reports its result to
-    /// [`Target::finish`].
-    Transfer { lun: usize, transfer: Transfer },
+    /// A validated READ, WRITE or SYNCHRONIZE CACHE of the logical unit
+    /// with index `lun`: the caller carries out `work` and reports its
+    /// result to [`Target::finish`].
+    HandOver { lun: usize, work: Planned },
+}
+
+/// Storage work a command was planned into, for the caller to carry out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Planned {
+    /// A READ's or WRITE's data transfer.
+    Transfer(Transfer),
+    /// SYNCHRONIZE CACHE's flush (SBC-3 §5.24).
+    Flush,
 }
 
 /// A SCSI target with LUNs 0..N-1.
@@ -117,11 +126,12 @@ impl Target {
         Completion::from_result(result, disk.is_some_and(Disk::descriptor_sense))
     }
 
-    /// Validates and plans a READ(6/10/12/16) or WRITE(6/10/12/16) (not
-    /// WRITE AND VERIFY) addressed to `lun`, with data-in and data-out
-    /// buffers of the given sizes, so that an asynchronous engine can carry
-    /// out the transfer. Errors complete with the same sense as
-    /// [`Target::execute`] gives; every other command is left to it.
+    /// Validates and plans a READ(6/10/12/16), WRITE(6/10/12/16) (not
+    /// WRITE AND VERIFY) or SYNCHRONIZE CACHE(10/16) addressed to `lun`,
+    /// with data-in and data-out buffers of the given sizes, so that an I/O
+    /// engine can carry out its storage work. Errors complete with the same
+    /// sense as [`Target::execute`] gives; every other command is left to
+    /// it.
     pub fn prepare(
         &self,
         lun: LunAddress,
@@ -136,32 +146,42 @@ impl Target {
             return Prepared::Execute;
         };
         let planned = match Command::parse(cdb) {
-            Ok(Command::Read { range, fua }) => disk.plan_read(&range, fua, data_in),
+            Ok(Command::Read { range, fua }) => disk
+                .plan_read(&range, fua, data_in)
+                .map(|t| t.map(Planned::Transfer)),
             Ok(Command::Write {
                 range,
                 fua,
                 verify: false,
                 ..
-            }) => disk.plan_write(&range, fua, data_out),
+            }) => disk
+                .plan_write(&range, fua, data_out)
+                .map(|t| t.map(Planned::Transfer)),
+            Ok(Command::SynchronizeCache(range)) => {
+                disk.plan_flush(&range).map(|()| Some(Planned::Flush))
+            }
             Ok(Command::CompareAndWrite { .. }) => return Prepared::ExecuteExclusive,
             _ => return Prepared::Execute,
         };
         match planned {
-            Ok(Some(transfer)) => Prepared::Transfer {
+            Ok(Some(work)) => Prepared::HandOver {
                 lun: usize::from(n),
-                transfer,
+                work,
             },
             Ok(None) => Prepared::Complete(Completion::Good),
             Err(e) => Prepared::Complete(Completion::from_result(Err(e), disk.descriptor_sense())),
         }
     }
 
-    /// Completes a transfer planned by [`Target::prepare`] with the result
-    /// of carrying it out.
-    pub fn finish(&self, lun: usize, transfer: &Transfer, result: io::Result<()>) -> Completion {
+    /// Completes work planned by [`Target::prepare`] with the result of
+    /// carrying it out.
+    pub fn finish(&self, lun: usize, work: &Planned, result: io::Result<()>) -> Completion {
         match self.luns.get(lun) {
             Some(disk) => Completion::from_result(
-                disk.finish_transfer(transfer, result),
+                match work {
+                    Planned::Transfer(transfer) => disk.finish_transfer(transfer, result),
+                    Planned::Flush => disk.flushed(result),
+                },
                 disk.descriptor_sense(),
             ),
             None => Completion::from_result(Err(CommandError::LunNotSupported), false),

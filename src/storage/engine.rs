@@ -1,15 +1,19 @@
-//! I/O engines: how a request queue's READ and WRITE transfers reach the
-//! storage. One completion-based interface for every engine: the caller
-//! submits a [`Submission`] (the storage, the transfer, its memory and a
-//! token); the engine either carries it out during the call
+//! I/O engines: how a request queue's READ and WRITE transfers and flushes
+//! reach the storage. One completion-based interface for every engine: the
+//! caller submits a [`Submission`] (the storage, the [`Request`] — a
+//! transfer and its memory, or a flush — and a token); the engine either
+//! carries it out during the call
 //! ([`Submitted::Done`]) or queues it ([`Submitted::Queued`]) and hands
 //! its result back later through [`Engine::reap`], signalling its
 //! completion eventfd when one arrives. The caller (the transport) knows
 //! nothing of how an engine works; the engine knows nothing of SCSI or
 //! virtio.
 //!
-//! Two engines: [`SyncEngine`] (`preadv`/`pwritev2` in the call) and
-//! [`super::uring::UringEngine`] (io_uring, many transfers in flight).
+//! Two engines: [`SyncEngine`] (`preadv`/`pwritev2`/`fdatasync` in the
+//! call) and [`super::uring::UringEngine`] (io_uring, many requests in
+//! flight). Zeroing, deallocation and extent queries are not requests
+//! (yet): the SCSI unit calls the [`Storage`] for them directly, on the
+//! worker thread.
 
 use std::io;
 use std::sync::Arc;
@@ -83,12 +87,22 @@ pub trait TransferMemory {
     fn pin(&self, len: usize, max_pieces: usize, out: &mut PinnedBufs) -> bool;
 }
 
-/// One transfer handed to an engine.
+/// What a submission asks of the storage.
+pub enum Request<'r> {
+    /// Move `transfer.len` bytes between the storage and `memory`.
+    Transfer {
+        transfer: Transfer,
+        memory: &'r mut dyn TransferMemory,
+    },
+    /// Make every completed write durable ([`Storage::flush`]).
+    Flush,
+}
+
+/// One request handed to an engine.
 pub struct Submission<'r> {
     pub storage: &'r Arc<dyn Storage>,
-    pub transfer: Transfer,
-    pub memory: &'r mut dyn TransferMemory,
-    /// Given back with the result when the transfer completes later.
+    pub request: Request<'r>,
+    /// Given back with the result when the request completes later.
     pub token: u64,
 }
 
@@ -152,6 +166,14 @@ pub trait Engine: Send {
     }
 }
 
+/// Carries out `request` on `storage` synchronously.
+pub fn run_sync(storage: &dyn Storage, request: Request<'_>) -> io::Result<()> {
+    match request {
+        Request::Transfer { transfer, memory } => transfer_sync(storage, transfer, memory),
+        Request::Flush => storage.flush(),
+    }
+}
+
 /// Carries out `transfer` on `storage` synchronously through `memory`,
 /// in batches at the storage's granule.
 pub fn transfer_sync(
@@ -184,10 +206,6 @@ pub struct SyncEngine;
 
 impl Engine for SyncEngine {
     fn submit(&mut self, submission: Submission<'_>) -> Submitted {
-        Submitted::Done(transfer_sync(
-            &**submission.storage,
-            submission.transfer,
-            submission.memory,
-        ))
+        Submitted::Done(run_sync(&**submission.storage, submission.request))
     }
 }

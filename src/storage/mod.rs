@@ -9,7 +9,8 @@ mod mem;
 pub mod uring;
 
 pub use engine::{
-    Direction, Engine, IoEngine, Submission, Submitted, SyncEngine, Transfer, TransferMemory,
+    Direction, Engine, IoEngine, Request, Submission, Submitted, SyncEngine, Transfer,
+    TransferMemory,
 };
 pub use file::{DirectAlignment, FileImage, ImageKind, OpenError};
 pub use iobufs::{IoBufs, IoBufsMut, MemoryOwner, PinnedBufs};

@@ -19,7 +19,7 @@ use io_uring::{opcode, squeue, types, IoUring};
 use log::{debug, warn};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::engine::{transfer_sync, Direction, Engine, Submission, Submitted, Transfer};
+use super::engine::{run_sync, Direction, Engine, Request, Submission, Submitted, Transfer};
 use super::{PinnedBufs, Storage};
 
 /// Transfers one ring keeps in flight at most (the submission queue
@@ -42,7 +42,7 @@ const MAX_PIECES: usize = 256;
 
 /// Checks that io_uring works here with the operations the engine uses:
 /// a ring can be set up (not disabled by sysctl or seccomp), it runs a
-/// no-op, takes an eventfd, and knows READV and WRITEV.
+/// no-op, takes an eventfd, and knows READV, WRITEV and FSYNC.
 pub fn probe() -> io::Result<()> {
     let mut ring = IoUring::new(4)?;
     let mut probe = io_uring::Probe::new();
@@ -50,6 +50,7 @@ pub fn probe() -> io::Result<()> {
     for (code, name) in [
         (opcode::Readv::CODE, "READV"),
         (opcode::Writev::CODE, "WRITEV"),
+        (opcode::Fsync::CODE, "FSYNC"),
     ] {
         if !probe.is_supported(code) {
             return Err(io::Error::other(format!(
@@ -72,15 +73,23 @@ pub fn probe() -> io::Result<()> {
     }
 }
 
-/// One in-flight transfer.
+/// What a slot has in flight.
+#[derive(Clone, Copy, Debug)]
+enum InFlight {
+    Transfer(Transfer),
+    Flush,
+}
+
+/// One in-flight request.
 #[derive(Default)]
 struct Slot {
     /// Bumped at each use; user_data carries it, so a stale completion
-    /// can never complete a later transfer.
+    /// can never complete a later request.
     generation: u16,
     /// The caller's token.
     token: u64,
-    transfer: Option<Transfer>,
+    /// Set while in flight.
+    request: Option<InFlight>,
     /// Set while in flight: the storage the entry's fd belongs to.
     storage: Option<Arc<dyn Storage>>,
     /// The memory, as handed to the kernel: must not move or change until
@@ -142,63 +151,74 @@ impl UringEngine {
         let Some(file) = submission.storage.async_file() else {
             return Err(submission);
         };
-        let transfer = submission.transfer;
-        match transfer.direction {
-            // Writes through the page cache stay synchronous: io_uring
-            // hands buffered writes to one file to a single worker thread
-            // in turn (they are hashed by inode), which is slower than
-            // writing them inline.
-            Direction::Write { .. } if file.direct.is_none() => return Err(submission),
-            Direction::Write { durable: true } if !file.dsync => return Err(submission),
-            _ => {}
-        }
         let Some(&index) = self.free.last() else {
             return Err(submission);
         };
         let slot = &mut self.slots[usize::from(index)];
-        if !submission
-            .memory
-            .pin(transfer.len, MAX_PIECES, &mut slot.bufs)
-            || !file.accepts(&slot.bufs)
-        {
-            slot.bufs.release();
-            return Err(submission);
-        }
         let generation = slot.generation.wrapping_add(1);
         let user_data = (u64::from(generation) << 16) | u64::from(index);
-        let iov = slot.bufs.iovecs();
-        // At most MAX_PIECES pieces.
-        let count = iov.len() as u32;
         let fd = types::Fd(file.fd);
-        let entry: squeue::Entry = match transfer.direction {
-            Direction::Read => opcode::Readv::new(fd, iov.as_ptr(), count)
-                .offset(transfer.offset)
-                .build(),
-            Direction::Write { durable } => opcode::Writev::new(fd, iov.as_ptr(), count)
-                .offset(transfer.offset)
-                // Durable at completion, as pwritev2(RWF_DSYNC) in a
-                // synchronous call (FUA, or write cache off).
-                .rw_flags(if durable { libc::RWF_DSYNC } else { 0 })
-                .build(),
-        }
-        .user_data(user_data);
-        // SAFETY: the entry names `slot.bufs`' piece vector, which is
-        // neither moved nor changed until the completion for `user_data`
-        // is reaped (the slot is in flight until then, and a ring is
-        // drained before it is dropped); the pieces point into memory that
-        // `slot.bufs` keeps valid until then; the fd belongs to the
-        // storage, which `slot.storage` keeps open.
-        if unsafe { self.ring.submission().push(&entry) }.is_err() {
+        let (entry, in_flight): (squeue::Entry, InFlight) = match &submission.request {
+            Request::Flush => (
+                // fdatasync(2), as Storage::flush does.
+                opcode::Fsync::new(fd)
+                    .flags(types::FsyncFlags::DATASYNC)
+                    .build(),
+                InFlight::Flush,
+            ),
+            Request::Transfer { transfer, memory } => {
+                match transfer.direction {
+                    // Writes through the page cache stay synchronous:
+                    // io_uring hands buffered writes to one file to a
+                    // single worker thread in turn (they are hashed by
+                    // inode), which is slower than writing them inline.
+                    Direction::Write { .. } if file.direct.is_none() => return Err(submission),
+                    Direction::Write { durable: true } if !file.dsync => return Err(submission),
+                    _ => {}
+                }
+                if !memory.pin(transfer.len, MAX_PIECES, &mut slot.bufs)
+                    || !file.accepts(&slot.bufs)
+                {
+                    slot.bufs.release();
+                    return Err(submission);
+                }
+                let iov = slot.bufs.iovecs();
+                // At most MAX_PIECES pieces.
+                let count = iov.len() as u32;
+                let entry = match transfer.direction {
+                    Direction::Read => opcode::Readv::new(fd, iov.as_ptr(), count)
+                        .offset(transfer.offset)
+                        .build(),
+                    Direction::Write { durable } => opcode::Writev::new(fd, iov.as_ptr(), count)
+                        .offset(transfer.offset)
+                        // Durable at completion, as pwritev2(RWF_DSYNC) in
+                        // a synchronous call (FUA, or write cache off).
+                        .rw_flags(if durable { libc::RWF_DSYNC } else { 0 })
+                        .build(),
+                };
+                (entry, InFlight::Transfer(*transfer))
+            }
+        };
+        // SAFETY: a transfer's entry names `slot.bufs`' piece vector, which
+        // is neither moved nor changed until the completion for
+        // `user_data` is reaped (the slot is in flight until then, and a
+        // ring is drained before it is dropped); the pieces point into
+        // memory that `slot.bufs` keeps valid until then. The fd belongs
+        // to the storage, which `slot.storage` keeps open. A flush names
+        // no memory.
+        if unsafe { self.ring.submission().push(&entry.user_data(user_data)) }.is_err() {
             slot.bufs.release();
             return Err(submission);
         }
         self.free.pop();
-        if file.direct.is_none() {
+        if matches!(in_flight, InFlight::Transfer(t) if t.direction == Direction::Read)
+            && file.direct.is_none()
+        {
             self.buffered_reads = true;
         }
         slot.generation = generation;
         slot.token = submission.token;
-        slot.transfer = Some(transfer);
+        slot.request = Some(in_flight);
         slot.storage = Some(submission.storage.clone());
         self.peak = self.peak.max(self.in_flight());
         self.unsubmitted += 1;
@@ -214,8 +234,23 @@ impl UringEngine {
         if slot.generation != generation {
             return None;
         }
-        let transfer = slot.transfer.take()?;
+        let request = slot.request.take()?;
         let storage = slot.storage.take()?;
+        let transfer = match request {
+            InFlight::Transfer(transfer) => transfer,
+            InFlight::Flush => {
+                let outcome = match result {
+                    0.. => Ok(()),
+                    // Interrupted: a synchronous call does it.
+                    _ if matches!(-result, libc::EINTR | libc::EAGAIN | libc::ECANCELED) => {
+                        storage.flush()
+                    }
+                    _ => Err(io::Error::from_raw_os_error(-result)),
+                };
+                self.free.push(index as u16);
+                return Some((slot.token, outcome));
+            }
+        };
         let outcome = if result >= 0 {
             let done = result as usize;
             if done >= transfer.len {
@@ -270,11 +305,7 @@ impl Engine for UringEngine {
                 }
                 Submitted::Queued
             }
-            Err(submission) => Submitted::Done(transfer_sync(
-                &**submission.storage,
-                submission.transfer,
-                submission.memory,
-            )),
+            Err(submission) => Submitted::Done(run_sync(&**submission.storage, submission.request)),
         }
     }
 
@@ -373,7 +404,7 @@ impl Drop for UringEngine {
             // flight: keep it mapped for good rather than risk it being
             // reused under a transfer.
             for slot in &mut self.slots {
-                if slot.transfer.is_some() {
+                if slot.request.is_some() {
                     std::mem::forget(std::mem::take(&mut slot.bufs));
                     std::mem::forget(slot.storage.take());
                 }

@@ -685,11 +685,8 @@ impl ScsiBackend {
             None => {
                 // Not a request queue of this thread (cannot happen: the
                 // pass set its I/O up); answered synchronously all the same.
-                let result = crate::storage::engine::transfer_sync(
-                    &**access.storage(),
-                    pending.transfer,
-                    pending.memory(),
-                );
+                let result =
+                    crate::storage::engine::run_sync(&**access.storage(), pending.request());
                 Some(pending.answer(&self.target, result))
             }
         }

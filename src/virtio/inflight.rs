@@ -18,7 +18,7 @@ use vhost_user_backend::{VringRwLock, VringT};
 use super::answer::Answered;
 use super::request::{finish_transfer, PendingCommand, RequestError, TransferReply};
 use crate::scsi::{Target, TransferAccess};
-use crate::storage::engine::transfer_sync;
+use crate::storage::engine::run_sync;
 use crate::storage::{Engine, PinnedBufs, Submission, Submitted};
 
 /// A request whose transfer is in flight.
@@ -86,7 +86,7 @@ impl QueueIo {
             _ => {
                 // No room to wait for a result, or a response area cut too
                 // finely to pin: done here, synchronously.
-                let result = transfer_sync(&**access.storage(), pending.transfer, pending.memory());
+                let result = run_sync(&**access.storage(), pending.request());
                 return Some(pending.answer(&self.target, result));
             }
         };
@@ -95,8 +95,7 @@ impl QueueIo {
         let token = (u64::from(generation) << 16) | u64::from(slot);
         let submitted = self.engine.submit(Submission {
             storage: access.storage(),
-            transfer: pending.transfer,
-            memory: pending.memory(),
+            request: pending.request(),
             token,
         });
         match submitted {

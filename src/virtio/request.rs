@@ -20,8 +20,8 @@ use super::answer::Answered;
 use super::chain::SplitChain;
 use super::sglist::{GuestDataIn, GuestDataOut, SgList};
 use super::wire::Wire;
-use crate::scsi::{Completion, Direction, LunAddress, Prepared, Target, Transfer};
-use crate::storage::{PinnedBufs, TransferMemory};
+use crate::scsi::{Completion, Direction, LunAddress, Planned, Prepared, Target};
+use crate::storage::{PinnedBufs, Request, TransferMemory};
 
 /// Bytes of the request header before the CDB (virtio_scsi_cmd_req).
 pub const REQ_HEADER_LEN: usize = offset_of!(virtio_scsi_cmd_req, cdb);
@@ -119,55 +119,67 @@ const MAX_RESPONSE_PIECES: usize = 16;
 pub enum Started<'a> {
     /// Answered.
     Done(Answered<RequestError>),
-    /// A validated READ or WRITE whose data transfer is still to be done:
-    /// by an engine, through [`PendingCommand::memory`].
+    /// A validated READ, WRITE or SYNCHRONIZE CACHE whose storage work is
+    /// still to be done, by an engine ([`PendingCommand::request`]).
     Transfer(PendingCommand<'a>),
 }
 
-/// A READ or WRITE whose response is written once its transfer is done.
+/// A READ, WRITE or SYNCHRONIZE CACHE whose response is written once its
+/// storage work is done.
 pub struct PendingCommand<'a> {
     pub lun: usize,
-    pub transfer: Transfer,
+    pub work: Planned,
     sizes: Sizes,
     resp_area: SgList<'a, ()>,
-    /// Data-in for a read, data-out for a write.
+    /// Data-in for a read, data-out for a write; for a flush, whichever
+    /// the guest supplied (its length is the residual).
     data: SgList<'a, ()>,
 }
 
-/// What is needed to answer a transfer whose result comes after
-/// [`PendingCommand`] is gone: kept while the transfer is in flight.
+/// What is needed to answer a command whose result comes after its
+/// [`PendingCommand`] is gone: kept while its work is in flight.
 #[derive(Clone, Copy, Debug)]
 pub struct TransferReply {
     pub lun: usize,
-    pub transfer: Transfer,
+    pub work: Planned,
     pub sizes: Sizes,
     /// Bytes of the data buffer (data-in or data-out) the guest supplied.
     pub data_len: usize,
 }
 
 impl<'a> PendingCommand<'a> {
-    /// The data buffer the transfer moves bytes into or out of.
-    pub fn memory(&mut self) -> &mut dyn TransferMemory {
-        &mut self.data
+    /// The storage request that carries out the command's work (a
+    /// transfer moves bytes through the data buffer).
+    pub fn request(&mut self) -> Request<'_> {
+        match self.work {
+            Planned::Transfer(transfer) => Request::Transfer {
+                transfer,
+                memory: &mut self.data,
+            },
+            Planned::Flush => Request::Flush,
+        }
     }
 
-    /// Answers the command with the result of its transfer, carried out
-    /// through [`PendingCommand::memory`] (which counts what was moved).
+    /// Answers the command with the result of its work, carried out
+    /// through [`PendingCommand::request`] (a transfer's data buffer counts
+    /// what was moved).
     pub fn answer(
         mut self,
         target: &Target,
         result: std::io::Result<()>,
     ) -> Answered<RequestError> {
-        let completion = target.finish(self.lun, &self.transfer, result);
+        let completion = target.finish(self.lun, &self.work, result);
         let response = response_for(completion, self.sizes, self.data.remaining());
         let written = response.write(&mut self.resp_area, self.sizes) + self.data_in_written();
         Answered::ok(saturate(written))
     }
 
     fn data_in_written(&self) -> usize {
-        match self.transfer.direction {
-            Direction::Read => self.data.consumed(),
-            Direction::Write { .. } => 0,
+        match self.work {
+            Planned::Transfer(transfer) if transfer.direction == Direction::Read => {
+                self.data.consumed()
+            }
+            _ => 0,
         }
     }
 
@@ -183,7 +195,7 @@ impl<'a> PendingCommand<'a> {
     pub fn reply(&self) -> TransferReply {
         TransferReply {
             lun: self.lun,
-            transfer: self.transfer,
+            work: self.work,
             sizes: self.sizes,
             data_len: self.data.remaining(),
         }
@@ -199,12 +211,11 @@ pub fn finish_transfer(
     result: std::io::Result<()>,
     resp: &mut PinnedBufs,
 ) -> u32 {
-    let transferred = if result.is_ok() {
-        reply.transfer.len
-    } else {
-        0
+    let transferred = match reply.work {
+        Planned::Transfer(transfer) if result.is_ok() => transfer.len,
+        _ => 0,
     };
-    let completion = target.finish(reply.lun, &reply.transfer, result);
+    let completion = target.finish(reply.lun, &reply.work, result);
     let response = response_for(
         completion,
         reply.sizes,
@@ -213,9 +224,9 @@ pub fn finish_transfer(
     let mut bytes = [0u8; RESP_HEADER_LEN + MAX_SENSE_SIZE as usize];
     let len = response.encode(&mut bytes, reply.sizes);
     let written = resp.fill_from(&bytes[..len]);
-    let data_in = match reply.transfer.direction {
-        Direction::Read => transferred,
-        Direction::Write { .. } => 0,
+    let data_in = match reply.work {
+        Planned::Transfer(transfer) if transfer.direction == Direction::Read => transferred,
+        _ => 0,
     };
     saturate(written + data_in)
 }
@@ -317,14 +328,26 @@ pub fn start_command<'a>(
         // whichever engine does the transfer, so all answer alike.
         let prepared = target.prepare(address, cdb, data_in.remaining(), data_out.remaining());
         let completion = match prepared {
-            Prepared::Transfer { lun, transfer } => {
-                let data = match transfer.direction {
-                    Direction::Read => data_in,
-                    Direction::Write { .. } => data_out,
+            Prepared::HandOver { lun, work } => {
+                let data = match work {
+                    Planned::Transfer(transfer) => match transfer.direction {
+                        Direction::Read => data_in,
+                        Direction::Write { .. } => data_out,
+                    },
+                    Planned::Flush => {
+                        // SYNCHRONIZE CACHE covers every transfer this
+                        // thread has in flight: they complete first.
+                        before_sync(SyncBarrier::OwnThread);
+                        if data_in.remaining() > 0 {
+                            data_in
+                        } else {
+                            data_out
+                        }
+                    }
                 };
                 return Started::Transfer(PendingCommand {
                     lun,
-                    transfer,
+                    work,
                     sizes,
                     resp_area,
                     data,

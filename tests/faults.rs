@@ -1194,23 +1194,32 @@ impl Drop for ReleaseFsyncs<'_> {
 }
 
 /// With io_uring, SYNCHRONIZE CACHE is a request in flight like a READ:
-/// while the file system holds its FSYNC, a READ on the same queue is
-/// served and completes, and the flush completes GOOD once the FSYNC is
-/// answered. (A flush carried out in the worker thread would hold the
-/// READ up until the FSYNC was answered.)
+/// while the file system holds its FSYNC, a READ on the same queue (of
+/// another LUN, whose image is on another file system: the FUSE server
+/// answers nothing while it holds the FSYNC) is served and completes, and
+/// the flush completes GOOD once the FSYNC is answered. (A flush carried
+/// out in the worker thread would hold the READ up until the FSYNC was
+/// answered.)
 #[test]
 fn a_flush_in_flight_holds_up_no_read_io_uring_engine() {
     use vhost_device_scsi::frontend::{Command as ScsiCommand, Data};
     const TEST: &str = "a_flush_in_flight_holds_up_no_read_io_uring_engine";
-    let data = pattern(0x65, 1 << 20);
-    let Some(mount) = cached_fuse_or_skip(TEST, data.clone()) else {
+    let Some(mount) = cached_fuse_or_skip(TEST, vec![0; 1 << 20]) else {
         return;
     };
     let sockdir = tempfile::tempdir().unwrap();
     let sock = sockdir.path().join("vus.sock");
     let log = sockdir.path().join("daemon.log");
+    let data = pattern(0x65, 1 << 20);
+    let other = sockdir.path().join("other.raw");
+    std::fs::write(&other, &data).unwrap();
     let img = mount.file();
-    let args = ["--io-engine", "io-uring", img.to_str().unwrap()];
+    let args = [
+        "--io-engine",
+        "io-uring",
+        img.to_str().unwrap(),
+        other.to_str().unwrap(),
+    ];
     let mut daemon = start_logged(&sock, &args, &log, Some("warn"));
     let config = DriverConfig {
         queue_depth: 2,
@@ -1218,11 +1227,6 @@ fn a_flush_in_flight_holds_up_no_read_io_uring_engine() {
     };
     let mut frontend = ScsiFrontend::connect(&sock, &config).unwrap();
     let q = frontend.queue(0).unwrap();
-    // The READ below is then served from the page cache: the FUSE server,
-    // busy holding the FSYNC, answers nothing meanwhile.
-    let warm = q.command(0, &read10(16, 8), &[], 4096).unwrap();
-    good(&warm, "READ before");
-
     let mark = mount.events().len();
     mount.hold_fsyncs();
     // Whatever fails below, the FSYNC is answered before the daemon is
@@ -1251,7 +1255,7 @@ fn a_flush_in_flight_holds_up_no_read_io_uring_engine() {
     }
     let read = q
         .submit(&ScsiCommand {
-            lun: 0,
+            lun: 1,
             cdb: &read10(16, 8),
             data: Data::In(4096),
         })

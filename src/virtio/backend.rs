@@ -940,6 +940,18 @@ impl ScsiBackend {
             .is_ok_and(|avail| avail.0.wrapping_sub(queue.next_avail()) > queue.size())
     }
 
+    /// Whether the driver has made requests available on `vring`, in the
+    /// guest memory of the moment (none without a memory table).
+    fn has_requests(&self, vring: &VringRwLock) -> bool {
+        let mem = self
+            .mem
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .map(|m| m.memory().into_inner());
+        mem.is_some_and(|mem| Self::has_available(vring, &mem))
+    }
+
     /// Whether the driver has made requests available that the device has
     /// not taken (an unreadable index counts as none).
     fn has_available(vring: &VringRwLock, mem: &GuestMem) -> bool {
@@ -1150,10 +1162,17 @@ impl ScsiBackend {
                 // every request this thread's queues hold: a command the
                 // driver submitted before its TMF is then never left in the
                 // task set, so "FUNCTION COMPLETE" is true (see control.rs).
-                // With io_uring, "complete" includes the transfers in
-                // flight: they are waited for.
-                self.complete_transfers(vrings, thread_id);
-                self.process_queue(CONTROL_QUEUE, vring);
+                // With io_uring, "complete" includes the transfers (and
+                // flushes) in flight: they are waited for. Only when a
+                // control request is there: a kick with none (a driver
+                // setting the queue up, say) waits for nothing. One made
+                // available after this check comes with a kick of its own
+                // (virtio 1.2 §2.7.13: the driver notifies after it
+                // updates the available index).
+                if self.has_requests(vring) {
+                    self.complete_transfers(vrings, thread_id);
+                    self.process_queue(CONTROL_QUEUE, vring);
+                }
                 Ok(())
             }
             _ => {

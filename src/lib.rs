@@ -30,11 +30,11 @@
 //! Beside them: [`virtio::uring`], the io_uring engine
 //! ([`virtio::uring::IoEngine`] says whether transfers use it or
 //! synchronous calls; a [`virtio::uring::QueueRing`] per request queue keeps
-//! up to 128 READ and WRITE transfers in flight), and [`frontend`], the
-//! other side of the socket: a vhost-user virtio-scsi driver negotiating like
-//! QEMU ([`frontend::ScsiFrontend`]), with the daemon run as a child process
-//! ([`frontend::DaemonProcess`]), for the load generator `vhost-scsi-bench`
-//! and the tests.
+//! up to 128 READ and WRITE transfers in flight). The other side of the
+//! socket — a vhost-user virtio-scsi driver negotiating like QEMU, the
+//! hostile frontend, the test kit and the load generator `vhost-scsi-bench`
+//! — is a crate of its own, `vhost-scsi-frontend` (`frontend/` in the
+//! repository), which the integration tests use; the daemon ships none of it.
 //!
 //! # One request
 //!
@@ -79,7 +79,6 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod fdlimit;
-pub mod frontend;
 pub mod logging;
 pub mod scsi;
 pub mod storage;

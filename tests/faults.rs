@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{read10, write10, ScsiDriver, BIN, SYNCHRONIZE_CACHE_10};
-use vhost_device_scsi::frontend::{DaemonProcess, DriverConfig, ScsiFrontend};
+use vhost_scsi_frontend::{DaemonProcess, DriverConfig, ScsiFrontend};
 
 fn pattern(seed: u8, len: usize) -> Vec<u8> {
     (0..len)
@@ -869,7 +869,7 @@ const HELD_WINDOW: Duration = Duration::from_millis(100);
 /// command does not complete while that FSYNC is unanswered, and
 /// completes GOOD once it is.
 fn synced_before_completion(
-    q: &mut vhost_device_scsi::frontend::RequestQueue,
+    q: &mut vhost_scsi_frontend::RequestQueue,
     mount: &fuse::Mount,
     what: &str,
     cdb: &[u8],
@@ -878,7 +878,7 @@ fn synced_before_completion(
     range: std::ops::Range<u64>,
 ) {
     use fuse::{Event, Op};
-    use vhost_device_scsi::frontend::{Command as ScsiCommand, Data};
+    use vhost_scsi_frontend::{Command as ScsiCommand, Data};
 
     let mark = mount.events().len();
     mount.hold_fsyncs();
@@ -979,7 +979,7 @@ fn synced_before_completion(
 }
 
 /// MODE SELECT(6) of the caching page with WCE cleared (SBC-3 §6.4.5).
-fn write_cache_off(q: &mut vhost_device_scsi::frontend::RequestQueue) {
+fn write_cache_off(q: &mut vhost_scsi_frontend::RequestQueue) {
     let mut params = vec![0u8, 0, 0, 0]; // header, no block descriptor
     let mut page = vec![0u8; 20];
     page[0] = 0x08;

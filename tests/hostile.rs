@@ -24,12 +24,12 @@ use std::time::{Duration, Instant};
 use common::{cpu_time, read10, write10, Daemon, ScsiDriver};
 use vhost::vhost_user::VhostUserFrontend;
 use vhost::VhostBackend;
-use vhost_device_scsi::frontend::raw::{
+use vhost_scsi_frontend::raw::{
     spare_fd, Answer, RawConfig, RawDesc, RawDevice, RawSocket, RegionSpec, UsedElem,
     VHOST_USER_NEED_REPLY, VHOST_USER_VERSION, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT,
     VRING_DESC_F_WRITE,
 };
-use vhost_device_scsi::frontend::scsi::{lun_field, read16, write16, REQUEST_LEN, RESPONSE_LEN};
+use vhost_scsi_frontend::scsi::{lun_field, read16, write16, REQUEST_LEN, RESPONSE_LEN};
 use vmm_sys_util::eventfd::EventFd;
 
 /// How long a completion may take before the test fails.

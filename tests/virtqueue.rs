@@ -6,7 +6,6 @@ use std::os::unix::io::{AsRawFd, FromRawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use vhost_device_scsi::frontend::vring_need_event;
 use vhost_device_scsi::scsi::inquiry::Identity;
 use vhost_device_scsi::scsi::{Disk, DiskConfig, Target};
 use vhost_device_scsi::storage::FileImage;
@@ -16,6 +15,7 @@ use vhost_device_scsi::virtio::backend::{
 use vhost_device_scsi::virtio::chain::GuestMem;
 use vhost_device_scsi::virtio::uring::IoEngine;
 use vhost_device_scsi::virtio::ScsiBackend;
+use vhost_scsi_frontend::vring_need_event;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};

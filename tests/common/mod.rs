@@ -1,7 +1,7 @@
 //! The daemon process and a virtio-scsi driver over a real vhost-user
 //! connection, for tests that drive the daemon exactly as QEMU plus a guest
 //! would: a thin wrapper over the library's driver
-//! (`vhost_device_scsi::frontend`) that panics where a test should fail.
+//! (`vhost_scsi_frontend`) that panics where a test should fail.
 
 #![allow(dead_code, unused_imports)]
 
@@ -10,10 +10,10 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use vhost::vhost_user::Frontend;
-use vhost_device_scsi::frontend::{DaemonProcess, DriverConfig, ScsiFrontend};
+use vhost_scsi_frontend::{DaemonProcess, DriverConfig, ScsiFrontend};
 
-pub use vhost_device_scsi::frontend::scsi::{read10, write10, SYNCHRONIZE_CACHE_10};
-pub use vhost_device_scsi::frontend::Reply;
+pub use vhost_scsi_frontend::scsi::{read10, write10, SYNCHRONIZE_CACHE_10};
+pub use vhost_scsi_frontend::Reply;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_vhost-device-scsi");
 

@@ -41,7 +41,7 @@
 //! 1. The guest kicks a request queue; `vhost-user-backend`'s worker thread
 //!    calls [`ScsiBackend::process_queue`](virtio::ScsiBackend::process_queue),
 //!    which pops the available chains in a pass bounded in time.
-//! 2. [`virtio::chain::split_chain`] turns a chain into bounds-checked
+//! 2. `virtio::chain::split_chain` turns a chain into bounds-checked
 //!    slices of guest memory; [`virtio::request::start_command`] reads the
 //!    request header and CDB from them and hands the command to the target.
 //! 3. A READ or WRITE is planned by [`scsi::Target::prepare`], its data moved

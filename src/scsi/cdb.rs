@@ -46,11 +46,11 @@ pub mod opcode {
 }
 
 /// Service actions of SERVICE ACTION IN(16) and MAINTENANCE IN.
-pub mod service_action {
-    pub const READ_CAPACITY_16: u16 = 0x10;
-    pub const GET_LBA_STATUS: u16 = 0x12;
-    pub const REPORT_SUPPORTED_OPERATION_CODES: u16 = 0x0c;
-    pub const REPORT_SUPPORTED_TASK_MANAGEMENT_FUNCTIONS: u16 = 0x0d;
+pub(crate) mod service_action {
+    pub(crate) const READ_CAPACITY_16: u16 = 0x10;
+    pub(crate) const GET_LBA_STATUS: u16 = 0x12;
+    pub(crate) const REPORT_SUPPORTED_OPERATION_CODES: u16 = 0x0c;
+    pub(crate) const REPORT_SUPPORTED_TASK_MANAGEMENT_FUNCTIONS: u16 = 0x0d;
 }
 
 /// Page control field of MODE SENSE (SPC-4 §6.11, table 157).

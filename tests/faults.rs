@@ -10,6 +10,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{read10, write10, ScsiDriver, BIN, SYNCHRONIZE_CACHE_10};
+use vhost_scsi_frontend::sense::{key_asc_ascq, CheckCondition};
+use vhost_scsi_frontend::testkit::sparse_image;
 use vhost_scsi_frontend::{DaemonProcess, DriverConfig, ScsiFrontend};
 
 fn pattern(seed: u8, len: usize) -> Vec<u8> {
@@ -142,14 +144,10 @@ impl Drop for Tmpfs {
     }
 }
 
-/// CHECK CONDITION with (sense key, ASC, ASCQ), fixed-format sense.
+/// CHECK CONDITION with (sense key, ASC, ASCQ).
+#[track_caller]
 fn sense_of(r: &common::Reply) -> (u8, u8, u8) {
-    assert_eq!(
-        (r.response, r.status),
-        (0, 2),
-        "CHECK CONDITION expected: {r:?}"
-    );
-    (r.sense[2] & 0x0f, r.sense[12], r.sense[13])
+    key_asc_ascq(&CheckCondition::sense(r))
 }
 
 fn good(r: &common::Reply, what: &str) {
@@ -172,7 +170,7 @@ fn a_full_file_system_is_space_allocation_failed_and_serving_goes_on() {
     let ballast = fs.path().join("ballast");
     std::fs::write(&ballast, vec![1u8; 1 << 20]).unwrap();
     let img = fs.path().join("disk.raw");
-    File::create(&img).unwrap().set_len(16 << 20).unwrap();
+    sparse_image(&img, &[], 16 << 20).unwrap();
     let sockdir = tempfile::tempdir().unwrap();
     let sock = sockdir.path().join("vus.sock");
     let log = sockdir.path().join("daemon.log");

@@ -15,7 +15,7 @@ mod common;
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::Hasher;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
@@ -24,12 +24,15 @@ use std::time::{Duration, Instant};
 use common::{cpu_time, read10, write10, Daemon, ScsiDriver};
 use vhost::vhost_user::VhostUserFrontend;
 use vhost::VhostBackend;
+use vhost_scsi_frontend::cdb::{read16, write16};
 use vhost_scsi_frontend::raw::{
     spare_fd, Answer, RawConfig, RawDesc, RawDevice, RawSocket, RegionSpec, UsedElem,
     VHOST_USER_NEED_REPLY, VHOST_USER_VERSION, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT,
     VRING_DESC_F_WRITE,
 };
-use vhost_scsi_frontend::scsi::{lun_field, read16, write16, REQUEST_LEN, RESPONSE_LEN};
+use vhost_scsi_frontend::scsi::{self, lun_field, REQUEST_LEN, RESPONSE_LEN};
+use vhost_scsi_frontend::sense::key_asc_ascq;
+use vhost_scsi_frontend::testkit::sparse_image;
 use vmm_sys_util::eventfd::EventFd;
 
 /// How long a completion may take before the test fails.
@@ -107,10 +110,7 @@ impl Env {
         };
         let img = dir.path().join("disk.raw");
         let expected = pattern(IMAGE_LEN);
-        let mut f = std::fs::File::create(&img).unwrap();
-        f.write_all(&expected).unwrap();
-        f.set_len(len).unwrap();
-        drop(f);
+        sparse_image(&img, &expected, len).unwrap();
         let sock = dir.path().join("vus.sock");
         let log = dir.path().join("daemon.log");
         let mut daemon_args = args.to_vec();
@@ -224,13 +224,9 @@ fn hash(bytes: &[u8]) -> u64 {
     h.finish()
 }
 
-/// `virtio_scsi_cmd_req` for target 0, `lun`.
+/// `virtio_scsi_cmd_req` for target 0, `lun`, tag 1234h.
 fn request(lun: u16, cdb: &[u8]) -> Vec<u8> {
-    let mut req = vec![0u8; REQUEST_LEN];
-    req[..8].copy_from_slice(&lun_field(lun));
-    req[8..16].copy_from_slice(&0x1234u64.to_le_bytes());
-    req[19..19 + cdb.len()].copy_from_slice(cdb);
-    req
+    scsi::request(lun_field(lun), 0x1234, cdb, 32)
 }
 
 /// The response the device wrote (virtio 1.2 §5.6.6.1).
@@ -255,9 +251,9 @@ impl Resp {
         }
     }
 
-    /// Fixed-format sense: key, ASC, ASCQ.
+    /// Sense key, ASC, ASCQ.
     fn sense_key(&self) -> (u8, u8, u8) {
-        (self.sense[2] & 0x0f, self.sense[12], self.sense[13])
+        key_asc_ascq(&self.sense)
     }
 }
 

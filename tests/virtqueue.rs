@@ -15,6 +15,8 @@ use vhost_device_scsi::virtio::backend::{
 use vhost_device_scsi::virtio::chain::GuestMem;
 use vhost_device_scsi::virtio::uring::IoEngine;
 use vhost_device_scsi::virtio::ScsiBackend;
+use vhost_scsi_frontend::cdb::{inquiry, read10};
+use vhost_scsi_frontend::scsi::{self, lun_field as lun};
 use vhost_scsi_frontend::vring_need_event;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
@@ -494,35 +496,20 @@ fn signals(call: &EventFd) -> u64 {
     call.read().unwrap_or(0)
 }
 
-/// virtio-scsi LUN field for target 0, LUN `n`, flat space addressing.
-fn lun(n: u16) -> [u8; 8] {
-    [1, 0, 0x40 | (n >> 8) as u8, n as u8, 0, 0, 0, 0]
-}
-
-/// virtio_scsi_cmd_req with a 32-byte CDB area.
+/// virtio_scsi_cmd_req with a 32-byte CDB area, tag 1234h.
 fn request(lun: [u8; 8], cdb: &[u8]) -> Vec<u8> {
-    let mut req = vec![0u8; REQ_LEN];
-    req[..8].copy_from_slice(&lun);
-    req[8..16].copy_from_slice(&0x1234u64.to_le_bytes());
-    req[19..19 + cdb.len()].copy_from_slice(cdb);
-    req
+    scsi::request(lun, 0x1234, cdb, 32)
 }
 
-fn read10(lba: u32, blocks: u16) -> Vec<u8> {
-    let mut cdb = vec![0x28, 0];
-    cdb.extend_from_slice(&lba.to_be_bytes());
-    cdb.push(0);
-    cdb.extend_from_slice(&blocks.to_be_bytes());
-    cdb.push(0);
-    cdb
+/// INQUIRY, standard data.
+fn inquiry_standard() -> Vec<u8> {
+    inquiry(false, 0, 96)
 }
-
-const INQUIRY: [u8; 6] = [0x12, 0, 0, 0, 96, 0];
 
 #[test]
 fn single_descriptor_parts() {
     let mut h = Harness::new(&[1 << 20]);
-    let used = h.command(lun(0), &INQUIRY, 96);
+    let used = h.command(lun(0), &inquiry_standard(), 96);
     assert_eq!(used.response(), S_OK);
     assert_eq!(used.status(), 0);
     assert_eq!(used.sense_len(), 0);
@@ -643,7 +630,7 @@ fn several_luns_and_both_lun_formats() {
     let absent = h.command(lun(5), &read10(0, 1), 512);
     assert_eq!(absent.status(), 2);
     assert_eq!((absent.sense()[12], absent.sense()[13]), (0x25, 0x00));
-    let inq = h.command(lun(5), &INQUIRY, 96);
+    let inq = h.command(lun(5), &inquiry_standard(), 96);
     assert_eq!(inq.data_in()[0], 0x7f);
     // REPORT LUNS lists three.
     let luns = h.command(lun(0), &[0xa0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0], 256);
@@ -658,7 +645,7 @@ fn other_targets_are_bad_target() {
         [0, 0, 0x40, 0, 0, 0, 0, 0],
         [2, 0, 0, 0, 0, 0, 0, 0],
     ] {
-        let used = h.command(bad, &INQUIRY, 96);
+        let used = h.command(bad, &inquiry_standard(), 96);
         assert_eq!(used.response(), S_BAD_TARGET, "{bad:?}");
         assert_eq!(used.len, RESP_LEN);
     }
@@ -672,7 +659,7 @@ fn requests_on_every_request_queue() {
         let _ = h.push(
             q,
             &[
-                Buf::R(request(lun(0), &INQUIRY)),
+                Buf::R(request(lun(0), &inquiry_standard())),
                 Buf::W(RESP_LEN),
                 Buf::W(96),
             ],
@@ -756,14 +743,14 @@ fn malformed_requests_are_answered_and_serving_continues() {
     // Response buffer shorter than the response.
     let used = h.submit(
         FIRST_REQUEST_QUEUE,
-        &[Buf::R(request(lun(0), &INQUIRY)), Buf::W(50)],
+        &[Buf::R(request(lun(0), &inquiry_standard())), Buf::W(50)],
     );
     assert_eq!(used.len, 0);
     // Both data-out and data-in without VIRTIO_SCSI_F_INOUT.
     let used = h.submit(
         FIRST_REQUEST_QUEUE,
         &[
-            Buf::R(request(lun(0), &INQUIRY)),
+            Buf::R(request(lun(0), &inquiry_standard())),
             Buf::R(vec![0; 16]),
             Buf::W(RESP_LEN),
             Buf::W(96),
@@ -774,7 +761,7 @@ fn malformed_requests_are_answered_and_serving_continues() {
     let used = h.submit(
         FIRST_REQUEST_QUEUE,
         &[
-            Buf::R(request(lun(0), &INQUIRY)),
+            Buf::R(request(lun(0), &inquiry_standard())),
             Buf::W(RESP_LEN),
             Buf::R(vec![0; 16]),
         ],
@@ -1021,7 +1008,7 @@ on_both_engines! {
         let second = FIRST_REQUEST_QUEUE + 1;
         let _ = h.push(
             second,
-            &[Buf::R(request(lun(0), &INQUIRY)), Buf::W(RESP_LEN), Buf::W(96)],
+            &[Buf::R(request(lun(0), &inquiry_standard())), Buf::W(RESP_LEN), Buf::W(96)],
         );
         h.backend
             .handle_event(second as u16, EventSet::IN, &h.vrings, 0)

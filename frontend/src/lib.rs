@@ -21,7 +21,10 @@
 //! rules on purpose (for the hostile-guest tests), [`scsi`] holds what a
 //! driver puts in a request and reads from its response, [`DaemonProcess`]
 //! runs the daemon as a child process and [`LatencyHistogram`] records
-//! latencies. The load generator `vhost-scsi-bench` is this crate's binary.
+//! latencies. The test kit the daemon's tests and fuzz targets share is
+//! here too: [`cdb`], the CDB and parameter-list builders (SPC-4, SBC-3),
+//! [`sense`], sense data and the assertions made on it, and [`testkit`],
+//! image files and the mode pages the daemon reports. The load generator `vhost-scsi-bench` is this crate's binary.
 //! The daemon's integration tests use the crate as a dev-dependency; it
 //! uses the daemon's library only for what is defined once there (the queue
 //! indexes of virtio 1.2 §5.6.2).
@@ -29,12 +32,15 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![deny(clippy::undocumented_unsafe_blocks)]
 
+pub mod cdb;
 mod histogram;
 mod process;
 mod queue;
 pub mod raw;
 mod ring;
 pub mod scsi;
+pub mod sense;
+pub mod testkit;
 
 use std::fs::File;
 use std::io;

@@ -9,7 +9,7 @@
 use super::error::{CommandError, CommandResult};
 
 /// Operation codes the target recognises.
-pub mod opcode {
+pub(crate) mod opcode {
     pub const TEST_UNIT_READY: u8 = 0x00;
     pub const REQUEST_SENSE: u8 = 0x03;
     pub const READ_6: u8 = 0x08;
@@ -191,7 +191,7 @@ impl Bytes<'_> {
 }
 
 /// CDB length implied by the operation code's group (SPC-4 §4.2.5.1).
-pub fn cdb_length(opcode: u8) -> usize {
+pub(crate) fn cdb_length(opcode: u8) -> usize {
     match opcode >> 5 {
         0 => 6,
         1 | 2 => 10,

@@ -12,7 +12,7 @@ use std::time::Duration;
 use vhost::vhost_user::Frontend;
 use vhost_scsi_frontend::{DaemonProcess, DriverConfig, ScsiFrontend};
 
-pub use vhost_scsi_frontend::scsi::{read10, write10, SYNCHRONIZE_CACHE_10};
+pub use vhost_scsi_frontend::cdb::{read10, write10, SYNCHRONIZE_CACHE_10};
 pub use vhost_scsi_frontend::Reply;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_vhost-device-scsi");

@@ -3,7 +3,7 @@
 //! the image when the daemon is SIGKILLed right after; a read-only daemon
 //! changes no byte.
 
-mod common;
+use crate::common;
 
 use common::{read10, write10, Daemon, ScsiDriver, SYNCHRONIZE_CACHE_10};
 use vhost_scsi_frontend::testkit::filled_image;

@@ -8,10 +8,10 @@
 //! release build:
 //!
 //! ```sh
-//! cargo test --release --test scale -- --ignored --nocapture
+//! cargo test --release --test it scale:: -- --ignored --nocapture
 //! ```
 
-mod common;
+use crate::common;
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
@@ -439,7 +439,7 @@ fn measure(dir: &Path, images: &[PathBuf], rust_log: &str) {
 }
 
 #[test]
-#[ignore = "a measurement: cargo test --release --test scale -- --ignored --nocapture"]
+#[ignore = "a measurement: cargo test --release --test it scale:: -- --ignored --nocapture"]
 fn measure_startup_and_memory() {
     if let Some(hard) = hard_limit_too_low(LUNS) {
         panic!("the hard open-file limit {hard} is too low for {LUNS} images");

@@ -26,29 +26,9 @@ use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
-/// Counts heap allocations made by the current thread, to check that the
-/// request path allocates nothing.
-struct CountingAllocator;
-
-thread_local! {
-    static ALLOCATIONS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
-}
-
-// SAFETY: forwards to the system allocator; only counts.
-unsafe impl std::alloc::GlobalAlloc for CountingAllocator {
-    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
-        let _ = ALLOCATIONS.try_with(|c| c.set(c.get() + 1));
-        // SAFETY: same contract as the caller's.
-        unsafe { std::alloc::System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
-        // SAFETY: same contract as the caller's.
-        unsafe { std::alloc::System.dealloc(ptr, layout) }
-    }
-}
-
-#[global_allocator]
-static GLOBAL: CountingAllocator = CountingAllocator;
+// Heap allocations of the current thread (the binary's counting allocator),
+// to check that the request path allocates nothing.
+use crate::alloc::allocations;
 
 thread_local! {
     /// The I/O engine harnesses built on this (test) thread use.
@@ -77,10 +57,6 @@ macro_rules! on_both_engines {
             $(#[test] fn $name() { super::$name(super::IoEngine::IoUring) })*
         }
     };
-}
-
-fn allocations() -> u64 {
-    ALLOCATIONS.with(|c| c.get())
 }
 
 const QUEUE_SIZE: u16 = 256;

@@ -12,7 +12,7 @@ use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::VhostBackend;
 use vhost_scsi_frontend::testkit::filled_image;
 
-const BIN: &str = env!("CARGO_BIN_EXE_vhost-device-scsi");
+use crate::common::BIN;
 
 fn image(dir: &Path, name: &str, size: usize) -> PathBuf {
     let path = dir.join(name);

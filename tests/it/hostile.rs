@@ -11,7 +11,7 @@
 //!
 //! The outcomes are listed in docs/hostile-guests.md.
 
-mod common;
+use crate::common;
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::Hasher;

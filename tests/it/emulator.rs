@@ -11,7 +11,7 @@
 //! pages), rather than taken from the crate's constants, so that a wrong
 //! constant fails a test.
 
-mod common;
+use crate::common;
 
 use std::io;
 use std::os::unix::fs::MetadataExt;

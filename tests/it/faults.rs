@@ -2,7 +2,7 @@
 //! connection: a guest flooding the log, the image's file system filling
 //! up, the image shrinking underneath, the daemon killed and restarted.
 
-mod common;
+use crate::common;
 
 use std::fs::File;
 use std::path::Path;

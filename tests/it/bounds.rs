@@ -1,15 +1,13 @@
 //! Memory the daemon allocates is bounded whatever lengths the guest asks
 //! for: each command family at its largest transfer length (and beyond),
 //! through the whole request path (split virtqueue in mock guest memory →
-//! `ScsiBackend` → SCSI target → image file), with a counting allocator
-//! that records the peak of live heap bytes. A test binary of its own, so
-//! the allocator sees only this process's requests; one test function, so
-//! no other test thread allocates meanwhile.
+//! `ScsiBackend` → SCSI target → image file), with the binary's counting
+//! allocator recording the peak of live heap bytes. The request runs on the
+//! test's own thread and the allocator counts per thread (`alloc`), so the
+//! tests running beside it in this binary do not disturb the peak.
 //!
 //! The bounds asserted are the ones docs/resource-bounds.md states.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use vhost_device_scsi::scsi::inquiry::Identity;
@@ -34,43 +32,7 @@ use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::epoll::EventSet;
 
-/// Live heap bytes and their peak since the last reset.
-struct PeakAllocator;
-
-static LIVE: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
-
-// SAFETY: forwards to the system allocator; only counts.
-unsafe impl GlobalAlloc for PeakAllocator {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: same contract as the caller's.
-        let p = unsafe { System.alloc(layout) };
-        if !p.is_null() {
-            let live = LIVE.fetch_add(layout.size(), Ordering::SeqCst) + layout.size();
-            PEAK.fetch_max(live, Ordering::SeqCst);
-        }
-        p
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: same contract as the caller's.
-        unsafe { System.dealloc(ptr, layout) };
-        LIVE.fetch_sub(layout.size(), Ordering::SeqCst);
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        // SAFETY: same contract as the caller's.
-        let p = unsafe { System.realloc(ptr, layout, new_size) };
-        if !p.is_null() {
-            // Old and new blocks may both be live during the move.
-            let live = LIVE.fetch_add(new_size, Ordering::SeqCst) + new_size;
-            PEAK.fetch_max(live, Ordering::SeqCst);
-            LIVE.fetch_sub(layout.size(), Ordering::SeqCst);
-        }
-        p
-    }
-}
-
-#[global_allocator]
-static GLOBAL: PeakAllocator = PeakAllocator;
+use crate::alloc;
 
 const KIB: usize = 1 << 10;
 const MIB: usize = 1 << 20;
@@ -229,12 +191,11 @@ impl Harness {
     /// Runs the device on what was published; returns the used length
     /// and the peak of live heap bytes above the level before the kick.
     fn run(&mut self, used_before: u16) -> (u32, usize) {
-        let base = LIVE.load(Ordering::SeqCst);
-        PEAK.store(base, Ordering::SeqCst);
+        let base = alloc::reset_peak();
         self.backend
             .handle_event(FIRST_REQUEST_QUEUE as u16, EventSet::IN, &self.vrings, 0)
             .unwrap();
-        let peak = PEAK.load(Ordering::SeqCst) - base;
+        let peak = alloc::peak_since(base);
         let mem = self.mem.memory();
         let used_after: u16 = mem.read_obj(GuestAddress(self.used + 2)).unwrap();
         assert_eq!(used_after, used_before.wrapping_add(1), "one used entry");

@@ -11,7 +11,7 @@ use clap::Parser;
 use crate::config::{self, ConfigError, DaemonConfig, SocketConfig};
 use crate::virtio::backend::QueueOptions;
 
-pub use crate::config::{IoEngineChoice, LunSpec, LunSpecError, MAX_IMAGES, MAX_SERIAL_LEN};
+pub use crate::config::{IoEngineChoice, LunSpec, LunSpecError, MAX_IMAGES};
 
 /// vhost-user SCSI target: serves raw disk images to a virtual machine as
 /// SCSI disks on target 0, one LUN per image in command-line order.
@@ -139,7 +139,7 @@ fn parse_socket_mode(value: &str) -> Result<u32, String> {
 
 impl Cli {
     /// The daemon's configuration: the flags as they are, every IMAGE
-    /// argument parsed ([`config::parse_luns`]), and the checks clap does
+    /// argument parsed (`config::parse_luns`), and the checks clap does
     /// not make (more threads than request queues), in that order. Nothing
     /// here looks at the system: the socket's group, the I/O engine and the
     /// images are for start-up.

@@ -26,17 +26,17 @@ use crate::storage::{FileImage, ImageKind, OpenError};
 use crate::virtio::backend::{QueueOptions, FIRST_REQUEST_QUEUE, MAX_REQUEST_QUEUES};
 
 mod lun_spec;
-pub use lun_spec::{LunSpec, LunSpecError, MAX_IMAGES, MAX_SERIAL_LEN};
+pub use lun_spec::{LunSpec, LunSpecError, MAX_IMAGES};
 
 /// Logical block size of a LUN without `block-size=`.
-pub const BLOCK_SIZE: u32 = 512;
+pub(crate) const BLOCK_SIZE: u32 = 512;
 
 /// Permissions of the socket unless the operator asks for others: only the
 /// daemon's user may connect.
-pub const DEFAULT_SOCKET_MODE: u32 = 0o600;
+pub(crate) const DEFAULT_SOCKET_MODE: u32 = 0o600;
 
 /// Longest busy-poll after a queue runs dry (`--poll-us` at most 1000).
-pub const MAX_POLL: std::time::Duration = std::time::Duration::from_micros(1000);
+pub(crate) const MAX_POLL: std::time::Duration = std::time::Duration::from_micros(1000);
 
 /// Everything the daemon is started with. [`DaemonConfig::new`] gives the
 /// command line's defaults; every field may then be set directly.
@@ -55,7 +55,7 @@ pub struct DaemonConfig {
     /// Report the disks as solid state (non-rotating).
     pub solid_state: bool,
     /// Request queues (1-62), worker threads (1 to request queues) and
-    /// busy-polling (up to [`MAX_POLL`]).
+    /// busy-polling (up to `MAX_POLL`, 1000 µs).
     pub queues: QueueOptions,
     /// How READ and WRITE transfers are carried out; resolved, with a
     /// probe of io_uring, by [`IoEngineChoice::resolve`] at start-up.
@@ -161,7 +161,7 @@ impl DaemonConfig {
 
 /// Checks the queue settings: 1-62 request queues, 1 to that many worker
 /// threads, polling for at most [`MAX_POLL`].
-pub fn check_queues(queues: &QueueOptions) -> Result<(), ConfigError> {
+pub(crate) fn check_queues(queues: &QueueOptions) -> Result<(), ConfigError> {
     if !(1..=MAX_REQUEST_QUEUES).contains(&queues.request_queues) {
         return Err(ConfigError::Queues(queues.request_queues));
     }
@@ -182,7 +182,7 @@ pub fn check_queues(queues: &QueueOptions) -> Result<(), ConfigError> {
 
 /// Parses `IMAGE[,OPTIONS]` arguments as LUNs 0..N-1; too many of them is an
 /// error before any is parsed.
-pub fn parse_luns<A: AsRef<OsStr>>(args: &[A]) -> Result<Vec<LunSpec>, ConfigError> {
+pub(crate) fn parse_luns<A: AsRef<OsStr>>(args: &[A]) -> Result<Vec<LunSpec>, ConfigError> {
     if args.len() > MAX_IMAGES {
         return Err(ConfigError::TooManyImages(args.len()));
     }
@@ -271,7 +271,7 @@ fn group_id(name: &str) -> io::Result<Option<u32>> {
 
 impl IoEngineChoice {
     /// Every choice, in the order the command line lists them.
-    pub const ALL: [IoEngineChoice; 3] = [
+    pub(crate) const ALL: [IoEngineChoice; 3] = [
         IoEngineChoice::Auto,
         IoEngineChoice::Sync,
         IoEngineChoice::IoUring,

@@ -15,13 +15,13 @@ use rlimit::Resource;
 /// backend request channel, the guest memory region files (at most 8
 /// without `VHOST_USER_PROTOCOL_F_CONFIGURE_MEM_SLOTS`), the `/proc`
 /// directories read to name a lock holder, with room to spare.
-pub const BASE_FDS: u64 = 64;
+pub(crate) const BASE_FDS: u64 = 64;
 
 /// Descriptors per virtqueue: its kick, call and error eventfds, its
 /// io_uring (request queues, with the io-uring engine), and a worker
 /// thread's epoll descriptor, exit eventfd pair and io_uring completion
 /// eventfd (at most one worker thread per queue).
-pub const FDS_PER_QUEUE: u64 = 8;
+pub(crate) const FDS_PER_QUEUE: u64 = 8;
 
 /// About how many descriptors a daemon serving `images` images on
 /// `queues` virtqueues keeps open.
@@ -83,7 +83,7 @@ fn images_need(images: usize) -> String {
 
 /// A raised soft limit: from, to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Raised {
+pub(crate) struct Raised {
     pub from: u64,
     pub to: u64,
 }
@@ -91,7 +91,7 @@ pub struct Raised {
 /// Makes sure `images` images on `queues` virtqueues fit under the soft
 /// open-file limit, raising it up to the hard limit if needed; says whether
 /// it raised it.
-pub fn ensure(images: usize, queues: usize) -> Result<Option<Raised>, FdLimitError> {
+pub(crate) fn ensure(images: usize, queues: usize) -> Result<Option<Raised>, FdLimitError> {
     let needed = needed(images, queues);
     let (soft, hard) = get().map_err(FdLimitError::Get)?;
     match plan(needed, soft, hard) {

@@ -30,18 +30,18 @@
 //! Beside them: [`virtio::uring`], the io_uring engine
 //! ([`virtio::uring::IoEngine`] says whether transfers use it or
 //! synchronous calls; a [`virtio::uring::QueueRing`] per request queue keeps
-//! up to 128 READ and WRITE transfers in flight), and [`frontend`], the
-//! other side of the socket: a vhost-user virtio-scsi driver negotiating like
-//! QEMU ([`frontend::ScsiFrontend`]), with the daemon run as a child process
-//! ([`frontend::DaemonProcess`]), for the load generator `vhost-scsi-bench`
-//! and the tests.
+//! up to 128 READ and WRITE transfers in flight). The other side of the
+//! socket — a vhost-user virtio-scsi driver negotiating like QEMU, the
+//! hostile frontend, the test kit and the load generator `vhost-scsi-bench`
+//! — is a crate of its own, `vhost-scsi-frontend` (`frontend/` in the
+//! repository), which the integration tests use; the daemon ships none of it.
 //!
 //! # One request
 //!
 //! 1. The guest kicks a request queue; `vhost-user-backend`'s worker thread
 //!    calls [`ScsiBackend::process_queue`](virtio::ScsiBackend::process_queue),
 //!    which pops the available chains in a pass bounded in time.
-//! 2. [`virtio::chain::split_chain`] turns a chain into bounds-checked
+//! 2. `virtio::chain::split_chain` turns a chain into bounds-checked
 //!    slices of guest memory; [`virtio::request::start_command`] reads the
 //!    request header and CDB from them and hands the command to the target.
 //! 3. A READ or WRITE is planned by [`scsi::Target::prepare`], its data moved
@@ -79,7 +79,6 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod fdlimit;
-pub mod frontend;
 pub mod logging;
 pub mod scsi;
 pub mod storage;

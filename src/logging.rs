@@ -8,8 +8,8 @@
 //! available index ran too far ahead; vhost-user-backend logs per event).
 //! Every warning and error therefore passes a token bucket of its call site
 //! (the source file and line, or the target where the record has no
-//! location): [`BURST`] records at once, then at most one per
-//! [`INTERVAL`]. The records in between are counted, not printed; the next
+//! location): `BURST` (10) records at once, then at most one per
+//! `INTERVAL` (a second). The records in between are counted, not printed; the next
 //! record that passes says how many of its kind were dropped
 //! ("… [N similar messages suppressed]").
 //!
@@ -19,7 +19,7 @@
 //! output is what an operator asked for with `RUST_LOG`.
 //!
 //! Memory is bounded whatever the guest does: call sites live in a table of
-//! [`CALL_SITES`] fixed entries, allocated once; a call site arriving when
+//! `CALL_SITES` (128) fixed entries, allocated once; a call site arriving when
 //! the table is full shares one overflow bucket with every other latecomer
 //! (a program has a fixed number of call sites, so in practice the table
 //! never fills). Nothing is keyed on a message's text, which a guest may
@@ -31,20 +31,20 @@ use std::time::{Duration, Instant};
 use log::{Level, LevelFilter, Log, Metadata, Record};
 
 /// Records a call site may log at once before the limit applies.
-pub const BURST: u32 = 10;
+pub(crate) const BURST: u32 = 10;
 /// After the burst, at most one record per call site per interval.
-pub const INTERVAL: Duration = Duration::from_secs(1);
+pub(crate) const INTERVAL: Duration = Duration::from_secs(1);
 /// Call sites tracked separately; later ones share one overflow bucket.
-pub const CALL_SITES: usize = 128;
+pub(crate) const CALL_SITES: usize = 128;
 
 /// A source of monotonic time, injected so tests need no sleeps.
-pub trait Clock: Send + Sync {
+pub(crate) trait Clock: Send + Sync {
     /// Time since an arbitrary fixed origin; never decreases.
     fn now(&self) -> Duration;
 }
 
 /// The real monotonic clock.
-pub struct MonotonicClock(Instant);
+pub(crate) struct MonotonicClock(Instant);
 
 impl MonotonicClock {
     pub fn new() -> Self {
@@ -66,7 +66,7 @@ impl Clock for MonotonicClock {
 
 /// What the limiter decided about one record.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Decision {
+pub(crate) enum Decision {
     /// Print it; `suppressed` records of the same call site were dropped
     /// since the last one printed.
     Pass { suppressed: u64 },
@@ -106,7 +106,7 @@ impl Bucket {
 
 /// Token buckets for a fixed number of call sites (plus the overflow
 /// bucket), with no allocation after construction.
-pub struct RateLimiter {
+pub(crate) struct RateLimiter {
     buckets: Box<[Bucket]>,
     overflow: Bucket,
     interval_ns: u64,
@@ -129,7 +129,7 @@ impl RateLimiter {
 
     /// Decides about a record of call site `key` at time `now` (a key of 0
     /// is treated as 1: 0 marks a free entry).
-    pub fn admit(&mut self, key: u64, now: Duration) -> Decision {
+    pub(crate) fn admit(&mut self, key: u64, now: Duration) -> Decision {
         let key = key.max(1);
         let now_ns = u64::try_from(now.as_nanos()).unwrap_or(u64::MAX);
         let (interval_ns, burst) = (self.interval_ns, self.burst);
@@ -203,7 +203,7 @@ fn call_site_key(record: &Record<'_>) -> u64 {
 
 /// A logger that rate-limits warnings and errors per call site before
 /// handing records to `inner`.
-pub struct RateLimitedLogger<L, C> {
+pub(crate) struct RateLimitedLogger<L, C> {
     inner: L,
     clock: C,
     limiter: Mutex<RateLimiter>,
@@ -218,7 +218,8 @@ impl<L: Log, C: Clock> RateLimitedLogger<L, C> {
         }
     }
 
-    /// The wrapped logger.
+    /// The wrapped logger (for the unit tests).
+    #[cfg(test)]
     pub fn inner(&self) -> &L {
         &self.inner
     }

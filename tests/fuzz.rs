@@ -19,6 +19,11 @@
 //! A failing input is saved under `target/fuzz-failures/` and the message
 //! says how to replay it. For a long run:
 //! `FUZZ_SECONDS=600 cargo test --release --test fuzz -- --nocapture`.
+//!
+//! A test binary of its own, apart from `tests/it/`: its two targets spend
+//! a wall-clock budget side by side (other tests in the same process would
+//! take their CPU, and theirs would be taken), and its watchdog aborts the
+//! whole process on a hang.
 
 #[path = "../fuzz/targets/mod.rs"]
 mod targets;

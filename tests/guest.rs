@@ -10,7 +10,9 @@
 //!
 //! Without QEMU or the built guest the tests print why and pass, except with
 //! CI=true, where that is a failure. They run one at a time (a global lock):
-//! under TCG every boot keeps a core busy. A failing test keeps its work
+//! under TCG every boot keeps a core busy. A test binary of its own, apart
+//! from `tests/it/`, so `cargo test -- --skip guest_` or `--test it` leaves
+//! QEMU out and a guest run is not slowed by the other tests. A failing test keeps its work
 //! directory (images, serial logs, daemon logs) and says where it is.
 
 use std::cell::{Cell, RefCell};

@@ -223,7 +223,7 @@ pub const STATS: [&str; 9] = [
 ];
 
 /// CDB length the operation code's group implies: the parser's own rule.
-pub use vhost_device_scsi::scsi::cdb::cdb_length;
+pub use vhost_scsi_frontend::cdb::length as cdb_length;
 
 fn execute(target: &Target, handles: &[Handle], model: &mut Model, command: &Command) {
     let address = address(command.lun);
@@ -322,134 +322,47 @@ fn execute(target: &Target, handles: &[Handle], model: &mut Model, command: &Com
 // CDBs and parameter lists, for the generators of both targets
 // ---------------------------------------------------------------------------
 
-// The daemon's own operation codes, so the generators can never drift from
-// what the parser knows.
-pub use vhost_device_scsi::scsi::cdb::opcode::*;
-
-/// A 6/10/12/16-byte block command (by the opcode's group) for `blocks`
-/// logical blocks at `lba`; fields that do not fit are truncated.
-pub fn block_cdb(op: u8, lba: u64, blocks: u32) -> Vec<u8> {
-    let mut c = vec![0u8; cdb_length(op).max(6)];
-    c[0] = op;
-    match c.len() {
-        6 => {
-            c[1] = (lba >> 16) as u8 & 0x1f;
-            c[2..4].copy_from_slice(&(lba as u16).to_be_bytes());
-            c[4] = blocks as u8;
-        }
-        10 => {
-            c[2..6].copy_from_slice(&(lba as u32).to_be_bytes());
-            c[7..9].copy_from_slice(&(blocks as u16).to_be_bytes());
-        }
-        12 => {
-            c[2..6].copy_from_slice(&(lba as u32).to_be_bytes());
-            c[6..10].copy_from_slice(&blocks.to_be_bytes());
-        }
-        _ => {
-            c[2..10].copy_from_slice(&lba.to_be_bytes());
-            c[10..14].copy_from_slice(&blocks.to_be_bytes());
-        }
-    }
-    c
-}
-
-pub fn inquiry(evpd: bool, page: u8, alloc: u16) -> Vec<u8> {
-    let a = alloc.to_be_bytes();
-    vec![INQUIRY, u8::from(evpd), page, a[0], a[1], 0]
-}
+// The test kit's operation codes and builders (vhost_scsi_frontend::cdb),
+// the ones the daemon's tests use, written out from SPC-4 and SBC-3.
+pub use vhost_scsi_frontend::cdb::op::*;
+pub use vhost_scsi_frontend::cdb::{
+    block_truncating as block_cdb, compare_and_write, inquiry, service_action_in,
+};
+use vhost_scsi_frontend::cdb::{
+    mode_select10, mode_select10_list, mode_select6, mode_select6_list, mode_sense10, mode_sense6,
+    report_luns, report_supported_opcodes, report_supported_tmfs, unmap_list, MODE_SELECT_PF,
+};
+pub use vhost_scsi_frontend::testkit::{caching_page, control_page};
 
 pub fn mode_sense(ten: bool, byte1: u8, byte2: u8, alloc: u16) -> Vec<u8> {
     if ten {
-        let a = alloc.to_be_bytes();
-        vec![MODE_SENSE_10, byte1, byte2, 0, 0, 0, 0, a[0], a[1], 0]
+        mode_sense10(byte1, byte2, 0, alloc)
     } else {
-        vec![MODE_SENSE_6, byte1, byte2, 0, alloc as u8, 0]
+        mode_sense6(byte1, byte2, 0, alloc as u8)
     }
 }
 
 /// MODE SELECT with PF=1 and its parameter list: a header without block
 /// descriptor, then `pages`.
 pub fn mode_select(ten: bool, pages: &[u8]) -> (Vec<u8>, Vec<u8>) {
-    let mut list = if ten { vec![0u8; 8] } else { vec![0u8; 4] };
-    list.extend_from_slice(pages);
-    let n = list.len() as u16;
-    let cdb = if ten {
-        let l = n.to_be_bytes();
-        vec![MODE_SELECT_10, 0x10, 0, 0, 0, 0, 0, l[0], l[1], 0]
+    if ten {
+        let list = mode_select10_list(false, &[], pages);
+        (mode_select10(MODE_SELECT_PF, list.len() as u16), list)
     } else {
-        vec![MODE_SELECT_6, 0x10, 0, 0, n as u8, 0]
-    };
-    (cdb, list)
-}
-
-/// Caching mode page (SBC-3 §6.4.5) with WCE.
-pub fn caching_page(wce: bool) -> Vec<u8> {
-    let mut p = vec![0u8; 20];
-    p[0] = 0x08;
-    p[1] = 0x12;
-    p[2] = if wce { 0x04 } else { 0 };
-    p
-}
-
-/// Control mode page (SPC-4 §7.5.8) as the target reports it, with D_SENSE.
-pub fn control_page(d_sense: bool) -> Vec<u8> {
-    let mut p = vec![0x0a, 0x0a, 0x02, 0x10, 0, 0, 0, 0, 0xff, 0xff, 0, 0];
-    if d_sense {
-        p[2] |= 0x04;
+        let list = mode_select6_list(&[], pages);
+        (mode_select6(MODE_SELECT_PF, list.len() as u8), list)
     }
-    p
 }
 
 /// Read-write error recovery mode page (SBC-3 §6.4.7) as reported.
 pub fn rw_error_recovery_page() -> Vec<u8> {
-    vec![0x01, 0x0a, 0xc0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+    vhost_scsi_frontend::testkit::RW_ERROR_RECOVERY_PAGE.to_vec()
 }
 
 /// UNMAP CDB and parameter list (SBC-3 §5.28) for `ranges`.
 pub fn unmap(ranges: &[(u64, u32)]) -> (Vec<u8>, Vec<u8>) {
-    let descriptors = 16 * ranges.len();
-    let mut list = ((6 + descriptors) as u16).to_be_bytes().to_vec();
-    list.extend_from_slice(&(descriptors as u16).to_be_bytes());
-    list.extend_from_slice(&[0; 4]);
-    for &(lba, blocks) in ranges {
-        list.extend_from_slice(&lba.to_be_bytes());
-        list.extend_from_slice(&blocks.to_be_bytes());
-        list.extend_from_slice(&[0; 4]);
-    }
-    let l = (list.len() as u16).to_be_bytes();
-    (vec![UNMAP, 0, 0, 0, 0, 0, 0, l[0], l[1], 0], list)
-}
-
-pub fn compare_and_write(byte1: u8, lba: u64, blocks: u8) -> Vec<u8> {
-    let mut c = vec![0u8; 16];
-    c[0] = COMPARE_AND_WRITE;
-    c[1] = byte1;
-    c[2..10].copy_from_slice(&lba.to_be_bytes());
-    c[13] = blocks;
-    c
-}
-
-/// SERVICE ACTION IN(16) with `sa` (READ CAPACITY(16) 10h, GET LBA STATUS
-/// 12h).
-pub fn service_action_in(sa: u8, lba: u64, alloc: u32) -> Vec<u8> {
-    let mut c = vec![0u8; 16];
-    c[0] = SERVICE_ACTION_IN_16;
-    c[1] = sa;
-    c[2..10].copy_from_slice(&lba.to_be_bytes());
-    c[10..14].copy_from_slice(&alloc.to_be_bytes());
-    c
-}
-
-/// A 12-byte CDB with an allocation length in bytes 6-9 (REPORT LUNS,
-/// MAINTENANCE IN).
-pub fn cdb12(op: u8, byte1: u8, byte2: u8, byte3: u8, alloc: u32) -> Vec<u8> {
-    let mut c = vec![0u8; 12];
-    c[0] = op;
-    c[1] = byte1;
-    c[2] = byte2;
-    c[3] = byte3;
-    c[6..10].copy_from_slice(&alloc.to_be_bytes());
-    c
+    let list = unmap_list(ranges);
+    (vhost_scsi_frontend::cdb::unmap(0, list.len() as u16), list)
 }
 
 /// A random command for a disk of `blocks` blocks of `block_size` bytes
@@ -593,17 +506,13 @@ pub fn random_command(
             0 => (service_action_in(0x12, lba, 4096), vec![], 4096),
             1 => (service_action_in(0x10, 0, 32), vec![], 32),
             2 => (vec![READ_CAPACITY_10, 0, 0, 0, 0, 0, 0, 0, 0, 0], vec![], 8),
-            3 => (
-                cdb12(REPORT_LUNS, 0, rng.below(3) as u8, 0, 4096),
-                vec![],
-                4096,
-            ),
+            3 => (report_luns(rng.below(3) as u8, 4096), vec![], 4096),
             4 => {
                 let options = rng.below(4) as u8;
                 let op = rng.pick(&[READ_10, WRITE_SAME_16, SERVICE_ACTION_IN_16]);
-                (cdb12(MAINTENANCE_IN, 0x0c, options, op, 8192), vec![], 8192)
+                (report_supported_opcodes(options, op, 0, 8192), vec![], 8192)
             }
-            _ => (cdb12(MAINTENANCE_IN, 0x0d, 0x80, 0, 16), vec![], 16),
+            _ => (report_supported_tmfs(true, 16), vec![], 16),
         },
         _ => {
             let op = rng.pick(&[
@@ -775,17 +684,17 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         ),
         (
             "report-luns",
-            vec![cmd(0, cdb12(REPORT_LUNS, 0, 2, 0, 256), 256, vec![])],
+            vec![cmd(0, report_luns(2, 256), 256, vec![])],
         ),
         (
             "report-luns-wlun",
-            vec![cmd(wlun, cdb12(REPORT_LUNS, 0, 0, 0, 64), 64, vec![])],
+            vec![cmd(wlun, report_luns(0, 64), 64, vec![])],
         ),
         (
             "rsoc-all",
             vec![cmd(
                 0,
-                cdb12(MAINTENANCE_IN, 0x0c, 0, 0, 8192),
+                report_supported_opcodes(0, 0, 0, 8192),
                 8192,
                 vec![],
             )],
@@ -794,14 +703,14 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
             "rsoc-one",
             vec![cmd(
                 2,
-                cdb12(MAINTENANCE_IN, 0x0c, 0x83, WRITE_SAME_16, 64),
+                report_supported_opcodes(0x83, WRITE_SAME_16, 0, 64),
                 64,
                 vec![],
             )],
         ),
         (
             "rstmf",
-            vec![cmd(0, cdb12(MAINTENANCE_IN, 0x0d, 0x80, 0, 16), 16, vec![])],
+            vec![cmd(0, report_supported_tmfs(true, 16), 16, vec![])],
         ),
         (
             "request-sense-desc",

@@ -42,23 +42,14 @@ use std::ops::Range;
 use super::cdb::{initial_contents, LunSpec, LUNS};
 use super::{count, key, overlaps, Handle, Parsed};
 
-// Operation codes (SBC-3 §5, table 14), written out rather than taken from
-// the crate.
-const READ_6: u8 = 0x08;
-const WRITE_6: u8 = 0x0a;
-const READ_10: u8 = 0x28;
-const WRITE_10: u8 = 0x2a;
-const WRITE_AND_VERIFY_10: u8 = 0x2e;
-const WRITE_SAME_10: u8 = 0x41;
-const UNMAP: u8 = 0x42;
-const READ_16: u8 = 0x88;
-const COMPARE_AND_WRITE: u8 = 0x89;
-const WRITE_16: u8 = 0x8a;
-const WRITE_AND_VERIFY_16: u8 = 0x8e;
-const WRITE_SAME_16: u8 = 0x93;
-const READ_12: u8 = 0xa8;
-const WRITE_12: u8 = 0xaa;
-const WRITE_AND_VERIFY_12: u8 = 0xae;
+// Operation codes and CDB lengths: the test kit's, written out from SBC-3
+// and SPC-4 rather than taken from the crate.
+use vhost_scsi_frontend::cdb::length as group_length;
+use vhost_scsi_frontend::cdb::op::{
+    COMPARE_AND_WRITE, READ_10, READ_12, READ_16, READ_6, UNMAP, WRITE_10, WRITE_12, WRITE_16,
+    WRITE_6, WRITE_AND_VERIFY_10, WRITE_AND_VERIFY_12, WRITE_AND_VERIFY_16, WRITE_SAME_10,
+    WRITE_SAME_16,
+};
 
 /// MAXIMUM COMPARE AND WRITE LENGTH the units report (block limits VPD):
 /// any length up to it must be accepted.
@@ -177,17 +168,6 @@ fn byte(cdb: &[u8], i: usize) -> u8 {
 
 fn be(cdb: &[u8], start: usize, len: usize) -> u64 {
     (start..start + len).fold(0, |acc, i| (acc << 8) | u64::from(byte(cdb, i)))
-}
-
-/// CDB length by the operation code's group (SPC-4 §4.2.5.1).
-fn group_length(op: u8) -> usize {
-    match op >> 5 {
-        0 => 6,
-        1 | 2 => 10,
-        4 => 16,
-        5 => 12,
-        _ => 0,
-    }
 }
 
 /// LBA, transfer length and the GROUP NUMBER byte of a 10/12/16-byte

@@ -67,6 +67,7 @@ use vhost_device_scsi::storage::MemImage;
 use vhost_device_scsi::virtio::backend::{QueueOptions, CONTROL_QUEUE, EVENT_QUEUE};
 use vhost_device_scsi::virtio::chain::GuestMem;
 use vhost_device_scsi::virtio::ScsiBackend;
+use vhost_scsi_frontend::scsi::{lun_field, request};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
@@ -1261,12 +1262,7 @@ impl Builder {
 /// virtio_scsi_cmd_req for `lun` (flat space addressing) with `cdb` padded
 /// to `cdb_size`.
 pub fn command_header(lun: u16, cdb: &[u8], cdb_size: usize) -> Vec<u8> {
-    let mut h = vec![1, 0, 0x40 | (lun >> 8) as u8, lun as u8, 0, 0, 0, 0];
-    h.extend_from_slice(&[0u8; 11]);
-    let mut c = cdb.to_vec();
-    c.resize(cdb_size, 0);
-    h.extend_from_slice(&c);
-    h
+    request(lun_field(lun), 0, cdb, cdb_size)
 }
 
 /// Splits `bytes` into readable pieces: whole, halves, or 1-byte pieces.

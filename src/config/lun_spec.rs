@@ -12,7 +12,7 @@ pub const MAX_IMAGES: usize = crate::scsi::lun::MAX_LUN as usize + 1;
 
 /// Longest `serial=` value. VPD page 80h has room for more, but 20
 /// characters is what ATA and most initiator tools expect of a serial.
-pub const MAX_SERIAL_LEN: usize = 20;
+pub(crate) const MAX_SERIAL_LEN: usize = 20;
 
 /// One IMAGE argument: the image and its per-LUN options.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

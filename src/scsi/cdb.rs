@@ -9,7 +9,7 @@
 use super::error::{CommandError, CommandResult};
 
 /// Operation codes the target recognises.
-pub mod opcode {
+pub(crate) mod opcode {
     pub const TEST_UNIT_READY: u8 = 0x00;
     pub const REQUEST_SENSE: u8 = 0x03;
     pub const READ_6: u8 = 0x08;
@@ -46,11 +46,11 @@ pub mod opcode {
 }
 
 /// Service actions of SERVICE ACTION IN(16) and MAINTENANCE IN.
-pub mod service_action {
-    pub const READ_CAPACITY_16: u16 = 0x10;
-    pub const GET_LBA_STATUS: u16 = 0x12;
-    pub const REPORT_SUPPORTED_OPERATION_CODES: u16 = 0x0c;
-    pub const REPORT_SUPPORTED_TASK_MANAGEMENT_FUNCTIONS: u16 = 0x0d;
+pub(crate) mod service_action {
+    pub(crate) const READ_CAPACITY_16: u16 = 0x10;
+    pub(crate) const GET_LBA_STATUS: u16 = 0x12;
+    pub(crate) const REPORT_SUPPORTED_OPERATION_CODES: u16 = 0x0c;
+    pub(crate) const REPORT_SUPPORTED_TASK_MANAGEMENT_FUNCTIONS: u16 = 0x0d;
 }
 
 /// Page control field of MODE SENSE (SPC-4 §6.11, table 157).
@@ -191,7 +191,7 @@ impl Bytes<'_> {
 }
 
 /// CDB length implied by the operation code's group (SPC-4 §4.2.5.1).
-pub fn cdb_length(opcode: u8) -> usize {
+pub(crate) fn cdb_length(opcode: u8) -> usize {
     match opcode >> 5 {
         0 => 6,
         1 | 2 => 10,

@@ -56,7 +56,7 @@ impl CommandError {
 
     /// INVALID FIELD IN CDB pointing at a bit field whose most significant
     /// bit is `bit`.
-    pub fn field_bit(byte: u16, bit: u8) -> Self {
+    pub(crate) fn field_bit(byte: u16, bit: u8) -> Self {
         CommandError::InvalidField {
             byte,
             bit: Some(bit),
@@ -65,7 +65,7 @@ impl CommandError {
 
     /// INVALID FIELD IN PARAMETER LIST pointing at a byte of the parameter
     /// data.
-    pub fn param(byte: usize) -> Self {
+    pub(crate) fn param(byte: usize) -> Self {
         CommandError::InvalidParamField {
             byte: u16::try_from(byte).unwrap_or(u16::MAX),
             bit: None,
@@ -83,7 +83,7 @@ impl CommandError {
 
     /// The sense data reported for this error (SPC-4 §4.5), in fixed
     /// format; the logical unit switches it to descriptor format if asked.
-    pub fn sense_data(&self) -> SenseData {
+    pub(crate) fn sense_data(&self) -> SenseData {
         let plain = SenseData::new;
         let field = |in_cdb, byte: u16, bit: Option<u8>, sense| SenseData {
             field: Some(FieldPointer { in_cdb, byte, bit }),
@@ -122,4 +122,4 @@ impl CommandError {
     }
 }
 
-pub type CommandResult<T> = Result<T, CommandError>;
+pub(crate) type CommandResult<T> = Result<T, CommandError>;

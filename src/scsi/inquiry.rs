@@ -4,21 +4,21 @@
 use super::error::{CommandError, CommandResult};
 
 /// Peripheral device type: direct access block device (SPC-4 table 141).
-pub const TYPE_DISK: u8 = 0x00;
+pub(crate) const TYPE_DISK: u8 = 0x00;
 /// Peripheral device type: well known logical unit.
-pub const TYPE_WELL_KNOWN_LU: u8 = 0x1e;
+pub(crate) const TYPE_WELL_KNOWN_LU: u8 = 0x1e;
 /// Byte 0 for a LUN with no logical unit behind it: peripheral qualifier 011b,
 /// device type 1Fh (SPC-4 §6.6.2).
-pub const NO_LOGICAL_UNIT: u8 = 0x7f;
+pub(crate) const NO_LOGICAL_UNIT: u8 = 0x7f;
 
 /// VPD page codes.
 pub mod page {
-    pub const SUPPORTED_PAGES: u8 = 0x00;
-    pub const UNIT_SERIAL_NUMBER: u8 = 0x80;
-    pub const DEVICE_IDENTIFICATION: u8 = 0x83;
-    pub const BLOCK_LIMITS: u8 = 0xb0;
-    pub const BLOCK_DEVICE_CHARACTERISTICS: u8 = 0xb1;
-    pub const LOGICAL_BLOCK_PROVISIONING: u8 = 0xb2;
+    pub(crate) const SUPPORTED_PAGES: u8 = 0x00;
+    pub(crate) const UNIT_SERIAL_NUMBER: u8 = 0x80;
+    pub(crate) const DEVICE_IDENTIFICATION: u8 = 0x83;
+    pub(crate) const BLOCK_LIMITS: u8 = 0xb0;
+    pub(crate) const BLOCK_DEVICE_CHARACTERISTICS: u8 = 0xb1;
+    pub(crate) const LOGICAL_BLOCK_PROVISIONING: u8 = 0xb2;
 }
 
 const SUPPORTED_VPD_PAGES: [u8; 6] = [
@@ -169,7 +169,7 @@ pub fn vpd(page_code: u8, p: &VpdParams) -> CommandResult<Vec<u8>> {
 /// has no logical unit name (SPC-4 §7.8.6.1 asks one of every logical
 /// unit but well-known ones), and this target has no target port or
 /// target device name to report. Any other page is INVALID FIELD IN CDB.
-pub fn well_known_vpd(page_code: u8) -> CommandResult<Vec<u8>> {
+pub(crate) fn well_known_vpd(page_code: u8) -> CommandResult<Vec<u8>> {
     let body: &[u8] = match page_code {
         page::SUPPORTED_PAGES => &[page::SUPPORTED_PAGES, page::DEVICE_IDENTIFICATION],
         page::DEVICE_IDENTIFICATION => &[],

@@ -2,7 +2,7 @@
 //! of an 8-byte LUN field and encoding LUNs for REPORT LUNS.
 
 /// Highest LUN expressible with flat space addressing (14 bits).
-pub const MAX_LUN: u16 = 0x3fff;
+pub(crate) const MAX_LUN: u16 = 0x3fff;
 
 /// The REPORT LUNS well-known logical unit (SAM-5 §4.6.12, W-LUN C101h).
 const REPORT_LUNS_WLUN: [u8; 2] = [0xc1, 0x01];

@@ -4,10 +4,10 @@
 use super::cdb::{ModeSense, PageControl};
 use super::error::{CommandError, CommandResult};
 
-pub const PAGE_RW_ERROR_RECOVERY: u8 = 0x01;
-pub const PAGE_CACHING: u8 = 0x08;
-pub const PAGE_CONTROL: u8 = 0x0a;
-pub const PAGE_ALL: u8 = 0x3f;
+pub(crate) const PAGE_RW_ERROR_RECOVERY: u8 = 0x01;
+pub(crate) const PAGE_CACHING: u8 = 0x08;
+pub(crate) const PAGE_CONTROL: u8 = 0x0a;
+pub(crate) const PAGE_ALL: u8 = 0x3f;
 const SUBPAGE_ALL: u8 = 0xff;
 
 /// What the mode data describes.

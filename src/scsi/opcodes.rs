@@ -372,7 +372,10 @@ fn supported(discard: bool) -> impl Iterator<Item = &'static OpcodeInfo> + Clone
 }
 
 /// Parameter data for REPORT SUPPORTED OPERATION CODES.
-pub fn report_supported_opcodes(req: &ReportOpcodes, discard: bool) -> CommandResult<Vec<u8>> {
+pub(crate) fn report_supported_opcodes(
+    req: &ReportOpcodes,
+    discard: bool,
+) -> CommandResult<Vec<u8>> {
     let mut out = Vec::new();
     match req.options {
         // All commands (SPC-4 §6.35.2, table 262).
@@ -436,7 +439,7 @@ pub fn report_supported_opcodes(req: &ReportOpcodes, discard: bool) -> CommandRe
 /// §6.36): ABORT TASK, ABORT TASK SET, CLEAR TASK SET, LOGICAL UNIT RESET,
 /// QUERY TASK, QUERY TASK SET and I_T NEXUS RESET are answered on the
 /// control queue.
-pub fn report_supported_tmfs(repd: bool) -> Vec<u8> {
+pub(crate) fn report_supported_tmfs(repd: bool) -> Vec<u8> {
     // ATS | ATSS | CTSS | LURS | QTS
     let byte0 = 0x80 | 0x40 | 0x10 | 0x08 | 0x04;
     // QTSS | ITNRS

@@ -32,24 +32,28 @@ const fn sense(key: SenseKey, asc: u8, ascq: u8) -> Sense {
 }
 
 // Additional sense codes (SPC-4 Annex D, table D.1).
-pub const NO_ADDITIONAL_SENSE: Sense = sense(SenseKey::NoSense, 0x00, 0x00);
-pub const INVALID_COMMAND_OPERATION_CODE: Sense = sense(SenseKey::IllegalRequest, 0x20, 0x00);
+pub(crate) const NO_ADDITIONAL_SENSE: Sense = sense(SenseKey::NoSense, 0x00, 0x00);
+pub(crate) const INVALID_COMMAND_OPERATION_CODE: Sense =
+    sense(SenseKey::IllegalRequest, 0x20, 0x00);
 pub const LBA_OUT_OF_RANGE: Sense = sense(SenseKey::IllegalRequest, 0x21, 0x00);
 pub const INVALID_FIELD_IN_CDB: Sense = sense(SenseKey::IllegalRequest, 0x24, 0x00);
-pub const LOGICAL_UNIT_NOT_SUPPORTED: Sense = sense(SenseKey::IllegalRequest, 0x25, 0x00);
-pub const SAVING_PARAMETERS_NOT_SUPPORTED: Sense = sense(SenseKey::IllegalRequest, 0x39, 0x00);
+pub(crate) const LOGICAL_UNIT_NOT_SUPPORTED: Sense = sense(SenseKey::IllegalRequest, 0x25, 0x00);
+pub(crate) const SAVING_PARAMETERS_NOT_SUPPORTED: Sense =
+    sense(SenseKey::IllegalRequest, 0x39, 0x00);
 pub const WRITE_PROTECTED: Sense = sense(SenseKey::DataProtect, 0x27, 0x00);
-pub const UNRECOVERED_READ_ERROR: Sense = sense(SenseKey::MediumError, 0x11, 0x00);
+pub(crate) const UNRECOVERED_READ_ERROR: Sense = sense(SenseKey::MediumError, 0x11, 0x00);
 pub const WRITE_ERROR: Sense = sense(SenseKey::MediumError, 0x0c, 0x00);
-pub const INTERNAL_TARGET_FAILURE: Sense = sense(SenseKey::HardwareError, 0x44, 0x00);
-pub const PARAMETER_LIST_LENGTH_ERROR: Sense = sense(SenseKey::IllegalRequest, 0x1a, 0x00);
-pub const INVALID_FIELD_IN_PARAMETER_LIST: Sense = sense(SenseKey::IllegalRequest, 0x26, 0x00);
+pub(crate) const INTERNAL_TARGET_FAILURE: Sense = sense(SenseKey::HardwareError, 0x44, 0x00);
+pub(crate) const PARAMETER_LIST_LENGTH_ERROR: Sense = sense(SenseKey::IllegalRequest, 0x1a, 0x00);
+pub(crate) const INVALID_FIELD_IN_PARAMETER_LIST: Sense =
+    sense(SenseKey::IllegalRequest, 0x26, 0x00);
 /// The command's data does not match what its CDB implies (the transport's
 /// command as a whole, not one CDB field, is at fault).
-pub const INVALID_FIELD_IN_COMMAND_IU: Sense = sense(SenseKey::IllegalRequest, 0x0e, 0x03);
-pub const MISCOMPARE_DURING_VERIFY: Sense = sense(SenseKey::Miscompare, 0x1d, 0x00);
+pub(crate) const INVALID_FIELD_IN_COMMAND_IU: Sense = sense(SenseKey::IllegalRequest, 0x0e, 0x03);
+pub(crate) const MISCOMPARE_DURING_VERIFY: Sense = sense(SenseKey::Miscompare, 0x1d, 0x00);
 /// SBC-3 §4.7.3.6: a thin-provisioned write that found no space.
-pub const SPACE_ALLOCATION_FAILED_WRITE_PROTECT: Sense = sense(SenseKey::DataProtect, 0x27, 0x07);
+pub(crate) const SPACE_ALLOCATION_FAILED_WRITE_PROTECT: Sense =
+    sense(SenseKey::DataProtect, 0x27, 0x07);
 
 /// Where the offending field is: in the CDB or in the parameter list
 /// (SPC-4 §4.5.2.4.2, field pointer sense-key specific data).
@@ -82,10 +86,10 @@ impl FieldPointer {
 
 /// Length of fixed-format sense data with the sense-key specific bytes
 /// (SPC-4 §4.5.3: additional sense length 10).
-pub const FIXED_SENSE_LEN: usize = 18;
+pub(crate) const FIXED_SENSE_LEN: usize = 18;
 /// Longest sense data built here: descriptor format with an information
 /// and a sense-key specific descriptor.
-pub const MAX_SENSE_LEN: usize = 8 + 12 + 8;
+pub(crate) const MAX_SENSE_LEN: usize = 8 + 12 + 8;
 
 /// Response codes for current errors (SPC-4 §4.5.1, table 27).
 const RESPONSE_CODE_CURRENT_FIXED: u8 = 0x70;

@@ -14,7 +14,7 @@ pub type GuestMem = GuestMemoryMmap<()>;
 
 /// Why a chain cannot be used.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum ChainError {
+pub(crate) enum ChainError {
     #[error("device-readable descriptor after a device-writable one")]
     ReadableAfterWritable,
     #[error("descriptor at {addr:#x} (+{len}) is outside guest memory")]
@@ -41,7 +41,7 @@ pub struct SplitChain<'a> {
 /// still has VIRTQ_DESC_F_NEXT, or that yields no descriptor at all, is
 /// refused whole ([`ChainError::Broken`]) rather than served from the part
 /// before the break.
-pub fn split_chain<'a, M>(
+pub(crate) fn split_chain<'a, M>(
     mem: &'a Arc<GuestMem>,
     chain: DescriptorChain<M>,
 ) -> Result<SplitChain<'a>, ChainError>

@@ -13,7 +13,7 @@ use super::request::{Sizes, MAX_CDB_SIZE, MAX_SENSE_SIZE};
 const SENSE_SIZE_OFFSET: u32 = offset_of!(virtio_scsi_config, sense_size) as u32;
 const CDB_SIZE_OFFSET: u32 = offset_of!(virtio_scsi_config, cdb_size) as u32;
 /// Size of struct virtio_scsi_config.
-pub const CONFIG_LEN: usize = size_of::<virtio_scsi_config>();
+pub(crate) const CONFIG_LEN: usize = size_of::<virtio_scsi_config>();
 
 /// Why a configuration write was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -26,7 +26,7 @@ pub enum ConfigError {
 
 /// The values this device reports.
 #[derive(Clone, Copy, Debug)]
-pub struct ScsiConfig {
+pub(crate) struct ScsiConfig {
     pub num_request_queues: u32,
     pub seg_max: u32,
     pub max_sectors: u32,
@@ -38,7 +38,7 @@ pub struct ScsiConfig {
 
 impl ScsiConfig {
     /// struct virtio_scsi_config, little endian (virtio 1.x devices).
-    pub fn to_bytes(&self) -> [u8; CONFIG_LEN] {
+    pub(crate) fn to_bytes(self) -> [u8; CONFIG_LEN] {
         let space = Wire(virtio_scsi_config {
             num_queues: self.num_request_queues.to_le(),
             seg_max: self.seg_max.to_le(),

@@ -39,7 +39,7 @@ const AN_REQ_LEN: usize = size_of::<virtio_scsi_ctrl_an_req>();
 
 /// Why a control request was malformed; logged by the caller.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum ControlError {
+pub(crate) enum ControlError {
     #[error("control request shorter than {0} bytes")]
     ShortRequest(usize),
     #[error("no room for the control response")]
@@ -50,7 +50,7 @@ pub enum ControlError {
 
 /// Handles one control request; returns the used length and the error if
 /// the request was malformed.
-pub fn handle_control(chain: SplitChain<'_>, target: &Target) -> Answered<ControlError> {
+pub(crate) fn handle_control(chain: SplitChain<'_>, target: &Target) -> Answered<ControlError> {
     let SplitChain {
         mut readable,
         mut writable,

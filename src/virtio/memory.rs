@@ -8,7 +8,7 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use super::chain::GuestMem;
 
 #[derive(Debug, thiserror::Error)]
-pub enum MemoryTableError {
+pub(crate) enum MemoryTableError {
     #[error(
         "memory region at guest address {gpa:#x}: {len} bytes from file offset {offset} \
          run past the end of its {file_len}-byte file"
@@ -29,7 +29,7 @@ pub enum MemoryTableError {
 /// (VHOST_MEMORY_BASELINE_NREGIONS in the vhost-user specification). More
 /// can only be added with ADD_MEM_REG, whose CONFIGURE_MEM_SLOTS protocol
 /// feature is never offered.
-pub const MAX_MEMORY_REGIONS: usize = 8;
+pub(crate) const MAX_MEMORY_REGIONS: usize = 8;
 
 /// Checks that `mem` has at most [`MAX_MEMORY_REGIONS`] regions and that
 /// every region of it backed by a regular file (memfd,
@@ -39,7 +39,7 @@ pub const MAX_MEMORY_REGIONS: usize = 8;
 /// not check; the vhost-user specification gives the region's size and
 /// offset in the file, and a table that does not fit its file is one the
 /// daemon cannot use).
-pub fn check_memory_table(mem: &GuestMem) -> Result<(), MemoryTableError> {
+pub(crate) fn check_memory_table(mem: &GuestMem) -> Result<(), MemoryTableError> {
     if mem.num_regions() > MAX_MEMORY_REGIONS {
         return Err(MemoryTableError::TooManyRegions(mem.num_regions()));
     }

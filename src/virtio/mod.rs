@@ -11,6 +11,6 @@ pub mod inflight;
 pub mod memory;
 pub mod request;
 pub mod sglist;
-pub mod wire;
+pub(crate) mod wire;
 
 pub use backend::ScsiBackend;

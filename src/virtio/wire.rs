@@ -10,7 +10,7 @@ use vm_memory::ByteValued;
 /// device reads and writes them.
 #[derive(Clone, Copy)]
 #[repr(transparent)]
-pub struct Wire<T>(pub T);
+pub(crate) struct Wire<T>(pub T);
 
 impl<T: Default> Default for Wire<T> {
     fn default() -> Self {

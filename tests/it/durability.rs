@@ -3,11 +3,10 @@
 //! the image when the daemon is SIGKILLed right after; a read-only daemon
 //! changes no byte.
 
-mod common;
-
-use std::io::Write;
+use crate::common;
 
 use common::{read10, write10, Daemon, ScsiDriver, SYNCHRONIZE_CACHE_10};
+use vhost_scsi_frontend::testkit::filled_image;
 
 fn pattern(seed: u8, len: usize) -> Vec<u8> {
     (0..len)
@@ -17,8 +16,7 @@ fn pattern(seed: u8, len: usize) -> Vec<u8> {
 
 fn image(dir: &std::path::Path, len: usize) -> std::path::PathBuf {
     let path = dir.join("disk.raw");
-    let mut f = std::fs::File::create(&path).unwrap();
-    f.write_all(&vec![0u8; len]).unwrap();
+    filled_image(&path, len, 0).unwrap();
     path
 }
 

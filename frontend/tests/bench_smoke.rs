@@ -5,9 +5,27 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
+use std::sync::OnceLock;
 
 const BENCH: &str = env!("CARGO_BIN_EXE_vhost-scsi-bench");
-const DAEMON: &str = env!("CARGO_BIN_EXE_vhost-device-scsi");
+
+/// The daemon binary: `vhost-device-scsi` next to the load generator, in
+/// the workspace's target directory. Cargo gives a test the paths of its
+/// own package's binaries only; `cargo test` at the repository root builds
+/// the daemon's too (its package is a default member) before any test runs.
+fn daemon() -> &'static str {
+    static DAEMON: OnceLock<String> = OnceLock::new();
+    DAEMON.get_or_init(|| {
+        let path = Path::new(BENCH).with_file_name("vhost-device-scsi");
+        assert!(
+            path.is_file(),
+            "{} is missing: run `cargo test` at the repository root, \
+             or `cargo build -p vhost-device-scsi` first",
+            path.display()
+        );
+        path.to_str().expect("a UTF-8 target directory").to_owned()
+    })
+}
 
 /// Just enough JSON to read the report.
 #[derive(Debug, Clone, PartialEq)]
@@ -171,7 +189,7 @@ impl Json {
 fn bench(dir: &Path, args: &[&str]) -> Json {
     let image = dir.join("bench.img");
     let out = Command::new(BENCH)
-        .args(["--daemon", DAEMON, "--image"])
+        .args(["--daemon", daemon(), "--image"])
         .arg(&image)
         .args(["--size", "16M", "--json"])
         .args(args)
@@ -220,7 +238,7 @@ fn bench_reports_daemon_compare_and_host() {
             "--queues",
             "2",
             "--compare",
-            DAEMON,
+            daemon(),
         ],
     );
     assert_eq!(r.get("config.rw"), &Json::Str("randread".into()));
@@ -281,7 +299,7 @@ fn bench_compares_io_engines_of_one_binary_with_direct_io() {
             "--direct",
             "--no-host",
             "--compare",
-            DAEMON,
+            daemon(),
             "--a-arg=--io-engine=sync",
             "--b-arg=--io-engine=io-uring",
         ],

@@ -8,10 +8,10 @@
 //! release build:
 //!
 //! ```sh
-//! cargo test --release --test scale -- --ignored --nocapture
+//! cargo test --release --test it scale:: -- --ignored --nocapture
 //! ```
 
-mod common;
+use crate::common;
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
@@ -24,26 +24,18 @@ use vhost_device_scsi::scsi::{
     Completion, Disk, DiskConfig, LunAddress, SliceDataOut, Target, VecDataIn,
 };
 use vhost_device_scsi::storage::MemImage;
+use vhost_scsi_frontend::cdb::{inquiry, read10, report_luns};
+use vhost_scsi_frontend::testkit::sparse_image;
 
 const LUNS: usize = 16384;
-const INQUIRY: [u8; 6] = [0x12, 0, 0, 0, 96, 0];
-/// INQUIRY, VPD page 80h (unit serial number).
-const INQUIRY_SERIAL: [u8; 6] = [0x12, 1, 0x80, 0, 64, 0];
-
-fn report_luns(select: u8, alloc: u32) -> Vec<u8> {
-    let mut c = vec![0u8; 12];
-    c[0] = 0xa0;
-    c[2] = select;
-    c[6..10].copy_from_slice(&alloc.to_be_bytes());
-    c
+/// INQUIRY, standard data.
+fn inquiry_standard() -> Vec<u8> {
+    inquiry(false, 0, 96)
 }
 
-fn read10(lba: u32, blocks: u16) -> Vec<u8> {
-    let mut c = vec![0u8; 10];
-    c[0] = 0x28;
-    c[2..6].copy_from_slice(&lba.to_be_bytes());
-    c[7..9].copy_from_slice(&blocks.to_be_bytes());
-    c
+/// INQUIRY, VPD page 80h (unit serial number).
+fn inquiry_serial() -> Vec<u8> {
+    inquiry(true, 0x80, 64)
 }
 
 /// The 8-byte LUN field a REPORT LUNS entry must hold for `n`, written out
@@ -158,11 +150,11 @@ fn report_luns_lists_16384_luns() {
 fn flat_space_addresses_reach_every_lun() {
     let target = big_target();
     for n in [256u16, 300, 16383] {
-        let (c, data) = run(&target, flat(n), &INQUIRY, 96);
+        let (c, data) = run(&target, flat(n), &inquiry_standard(), 96);
         assert_eq!(c, Completion::Good, "LUN {n}");
         // Peripheral qualifier 000b, direct access block device.
         assert_eq!(data[0], 0x00, "LUN {n}");
-        let (c, data) = run(&target, flat(n), &INQUIRY_SERIAL, 64);
+        let (c, data) = run(&target, flat(n), &inquiry_serial(), 64);
         assert_eq!(c, Completion::Good, "LUN {n}");
         let serial = Identity::derived(&format!("mem:lun-{n}"), n).serial;
         assert_eq!(&data[4..4 + usize::from(data[3])], serial.as_bytes());
@@ -181,7 +173,12 @@ fn flat_space_addresses_reach_every_lun() {
     }
     // Peripheral device addressing has 8 bits: 300 cannot be written that
     // way; 0x01 in the first byte is bus 1, where nothing is.
-    let (c, data) = run(&target, [0x01, 0x2c, 0, 0, 0, 0, 0, 0], &INQUIRY, 96);
+    let (c, data) = run(
+        &target,
+        [0x01, 0x2c, 0, 0, 0, 0, 0, 0],
+        &inquiry_standard(),
+        96,
+    );
     assert_eq!(c, Completion::Good);
     assert_eq!(data[0], 0x7f, "no logical unit on bus 1");
 }
@@ -206,7 +203,7 @@ fn nothing_beyond_lun_16383() {
         [0x40, 0x00, 0x40, 0x00, 0, 0, 0, 0],
     ] {
         assert_eq!(LunAddress::decode(&lun), LunAddress::Unsupported);
-        let (c, data) = run(&target, lun, &INQUIRY, 96);
+        let (c, data) = run(&target, lun, &inquiry_standard(), 96);
         assert_eq!(c, Completion::Good);
         assert_eq!(data[0], 0x7f, "peripheral qualifier 011b for {lun:02x?}");
         not_supported(run(&target, lun, &read10(0, 1), 512).0);
@@ -249,12 +246,12 @@ fn make_images(dir: &Path, n: usize) -> Vec<PathBuf> {
     (0..n)
         .map(|i| {
             let path = dir.join(format!("{i:05}.raw"));
-            let file = std::fs::File::create(&path).unwrap();
-            if marked(i, n) {
-                use std::os::unix::fs::FileExt;
-                file.write_all_at(&block0(i as u16), 0).unwrap();
-            }
-            file.set_len(64 << 10).unwrap();
+            let head = if marked(i, n) {
+                block0(i as u16)
+            } else {
+                Vec::new()
+            };
+            sparse_image(&path, &head, 64 << 10).unwrap();
             path
         })
         .collect()
@@ -356,7 +353,7 @@ fn check_through_vhost_user(sock: &Path, images: &[PathBuf], luns: usize) -> Scs
     {
         let i = lun % images.len();
         // The driver sends flat space addresses (lun[2] = 0x40 | high).
-        let reply = driver.command(lun as u16, &INQUIRY_SERIAL, &[], 64);
+        let reply = driver.command(lun as u16, &inquiry_serial(), &[], 64);
         assert_eq!((reply.response, reply.status), (0, 0), "LUN {lun}");
         let canonical = std::fs::canonicalize(&images[i]).unwrap();
         let serial = Identity::derived(&canonical.to_string_lossy(), lun as u16).serial;
@@ -442,7 +439,7 @@ fn measure(dir: &Path, images: &[PathBuf], rust_log: &str) {
 }
 
 #[test]
-#[ignore = "a measurement: cargo test --release --test scale -- --ignored --nocapture"]
+#[ignore = "a measurement: cargo test --release --test it scale:: -- --ignored --nocapture"]
 fn measure_startup_and_memory() {
     if let Some(hard) = hard_limit_too_low(LUNS) {
         panic!("the hard open-file limit {hard} is too low for {LUNS} images");

@@ -6,10 +6,12 @@
 //! can fail flushes. Where allocation matters (holes, GET LBA STATUS) the
 //! image is a file in a temporary directory ([`FileImage`]).
 //!
-//! Expected bytes are written out from the standards here rather than taken
-//! from the crate's constants, so that a wrong constant fails a test.
+//! Expected bytes are written out from the standards, here or in the test
+//! kit (`vhost_scsi_frontend`'s CDB builders, sense assertions and mode
+//! pages), rather than taken from the crate's constants, so that a wrong
+//! constant fails a test.
 
-mod common;
+use crate::common;
 
 use std::io;
 use std::os::unix::fs::MetadataExt;
@@ -22,6 +24,23 @@ use vhost_device_scsi::scsi::{
     Completion, Disk, DiskConfig, DiskError, LunAddress, SliceDataOut, Target, VecDataIn,
 };
 use vhost_device_scsi::storage::{Extent, FileImage, IoBufs, IoBufsMut, MemImage, Storage};
+use vhost_scsi_frontend::cdb::op::*;
+use vhost_scsi_frontend::cdb::{
+    block as block_cdb, compare_and_write, fua, get_lba_status, inquiry, mode_select10,
+    mode_select10_list, mode_select6, mode_select6_list, mode_sense10, mode_sense6,
+    read_capacity10 as rc10_cdb, read_capacity16 as rc16_cdb, report_luns,
+    report_supported_opcodes as rsoc, report_supported_tmfs as rstmf, request_sense,
+    unmap as unmap_cdb, unmap_list, verify as verify_cdb, write_same, MODE_SELECT_PF as PF,
+    MODE_SELECT_SP as SP, WRITE_SAME_ANCHOR as WS_ANCHOR, WRITE_SAME_NDOB as WS_NDOB,
+    WRITE_SAME_UNMAP as WS_UNMAP,
+};
+use vhost_scsi_frontend::sense::{
+    assert_descriptor_sense, assert_invalid_field, assert_invalid_opcode, assert_invalid_param,
+    assert_lba_out_of_range, assert_lun_not_supported, assert_medium_error, assert_miscompare,
+    assert_param_list_length_error, assert_plain_sense, assert_space_allocation_failed,
+    assert_write_error, assert_write_protected, CheckCondition,
+};
+use vhost_scsi_frontend::testkit::{caching_page, control_page, RW_ERROR_RECOVERY_PAGE};
 
 // ---------------------------------------------------------------------------
 // Fixture
@@ -381,13 +400,13 @@ impl Rig {
     /// MODE SELECT(6) of one page, which must succeed.
     #[track_caller]
     fn select(&self, page: &[u8]) {
-        let params = select6(&[], page);
+        let params = mode_select6_list(&[], page);
         let (c, _) = self.run(&mode_select6(PF, params.len() as u8), 0, &params);
         assert_good(c);
     }
 
     fn set_write_cache(&self, on: bool) {
-        self.select(&caching(on));
+        self.select(&caching_page(on));
     }
 
     fn set_descriptor_sense(&self, on: bool) {
@@ -501,108 +520,7 @@ impl FileRig {
     }
 }
 
-// MODE SELECT parameter lists and CDBs (SPC-4 §6.9, §6.10, §7.5.4).
-
-const MODE_SELECT_6: u8 = 0x15;
-const MODE_SELECT_10: u8 = 0x55;
-/// MODE SELECT byte 1: page format, save pages.
-const PF: u8 = 0x10;
-const SP: u8 = 0x01;
-
-fn mode_select6(byte1: u8, len: u8) -> Vec<u8> {
-    vec![MODE_SELECT_6, byte1, 0, 0, len, 0]
-}
-
-fn mode_select10(byte1: u8, len: u16) -> Vec<u8> {
-    let l = len.to_be_bytes();
-    vec![MODE_SELECT_10, byte1, 0, 0, 0, 0, 0, l[0], l[1], 0]
-}
-
-/// MODE SELECT(6) parameter list: header (mode data length, medium type
-/// and device-specific parameter zero), block descriptor, pages.
-fn select6(descriptor: &[u8], pages: &[u8]) -> Vec<u8> {
-    let mut out = vec![0, 0, 0, descriptor.len() as u8];
-    out.extend_from_slice(descriptor);
-    out.extend_from_slice(pages);
-    out
-}
-
-fn select10(long_lba: bool, descriptor: &[u8], pages: &[u8]) -> Vec<u8> {
-    let mut out = vec![0, 0, 0, 0, u8::from(long_lba), 0];
-    out.extend_from_slice(&(descriptor.len() as u16).to_be_bytes());
-    out.extend_from_slice(descriptor);
-    out.extend_from_slice(pages);
-    out
-}
-
-fn caching(wce: bool) -> Vec<u8> {
-    let mut p = caching_page();
-    p[2] = if wce { 0x04 } else { 0 };
-    p
-}
-
-fn control_page(d_sense: bool) -> Vec<u8> {
-    let mut p = CONTROL_PAGE.to_vec();
-    if d_sense {
-        p[2] |= 0x04;
-    }
-    p
-}
-
-// Thin provisioning and the other write commands (SBC-3 §5).
-
-const WRITE_SAME_10: u8 = 0x41;
-const UNMAP: u8 = 0x42;
-const COMPARE_AND_WRITE: u8 = 0x89;
-const WRITE_SAME_16: u8 = 0x93;
-
-/// A WRITE command with FUA set.
-fn fua(mut cdb: Vec<u8>) -> Vec<u8> {
-    cdb[1] |= 0x08;
-    cdb
-}
-
-/// WRITE SAME(10/16); `byte1` holds ANCHOR, UNMAP and (16 only) NDOB.
-fn write_same(op: u8, byte1: u8, lba: u64, blocks: u32) -> Vec<u8> {
-    let mut c = block_cdb(op, lba, blocks);
-    c[1] = byte1;
-    c
-}
-
-const WS_ANCHOR: u8 = 0x10;
-const WS_UNMAP: u8 = 0x08;
-const WS_NDOB: u8 = 0x01;
-
-fn unmap_cdb(byte1: u8, param_len: u16) -> Vec<u8> {
-    let l = param_len.to_be_bytes();
-    vec![UNMAP, byte1, 0, 0, 0, 0, 0, l[0], l[1], 0]
-}
-
-/// UNMAP parameter list (SBC-3 §5.28.2) with one block descriptor per
-/// (LBA, blocks).
-fn unmap_list(ranges: &[(u64, u32)]) -> Vec<u8> {
-    let descriptors = 16 * ranges.len();
-    let mut out = ((6 + descriptors) as u16).to_be_bytes().to_vec();
-    out.extend_from_slice(&(descriptors as u16).to_be_bytes());
-    out.extend_from_slice(&[0; 4]);
-    for &(lba, blocks) in ranges {
-        out.extend_from_slice(&lba.to_be_bytes());
-        out.extend_from_slice(&blocks.to_be_bytes());
-        out.extend_from_slice(&[0; 4]);
-    }
-    out
-}
-
-fn get_lba_status(lba: u64, alloc: u32) -> Vec<u8> {
-    let mut c = vec![0u8; 16];
-    c[0] = SERVICE_ACTION_IN_16;
-    c[1] = 0x12;
-    c[2..10].copy_from_slice(&lba.to_be_bytes());
-    c[10..14].copy_from_slice(&alloc.to_be_bytes());
-    c
-}
-
-/// GET LBA STATUS parameter data as (LBA, blocks, provisioning status),
+/// GET LBA STATUS parameter data (SBC-3 §5.7) as (LBA, blocks, provisioning status),
 /// after checking the header.
 #[track_caller]
 fn lba_status_descriptors(data: &[u8]) -> Vec<(u64, u32, u8)> {
@@ -624,25 +542,9 @@ fn lba_status_descriptors(data: &[u8]) -> Vec<(u64, u32, u8)> {
         .collect()
 }
 
-/// COMPARE AND WRITE; `byte1` holds WRPROTECT, DPO and FUA.
-fn compare_and_write(byte1: u8, lba: u64, blocks: u8) -> Vec<u8> {
-    let mut c = vec![0u8; 16];
-    c[0] = COMPARE_AND_WRITE;
-    c[1] = byte1;
-    c[2..10].copy_from_slice(&lba.to_be_bytes());
-    c[13] = blocks;
-    c
-}
-
-/// VERIFY(10/12/16) with BYTCHK.
-fn verify_cdb(op: u8, lba: u64, blocks: u32, bytchk: u8) -> Vec<u8> {
-    let mut c = block_cdb(op, lba, blocks);
-    c[1] = bytchk << 1;
-    c
-}
-
 // ---------------------------------------------------------------------------
-// Status and sense assertions
+// Status and sense assertions: GOOD here, CHECK CONDITION in the test kit
+// (vhost_scsi_frontend::sense)
 // ---------------------------------------------------------------------------
 
 #[track_caller]
@@ -651,169 +553,10 @@ fn assert_good(c: Completion) {
     assert_eq!(c.status(), 0x00);
 }
 
-/// The sense bytes the initiator receives for a CHECK CONDITION, in the
-/// format the logical unit uses.
-#[track_caller]
-fn sense_bytes(c: Completion) -> Vec<u8> {
-    let Completion::CheckCondition(data) = c else {
-        panic!("expected CHECK CONDITION, got {c:?}");
-    };
-    assert_eq!(c.status(), 0x02);
-    data.encode().as_slice().to_vec()
-}
-
-/// Checks CHECK CONDITION with fixed-format sense `key`/`asc`/`ascq`;
-/// returns the 18 sense bytes.
-#[track_caller]
-fn assert_sense(c: Completion, key: u8, asc: u8, ascq: u8) -> [u8; 18] {
-    let Completion::CheckCondition(data) = c else {
-        panic!("expected CHECK CONDITION, got {c:?}");
-    };
-    let s = data.to_fixed();
-    assert_eq!(sense_bytes(c), s, "sent in fixed format");
-    assert_eq!(s[0], 0x70, "current error, fixed format: {s:02x?}");
-    assert_eq!(s[7], 10, "additional sense length: {s:02x?}");
-    assert_eq!((s[2], s[12], s[13]), (key, asc, ascq), "sense {s:02x?}");
-    s
-}
-
-/// CHECK CONDITION without sense-key specific data.
-#[track_caller]
-fn assert_plain_sense(c: Completion, key: u8, asc: u8, ascq: u8) {
-    let s = assert_sense(c, key, asc, ascq);
-    assert_eq!(&s[15..18], &[0, 0, 0], "no SKSV: {s:02x?}");
-}
-
-/// ILLEGAL REQUEST / INVALID FIELD IN CDB with the field pointer at CDB
-/// byte `byte`, bit `bit` (None: the field starts on a byte boundary).
-#[track_caller]
-fn assert_invalid_field(c: Completion, byte: u16, bit: Option<u8>) {
-    let s = assert_sense(c, 0x05, 0x24, 0x00);
-    // SKSV=1, C/D=1, BPV and BIT POINTER (SPC-4 §4.5.2.4.2).
-    let b15 = match bit {
-        Some(bit) => 0xc8 | bit,
-        None => 0xc0,
-    };
-    assert_eq!(s[15], b15, "sense-key specific byte 15: {s:02x?}");
-    assert_eq!(&s[16..18], &byte.to_be_bytes(), "field pointer: {s:02x?}");
-}
-
-#[track_caller]
-fn assert_invalid_opcode(c: Completion) {
-    assert_plain_sense(c, 0x05, 0x20, 0x00);
-}
-
-#[track_caller]
-fn assert_lba_out_of_range(c: Completion) {
-    assert_plain_sense(c, 0x05, 0x21, 0x00);
-}
-
-#[track_caller]
-fn assert_lun_not_supported(c: Completion) {
-    assert_plain_sense(c, 0x05, 0x25, 0x00);
-}
-
-#[track_caller]
-fn assert_write_protected(c: Completion) {
-    assert_plain_sense(c, 0x07, 0x27, 0x00);
-}
-
-#[track_caller]
-fn assert_medium_error(c: Completion) {
-    assert_plain_sense(c, 0x03, 0x11, 0x00);
-}
-
-/// MEDIUM ERROR / WRITE ERROR: a failed write or flush.
-#[track_caller]
-fn assert_write_error(c: Completion) {
-    assert_plain_sense(c, 0x03, 0x0c, 0x00);
-}
-
-/// DATA PROTECT / SPACE ALLOCATION FAILED WRITE PROTECT (SBC-3 §4.7.3.6).
-#[track_caller]
-fn assert_space_allocation_failed(c: Completion) {
-    assert_plain_sense(c, 0x07, 0x27, 0x07);
-}
-
-#[track_caller]
-fn assert_param_list_length_error(c: Completion) {
-    assert_plain_sense(c, 0x05, 0x1a, 0x00);
-}
-
-/// ILLEGAL REQUEST / INVALID FIELD IN PARAMETER LIST with the field
-/// pointer at byte `byte` of the parameter list: C/D=0 (SPC-4 §4.5.2.4.2).
-#[track_caller]
-fn assert_invalid_param(c: Completion, byte: u16, bit: Option<u8>) {
-    let s = assert_sense(c, 0x05, 0x26, 0x00);
-    let b15 = match bit {
-        Some(bit) => 0x88 | bit,
-        None => 0x80,
-    };
-    assert_eq!(s[15], b15, "sense-key specific byte 15: {s:02x?}");
-    assert_eq!(&s[16..18], &byte.to_be_bytes(), "field pointer: {s:02x?}");
-}
-
-/// MISCOMPARE / MISCOMPARE DURING VERIFY OPERATION in fixed format, with
-/// VALID=1 and the INFORMATION field (bytes 3-6) holding `offset`.
-#[track_caller]
-fn assert_miscompare(c: Completion, offset: u32) {
-    let s = sense_bytes(c);
-    let mut expected = vec![0u8; 18];
-    expected[0] = 0xf0;
-    expected[2] = 0x0e;
-    expected[3..7].copy_from_slice(&offset.to_be_bytes());
-    expected[7] = 10;
-    expected[12] = 0x1d;
-    assert_eq!(s, expected);
-}
-
-/// CHECK CONDITION with descriptor-format sense (SPC-4 §4.5.2): response
-/// code 72h, `key`/`asc`/`ascq`, the additional length matching; returns
-/// the descriptors.
-#[track_caller]
-fn assert_descriptor_sense(c: Completion, key: u8, asc: u8, ascq: u8) -> Vec<u8> {
-    let s = sense_bytes(c);
-    assert_eq!(&s[..4], &[0x72, key, asc, ascq], "{s:02x?}");
-    assert_eq!(&s[4..7], &[0, 0, 0], "{s:02x?}");
-    assert_eq!(
-        usize::from(s[7]),
-        s.len() - 8,
-        "additional length: {s:02x?}"
-    );
-    s[8..].to_vec()
-}
-
 // ---------------------------------------------------------------------------
-// CDB builders
+// CDBs: the builders are the test kit's (vhost_scsi_frontend::cdb), the mode
+// pages as reported too (vhost_scsi_frontend::testkit)
 // ---------------------------------------------------------------------------
-
-const TEST_UNIT_READY: u8 = 0x00;
-const REQUEST_SENSE: u8 = 0x03;
-const READ_6: u8 = 0x08;
-const WRITE_6: u8 = 0x0a;
-const INQUIRY: u8 = 0x12;
-const MODE_SENSE_6: u8 = 0x1a;
-const START_STOP_UNIT: u8 = 0x1b;
-const PREVENT_ALLOW_MEDIUM_REMOVAL: u8 = 0x1e;
-const READ_CAPACITY_10: u8 = 0x25;
-const READ_10: u8 = 0x28;
-const WRITE_10: u8 = 0x2a;
-const WRITE_AND_VERIFY_10: u8 = 0x2e;
-const VERIFY_10: u8 = 0x2f;
-const SYNCHRONIZE_CACHE_10: u8 = 0x35;
-const MODE_SENSE_10: u8 = 0x5a;
-const READ_16: u8 = 0x88;
-const WRITE_16: u8 = 0x8a;
-const WRITE_AND_VERIFY_16: u8 = 0x8e;
-const VERIFY_16: u8 = 0x8f;
-const SYNCHRONIZE_CACHE_16: u8 = 0x91;
-const SERVICE_ACTION_IN_16: u8 = 0x9e;
-const REPORT_LUNS: u8 = 0xa0;
-const MAINTENANCE_IN: u8 = 0xa3;
-const READ_12: u8 = 0xa8;
-const WRITE_12: u8 = 0xaa;
-const WRITE_AND_VERIFY_12: u8 = 0xae;
-const VERIFY_12: u8 = 0xaf;
 
 const READS: [u8; 3] = [READ_10, READ_12, READ_16];
 const WRITES: [u8; 7] = [
@@ -828,47 +571,6 @@ const WRITES: [u8; 7] = [
 const VERIFIES: [u8; 3] = [VERIFY_10, VERIFY_12, VERIFY_16];
 const SYNCS: [u8; 2] = [SYNCHRONIZE_CACHE_10, SYNCHRONIZE_CACHE_16];
 
-/// A READ/WRITE/VERIFY/SYNCHRONIZE CACHE CDB of the size the opcode's group
-/// implies, with `lba` and transfer length `len` (which must fit).
-fn block_cdb(op: u8, lba: u64, len: u32) -> Vec<u8> {
-    match op >> 5 {
-        0 => {
-            assert!(lba < 1 << 21 && len <= 256);
-            // Transfer length 256 is encoded as 0.
-            vec![
-                op,
-                (lba >> 16) as u8,
-                (lba >> 8) as u8,
-                lba as u8,
-                len as u8,
-                0,
-            ]
-        }
-        1 | 2 => {
-            let mut c = vec![0u8; 10];
-            c[0] = op;
-            c[2..6].copy_from_slice(&u32::try_from(lba).unwrap().to_be_bytes());
-            c[7..9].copy_from_slice(&u16::try_from(len).unwrap().to_be_bytes());
-            c
-        }
-        5 => {
-            let mut c = vec![0u8; 12];
-            c[0] = op;
-            c[2..6].copy_from_slice(&u32::try_from(lba).unwrap().to_be_bytes());
-            c[6..10].copy_from_slice(&len.to_be_bytes());
-            c
-        }
-        4 => {
-            let mut c = vec![0u8; 16];
-            c[0] = op;
-            c[2..10].copy_from_slice(&lba.to_be_bytes());
-            c[10..14].copy_from_slice(&len.to_be_bytes());
-            c
-        }
-        _ => unreachable!("not a block command: {op:#x}"),
-    }
-}
-
 /// CDB byte holding the transfer length of a block command.
 fn length_byte(op: u8) -> u16 {
     match op >> 5 {
@@ -878,72 +580,6 @@ fn length_byte(op: u8) -> u16 {
         4 => 10,
         _ => unreachable!(),
     }
-}
-
-fn inquiry(evpd: bool, page: u8, alloc: u16) -> Vec<u8> {
-    let a = alloc.to_be_bytes();
-    vec![INQUIRY, u8::from(evpd), page, a[0], a[1], 0]
-}
-
-fn request_sense(byte1: u8, alloc: u8) -> Vec<u8> {
-    vec![REQUEST_SENSE, byte1, 0, 0, alloc, 0]
-}
-
-/// MODE SENSE(6): `byte1` holds DBD, `byte2` PC and page code.
-fn mode_sense6(byte1: u8, byte2: u8, subpage: u8, alloc: u8) -> Vec<u8> {
-    vec![MODE_SENSE_6, byte1, byte2, subpage, alloc, 0]
-}
-
-/// MODE SENSE(10): `byte1` holds LLBAA and DBD, `byte2` PC and page code.
-fn mode_sense10(byte1: u8, byte2: u8, subpage: u8, alloc: u16) -> Vec<u8> {
-    let a = alloc.to_be_bytes();
-    vec![MODE_SENSE_10, byte1, byte2, subpage, 0, 0, 0, a[0], a[1], 0]
-}
-
-fn rc10_cdb(lba: u32, pmi: bool) -> Vec<u8> {
-    let mut c = vec![0u8; 10];
-    c[0] = READ_CAPACITY_10;
-    c[2..6].copy_from_slice(&lba.to_be_bytes());
-    c[8] = u8::from(pmi);
-    c
-}
-
-fn rc16_cdb(alloc: u32) -> Vec<u8> {
-    let mut c = vec![0u8; 16];
-    c[0] = SERVICE_ACTION_IN_16;
-    c[1] = 0x10;
-    c[10..14].copy_from_slice(&alloc.to_be_bytes());
-    c
-}
-
-fn report_luns(select: u8, alloc: u32) -> Vec<u8> {
-    let mut c = vec![0u8; 12];
-    c[0] = REPORT_LUNS;
-    c[2] = select;
-    c[6..10].copy_from_slice(&alloc.to_be_bytes());
-    c
-}
-
-/// REPORT SUPPORTED OPERATION CODES; `byte2` holds RCTD and REPORTING
-/// OPTIONS.
-fn rsoc(byte2: u8, opcode: u8, sa: u16, alloc: u32) -> Vec<u8> {
-    let mut c = vec![0u8; 12];
-    c[0] = MAINTENANCE_IN;
-    c[1] = 0x0c;
-    c[2] = byte2;
-    c[3] = opcode;
-    c[4..6].copy_from_slice(&sa.to_be_bytes());
-    c[6..10].copy_from_slice(&alloc.to_be_bytes());
-    c
-}
-
-fn rstmf(repd: bool, alloc: u32) -> Vec<u8> {
-    let mut c = vec![0u8; 12];
-    c[0] = MAINTENANCE_IN;
-    c[1] = 0x0d;
-    c[2] = if repd { 0x80 } else { 0 };
-    c[6..10].copy_from_slice(&alloc.to_be_bytes());
-    c
 }
 
 fn be32(b: &[u8]) -> u32 {
@@ -1780,25 +1416,13 @@ fn synchronize_cache() {
 // MODE SENSE
 // ---------------------------------------------------------------------------
 
-const RW_ERROR_RECOVERY_PAGE: [u8; 12] = [0x01, 0x0a, 0xc0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
-
-/// Caching page (SBC-3 §6.4.5): WCE=1 (the default: write-back cache on),
-/// read cache enabled (RCD=0).
-fn caching_page() -> Vec<u8> {
-    let mut p = vec![0u8; 20];
-    p[0] = 0x08;
-    p[1] = 0x12;
-    p[2] = 0x04;
-    p
-}
-
-/// GLTSD=1, QUEUE ALGORITHM MODIFIER 1, BUSY TIMEOUT PERIOD FFFFh.
-const CONTROL_PAGE: [u8; 12] = [0x0a, 0x0a, 0x02, 0x10, 0, 0, 0, 0, 0xff, 0xff, 0, 0];
+// The pages as reported: the test kit's RW_ERROR_RECOVERY_PAGE,
+// caching_page and control_page.
 
 fn all_pages() -> Vec<u8> {
     let mut p = RW_ERROR_RECOVERY_PAGE.to_vec();
-    p.extend_from_slice(&caching_page());
-    p.extend_from_slice(&CONTROL_PAGE);
+    p.extend_from_slice(&caching_page(true));
+    p.extend_from_slice(&control_page(false));
     p
 }
 
@@ -1880,8 +1504,8 @@ fn mode_sense_single_pages() {
     let f = Fixture::new();
     let pages: [(u8, Vec<u8>); 3] = [
         (0x01, RW_ERROR_RECOVERY_PAGE.to_vec()),
-        (0x08, caching_page()),
-        (0x0a, CONTROL_PAGE.to_vec()),
+        (0x08, caching_page(true)),
+        (0x0a, control_page(false)),
     ];
     let desc = short_descriptor(2048, 512);
     for (code, page) in &pages {
@@ -1919,7 +1543,7 @@ fn mode_sense10_long_lba_descriptor() {
     // LLBAA with DBD: no descriptor, LONGLBA clear.
     let (c, data) = f.run(L0, &mode_sense10(0x18, 0x0a, 0, 4096), 4096);
     assert_good(c);
-    assert_eq!(data, mode10(RO, false, &[], &CONTROL_PAGE));
+    assert_eq!(data, mode10(RO, false, &[], &control_page(false)));
 }
 
 #[test]
@@ -1929,16 +1553,21 @@ fn mode_sense_huge_disk_block_descriptors() {
     let sat = short_descriptor(u32::MAX, 512);
     let (c, data) = f.run(L3, &mode_sense6(0, 0x0a, 0, 255), 4096);
     assert_good(c);
-    assert_eq!(data, mode6(RO, &sat, &CONTROL_PAGE));
+    assert_eq!(data, mode6(RO, &sat, &control_page(false)));
     let (c, data) = f.run(L3, &mode_sense10(0, 0x0a, 0, 4096), 4096);
     assert_good(c);
-    assert_eq!(data, mode10(RO, false, &sat, &CONTROL_PAGE));
+    assert_eq!(data, mode10(RO, false, &sat, &control_page(false)));
     // The long descriptor holds the real count.
     let (c, data) = f.run(L3, &mode_sense10(0x10, 0x0a, 0, 4096), 4096);
     assert_good(c);
     assert_eq!(
         data,
-        mode10(RO, true, &long_descriptor(L3_BLOCKS, 512), &CONTROL_PAGE)
+        mode10(
+            RO,
+            true,
+            &long_descriptor(L3_BLOCKS, 512),
+            &control_page(false)
+        )
     );
 }
 
@@ -3190,7 +2819,7 @@ fn a_failed_flush_is_never_forgotten() {
         assert_good(c);
     }
     // Turning the write cache off needs a flush: refused, WCE stays on.
-    let params = select6(&[], &caching(false));
+    let params = mode_select6_list(&[], &caching_page(false));
     let (c, _) = rig.run(&mode_select6(PF, params.len() as u8), 0, &params);
     assert_write_error(c);
     assert!(rig.wce(0));
@@ -3372,9 +3001,9 @@ fn mode_select_turns_the_write_cache_off_and_on() {
     let (c, sensed) = rig.run(&mode_sense6(0x08, 0x08, 0, 255), 255, &[]);
     assert_good(c);
     let mut page = sensed[4..].to_vec();
-    assert_eq!(page, caching(true));
+    assert_eq!(page, caching_page(true));
     page[2] &= !0x04;
-    let params = select6(&[], &page);
+    let params = mode_select6_list(&[], &page);
     let (c, data) = rig.run(&mode_select6(PF, params.len() as u8), 255, &params);
     assert_good(c);
     assert!(data.is_empty());
@@ -3385,8 +3014,8 @@ fn mode_select_turns_the_write_cache_off_and_on() {
     let (c, data) = rig.run(&mode_sense10(0, 0x3f, 0, 4096), 4096, &[]);
     assert_good(c);
     let mut pages = RW_ERROR_RECOVERY_PAGE.to_vec();
-    pages.extend_from_slice(&caching(false));
-    pages.extend_from_slice(&CONTROL_PAGE);
+    pages.extend_from_slice(&caching_page(false));
+    pages.extend_from_slice(&control_page(false));
     let desc = short_descriptor(RIG_BLOCKS as u32, 512);
     assert_eq!(data, mode10(DPOFUA, false, &desc, &pages));
     let (c, data) = rig.run(&mode_sense10(0, 0x80 | 0x3f, 0, 4096), 4096, &[]);
@@ -3432,7 +3061,7 @@ fn mode_select_turns_the_write_cache_off_and_on() {
         ]
     );
     // Back on with MODE SELECT(10): no flush needed, writes are cached.
-    let params = select10(false, &[], &caching(true));
+    let params = mode_select10_list(false, &[], &caching_page(true));
     let (c, _) = rig.run(&mode_select10(PF, params.len() as u16), 0, &params);
     assert_good(c);
     assert!(rig.wce(0));
@@ -3456,17 +3085,29 @@ fn mode_select_with_block_descriptors() {
     let long = long_descriptor(RIG_BLOCKS, 512);
     // (MODE SELECT(10), parameter list, WCE afterwards)
     let cases = [
-        (false, select6(&short, &caching(false)), false),
         (
             false,
-            select6(&short_descriptor(0, 512), &caching(true)),
+            mode_select6_list(&short, &caching_page(false)),
+            false,
+        ),
+        (
+            false,
+            mode_select6_list(&short_descriptor(0, 512), &caching_page(true)),
             true,
         ),
-        (true, select10(false, &short, &caching(false)), false),
-        (true, select10(true, &long, &caching(true)), true),
         (
             true,
-            select10(true, &long_descriptor(0, 512), &caching(false)),
+            mode_select10_list(false, &short, &caching_page(false)),
+            false,
+        ),
+        (
+            true,
+            mode_select10_list(true, &long, &caching_page(true)),
+            true,
+        ),
+        (
+            true,
+            mode_select10_list(true, &long_descriptor(0, 512), &caching_page(false)),
             false,
         ),
         // Several pages at once; PS (byte 0 bit 7) is ignored.
@@ -3475,12 +3116,12 @@ fn mode_select_with_block_descriptors() {
             {
                 let mut pages = all_pages();
                 pages[12] |= 0x80;
-                select6(&short, &pages)
+                mode_select6_list(&short, &pages)
             },
             true,
         ),
         // A block descriptor alone changes nothing.
-        (true, select10(false, &short, &[]), true),
+        (true, mode_select10_list(false, &short, &[]), true),
     ];
     for (ten, params, wce) in cases {
         let cdb = if ten {
@@ -3504,7 +3145,7 @@ fn mode_select_d_sense_switches_to_descriptor_sense() {
     assert_eq!(data[4..], control_page(true));
     let (c, data) = rig.run(&mode_sense6(0x08, 0x80 | 0x0a, 0, 255), 255, &[]);
     assert_good(c);
-    assert_eq!(data[4..], CONTROL_PAGE);
+    assert_eq!(data[4..], control_page(false));
     // INVALID FIELD IN CDB: a sense-key specific descriptor (02h, length
     // 6) with SKSV, C/D=1 and the field pointer.
     let (c, _) = rig.run(&inquiry(false, 0x80, 255), 255, &[]);
@@ -3523,9 +3164,9 @@ fn mode_select_d_sense_switches_to_descriptor_sense() {
     let (c, _) = rig.run(&[0xc0, 0, 0, 0, 0, 0], 0, &[]);
     assert_eq!(assert_descriptor_sense(c, 0x05, 0x20, 0x00), []);
     // INVALID FIELD IN PARAMETER LIST: C/D=0, pointing into the list.
-    let mut page = caching(true);
+    let mut page = caching_page(true);
     page[2] |= 0x01;
-    let params = select6(&[], &page);
+    let params = mode_select6_list(&[], &page);
     let (c, _) = rig.run(&mode_select6(PF, params.len() as u8), 0, &params);
     let d = assert_descriptor_sense(c, 0x05, 0x26, 0x00);
     assert_eq!(d, [0x02, 0x06, 0, 0, 0x88, 0, 6, 0]);
@@ -3564,11 +3205,11 @@ fn mode_select_of_a_non_changeable_field_is_invalid_field_in_parameter_list() {
     rig.ops();
     // (page, byte in the page, new value, most significant differing bit)
     let cases: [(Vec<u8>, usize, u8, u8); 9] = [
-        (caching(true), 2, 0x05, 0),                   // RCD
-        (caching(true), 2, 0x84, 7),                   // IC
-        (caching(true), 3, 0x01, 0),                   // retention priorities
-        (caching(true), 12, 0x20, 5),                  // FSW/LBCSS/DRA
-        (caching(false), 19, 0x01, 0),                 // reserved
+        (caching_page(true), 2, 0x05, 0),              // RCD
+        (caching_page(true), 2, 0x84, 7),              // IC
+        (caching_page(true), 3, 0x01, 0),              // retention priorities
+        (caching_page(true), 12, 0x20, 5),             // FSW/LBCSS/DRA
+        (caching_page(false), 19, 0x01, 0),            // reserved
         (control_page(false), 2, 0x00, 1),             // GLTSD
         (control_page(false), 3, 0x00, 4),             // QUEUE ALGORITHM MODIFIER
         (control_page(false), 8, 0x7f, 7),             // BUSY TIMEOUT PERIOD
@@ -3580,10 +3221,10 @@ fn mode_select_of_a_non_changeable_field_is_invalid_field_in_parameter_list() {
         let short = short_descriptor(RIG_BLOCKS as u32, 512);
         let long = long_descriptor(RIG_BLOCKS, 512);
         for (ten, params, header) in [
-            (false, select6(&[], &page), 4),
-            (false, select6(&short, &page), 12),
-            (true, select10(false, &[], &page), 8),
-            (true, select10(true, &long, &page), 24),
+            (false, mode_select6_list(&[], &page), 4),
+            (false, mode_select6_list(&short, &page), 12),
+            (true, mode_select10_list(false, &[], &page), 8),
+            (true, mode_select10_list(true, &long, &page), 24),
         ] {
             let cdb = if ten {
                 mode_select10(PF, params.len() as u16)
@@ -3595,11 +3236,11 @@ fn mode_select_of_a_non_changeable_field_is_invalid_field_in_parameter_list() {
         }
     }
     // Nothing is applied when a later page is invalid.
-    let mut pages = caching(false);
+    let mut pages = caching_page(false);
     let mut control = control_page(true);
     control[2] &= !0x02;
     pages.extend_from_slice(&control);
-    let params = select6(&[], &pages);
+    let params = mode_select6_list(&[], &pages);
     let (c, _) = rig.run(&mode_select6(PF, params.len() as u8), 0, &params);
     assert_invalid_param(c, 4 + 20 + 2, Some(1));
     assert!(rig.wce(0));
@@ -3611,8 +3252,8 @@ fn mode_select_of_a_non_changeable_field_is_invalid_field_in_parameter_list() {
 #[test]
 fn mode_select_cdb_errors() {
     let rig = Rig::writable(45);
-    let params6 = select6(&[], &caching(false));
-    let params10 = select10(false, &[], &caching(false));
+    let params6 = mode_select6_list(&[], &caching_page(false));
+    let params10 = mode_select10_list(false, &[], &caching_page(false));
     // PF=0: vendor-specific pages are not supported.
     let (c, _) = rig.run(&mode_select6(0, params6.len() as u8), 0, &params6);
     assert_invalid_field(c, 1, Some(4));
@@ -3643,8 +3284,8 @@ fn mode_select_parameter_list_errors() {
     assert_good(c);
     let (c, _) = rig.run(&mode_select10(PF, 0), 0, &[]);
     assert_good(c);
-    let params6 = select6(&[], &caching(false));
-    let params10 = select10(false, &[], &caching(false));
+    let params6 = mode_select6_list(&[], &caching_page(false));
+    let params10 = mode_select10_list(false, &[], &caching_page(false));
     // Truncated header, page header or page: PARAMETER LIST LENGTH ERROR.
     for len in [1usize, 3, 5, 10, 23] {
         let (c, _) = rig.run(&mode_select6(PF, len as u8), 0, &params6[..len]);
@@ -3655,7 +3296,7 @@ fn mode_select_parameter_list_errors() {
         assert_param_list_length_error(c);
     }
     // A block descriptor cut short.
-    let params = select6(&short_descriptor(0, 512), &[]);
+    let params = mode_select6_list(&short_descriptor(0, 512), &[]);
     let (c, _) = rig.run(&mode_select6(PF, 8), 0, &params[..8]);
     assert_param_list_length_error(c);
     // Data-out shorter than the parameter list length: not executed.
@@ -3674,30 +3315,38 @@ fn mode_select_parameter_list_errors() {
     let (c, _) = rig.run(&mode_select10(PF, p.len() as u16), 0, &p);
     assert_invalid_param(c, 2, None);
     // Block descriptor length other than 0 or 8 (16 with LONGLBA).
-    let mut p = select6(&[0; 4], &[]);
+    let mut p = mode_select6_list(&[0; 4], &[]);
     p[3] = 4;
     let (c, _) = rig.run(&mode_select6(PF, p.len() as u8), 0, &p);
     assert_invalid_param(c, 3, None);
-    let p = select10(true, &short_descriptor(0, 512), &[]);
+    let p = mode_select10_list(true, &short_descriptor(0, 512), &[]);
     let (c, _) = rig.run(&mode_select10(PF, p.len() as u16), 0, &p);
     assert_invalid_param(c, 6, None);
     // A different block length or number of blocks.
     for (params, ten, at) in [
         (
-            select6(&short_descriptor(0, 4096), &caching(false)),
+            mode_select6_list(&short_descriptor(0, 4096), &caching_page(false)),
             false,
             4 + 5,
         ),
-        (select6(&short_descriptor(0, 520), &[]), false, 4 + 5),
         (
-            select10(false, &short_descriptor(0, 4096), &[]),
+            mode_select6_list(&short_descriptor(0, 520), &[]),
+            false,
+            4 + 5,
+        ),
+        (
+            mode_select10_list(false, &short_descriptor(0, 4096), &[]),
             true,
             8 + 5,
         ),
-        (select10(true, &long_descriptor(0, 4096), &[]), true, 8 + 12),
-        (select6(&short_descriptor(1, 512), &[]), false, 4),
         (
-            select10(true, &long_descriptor(RIG_BLOCKS + 1, 512), &[]),
+            mode_select10_list(true, &long_descriptor(0, 4096), &[]),
+            true,
+            8 + 12,
+        ),
+        (mode_select6_list(&short_descriptor(1, 512), &[]), false, 4),
+        (
+            mode_select10_list(true, &long_descriptor(RIG_BLOCKS + 1, 512), &[]),
             true,
             8,
         ),
@@ -3711,17 +3360,17 @@ fn mode_select_parameter_list_errors() {
         assert_invalid_param(c, at as u16, None);
     }
     // Unknown page, wrong page length, sub-page format.
-    let p = select6(&[], &[0x1c, 0x0a, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+    let p = mode_select6_list(&[], &[0x1c, 0x0a, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
     let (c, _) = rig.run(&mode_select6(PF, p.len() as u8), 0, &p);
     assert_invalid_param(c, 4, None);
-    let mut page = caching(false);
+    let mut page = caching_page(false);
     page[1] = 0x0a;
-    let p = select6(&[], &page[..12]);
+    let p = mode_select6_list(&[], &page[..12]);
     let (c, _) = rig.run(&mode_select6(PF, p.len() as u8), 0, &p);
     assert_invalid_param(c, 5, None);
-    let mut page = caching(false);
+    let mut page = caching_page(false);
     page[0] |= 0x40;
-    let p = select10(false, &[], &page);
+    let p = mode_select10_list(false, &[], &page);
     let (c, _) = rig.run(&mode_select10(PF, p.len() as u16), 0, &p);
     assert_invalid_param(c, 8, Some(6));
     // None of it changed anything.
@@ -4695,7 +4344,7 @@ fn write_same_data_out_other_than_one_block_is_illegal_request() {
                     expected[7] = 10;
                     expected[12] = 0x0e;
                     expected[13] = 0x03;
-                    assert_eq!(sense_bytes(c), expected, "{op:#x} byte1 {byte1:#x} {len}");
+                    assert_eq!(c.sense(), expected, "{op:#x} byte1 {byte1:#x} {len}");
                     assert!(data.is_empty());
                 }
             }
@@ -5280,14 +4929,14 @@ fn random_data_out(rng: &mut XorShift, cdb: &[u8], pool: &[u8]) -> Vec<u8> {
     let op = cdb.first().copied().unwrap_or(0);
     if rng.below(2) == 0 && (op == MODE_SELECT_6 || op == MODE_SELECT_10) {
         let page = match rng.below(3) {
-            0 => caching(rng.below(2) == 0),
+            0 => caching_page(rng.below(2) == 0),
             1 => control_page(rng.below(4) == 0),
             _ => RW_ERROR_RECOVERY_PAGE.to_vec(),
         };
         return if op == MODE_SELECT_6 {
-            select6(&[], &page)
+            mode_select6_list(&[], &page)
         } else {
-            select10(false, &[], &page)
+            mode_select10_list(false, &[], &page)
         };
     }
     if rng.below(2) == 0 && op == UNMAP {

@@ -6,7 +6,6 @@ use std::os::unix::io::{AsRawFd, FromRawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use vhost_device_scsi::frontend::vring_need_event;
 use vhost_device_scsi::scsi::inquiry::Identity;
 use vhost_device_scsi::scsi::{Disk, DiskConfig, Target};
 use vhost_device_scsi::storage::FileImage;
@@ -16,6 +15,9 @@ use vhost_device_scsi::virtio::backend::{
 };
 use vhost_device_scsi::virtio::chain::GuestMem;
 use vhost_device_scsi::virtio::ScsiBackend;
+use vhost_scsi_frontend::cdb::{inquiry, read10};
+use vhost_scsi_frontend::scsi::{self, lun_field as lun};
+use vhost_scsi_frontend::vring_need_event;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
@@ -24,29 +26,9 @@ use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
-/// Counts heap allocations made by the current thread, to check that the
-/// request path allocates nothing.
-struct CountingAllocator;
-
-thread_local! {
-    static ALLOCATIONS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
-}
-
-// SAFETY: forwards to the system allocator; only counts.
-unsafe impl std::alloc::GlobalAlloc for CountingAllocator {
-    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
-        let _ = ALLOCATIONS.try_with(|c| c.set(c.get() + 1));
-        // SAFETY: same contract as the caller's.
-        unsafe { std::alloc::System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
-        // SAFETY: same contract as the caller's.
-        unsafe { std::alloc::System.dealloc(ptr, layout) }
-    }
-}
-
-#[global_allocator]
-static GLOBAL: CountingAllocator = CountingAllocator;
+// Heap allocations of the current thread (the binary's counting allocator),
+// to check that the request path allocates nothing.
+use crate::alloc::allocations;
 
 thread_local! {
     /// The I/O engine harnesses built on this (test) thread use.
@@ -75,10 +57,6 @@ macro_rules! on_both_engines {
             $(#[test] fn $name() { super::$name(super::IoEngine::IoUring) })*
         }
     };
-}
-
-fn allocations() -> u64 {
-    ALLOCATIONS.with(|c| c.get())
 }
 
 const QUEUE_SIZE: u16 = 256;
@@ -494,35 +472,20 @@ fn signals(call: &EventFd) -> u64 {
     call.read().unwrap_or(0)
 }
 
-/// virtio-scsi LUN field for target 0, LUN `n`, flat space addressing.
-fn lun(n: u16) -> [u8; 8] {
-    [1, 0, 0x40 | (n >> 8) as u8, n as u8, 0, 0, 0, 0]
-}
-
-/// virtio_scsi_cmd_req with a 32-byte CDB area.
+/// virtio_scsi_cmd_req with a 32-byte CDB area, tag 1234h.
 fn request(lun: [u8; 8], cdb: &[u8]) -> Vec<u8> {
-    let mut req = vec![0u8; REQ_LEN];
-    req[..8].copy_from_slice(&lun);
-    req[8..16].copy_from_slice(&0x1234u64.to_le_bytes());
-    req[19..19 + cdb.len()].copy_from_slice(cdb);
-    req
+    scsi::request(lun, 0x1234, cdb, 32)
 }
 
-fn read10(lba: u32, blocks: u16) -> Vec<u8> {
-    let mut cdb = vec![0x28, 0];
-    cdb.extend_from_slice(&lba.to_be_bytes());
-    cdb.push(0);
-    cdb.extend_from_slice(&blocks.to_be_bytes());
-    cdb.push(0);
-    cdb
+/// INQUIRY, standard data.
+fn inquiry_standard() -> Vec<u8> {
+    inquiry(false, 0, 96)
 }
-
-const INQUIRY: [u8; 6] = [0x12, 0, 0, 0, 96, 0];
 
 #[test]
 fn single_descriptor_parts() {
     let mut h = Harness::new(&[1 << 20]);
-    let used = h.command(lun(0), &INQUIRY, 96);
+    let used = h.command(lun(0), &inquiry_standard(), 96);
     assert_eq!(used.response(), S_OK);
     assert_eq!(used.status(), 0);
     assert_eq!(used.sense_len(), 0);
@@ -643,7 +606,7 @@ fn several_luns_and_both_lun_formats() {
     let absent = h.command(lun(5), &read10(0, 1), 512);
     assert_eq!(absent.status(), 2);
     assert_eq!((absent.sense()[12], absent.sense()[13]), (0x25, 0x00));
-    let inq = h.command(lun(5), &INQUIRY, 96);
+    let inq = h.command(lun(5), &inquiry_standard(), 96);
     assert_eq!(inq.data_in()[0], 0x7f);
     // REPORT LUNS lists three.
     let luns = h.command(lun(0), &[0xa0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0], 256);
@@ -658,7 +621,7 @@ fn other_targets_are_bad_target() {
         [0, 0, 0x40, 0, 0, 0, 0, 0],
         [2, 0, 0, 0, 0, 0, 0, 0],
     ] {
-        let used = h.command(bad, &INQUIRY, 96);
+        let used = h.command(bad, &inquiry_standard(), 96);
         assert_eq!(used.response(), S_BAD_TARGET, "{bad:?}");
         assert_eq!(used.len, RESP_LEN);
     }
@@ -672,7 +635,7 @@ fn requests_on_every_request_queue() {
         let _ = h.push(
             q,
             &[
-                Buf::R(request(lun(0), &INQUIRY)),
+                Buf::R(request(lun(0), &inquiry_standard())),
                 Buf::W(RESP_LEN),
                 Buf::W(96),
             ],
@@ -756,14 +719,14 @@ fn malformed_requests_are_answered_and_serving_continues() {
     // Response buffer shorter than the response.
     let used = h.submit(
         FIRST_REQUEST_QUEUE,
-        &[Buf::R(request(lun(0), &INQUIRY)), Buf::W(50)],
+        &[Buf::R(request(lun(0), &inquiry_standard())), Buf::W(50)],
     );
     assert_eq!(used.len, 0);
     // Both data-out and data-in without VIRTIO_SCSI_F_INOUT.
     let used = h.submit(
         FIRST_REQUEST_QUEUE,
         &[
-            Buf::R(request(lun(0), &INQUIRY)),
+            Buf::R(request(lun(0), &inquiry_standard())),
             Buf::R(vec![0; 16]),
             Buf::W(RESP_LEN),
             Buf::W(96),
@@ -774,7 +737,7 @@ fn malformed_requests_are_answered_and_serving_continues() {
     let used = h.submit(
         FIRST_REQUEST_QUEUE,
         &[
-            Buf::R(request(lun(0), &INQUIRY)),
+            Buf::R(request(lun(0), &inquiry_standard())),
             Buf::W(RESP_LEN),
             Buf::R(vec![0; 16]),
         ],
@@ -1021,7 +984,7 @@ on_both_engines! {
         let second = FIRST_REQUEST_QUEUE + 1;
         let _ = h.push(
             second,
-            &[Buf::R(request(lun(0), &INQUIRY)), Buf::W(RESP_LEN), Buf::W(96)],
+            &[Buf::R(request(lun(0), &inquiry_standard())), Buf::W(RESP_LEN), Buf::W(96)],
         );
         h.backend
             .handle_event(second as u16, EventSet::IN, &h.vrings, 0)

@@ -1,26 +1,22 @@
 //! The daemon process and a virtio-scsi driver over a real vhost-user
 //! connection, for tests that drive the daemon exactly as QEMU plus a guest
-//! would: a thin wrapper over the library's driver
-//! (`vhost_device_scsi::frontend`) that panics where a test should fail.
+//! would: a thin wrapper over the frontend crate's driver
+//! (`vhost_scsi_frontend`) that panics where a test should fail.
 
-#![allow(dead_code, unused_imports)]
-
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use vhost::vhost_user::Frontend;
-use vhost_device_scsi::frontend::{DaemonProcess, DriverConfig, ScsiFrontend};
+use vhost_scsi_frontend::{process_cpu_time, DaemonProcess, DriverConfig, ScsiFrontend};
 
-pub use vhost_device_scsi::frontend::scsi::{read10, write10, SYNCHRONIZE_CACHE_10};
-pub use vhost_device_scsi::frontend::Reply;
+pub use vhost_scsi_frontend::cdb::{read10, write10, SYNCHRONIZE_CACHE_10};
+pub use vhost_scsi_frontend::Reply;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_vhost-device-scsi");
 
 /// A running daemon process, killed when dropped.
 pub struct Daemon {
     pub process: DaemonProcess,
-    pub socket: PathBuf,
 }
 
 impl Daemon {
@@ -34,10 +30,7 @@ impl Daemon {
             .stdin(Stdio::null());
         let process = DaemonProcess::spawn(command, socket, Duration::from_secs(10))
             .unwrap_or_else(|e| panic!("daemon: {e}"));
-        Daemon {
-            process,
-            socket: socket.to_path_buf(),
-        }
+        Daemon { process }
     }
 
     /// As [`Daemon::start`], with the daemon's standard error (its log)
@@ -54,10 +47,7 @@ impl Daemon {
             .stderr(file);
         let process = DaemonProcess::spawn(command, socket, Duration::from_secs(10))
             .unwrap_or_else(|e| panic!("daemon: {e}"));
-        Daemon {
-            process,
-            socket: socket.to_path_buf(),
-        }
+        Daemon { process }
     }
 
     pub fn kill(&mut self) {
@@ -87,27 +77,11 @@ impl ScsiDriver {
             .command(lun, cdb, data_out, data_in_len)
             .unwrap_or_else(|e| panic!("command {cdb:02x?}: {e}"))
     }
-
-    pub fn frontend(&mut self) -> &mut Frontend {
-        self.frontend.vhost_frontend()
-    }
 }
 
 /// User plus system CPU time of `pid` so far.
 pub fn cpu_time(pid: u32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    // After the command name in parentheses: state is field 3, utime and
-    // stime fields 14 and 15 (proc(5)).
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .unwrap()
-        .1
-        .split_whitespace()
-        .collect();
-    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-    // SAFETY: sysconf has no memory-safety preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
-    Duration::from_millis(ticks * 1000 / hz)
+    process_cpu_time(pid).unwrap_or_else(|e| panic!("CPU time of {pid}: {e}"))
 }
 
 /// A check this machine cannot make: says so on standard error, or fails

@@ -9,8 +9,8 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use vhost_device_scsi::frontend::scsi::read_write;
-use vhost_device_scsi::frontend::{Command, Data, FrontendError, LatencyHistogram, RequestQueue};
+use vhost_scsi_frontend::cdb::read_write;
+use vhost_scsi_frontend::{Command, Data, FrontendError, LatencyHistogram, RequestQueue};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Pattern {

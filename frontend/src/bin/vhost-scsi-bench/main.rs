@@ -18,7 +18,7 @@ use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, ValueEnum};
-use vhost_device_scsi::frontend::{DaemonProcess, DriverConfig, ScsiFrontend};
+use vhost_scsi_frontend::{DaemonProcess, DriverConfig, ScsiFrontend};
 
 use report::{Report, RunResult, Side};
 use workload::{

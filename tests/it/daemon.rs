@@ -2,7 +2,6 @@
 //! VMM connection after another over a real vhost-user frontend, signals.
 
 use std::ffi::OsStr;
-use std::io::Write;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -11,13 +10,13 @@ use std::time::{Duration, Instant};
 use vhost::vhost_user::message::VhostUserVirtioFeatures;
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::VhostBackend;
+use vhost_scsi_frontend::testkit::filled_image;
 
-const BIN: &str = env!("CARGO_BIN_EXE_vhost-device-scsi");
+use crate::common::BIN;
 
 fn image(dir: &Path, name: &str, size: usize) -> PathBuf {
     let path = dir.join(name);
-    let mut f = std::fs::File::create(&path).unwrap();
-    f.write_all(&vec![0x5a; size]).unwrap();
+    filled_image(&path, size, 0x5a).unwrap();
     path
 }
 

@@ -2,7 +2,7 @@
 //! connection: a guest flooding the log, the image's file system filling
 //! up, the image shrinking underneath, the daemon killed and restarted.
 
-mod common;
+use crate::common;
 
 use std::fs::File;
 use std::path::Path;
@@ -10,7 +10,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{read10, write10, ScsiDriver, BIN, SYNCHRONIZE_CACHE_10};
-use vhost_device_scsi::frontend::{DaemonProcess, DriverConfig, ScsiFrontend};
+use vhost_scsi_frontend::sense::{key_asc_ascq, CheckCondition};
+use vhost_scsi_frontend::testkit::sparse_image;
+use vhost_scsi_frontend::{DaemonProcess, DriverConfig, ScsiFrontend};
 
 fn pattern(seed: u8, len: usize) -> Vec<u8> {
     (0..len)
@@ -142,14 +144,10 @@ impl Drop for Tmpfs {
     }
 }
 
-/// CHECK CONDITION with (sense key, ASC, ASCQ), fixed-format sense.
+/// CHECK CONDITION with (sense key, ASC, ASCQ).
+#[track_caller]
 fn sense_of(r: &common::Reply) -> (u8, u8, u8) {
-    assert_eq!(
-        (r.response, r.status),
-        (0, 2),
-        "CHECK CONDITION expected: {r:?}"
-    );
-    (r.sense[2] & 0x0f, r.sense[12], r.sense[13])
+    key_asc_ascq(&CheckCondition::sense(r))
 }
 
 fn good(r: &common::Reply, what: &str) {
@@ -172,7 +170,7 @@ fn a_full_file_system_is_space_allocation_failed_and_serving_goes_on() {
     let ballast = fs.path().join("ballast");
     std::fs::write(&ballast, vec![1u8; 1 << 20]).unwrap();
     let img = fs.path().join("disk.raw");
-    File::create(&img).unwrap().set_len(16 << 20).unwrap();
+    sparse_image(&img, &[], 16 << 20).unwrap();
     let sockdir = tempfile::tempdir().unwrap();
     let sock = sockdir.path().join("vus.sock");
     let log = sockdir.path().join("daemon.log");
@@ -869,7 +867,7 @@ const HELD_WINDOW: Duration = Duration::from_millis(100);
 /// command does not complete while that FSYNC is unanswered, and
 /// completes GOOD once it is.
 fn synced_before_completion(
-    q: &mut vhost_device_scsi::frontend::RequestQueue,
+    q: &mut vhost_scsi_frontend::RequestQueue,
     mount: &fuse::Mount,
     what: &str,
     cdb: &[u8],
@@ -878,7 +876,7 @@ fn synced_before_completion(
     range: std::ops::Range<u64>,
 ) {
     use fuse::{Event, Op};
-    use vhost_device_scsi::frontend::{Command as ScsiCommand, Data};
+    use vhost_scsi_frontend::{Command as ScsiCommand, Data};
 
     let mark = mount.events().len();
     mount.hold_fsyncs();
@@ -979,7 +977,7 @@ fn synced_before_completion(
 }
 
 /// MODE SELECT(6) of the caching page with WCE cleared (SBC-3 §6.4.5).
-fn write_cache_off(q: &mut vhost_device_scsi::frontend::RequestQueue) {
+fn write_cache_off(q: &mut vhost_scsi_frontend::RequestQueue) {
     let mut params = vec![0u8, 0, 0, 0]; // header, no block descriptor
     let mut page = vec![0u8; 20];
     page[0] = 0x08;
@@ -1202,7 +1200,7 @@ impl Drop for ReleaseFsyncs<'_> {
 /// answered.)
 #[test]
 fn a_flush_in_flight_holds_up_no_read_io_uring_engine() {
-    use vhost_device_scsi::frontend::{Command as ScsiCommand, Data};
+    use vhost_scsi_frontend::{Command as ScsiCommand, Data};
     const TEST: &str = "a_flush_in_flight_holds_up_no_read_io_uring_engine";
     let Some(mount) = cached_fuse_or_skip(TEST, vec![0; 1 << 20]) else {
         return;

@@ -15,13 +15,32 @@
 //! interrupts, the device's avail_event decides whether to kick (virtio 1.2
 //! §2.7.7, §2.7.10). Queues are `Send`, so each can be driven by its own
 //! thread.
+//!
+//! The crate is the other side of vhost-device-scsi's socket, kept out of
+//! the daemon: besides the driver, [`raw`] is a frontend that breaks the
+//! rules on purpose (for the hostile-guest tests), [`scsi`] holds what a
+//! driver puts in a request and reads from its response, [`DaemonProcess`]
+//! runs the daemon as a child process and [`LatencyHistogram`] records
+//! latencies. The test kit the daemon's tests and fuzz targets share is
+//! here too: [`cdb`], the CDB and parameter-list builders (SPC-4, SBC-3),
+//! [`sense`], sense data and the assertions made on it, and [`testkit`],
+//! image files and the mode pages the daemon reports. The load generator `vhost-scsi-bench` is this crate's binary.
+//! The daemon's integration tests use the crate as a dev-dependency; it
+//! uses the daemon's library only for what is defined once there (the queue
+//! indexes of virtio 1.2 §5.6.2).
 
+#![deny(unsafe_op_in_unsafe_fn)]
+#![deny(clippy::undocumented_unsafe_blocks)]
+
+pub mod cdb;
 mod histogram;
 mod process;
 mod queue;
 pub mod raw;
 mod ring;
 pub mod scsi;
+pub mod sense;
+pub mod testkit;
 
 use std::fs::File;
 use std::io;
@@ -46,7 +65,7 @@ use ring::{Descriptor, RingAddrs, SplitRing, VRING_DESC_F_WRITE};
 use ring::{FEATURE_EVENT_IDX, FEATURE_VERSION_1};
 
 /// Queue indexes (virtio 1.2 §5.6.2).
-pub use crate::virtio::backend::{CONTROL_QUEUE, EVENT_QUEUE, FIRST_REQUEST_QUEUE};
+pub use vhost_device_scsi::virtio::backend::{CONTROL_QUEUE, EVENT_QUEUE, FIRST_REQUEST_QUEUE};
 
 /// How long a driver waiting on the call eventfd gives the device to signal
 /// a used entry it has seen appear: the device writes the used index
@@ -61,9 +80,10 @@ pub const INTERRUPT_GRACE: Duration = Duration::from_secs(1);
 const USED_CHECK_INTERVAL: Duration = Duration::from_millis(10);
 
 /// Largest virtqueue a driver may set up (split ring maximum, 2^15; the
-/// device takes at most [`crate::virtio::backend::MAX_QUEUE_SIZE`]).
+/// device takes at most [`vhost_device_scsi::virtio::backend::MAX_QUEUE_SIZE`]).
 pub const MAX_QUEUE_SIZE: u16 = 1024;
-const _: () = assert!(MAX_QUEUE_SIZE as usize == crate::virtio::backend::MAX_QUEUE_SIZE);
+const _: () =
+    assert!(MAX_QUEUE_SIZE as usize == vhost_device_scsi::virtio::backend::MAX_QUEUE_SIZE);
 /// Size of the control and event queues (QEMU's default virtqueue size).
 const AUX_QUEUE_SIZE: u16 = 128;
 /// Event buffers the driver posts, as Linux's virtio_scsi does.

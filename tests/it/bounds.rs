@@ -1,15 +1,13 @@
 //! Memory the daemon allocates is bounded whatever lengths the guest asks
 //! for: each command family at its largest transfer length (and beyond),
 //! through the whole request path (split virtqueue in mock guest memory →
-//! `ScsiBackend` → SCSI target → image file), with a counting allocator
-//! that records the peak of live heap bytes. A test binary of its own, so
-//! the allocator sees only this process's requests; one test function, so
-//! no other test thread allocates meanwhile.
+//! `ScsiBackend` → SCSI target → image file), with the binary's counting
+//! allocator recording the peak of live heap bytes. The request runs on the
+//! test's own thread and the allocator counts per thread (`alloc`), so the
+//! tests running beside it in this binary do not disturb the peak.
 //!
 //! The bounds asserted are the ones docs/resource-bounds.md states.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use vhost_device_scsi::scsi::inquiry::Identity;
@@ -18,6 +16,15 @@ use vhost_device_scsi::storage::FileImage;
 use vhost_device_scsi::virtio::backend::{QueueOptions, FIRST_REQUEST_QUEUE};
 use vhost_device_scsi::virtio::chain::GuestMem;
 use vhost_device_scsi::virtio::ScsiBackend;
+use vhost_scsi_frontend::cdb::op::{
+    READ_16, VERIFY_16, WRITE_16, WRITE_AND_VERIFY_16, WRITE_SAME_16,
+};
+use vhost_scsi_frontend::cdb::{
+    block, compare_and_write, get_lba_status, unmap, unmap_list, verify, write_and_verify,
+    write_same, WRITE_SAME_UNMAP,
+};
+use vhost_scsi_frontend::scsi::{self, lun_field};
+use vhost_scsi_frontend::testkit::sparse_image;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::{split::Descriptor, RawDescriptor};
@@ -25,43 +32,7 @@ use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::epoll::EventSet;
 
-/// Live heap bytes and their peak since the last reset.
-struct PeakAllocator;
-
-static LIVE: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
-
-// SAFETY: forwards to the system allocator; only counts.
-unsafe impl GlobalAlloc for PeakAllocator {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: same contract as the caller's.
-        let p = unsafe { System.alloc(layout) };
-        if !p.is_null() {
-            let live = LIVE.fetch_add(layout.size(), Ordering::SeqCst) + layout.size();
-            PEAK.fetch_max(live, Ordering::SeqCst);
-        }
-        p
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: same contract as the caller's.
-        unsafe { System.dealloc(ptr, layout) };
-        LIVE.fetch_sub(layout.size(), Ordering::SeqCst);
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        // SAFETY: same contract as the caller's.
-        let p = unsafe { System.realloc(ptr, layout, new_size) };
-        if !p.is_null() {
-            // Old and new blocks may both be live during the move.
-            let live = LIVE.fetch_add(new_size, Ordering::SeqCst) + new_size;
-            PEAK.fetch_max(live, Ordering::SeqCst);
-            LIVE.fetch_sub(layout.size(), Ordering::SeqCst);
-        }
-        p
-    }
-}
-
-#[global_allocator]
-static GLOBAL: PeakAllocator = PeakAllocator;
+use crate::alloc;
 
 const KIB: usize = 1 << 10;
 const MIB: usize = 1 << 20;
@@ -106,10 +77,7 @@ impl Harness {
         // O_DIRECT needs a file system that supports it: not a tmpfs /tmp.
         let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
         let path = dir.path().join("disk.raw");
-        std::fs::File::create(&path)
-            .unwrap()
-            .set_len(IMAGE_SIZE)
-            .unwrap();
+        sparse_image(&path, &[], IMAGE_SIZE).unwrap();
         let image = if direct {
             FileImage::open_direct(&path, false).unwrap()
         } else {
@@ -223,12 +191,11 @@ impl Harness {
     /// Runs the device on what was published; returns the used length
     /// and the peak of live heap bytes above the level before the kick.
     fn run(&mut self, used_before: u16) -> (u32, usize) {
-        let base = LIVE.load(Ordering::SeqCst);
-        PEAK.store(base, Ordering::SeqCst);
+        let base = alloc::reset_peak();
         self.backend
             .handle_event(FIRST_REQUEST_QUEUE as u16, EventSet::IN, &self.vrings, 0)
             .unwrap();
-        let peak = PEAK.load(Ordering::SeqCst) - base;
+        let peak = alloc::peak_since(base);
         let mem = self.mem.memory();
         let used_after: u16 = mem.read_obj(GuestAddress(self.used + 2)).unwrap();
         assert_eq!(used_after, used_before.wrapping_add(1), "one used entry");
@@ -320,56 +287,13 @@ const OVERRUN: Outcome = Outcome {
 };
 
 fn request(cdb: &[u8]) -> Vec<u8> {
-    let mut req = vec![0u8; REQ_LEN];
-    req[..8].copy_from_slice(&[1, 0, 0x40, 0, 0, 0, 0, 0]);
-    req[19..19 + cdb.len()].copy_from_slice(cdb);
-    req
+    scsi::request(lun_field(0), 0, cdb, 32)
 }
 
-fn cdb16(op: u8, byte1: u8, lba: u64, blocks: u32) -> Vec<u8> {
-    let mut c = vec![op, byte1];
-    c.extend_from_slice(&lba.to_be_bytes());
-    c.extend_from_slice(&blocks.to_be_bytes());
-    c.extend_from_slice(&[0, 0]);
-    c
-}
-
-const READ_16: u8 = 0x88;
-const WRITE_16: u8 = 0x8a;
-const VERIFY_16: u8 = 0x8f;
-const WRITE_SAME_16: u8 = 0x93;
-const WRITE_AND_VERIFY_16: u8 = 0x8e;
 /// Blocks in the largest transfer (32 MiB of 512-byte blocks).
 const MAX_BLOCKS: u32 = 65536;
 /// Blocks in 1 GiB, the largest UNMAP / WRITE SAME range.
 const GIB_BLOCKS: u32 = 1 << 21;
-
-fn compare_and_write(lba: u64, blocks: u8) -> Vec<u8> {
-    let mut c = vec![0x89, 0];
-    c.extend_from_slice(&lba.to_be_bytes());
-    c.extend_from_slice(&[0, 0, 0, blocks, 0, 0]);
-    c
-}
-
-fn unmap_cdb(param_len: u16) -> Vec<u8> {
-    let mut c = vec![0x42, 0, 0, 0, 0, 0, 0];
-    c.extend_from_slice(&param_len.to_be_bytes());
-    c.push(0);
-    c
-}
-
-/// An UNMAP parameter list with `ranges` (lba, blocks).
-fn unmap_list(ranges: &[(u64, u32)]) -> Vec<u8> {
-    let mut p = vec![0u8; 8];
-    p[0..2].copy_from_slice(&((6 + 16 * ranges.len()) as u16).to_be_bytes());
-    p[2..4].copy_from_slice(&((16 * ranges.len()) as u16).to_be_bytes());
-    for &(lba, blocks) in ranges {
-        p.extend_from_slice(&lba.to_be_bytes());
-        p.extend_from_slice(&blocks.to_be_bytes());
-        p.extend_from_slice(&[0; 4]);
-    }
-    p
-}
 
 fn check(name: &str, got: (Outcome, usize), want: Outcome, cap: usize, peaks: &mut Vec<String>) {
     let (outcome, peak) = got;
@@ -390,14 +314,14 @@ fn memory_stays_bounded_at_the_largest_lengths() {
 
     // READ(16)/WRITE(16): the largest transfer, and 0xFFFFFFFF blocks.
     let out = h.command(
-        &cdb16(WRITE_16, 0, 0, MAX_BLOCKS),
+        &block(WRITE_16, 0, MAX_BLOCKS),
         Some(Buf::R(pattern(max as usize))),
         0,
     );
     check("WRITE(16) 32 MiB", out, GOOD, REQUEST_CAP, &mut peaks);
-    let out = h.command(&cdb16(READ_16, 0, 0, MAX_BLOCKS), Some(Buf::W(max)), 0);
+    let out = h.command(&block(READ_16, 0, MAX_BLOCKS), Some(Buf::W(max)), 0);
     check("READ(16) 32 MiB", out, GOOD, REQUEST_CAP, &mut peaks);
-    let out = h.command(&cdb16(READ_16, 0, 0, u32::MAX), Some(Buf::W(max)), 0);
+    let out = h.command(&block(READ_16, 0, u32::MAX), Some(Buf::W(max)), 0);
     check(
         "READ(16) 0xFFFFFFFF blocks",
         out,
@@ -406,7 +330,7 @@ fn memory_stays_bounded_at_the_largest_lengths() {
         &mut peaks,
     );
     let out = h.command(
-        &cdb16(WRITE_16, 0, 0, u32::MAX),
+        &block(WRITE_16, 0, u32::MAX),
         Some(Buf::R(vec![0; 4096])),
         0,
     );
@@ -417,7 +341,7 @@ fn memory_stays_bounded_at_the_largest_lengths() {
         REQUEST_CAP,
         &mut peaks,
     );
-    let out = h.command(&cdb16(READ_16, 0, 0, MAX_BLOCKS + 1), Some(Buf::W(max)), 0);
+    let out = h.command(&block(READ_16, 0, MAX_BLOCKS + 1), Some(Buf::W(max)), 0);
     check(
         "READ(16) 32 MiB + 1 block",
         out,
@@ -425,11 +349,7 @@ fn memory_stays_bounded_at_the_largest_lengths() {
         REQUEST_CAP,
         &mut peaks,
     );
-    let out = h.command(
-        &cdb16(READ_16, 0, u64::MAX, MAX_BLOCKS),
-        Some(Buf::W(max)),
-        0,
-    );
+    let out = h.command(&block(READ_16, u64::MAX, MAX_BLOCKS), Some(Buf::W(max)), 0);
     check(
         "READ(16) at LBA 2^64-1",
         out,
@@ -438,7 +358,7 @@ fn memory_stays_bounded_at_the_largest_lengths() {
         &mut peaks,
     );
     let out = h.command(
-        &cdb16(WRITE_16, 0, 0, MAX_BLOCKS),
+        &block(WRITE_16, 0, MAX_BLOCKS),
         Some(Buf::R(vec![0; 4096])),
         0,
     );
@@ -451,10 +371,10 @@ fn memory_stays_bounded_at_the_largest_lengths() {
     );
 
     // VERIFY(16): BYTCHK 00b, 01b and 11b over the largest transfer.
-    let out = h.command(&cdb16(VERIFY_16, 0, 0, MAX_BLOCKS), None, 0);
+    let out = h.command(&block(VERIFY_16, 0, MAX_BLOCKS), None, 0);
     check("VERIFY(16) 32 MiB", out, GOOD, REQUEST_CAP, &mut peaks);
     let out = h.command(
-        &cdb16(VERIFY_16, 0x02, 0, MAX_BLOCKS),
+        &verify(VERIFY_16, 0, MAX_BLOCKS, 1),
         Some(Buf::R(pattern(max as usize))),
         0,
     );
@@ -467,7 +387,7 @@ fn memory_stays_bounded_at_the_largest_lengths() {
     );
     // The pattern repeats every 256 bytes: every block is its first one.
     let out = h.command(
-        &cdb16(VERIFY_16, 0x06, 0, MAX_BLOCKS),
+        &verify(VERIFY_16, 0, MAX_BLOCKS, 3),
         Some(Buf::R(pattern(512))),
         0,
     );
@@ -478,7 +398,7 @@ fn memory_stays_bounded_at_the_largest_lengths() {
         REQUEST_CAP,
         &mut peaks,
     );
-    let out = h.command(&cdb16(VERIFY_16, 0, 0, u32::MAX), None, 0);
+    let out = h.command(&block(VERIFY_16, 0, u32::MAX), None, 0);
     check(
         "VERIFY(16) 0xFFFFFFFF blocks",
         out,
@@ -487,7 +407,7 @@ fn memory_stays_bounded_at_the_largest_lengths() {
         &mut peaks,
     );
     let out = h.command(
-        &cdb16(WRITE_AND_VERIFY_16, 0x02, 0, MAX_BLOCKS),
+        &write_and_verify(WRITE_AND_VERIFY_16, 0, MAX_BLOCKS, 1),
         Some(Buf::R(pattern(max as usize))),
         0,
     );
@@ -502,7 +422,7 @@ fn memory_stays_bounded_at_the_largest_lengths() {
     // WRITE SAME(16): 1 GiB of zeroes with UNMAP, 16 MiB of a pattern
     // (through the 64 KiB chunk), 0xFFFFFFFF blocks.
     let out = h.command(
-        &cdb16(WRITE_SAME_16, 0x08, 0, GIB_BLOCKS),
+        &write_same(WRITE_SAME_16, WRITE_SAME_UNMAP, 0, GIB_BLOCKS),
         Some(Buf::R(vec![0; 512])),
         0,
     );
@@ -514,7 +434,7 @@ fn memory_stays_bounded_at_the_largest_lengths() {
         &mut peaks,
     );
     let out = h.command(
-        &cdb16(WRITE_SAME_16, 0, 0, 32768),
+        &block(WRITE_SAME_16, 0, 32768),
         Some(Buf::R(pattern(512))),
         0,
     );
@@ -526,7 +446,7 @@ fn memory_stays_bounded_at_the_largest_lengths() {
         &mut peaks,
     );
     let out = h.command(
-        &cdb16(WRITE_SAME_16, 0, 0, GIB_BLOCKS + 1),
+        &block(WRITE_SAME_16, 0, GIB_BLOCKS + 1),
         Some(Buf::R(pattern(512))),
         0,
     );
@@ -538,7 +458,7 @@ fn memory_stays_bounded_at_the_largest_lengths() {
         &mut peaks,
     );
     let out = h.command(
-        &cdb16(WRITE_SAME_16, 0, 0, u32::MAX),
+        &block(WRITE_SAME_16, 0, u32::MAX),
         Some(Buf::R(pattern(512))),
         0,
     );
@@ -555,7 +475,7 @@ fn memory_stays_bounded_at_the_largest_lengths() {
     let mut caw = vec![0u8; 64 * 512];
     caw.extend_from_slice(&pattern(64 * 512));
     let out = h.command(
-        &compare_and_write(u64::from(GIB_BLOCKS) + 1000, 64),
+        &compare_and_write(0, u64::from(GIB_BLOCKS) + 1000, 64),
         Some(Buf::R(caw)),
         0,
     );
@@ -567,7 +487,7 @@ fn memory_stays_bounded_at_the_largest_lengths() {
         &mut peaks,
     );
     let out = h.command(
-        &compare_and_write(0, 255),
+        &compare_and_write(0, 0, 255),
         Some(Buf::R(vec![0; 2 * 255 * 512])),
         0,
     );
@@ -584,7 +504,7 @@ fn memory_stays_bounded_at_the_largest_lengths() {
     // descriptors.
     let ranges: Vec<(u64, u32)> = (0..64).map(|i| (i * 65536, 16384)).collect();
     let list = unmap_list(&ranges);
-    let out = h.command(&unmap_cdb(list.len() as u16), Some(Buf::R(list)), 0);
+    let out = h.command(&unmap(0, list.len() as u16), Some(Buf::R(list)), 0);
     check(
         "UNMAP 64 descriptors, 1 Mi blocks",
         out,
@@ -594,7 +514,7 @@ fn memory_stays_bounded_at_the_largest_lengths() {
     );
     let ranges: Vec<(u64, u32)> = (0..4094).map(|i| (i, 1)).collect();
     let list = unmap_list(&ranges);
-    let out = h.command(&unmap_cdb(list.len() as u16), Some(Buf::R(list)), 0);
+    let out = h.command(&unmap(0, list.len() as u16), Some(Buf::R(list)), 0);
     check(
         "UNMAP 4094 descriptors",
         out,
@@ -603,7 +523,7 @@ fn memory_stays_bounded_at_the_largest_lengths() {
         &mut peaks,
     );
     let list = unmap_list(&[(0, u32::MAX)]);
-    let out = h.command(&unmap_cdb(list.len() as u16), Some(Buf::R(list)), 0);
+    let out = h.command(&unmap(0, list.len() as u16), Some(Buf::R(list)), 0);
     check(
         "UNMAP 0xFFFFFFFF blocks",
         out,
@@ -633,7 +553,7 @@ fn memory_stays_bounded_at_the_largest_lengths() {
         REQUEST_CAP,
         &mut peaks,
     );
-    let mut lba_status = cdb16(0x9e, 0x12, 0, u32::MAX);
+    let mut lba_status = get_lba_status(0, u32::MAX);
     lba_status[14] = 0;
     let out = h.command(&lba_status, Some(Buf::W(MIB as u32)), 0);
     check(
@@ -701,7 +621,7 @@ fn memory_stays_bounded_at_the_largest_lengths() {
     // buffer, at most one transfer.
     let mut d = Harness::new(true);
     let out = d.command(
-        &cdb16(WRITE_16, 0, 0, MAX_BLOCKS),
+        &block(WRITE_16, 0, MAX_BLOCKS),
         Some(Buf::R(pattern(max as usize))),
         1,
     );
@@ -712,7 +632,7 @@ fn memory_stays_bounded_at_the_largest_lengths() {
         DIRECT_REQUEST_CAP,
         &mut peaks,
     );
-    let out = d.command(&cdb16(READ_16, 0, 0, MAX_BLOCKS), Some(Buf::W(max)), 1);
+    let out = d.command(&block(READ_16, 0, MAX_BLOCKS), Some(Buf::W(max)), 1);
     check(
         "O_DIRECT misaligned READ(16) 32 MiB",
         out,
@@ -721,7 +641,7 @@ fn memory_stays_bounded_at_the_largest_lengths() {
         &mut peaks,
     );
     let out = d.command(
-        &cdb16(VERIFY_16, 0x02, 0, MAX_BLOCKS),
+        &verify(VERIFY_16, 0, MAX_BLOCKS, 1),
         Some(Buf::R(pattern(max as usize))),
         1,
     );
@@ -746,7 +666,7 @@ fn indirect_chain(h: &mut Harness) -> (Outcome, usize) {
     let req_addr = table + 16 * u64::from(ENTRIES);
     let resp_addr = req_addr + REQ_LEN as u64;
     let data_addr = resp_addr + u64::from(RESP_LEN);
-    mem.write_slice(&request(&cdb16(READ_16, 0, 0, 127)), GuestAddress(req_addr))
+    mem.write_slice(&request(&block(READ_16, 0, 127)), GuestAddress(req_addr))
         .unwrap();
     let mut raw = Vec::with_capacity(16 * ENTRIES as usize);
     for i in 0..ENTRIES {

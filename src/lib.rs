@@ -25,34 +25,39 @@
 //! - [`storage`], where the blocks live: the [`storage::Storage`] trait,
 //!   implemented by [`storage::FileImage`] (a regular file or block device,
 //!   positional vectored I/O) and [`storage::MemImage`] (memory, for tests
-//!   and fuzzing).
+//!   and fuzzing); the memory a transfer moves bytes into or out of as
+//!   [`storage::IoBufsMut`] and [`storage::IoBufs`], piece lists that carry
+//!   their lifetime and can only be built from byte slices or guest memory
+//!   slices; and the I/O engines behind one completion-based interface
+//!   (`storage::Engine`): a request (a transfer with its memory, or a
+//!   flush) is submitted with a token and either done in the call or
+//!   reaped later, with an eventfd signalled. `SyncEngine` does it in the
+//!   call; `UringEngine` keeps up to 128 requests in flight per request
+//!   queue ([`storage::IoEngine`] says which one a daemon uses).
 //!
-//! Beside them: [`virtio::uring`], the io_uring engine
-//! ([`virtio::uring::IoEngine`] says whether transfers use it or
-//! synchronous calls; a [`virtio::uring::QueueRing`] per request queue keeps
-//! up to 128 READ and WRITE transfers in flight). The other side of the
-//! socket — a vhost-user virtio-scsi driver negotiating like QEMU, the
-//! hostile frontend, the test kit and the load generator `vhost-scsi-bench`
-//! — is a crate of its own, `vhost-scsi-frontend` (`frontend/` in the
-//! repository), which the integration tests use; the daemon ships none of it.
+//! The other side of the socket — a vhost-user virtio-scsi driver
+//! negotiating like QEMU, the hostile frontend, the test kit and the load
+//! generator `vhost-scsi-bench` — is a crate of its own,
+//! `vhost-scsi-frontend` (`frontend/` in the repository), which the
+//! integration tests use; the daemon ships none of it.
 //!
 //! # One request
 //!
 //! 1. The guest kicks a request queue; `vhost-user-backend`'s worker thread
 //!    calls [`ScsiBackend::process_queue`](virtio::ScsiBackend::process_queue),
 //!    which pops the available chains in a pass bounded in time.
-//! 2. `virtio::chain::split_chain` turns a chain into bounds-checked
-//!    slices of guest memory; [`virtio::request::start_command`] reads the
-//!    request header and CDB from them and hands the command to the target.
-//! 3. A READ or WRITE is planned by [`scsi::Target::prepare`], its data moved
-//!    straight between the image and guest memory (queued on the ring by
-//!    [`virtio::uring::QueueRing::start`], or a `preadv`/`pwritev2` right
-//!    there), and its result turned into status and sense by
-//!    [`scsi::Target::finish`]. Every other command runs in
+//! 2. `split_chain` turns a chain into bounds-checked slices of guest
+//!    memory; `start_command` reads the request header and CDB from them
+//!    and hands the command to the target.
+//! 3. READ, WRITE and SYNCHRONIZE CACHE are planned by the target
+//!    (`Target::prepare`: range, protection, buffer size, FUA write-back)
+//!    into storage work, which the transport hands over to the queue's
+//!    engine (`QueueIo`, holding the unit's `TransferAccess` until the
+//!    result is in); the result becomes status and sense in
+//!    `Target::finish`. Every other command runs in
 //!    [`scsi::Target::execute`].
-//! 4. The response is written and the chain returned to the used ring; each
-//!    chain's outcome is a [`virtio::answer::Answered`] (the bytes written,
-//!    and why the request was malformed, if it was). The guest is signalled
+//! 4. The response is written and the chain returned to the used ring, at
+//!    once or when the engine's result is reaped. The guest is signalled
 //!    every few chains and at the end of the pass, as EVENT_IDX asks.
 //!
 //! # Durability
@@ -64,7 +69,8 @@
 //! cache off. [`storage::FileImage`] makes it durable with
 //! `pwritev2(RWF_DSYNC)` (or a write and `fdatasync` where that is refused),
 //! the io_uring engine with a WRITEV carrying `RWF_DSYNC`; SYNCHRONIZE CACHE
-//! is a [`storage::Storage::flush`].
+//! is a [`storage::Storage::flush`] (an FSYNC request on the ring with
+//! io_uring).
 //!
 //! # Further reading
 //!

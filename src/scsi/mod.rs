@@ -3,19 +3,21 @@
 //! traits; output is a [`target::Completion`] and the bytes written to the
 //! data-in buffer.
 
-pub mod buffer;
-pub mod cdb;
-pub mod disk;
-pub mod error;
+pub(crate) mod buffer;
+pub(crate) mod cdb;
+pub(crate) mod disk;
+pub(crate) mod error;
 pub mod inquiry;
-pub mod lun;
-pub mod mode;
-pub mod opcodes;
-pub mod sense;
-pub mod target;
+pub(crate) mod lun;
+pub(crate) mod mode;
+pub(crate) mod opcodes;
+pub(crate) mod sense;
+pub(crate) mod target;
 
-pub use crate::storage::{Direction, Transfer};
+pub(crate) use crate::storage::Direction;
 pub use buffer::{DataIn, DataOut, SliceDataOut, VecDataIn};
-pub use disk::{Disk, DiskConfig, DiskError, TransferAccess};
+pub(crate) use disk::TransferAccess;
+pub use disk::{Disk, DiskConfig, DiskError};
 pub use lun::LunAddress;
-pub use target::{Completion, Planned, Prepared, Target};
+pub use target::{Completion, Target};
+pub(crate) use target::{Planned, Prepared};

@@ -27,7 +27,7 @@ pub enum IoEngine {
     /// One synchronous `preadv`/`pwritev` at a time per worker thread.
     #[default]
     Sync,
-    /// Up to [`super::uring::RING_ENTRIES`] transfers in flight per
+    /// Up to 128 requests (`uring::RING_ENTRIES`) in flight per
     /// request queue.
     IoUring,
 }
@@ -62,13 +62,6 @@ pub enum Direction {
 /// Each engine uses it the way it works: batches borrowed for a
 /// synchronous call, or pinned for the kernel to access after the call.
 pub trait TransferMemory {
-    /// Bytes the memory holds.
-    fn len(&self) -> usize;
-
-    fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// Hands the first `len` bytes to `io` as batches with the byte offset
     /// of each, consuming them as each batch succeeds. Every batch but the
     /// last ends at a multiple of `granule` bytes from the start (O_DIRECT

@@ -1,19 +1,20 @@
 //! Storage backends: where a logical unit's blocks live. Knows files and
 //! syscalls (and, for tests and fuzzing, memory), nothing of SCSI or virtio.
 
-pub mod engine;
+pub(crate) mod engine;
 mod file;
 mod iobufs;
-pub mod lock;
+pub(crate) mod lock;
 mod mem;
-pub mod uring;
+pub(crate) mod uring;
 
-pub use engine::{
-    Direction, Engine, IoEngine, Request, Submission, Submitted, SyncEngine, Transfer,
-    TransferMemory,
+pub use engine::IoEngine;
+pub(crate) use engine::{
+    Direction, Engine, Request, Submission, Submitted, SyncEngine, Transfer, TransferMemory,
 };
 pub use file::{DirectAlignment, FileImage, ImageKind, OpenError};
-pub use iobufs::{IoBufs, IoBufsMut, MemoryOwner, PinnedBufs};
+pub(crate) use iobufs::PinnedBufs;
+pub use iobufs::{IoBufs, IoBufsMut};
 pub use mem::MemImage;
 
 use std::io;

@@ -217,7 +217,7 @@ impl ScsiBackend {
     }
 
     /// A backend whose READ and WRITE transfers use `engine` (the caller
-    /// checked that it works here, see [`crate::storage::uring::probe`]).
+    /// checked that it works here, see `storage::uring::probe`).
     pub fn with_engine(
         target: Arc<Target>,
         options: QueueOptions,

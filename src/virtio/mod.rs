@@ -2,15 +2,15 @@
 //! descriptor chains, the control queue and the configuration space. Knows
 //! nothing of SCSI semantics beyond handing CDBs to [`crate::scsi::Target`].
 
-pub mod answer;
+pub(crate) mod answer;
 pub mod backend;
 pub mod chain;
-pub mod config;
-pub mod control;
-pub mod inflight;
-pub mod memory;
-pub mod request;
-pub mod sglist;
+pub(crate) mod config;
+pub(crate) mod control;
+pub(crate) mod inflight;
+pub(crate) mod memory;
+pub(crate) mod request;
+pub(crate) mod sglist;
 pub(crate) mod wire;
 
 pub use backend::ScsiBackend;

@@ -309,10 +309,6 @@ impl<'a> SgList<'a, ()> {
 /// A list over guest memory is the memory of a READ's data-in or a
 /// WRITE's data-out, for whichever engine carries the transfer out.
 impl TransferMemory for SgList<'_, ()> {
-    fn len(&self) -> usize {
-        self.remaining
-    }
-
     fn transfer(
         &mut self,
         len: usize,

@@ -97,8 +97,12 @@ pub struct Disk {
 #[derive(Debug, Default)]
 struct HandedOver {
     count: AtomicUsize,
-    /// Taken by whoever waits for the count to reach zero, and by whoever
-    /// brings it there before notifying, so no wake-up is lost.
+    /// Whether a COMPARE AND WRITE waits for the count to reach zero: only
+    /// then does the access that brings it there notify (a notification is
+    /// a system call; without a waiter, every request would pay it).
+    waiter: AtomicBool,
+    /// Taken by the waiter, and by whoever brings the count to zero
+    /// before notifying, so no wake-up is lost.
     lock: Mutex<()>,
     idle: Condvar,
 }
@@ -106,40 +110,36 @@ struct HandedOver {
 impl HandedOver {
     fn wait_idle(&self) {
         let guard = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
-        drop(
-            self.idle
-                .wait_while(guard, |_| self.count.load(Ordering::Acquire) != 0)
-                .unwrap_or_else(PoisonError::into_inner),
-        );
+        // SeqCst here and in `end`: either the waiter sees the count at
+        // zero, or the one that brings it there sees the waiter.
+        self.waiter.store(true, Ordering::SeqCst);
+        let guard = self
+            .idle
+            .wait_while(guard, |_| self.count.load(Ordering::SeqCst) != 0)
+            .unwrap_or_else(PoisonError::into_inner);
+        self.waiter.store(false, Ordering::SeqCst);
+        drop(guard);
+    }
+
+    fn end(&self) {
+        if self.count.fetch_sub(1, Ordering::SeqCst) == 1 && self.waiter.load(Ordering::SeqCst) {
+            let _guard = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
+            self.idle.notify_all();
+        }
     }
 }
 
-/// Access to a unit for one handed-over READ or WRITE transfer, and the
-/// storage to carry it out on: while it lives, COMPARE AND WRITE waits
-/// (SBC-3 §5.3). Dropping it ends the transfer's access; a transfer in
-/// flight keeps it until its result is in.
+/// Access to a unit for one handed-over request (a READ's or WRITE's
+/// transfer, a flush): while it lives, COMPARE AND WRITE waits (SBC-3
+/// §5.3). Dropping it ends the request's access; a request in flight
+/// keeps it until its result is in.
 pub struct TransferAccess {
-    storage: Arc<dyn Storage>,
     handed_over: Arc<HandedOver>,
-}
-
-impl TransferAccess {
-    /// The storage the transfer is carried out on.
-    pub fn storage(&self) -> &Arc<dyn Storage> {
-        &self.storage
-    }
 }
 
 impl Drop for TransferAccess {
     fn drop(&mut self) {
-        if self.handed_over.count.fetch_sub(1, Ordering::AcqRel) == 1 {
-            let _guard = self
-                .handed_over
-                .lock
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            self.handed_over.idle.notify_all();
-        }
+        self.handed_over.end();
     }
 }
 
@@ -553,6 +553,11 @@ impl Disk {
         }
     }
 
+    /// The storage handed-over requests are carried out on.
+    pub(crate) fn storage(&self) -> &Arc<dyn Storage> {
+        &self.storage
+    }
+
     /// Access for a planned transfer handed over to be carried out
     /// elsewhere, without waiting: `None` while COMPARE AND WRITE holds the
     /// unit (the caller must then finish its own transfers in flight before
@@ -575,9 +580,8 @@ impl Disk {
     /// Registers a handed-over transfer; called with the unit's lock held
     /// shared, so that a COMPARE AND WRITE taking it next waits for it.
     fn transfer_access(&self) -> TransferAccess {
-        self.handed_over.count.fetch_add(1, Ordering::AcqRel);
+        self.handed_over.count.fetch_add(1, Ordering::SeqCst);
         TransferAccess {
-            storage: self.storage.clone(),
             handed_over: self.handed_over.clone(),
         }
     }

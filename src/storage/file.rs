@@ -14,7 +14,11 @@ use rustix::io::Errno;
 
 use super::{AsyncFile, Extent, IoBufs, IoBufsMut, Storage};
 
-/// An entry of the piece lists handed to `preadv(2)` and friends.
+/// An entry of the piece lists handed to `preadv(2)` and friends. These
+/// calls stay `libc`'s: rustix's `preadv`/`pwritev2` take std's
+/// `IoSliceMut`, a `&mut [u8]`, which cannot soundly be formed over guest
+/// memory the guest may change at any time; `IoBufsMut`/`IoBufs` hand the
+/// kernel raw pieces instead, each valid for the call.
 type IoVec = libc::iovec;
 
 /// At most this many iovecs go to one `preadv` call (well below IOV_MAX).
@@ -604,18 +608,9 @@ impl Drop for AlignedBuffer {
 }
 
 /// Drops the first `n` bytes from an iovec list (after a short transfer).
-fn advance(iov: &mut [IoVec], mut n: usize) -> &mut [IoVec] {
-    let mut skip = 0;
-    for entry in iov.iter_mut() {
-        if n < entry.iov_len {
-            entry.iov_base = entry.iov_base.cast::<u8>().wrapping_add(n).cast();
-            entry.iov_len -= n;
-            break;
-        }
-        n -= entry.iov_len;
-        skip += 1;
-    }
-    &mut iov[skip..]
+fn advance(iov: &mut [IoVec], n: usize) -> &mut [IoVec] {
+    let whole = super::iobufs::advance_pieces(iov, n);
+    &mut iov[whole..]
 }
 
 #[cfg(test)]

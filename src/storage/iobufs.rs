@@ -90,7 +90,7 @@ fn truncate_pieces(pieces: &mut Pieces, total: &mut usize, len: usize) {
 
 /// Shortens the pieces by their first `n` bytes (at most their total) and
 /// returns how many pieces were used up whole; the caller removes those.
-fn advance_pieces(pieces: &mut [libc::iovec], mut n: usize) -> usize {
+pub(super) fn advance_pieces(pieces: &mut [libc::iovec], mut n: usize) -> usize {
     let mut whole = 0;
     for piece in pieces.iter_mut() {
         if n < piece.iov_len {
@@ -323,18 +323,29 @@ impl PinnedBufs {
         PinnedBufs::default()
     }
 
-    /// Takes `bufs`' pieces (replacing any held) and keeps `owner` until
-    /// [`PinnedBufs::release`].
+    /// Pins the slices `fill` pushes (replacing any held) and keeps
+    /// `owner` until [`PinnedBufs::release`]; if `fill` returns false,
+    /// nothing is held. Pieces go straight into the reused vector: no
+    /// allocation once it has grown, no copy of a list.
     ///
     /// # Safety
-    /// Every piece of `bufs` must lie in memory that `owner` keeps valid for
-    /// reads and writes (mapped, never freed) for as long as `owner` lives,
-    /// whatever `bufs`' own lifetime says.
-    pub unsafe fn pin(&mut self, bufs: &IoBufsMut<'_>, owner: MemoryOwner) {
-        self.pieces.clear();
-        self.pieces.extend_from_slice(bufs.iovecs());
-        self.len = bufs.len();
-        self.owner = Some(owner);
+    /// Every slice `fill` pushes must lie in memory that `owner` keeps valid
+    /// for reads and writes (mapped, never freed) for as long as `owner`
+    /// lives, whatever the slice's own lifetime says.
+    pub unsafe fn pin_with(
+        &mut self,
+        owner: MemoryOwner,
+        fill: impl FnOnce(&mut PinSink<'_>) -> bool,
+    ) -> bool {
+        self.release();
+        let mut sink = PinSink { bufs: self };
+        if fill(&mut sink) {
+            self.owner = Some(owner);
+            true
+        } else {
+            self.release();
+            false
+        }
     }
 
     /// Forgets the pieces and drops the owner.
@@ -388,6 +399,31 @@ impl PinnedBufs {
     /// while the owner is held).
     pub(crate) fn iovecs(&self) -> &[libc::iovec] {
         &self.pieces
+    }
+}
+
+/// Where [`PinnedBufs::pin_with`] takes its slices from.
+pub struct PinSink<'p> {
+    bufs: &'p mut PinnedBufs,
+}
+
+impl PinSink<'_> {
+    /// Adds a slice of guest memory (bitmap-less, as
+    /// [`IoBufsMut::push_guest`] takes).
+    pub fn push(&mut self, slice: &VolatileSlice<'_, ()>) {
+        if slice.is_empty() {
+            return;
+        }
+        self.bufs.pieces.push(libc::iovec {
+            iov_base: slice.ptr_guard_mut().as_ptr().cast(),
+            iov_len: slice.len(),
+        });
+        self.bufs.len = self.bufs.len.saturating_add(slice.len());
+    }
+
+    /// Pieces pushed so far.
+    pub fn pieces(&self) -> usize {
+        self.bufs.pieces.len()
     }
 }
 
@@ -453,11 +489,18 @@ mod tests {
         let mut pinned = PinnedBufs::new();
         {
             let slice = memory.get_slice(GuestAddress(4), 8).unwrap();
-            let mut bufs = IoBufsMut::new();
-            bufs.push_guest(&slice);
-            // SAFETY: the piece lies in the mapping `memory` owns.
-            unsafe { pinned.pin(&bufs, memory.clone()) };
+            // SAFETY: the slice lies in the mapping `memory` owns.
+            let pinned_ok = unsafe {
+                pinned.pin_with(memory.clone(), |sink| {
+                    sink.push(&slice);
+                    sink.pieces() == 1
+                })
+            };
+            assert!(pinned_ok);
         }
+        // A fill that gives up leaves nothing pinned.
+        // SAFETY: nothing is pushed.
+        assert!(!unsafe { PinnedBufs::new().pin_with(memory.clone(), |_| false) });
         assert_eq!(pinned.len(), 8);
         pinned.advance(2);
         assert_eq!(pinned.fill_from(b"xyz"), 3);

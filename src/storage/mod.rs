@@ -13,8 +13,8 @@ pub(crate) use engine::{
     Direction, Engine, Request, Submission, Submitted, SyncEngine, Transfer, TransferMemory,
 };
 pub use file::{DirectAlignment, FileImage, ImageKind, OpenError};
-pub(crate) use iobufs::PinnedBufs;
 pub use iobufs::{IoBufs, IoBufsMut};
+pub(crate) use iobufs::{PinSink, PinnedBufs};
 pub use mem::MemImage;
 
 use std::io;

@@ -681,12 +681,12 @@ impl ScsiBackend {
             }
         };
         match self.io_of(worker, queue_index) {
-            Some(io) => io.start(pending, access, head),
+            Some(io) => io.start(pending, disk.storage(), access, head),
             None => {
                 // Not a request queue of this thread (cannot happen: the
                 // pass set its I/O up); answered synchronously all the same.
-                let result =
-                    crate::storage::engine::run_sync(&**access.storage(), pending.request());
+                let result = crate::storage::engine::run_sync(&**disk.storage(), pending.request());
+                drop(access);
                 Some(pending.answer(&self.target, result))
             }
         }
@@ -843,12 +843,7 @@ impl ScsiBackend {
             .get(thread)
             .map(Vec::as_slice)
             .unwrap_or_default();
-        let mem = self
-            .mem
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .as_ref()
-            .map(|m| m.memory().into_inner());
+        let mem = self.memory_now();
         // Per queue: how far the available index was when called (inline:
         // a thread has at most NUM_QUEUES queues).
         let targets: SmallVec<[Option<u16>; NUM_QUEUES]> = vrings
@@ -943,13 +938,17 @@ impl ScsiBackend {
     /// Whether the driver has made requests available on `vring`, in the
     /// guest memory of the moment (none without a memory table).
     fn has_requests(&self, vring: &VringRwLock) -> bool {
-        let mem = self
-            .mem
+        self.memory_now()
+            .is_some_and(|mem| Self::has_available(vring, &mem))
+    }
+
+    /// The guest memory of the moment, if the VMM sent a memory table.
+    fn memory_now(&self) -> Option<Arc<GuestMem>> {
+        self.mem
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .as_ref()
-            .map(|m| m.memory().into_inner());
-        mem.is_some_and(|mem| Self::has_available(vring, &mem))
+            .map(|m| m.memory().into_inner())
     }
 
     /// Whether the driver has made requests available that the device has

@@ -19,7 +19,7 @@ use super::answer::Answered;
 use super::request::{finish_transfer, PendingCommand, RequestError, TransferReply};
 use crate::scsi::{Target, TransferAccess};
 use crate::storage::engine::run_sync;
-use crate::storage::{Engine, PinnedBufs, Submission, Submitted};
+use crate::storage::{Engine, PinnedBufs, Storage, Submission, Submitted};
 
 /// A request whose transfer is in flight.
 #[derive(Default)]
@@ -70,12 +70,13 @@ impl QueueIo {
         }
     }
 
-    /// Carries out or starts the transfer of `pending` (the chain with
-    /// head `head`) with `access` to its unit: its answer if it is done,
-    /// `None` if it is in flight (answered by [`QueueIo::reap`]).
+    /// Carries out or starts the work of `pending` (the chain with head
+    /// `head`) on `storage`, with `access` to its unit: its answer if it is
+    /// done, `None` if it is in flight (answered by [`QueueIo::reap`]).
     pub fn start(
         &mut self,
         mut pending: PendingCommand<'_>,
+        storage: &Arc<dyn Storage>,
         access: TransferAccess,
         head: u16,
     ) -> Option<Answered<RequestError>> {
@@ -86,7 +87,7 @@ impl QueueIo {
             _ => {
                 // No room to wait for a result, or a response area cut too
                 // finely to pin: done here, synchronously.
-                let result = run_sync(&**access.storage(), pending.request());
+                let result = run_sync(&**storage, pending.request());
                 return Some(pending.answer(&self.target, result));
             }
         };
@@ -94,7 +95,7 @@ impl QueueIo {
         let generation = waiting.generation.wrapping_add(1);
         let token = (u64::from(generation) << 16) | u64::from(slot);
         let submitted = self.engine.submit(Submission {
-            storage: access.storage(),
+            storage,
             request: pending.request(),
             token,
         });

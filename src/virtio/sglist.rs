@@ -13,7 +13,9 @@ use vm_memory::VolatileSlice;
 use super::chain::GuestMem;
 use crate::scsi::{DataIn, DataOut};
 use crate::storage::engine::transfer_sync;
-use crate::storage::{Direction, IoBufsMut, PinnedBufs, Storage, Transfer, TransferMemory};
+use crate::storage::{
+    Direction, IoBufsMut, PinSink, PinnedBufs, Storage, Transfer, TransferMemory,
+};
 
 // Writes through raw pointers bypass vm-memory's dirty bitmap; the backend
 // uses no bitmap and does not offer dirty logging (live migration of the
@@ -174,38 +176,6 @@ impl<'a, B: BitmapSlice> SgList<'a, B> {
 }
 
 impl<'a> SgList<'a, ()> {
-    /// The next `len` bytes of the list as one piece list, without
-    /// consuming them; `None` if fewer than `len` bytes remain or they take
-    /// more than `max` pieces.
-    fn guest_bufs(&self, len: usize, max: usize) -> Option<IoBufsMut<'a>> {
-        if len > self.remaining {
-            return None;
-        }
-        let mut bufs = IoBufsMut::new();
-        let mut pieces = 0;
-        let mut left = len;
-        let mut index = self.index;
-        let mut offset_in = self.offset;
-        while left > 0 && index < self.slices.len() {
-            let slice = &self.slices[index];
-            let take = (slice.len() - offset_in).min(left);
-            let piece = slice.subslice(offset_in, take).ok()?;
-            if take > 0 {
-                if pieces == max {
-                    // More pieces than the caller takes: the list never
-                    // grows past `max` for a guest's chain.
-                    return None;
-                }
-                bufs.push_guest(&piece);
-                pieces += 1;
-            }
-            left -= take;
-            index += 1;
-            offset_in = 0;
-        }
-        (left == 0).then_some(bufs)
-    }
-
     /// Marks the next `n` bytes as transferred by someone else (e.g. the
     /// kernel, through pinned memory).
     pub fn consume(&mut self, n: usize) {
@@ -324,16 +294,43 @@ impl TransferMemory for SgList<'_, ()> {
     }
 
     fn pin(&self, len: usize, max_pieces: usize, out: &mut PinnedBufs) -> bool {
-        let (Some(owner), Some(bufs)) = (self.owner, self.guest_bufs(len, max_pieces)) else {
+        let Some(owner) = self.owner else {
             out.release();
             return false;
         };
+        if len > self.remaining {
+            out.release();
+            return false;
+        }
+        let fill = |sink: &mut PinSink<'_>| {
+            let mut left = len;
+            let mut index = self.index;
+            let mut offset_in = self.offset;
+            while left > 0 && index < self.slices.len() {
+                let slice = &self.slices[index];
+                let take = (slice.len() - offset_in).min(left);
+                let Ok(piece) = slice.subslice(offset_in, take) else {
+                    return false;
+                };
+                if take > 0 {
+                    if sink.pieces() == max_pieces {
+                        // More pieces than the caller takes: the list
+                        // never grows past `max_pieces` for a guest's chain.
+                        return false;
+                    }
+                    sink.push(&piece);
+                }
+                left -= take;
+                index += 1;
+                offset_in = 0;
+            }
+            left == 0
+        };
         // SAFETY: every slice of a list with an owner lies in the owner's
         // mappings (`in_guest_memory`'s contract, kept by `split_front`),
-        // and `bufs` holds pieces of those slices; the `Arc` handed over
+        // and `fill` pushes pieces of those slices; the `Arc` handed over
         // keeps the mappings alive for as long as `out` holds it.
-        unsafe { out.pin(&bufs, owner.clone()) };
-        true
+        unsafe { out.pin_with(owner.clone(), fill) }
     }
 }
 

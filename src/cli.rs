@@ -76,10 +76,10 @@ pub struct Cli {
           value_parser = clap::value_parser!(u16).range(0..=1000))]
     pub poll_us: u16,
 
-    /// How READ and WRITE transfers are carried out: `io-uring` keeps up to
-    /// 128 in flight per request queue; `sync` does one synchronous call at
-    /// a time per worker thread; `auto` (the default) uses io_uring where
-    /// the kernel supports it, else sync.
+    /// How READ and WRITE transfers and SYNCHRONIZE CACHE's flush are
+    /// carried out: `io-uring` keeps up to 128 in flight per request queue;
+    /// `sync` does one synchronous call at a time per worker thread; `auto`
+    /// (the default) uses io_uring where the kernel supports it, else sync.
     #[arg(long = "io-engine", value_name = "ENGINE", value_enum,
           default_value_t = IoEngineChoice::Auto)]
     pub io_engine: IoEngineChoice,

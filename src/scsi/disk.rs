@@ -1059,3 +1059,69 @@ pub fn request_sense(
     send(data_in, encoded.as_slice(), usize::from(alloc_len));
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::scsi::{Completion, SliceDataOut, Target, VecDataIn};
+    use crate::storage::MemImage;
+
+    /// COMPARE AND WRITE(16) of one block at LBA 0 (SBC-3 §5.3: opcode
+    /// 89h, NUMBER OF LOGICAL BLOCKS in byte 13).
+    const COMPARE_AND_WRITE_1: [u8; 16] = [0x89, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0];
+
+    /// SBC-3 §5.3: no other command touches the medium between the compare
+    /// and the write. A handed-over request holds its access while in
+    /// flight; COMPARE AND WRITE waits until the last access is dropped,
+    /// and no longer.
+    #[test]
+    fn compare_and_write_waits_for_handed_over_requests() {
+        let config = DiskConfig {
+            block_size: 512,
+            identity: Identity::derived("/caw-test.raw", 0),
+            solid_state: false,
+            discard: false,
+        };
+        let disk = Disk::new(Box::new(MemImage::new(vec![0; 4096], false)), config).unwrap();
+        let target = Arc::new(Target::new(vec![disk]));
+        let first = target.luns()[0].try_transfer_access().unwrap();
+        let second = target.luns()[0].wait_transfer_access();
+        let (done, completed) = mpsc::channel();
+        let caw = {
+            let target = target.clone();
+            std::thread::spawn(move || {
+                // Compare with zeroes (the medium), write 0x5a.
+                let mut data_out = vec![0u8; 512];
+                data_out.extend_from_slice(&[0x5a; 512]);
+                let completion = target.execute(
+                    crate::scsi::LunAddress::Lun(0),
+                    &COMPARE_AND_WRITE_1,
+                    &mut VecDataIn::with_capacity(0),
+                    &mut SliceDataOut::new(&data_out),
+                );
+                done.send(completion).unwrap();
+            })
+        };
+        assert!(
+            completed.recv_timeout(Duration::from_millis(100)).is_err(),
+            "COMPARE AND WRITE ran with two requests in flight"
+        );
+        // While it waits, no new access is given out without waiting.
+        assert!(target.luns()[0].try_transfer_access().is_none());
+        drop(first);
+        assert!(
+            completed.recv_timeout(Duration::from_millis(100)).is_err(),
+            "COMPARE AND WRITE ran with a request in flight"
+        );
+        drop(second);
+        let completion = completed
+            .recv_timeout(Duration::from_secs(10))
+            .expect("COMPARE AND WRITE still waits after the last access ended");
+        assert_eq!(completion, Completion::Good);
+        caw.join().unwrap();
+        assert!(target.luns()[0].try_transfer_access().is_some());
+    }
+}

@@ -9,7 +9,7 @@
 //! [`PinnedBufs`] is the owned form an asynchronous engine keeps while the
 //! kernel works: its pieces stay valid because it holds the owner of their
 //! memory (the guest memory mapping); building one is the single unsafe
-//! step, [`PinnedBufs::pin`].
+//! step, [`PinnedBufs::pin_with`].
 
 use std::any::Any;
 use std::marker::PhantomData;

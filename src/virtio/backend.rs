@@ -662,6 +662,7 @@ impl ScsiBackend {
     /// AND WRITE holds the unit does the thread complete its own transfers
     /// in flight first and wait (a thread blocked with transfers in flight
     /// would hold the COMPARE AND WRITE up for good).
+    #[inline]
     fn start_transfer(
         &self,
         queue_index: usize,

@@ -73,6 +73,7 @@ impl QueueIo {
     /// Carries out or starts the work of `pending` (the chain with head
     /// `head`) on `storage`, with `access` to its unit: its answer if it is
     /// done, `None` if it is in flight (answered by [`QueueIo::reap`]).
+    #[inline]
     pub fn start(
         &mut self,
         mut pending: PendingCommand<'_>,

@@ -273,11 +273,6 @@ impl<'a> IoBufs<'a> {
         self.list.len == 0
     }
 
-    /// Drops the first `n` bytes (after a short transfer).
-    pub fn advance(&mut self, n: usize) {
-        self.list.advance(n);
-    }
-
     /// Copies the pieces' bytes into `out`; returns the count copied.
     pub fn gather_into(&self, out: &mut [u8]) -> usize {
         self.list.gather(out)
@@ -353,20 +348,6 @@ impl PinnedBufs {
         self.pieces.clear();
         self.len = 0;
         self.owner = None;
-    }
-
-    /// Whether pieces are held.
-    pub fn is_pinned(&self) -> bool {
-        self.owner.is_some()
-    }
-
-    /// Total bytes.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
     }
 
     /// Drops the first `n` bytes (after a short transfer).
@@ -501,13 +482,14 @@ mod tests {
         // A fill that gives up leaves nothing pinned.
         // SAFETY: nothing is pushed.
         assert!(!unsafe { PinnedBufs::new().pin_with(memory.clone(), |_| false) });
-        assert_eq!(pinned.len(), 8);
+        assert_eq!(pinned.borrow_mut().len(), 8);
+        assert_eq!(Arc::strong_count(&memory), 2, "the pin holds the mapping");
         pinned.advance(2);
         assert_eq!(pinned.fill_from(b"xyz"), 3);
         let mut borrowed = pinned.borrow_mut();
         assert_eq!(borrowed.fill_from(b"XY"), 2);
         pinned.release();
-        assert!(!pinned.is_pinned());
+        assert_eq!(Arc::strong_count(&memory), 1, "released with the pin");
         let mut got = [0u8; 16];
         memory.read_slice(&mut got, GuestAddress(0)).unwrap();
         assert_eq!(&got, b"\0\0\0\0\0\0XYz\0\0\0\0\0\0\0");

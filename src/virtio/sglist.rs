@@ -176,12 +176,6 @@ impl<'a, B: BitmapSlice> SgList<'a, B> {
 }
 
 impl<'a> SgList<'a, ()> {
-    /// Marks the next `n` bytes as transferred by someone else (e.g. the
-    /// kernel, through pinned memory).
-    pub fn consume(&mut self, n: usize) {
-        self.advance(n);
-    }
-
     /// Hands the next `len` bytes to `io` as batches of pieces (with the
     /// byte offset of each batch), consuming them as each batch succeeds.
     ///

@@ -544,7 +544,7 @@ mod tests {
         config.check().unwrap();
         assert_eq!(config.io_engine.resolve().unwrap(), IoEngine::Sync);
         let target = build_target(&config).unwrap();
-        let luns = target.luns();
+        let luns: Vec<_> = target.units().into_iter().map(|(_, d)| d).collect();
         assert_eq!(luns.len(), 2);
         assert_eq!(
             (luns[0].read_only(), luns[0].block_size(), luns[0].blocks()),
@@ -557,17 +557,17 @@ mod tests {
             (true, 4096, 2)
         );
         assert!(luns.iter().all(|d| !d.discard_enabled()));
-        drop(target);
+        drop((luns, target));
 
         // The global flags reach every LUN (discard only a writable one).
         config.discard = true;
         let target = build_target(&config).unwrap();
-        assert!(target.luns()[0].discard_enabled());
-        assert!(!target.luns()[1].discard_enabled());
+        assert!(target.unit(0).unwrap().discard_enabled());
+        assert!(!target.unit(1).unwrap().discard_enabled());
         drop(target);
         config.read_only = true;
         let target = build_target(&config).unwrap();
-        assert!(target.luns().iter().all(|d| d.read_only()));
+        assert!(target.units().iter().all(|(_, d)| d.read_only()));
     }
 
     #[test]

@@ -262,13 +262,13 @@ fn execute(target: &Target, handles: &[Handle], model: &mut Model, command: &Com
         Completion::CheckCondition(sense) => {
             assert!(din.data.is_empty(), "data with CHECK CONDITION: {}", what());
             let disk = match address {
-                LunAddress::Lun(n) => target.luns().get(usize::from(n)),
+                LunAddress::Lun(n) => target.unit(n),
                 _ => None,
             };
             let ctx = SenseContext {
                 cdb_len: cdb_length(op),
                 param_len: command.data_out.len(),
-                descriptor: disk.is_some_and(Disk::descriptor_sense),
+                descriptor: disk.as_deref().is_some_and(Disk::descriptor_sense),
             };
             let encoded = sense.encode();
             let s = check_sense(encoded.as_slice(), &ctx);

@@ -11,9 +11,11 @@
 //! data it failed to write must never be reported as flushed ("fsyncgate").
 
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::SyncSender;
 use std::sync::{Arc, Condvar, Mutex, PoisonError, RwLock};
 
+use super::attention::{UnitAttention, UnitAttentions};
 use super::buffer::{DataIn, DataOut};
 use super::cdb::{BlockRange, Command};
 use super::error::{CommandError, CommandResult};
@@ -73,10 +75,26 @@ pub enum DiskError {
     BadBlockSize(u32),
 }
 
+/// Why a unit could not be resized.
+#[derive(Debug, thiserror::Error)]
+pub enum ResizeError {
+    #[error("{0}")]
+    Disk(DiskError),
+    #[error("cannot set the image's length: {0}")]
+    Image(io::Error),
+}
+
+/// A logical unit. Shared (`Arc`) by the LUN table and by every command
+/// in flight to it: a unit removed from the table lives, its image open,
+/// until the last of them completes.
 pub struct Disk {
     storage: Arc<dyn Storage>,
     config: DiskConfig,
-    blocks: u64,
+    /// The capacity in logical blocks; changed by [`Disk::resize`] while
+    /// commands run, so each command reads it once.
+    blocks: AtomicU64,
+    /// Unit attention conditions pending for the initiator.
+    attention: UnitAttentions,
     /// Caching mode page WCE.
     write_cache: AtomicBool,
     /// Control mode page D_SENSE: descriptor-format sense data.
@@ -89,6 +107,25 @@ pub struct Disk {
     io_lock: RwLock<()>,
     /// READ and WRITE transfers handed over and not yet finished.
     handed_over: Arc<HandedOver>,
+    /// Told when the unit is dropped, after its image is closed (the
+    /// last field, so it is dropped after `storage`).
+    closed: ClosedNotice,
+}
+
+/// Sends on its channel, if one was set, when dropped: how whoever removes
+/// a unit learns that the last command using it has completed and its
+/// image is closed (engines hold the storage only while a command that
+/// holds the unit is in flight, and let go of it first).
+#[derive(Debug, Default)]
+struct ClosedNotice(Mutex<Option<SyncSender<()>>>);
+
+impl Drop for ClosedNotice {
+    fn drop(&mut self) {
+        let sender = self.0.get_mut().unwrap_or_else(PoisonError::into_inner);
+        if let Some(sender) = sender.take() {
+            let _ = sender.try_send(());
+        }
+    }
 }
 
 /// The count of a unit's transfers handed over to be carried out
@@ -153,7 +190,7 @@ impl std::fmt::Debug for Disk {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Disk")
             .field("config", &self.config)
-            .field("blocks", &self.blocks)
+            .field("blocks", &self.blocks())
             .finish()
     }
 }
@@ -172,7 +209,9 @@ impl Disk {
             return Err(DiskError::NotBlockMultiple { size, block_size });
         }
         Ok(Disk {
-            blocks: size / u64::from(block_size),
+            blocks: AtomicU64::new(size / u64::from(block_size)),
+            attention: UnitAttentions::default(),
+            closed: ClosedNotice::default(),
             storage: Arc::from(storage),
             config,
             write_cache: AtomicBool::new(true),
@@ -184,7 +223,64 @@ impl Disk {
     }
 
     pub fn blocks(&self) -> u64 {
-        self.blocks
+        self.blocks.load(Ordering::Acquire)
+    }
+
+    /// The unit attention conditions pending on this unit.
+    pub fn attention(&self) -> &UnitAttentions {
+        &self.attention
+    }
+
+    /// The image's size in bytes now: read again from the file or block
+    /// device.
+    pub fn image_size(&self) -> io::Result<u64> {
+        self.storage.refresh_size()
+    }
+
+    /// Makes the capacity `size` bytes, which must be a whole number of
+    /// blocks, and more than none. With `set_len`, the image is first
+    /// grown (or, after the capacity, shrunk) to it; otherwise the image
+    /// already has that size. Establishes CAPACITY DATA HAS CHANGED when
+    /// the capacity changed (SBC-3 §4.6). Commands already past their range
+    /// check keep the capacity they were checked against.
+    pub fn resize(&self, size: u64, set_len: bool) -> Result<(), ResizeError> {
+        let block_size = self.config.block_size;
+        if size == 0 {
+            return Err(ResizeError::Disk(DiskError::Empty));
+        }
+        if size % u64::from(block_size) != 0 {
+            return Err(ResizeError::Disk(DiskError::NotBlockMultiple {
+                size,
+                block_size,
+            }));
+        }
+        let blocks = size / u64::from(block_size);
+        let before = self.blocks();
+        if blocks > before {
+            // Growing: the bytes exist before any command may address them.
+            if set_len {
+                self.storage.set_len(size).map_err(ResizeError::Image)?;
+            }
+            self.blocks.store(blocks, Ordering::Release);
+        } else if blocks < before {
+            // Shrinking: no new command addresses the bytes that go.
+            self.blocks.store(blocks, Ordering::Release);
+            if set_len {
+                if let Err(e) = self.storage.set_len(size) {
+                    self.blocks.store(before, Ordering::Release);
+                    return Err(ResizeError::Image(e));
+                }
+            }
+        } else {
+            return Ok(());
+        }
+        self.attention.establish(UnitAttention::CapacityChanged);
+        Ok(())
+    }
+
+    /// Has `sender` told when the unit is dropped (its image closed).
+    pub(crate) fn notify_closed(&self, sender: SyncSender<()>) {
+        *self.closed.0.lock().unwrap_or_else(PoisonError::into_inner) = Some(sender);
     }
 
     pub fn block_size(&self) -> u32 {
@@ -286,7 +382,7 @@ impl Disk {
             Command::ReadCapacity10 => {
                 // SBC-3 §5.16: a last LBA beyond 32 bits reads FFFFFFFFh,
                 // telling the initiator to use READ CAPACITY(16).
-                let last = u32::try_from(self.blocks - 1).unwrap_or(u32::MAX);
+                let last = u32::try_from(self.blocks().saturating_sub(1)).unwrap_or(u32::MAX);
                 let mut data = [0u8; 8];
                 data[..4].copy_from_slice(&last.to_be_bytes());
                 data[4..].copy_from_slice(&self.config.block_size.to_be_bytes());
@@ -298,7 +394,7 @@ impl Disk {
                 // when thin provisioning is offered (unmapped blocks read
                 // as zeroes: they are holes).
                 let mut data = [0u8; 32];
-                data[..8].copy_from_slice(&(self.blocks - 1).to_be_bytes());
+                data[..8].copy_from_slice(&self.blocks().saturating_sub(1).to_be_bytes());
                 data[8..12].copy_from_slice(&self.config.block_size.to_be_bytes());
                 data[13] = self.physical_exponent();
                 if self.discard_enabled() {
@@ -356,7 +452,7 @@ impl Disk {
     /// Checks `range` against the capacity with overflow-safe arithmetic.
     fn check_range(&self, lba: u64, blocks: u64) -> CommandResult<()> {
         match lba.checked_add(blocks) {
-            Some(end) if end <= self.blocks => Ok(()),
+            Some(end) if end <= self.blocks() => Ok(()),
             _ => Err(CommandError::LbaOutOfRange),
         }
     }
@@ -418,7 +514,7 @@ impl Disk {
         } else {
             range.lba.checked_add(u64::from(range.blocks))
         };
-        if end.is_none_or(|end| end > self.blocks) {
+        if end.is_none_or(|end| end > self.blocks()) {
             return Err(CommandError::LbaOutOfRange);
         }
         if self.flush_failed.load(Ordering::Relaxed) {
@@ -800,7 +896,9 @@ impl Disk {
         if !self.discard_enabled() {
             return Err(CommandError::field_bit(1, 4));
         }
-        if lba >= self.blocks {
+        // The capacity this command works with, read once.
+        let capacity = self.blocks();
+        if lba >= capacity {
             return Err(CommandError::LbaOutOfRange);
         }
         let room = (alloc_len as usize).saturating_sub(8) / 16;
@@ -812,7 +910,7 @@ impl Disk {
         // too, so a backing that reports tiny extents cannot keep the queue
         // thread busy (the reply just ends early, as SBC-3 allows).
         let mut steps = 0usize;
-        while pos < self.blocks && extents.len() < max && steps < 4 * MAX_LBA_STATUS_DESCRIPTORS {
+        while pos < capacity && extents.len() < max && steps < 4 * MAX_LBA_STATUS_DESCRIPTORS {
             steps += 1;
             let e = self
                 .storage
@@ -826,7 +924,7 @@ impl Disk {
             };
             // A descriptor counts at most 2^32 - 1 blocks; a longer extent
             // continues in the next one, so the descriptors stay contiguous.
-            let blocks = blocks.min(self.blocks - pos).min(u64::from(u32::MAX));
+            let blocks = blocks.min(capacity - pos).min(u64::from(u32::MAX));
             match extents.last_mut() {
                 Some(last) if last.2 == deallocated && last.1 + blocks <= u64::from(u32::MAX) => {
                     last.1 += blocks;
@@ -1020,7 +1118,7 @@ impl Disk {
 
     fn mode_params(&self) -> ModeParams {
         ModeParams {
-            blocks: self.blocks,
+            blocks: self.blocks(),
             block_size: self.config.block_size,
             read_only: self.read_only(),
             write_cache: self.write_cache(),
@@ -1087,8 +1185,8 @@ mod tests {
         };
         let disk = Disk::new(Box::new(MemImage::new(vec![0; 4096], false)), config).unwrap();
         let target = Arc::new(Target::new(vec![disk]));
-        let first = target.luns()[0].try_transfer_access().unwrap();
-        let second = target.luns()[0].wait_transfer_access();
+        let first = target.unit(0).unwrap().try_transfer_access().unwrap();
+        let second = target.unit(0).unwrap().wait_transfer_access();
         let (done, completed) = mpsc::channel();
         let caw = {
             let target = target.clone();
@@ -1110,7 +1208,7 @@ mod tests {
             "COMPARE AND WRITE ran with two requests in flight"
         );
         // While it waits, no new access is given out without waiting.
-        assert!(target.luns()[0].try_transfer_access().is_none());
+        assert!(target.unit(0).unwrap().try_transfer_access().is_none());
         drop(first);
         assert!(
             completed.recv_timeout(Duration::from_millis(100)).is_err(),
@@ -1122,6 +1220,6 @@ mod tests {
             .expect("COMPARE AND WRITE still waits after the last access ended");
         assert_eq!(completion, Completion::Good);
         caw.join().unwrap();
-        assert!(target.luns()[0].try_transfer_access().is_some());
+        assert!(target.unit(0).unwrap().try_transfer_access().is_some());
     }
 }

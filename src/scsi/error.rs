@@ -30,6 +30,10 @@ pub enum CommandError {
     LbaOutOfRange,
     #[error("logical unit not supported")]
     LunNotSupported,
+    /// A pending unit attention condition terminated the command
+    /// (SAM-5 §5.14).
+    #[error("unit attention {0:?}")]
+    UnitAttention(super::attention::UnitAttention),
     #[error("saving parameters not supported")]
     SavingNotSupported,
     #[error("write protected")]
@@ -109,6 +113,7 @@ impl CommandError {
             },
             CommandError::LbaOutOfRange => plain(sense::LBA_OUT_OF_RANGE),
             CommandError::LunNotSupported => plain(sense::LOGICAL_UNIT_NOT_SUPPORTED),
+            CommandError::UnitAttention(condition) => plain(condition.sense()),
             CommandError::SavingNotSupported => plain(sense::SAVING_PARAMETERS_NOT_SUPPORTED),
             CommandError::WriteProtected => plain(sense::WRITE_PROTECTED),
             CommandError::NoSpace(_) => plain(sense::SPACE_ALLOCATION_FAILED_WRITE_PROTECT),

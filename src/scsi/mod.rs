@@ -3,6 +3,7 @@
 //! traits; output is a [`target::Completion`] and the bytes written to the
 //! data-in buffer.
 
+pub(crate) mod attention;
 pub(crate) mod buffer;
 pub(crate) mod cdb;
 pub(crate) mod disk;
@@ -15,6 +16,7 @@ pub(crate) mod sense;
 pub(crate) mod target;
 
 pub(crate) use crate::storage::Direction;
+pub use attention::UnitAttention;
 pub use buffer::{DataIn, DataOut, SliceDataOut, VecDataIn};
 pub(crate) use disk::TransferAccess;
 pub use disk::{Disk, DiskConfig, DiskError};

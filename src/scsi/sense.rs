@@ -51,6 +51,12 @@ pub(crate) const INVALID_FIELD_IN_PARAMETER_LIST: Sense =
 /// command as a whole, not one CDB field, is at fault).
 pub(crate) const INVALID_FIELD_IN_COMMAND_IU: Sense = sense(SenseKey::IllegalRequest, 0x0e, 0x03);
 pub(crate) const MISCOMPARE_DURING_VERIFY: Sense = sense(SenseKey::Miscompare, 0x1d, 0x00);
+/// Unit attention conditions (SAM-5 §5.14; SPC-4 Annex D, table D.1).
+pub(crate) const BUS_DEVICE_RESET_FUNCTION_OCCURRED: Sense =
+    sense(SenseKey::UnitAttention, 0x29, 0x03);
+pub(crate) const I_T_NEXUS_LOSS_OCCURRED: Sense = sense(SenseKey::UnitAttention, 0x29, 0x07);
+pub(crate) const CAPACITY_DATA_HAS_CHANGED: Sense = sense(SenseKey::UnitAttention, 0x2a, 0x09);
+pub(crate) const REPORTED_LUNS_DATA_HAS_CHANGED: Sense = sense(SenseKey::UnitAttention, 0x3f, 0x0e);
 /// SBC-3 §4.7.3.6: a thin-provisioned write that found no space.
 pub(crate) const SPACE_ALLOCATION_FAILED_WRITE_PROTECT: Sense =
     sense(SenseKey::DataProtect, 0x27, 0x07);

@@ -2,13 +2,17 @@
 //! target-level commands (REPORT LUNS, REPORT SUPPORTED ...). No virtio here.
 
 use std::io;
+use std::sync::{Arc, Mutex, PoisonError};
 
+use arc_swap::ArcSwap;
+
+use super::attention::{UnitAttention, UnitAttentions};
 use super::buffer::{DataIn, DataOut};
 use super::cdb::Command;
 use super::disk::{request_sense, send, Disk};
 use super::error::{CommandError, CommandResult};
 use super::inquiry::{self, Identity};
-use super::lun::LunAddress;
+use super::lun::{LunAddress, MAX_LUN};
 use super::opcodes;
 use super::sense::{self, SenseData};
 use crate::storage::Transfer;
@@ -59,7 +63,7 @@ impl Completion {
 }
 
 /// What [`Target::prepare`] decided about a command.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub enum Prepared {
     /// Not a plain READ or WRITE: run it with [`Target::execute`].
     Execute,
@@ -69,10 +73,11 @@ pub enum Prepared {
     ExecuteExclusive,
     /// Already complete: invalid, refused, or nothing to transfer.
     Complete(Completion),
-    /// A validated READ, WRITE or SYNCHRONIZE CACHE of the logical unit
-    /// with index `lun`: the caller carries out `work` and reports its
-    /// result to [`Target::finish`].
-    HandOver { lun: usize, work: Planned },
+    /// A validated READ, WRITE or SYNCHRONIZE CACHE of `unit`: the caller
+    /// carries out `work` and reports its result to [`Target::finish`].
+    /// The unit stays alive (its image open) while the caller holds it,
+    /// even if it is removed from the LUN table meanwhile.
+    HandOver { unit: Arc<Disk>, work: Planned },
 }
 
 /// Storage work a command was planned into, for the caller to carry out.
@@ -84,19 +89,134 @@ pub enum Planned {
     Flush,
 }
 
-/// A SCSI target with LUNs 0..N-1.
+/// The LUN table: entry N is LUN N's logical unit, if there is one.
+type Units = Vec<Option<Arc<Disk>>>;
+
+/// A SCSI target: logical units at LUNs 0 to 16383, some of them absent.
+///
+/// The LUN table changes while commands run on every worker thread
+/// ([`Target::insert`], [`Target::remove`]): it is an `ArcSwap`, so
+/// finding a command's unit is a lock-free load that never waits for a
+/// change, and a change (a copy of the table, swapped in) never waits for
+/// a command. A command holds its unit's `Arc` until it completes.
 #[derive(Debug, Default)]
 pub struct Target {
-    luns: Vec<Disk>,
+    units: ArcSwap<Units>,
+    /// Serializes changes of the table; commands never take it.
+    changing: Mutex<()>,
+}
+
+/// A LUN that is taken, or beyond the highest one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum InsertError {
+    #[error("LUN {0} is in use")]
+    InUse(u16),
+    #[error("LUN {0} is beyond the highest LUN, {MAX_LUN}")]
+    TooHigh(u16),
 }
 
 impl Target {
+    /// A target with `luns` at LUNs 0..N-1.
     pub fn new(luns: Vec<Disk>) -> Target {
-        Target { luns }
+        let units: Units = luns.into_iter().map(|d| Some(Arc::new(d))).collect();
+        Target {
+            units: ArcSwap::from_pointee(units),
+            changing: Mutex::new(()),
+        }
     }
 
-    pub fn luns(&self) -> &[Disk] {
-        &self.luns
+    /// The logical unit at `lun`, if any.
+    pub fn unit(&self, lun: u16) -> Option<Arc<Disk>> {
+        self.units.load().get(usize::from(lun))?.clone()
+    }
+
+    /// Whether a logical unit is at `lun`.
+    pub fn has_unit(&self, lun: u16) -> bool {
+        self.units
+            .load()
+            .get(usize::from(lun))
+            .is_some_and(Option::is_some)
+    }
+
+    /// The logical units, by LUN, as the table is now.
+    pub fn units(&self) -> Vec<(u16, Arc<Disk>)> {
+        present(&self.units.load_full()).collect()
+    }
+
+    /// The lowest LUN without a logical unit, if any is left.
+    pub fn lowest_free_lun(&self) -> Option<u16> {
+        let units = self.units.load();
+        let free = units
+            .iter()
+            .position(Option::is_none)
+            .unwrap_or(units.len());
+        u16::try_from(free).ok().filter(|&lun| lun <= MAX_LUN)
+    }
+
+    /// Adds `disk` at `lun`, and establishes REPORTED LUNS DATA HAS
+    /// CHANGED on every other unit (SPC-4 §6.33).
+    pub fn insert(&self, lun: u16, disk: Disk) -> Result<Arc<Disk>, InsertError> {
+        if lun > MAX_LUN {
+            return Err(InsertError::TooHigh(lun));
+        }
+        let _changing = self.changing.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut units: Units = Units::clone(&self.units.load());
+        let index = usize::from(lun);
+        if units.get(index).is_some_and(Option::is_some) {
+            return Err(InsertError::InUse(lun));
+        }
+        if units.len() <= index {
+            units.resize(index + 1, None);
+        }
+        let unit = Arc::new(disk);
+        units[index] = Some(unit.clone());
+        self.units.store(Arc::new(units));
+        self.luns_changed(lun);
+        Ok(unit)
+    }
+
+    /// Takes the unit at `lun` out of the table, and establishes REPORTED
+    /// LUNS DATA HAS CHANGED on every other unit. Commands that found it
+    /// before keep it until they complete.
+    pub fn remove(&self, lun: u16) -> Option<Arc<Disk>> {
+        let _changing = self.changing.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut units: Units = Units::clone(&self.units.load());
+        let unit = units.get_mut(usize::from(lun))?.take()?;
+        while units.last().is_some_and(Option::is_none) {
+            units.pop();
+        }
+        self.units.store(Arc::new(units));
+        self.luns_changed(lun);
+        Some(unit)
+    }
+
+    fn luns_changed(&self, changed: u16) {
+        for (lun, unit) in present(&self.units.load()) {
+            if lun != changed {
+                unit.attention()
+                    .establish(UnitAttention::ReportedLunsChanged);
+            }
+        }
+    }
+
+    /// A LOGICAL UNIT RESET of `lun` (SAM-5 §7.7): BUS DEVICE RESET
+    /// FUNCTION OCCURRED. False if no unit is there.
+    pub fn reset_unit(&self, lun: u16) -> bool {
+        match self.unit(lun) {
+            Some(unit) => {
+                unit.attention().establish(UnitAttention::LogicalUnitReset);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// An I_T NEXUS RESET (SAM-5 §7.8): I_T NEXUS LOSS OCCURRED on every
+    /// unit.
+    pub fn reset_nexus(&self) {
+        for (_, unit) in present(&self.units.load()) {
+            unit.attention().establish(UnitAttention::NexusLoss);
+        }
     }
 
     /// Executes one command addressed to `lun` with the CDB bytes `cdb`.
@@ -107,10 +227,14 @@ impl Target {
         data_in: &mut dyn DataIn,
         data_out: &mut dyn DataOut,
     ) -> Completion {
+        let units = self.units.load();
         let disk = match lun {
-            LunAddress::Lun(n) => self.luns.get(usize::from(n)),
+            LunAddress::Lun(n) => units.get(usize::from(n)).and_then(Option::as_deref),
             _ => None,
         };
+        if let Some(completion) = disk.and_then(|d| unit_attention(d, cdb, data_in)) {
+            return completion;
+        }
         let result = match (Command::parse(cdb), disk) {
             (Ok(cmd), Some(disk)) => self.execute_on_disk(disk, &cmd, data_in, data_out),
             (Ok(cmd), None) if lun == LunAddress::ReportLunsWlun => {
@@ -142,9 +266,14 @@ impl Target {
         let LunAddress::Lun(n) = lun else {
             return Prepared::Execute;
         };
-        let Some(disk) = self.luns.get(usize::from(n)) else {
+        let units = self.units.load();
+        let Some(disk) = units.get(usize::from(n)).and_then(Option::as_ref) else {
             return Prepared::Execute;
         };
+        if disk.attention().any() {
+            // Reported (or not) by `execute`, by the command's kind.
+            return Prepared::Execute;
+        }
         let planned = match Command::parse(cdb) {
             Ok(Command::Read { range, fua }) => disk
                 .plan_read(&range, fua, data_in)
@@ -165,7 +294,7 @@ impl Target {
         };
         match planned {
             Ok(Some(work)) => Prepared::HandOver {
-                lun: usize::from(n),
+                unit: disk.clone(),
                 work,
             },
             Ok(None) => Prepared::Complete(Completion::Good),
@@ -175,17 +304,14 @@ impl Target {
 
     /// Completes work planned by [`Target::prepare`] with the result of
     /// carrying it out.
-    pub fn finish(&self, lun: usize, work: &Planned, result: io::Result<()>) -> Completion {
-        match self.luns.get(lun) {
-            Some(disk) => Completion::from_result(
-                match work {
-                    Planned::Transfer(transfer) => disk.finish_transfer(transfer, result),
-                    Planned::Flush => disk.flushed(result),
-                },
-                disk.descriptor_sense(),
-            ),
-            None => Completion::from_result(Err(CommandError::LunNotSupported), false),
-        }
+    pub fn finish(unit: &Disk, work: &Planned, result: io::Result<()>) -> Completion {
+        Completion::from_result(
+            match work {
+                Planned::Transfer(transfer) => unit.finish_transfer(transfer, result),
+                Planned::Flush => unit.flushed(result),
+            },
+            unit.descriptor_sense(),
+        )
     }
 
     fn execute_on_disk(
@@ -311,9 +437,16 @@ impl Target {
             0x02 => (true, true),
             _ => return Err(CommandError::field(2)),
         };
+        let units = self.units.load_full();
+        // SPC-4 §6.33, SAM-5 §5.14: the initiator now has the inventory;
+        // REPORTED LUNS DATA HAS CHANGED is cleared (on every unit: there
+        // is one I_T nexus).
+        for (_, unit) in present(&units) {
+            unit.attention().clear(UnitAttention::ReportedLunsChanged);
+        }
         let mut entries: Vec<LunAddress> = Vec::new();
         if ordinary {
-            entries.extend((0..self.luns.len()).map(|n| LunAddress::Lun(n as u16)));
+            entries.extend(present(&units).map(|(n, _)| LunAddress::Lun(n)));
         }
         if well_known {
             entries.push(LunAddress::ReportLunsWlun);
@@ -327,4 +460,37 @@ impl Target {
         send(data_in, &data, alloc_len as usize);
         Ok(())
     }
+}
+
+/// The units of `units` with their LUNs.
+fn present(units: &Units) -> impl Iterator<Item = (u16, Arc<Disk>)> + '_ {
+    units
+        .iter()
+        .enumerate()
+        .filter_map(|(lun, unit)| Some((u16::try_from(lun).ok()?, unit.clone()?)))
+}
+
+/// SAM-5 §5.14: a pending unit attention condition terminates the command
+/// (taken off the pending ones), or is REQUEST SENSE's sense data; `None`
+/// if the command runs as usual.
+fn unit_attention(disk: &Disk, cdb: &[u8], data_in: &mut dyn DataIn) -> Option<Completion> {
+    let opcode = *cdb.first()?;
+    let condition = disk.attention().check(opcode)?;
+    if !UnitAttentions::terminates(opcode) {
+        // REQUEST SENSE: GOOD status, the condition as its sense data.
+        let (desc, alloc_len) = match Command::parse(cdb) {
+            Ok(Command::RequestSense { desc, alloc_len }) => (desc, alloc_len),
+            // A malformed REQUEST SENSE: the condition stays pending.
+            _ => {
+                disk.attention().establish(condition);
+                return None;
+            }
+        };
+        let result = request_sense(SenseData::new(condition.sense()), desc, alloc_len, data_in);
+        return Some(Completion::from_result(result, disk.descriptor_sense()));
+    }
+    Some(Completion::from_result(
+        Err(CommandError::UnitAttention(condition)),
+        disk.descriptor_sense(),
+    ))
 }

@@ -7,7 +7,7 @@ use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use rustix::fs::{AtFlags, FallocateFlags, OFlags, StatxFlags};
 use rustix::io::Errno;
@@ -65,7 +65,8 @@ impl From<io::Error> for OpenError {
 pub struct FileImage {
     file: File,
     path: PathBuf,
-    size: u64,
+    /// Bytes: read at open, and again when the LUN is resized.
+    size: AtomicU64,
     kind: ImageKind,
     read_only: bool,
     /// FUA writes use `pwritev2(RWF_DSYNC)`; cleared where it is refused.
@@ -143,7 +144,7 @@ impl FileImage {
         Ok(FileImage {
             file,
             path: path.to_path_buf(),
-            size,
+            size: AtomicU64::new(size),
             kind,
             read_only,
             dsync_writes: AtomicBool::new(true),
@@ -172,11 +173,29 @@ impl FileImage {
 
 impl Storage for FileImage {
     fn size(&self) -> u64 {
-        self.size
+        self.size.load(Ordering::Acquire)
     }
 
     fn read_only(&self) -> bool {
         self.read_only
+    }
+
+    fn refresh_size(&self) -> io::Result<u64> {
+        // As at open: the end offset is the size of regular files and of
+        // block devices alike. Transfers are positional, so moving the
+        // file offset disturbs none.
+        let size = rustix::fs::seek(&self.file, rustix::fs::SeekFrom::End(0))?;
+        self.size.store(size, Ordering::Release);
+        Ok(size)
+    }
+
+    fn set_len(&self, size: u64) -> io::Result<()> {
+        if self.read_only || self.kind != ImageKind::RegularFile {
+            return Err(io::Error::from(io::ErrorKind::Unsupported));
+        }
+        self.file.set_len(size)?;
+        self.size.store(size, Ordering::Release);
+        Ok(())
     }
 
     fn read_vectored_at(&self, bufs: &mut IoBufsMut<'_>, offset: u64) -> io::Result<()> {
@@ -286,7 +305,8 @@ impl Storage for FileImage {
     }
 
     fn extent(&self, offset: u64) -> io::Result<Extent> {
-        let rest = self.size.saturating_sub(offset);
+        let size = self.size();
+        let rest = size.saturating_sub(offset);
         if self.kind == ImageKind::BlockDevice {
             return Ok(Extent {
                 allocated: true,
@@ -332,7 +352,7 @@ impl Storage for FileImage {
                 len: (start - offset).min(rest),
             },
             Some(_) => {
-                let hole = seek(rustix::fs::SeekFrom::Hole(offset))?.unwrap_or(self.size);
+                let hole = seek(rustix::fs::SeekFrom::Hole(offset))?.unwrap_or(size);
                 Extent {
                     allocated: true,
                     len: hole.saturating_sub(offset).min(rest).max(1),

@@ -5,7 +5,7 @@
 use std::fmt;
 use std::io;
 use std::ops::Range;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{PoisonError, RwLock};
 
 use super::{Extent, IoBufs, IoBufsMut, Storage};
@@ -29,7 +29,7 @@ use super::{Extent, IoBufs, IoBufsMut, Storage};
 #[derive(Default)]
 pub struct MemImage {
     data: RwLock<Vec<u8>>,
-    size: u64,
+    size: AtomicU64,
     read_only: bool,
     read_error: Option<Range<u64>>,
     flush_fails: AtomicBool,
@@ -41,7 +41,7 @@ impl MemImage {
         let size = data.len() as u64;
         MemImage {
             data: RwLock::new(data),
-            size,
+            size: AtomicU64::new(size),
             read_only,
             read_error: None,
             flush_fails: AtomicBool::new(false),
@@ -55,7 +55,7 @@ impl MemImage {
         let size = size.max(data.len() as u64);
         MemImage {
             data: RwLock::new(data),
-            size,
+            size: AtomicU64::new(size),
             read_only,
             read_error: None,
             flush_fails: AtomicBool::new(false),
@@ -110,7 +110,7 @@ impl MemImage {
         }
         offset
             .checked_add(len)
-            .filter(|&end| end <= self.size)
+            .filter(|&end| end <= self.size())
             .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))
     }
 
@@ -125,7 +125,7 @@ impl fmt::Debug for MemImage {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("MemImage")
             .field("stored", &self.stored().len())
-            .field("size", &self.size)
+            .field("size", &self.size())
             .field("read_only", &self.read_only)
             .field("read_error", &self.read_error)
             .finish()
@@ -134,7 +134,21 @@ impl fmt::Debug for MemImage {
 
 impl Storage for MemImage {
     fn size(&self) -> u64 {
-        self.size
+        self.size.load(Ordering::Acquire)
+    }
+
+    /// Shrinking drops the stored bytes past the new size; growing adds to
+    /// the zero tail.
+    fn set_len(&self, size: u64) -> io::Result<()> {
+        if self.read_only {
+            return Err(io::Error::from(io::ErrorKind::Unsupported));
+        }
+        let mut data = self.data.write().unwrap_or_else(PoisonError::into_inner);
+        if (data.len() as u64) > size {
+            data.truncate(size as usize);
+        }
+        self.size.store(size, Ordering::Release);
+        Ok(())
     }
 
     fn read_only(&self) -> bool {
@@ -149,7 +163,7 @@ impl Storage for MemImage {
             return Ok(());
         }
         let end = match offset.checked_add(total) {
-            Some(end) if end <= self.size => end,
+            Some(end) if end <= self.size() => end,
             _ => return Err(io::Error::from(io::ErrorKind::UnexpectedEof)),
         };
         if self.read_fails(offset, end) {
@@ -217,7 +231,7 @@ impl Storage for MemImage {
         } else {
             Extent {
                 allocated: false,
-                len: self.size.saturating_sub(offset),
+                len: self.size().saturating_sub(offset),
             }
         })
     }

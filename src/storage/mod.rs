@@ -59,6 +59,23 @@ pub trait Storage: Send + Sync {
     /// Whether writes are refused.
     fn read_only(&self) -> bool;
 
+    /// Reads the backing's size again (the operator may have grown or
+    /// shrunk the file or block device since it was opened), makes it
+    /// [`Storage::size`] and returns it. Storage of a fixed size returns
+    /// its size.
+    fn refresh_size(&self) -> io::Result<u64> {
+        Ok(self.size())
+    }
+
+    /// Sets the backing's length to `size` bytes (a regular file: growing
+    /// adds a hole) and makes it [`Storage::size`]. `Unsupported` where
+    /// the length is not the daemon's to set (block devices, read-only
+    /// images).
+    fn set_len(&self, size: u64) -> io::Result<()> {
+        let _ = size;
+        Err(io::Error::from(io::ErrorKind::Unsupported))
+    }
+
     /// Fills `bufs`, in order, with the bytes starting at `offset`. Either
     /// all bytes are transferred or an error is returned (a read past the
     /// end is `UnexpectedEof`).

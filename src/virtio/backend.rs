@@ -670,10 +670,7 @@ impl ScsiBackend {
         head: u16,
         worker: &mut Worker,
     ) -> Option<Answered<RequestError>> {
-        let Some(disk) = self.target.luns().get(pending.lun) else {
-            let missing = io::Error::from(io::ErrorKind::NotFound);
-            return Some(pending.answer(&self.target, Err(missing)));
-        };
+        let disk = pending.unit.clone();
         let access = match disk.try_transfer_access() {
             Some(access) => access,
             None => {
@@ -688,7 +685,7 @@ impl ScsiBackend {
                 // pass set its I/O up); answered synchronously all the same.
                 let result = crate::storage::engine::run_sync(&**disk.storage(), pending.request());
                 drop(access);
-                Some(pending.answer(&self.target, result))
+                Some(pending.answer(result))
             }
         }
     }
@@ -750,14 +747,9 @@ impl ScsiBackend {
             _ => None,
         };
         *entry = Some(match uring {
-            Some(engine) => QueueIo::new(
-                Box::new(engine),
-                RING_ENTRIES as u16,
-                self.target.clone(),
-                vring.clone(),
-            ),
+            Some(engine) => QueueIo::new(Box::new(engine), RING_ENTRIES as u16, vring.clone()),
             // One request at a time: the sync engine answers in the call.
-            None => QueueIo::new(Box::new(SyncEngine), 1, self.target.clone(), vring.clone()),
+            None => QueueIo::new(Box::new(SyncEngine), 1, vring.clone()),
         });
     }
 

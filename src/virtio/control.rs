@@ -103,14 +103,28 @@ fn task_management(target: &Target, subtype: u32, lun: &[u8; 8]) -> u32 {
     }
     let mut sam_lun = [0u8; 8];
     sam_lun[..6].copy_from_slice(&lun[2..8]);
-    let lu_exists = match LunAddress::decode(&sam_lun) {
-        LunAddress::Lun(n) => usize::from(n) < target.luns().len(),
+    let address = LunAddress::decode(&sam_lun);
+    let lu_exists = match address {
+        LunAddress::Lun(n) => target.has_unit(n),
         LunAddress::ReportLunsWlun => true,
         LunAddress::Unsupported => false,
     };
     match subtype {
-        // Nexus-wide: does not name a logical unit.
-        VIRTIO_SCSI_T_TMF_I_T_NEXUS_RESET => VIRTIO_SCSI_S_OK,
+        // Nexus-wide: does not name a logical unit. SAM-5 §7.8: every
+        // unit establishes I_T NEXUS LOSS OCCURRED.
+        VIRTIO_SCSI_T_TMF_I_T_NEXUS_RESET => {
+            target.reset_nexus();
+            VIRTIO_SCSI_S_OK
+        }
+        // SAM-5 §7.7: the unit establishes BUS DEVICE RESET FUNCTION
+        // OCCURRED. (Its commands are already complete: the control queue
+        // is served after the thread's transfers in flight.)
+        VIRTIO_SCSI_T_TMF_LOGICAL_UNIT_RESET if lu_exists => {
+            if let LunAddress::Lun(n) = address {
+                target.reset_unit(n);
+            }
+            VIRTIO_SCSI_S_OK
+        }
         VIRTIO_SCSI_T_TMF_ABORT_TASK
         | VIRTIO_SCSI_T_TMF_ABORT_TASK_SET
         | VIRTIO_SCSI_T_TMF_CLEAR_TASK_SET

@@ -17,7 +17,7 @@ use vhost_user_backend::{VringRwLock, VringT};
 
 use super::answer::Answered;
 use super::request::{finish_transfer, PendingCommand, RequestError, TransferReply};
-use crate::scsi::{Target, TransferAccess};
+use crate::scsi::TransferAccess;
 use crate::storage::engine::run_sync;
 use crate::storage::{Engine, PinnedBufs, Storage, Submission, Submitted};
 
@@ -39,7 +39,6 @@ struct Waiting {
 /// A request queue's engine and its requests in flight.
 pub struct QueueIo {
     engine: Box<dyn Engine>,
-    target: Arc<Target>,
     /// The queue answers are returned to.
     vring: VringRwLock,
     waiting: Vec<Waiting>,
@@ -54,15 +53,9 @@ pub struct QueueIo {
 impl QueueIo {
     /// The I/O of the queue `vring` through `engine`, with room for
     /// `capacity` requests in flight.
-    pub fn new(
-        engine: Box<dyn Engine>,
-        capacity: u16,
-        target: Arc<Target>,
-        vring: VringRwLock,
-    ) -> QueueIo {
+    pub fn new(engine: Box<dyn Engine>, capacity: u16, vring: VringRwLock) -> QueueIo {
         QueueIo {
             engine,
-            target,
             vring,
             waiting: (0..capacity).map(|_| Waiting::default()).collect(),
             free: (0..capacity).rev().collect(),
@@ -89,7 +82,7 @@ impl QueueIo {
                 // No room to wait for a result, or a response area cut too
                 // finely to pin: done here, synchronously.
                 let result = run_sync(&**storage, pending.request());
-                return Some(pending.answer(&self.target, result));
+                return Some(pending.answer(result));
             }
         };
         let waiting = &mut self.waiting[usize::from(slot)];
@@ -104,12 +97,12 @@ impl QueueIo {
             Submitted::Done(result) => {
                 waiting.resp.release();
                 drop(access);
-                Some(pending.answer(&self.target, result))
+                Some(pending.answer(result))
             }
             Submitted::Queued => {
                 waiting.generation = generation;
                 waiting.head = head;
-                waiting.reply = Some(pending.reply());
+                waiting.reply = Some(pending.into_reply());
                 waiting.access = Some(access);
                 self.free.pop();
                 // Reads the page cache answered while a batch went to the
@@ -180,14 +173,13 @@ impl QueueIo {
         let mut returned = 0;
         let QueueIo {
             engine,
-            target,
             vring,
             waiting,
             free,
             ..
         } = self;
         collect(&mut **engine, &mut |token, result| {
-            let Some(on_used_ring) = answer(target, vring, waiting, free, token, result) else {
+            let Some(on_used_ring) = answer(vring, waiting, free, token, result) else {
                 return;
             };
             answered += 1;
@@ -210,7 +202,6 @@ impl QueueIo {
 /// if it names no request in flight, else whether the chain went onto the
 /// used ring.
 fn answer(
-    target: &Target,
     vring: &VringRwLock,
     waiting: &mut [Waiting],
     free: &mut Vec<u16>,
@@ -226,7 +217,7 @@ fn answer(
     let reply = slot.reply.take()?;
     // The transfer is over: a COMPARE AND WRITE waiting for it may go on.
     slot.access = None;
-    let used = finish_transfer(target, &reply, result, &mut slot.resp);
+    let used = finish_transfer(&reply, result, &mut slot.resp);
     slot.resp.release();
     free.push(index as u16);
     match vring.add_used(slot.head, used) {

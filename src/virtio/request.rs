@@ -20,7 +20,9 @@ use super::answer::Answered;
 use super::chain::SplitChain;
 use super::sglist::{GuestDataIn, GuestDataOut, SgList};
 use super::wire::Wire;
-use crate::scsi::{Completion, Direction, LunAddress, Planned, Prepared, Target};
+use std::sync::Arc;
+
+use crate::scsi::{Completion, Direction, Disk, LunAddress, Planned, Prepared, Target};
 use crate::storage::{PinnedBufs, Request, TransferMemory};
 
 /// Bytes of the request header before the CDB (virtio_scsi_cmd_req).
@@ -127,7 +129,8 @@ pub enum Started<'a> {
 /// A READ, WRITE or SYNCHRONIZE CACHE whose response is written once its
 /// storage work is done.
 pub struct PendingCommand<'a> {
-    pub lun: usize,
+    /// The logical unit, held until the command is answered.
+    pub unit: Arc<Disk>,
     pub work: Planned,
     sizes: Sizes,
     resp_area: SgList<'a, ()>,
@@ -138,9 +141,9 @@ pub struct PendingCommand<'a> {
 
 /// What is needed to answer a command whose result comes after its
 /// [`PendingCommand`] is gone: kept while its work is in flight.
-#[derive(Clone, Copy, Debug)]
+#[derive(Debug)]
 pub struct TransferReply {
-    pub lun: usize,
+    pub unit: Arc<Disk>,
     pub work: Planned,
     pub sizes: Sizes,
     /// Bytes of the data buffer (data-in or data-out) the guest supplied.
@@ -163,12 +166,8 @@ impl<'a> PendingCommand<'a> {
     /// Answers the command with the result of its work, carried out
     /// through [`PendingCommand::request`] (a transfer's data buffer counts
     /// what was moved).
-    pub fn answer(
-        mut self,
-        target: &Target,
-        result: std::io::Result<()>,
-    ) -> Answered<RequestError> {
-        let completion = target.finish(self.lun, &self.work, result);
+    pub fn answer(mut self, result: std::io::Result<()>) -> Answered<RequestError> {
+        let completion = Target::finish(&self.unit, &self.work, result);
         let response = response_for(completion, self.sizes, self.data.remaining());
         let written = response.write(&mut self.resp_area, self.sizes) + self.data_in_written();
         Answered::ok(saturate(written))
@@ -192,9 +191,9 @@ impl<'a> PendingCommand<'a> {
     }
 
     /// What answering the command later needs.
-    pub fn reply(&self) -> TransferReply {
+    pub fn into_reply(self) -> TransferReply {
         TransferReply {
-            lun: self.lun,
+            unit: self.unit,
             work: self.work,
             sizes: self.sizes,
             data_len: self.data.remaining(),
@@ -206,7 +205,6 @@ impl<'a> PendingCommand<'a> {
 /// [`PendingCommand`] was gone (all of it transferred if `result` is Ok)
 /// into the response area pinned in `resp`; returns the used length.
 pub fn finish_transfer(
-    target: &Target,
     reply: &TransferReply,
     result: std::io::Result<()>,
     resp: &mut PinnedBufs,
@@ -215,7 +213,7 @@ pub fn finish_transfer(
         Planned::Transfer(transfer) if result.is_ok() => transfer.len,
         _ => 0,
     };
-    let completion = target.finish(reply.lun, &reply.work, result);
+    let completion = Target::finish(&reply.unit, &reply.work, result);
     let response = response_for(
         completion,
         reply.sizes,
@@ -328,7 +326,7 @@ pub fn start_command<'a>(
         // whichever engine does the transfer, so all answer alike.
         let prepared = target.prepare(address, cdb, data_in.remaining(), data_out.remaining());
         let completion = match prepared {
-            Prepared::HandOver { lun, work } => {
+            Prepared::HandOver { unit, work } => {
                 let data = match work {
                     Planned::Transfer(transfer) => match transfer.direction {
                         Direction::Read => data_in,
@@ -346,7 +344,7 @@ pub fn start_command<'a>(
                     }
                 };
                 return Started::Transfer(PendingCommand {
-                    lun,
+                    unit,
                     work,
                     sizes,
                     resp_area,

@@ -362,7 +362,7 @@ pub fn build_target(config: &DaemonConfig) -> Result<Target, ConfigError> {
 }
 
 /// Opens, locks and checks one image; also says whether it is locked.
-fn open_disk(
+pub(crate) fn open_disk(
     spec: &LunSpec,
     lun: u16,
     read_only: bool,

@@ -21,7 +21,7 @@ use crate::scsi::Target;
 use crate::storage::IoEngine;
 use crate::virtio::backend::QueueOptions;
 use crate::virtio::chain::GuestMem;
-use crate::virtio::ScsiBackend;
+use crate::virtio::{EventHub, ScsiBackend};
 use vmm_sys_util::epoll::EventSet;
 
 #[derive(Debug, thiserror::Error)]
@@ -207,13 +207,14 @@ pub fn serve(
     target: Arc<Target>,
     options: QueueOptions,
     engine: IoEngine,
+    events: Arc<EventHub>,
     mut listener: Listener,
     path: &Path,
 ) -> ! {
     info!("I/O engine: {engine}");
     let mut delay = RETRY_FIRST;
     loop {
-        match serve_connection(&target, options, engine, &mut listener, path) {
+        match serve_connection(&target, options, engine, &events, &mut listener, path) {
             Ok(()) => delay = RETRY_FIRST,
             Err(e) => {
                 warn!("{e}; trying again in {} ms", delay.as_millis());
@@ -230,10 +231,13 @@ fn serve_connection(
     target: &Arc<Target>,
     options: QueueOptions,
     engine: IoEngine,
+    events: &Arc<EventHub>,
     listener: &mut Listener,
     path: &Path,
 ) -> Result<(), DaemonError> {
-    let backend = Arc::new(ScsiBackend::with_engine(target.clone(), options, engine));
+    let mut backend = ScsiBackend::with_engine(target.clone(), options, engine);
+    backend.set_event_hub(events.clone());
+    let backend = Arc::new(backend);
     let mem = GuestMemoryAtomic::new(GuestMem::new());
     let mut daemon = VhostUserDaemon::new("vhost-device-scsi".into(), backend.clone(), mem)
         .map_err(|e| DaemonError::Device(e.to_string()))?;
@@ -247,6 +251,15 @@ fn serve_connection(
                     DaemonError::Device(format!("cannot watch io_uring completions: {e}"))
                 })?;
         }
+    }
+    // Thread 0, which serves the event queue, also watches for events
+    // posted by the management API.
+    if let (Some(handler), Some((fd, id))) =
+        (daemon.get_epoll_handlers().first(), backend.event_listener())
+    {
+        handler
+            .register_listener(fd, EventSet::IN, id)
+            .map_err(|e| DaemonError::Device(format!("cannot watch for device events: {e}")))?;
     }
     drop(backend);
     info!("listening on {}", path.display());

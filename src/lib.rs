@@ -86,6 +86,7 @@ pub mod config;
 pub mod daemon;
 pub mod fdlimit;
 pub mod logging;
+pub mod manage;
 pub mod scsi;
 pub mod storage;
 pub mod virtio;

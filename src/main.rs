@@ -11,6 +11,8 @@ use clap::Parser;
 use vhost_device_scsi::cli::Cli;
 use vhost_device_scsi::config::{self, DaemonConfig};
 use vhost_device_scsi::daemon;
+use vhost_device_scsi::manage::LunManager;
+use vhost_device_scsi::virtio::EventHub;
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -65,7 +67,10 @@ fn run(config: &DaemonConfig) -> Result<(), String> {
             format!(", polling {} µs", options.poll.as_micros())
         }
     );
-    daemon::serve(Arc::new(target), options, engine, listener, socket_path)
+    let target = Arc::new(target);
+    let events = EventHub::new().map_err(|e| format!("cannot create the event queue's eventfd: {e}"))?;
+    let _manager = Arc::new(LunManager::new(target.clone(), config.clone(), events.clone()));
+    daemon::serve(target, options, engine, events, listener, socket_path)
 }
 
 /// clap's message up to its first blank line (before the usage text), as

@@ -3,7 +3,7 @@
 
 use std::io;
 use std::os::unix::io::{AsRawFd, BorrowedFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, TryLockError};
 use std::time::{Duration, Instant};
 
@@ -26,6 +26,7 @@ use super::answer::Answered;
 use super::chain::{split_chain, GuestMem};
 use super::config::ScsiConfig;
 use super::control::handle_control;
+use super::events::EventHub;
 use super::inflight::QueueIo;
 use super::memory::check_memory_table;
 use super::request::Sizes;
@@ -132,6 +133,10 @@ pub struct ScsiBackend {
     pass_budget: Duration,
     /// Test hook: see [`ScsiBackend::set_before_enable_notification`].
     before_enable: Option<BeforeEnableHook>,
+    /// Where events for the event queue are posted, if anywhere.
+    events: Option<Arc<EventHub>>,
+    /// The features the driver acknowledged (SET_FEATURES).
+    acked_features: AtomicU64,
 }
 
 /// What [`ScsiBackend::set_before_enable_notification`] installs.
@@ -282,6 +287,43 @@ impl ScsiBackend {
             warned_malformed: AtomicBool::new(false),
             pass_budget: PASS_BUDGET,
             before_enable: None,
+            events: None,
+            acked_features: AtomicU64::new(0),
+        }
+    }
+
+    /// Delivers the events posted to `hub` on the event queue (the
+    /// caller registers [`ScsiBackend::event_listener`] with thread 0).
+    pub fn set_event_hub(&mut self, hub: Arc<EventHub>) {
+        self.events = Some(hub);
+    }
+
+    /// The descriptor and event id worker thread 0 (the event queue's)
+    /// watches for posted events, if a hub is set.
+    pub fn event_listener(&self) -> Option<(RawFd, u64)> {
+        Some((self.events.as_ref()?.wake_fd(), self.event_hub_event()))
+    }
+
+    fn event_hub_event(&self) -> u64 {
+        self.num_queues() as u64 + 2
+    }
+
+    /// Writes the events waiting in the hub into the event queue's
+    /// buffers, if this thread (`thread`, with `vrings`) serves it.
+    fn deliver_events(&self, vrings: &[VringRwLock], thread: usize) {
+        let Some(hub) = &self.events else {
+            return;
+        };
+        let (owner, pos) = self.queue_owner[EVENT_QUEUE];
+        let Some(vring) = vrings.get(pos).filter(|_| owner == thread) else {
+            return;
+        };
+        let Some(mem) = self.usable_memory(EVENT_QUEUE, vring) else {
+            return;
+        };
+        let delivered = hub.deliver(vring, &mem, self.acked_features.load(Ordering::Acquire));
+        if delivered > 0 {
+            debug!("{delivered} event(s) written to the event queue");
         }
     }
 
@@ -990,9 +1032,10 @@ impl VhostUserBackend for ScsiBackend {
     }
 
     fn features(&self) -> u64 {
-        // VIRTIO_SCSI_F_CHANGE and _HOTPLUG are accepted because QEMU offers
-        // them to the guest without asking the backend and then forwards the
-        // guest's acknowledgement; no events are ever sent for them.
+        // VIRTIO_SCSI_F_HOTPLUG and _CHANGE: LUNs added and removed, and
+        // capacity changes, are reported on the event queue (events.rs).
+        // QEMU offers them to the guest whatever the backend says unless
+        // the device has hotplug=off / param_change=off.
         (1 << VIRTIO_F_VERSION_1)
             | (1 << VIRTIO_RING_F_INDIRECT_DESC)
             | (1 << VIRTIO_RING_F_EVENT_IDX)
@@ -1039,6 +1082,10 @@ impl VhostUserBackend for ScsiBackend {
             io::ErrorKind::Unsupported,
             "VHOST_USER_PROTOCOL_F_CONFIG was not offered",
         ))
+    }
+
+    fn acked_features(&self, features: u64) {
+        self.acked_features.store(features, Ordering::Release);
     }
 
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
@@ -1132,6 +1179,13 @@ impl ScsiBackend {
             self.reap(vrings, thread_id);
             return Ok(());
         }
+        if u64::from(device_event) == self.event_hub_event() {
+            if let Some(hub) = &self.events {
+                hub.consume_wake();
+            }
+            self.deliver_events(vrings, thread_id);
+            return Ok(());
+        }
         // `device_event` indexes this thread's vrings; map it to the
         // queue's global index.
         let local = usize::from(device_event);
@@ -1146,9 +1200,12 @@ impl ScsiBackend {
             )));
         };
         match index {
-            // No events are ever reported: the buffers the driver posts stay
-            // available (virtio 1.2 §5.6.6.3).
-            EVENT_QUEUE => Ok(()),
+            // The driver posted event buffers (virtio 1.2 §5.6.6.3):
+            // events waiting for one go out now.
+            EVENT_QUEUE => {
+                self.deliver_events(vrings, thread_id);
+                Ok(())
+            }
             CONTROL_QUEUE => {
                 // Before answering a task management function, complete
                 // every request this thread's queues hold: a command the

@@ -7,6 +7,7 @@ pub mod backend;
 pub mod chain;
 pub(crate) mod config;
 pub(crate) mod control;
+pub mod events;
 pub(crate) mod inflight;
 pub(crate) mod memory;
 pub(crate) mod request;
@@ -14,3 +15,4 @@ pub(crate) mod sglist;
 pub(crate) mod wire;
 
 pub use backend::ScsiBackend;
+pub use events::{DeviceEvent, EventHub};

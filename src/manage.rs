@@ -1,0 +1,324 @@
+//! The LUN manager: what the management API does to the running daemon.
+//! It adds, removes and resizes logical units in the target's LUN table
+//! while the worker threads serve I/O, establishes the unit attentions
+//! (through the target and the disks) and posts the virtio events that
+//! tell the guest (through the [`EventHub`]).
+//!
+//! Management calls are serialized by one mutex; the I/O path never takes
+//! it. An added image goes through exactly the checks of start-up
+//! (`config::open_disk`): the IMAGE syntax, the open-file limit, opening,
+//! locking, the block size, and an identity no other LUN has.
+
+use std::collections::BTreeMap;
+use std::ffi::OsStr;
+use std::io;
+use std::sync::mpsc::{sync_channel, RecvTimeoutError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use log::{info, warn};
+
+use crate::config::{self, ConfigError, DaemonConfig, LunSpec};
+use crate::fdlimit;
+use crate::scsi::lun::MAX_LUN;
+use crate::scsi::target::InsertError;
+use crate::scsi::disk::ResizeError;
+use crate::scsi::{Disk, Target};
+use crate::storage::ImageKind;
+use crate::virtio::backend::FIRST_REQUEST_QUEUE;
+use crate::virtio::{DeviceEvent, EventHub};
+
+/// How long `lun_remove` waits for the commands in flight to a removed
+/// LUN before it answers that they have not completed.
+pub const REMOVE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Why a management call failed; each message is one line naming what is
+/// wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum ManageError {
+    /// A parameter is wrong in itself (e.g. a size that is not a whole
+    /// number of blocks).
+    #[error("{0}")]
+    InvalidParams(String),
+    #[error("LUN {0}: no such LUN")]
+    NoSuchLun(u16),
+    #[error("LUN {0}: in use")]
+    LunInUse(u16),
+    #[error("no free LUN: all {} are in use", u32::from(MAX_LUN) + 1)]
+    NoFreeLun,
+    /// The image cannot be served: a bad option, cannot be opened, locked,
+    /// a bad size, too many open files.
+    #[error("{0}")]
+    Image(String),
+    /// What the LUN's image cannot do (grow a block device, change a
+    /// read-only image).
+    #[error("{0}")]
+    NotSupported(String),
+    /// Commands in flight to a removed LUN have not completed in time.
+    #[error("LUN {lun}: removed, but commands in flight to it have not completed after {} s; its image stays open until they do", .waited.as_secs())]
+    StillInFlight { lun: u16, waited: Duration },
+}
+
+/// One LUN as `lun_list` reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LunEntry {
+    pub lun: u16,
+    pub image: String,
+    pub size: u64,
+    pub block_size: u32,
+    pub read_only: bool,
+    pub serial: String,
+    pub naa: u64,
+}
+
+/// Adds, removes and resizes the LUNs of a running daemon.
+pub struct LunManager {
+    target: Arc<Target>,
+    /// The start-up configuration: the flags every LUN gets (`--read-only`,
+    /// `--direct`, `--no-discard`, `--solid-state`) and the queue count
+    /// the open-file limit is computed with.
+    config: DaemonConfig,
+    events: Arc<EventHub>,
+    /// The IMAGE argument of each LUN; held during a whole call, so calls
+    /// are serialized.
+    specs: Mutex<BTreeMap<u16, LunSpec>>,
+    remove_timeout: Duration,
+}
+
+impl LunManager {
+    /// The manager of `target`, started from `config` (whose LUNs are
+    /// the target's LUNs 0..N-1), posting events to `events`.
+    pub fn new(target: Arc<Target>, config: DaemonConfig, events: Arc<EventHub>) -> LunManager {
+        let specs = config
+            .luns
+            .iter()
+            .enumerate()
+            .filter_map(|(lun, spec)| Some((u16::try_from(lun).ok()?, spec.clone())))
+            .collect();
+        LunManager {
+            target,
+            config,
+            events,
+            specs: Mutex::new(specs),
+            remove_timeout: REMOVE_TIMEOUT,
+        }
+    }
+
+    /// Waits at most `timeout` in `lun_remove` (for tests).
+    pub fn set_remove_timeout(&mut self, timeout: Duration) {
+        self.remove_timeout = timeout;
+    }
+
+    fn specs(&self) -> MutexGuard<'_, BTreeMap<u16, LunSpec>> {
+        self.specs.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Opens `image` (a command line's IMAGE argument) as LUN `lun`, or the
+    /// lowest free LUN; the guest is told (an event, and REPORTED LUNS
+    /// DATA HAS CHANGED on the other LUNs).
+    pub fn lun_add(&self, image: &str, lun: Option<u16>) -> Result<u16, ManageError> {
+        let mut specs = self.specs();
+        let spec = LunSpec::parse(OsStr::new(image))
+            .map_err(|e| ManageError::Image(format!("image {}: {e}", e.image)))?;
+        let lun = match lun {
+            Some(lun) if lun > MAX_LUN => {
+                return Err(ManageError::InvalidParams(format!(
+                    "LUN {lun}: beyond the highest LUN, {MAX_LUN}"
+                )))
+            }
+            Some(lun) if self.target.has_unit(lun) => return Err(ManageError::LunInUse(lun)),
+            Some(lun) => lun,
+            None => self.target.lowest_free_lun().ok_or(ManageError::NoFreeLun)?,
+        };
+        let queues = FIRST_REQUEST_QUEUE + self.config.queues.request_queues;
+        fdlimit::ensure(specs.len() + 1, queues)
+            .map_err(|e| ManageError::Image(format!("image {}: {e}", spec.path.display())))?;
+        let read_only = self.config.read_only || spec.read_only;
+        let (disk, kind, locked) = config::open_disk(&spec, lun, read_only, &self.config)
+            .map_err(|e| ManageError::Image(e.to_string()))?;
+        self.check_identity(&spec, &disk)?;
+        let unit = self.target.insert(lun, disk).map_err(|e| match e {
+            InsertError::InUse(lun) => ManageError::LunInUse(lun),
+            InsertError::TooHigh(_) => ManageError::InvalidParams(e.to_string()),
+        })?;
+        log_lun("added", lun, &spec, &unit, kind, self.config.direct, locked);
+        specs.insert(lun, spec);
+        drop(specs);
+        self.events.post(DeviceEvent::LunAdded(lun));
+        Ok(lun)
+    }
+
+    /// No two LUNs share a WWN or a serial number (as at start-up).
+    fn check_identity(&self, spec: &LunSpec, disk: &Disk) -> Result<(), ManageError> {
+        let identity = disk.identity();
+        for (lun, unit) in self.target.units() {
+            let (what, value) = if unit.identity().naa == identity.naa {
+                ("WWN", format!("wwn={:#018x}", identity.naa))
+            } else if unit.identity().serial == identity.serial {
+                ("serial number", format!("serial={}", identity.serial))
+            } else {
+                continue;
+            };
+            return Err(ManageError::Image(format!(
+                "image {}: {value}: LUN {lun} has the same {what}",
+                spec.path.display()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Takes LUN `lun` away: from now on it answers as an absent LUN; the
+    /// guest is told (an event, and REPORTED LUNS DATA HAS CHANGED on the
+    /// others). Returns once the commands in flight to it have completed
+    /// and its image is closed (and its lock released).
+    pub fn lun_remove(&self, lun: u16) -> Result<(), ManageError> {
+        let mut specs = self.specs();
+        let unit = self.target.remove(lun).ok_or(ManageError::NoSuchLun(lun))?;
+        let spec = specs.remove(&lun);
+        drop(specs);
+        self.events.post(DeviceEvent::LunRemoved(lun));
+        let (closed, on_close) = sync_channel(1);
+        unit.notify_closed(closed);
+        drop(unit);
+        let image = spec.map(|s| s.path.display().to_string()).unwrap_or_default();
+        match on_close.recv_timeout(self.remove_timeout) {
+            Ok(()) | Err(RecvTimeoutError::Disconnected) => {
+                info!("LUN {lun}: removed; image {image} closed");
+                Ok(())
+            }
+            Err(RecvTimeoutError::Timeout) => {
+                warn!("LUN {lun}: removed, but commands in flight to it have not completed; image {image} stays open until they do");
+                Err(ManageError::StillInFlight {
+                    lun,
+                    waited: self.remove_timeout,
+                })
+            }
+        }
+    }
+
+    /// Makes LUN `lun`'s capacity `size` bytes, growing (or, with
+    /// `shrink`, shrinking) its image, a regular file, to it; without
+    /// `size`, the image's size now (the operator grew the file or block
+    /// device). The guest is told if the capacity changed (an event, and
+    /// CAPACITY DATA HAS CHANGED on the LUN). Returns the new size.
+    pub fn lun_resize(&self, lun: u16, size: Option<u64>, shrink: bool) -> Result<u64, ManageError> {
+        let specs = self.specs();
+        let unit = self.target.unit(lun).ok_or(ManageError::NoSuchLun(lun))?;
+        let image = specs
+            .get(&lun)
+            .map(|s| s.path.display().to_string())
+            .unwrap_or_default();
+        let block_size = unit.block_size();
+        let capacity = unit.blocks() * u64::from(block_size);
+        let image_size = unit.image_size().map_err(|e| {
+            ManageError::Image(format!("image {image}: cannot read its size: {e}"))
+        })?;
+        let new = size.unwrap_or(image_size);
+        if new == 0 {
+            return Err(ManageError::InvalidParams(format!(
+                "LUN {lun}: a size of 0 bytes: a LUN has at least one block"
+            )));
+        }
+        if new % u64::from(block_size) != 0 {
+            let whose = if size.is_some() {
+                "size"
+            } else {
+                "the image's size"
+            };
+            return Err(ManageError::InvalidParams(format!(
+                "LUN {lun}: {whose} {new} is not a multiple of the {block_size}-byte block size"
+            )));
+        }
+        // Shrinking the capacity, or cutting bytes off the image, only
+        // when asked for.
+        let cuts_image = size.is_some() && new < image_size;
+        if (new < capacity || cuts_image) && !shrink {
+            return Err(ManageError::InvalidParams(format!(
+                "LUN {lun}: {new} bytes is smaller than {} (image {image}): pass \"shrink\": true to shrink it",
+                if cuts_image { image_size } else { capacity },
+            )));
+        }
+        let set_len = size.is_some() && new != image_size;
+        if set_len {
+            if unit.read_only() {
+                return Err(ManageError::NotSupported(format!(
+                    "LUN {lun}: image {image} is read-only: its size is not changed; resize it yourself and call lun_resize without a size"
+                )));
+            }
+        }
+        unit.resize(new, set_len).map_err(|e| match e {
+            ResizeError::Image(io) if io.kind() == io::ErrorKind::Unsupported => {
+                ManageError::NotSupported(format!(
+                    "LUN {lun}: image {image} is not a regular file: resize the device and call lun_resize without a size"
+                ))
+            }
+            e => ManageError::Image(format!("image {image}: {e}")),
+        })?;
+        drop(specs);
+        if new != capacity {
+            info!("LUN {lun}: resized from {capacity} to {new} bytes (image {image})");
+            self.events.post(DeviceEvent::CapacityChanged(lun));
+        }
+        Ok(new)
+    }
+
+    /// Every LUN, in order.
+    pub fn lun_list(&self) -> Vec<LunEntry> {
+        let specs = self.specs();
+        self.target
+            .units()
+            .into_iter()
+            .map(|(lun, unit)| LunEntry {
+                lun,
+                image: specs
+                    .get(&lun)
+                    .map(|s| s.path.display().to_string())
+                    .unwrap_or_default(),
+                size: unit.blocks() * u64::from(unit.block_size()),
+                block_size: unit.block_size(),
+                read_only: unit.read_only(),
+                serial: unit.identity().serial.clone(),
+                naa: unit.identity().naa,
+            })
+            .collect()
+    }
+
+    /// The target managed.
+    pub fn target(&self) -> &Arc<Target> {
+        &self.target
+    }
+}
+
+/// The log line of a LUN that came, as at start-up.
+fn log_lun(
+    what: &str,
+    lun: u16,
+    spec: &LunSpec,
+    disk: &Disk,
+    kind: ImageKind,
+    direct: bool,
+    locked: bool,
+) {
+    info!(
+        "LUN {lun} {what}: {} ({} bytes, {} blocks of {} bytes, {}, {}{}, {}, serial {}, NAA {:#018x})",
+        spec.path.display(),
+        disk.blocks() * u64::from(disk.block_size()),
+        disk.blocks(),
+        disk.block_size(),
+        if disk.read_only() { "read-only" } else { "read-write" },
+        match kind {
+            ImageKind::RegularFile => "regular file",
+            ImageKind::BlockDevice => "block device",
+        },
+        if direct { ", O_DIRECT" } else { "" },
+        if locked { "locked" } else { "not locked" },
+        disk.identity().serial,
+        disk.identity().naa,
+    );
+}
+
+impl From<ConfigError> for ManageError {
+    fn from(e: ConfigError) -> ManageError {
+        ManageError::Image(e.to_string())
+    }
+}

@@ -13,6 +13,7 @@ pub(crate) mod lun;
 pub(crate) mod mode;
 pub(crate) mod opcodes;
 pub(crate) mod sense;
+pub(crate) mod stats;
 pub(crate) mod target;
 
 pub(crate) use crate::storage::Direction;
@@ -21,5 +22,8 @@ pub use buffer::{DataIn, DataOut, SliceDataOut, VecDataIn};
 pub(crate) use disk::TransferAccess;
 pub use disk::{Disk, DiskConfig, DiskError};
 pub use lun::LunAddress;
+pub use stats::{
+    CommandCounts, CommandKind, CommandOutcome, LatencySummary, LunStats, StatsSnapshot,
+};
 pub use target::{Completion, Target};
 pub(crate) use target::{Planned, Prepared};

@@ -254,9 +254,10 @@ fn serve_connection(
     }
     // Thread 0, which serves the event queue, also watches for events
     // posted by the management API.
-    if let (Some(handler), Some((fd, id))) =
-        (daemon.get_epoll_handlers().first(), backend.event_listener())
-    {
+    if let (Some(handler), Some((fd, id))) = (
+        daemon.get_epoll_handlers().first(),
+        backend.event_listener(),
+    ) {
         handler
             .register_listener(fd, EventSet::IN, id)
             .map_err(|e| DaemonError::Device(format!("cannot watch for device events: {e}")))?;

@@ -68,8 +68,13 @@ fn run(config: &DaemonConfig) -> Result<(), String> {
         }
     );
     let target = Arc::new(target);
-    let events = EventHub::new().map_err(|e| format!("cannot create the event queue's eventfd: {e}"))?;
-    let _manager = Arc::new(LunManager::new(target.clone(), config.clone(), events.clone()));
+    let events =
+        EventHub::new().map_err(|e| format!("cannot create the event queue's eventfd: {e}"))?;
+    let _manager = Arc::new(LunManager::new(
+        target.clone(),
+        config.clone(),
+        events.clone(),
+    ));
     daemon::serve(target, options, engine, events, listener, socket_path)
 }
 

@@ -20,9 +20,9 @@ use log::{info, warn};
 
 use crate::config::{self, ConfigError, DaemonConfig, LunSpec};
 use crate::fdlimit;
+use crate::scsi::disk::ResizeError;
 use crate::scsi::lun::MAX_LUN;
 use crate::scsi::target::InsertError;
-use crate::scsi::disk::ResizeError;
 use crate::scsi::{Disk, Target};
 use crate::storage::ImageKind;
 use crate::virtio::backend::FIRST_REQUEST_QUEUE;
@@ -128,7 +128,10 @@ impl LunManager {
             }
             Some(lun) if self.target.has_unit(lun) => return Err(ManageError::LunInUse(lun)),
             Some(lun) => lun,
-            None => self.target.lowest_free_lun().ok_or(ManageError::NoFreeLun)?,
+            None => self
+                .target
+                .lowest_free_lun()
+                .ok_or(ManageError::NoFreeLun)?,
         };
         let queues = FIRST_REQUEST_QUEUE + self.config.queues.request_queues;
         fdlimit::ensure(specs.len() + 1, queues)
@@ -180,7 +183,9 @@ impl LunManager {
         let (closed, on_close) = sync_channel(1);
         unit.notify_closed(closed);
         drop(unit);
-        let image = spec.map(|s| s.path.display().to_string()).unwrap_or_default();
+        let image = spec
+            .map(|s| s.path.display().to_string())
+            .unwrap_or_default();
         match on_close.recv_timeout(self.remove_timeout) {
             Ok(()) | Err(RecvTimeoutError::Disconnected) => {
                 info!("LUN {lun}: removed; image {image} closed");
@@ -201,7 +206,12 @@ impl LunManager {
     /// `size`, the image's size now (the operator grew the file or block
     /// device). The guest is told if the capacity changed (an event, and
     /// CAPACITY DATA HAS CHANGED on the LUN). Returns the new size.
-    pub fn lun_resize(&self, lun: u16, size: Option<u64>, shrink: bool) -> Result<u64, ManageError> {
+    pub fn lun_resize(
+        &self,
+        lun: u16,
+        size: Option<u64>,
+        shrink: bool,
+    ) -> Result<u64, ManageError> {
         let specs = self.specs();
         let unit = self.target.unit(lun).ok_or(ManageError::NoSuchLun(lun))?;
         let image = specs
@@ -210,9 +220,9 @@ impl LunManager {
             .unwrap_or_default();
         let block_size = unit.block_size();
         let capacity = unit.blocks() * u64::from(block_size);
-        let image_size = unit.image_size().map_err(|e| {
-            ManageError::Image(format!("image {image}: cannot read its size: {e}"))
-        })?;
+        let image_size = unit
+            .image_size()
+            .map_err(|e| ManageError::Image(format!("image {image}: cannot read its size: {e}")))?;
         let new = size.unwrap_or(image_size);
         if new == 0 {
             return Err(ManageError::InvalidParams(format!(

@@ -22,6 +22,7 @@ use super::error::{CommandError, CommandResult};
 use super::inquiry::{self, Identity, VpdParams};
 use super::mode::{self, ModeParams};
 use super::sense::{self, SenseData};
+use super::stats::LunStats;
 use crate::storage::{Direction, IoBufs, IoBufsMut, Storage, Transfer};
 
 /// The largest single transfer, in bytes, reported in the block limits VPD
@@ -95,6 +96,8 @@ pub struct Disk {
     blocks: AtomicU64,
     /// Unit attention conditions pending for the initiator.
     attention: UnitAttentions,
+    /// What the management API's `stats` reports.
+    stats: LunStats,
     /// Caching mode page WCE.
     write_cache: AtomicBool,
     /// Control mode page D_SENSE: descriptor-format sense data.
@@ -211,6 +214,7 @@ impl Disk {
         Ok(Disk {
             blocks: AtomicU64::new(size / u64::from(block_size)),
             attention: UnitAttentions::default(),
+            stats: LunStats::new(),
             closed: ClosedNotice::default(),
             storage: Arc::from(storage),
             config,
@@ -229,6 +233,11 @@ impl Disk {
     /// The unit attention conditions pending on this unit.
     pub fn attention(&self) -> &UnitAttentions {
         &self.attention
+    }
+
+    /// The unit's command statistics.
+    pub fn stats(&self) -> &LunStats {
+        &self.stats
     }
 
     /// The image's size in bytes now: read again from the file or block

@@ -3,6 +3,7 @@
 
 use std::io;
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
 
 use arc_swap::ArcSwap;
 
@@ -15,7 +16,8 @@ use super::inquiry::{self, Identity};
 use super::lun::{LunAddress, MAX_LUN};
 use super::opcodes;
 use super::sense::{self, SenseData};
-use crate::storage::Transfer;
+use super::stats::{CommandKind, CommandOutcome};
+use crate::storage::{Direction, Transfer};
 
 /// SAM-5 status codes (§5.3.1, table 26).
 pub mod status {
@@ -76,8 +78,13 @@ pub enum Prepared {
     /// A validated READ, WRITE or SYNCHRONIZE CACHE of `unit`: the caller
     /// carries out `work` and reports its result to [`Target::finish`].
     /// The unit stays alive (its image open) while the caller holds it,
-    /// even if it is removed from the LUN table meanwhile.
-    HandOver { unit: Arc<Disk>, work: Planned },
+    /// even if it is removed from the LUN table meanwhile. `started`: when
+    /// the command began (its latency is counted from there).
+    HandOver {
+        unit: Arc<Disk>,
+        work: Planned,
+        started: Instant,
+    },
 }
 
 /// Storage work a command was planned into, for the caller to carry out.
@@ -232,22 +239,59 @@ impl Target {
             LunAddress::Lun(n) => units.get(usize::from(n)).and_then(Option::as_deref),
             _ => None,
         };
-        if let Some(completion) = disk.and_then(|d| unit_attention(d, cdb, data_in)) {
-            return completion;
-        }
-        let result = match (Command::parse(cdb), disk) {
-            (Ok(cmd), Some(disk)) => self.execute_on_disk(disk, &cmd, data_in, data_out),
-            (Ok(cmd), None) if lun == LunAddress::ReportLunsWlun => {
+        let Some(disk) = disk else {
+            return self.execute_without_unit(lun, cdb, data_in);
+        };
+        let started = Instant::now();
+        disk.stats().started();
+        let (data_in_before, data_out_before) = (data_in.remaining(), data_out.remaining());
+        let completion = match unit_attention(disk, cdb, data_in) {
+            Some(completion) => completion,
+            None => {
+                let result = match Command::parse(cdb) {
+                    Ok(cmd) => self.execute_on_disk(disk, &cmd, data_in, data_out),
+                    Err(e) => Err(e),
+                };
+                Completion::from_result(result, disk.descriptor_sense())
+            }
+        };
+        let kind = CommandKind::of(cdb.first().copied().unwrap_or(0));
+        let moved = |before: usize, after: usize| (before.saturating_sub(after)) as u64;
+        record(
+            disk,
+            kind,
+            completion,
+            match kind {
+                CommandKind::Read => moved(data_in_before, data_in.remaining()),
+                _ => 0,
+            },
+            match kind {
+                CommandKind::Write => moved(data_out_before, data_out.remaining()),
+                _ => 0,
+            },
+            started,
+        );
+        completion
+    }
+
+    /// Executes a command addressed to a LUN without a logical unit.
+    fn execute_without_unit(
+        &self,
+        lun: LunAddress,
+        cdb: &[u8],
+        data_in: &mut dyn DataIn,
+    ) -> Completion {
+        let result = match Command::parse(cdb) {
+            Ok(cmd) if lun == LunAddress::ReportLunsWlun => {
                 self.execute_on_wlun(&cmd, cdb, data_in)
             }
-            (Ok(cmd), None) => self.execute_without_lu(&cmd, data_in),
-            (Err(e), Some(_)) => Err(e),
-            (Err(e), None) if lun == LunAddress::ReportLunsWlun => Err(e),
+            Ok(cmd) => self.execute_without_lu(&cmd, data_in),
+            Err(e) if lun == LunAddress::ReportLunsWlun => Err(e),
             // SAM-5 §5.10: a LUN with no logical unit reports that before
             // anything about the CDB.
-            (Err(_), None) => Err(CommandError::LunNotSupported),
+            Err(_) => Err(CommandError::LunNotSupported),
         };
-        Completion::from_result(result, disk.is_some_and(Disk::descriptor_sense))
+        Completion::from_result(result, false)
     }
 
     /// Validates and plans a READ(6/10/12/16), WRITE(6/10/12/16) (not
@@ -274,6 +318,7 @@ impl Target {
             // Reported (or not) by `execute`, by the command's kind.
             return Prepared::Execute;
         }
+        let started = Instant::now();
         let planned = match Command::parse(cdb) {
             Ok(Command::Read { range, fua }) => disk
                 .plan_read(&range, fua, data_in)
@@ -292,26 +337,50 @@ impl Target {
             Ok(Command::CompareAndWrite { .. }) => return Prepared::ExecuteExclusive,
             _ => return Prepared::Execute,
         };
-        match planned {
-            Ok(Some(work)) => Prepared::HandOver {
-                unit: disk.clone(),
-                work,
-            },
-            Ok(None) => Prepared::Complete(Completion::Good),
-            Err(e) => Prepared::Complete(Completion::from_result(Err(e), disk.descriptor_sense())),
-        }
+        disk.stats().started();
+        let completion = match planned {
+            Ok(Some(work)) => {
+                return Prepared::HandOver {
+                    unit: disk.clone(),
+                    work,
+                    started,
+                }
+            }
+            Ok(None) => Completion::Good,
+            Err(e) => Completion::from_result(Err(e), disk.descriptor_sense()),
+        };
+        let kind = CommandKind::of(cdb.first().copied().unwrap_or(0));
+        record(disk, kind, completion, 0, 0, started);
+        Prepared::Complete(completion)
     }
 
     /// Completes work planned by [`Target::prepare`] with the result of
     /// carrying it out.
-    pub fn finish(unit: &Disk, work: &Planned, result: io::Result<()>) -> Completion {
-        Completion::from_result(
+    pub fn finish(
+        unit: &Disk,
+        work: &Planned,
+        started: Instant,
+        result: io::Result<()>,
+    ) -> Completion {
+        let (kind, read, written) = match work {
+            Planned::Transfer(t) => {
+                let moved = if result.is_ok() { t.len as u64 } else { 0 };
+                match t.direction {
+                    Direction::Read => (CommandKind::Read, moved, 0),
+                    Direction::Write { .. } => (CommandKind::Write, 0, moved),
+                }
+            }
+            Planned::Flush => (CommandKind::Flush, 0, 0),
+        };
+        let completion = Completion::from_result(
             match work {
                 Planned::Transfer(transfer) => unit.finish_transfer(transfer, result),
                 Planned::Flush => unit.flushed(result),
             },
             unit.descriptor_sense(),
-        )
+        );
+        record(unit, kind, completion, read, written, started);
+        completion
     }
 
     fn execute_on_disk(
@@ -493,4 +562,28 @@ fn unit_attention(disk: &Disk, cdb: &[u8], data_in: &mut dyn DataIn) -> Option<C
         Err(CommandError::UnitAttention(condition)),
         disk.descriptor_sense(),
     ))
+}
+
+/// Counts a command to `disk` that began at `started` and ended with
+/// `completion`, having moved `read` bytes to the initiator and `written`
+/// bytes to the medium.
+fn record(
+    disk: &Disk,
+    kind: CommandKind,
+    completion: Completion,
+    read: u64,
+    written: u64,
+    started: Instant,
+) {
+    let sense_key = match completion {
+        Completion::CheckCondition(sense) => Some(sense.sense.key as u8),
+        Completion::Good | Completion::BufferTooSmall => None,
+    };
+    disk.stats().completed(&CommandOutcome {
+        kind,
+        bytes_read: read,
+        bytes_written: written,
+        sense_key,
+        latency: started.elapsed(),
+    });
 }

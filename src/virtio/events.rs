@@ -23,12 +23,12 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use log::debug;
 use vhost_user_backend::{VringRwLock, VringT};
-use virtio_queue::QueueT;
 use virtio_bindings::virtio_scsi::{
     VIRTIO_SCSI_EVT_RESET_REMOVED, VIRTIO_SCSI_EVT_RESET_RESCAN, VIRTIO_SCSI_F_CHANGE,
     VIRTIO_SCSI_F_HOTPLUG, VIRTIO_SCSI_T_EVENTS_MISSED, VIRTIO_SCSI_T_PARAM_CHANGE,
     VIRTIO_SCSI_T_TRANSPORT_RESET,
 };
+use virtio_queue::QueueT;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::chain::{split_chain, GuestMem};
@@ -79,7 +79,9 @@ impl DeviceEvent {
             ),
             // §5.6.6.3.2: the reason carries the ASC in bits 0-7 and the
             // ASCQ in bits 8-15.
-            DeviceEvent::CapacityChanged(lun) => (VIRTIO_SCSI_T_PARAM_CHANGE, lun, 0x2a | 0x09 << 8),
+            DeviceEvent::CapacityChanged(lun) => {
+                (VIRTIO_SCSI_T_PARAM_CHANGE, lun, 0x2a | 0x09 << 8)
+            }
         };
         let event = if missed {
             event | VIRTIO_SCSI_T_EVENTS_MISSED

@@ -21,6 +21,7 @@ use super::chain::SplitChain;
 use super::sglist::{GuestDataIn, GuestDataOut, SgList};
 use super::wire::Wire;
 use std::sync::Arc;
+use std::time::Instant;
 
 use crate::scsi::{Completion, Direction, Disk, LunAddress, Planned, Prepared, Target};
 use crate::storage::{PinnedBufs, Request, TransferMemory};
@@ -131,6 +132,8 @@ pub enum Started<'a> {
 pub struct PendingCommand<'a> {
     /// The logical unit, held until the command is answered.
     pub unit: Arc<Disk>,
+    /// When the command began.
+    pub started: Instant,
     pub work: Planned,
     sizes: Sizes,
     resp_area: SgList<'a, ()>,
@@ -144,6 +147,7 @@ pub struct PendingCommand<'a> {
 #[derive(Debug)]
 pub struct TransferReply {
     pub unit: Arc<Disk>,
+    pub started: Instant,
     pub work: Planned,
     pub sizes: Sizes,
     /// Bytes of the data buffer (data-in or data-out) the guest supplied.
@@ -167,7 +171,7 @@ impl<'a> PendingCommand<'a> {
     /// through [`PendingCommand::request`] (a transfer's data buffer counts
     /// what was moved).
     pub fn answer(mut self, result: std::io::Result<()>) -> Answered<RequestError> {
-        let completion = Target::finish(&self.unit, &self.work, result);
+        let completion = Target::finish(&self.unit, &self.work, self.started, result);
         let response = response_for(completion, self.sizes, self.data.remaining());
         let written = response.write(&mut self.resp_area, self.sizes) + self.data_in_written();
         Answered::ok(saturate(written))
@@ -194,6 +198,7 @@ impl<'a> PendingCommand<'a> {
     pub fn into_reply(self) -> TransferReply {
         TransferReply {
             unit: self.unit,
+            started: self.started,
             work: self.work,
             sizes: self.sizes,
             data_len: self.data.remaining(),
@@ -213,7 +218,7 @@ pub fn finish_transfer(
         Planned::Transfer(transfer) if result.is_ok() => transfer.len,
         _ => 0,
     };
-    let completion = Target::finish(&reply.unit, &reply.work, result);
+    let completion = Target::finish(&reply.unit, &reply.work, reply.started, result);
     let response = response_for(
         completion,
         reply.sizes,
@@ -326,7 +331,11 @@ pub fn start_command<'a>(
         // whichever engine does the transfer, so all answer alike.
         let prepared = target.prepare(address, cdb, data_in.remaining(), data_out.remaining());
         let completion = match prepared {
-            Prepared::HandOver { unit, work } => {
+            Prepared::HandOver {
+                unit,
+                work,
+                started,
+            } => {
                 let data = match work {
                     Planned::Transfer(transfer) => match transfer.direction {
                         Direction::Read => data_in,
@@ -345,6 +354,7 @@ pub fn start_command<'a>(
                 };
                 return Started::Transfer(PendingCommand {
                     unit,
+                    started,
                     work,
                     sizes,
                     resp_area,

@@ -180,6 +180,10 @@ impl LunManager {
         let spec = specs.remove(&lun);
         drop(specs);
         self.events.post(DeviceEvent::LunRemoved(lun));
+        // The image is closed here, once flushed (as QEMU flushes a drive
+        // it detaches): the unit's last command drops the unit, not the
+        // image.
+        let storage = unit.storage().clone();
         let (closed, on_close) = sync_channel(1);
         unit.notify_closed(closed);
         drop(unit);
@@ -188,7 +192,15 @@ impl LunManager {
             .unwrap_or_default();
         match on_close.recv_timeout(self.remove_timeout) {
             Ok(()) | Err(RecvTimeoutError::Disconnected) => {
-                info!("LUN {lun}: removed; image {image} closed");
+                let flushed = storage.flush();
+                drop(storage);
+                if let Err(e) = flushed {
+                    warn!("LUN {lun}: removed; flushing image {image} failed: {e}; image closed");
+                    return Err(ManageError::Image(format!(
+                        "LUN {lun}: removed, but flushing image {image} failed: {e}"
+                    )));
+                }
+                info!("LUN {lun}: removed; image {image} flushed and closed");
                 Ok(())
             }
             Err(RecvTimeoutError::Timeout) => {

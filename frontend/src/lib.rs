@@ -52,7 +52,7 @@ use std::time::{Duration, Instant};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
-use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 pub use histogram::LatencyHistogram;
@@ -63,6 +63,10 @@ pub use ring::vring_need_event;
 use queue::{SlotAddrs, DESCS_PER_SLOT};
 use ring::{Descriptor, RingAddrs, SplitRing, VRING_DESC_F_WRITE};
 use ring::{FEATURE_EVENT_IDX, FEATURE_VERSION_1};
+
+/// VIRTIO_SCSI_F_HOTPLUG and VIRTIO_SCSI_F_CHANGE (virtio 1.2 §5.6.3).
+const FEATURE_HOTPLUG: u64 = 1 << 1;
+const FEATURE_CHANGE: u64 = 1 << 2;
 
 /// Queue indexes (virtio 1.2 §5.6.2).
 pub use vhost_device_scsi::virtio::backend::{CONTROL_QUEUE, EVENT_QUEUE, FIRST_REQUEST_QUEUE};
@@ -252,6 +256,13 @@ pub struct DriverConfig {
     pub timeout: Duration,
     /// How long to keep retrying to connect to the socket.
     pub connect_timeout: Duration,
+    /// Negotiate VIRTIO_SCSI_F_HOTPLUG (LUNs added and removed are
+    /// reported on the event queue) when the device offers it.
+    pub hotplug: bool,
+    /// Negotiate VIRTIO_SCSI_F_CHANGE (capacity changes are reported).
+    pub param_change: bool,
+    /// Event buffers posted at set-up (at most 8; Linux posts 8).
+    pub event_buffers: u16,
 }
 
 impl Default for DriverConfig {
@@ -263,6 +274,9 @@ impl Default for DriverConfig {
             event_idx: true,
             timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(10),
+            hotplug: false,
+            param_change: false,
+            event_buffers: EVENT_BUFFERS,
         }
     }
 }
@@ -343,6 +357,8 @@ pub struct ScsiFrontend {
     queues_offered: u64,
     _aux: Vec<AuxQueue>,
     queues: Vec<RequestQueue>,
+    /// Guest address of the 8 event buffers (buffer i at + 16 * i).
+    event_buffers: u64,
 }
 
 /// Connects to the backend listening at `socket`, retrying until it
@@ -416,6 +432,12 @@ impl ScsiFrontend {
         let mut features = FEATURE_VERSION_1 | protocol_bit;
         if config.event_idx {
             features |= offered & FEATURE_EVENT_IDX;
+        }
+        if config.hotplug {
+            features |= offered & FEATURE_HOTPLUG;
+        }
+        if config.param_change {
+            features |= offered & FEATURE_CHANGE;
         }
         frontend
             .set_features(features)
@@ -547,31 +569,73 @@ impl ScsiFrontend {
 
         // Post the event buffers as Linux does; the device keeps them until
         // it has an event to report.
-        let event = &mut aux[EVENT_QUEUE];
-        for i in 0..EVENT_BUFFERS {
-            event._ring.write_desc(
-                i,
-                Descriptor {
-                    addr: event_buffers + u64::from(i) * u64::from(EVENT_LEN),
-                    len: EVENT_LEN,
-                    flags: VRING_DESC_F_WRITE,
-                    next: 0,
-                },
-            )?;
-            event._ring.publish(i)?;
-        }
-        if event._ring.kick_needed()? {
-            event._kick.write(1).map_err(FrontendError::EventFd)?;
-        }
-
-        Ok(ScsiFrontend {
+        let mut device = ScsiFrontend {
             frontend,
             mem,
             features,
             queues_offered,
             _aux: aux,
             queues,
-        })
+            event_buffers,
+        };
+        for i in 0..config.event_buffers.min(EVENT_BUFFERS) {
+            device.post_event_buffer(i)?;
+        }
+        Ok(device)
+    }
+
+    /// Posts event buffer `i` (0-7) on the event queue, kicking the
+    /// device if it asks.
+    pub fn post_event_buffer(&mut self, i: u16) -> Result<(), FrontendError> {
+        let event = &mut self._aux[EVENT_QUEUE];
+        event._ring.write_desc(
+            i,
+            Descriptor {
+                addr: self.event_buffers + u64::from(i) * u64::from(EVENT_LEN),
+                len: EVENT_LEN,
+                flags: VRING_DESC_F_WRITE,
+                next: 0,
+            },
+        )?;
+        event._ring.publish(i)?;
+        if event._ring.kick_needed()? {
+            event._kick.write(1).map_err(FrontendError::EventFd)?;
+        }
+        Ok(())
+    }
+
+    /// The next event the device wrote (`struct virtio_scsi_event`, 16
+    /// bytes) with the length it reported, waiting up to `timeout`; its
+    /// buffer is posted again, as Linux does. `None` if none came.
+    pub fn next_event(
+        &mut self,
+        timeout: Duration,
+    ) -> Result<Option<([u8; EVENT_LEN as usize], u32)>, FrontendError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let used = self._aux[EVENT_QUEUE]
+                ._ring
+                .next_used(EVENT_QUEUE, usize::from(EVENT_BUFFERS))?;
+            if let Some((id, len)) = used {
+                let index = u16::try_from(id)
+                    .ok()
+                    .filter(|&i| i < EVENT_BUFFERS)
+                    .ok_or_else(|| {
+                        FrontendError::MemorySetup(format!("event queue: used id {id}"))
+                    })?;
+                let mut event = [0u8; EVENT_LEN as usize];
+                self.mem.read_slice(
+                    &mut event,
+                    GuestAddress(self.event_buffers + u64::from(index) * u64::from(EVENT_LEN)),
+                )?;
+                self.post_event_buffer(index)?;
+                return Ok(Some((event, len)));
+            }
+            if Instant::now() >= deadline {
+                return Ok(None);
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
     }
 
     /// The virtio features acknowledged.

@@ -334,6 +334,7 @@ fn run_daemon(
         event_idx: !args.no_event_idx,
         timeout: Duration::from_secs(30),
         connect_timeout: Duration::from_secs(10),
+        ..DriverConfig::default()
     };
     let mut frontend =
         ScsiFrontend::connect(&socket, &config).map_err(|e| with_log(e.to_string()))?;

@@ -658,6 +658,14 @@ mod tests {
             Some("--socket-mode 1777: not an octal mode from 0000 to 0777 (e.g. 0660)")
         );
         assert_eq!(
+            message(&|c| c.socket.api_socket = Some("s.sock".into())).as_deref(),
+            Some("--api-socket s.sock: the same path as --socket-path")
+        );
+        assert_eq!(
+            message(&|c| c.socket.api_socket = Some("api.sock".into())),
+            None
+        );
+        assert_eq!(
             message(&|c| c.luns = vec![lun(Path::new("a")); MAX_IMAGES + 1]).as_deref(),
             Some("too many images: 16385 given, at most 16384 (LUNs 0-16383)")
         );

@@ -23,6 +23,14 @@ pub struct Cli {
     #[arg(short = 's', long = "socket-path", value_name = "PATH")]
     pub socket_path: PathBuf,
 
+    /// Unix socket for the management API (JSON-RPC 2.0, one request a
+    /// line: add, remove and resize LUNs, list them, statistics; the
+    /// client is vhost-device-scsi-ctl). It gets the same --socket-mode and
+    /// --socket-group as the vhost-user socket; whoever may connect to it
+    /// may open any file the daemon can as a LUN.
+    #[arg(long = "api-socket", value_name = "PATH")]
+    pub api_socket: Option<PathBuf>,
+
     /// Permissions of the socket, in octal (default 0600): whoever may
     /// connect to it gets every image, so only the daemon's user may
     /// unless this (with --socket-group) lets a group or everyone in.
@@ -140,7 +148,8 @@ fn parse_socket_mode(value: &str) -> Result<u32, String> {
 impl Cli {
     /// The daemon's configuration: the flags as they are, every IMAGE
     /// argument parsed (`config::parse_luns`), and the checks clap does
-    /// not make (more threads than request queues), in that order. Nothing
+    /// not make (more threads than request queues, the API socket at the
+    /// vhost-user socket's path), in that order. Nothing
     /// here looks at the system: the socket's group, the I/O engine and the
     /// images are for start-up.
     pub fn into_config(self) -> Result<DaemonConfig, ConfigError> {
@@ -150,13 +159,16 @@ impl Cli {
             poll: std::time::Duration::from_micros(u64::from(self.poll_us)),
         };
         config::check_queues(&queues)?;
+        let socket = SocketConfig {
+            path: self.socket_path,
+            api_socket: self.api_socket,
+            mode: self.socket_mode,
+            group: self.socket_group,
+        };
+        socket.check_api_socket()?;
         let luns = config::parse_luns(&self.images)?;
         Ok(DaemonConfig {
-            socket: SocketConfig {
-                path: self.socket_path,
-                mode: self.socket_mode,
-                group: self.socket_group,
-            },
+            socket,
             luns,
             read_only: self.read_only,
             direct: self.direct,
@@ -225,6 +237,8 @@ mod tests {
     #[test]
     fn every_flag_reaches_the_config() {
         let config = cli(&[
+            "--api-socket",
+            "api.sock",
             "--socket-mode",
             "0660",
             "--socket-group",
@@ -251,6 +265,7 @@ mod tests {
             DaemonConfig {
                 socket: SocketConfig {
                     path: "s.sock".into(),
+                    api_socket: Some("api.sock".into()),
                     mode: 0o660,
                     group: Some("kvm".into()),
                 },
@@ -286,6 +301,10 @@ mod tests {
         assert_eq!(
             message(&["a.raw", "b.raw,block-size=1"]),
             "LUN 1 (b.raw): block-size=1: must be 512 or 4096"
+        );
+        assert_eq!(
+            message(&["--api-socket", "s.sock", "a,bogus"]),
+            "--api-socket s.sock: the same path as --socket-path"
         );
         let mut many = vec!["a,bogus"; MAX_IMAGES + 1];
         many[0] = "a.raw";

@@ -62,11 +62,17 @@ pub struct DaemonConfig {
     pub io_engine: IoEngineChoice,
 }
 
-/// The listening socket: its path, and who may connect (resolved into a
-/// [`SocketAccess`] by [`SocketConfig::access`] at start-up).
+/// The listening sockets: the vhost-user socket's path, the management
+/// API's, and who may connect to either (resolved into a [`SocketAccess`]
+/// by [`SocketConfig::access`] at start-up).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SocketConfig {
+    /// The vhost-user socket (`--socket-path`).
     pub path: PathBuf,
+    /// The management API's JSON-RPC socket (`--api-socket`), if any; it
+    /// gets the same mode and group as the vhost-user socket, and is never
+    /// the same path ([`DaemonConfig::check`]).
+    pub api_socket: Option<PathBuf>,
     /// Permission bits, 0-0o777.
     pub mode: u32,
     /// The socket's group as the operator named it (a group name or a
@@ -97,6 +103,8 @@ pub enum ConfigError {
     Poll(std::time::Duration),
     #[error("--socket-mode {0:04o}: not an octal mode from 0000 to 0777 (e.g. 0660)")]
     SocketMode(u32),
+    #[error("--api-socket {}: the same path as --socket-path", .0.display())]
+    ApiSocketIsVhostSocket(PathBuf),
     #[error("--socket-group {name}: cannot look up the group: {source}")]
     GroupLookup { name: String, source: io::Error },
     #[error("--socket-group {0}: no such group (a group name or a numeric gid)")]
@@ -146,12 +154,14 @@ impl DaemonConfig {
     }
 
     /// Checks what can be checked without looking at the system: the
-    /// queue settings, the socket mode and the number of LUNs.
+    /// queue settings, the socket mode, the API socket's path (not the
+    /// vhost-user socket's) and the number of LUNs.
     pub fn check(&self) -> Result<(), ConfigError> {
         check_queues(&self.queues)?;
         if self.socket.mode > 0o777 {
             return Err(ConfigError::SocketMode(self.socket.mode));
         }
+        self.socket.check_api_socket()?;
         if self.luns.len() > MAX_IMAGES {
             return Err(ConfigError::TooManyImages(self.luns.len()));
         }
@@ -195,12 +205,23 @@ pub(crate) fn parse_luns<A: AsRef<OsStr>>(args: &[A]) -> Result<Vec<LunSpec>, Co
 }
 
 impl SocketConfig {
-    /// `path`, mode 0600, the daemon's group.
+    /// `path`, no API socket, mode 0600, the daemon's group.
     pub fn new(path: impl Into<PathBuf>) -> SocketConfig {
         SocketConfig {
             path: path.into(),
+            api_socket: None,
             mode: DEFAULT_SOCKET_MODE,
             group: None,
+        }
+    }
+
+    /// Refuses an API socket at the vhost-user socket's path (compared as
+    /// written: two spellings of one path are caught when the second
+    /// socket finds the first one live).
+    pub(crate) fn check_api_socket(&self) -> Result<(), ConfigError> {
+        match &self.api_socket {
+            Some(api) if *api == self.path => Err(ConfigError::ApiSocketIsVhostSocket(api.clone())),
+            _ => Ok(()),
         }
     }
 
@@ -635,6 +656,14 @@ mod tests {
         assert_eq!(
             message(&|c| c.socket.mode = 0o1777).as_deref(),
             Some("--socket-mode 1777: not an octal mode from 0000 to 0777 (e.g. 0660)")
+        );
+        assert_eq!(
+            message(&|c| c.socket.api_socket = Some("s.sock".into())).as_deref(),
+            Some("--api-socket s.sock: the same path as --socket-path")
+        );
+        assert_eq!(
+            message(&|c| c.socket.api_socket = Some("api.sock".into())),
+            None
         );
         assert_eq!(
             message(&|c| c.luns = vec![lun(Path::new("a")); MAX_IMAGES + 1]).as_deref(),

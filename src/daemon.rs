@@ -4,7 +4,7 @@
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
-use std::os::unix::net::UnixStream;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,22 +24,45 @@ use crate::virtio::chain::GuestMem;
 use crate::virtio::{EventHub, ScsiBackend};
 use vmm_sys_util::epoll::EventSet;
 
+/// Which listening socket an error is about: errors name it as the
+/// operator knows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SocketRole {
+    /// The vhost-user socket (`--socket-path`), named "socket path".
+    Vhost,
+    /// The management API's JSON-RPC socket, named "--api-socket".
+    Api,
+}
+
+impl std::fmt::Display for SocketRole {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SocketRole::Vhost => "socket path",
+            SocketRole::Api => "--api-socket",
+        })
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
-    #[error("socket path {}: in use by a running process", .0.display())]
-    SocketInUse(PathBuf),
-    #[error("socket path {}: exists and is not a socket", .0.display())]
-    NotASocket(PathBuf),
-    #[error("socket path {}: {source}", .path.display())]
-    Socket { path: PathBuf, source: io::Error },
+    #[error("{role} {}: in use by a running process", .path.display())]
+    SocketInUse { role: SocketRole, path: PathBuf },
+    #[error("{role} {}: exists and is not a socket", .path.display())]
+    NotASocket { role: SocketRole, path: PathBuf },
+    #[error("{role} {}: {source}", .path.display())]
+    Socket {
+        role: SocketRole,
+        path: PathBuf,
+        source: io::Error,
+    },
     #[error("cannot set up signal handling: {0}")]
     Signals(io::Error),
     #[error("cannot create the vhost-user device: {0}")]
     Device(String),
     #[error("cannot accept a connection on {}: {reason}", .path.display())]
     Accept { path: PathBuf, reason: String },
-    #[error("socket path {}: replaced by another file while being set up", .0.display())]
-    SocketReplaced(PathBuf),
+    #[error("{role} {}: replaced by another file while being set up", .path.display())]
+    SocketReplaced { role: SocketRole, path: PathBuf },
     #[error("--socket-group {group}: cannot give socket {} to the group: {source}", .path.display())]
     SocketGroup {
         group: String,
@@ -70,25 +93,48 @@ pub struct SocketGroup {
     pub gid: u32,
 }
 
-/// Binds the listening socket at `path` with the permissions and group of
-/// `access`. A stale socket file (nobody accepts on it) is replaced; a live
-/// one, or any other kind of file, is an error, so two daemons never steal
-/// each other's socket.
+/// Binds the vhost-user socket at `path` with the permissions and group of
+/// `access` ([`bind_unix`] with [`SocketRole::Vhost`]).
 pub fn listen(path: &Path, access: &SocketAccess) -> Result<Listener, DaemonError> {
+    bind_unix(path, access, SocketRole::Vhost).map(Listener::from)
+}
+
+/// Binds a listening Unix socket at `path` with the permissions and group
+/// of `access`; errors name it by `role`. A stale socket file (nobody
+/// accepts on it) is replaced; a live one, or any other kind of file, is an
+/// error, so two daemons never steal each other's socket. The socket file
+/// is never more open than asked, whatever the umask, and is removed again
+/// if it cannot be given its group and mode.
+pub fn bind_unix(
+    path: &Path,
+    access: &SocketAccess,
+    role: SocketRole,
+) -> Result<UnixListener, DaemonError> {
     let socket_error = |source| DaemonError::Socket {
+        role,
         path: path.to_path_buf(),
         source,
     };
     match std::fs::symlink_metadata(path) {
         Ok(meta) if meta.file_type().is_socket() => match UnixStream::connect(path) {
-            Ok(_) => return Err(DaemonError::SocketInUse(path.to_path_buf())),
+            Ok(_) => {
+                return Err(DaemonError::SocketInUse {
+                    role,
+                    path: path.to_path_buf(),
+                })
+            }
             Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
                 info!("replacing stale socket {}", path.display());
                 std::fs::remove_file(path).map_err(socket_error)?;
             }
             Err(e) => return Err(socket_error(e)),
         },
-        Ok(_) => return Err(DaemonError::NotASocket(path.to_path_buf())),
+        Ok(_) => {
+            return Err(DaemonError::NotASocket {
+                role,
+                path: path.to_path_buf(),
+            })
+        }
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(socket_error(e)),
     }
@@ -99,16 +145,20 @@ pub fn listen(path: &Path, access: &SocketAccess) -> Result<Listener, DaemonErro
     // other thread creates files meanwhile (only the signal thread runs).
     let create_mode = access.mode & 0o700;
     let previous = rustix::process::umask(Mode::from_raw_mode(!create_mode & 0o777));
-    let bound = Listener::new(path, false);
+    let bound = UnixListener::bind(path);
     rustix::process::umask(previous);
-    let listener = bound.map_err(|e| match e {
-        vhost::vhost_user::Error::SocketError(io) => socket_error(io),
-        other => socket_error(io::Error::other(other.to_string())),
-    })?;
-    // On an error the listener, dropped, removes the socket file.
-    set_access(path, access)?;
+    let listener = bound.map_err(socket_error)?;
+    if let Err(e) = set_access(path, access, role) {
+        drop(listener);
+        let _ = std::fs::remove_file(path);
+        return Err(e);
+    }
     info!(
-        "socket {}: mode {:04o}{}",
+        "{} {}: mode {:04o}{}",
+        match role {
+            SocketRole::Vhost => "socket",
+            SocketRole::Api => "API socket",
+        },
         path.display(),
         access.mode,
         match &access.group {
@@ -122,8 +172,9 @@ pub fn listen(path: &Path, access: &SocketAccess) -> Result<Listener, DaemonErro
 /// Gives the socket file just bound at `path` its group and mode, through
 /// one descriptor of it (O_PATH, not following a symbolic link), so that a
 /// file swapped in at `path` meanwhile is refused rather than changed.
-fn set_access(path: &Path, access: &SocketAccess) -> Result<(), DaemonError> {
+fn set_access(path: &Path, access: &SocketAccess, role: SocketRole) -> Result<(), DaemonError> {
     let socket_error = |source| DaemonError::Socket {
+        role,
         path: path.to_path_buf(),
         source,
     };
@@ -134,7 +185,10 @@ fn set_access(path: &Path, access: &SocketAccess) -> Result<(), DaemonError> {
         .map_err(socket_error)?;
     let meta = file.metadata().map_err(socket_error)?;
     if !meta.file_type().is_socket() || meta.uid() != rustix::process::geteuid().as_raw() {
-        return Err(DaemonError::SocketReplaced(path.to_path_buf()));
+        return Err(DaemonError::SocketReplaced {
+            role,
+            path: path.to_path_buf(),
+        });
     }
     if let Some(group) = &access.group {
         // An empty path with AT_EMPTY_PATH names the open file itself; no
@@ -160,11 +214,12 @@ fn set_access(path: &Path, access: &SocketAccess) -> Result<(), DaemonError> {
     })
 }
 
-/// Starts a thread that waits for SIGINT and SIGTERM, removes the socket
+/// Starts a thread that waits for SIGINT and SIGTERM, removes the sockets
+/// at `socket_paths` (the vhost-user socket and the API socket, if any)
 /// and exits with status 0. The signal handler, signal-hook's, only wakes
 /// that thread (a write to its self-pipe); the logging, the removal and the
 /// exit run on the thread, never in the handler.
-pub fn handle_stop_signals(socket_path: PathBuf) -> Result<(), DaemonError> {
+pub fn handle_stop_signals(socket_paths: Vec<PathBuf>) -> Result<(), DaemonError> {
     let mut signals = Signals::new([SIGINT, SIGTERM]).map_err(DaemonError::Signals)?;
     std::thread::Builder::new()
         .name("signals".into())
@@ -172,6 +227,10 @@ pub fn handle_stop_signals(socket_path: PathBuf) -> Result<(), DaemonError> {
             // `forever` ends only when the `Signals` is closed, which
             // nothing does.
             if let Some(signal) = signals.forever().next() {
+                let names: Vec<String> = socket_paths
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect();
                 info!(
                     "{} received: removing {} and exiting",
                     if signal == SIGINT {
@@ -179,9 +238,11 @@ pub fn handle_stop_signals(socket_path: PathBuf) -> Result<(), DaemonError> {
                     } else {
                         "SIGTERM"
                     },
-                    socket_path.display()
+                    names.join(" and ")
                 );
-                let _ = std::fs::remove_file(&socket_path);
+                for path in &socket_paths {
+                    let _ = std::fs::remove_file(path);
+                }
                 std::process::exit(0);
             }
         })

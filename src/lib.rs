@@ -81,6 +81,7 @@
 
 #![deny(unsafe_op_in_unsafe_fn)]
 #![deny(clippy::undocumented_unsafe_blocks)]
+pub mod api;
 pub mod cli;
 pub mod config;
 pub mod daemon;

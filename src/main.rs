@@ -55,7 +55,7 @@ fn run(config: &DaemonConfig) -> Result<(), String> {
     let access = config.socket.access().map_err(|e| e.to_string())?;
     let target = config::build_target(config).map_err(|e| e.to_string())?;
     let socket_path = &config.socket.path;
-    daemon::handle_stop_signals(socket_path.clone()).map_err(|e| e.to_string())?;
+    daemon::handle_stop_signals(vec![socket_path.clone()]).map_err(|e| e.to_string())?;
     let listener = daemon::listen(socket_path, &access).map_err(|e| e.to_string())?;
     log::info!(
         "{} request queues on {} worker thread(s){}",

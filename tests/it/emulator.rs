@@ -3160,9 +3160,9 @@ fn mode_select_d_sense_switches_to_descriptor_sense() {
     assert_eq!(d, [0x02, 0x06, 0, 0, 0xc0, 0, 10, 0]);
     // No sense-key specific data: no descriptors.
     let (c, _) = rig.run(&block_cdb(READ_10, RIG_BLOCKS, 1), 4096, &[]);
-    assert_eq!(assert_descriptor_sense(c, 0x05, 0x21, 0x00), []);
+    assert_eq!(assert_descriptor_sense(c, 0x05, 0x21, 0x00), [0u8; 0]);
     let (c, _) = rig.run(&[0xc0, 0, 0, 0, 0, 0], 0, &[]);
-    assert_eq!(assert_descriptor_sense(c, 0x05, 0x20, 0x00), []);
+    assert_eq!(assert_descriptor_sense(c, 0x05, 0x20, 0x00), [0u8; 0]);
     // INVALID FIELD IN PARAMETER LIST: C/D=0, pointing into the list.
     let mut page = caching_page(true);
     page[2] |= 0x01;

@@ -13,6 +13,7 @@
 mod alloc;
 mod common;
 
+mod api;
 mod bounds;
 mod daemon;
 mod durability;

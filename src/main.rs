@@ -10,9 +10,9 @@ use std::sync::Arc;
 use clap::Parser;
 use vhost_device_scsi::cli::Cli;
 use vhost_device_scsi::config::{self, DaemonConfig};
-use vhost_device_scsi::daemon;
 use vhost_device_scsi::manage::LunManager;
 use vhost_device_scsi::virtio::EventHub;
+use vhost_device_scsi::{api, daemon};
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -55,8 +55,18 @@ fn run(config: &DaemonConfig) -> Result<(), String> {
     let access = config.socket.access().map_err(|e| e.to_string())?;
     let target = config::build_target(config).map_err(|e| e.to_string())?;
     let socket_path = &config.socket.path;
-    daemon::handle_stop_signals(vec![socket_path.clone()]).map_err(|e| e.to_string())?;
+    let mut sockets = vec![socket_path.clone()];
+    sockets.extend(config.socket.api_socket.clone());
+    daemon::handle_stop_signals(sockets).map_err(|e| e.to_string())?;
     let listener = daemon::listen(socket_path, &access).map_err(|e| e.to_string())?;
+    // Bound now, with the vhost-user socket, before any worker thread runs
+    // (binding sets the umask for a moment).
+    let api_listener = match &config.socket.api_socket {
+        Some(path) => Some(
+            daemon::bind_unix(path, &access, daemon::SocketRole::Api).map_err(|e| e.to_string())?,
+        ),
+        None => None,
+    };
     log::info!(
         "{} request queues on {} worker thread(s){}",
         options.request_queues,
@@ -70,11 +80,16 @@ fn run(config: &DaemonConfig) -> Result<(), String> {
     let target = Arc::new(target);
     let events =
         EventHub::new().map_err(|e| format!("cannot create the event queue's eventfd: {e}"))?;
-    let _manager = Arc::new(LunManager::new(
-        target.clone(),
-        config.clone(),
-        events.clone(),
-    ));
+    if let (Some(listener), Some(path)) = (api_listener, &config.socket.api_socket) {
+        let manager = Arc::new(LunManager::new(
+            target.clone(),
+            config.clone(),
+            events.clone(),
+        ));
+        api::serve(listener, manager)
+            .map_err(|e| format!("--api-socket {}: cannot serve: {e}", path.display()))?;
+        log::info!("management API on {}", path.display());
+    }
     daemon::serve(target, options, engine, events, listener, socket_path)
 }
 

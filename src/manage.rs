@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use log::{info, warn};
 
+use crate::api::{ErrorKind, LunInfo, Management, MethodError};
 use crate::config::{self, ConfigError, DaemonConfig, LunSpec};
 use crate::fdlimit;
 use crate::scsi::disk::ResizeError;
@@ -342,5 +343,72 @@ fn log_lun(
 impl From<ConfigError> for ManageError {
     fn from(e: ConfigError) -> ManageError {
         ManageError::Image(e.to_string())
+    }
+}
+
+impl From<ManageError> for MethodError {
+    fn from(e: ManageError) -> MethodError {
+        let kind = match &e {
+            ManageError::InvalidParams(_) => ErrorKind::InvalidParams,
+            ManageError::NoSuchLun(_) => ErrorKind::NoSuchLun,
+            ManageError::LunInUse(_) | ManageError::NoFreeLun => ErrorKind::LunInUse,
+            ManageError::Image(_) | ManageError::StillInFlight { .. } => ErrorKind::Image,
+            ManageError::NotSupported(_) => ErrorKind::NotSupported,
+        };
+        MethodError::new(kind, e.to_string())
+    }
+}
+
+/// The management API's methods, as the LUN manager carries them out.
+impl Management for LunManager {
+    fn lun_add(&self, image: &str, lun: Option<u16>) -> Result<u16, MethodError> {
+        Ok(LunManager::lun_add(self, image, lun)?)
+    }
+
+    fn lun_remove(&self, lun: u16) -> Result<(), MethodError> {
+        Ok(LunManager::lun_remove(self, lun)?)
+    }
+
+    fn lun_resize(&self, lun: u16, size: Option<u64>, shrink: bool) -> Result<u64, MethodError> {
+        Ok(LunManager::lun_resize(self, lun, size, shrink)?)
+    }
+
+    fn lun_list(&self) -> Vec<LunInfo> {
+        LunManager::lun_list(self)
+            .into_iter()
+            .map(|e| LunInfo {
+                lun: e.lun,
+                image: e.image,
+                size: e.size,
+                block_size: e.block_size,
+                read_only: e.read_only,
+                serial: e.serial,
+                naa: format!("{:#018x}", e.naa),
+            })
+            .collect()
+    }
+
+    /// Per LUN, in order: `{"lun": N, "image": PATH, ...the statistics}`.
+    fn stats(&self) -> serde_json::Value {
+        let specs = self.specs();
+        let luns: Vec<serde_json::Value> = self
+            .target
+            .units()
+            .into_iter()
+            .map(|(lun, unit)| {
+                let mut entry = serde_json::json!({
+                    "lun": lun,
+                    "image": specs.get(&lun).map(|s| s.path.display().to_string()).unwrap_or_default(),
+                });
+                if let (Some(entry), Ok(serde_json::Value::Object(stats))) = (
+                    entry.as_object_mut(),
+                    serde_json::to_value(unit.stats().snapshot()),
+                ) {
+                    entry.extend(stats);
+                }
+                entry
+            })
+            .collect();
+        serde_json::Value::Array(luns)
     }
 }

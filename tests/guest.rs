@@ -1358,10 +1358,14 @@ fn hotplug_scenario(name: &'static str, mode: &str, device_opts: &str) {
         );
     }
     sc.check(daemon.alive(), "the daemon exited".to_string());
+    let seen: Vec<String> = ["ADDED", "RESIZED", "REMOVED", "BURST", "KERNEL"]
+        .iter()
+        .map(|tag| sc.record(&s, tag).line)
+        .collect();
     note(format!(
-        "guest scenario `{name}`: LUN 1 added (md5 {}), grown 4 → 6 MiB, removed (then opened read-write by qemu-io), 20 LUNs added in a burst: the guest saw 21 disks; kernel: {}",
+        "guest scenario `{name}` (image md5 {}), the guest's view:\n  {}",
         added.md5(),
-        kernel.line
+        seen.join("\n  ")
     ));
 }
 

@@ -37,7 +37,7 @@ use crate::scsi::LunAddress;
 /// Most events kept while the driver has no buffer for them.
 pub const MAX_PENDING_EVENTS: usize = 256;
 
-/// Bytes of `struct virtio_scsi_event`: event, lun[8], reason.
+/// Bytes of `struct virtio_scsi_event`: `event`, `lun[8]`, `reason`.
 pub const EVENT_LEN: usize = 16;
 
 /// A change of the target the driver is told about.

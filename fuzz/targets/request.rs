@@ -1115,7 +1115,27 @@ fn read_block(world: &World, queue: usize) {
     cdb.resize(cdb_size, 0);
     request.extend_from_slice(&cdb);
     let resp_len = (RESP_HEADER + sense_size) as u32;
-    let (len, bytes) = submit(world, queue, &request, &[resp_len, 512]);
+    // A LOGICAL UNIT RESET or I_T NEXUS RESET among the requests leaves a
+    // unit attention (SAM-5 §5.14: 29h/03h, 29h/07h), reported once each
+    // before the READ runs, as to any initiator, which retries.
+    let mut attempt = 0;
+    let (len, bytes) = loop {
+        let (len, bytes) = submit(world, queue, &request, &[resp_len, 512]);
+        let sense = &bytes[RESP_HEADER..RESP_HEADER + sense_size];
+        // SPC-4 §4.5: descriptor format (72h/73h) or fixed format.
+        let (key, asc) = match sense.first().map(|b| b & 0x7f) {
+            Some(0x72 | 0x73) => (sense.get(1), sense.get(2)),
+            _ => (sense.get(2), sense.get(12)),
+        };
+        let unit_attention = bytes[10] == 0x02 && key.is_some_and(|k| k & 0x0f == 0x06);
+        attempt += 1;
+        if !unit_attention || attempt > 2 {
+            break (len, bytes);
+        }
+        if let Some(&asc) = asc {
+            assert_eq!(asc, 0x29, "queue {queue}: unit attention other than a reset's");
+        }
+    };
     assert_eq!(
         len,
         resp_len + 512,

@@ -1133,7 +1133,10 @@ fn read_block(world: &World, queue: usize) {
             break (len, bytes);
         }
         if let Some(&asc) = asc {
-            assert_eq!(asc, 0x29, "queue {queue}: unit attention other than a reset's");
+            assert_eq!(
+                asc, 0x29,
+                "queue {queue}: unit attention other than a reset's"
+            );
         }
     };
     assert_eq!(

@@ -357,29 +357,48 @@ pub fn build_target(config: &DaemonConfig) -> Result<Target, ConfigError> {
         let read_only = config.read_only || spec.read_only;
         let (disk, kind, locked) = open_disk(spec, lun as u16, read_only, config)?;
         seen.add(specs, lun, disk.identity())?;
-        info!(
-            "LUN {lun}: {} ({} bytes, {} blocks of {} bytes, {}, {}{}, {}, serial {}, NAA {:#018x})",
-            spec.path.display(),
-            disk.blocks() * u64::from(disk.block_size()),
-            disk.blocks(),
-            disk.block_size(),
-            if disk.read_only() {
-                "read-only"
-            } else {
-                "read-write"
-            },
-            match kind {
-                ImageKind::RegularFile => "regular file",
-                ImageKind::BlockDevice => "block device",
-            },
-            if config.direct { ", O_DIRECT" } else { "" },
-            if locked { "locked" } else { "not locked" },
-            disk.identity().serial,
-            disk.identity().naa,
+        log_lun(
+            &format!("LUN {lun}"),
+            spec,
+            &disk,
+            kind,
+            config.direct,
+            locked,
         );
         disks.push(disk);
     }
     Ok(Target::new(disks))
+}
+
+/// The log line of a LUN opened (`what`: "LUN 3", "LUN 3 added").
+pub(crate) fn log_lun(
+    what: &str,
+    spec: &LunSpec,
+    disk: &Disk,
+    kind: ImageKind,
+    direct: bool,
+    locked: bool,
+) {
+    info!(
+        "{what}: {} ({} bytes, {} blocks of {} bytes, {}, {}{}, {}, serial {}, NAA {:#018x})",
+        spec.path.display(),
+        disk.blocks() * u64::from(disk.block_size()),
+        disk.blocks(),
+        disk.block_size(),
+        if disk.read_only() {
+            "read-only"
+        } else {
+            "read-write"
+        },
+        match kind {
+            ImageKind::RegularFile => "regular file",
+            ImageKind::BlockDevice => "block device",
+        },
+        if direct { ", O_DIRECT" } else { "" },
+        if locked { "locked" } else { "not locked" },
+        disk.identity().serial,
+        disk.identity().naa,
+    );
 }
 
 /// Opens, locks and checks one image; also says whether it is locked.

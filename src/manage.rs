@@ -25,7 +25,6 @@ use crate::scsi::disk::ResizeError;
 use crate::scsi::lun::MAX_LUN;
 use crate::scsi::target::InsertError;
 use crate::scsi::{Disk, Target};
-use crate::storage::ImageKind;
 use crate::virtio::backend::FIRST_REQUEST_QUEUE;
 use crate::virtio::{DeviceEvent, EventHub};
 
@@ -58,18 +57,6 @@ pub enum ManageError {
     /// Commands in flight to a removed LUN have not completed in time.
     #[error("LUN {lun}: removed, but commands in flight to it have not completed after {} s; its image stays open until they do", .waited.as_secs())]
     StillInFlight { lun: u16, waited: Duration },
-}
-
-/// One LUN as `lun_list` reports it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct LunEntry {
-    pub lun: u16,
-    pub image: String,
-    pub size: u64,
-    pub block_size: u32,
-    pub read_only: bool,
-    pub serial: String,
-    pub naa: u64,
 }
 
 /// Adds, removes and resizes the LUNs of a running daemon.
@@ -145,7 +132,14 @@ impl LunManager {
             InsertError::InUse(lun) => ManageError::LunInUse(lun),
             InsertError::TooHigh(_) => ManageError::InvalidParams(e.to_string()),
         })?;
-        log_lun("added", lun, &spec, &unit, kind, self.config.direct, locked);
+        config::log_lun(
+            &format!("LUN {lun} added"),
+            &spec,
+            &unit,
+            kind,
+            self.config.direct,
+            locked,
+        );
         specs.insert(lun, spec);
         drop(specs);
         self.events.post(DeviceEvent::LunAdded(lun));
@@ -284,12 +278,12 @@ impl LunManager {
     }
 
     /// Every LUN, in order.
-    pub fn lun_list(&self) -> Vec<LunEntry> {
+    pub fn lun_list(&self) -> Vec<LunInfo> {
         let specs = self.specs();
         self.target
             .units()
             .into_iter()
-            .map(|(lun, unit)| LunEntry {
+            .map(|(lun, unit)| LunInfo {
                 lun,
                 image: specs
                     .get(&lun)
@@ -299,7 +293,7 @@ impl LunManager {
                 block_size: unit.block_size(),
                 read_only: unit.read_only(),
                 serial: unit.identity().serial.clone(),
-                naa: unit.identity().naa,
+                naa: format!("{:#018x}", unit.identity().naa),
             })
             .collect()
     }
@@ -308,34 +302,6 @@ impl LunManager {
     pub fn target(&self) -> &Arc<Target> {
         &self.target
     }
-}
-
-/// The log line of a LUN that came, as at start-up.
-fn log_lun(
-    what: &str,
-    lun: u16,
-    spec: &LunSpec,
-    disk: &Disk,
-    kind: ImageKind,
-    direct: bool,
-    locked: bool,
-) {
-    info!(
-        "LUN {lun} {what}: {} ({} bytes, {} blocks of {} bytes, {}, {}{}, {}, serial {}, NAA {:#018x})",
-        spec.path.display(),
-        disk.blocks() * u64::from(disk.block_size()),
-        disk.blocks(),
-        disk.block_size(),
-        if disk.read_only() { "read-only" } else { "read-write" },
-        match kind {
-            ImageKind::RegularFile => "regular file",
-            ImageKind::BlockDevice => "block device",
-        },
-        if direct { ", O_DIRECT" } else { "" },
-        if locked { "locked" } else { "not locked" },
-        disk.identity().serial,
-        disk.identity().naa,
-    );
 }
 
 impl From<ConfigError> for ManageError {
@@ -373,17 +339,6 @@ impl Management for LunManager {
 
     fn lun_list(&self) -> Vec<LunInfo> {
         LunManager::lun_list(self)
-            .into_iter()
-            .map(|e| LunInfo {
-                lun: e.lun,
-                image: e.image,
-                size: e.size,
-                block_size: e.block_size,
-                read_only: e.read_only,
-                serial: e.serial,
-                naa: format!("{:#018x}", e.naa),
-            })
-            .collect()
     }
 
     /// Per LUN, in order: `{"lun": N, "image": PATH, ...the statistics}`.

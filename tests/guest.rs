@@ -301,8 +301,21 @@ fn guest_scsi_tools() {
         bus.rc != 124,
         format!("sg_reset -b did not return:\n{}", bus.text),
     );
-    ok(
+    // SAM-5 §5.14: the LOGICAL UNIT RESET left the unit attention BUS
+    // DEVICE RESET FUNCTION OCCURRED (29h/03h); the first TEST UNIT READY
+    // reports it (sg passes it up unretried) and clears it.
+    let after = sc.block(&serial, "turs_after_reset");
+    sc.contains(
         "turs_after_reset",
+        &after.text,
+        &[
+            "Unit Attention",
+            "Bus device reset function occurred",
+            "Completed 3 Test Unit Ready commands with 1 errors",
+        ],
+    );
+    ok(
+        "turs_again",
         &["Completed 3 Test Unit Ready commands with 0 errors"],
     );
     let raw = sc.block(&serial, "raw_unsupported");

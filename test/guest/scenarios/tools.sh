@@ -15,6 +15,7 @@ run reset_device sg_reset -v -d "$sg"
 run dmesg_reset sh -c "dmesg | grep reset"
 run reset_bus sg_reset -b "$sg"
 run turs_after_reset sg_turs -n 3 "$sg"
+run turs_again sg_turs -n 3 "$sg"
 # READ DEFECT DATA(10): a command the daemon does not implement.
 run raw_unsupported sg_raw "$sg" 37 00 00 00 00 00 00 00 00 00
 report MD5 lun=0 md5="$(md5 "$(lun_dev 0)")"

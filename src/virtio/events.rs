@@ -108,6 +108,10 @@ struct Pending {
     /// An event found no buffer (or was dropped): the next one written
     /// carries EVENTS_MISSED.
     missed: bool,
+    /// How many events at the front were already waiting when an event
+    /// with EVENTS_MISSED was written: the rescan it brings about finds
+    /// them, so their waiting again is not another miss.
+    covered: usize,
 }
 
 /// The events posted and not yet delivered, shared by whoever posts them
@@ -134,6 +138,7 @@ impl EventHub {
             let mut pending = self.lock();
             if pending.events.len() >= MAX_PENDING_EVENTS {
                 pending.events.pop_front();
+                pending.covered = pending.covered.saturating_sub(1);
                 pending.missed = true;
             }
             pending.events.push_back(event);
@@ -175,12 +180,16 @@ impl EventHub {
             while let Some(&event) = pending.events.front() {
                 if features & event.feature() == 0 {
                     pending.events.pop_front();
+                    pending.covered = pending.covered.saturating_sub(1);
                     continue;
                 }
                 let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(&**mem);
                 let Some(chain) = chain else {
-                    // No buffer: kept, and the driver is told it missed one.
-                    pending.missed = true;
+                    // No buffer: kept, and the driver is told it missed one
+                    // (unless a rescan it was told of finds them all).
+                    if pending.events.len() > pending.covered {
+                        pending.missed = true;
+                    }
                     break;
                 };
                 let head = chain.head_index();
@@ -188,6 +197,11 @@ impl EventHub {
                     Ok(mut split) if split.writable.remaining() >= EVENT_LEN => {
                         let n = split.writable.write_from(&event.encode(pending.missed));
                         pending.events.pop_front();
+                        pending.covered = if pending.missed {
+                            pending.events.len()
+                        } else {
+                            pending.covered.saturating_sub(1)
+                        };
                         pending.missed = false;
                         written += 1;
                         n

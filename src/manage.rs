@@ -262,12 +262,10 @@ impl LunManager {
             )));
         }
         let set_len = size.is_some() && new != image_size;
-        if set_len {
-            if unit.read_only() {
-                return Err(ManageError::NotSupported(format!(
-                    "LUN {lun}: image {image} is read-only: its size is not changed; resize it yourself and call lun_resize without a size"
-                )));
-            }
+        if set_len && unit.read_only() {
+            return Err(ManageError::NotSupported(format!(
+                "LUN {lun}: image {image} is read-only: its size is not changed; resize it yourself and call lun_resize without a size"
+            )));
         }
         unit.resize(new, set_len).map_err(|e| match e {
             ResizeError::Image(io) if io.kind() == io::ErrorKind::Unsupported => {

@@ -94,6 +94,10 @@ const AUX_QUEUE_SIZE: u16 = 128;
 const EVENT_BUFFERS: u16 = 8;
 /// `struct virtio_scsi_event`.
 const EVENT_LEN: u32 = 16;
+/// The control request and its response.
+const CONTROL_BUFFER_LEN: u64 = 128;
+/// `virtio_scsi_ctrl_tmf_req`: type, subtype, lun[8], id.
+const TMF_REQUEST_LEN: u32 = 4 + 4 + 8 + 8;
 /// Request slot metadata: header (51 bytes) and response (108 bytes).
 const SLOT_META_LEN: u64 = 256;
 const PAGE: u64 = 4096;
@@ -359,6 +363,8 @@ pub struct ScsiFrontend {
     queues: Vec<RequestQueue>,
     /// Guest address of the 8 event buffers (buffer i at + 16 * i).
     event_buffers: u64,
+    /// Guest address of the control request (+ 0) and response (+ 64).
+    control_buffer: u64,
 }
 
 /// Connects to the backend listening at `socket`, retrying until it
@@ -452,6 +458,7 @@ impl ScsiFrontend {
             plan_ring(&mut bump, AUX_QUEUE_SIZE),
         ];
         let event_buffers = bump.take(u64::from(EVENT_LEN * u32::from(EVENT_BUFFERS)), 64);
+        let control_buffer = bump.take(CONTROL_BUFFER_LEN, 64);
         let data_stride = u64::from(config.data_size).div_ceil(PAGE).max(1) * PAGE;
         let plans: Vec<RingPlan> = (0..config.request_queues)
             .map(|_| {
@@ -577,6 +584,7 @@ impl ScsiFrontend {
             _aux: aux,
             queues,
             event_buffers,
+            control_buffer,
         };
         for i in 0..config.event_buffers.min(EVENT_BUFFERS) {
             device.post_event_buffer(i)?;
@@ -635,6 +643,60 @@ impl ScsiFrontend {
                 return Ok(None);
             }
             std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// Sends the task management function `subtype` (virtio 1.2
+    /// §5.6.6.2: VIRTIO_SCSI_T_TMF; 5 is LOGICAL UNIT RESET, 4 I_T NEXUS
+    /// RESET) for target 0, `lun`, on the control queue, and waits up to
+    /// `timeout` for its response byte (0: VIRTIO_SCSI_S_OK). One at a
+    /// time.
+    pub fn tmf(&mut self, subtype: u32, lun: u16, timeout: Duration) -> Result<u8, FrontendError> {
+        let mut req = Vec::with_capacity(TMF_REQUEST_LEN as usize);
+        req.extend_from_slice(&0u32.to_le_bytes());
+        req.extend_from_slice(&subtype.to_le_bytes());
+        req.extend_from_slice(&scsi::lun_field(lun));
+        req.extend_from_slice(&1u64.to_le_bytes());
+        let (request, response) = (self.control_buffer, self.control_buffer + 64);
+        self.mem.write_slice(&req, GuestAddress(request))?;
+        self.mem.write_slice(&[0xff], GuestAddress(response))?;
+        let control = &mut self._aux[CONTROL_QUEUE];
+        control._ring.write_desc(
+            0,
+            Descriptor {
+                addr: request,
+                len: TMF_REQUEST_LEN,
+                flags: ring::VRING_DESC_F_NEXT,
+                next: 1,
+            },
+        )?;
+        control._ring.write_desc(
+            1,
+            Descriptor {
+                addr: response,
+                len: 1,
+                flags: VRING_DESC_F_WRITE,
+                next: 0,
+            },
+        )?;
+        control._ring.publish(0)?;
+        if control._ring.kick_needed()? {
+            control._kick.write(1).map_err(FrontendError::EventFd)?;
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            if control._ring.next_used(CONTROL_QUEUE, 1)?.is_some() {
+                let mut byte = [0u8; 1];
+                self.mem.read_slice(&mut byte, GuestAddress(response))?;
+                return Ok(byte[0]);
+            }
+            if Instant::now() >= deadline {
+                return Err(FrontendError::Timeout {
+                    queue: CONTROL_QUEUE,
+                    timeout,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(1));
         }
     }
 

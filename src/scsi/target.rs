@@ -587,3 +587,59 @@ fn record(
         latency: started.elapsed(),
     });
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scsi::buffer::{SliceDataOut, VecDataIn};
+    use crate::scsi::DiskConfig;
+    use crate::storage::MemImage;
+
+    fn target() -> Target {
+        let disk = Disk::new(
+            Box::new(MemImage::new(vec![0x5a; 64 * 512], false)),
+            DiskConfig {
+                block_size: 512,
+                identity: Identity::derived("/ua-test.raw", 0),
+                solid_state: true,
+                discard: false,
+            },
+        )
+        .unwrap();
+        Target::new(vec![disk])
+    }
+
+    /// READ(10) of one block at LBA 0 (SBC-3 §5.11).
+    const READ_10: [u8; 10] = [0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0];
+
+    /// SAM-5 §5.14: with a unit attention pending, a READ is not planned
+    /// for the storage but left to `execute`, which terminates it with the
+    /// condition (BUS DEVICE RESET FUNCTION OCCURRED, 06h/29h/03h); the
+    /// next READ is planned again.
+    #[test]
+    fn a_read_with_a_pending_condition_is_left_to_execute_which_reports_it() {
+        let t = target();
+        let lun = LunAddress::Lun(0);
+        assert!(matches!(
+            t.prepare(lun, &READ_10, 512, 0),
+            Prepared::HandOver { .. }
+        ));
+        assert!(t.reset_unit(0));
+        assert!(matches!(
+            t.prepare(lun, &READ_10, 512, 0),
+            Prepared::Execute
+        ));
+        let mut data_in = VecDataIn::with_capacity(512);
+        let completion = t.execute(lun, &READ_10, &mut data_in, &mut SliceDataOut::new(&[]));
+        let Completion::CheckCondition(sense) = completion else {
+            panic!("CHECK CONDITION expected: {completion:?}");
+        };
+        let fixed = sense.to_fixed();
+        assert_eq!((fixed[2] & 0x0f, fixed[12], fixed[13]), (0x06, 0x29, 0x03));
+        assert!(data_in.data.is_empty(), "no data with the condition");
+        assert!(matches!(
+            t.prepare(lun, &READ_10, 512, 0),
+            Prepared::HandOver { .. }
+        ));
+    }
+}

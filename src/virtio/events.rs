@@ -108,6 +108,10 @@ struct Pending {
     /// An event found no buffer (or was dropped): the next one written
     /// carries EVENTS_MISSED.
     missed: bool,
+    /// How many events at the front were already waiting when an event
+    /// with EVENTS_MISSED was written: the rescan it brings about finds
+    /// them, so their waiting again is not another miss.
+    covered: usize,
 }
 
 /// The events posted and not yet delivered, shared by whoever posts them
@@ -134,6 +138,7 @@ impl EventHub {
             let mut pending = self.lock();
             if pending.events.len() >= MAX_PENDING_EVENTS {
                 pending.events.pop_front();
+                pending.covered = pending.covered.saturating_sub(1);
                 pending.missed = true;
             }
             pending.events.push_back(event);
@@ -171,44 +176,68 @@ impl EventHub {
         let mut pending = self.lock();
         let mut written = 0;
         let mut returned = 0;
-        while let Some(&event) = pending.events.front() {
-            if features & event.feature() == 0 {
-                pending.events.pop_front();
-                continue;
-            }
-            let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(&**mem);
-            let Some(chain) = chain else {
-                // No buffer: kept, and the driver is told it missed one.
-                pending.missed = true;
-                break;
-            };
-            let head = chain.head_index();
-            let used = match split_chain(mem, chain) {
-                Ok(mut split) if split.writable.remaining() >= EVENT_LEN => {
-                    let n = split.writable.write_from(&event.encode(pending.missed));
+        'deliver: loop {
+            while let Some(&event) = pending.events.front() {
+                if features & event.feature() == 0 {
                     pending.events.pop_front();
-                    pending.missed = false;
-                    written += 1;
-                    n
+                    pending.covered = pending.covered.saturating_sub(1);
+                    continue;
                 }
-                // virtio 1.2 §5.6.6.3: the driver's buffers are at least an
-                // event long; a shorter or malformed one is returned empty
-                // and the event waits for the next.
-                Ok(_) => {
-                    debug!("event queue buffer shorter than an event: returned unused");
-                    0
+                let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(&**mem);
+                let Some(chain) = chain else {
+                    // No buffer: kept, and the driver is told it missed one
+                    // (unless a rescan it was told of finds them all).
+                    if pending.events.len() > pending.covered {
+                        pending.missed = true;
+                    }
+                    break;
+                };
+                let head = chain.head_index();
+                let used = match split_chain(mem, chain) {
+                    Ok(mut split) if split.writable.remaining() >= EVENT_LEN => {
+                        let n = split.writable.write_from(&event.encode(pending.missed));
+                        pending.events.pop_front();
+                        pending.covered = if pending.missed {
+                            pending.events.len()
+                        } else {
+                            pending.covered.saturating_sub(1)
+                        };
+                        pending.missed = false;
+                        written += 1;
+                        n
+                    }
+                    // virtio 1.2 §5.6.6.3: the driver's buffers are at least an
+                    // event long; a shorter or malformed one is returned empty
+                    // and the event waits for the next.
+                    Ok(_) => {
+                        debug!("event queue buffer shorter than an event: returned unused");
+                        0
+                    }
+                    Err(e) => {
+                        debug!("event queue buffer malformed ({e}): returned unused");
+                        0
+                    }
+                };
+                let used = u32::try_from(used).unwrap_or(0);
+                if let Err(e) = vring.get_mut().get_queue_mut().add_used(&**mem, head, used) {
+                    debug!("cannot return an event buffer: {e}");
+                    break 'deliver;
                 }
-                Err(e) => {
-                    debug!("event queue buffer malformed ({e}): returned unused");
-                    0
-                }
-            };
-            let used = u32::try_from(used).unwrap_or(0);
-            if let Err(e) = vring.get_mut().get_queue_mut().add_used(&**mem, head, used) {
-                debug!("cannot return an event buffer: {e}");
-                break;
+                returned += 1;
             }
-            returned += 1;
+            // Asks for a kick when the driver posts its next buffer (with
+            // EVENT_IDX: avail_event is the next index to pop, virtio 1.2
+            // §2.7.10), or a driver that follows it never kicks again and an
+            // event waiting for a buffer waits for the next event. A buffer
+            // posted meanwhile is taken now.
+            match vring.enable_notification() {
+                Ok(true) if !pending.events.is_empty() => continue 'deliver,
+                Ok(_) => break 'deliver,
+                Err(e) => {
+                    debug!("cannot enable event queue notifications: {e}");
+                    break 'deliver;
+                }
+            }
         }
         drop(pending);
         if returned > 0 && vring.needs_notification().unwrap_or(true) {

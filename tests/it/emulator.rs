@@ -5170,3 +5170,174 @@ fn derived_identities_are_stable() {
         assert_eq!((id.serial.as_str(), id.naa), (serial, naa), "{lun}:{path}");
     }
 }
+
+// ---------------------------------------------------------------------------
+// Unit attentions (SAM-5 §5.14) of LUNs added, removed, resized and reset
+// ---------------------------------------------------------------------------
+
+mod unit_attentions {
+    use super::*;
+
+    const TUR: [u8; 6] = [0; 6];
+    const UA: u8 = 0x06;
+    const LUNS_CHANGED: (u8, u8) = (0x3f, 0x0e);
+    const CAPACITY_CHANGED: (u8, u8) = (0x2a, 0x09);
+    const LU_RESET: (u8, u8) = (0x29, 0x03);
+    const NEXUS_LOSS: (u8, u8) = (0x29, 0x07);
+
+    fn writable(lun: u16, blocks: usize) -> Disk {
+        disk(
+            MemImage::new(pattern(20 + u64::from(lun), blocks * 512), false),
+            lun,
+            512,
+            true,
+        )
+    }
+
+    /// LUNs 0 and 1, writable, 64 blocks each.
+    fn target() -> Target {
+        Target::new(vec![writable(0, 64), writable(1, 64)])
+    }
+
+    #[track_caller]
+    fn assert_ua(target: &Target, lun: u16, cdb: &[u8], (asc, ascq): (u8, u8)) {
+        let (c, _) = run(target, LunAddress::Lun(lun), cdb, 512);
+        assert_plain_sense(c, UA, asc, ascq);
+    }
+
+    #[track_caller]
+    fn assert_good(target: &Target, lun: u16, cdb: &[u8]) {
+        let (c, _) = run(target, LunAddress::Lun(lun), cdb, 512);
+        assert_eq!(c, Completion::Good, "LUN {lun} {cdb:02x?}");
+    }
+
+    #[test]
+    fn insert_and_remove_establish_luns_changed_on_the_others_only() {
+        let t = target();
+        t.insert(2, writable(2, 64)).unwrap();
+        assert_ua(&t, 0, &TUR, LUNS_CHANGED);
+        assert_ua(&t, 1, &TUR, LUNS_CHANGED);
+        assert_good(&t, 2, &TUR);
+        assert_good(&t, 0, &TUR);
+        assert!(t.remove(1).is_some());
+        assert_ua(&t, 0, &TUR, LUNS_CHANGED);
+        assert_ua(&t, 2, &TUR, LUNS_CHANGED);
+        assert_lun_not_supported(run(&t, LunAddress::Lun(1), &TUR, 0).0);
+        assert!(t.remove(1).is_none(), "removed twice");
+    }
+
+    #[test]
+    fn insert_at_a_used_or_too_high_lun_fails_and_lowest_free_lun() {
+        let t = target();
+        assert_eq!(t.lowest_free_lun(), Some(2));
+        assert!(t.insert(1, writable(1, 8)).is_err());
+        assert!(t.insert(16384, writable(9, 8)).is_err());
+        assert_good(&t, 0, &TUR);
+        t.insert(5, writable(5, 8)).unwrap();
+        assert_eq!(t.lowest_free_lun(), Some(2));
+        t.remove(0).unwrap();
+        assert_eq!(t.lowest_free_lun(), Some(0));
+        t.insert(0, writable(0, 8)).unwrap();
+        t.insert(2, writable(2, 8)).unwrap();
+        assert_eq!(t.lowest_free_lun(), Some(3));
+    }
+
+    #[test]
+    fn resets_establish_their_conditions() {
+        let t = target();
+        assert!(t.reset_unit(1));
+        assert!(!t.reset_unit(7), "no unit at LUN 7");
+        assert_good(&t, 0, &TUR);
+        assert_ua(&t, 1, &TUR, LU_RESET);
+        assert_good(&t, 1, &TUR);
+        t.reset_nexus();
+        assert_ua(&t, 0, &TUR, NEXUS_LOSS);
+        assert_ua(&t, 1, &TUR, NEXUS_LOSS);
+        assert_good(&t, 0, &TUR);
+    }
+
+    #[test]
+    fn several_are_reported_one_per_command_resets_first() {
+        let t = target();
+        t.insert(2, writable(2, 64)).unwrap();
+        t.unit(0).unwrap().resize(128 * 512, true).unwrap();
+        t.reset_nexus();
+        t.reset_unit(0);
+        for ua in [LU_RESET, NEXUS_LOSS, CAPACITY_CHANGED, LUNS_CHANGED] {
+            assert_ua(&t, 0, &TUR, ua);
+        }
+        assert_good(&t, 0, &TUR);
+    }
+
+    #[test]
+    fn inquiry_neither_reports_nor_clears() {
+        let t = target();
+        t.reset_unit(0);
+        for _ in 0..2 {
+            let (c, data) = run(&t, L0, &inquiry(false, 0, 36), 36);
+            assert_eq!(c, Completion::Good);
+            assert_eq!(data[0], 0x00);
+            let (c, _) = run(&t, L0, &inquiry(true, 0x80, 255), 255);
+            assert_eq!(c, Completion::Good);
+        }
+        assert_ua(&t, 0, &TUR, LU_RESET);
+    }
+
+    #[test]
+    fn report_luns_to_any_lun_clears_luns_changed_everywhere_but_not_the_others() {
+        for lun in [L0, LunAddress::Lun(9), WLUN] {
+            let t = target();
+            t.insert(2, writable(2, 64)).unwrap();
+            t.unit(1).unwrap().resize(128 * 512, true).unwrap();
+            let (c, data) = run(&t, lun, &report_luns(0, 4096), 4096);
+            assert_eq!(c, Completion::Good, "REPORT LUNS to {lun:?}");
+            assert_eq!(u32::from_be_bytes(data[..4].try_into().unwrap()), 24);
+            assert_good(&t, 0, &TUR);
+            // CAPACITY DATA HAS CHANGED stays (it is not about the inventory).
+            assert_ua(&t, 1, &TUR, CAPACITY_CHANGED);
+            assert_good(&t, 1, &TUR);
+        }
+    }
+
+    #[test]
+    fn request_sense_returns_and_clears_in_both_formats() {
+        let t = target();
+        t.reset_unit(0);
+        t.reset_nexus();
+        // Fixed format (SPC-4 §4.5.3): 70h, key in byte 2, ASC/ASCQ 12-13.
+        let (c, data) = run(&t, L0, &request_sense(0, 252), 252);
+        assert_eq!(c, Completion::Good);
+        assert_eq!(data.len(), 18);
+        assert_eq!(
+            (data[0], data[2] & 0x0f, data[12], data[13]),
+            (0x70, UA, 0x29, 0x03)
+        );
+        // Descriptor format (DESC=1, §4.5.2): 72h, key, ASC, ASCQ in 1-3.
+        let (c, data) = run(&t, L0, &request_sense(1, 252), 252);
+        assert_eq!(c, Completion::Good);
+        assert_eq!(&data[..4], &[0x72, UA, 0x29, 0x07]);
+        // Nothing pending: NO SENSE, and commands run.
+        let (c, data) = run(&t, L0, &request_sense(0, 252), 252);
+        assert_eq!(c, Completion::Good);
+        assert_eq!((data[2] & 0x0f, data[12], data[13]), (0, 0, 0));
+        assert_good(&t, 0, &TUR);
+    }
+
+    #[test]
+    fn resize_establishes_capacity_changed_only_when_the_capacity_changes() {
+        let t = target();
+        let unit = t.unit(0).unwrap();
+        unit.resize(64 * 512, true).unwrap();
+        assert_good(&t, 0, &TUR);
+        assert!(unit.resize(64 * 512 + 100, true).is_err());
+        assert_good(&t, 0, &TUR);
+        unit.resize(96 * 512, true).unwrap();
+        assert_ua(&t, 0, &rc16_cdb(32), CAPACITY_CHANGED);
+        let (c, data) = run(&t, L0, &rc16_cdb(32), 32);
+        assert_eq!(c, Completion::Good);
+        assert_eq!(data[..8], 95u64.to_be_bytes());
+        unit.resize(32 * 512, true).unwrap();
+        assert_ua(&t, 0, &TUR, CAPACITY_CHANGED);
+        assert_good(&t, 1, &TUR);
+    }
+}

@@ -20,5 +20,6 @@ mod durability;
 mod emulator;
 mod faults;
 mod hostile;
+mod hotplug;
 mod scale;
 mod virtqueue;

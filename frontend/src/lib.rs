@@ -595,13 +595,25 @@ impl ScsiFrontend {
     /// Posts event buffer `i` (0-7) on the event queue, kicking the
     /// device if it asks.
     pub fn post_event_buffer(&mut self, i: u16) -> Result<(), FrontendError> {
+        self.post_event_descriptor(i, EVENT_LEN, true)
+    }
+
+    /// Posts event buffer `i` (0-7) as a descriptor of `len` bytes (at
+    /// most 16), device-writable or not: a malformed buffer, for the
+    /// hostile-driver tests.
+    pub fn post_event_descriptor(
+        &mut self,
+        i: u16,
+        len: u32,
+        writable: bool,
+    ) -> Result<(), FrontendError> {
         let event = &mut self._aux[EVENT_QUEUE];
         event._ring.write_desc(
             i,
             Descriptor {
                 addr: self.event_buffers + u64::from(i) * u64::from(EVENT_LEN),
-                len: EVENT_LEN,
-                flags: VRING_DESC_F_WRITE,
+                len: len.min(EVENT_LEN),
+                flags: if writable { VRING_DESC_F_WRITE } else { 0 },
                 next: 0,
             },
         )?;

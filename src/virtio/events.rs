@@ -7,9 +7,13 @@
 //! buffer the driver posted there. An event waits in the hub until the
 //! driver has a buffer for it: when it found none, the next event written
 //! carries `VIRTIO_SCSI_T_EVENTS_MISSED`, so the driver rescans the target
-//! as the spec asks (Linux rescans, then handles the event). At most
-//! [`MAX_PENDING_EVENTS`] wait; beyond that the oldest is dropped, which the
-//! rescan that EVENTS_MISSED brings about makes up for.
+//! as the spec asks (Linux rescans, then handles the event); the events
+//! already waiting then are covered by that rescan, so a backlog brings
+//! about one rescan, not one per event. At most [`MAX_PENDING_EVENTS`]
+//! wait; beyond that the oldest is dropped, which the rescan that
+//! EVENTS_MISSED brings about makes up for. After each delivery the thread
+//! asks for a kick when the driver posts its next buffer (with EVENT_IDX,
+//! `avail_event`), so a waiting event goes out then.
 //!
 //! Which events the guest gets depends on the features it acknowledged:
 //! `TRANSPORT_RESET` events need `VIRTIO_SCSI_F_HOTPLUG`, `PARAM_CHANGE`
@@ -36,6 +40,10 @@ use crate::scsi::LunAddress;
 
 /// Most events kept while the driver has no buffer for them.
 pub const MAX_PENDING_EVENTS: usize = 256;
+
+/// Most rounds of one delivery (each takes every buffer available); what
+/// is left goes out at the driver's next kick.
+const MAX_DELIVERY_ROUNDS: u32 = 8;
 
 /// Bytes of `struct virtio_scsi_event`: `event`, `lun[8]`, `reason`.
 pub const EVENT_LEN: usize = 16;
@@ -176,7 +184,12 @@ impl EventHub {
         let mut pending = self.lock();
         let mut written = 0;
         let mut returned = 0;
+        // Rounds of buffers posted while events were being written: a
+        // driver that keeps posting buffers the events cannot use (too
+        // short) does not keep the thread here.
+        let mut rounds = 0;
         'deliver: loop {
+            rounds += 1;
             while let Some(&event) = pending.events.front() {
                 if features & event.feature() == 0 {
                     pending.events.pop_front();
@@ -231,7 +244,9 @@ impl EventHub {
             // event waiting for a buffer waits for the next event. A buffer
             // posted meanwhile is taken now.
             match vring.enable_notification() {
-                Ok(true) if !pending.events.is_empty() => continue 'deliver,
+                Ok(true) if !pending.events.is_empty() && rounds < MAX_DELIVERY_ROUNDS => {
+                    continue 'deliver
+                }
                 Ok(_) => break 'deliver,
                 Err(e) => {
                     debug!("cannot enable event queue notifications: {e}");

@@ -384,6 +384,44 @@ fn an_event_without_a_buffer_is_kept_and_the_next_one_says_events_missed() {
     assert_no_event(&mut fe);
 }
 
+/// A hostile driver's event buffers — shorter than an event, or
+/// device-readable — are returned unused (used length 0) and the event
+/// waits for a usable one (virtio 1.2 §5.6.6.3: buffers are at least an
+/// event long); the daemon serves on.
+#[test]
+fn unusable_event_buffers_are_returned_empty_and_the_event_waits() {
+    for (len, writable) in [(8, true), (16, false), (0, true)] {
+        let mut env = Env::new(1, 1, &[]);
+        let mut fe = env.driver(DriverConfig {
+            event_buffers: 0,
+            ..hotplug_driver()
+        });
+        let mut api = env.api();
+        api.ok("lun_add", json!({"image": env.image(1)}));
+        fe.post_event_descriptor(0, len, writable).unwrap();
+        let what = format!("buffer of {len} bytes (writable: {writable})");
+        let (_, used) = fe
+            .next_event(EVENT_WAIT)
+            .unwrap()
+            .unwrap_or_else(|| panic!("{what} not returned"));
+        assert_eq!(used, 0, "{what}");
+        // next_event posted buffer 0 again, as a usable one: the event
+        // comes in it, saying an event found no buffer.
+        let mut first = added([0, 1]);
+        first[..4].copy_from_slice(&(1 | EVENTS_MISSED).to_le_bytes());
+        assert_eq!(next_event(&mut fe), first, "after the {what}");
+        api.ok("lun_remove", json!({"lun": 1}));
+        assert_eq!(next_event(&mut fe), removed([0, 1]), "after the {what}");
+        let reply = cmd(&mut fe, 0, &TUR, 0);
+        assert_eq!(
+            reply.status, CHECK_CONDITION,
+            "the LUN changes' unit attention"
+        );
+        assert_good(&cmd(&mut fe, 0, &TUR, 0), "TEST UNIT READY after it");
+        env.assert_running();
+    }
+}
+
 #[test]
 fn no_events_without_the_features_but_the_unit_attention_is_there() {
     let env = Env::new(1, 1, &[]);

@@ -35,6 +35,16 @@
 //!   call; `UringEngine` keeps up to 128 requests in flight per request
 //!   queue ([`storage::IoEngine`] says which one a daemon uses).
 //!
+//! # Changing LUNs at run time
+//!
+//! With `--api-socket`, [`api`] serves JSON-RPC 2.0 (`lun_add`,
+//! `lun_remove`, `lun_resize`, `lun_list`, `stats`, `version`) to the
+//! operator's `vhost-device-scsi-ctl`; [`manage::LunManager`] carries the
+//! calls out: it changes the [`scsi::Target`]'s LUN table (swapped
+//! atomically, so commands never wait for it), and the guest is told by
+//! unit attentions and by the events [`virtio::EventHub`] hands to the
+//! worker thread that serves the event queue.
+//!
 //! The other side of the socket — a vhost-user virtio-scsi driver
 //! negotiating like QEMU, the hostile frontend, the test kit and the load
 //! generator `vhost-scsi-bench` — is a crate of its own,

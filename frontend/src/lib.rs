@@ -96,7 +96,7 @@ const EVENT_BUFFERS: u16 = 8;
 const EVENT_LEN: u32 = 16;
 /// The control request and its response.
 const CONTROL_BUFFER_LEN: u64 = 128;
-/// `virtio_scsi_ctrl_tmf_req`: type, subtype, lun[8], id.
+/// `virtio_scsi_ctrl_tmf_req`: `type`, `subtype`, `lun[8]`, `id`.
 const TMF_REQUEST_LEN: u32 = 4 + 4 + 8 + 8;
 /// Request slot metadata: header (51 bytes) and response (108 bytes).
 const SLOT_META_LEN: u64 = 256;

@@ -1255,6 +1255,7 @@ fn hotplug_scenario(name: &'static str, mode: &str, device_opts: &str) {
     let burst: Vec<Image> = (0..20)
         .map(|i| sc.random_image(&format!("burst{i}.raw"), 64 * KIB, 100 + i))
         .collect();
+    let added_md5 = added.md5();
     let api = sc.dir.join("api.sock");
     let api_arg = api.to_string_lossy().into_owned();
     let mut daemon = sc.daemon_rw(&[(&lun0, "")], &["--api-socket", &api_arg]);
@@ -1291,7 +1292,7 @@ fn hotplug_scenario(name: &'static str, mode: &str, device_opts: &str) {
         &[
             ("lun", "1".into()),
             ("size", (4 * MIB / 512).to_string()),
-            ("md5", added.md5()),
+            ("md5", added_md5.clone()),
         ],
     );
 
@@ -1376,8 +1377,7 @@ fn hotplug_scenario(name: &'static str, mode: &str, device_opts: &str) {
         .map(|tag| sc.record(&s, tag).line)
         .collect();
     note(format!(
-        "guest scenario `{name}` (image md5 {}), the guest's view:\n  {}",
-        added.md5(),
+        "guest scenario `{name}` (the added image's md5 {added_md5}), the guest's view:\n  {}",
         seen.join("\n  ")
     ));
 }

@@ -64,6 +64,8 @@ pub struct Summary {
     pub driver_cpu_s: f64,
     pub kicks: u64,
     pub waits: u64,
+    /// Requests answered with a unit attention (retried, not in `ios`).
+    pub unit_attentions: u64,
     pub p50_us: f64,
     pub p99_us: f64,
     pub p999_us: f64,
@@ -94,6 +96,7 @@ impl Summary {
             driver_cpu_s: driver,
             kicks: stats.kicks,
             waits: stats.waits,
+            unit_attentions: stats.unit_attentions,
             p50_us: us(stats.hist.quantile_ns(0.50)),
             p99_us: us(stats.hist.quantile_ns(0.99)),
             p999_us: us(stats.hist.quantile_ns(0.999)),
@@ -366,6 +369,7 @@ impl Report {
                 fields.push(("kicks_per_io", Json::Num(m.per_io(m.kicks))));
                 fields.push(("waits_per_io", Json::Num(m.per_io(m.waits))));
             }
+            fields.push(("unit_attentions", Json::Num(m.unit_attentions as f64)));
             fields.push((
                 "round_iops",
                 Json::Arr(m.round_iops.iter().map(|&v| Json::Num(v)).collect()),

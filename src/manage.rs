@@ -55,7 +55,7 @@ pub enum ManageError {
     #[error("{0}")]
     NotSupported(String),
     /// Commands in flight to a removed LUN have not completed in time.
-    #[error("LUN {lun}: removed, but commands in flight to it have not completed after {} s; its image stays open until they do", .waited.as_secs())]
+    #[error("LUN {lun}: removed, but commands in flight to it have not completed after {} s; its image is flushed and closed when they do", .waited.as_secs())]
     StillInFlight { lun: u16, waited: Duration },
 }
 
@@ -108,6 +108,12 @@ impl LunManager {
         let mut specs = self.specs();
         let spec = LunSpec::parse(OsStr::new(image))
             .map_err(|e| ManageError::Image(format!("image {}: {e}", e.image)))?;
+        if spec.path.is_relative() {
+            return Err(ManageError::InvalidParams(format!(
+                "image {}: a relative path: give an absolute one (the daemon's working directory is not the client's)",
+                spec.path.display()
+            )));
+        }
         let lun = match lun {
             Some(lun) if lun > MAX_LUN => {
                 return Err(ManageError::InvalidParams(format!(
@@ -199,7 +205,23 @@ impl LunManager {
                 Ok(())
             }
             Err(RecvTimeoutError::Timeout) => {
-                warn!("LUN {lun}: removed, but commands in flight to it have not completed; image {image} stays open until they do");
+                warn!("LUN {lun}: removed, but commands in flight to it have not completed after {} s; image {image} is flushed and closed when they do", self.remove_timeout.as_secs());
+                // The rest in the background: the image is flushed and
+                // closed when the last command lets go of the unit.
+                let waiter = std::thread::Builder::new()
+                    .name(format!("lun{lun}-close"))
+                    .spawn(move || {
+                        let _ = on_close.recv();
+                        match storage.flush() {
+                            Ok(()) => info!("LUN {lun}: image {image} flushed and closed"),
+                            Err(e) => {
+                                warn!("LUN {lun}: flushing image {image} failed: {e}; image closed")
+                            }
+                        }
+                    });
+                if let Err(e) = waiter {
+                    warn!("LUN {lun}: cannot start the thread that closes its image ({e}): it is closed, unflushed, when its commands complete");
+                }
                 Err(ManageError::StillInFlight {
                     lun,
                     waited: self.remove_timeout,
@@ -316,7 +338,8 @@ impl From<ManageError> for MethodError {
             ManageError::InvalidParams(_) => ErrorKind::InvalidParams,
             ManageError::NoSuchLun(_) => ErrorKind::NoSuchLun,
             ManageError::LunInUse(_) | ManageError::NoFreeLun => ErrorKind::LunInUse,
-            ManageError::Image(_) | ManageError::StillInFlight { .. } => ErrorKind::Image,
+            ManageError::Image(_) => ErrorKind::Image,
+            ManageError::StillInFlight { .. } => ErrorKind::StillInFlight,
             ManageError::NotSupported(_) => ErrorKind::NotSupported,
         };
         MethodError::new(kind, e.to_string())
@@ -363,5 +386,100 @@ impl Management for LunManager {
             })
             .collect();
         serde_json::Value::Array(luns)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::scsi::inquiry::Identity;
+    use crate::scsi::DiskConfig;
+    use crate::storage::MemImage;
+
+    fn manager(images: usize) -> LunManager {
+        let disks = (0..images)
+            .map(|lun| {
+                let config = DiskConfig {
+                    block_size: 512,
+                    identity: Identity::derived("/mem", lun as u16),
+                    solid_state: false,
+                    discard: true,
+                };
+                Disk::new(Box::new(MemImage::new(vec![0; 8192], false)), config).unwrap()
+            })
+            .collect();
+        let target = Arc::new(Target::new(disks));
+        let config = DaemonConfig::new("/nonexistent/s.sock", Vec::new());
+        LunManager::new(target, config, EventHub::new().unwrap())
+    }
+
+    /// A command that never completes: `lun_remove` gives up waiting with
+    /// its own error, the LUN is gone all the same, and the image is let go
+    /// of (closed) once the command is done.
+    #[test]
+    fn lun_remove_gives_up_waiting_and_the_image_closes_later() {
+        let mut manager = manager(2);
+        manager.set_remove_timeout(Duration::from_millis(50));
+        let in_flight = manager.target().unit(1).unwrap();
+        let image = Arc::downgrade(in_flight.storage());
+        let err = manager.lun_remove(1).unwrap_err();
+        assert!(
+            matches!(err, ManageError::StillInFlight { lun: 1, .. }),
+            "{err}"
+        );
+        assert_eq!(MethodError::from(err).code(), -32006);
+        assert!(!manager.target().has_unit(1));
+        assert!(image.upgrade().is_some(), "closed under a command");
+        drop(in_flight);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while image.upgrade().is_some() {
+            assert!(std::time::Instant::now() < deadline, "never closed");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn lun_remove_waits_for_the_command_in_flight() {
+        let manager = Arc::new(manager(2));
+        let in_flight = manager.target().unit(1).unwrap();
+        let remover = {
+            let manager = manager.clone();
+            std::thread::spawn(move || manager.lun_remove(1))
+        };
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(!remover.is_finished(), "answered with a command in flight");
+        drop(in_flight);
+        remover.join().unwrap().unwrap();
+    }
+
+    #[test]
+    fn a_relative_image_path_is_refused() {
+        let manager = manager(1);
+        let err = manager.lun_add("disk.raw,ro", None).unwrap_err();
+        assert!(matches!(err, ManageError::InvalidParams(_)), "{err}");
+        assert!(err.to_string().contains("disk.raw"), "{err}");
+    }
+
+    /// Shrinking waits for the unit's transfers in flight before the image
+    /// is cut, as COMPARE AND WRITE does.
+    #[test]
+    fn a_shrink_waits_for_transfers_in_flight() {
+        let manager = Arc::new(manager(1));
+        let unit = manager.target().unit(0).unwrap();
+        let access = unit.try_transfer_access().unwrap();
+        let shrink = {
+            let manager = manager.clone();
+            std::thread::spawn(move || manager.lun_resize(0, Some(4096), true))
+        };
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(!shrink.is_finished(), "cut the image under a transfer");
+        // The new capacity already holds for new commands.
+        assert_eq!(unit.blocks(), 8);
+        drop(access);
+        assert_eq!(shrink.join().unwrap().unwrap(), 4096);
+        assert_eq!(unit.image_size().unwrap(), 4096);
     }
 }

@@ -108,6 +108,21 @@ pub fn parse_params_json(text: &str) -> Result<Map<String, Value>, String> {
     }
 }
 
+/// `lun_add`'s `image` made absolute against `cwd` if it is relative: the
+/// daemon refuses a relative path (its working directory is not the
+/// client's). A comma in `cwd` is written `,,`, as IMAGE arguments want.
+pub fn absolute_image(method: &str, params: &mut Map<String, Value>, cwd: &Path) {
+    if method != "lun_add" {
+        return;
+    }
+    if let Some(Value::String(image)) = params.get_mut("image") {
+        if !image.is_empty() && !image.starts_with('/') {
+            let dir = cwd.to_string_lossy().replace(',', ",,");
+            *image = format!("{}/{image}", dir.trim_end_matches('/'));
+        }
+    }
+}
+
 /// The request line (without `\n`) calling `method` with `params`; empty
 /// parameters are left out.
 pub fn request_line(method: &str, params: &Map<String, Value>) -> String {

@@ -25,6 +25,8 @@
 //! | -32002 | LUN in use: the LUN number asked for is taken ([`ErrorKind::LunInUse`]) |
 //! | -32003 | image error: cannot open or lock the image, bad per-LUN options ([`ErrorKind::Image`]) |
 //! | -32004 | not supported: e.g. growing a block device, resizing a read-only image ([`ErrorKind::NotSupported`]) |
+//! | -32005 | reply too large: a batch's replies passed 32 MiB; the rest of the batch is not executed |
+//! | -32006 | still in flight: the LUN was removed, but commands to it had not completed in time; its image is flushed and closed when they do ([`ErrorKind::StillInFlight`]) |
 
 pub mod client;
 pub mod protocol;
@@ -105,6 +107,9 @@ pub enum ErrorKind {
     /// -32004: the operation is not supported on this LUN (growing a block
     /// device, resizing a read-only image).
     NotSupported,
+    /// -32006: the LUN was removed, but commands in flight to it had not
+    /// completed when the call gave up waiting.
+    StillInFlight,
 }
 
 impl ErrorKind {
@@ -116,6 +121,7 @@ impl ErrorKind {
             ErrorKind::LunInUse => -32002,
             ErrorKind::Image => -32003,
             ErrorKind::NotSupported => -32004,
+            ErrorKind::StillInFlight => -32006,
         }
     }
 }

@@ -44,6 +44,13 @@ pub const TOO_MANY_CLIENTS: i64 = -32000;
 
 /// The most requests a batch may hold.
 pub const MAX_BATCH: usize = 1024;
+/// -32005: a batch's replies passed [`MAX_REPLY_BYTES`]; the request was
+/// not executed.
+pub const REPLY_TOO_LARGE: i64 = -32005;
+/// Most bytes of a batch's replies before its remaining requests are
+/// refused (one `stats` of 16384 LUNs is about 7 MiB): what sixteen
+/// clients' batches can make the daemon hold stays bounded.
+pub const MAX_REPLY_BYTES: usize = 32 << 20;
 
 /// The longest excerpt of a client's value quoted in an error message.
 const QUOTE_MAX: usize = 40;
@@ -112,11 +119,38 @@ pub fn handle_line(line: &[u8], management: &dyn Management) -> Option<String> {
             ),
         )),
         Value::Array(requests) => {
-            let replies: Vec<Value> = requests
-                .into_iter()
-                .filter_map(|request| handle_request(request, management))
-                .collect();
-            (!replies.is_empty()).then(|| Value::Array(replies).to_string())
+            // Each reply is serialized as soon as it is made, and once they
+            // pass MAX_REPLY_BYTES the rest of the batch is not executed.
+            let mut out = String::from("[");
+            let mut replies = 0usize;
+            for request in requests {
+                let reply = if out.len() > MAX_REPLY_BYTES {
+                    // A notification (no `id`) gets no reply either way.
+                    request.get("id").map(|id| {
+                        error_reply(
+                            id.clone(),
+                            &RpcError::new(
+                                REPLY_TOO_LARGE,
+                                format!(
+                                    "reply too large: the batch's replies passed {} MiB; request not executed, send it on its own",
+                                    MAX_REPLY_BYTES >> 20
+                                ),
+                            ),
+                        )
+                    })
+                } else {
+                    handle_request(request, management)
+                };
+                if let Some(reply) = reply {
+                    if replies > 0 {
+                        out.push(',');
+                    }
+                    out.push_str(&reply.to_string());
+                    replies += 1;
+                }
+            }
+            out.push(']');
+            (replies > 0).then_some(out)
         }
         request => handle_request(request, management).map(|reply| reply.to_string()),
     }

@@ -554,3 +554,70 @@ fn batches() {
     let line = format!("[{}]", vec![one.as_str(); 1024].join(","));
     assert_eq!(reply(&m, &line).unwrap().as_array().unwrap().len(), 1024);
 }
+
+/// A manager whose `stats` reply is 4 MiB, counting its calls.
+#[derive(Default)]
+struct BigStats {
+    calls: Mutex<usize>,
+}
+
+impl Management for BigStats {
+    fn lun_add(&self, _: &str, _: Option<u16>) -> Result<u16, MethodError> {
+        Err(MethodError::not_supported("not here"))
+    }
+    fn lun_remove(&self, _: u16) -> Result<(), MethodError> {
+        Err(MethodError::not_supported("not here"))
+    }
+    fn lun_resize(&self, _: u16, _: Option<u64>, _: bool) -> Result<u64, MethodError> {
+        Err(MethodError::not_supported("not here"))
+    }
+    fn lun_list(&self) -> Vec<LunInfo> {
+        Vec::new()
+    }
+    fn stats(&self) -> Value {
+        *self.calls.lock().unwrap() += 1;
+        json!("x".repeat(4 << 20))
+    }
+}
+
+/// Once a batch's replies pass 32 MiB (docs/api.md), the rest of the batch
+/// is not executed: each request with an id gets -32005, a notification
+/// nothing.
+#[test]
+fn a_batch_stops_executing_once_its_replies_pass_32_mib() {
+    let big = BigStats::default();
+    let mut batch: Vec<Value> = (1..=12)
+        .map(|id| json!({"jsonrpc": "2.0", "method": "stats", "id": id}))
+        .collect();
+    batch.push(json!({"jsonrpc": "2.0", "method": "stats"}));
+    let text = handle_line(Value::Array(batch).to_string().as_bytes(), &big).unwrap();
+    let replies: Vec<Value> = serde_json::from_str(&text).unwrap();
+    assert_eq!(replies.len(), 12, "the notification gets no reply");
+    // Eight replies of 4 MiB and a little: the eighth passes 32 MiB.
+    assert_eq!(*big.calls.lock().unwrap(), 8);
+    for (i, r) in replies.iter().enumerate() {
+        assert_eq!(r["id"], i + 1);
+        if i < 8 {
+            assert!(r.get("result").is_some(), "reply {}", i + 1);
+        } else {
+            assert_eq!(r["error"]["code"], -32005, "reply {}", i + 1);
+        }
+    }
+}
+
+#[test]
+fn ctl_makes_a_relative_image_absolute_against_its_directory() {
+    use super::client::absolute_image;
+    use std::path::Path;
+    let mut params = serde_json::Map::new();
+    params.insert("image".into(), json!("d1.raw,ro"));
+    absolute_image("lun_add", &mut params, Path::new("/srv/a,b/"));
+    assert_eq!(params["image"], "/srv/a,,b/d1.raw,ro");
+    // Absolute paths, other methods: unchanged.
+    params.insert("image".into(), json!("/img/d2.raw"));
+    absolute_image("lun_add", &mut params, Path::new("/srv"));
+    assert_eq!(params["image"], "/img/d2.raw");
+    params.insert("image".into(), json!("d3.raw"));
+    absolute_image("lun_remove", &mut params, Path::new("/srv"));
+    assert_eq!(params["image"], "d3.raw");
+}

@@ -45,6 +45,10 @@ fn main() -> ExitCode {
                 .exit(),
         },
     };
+    let mut params = params;
+    if let Ok(cwd) = std::env::current_dir() {
+        client::absolute_image(&cli.method, &mut params, &cwd);
+    }
     match client::call(&cli.api_socket, &cli.method, &params) {
         Ok(result) => match serde_json::to_string_pretty(&result) {
             Ok(text) => {

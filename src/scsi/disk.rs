@@ -110,8 +110,9 @@ pub struct Disk {
     io_lock: RwLock<()>,
     /// READ and WRITE transfers handed over and not yet finished.
     handed_over: Arc<HandedOver>,
-    /// Told when the unit is dropped, after its image is closed (the
-    /// last field, so it is dropped after `storage`).
+    /// Told when the unit is dropped (the last field, so it is dropped
+    /// after `storage`: the image is closed by then unless whoever is told
+    /// holds the storage too, as `lun_remove` does to flush it).
     closed: ClosedNotice,
 }
 
@@ -272,9 +273,16 @@ impl Disk {
             }
             self.blocks.store(blocks, Ordering::Release);
         } else if blocks < before {
-            // Shrinking: no new command addresses the bytes that go.
+            // Shrinking: no new command addresses the bytes that go; the
+            // ones already past their range check end before the image is
+            // cut (the unit held as COMPARE AND WRITE holds it: every data
+            // access done, no handed-over transfer left), and one that
+            // reaches the image after it is refused by the storage (its
+            // size is the new one by then).
             self.blocks.store(blocks, Ordering::Release);
             if set_len {
+                let _exclusive = self.exclusive();
+                self.wait_async_idle();
                 if let Err(e) = self.storage.set_len(size) {
                     self.blocks.store(before, Ordering::Release);
                     return Err(ResizeError::Image(e));

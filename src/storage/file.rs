@@ -165,6 +165,19 @@ impl FileImage {
         self.kind
     }
 
+    /// Refuses a write reaching past the image's size: a write that was
+    /// checked against the capacity before a shrink must not extend the
+    /// file again (the logical unit's range check is the guest-facing one).
+    fn check_within(&self, offset: u64, len: u64) -> io::Result<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.size() => Ok(()),
+            _ => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "write past the end of the image (shrunk meanwhile)",
+            )),
+        }
+    }
+
     /// The open file, e.g. for taking image locks on it.
     pub fn file(&self) -> &File {
         &self.file
@@ -213,6 +226,7 @@ impl Storage for FileImage {
         if self.read_only {
             return Err(io::Error::from_raw_os_error(libc::EROFS));
         }
+        self.check_within(offset, bufs.len() as u64)?;
         let pwritev2_dsync = |fd, v, n, off| {
             // SAFETY: `transfer` hands `n` entries of memory valid for
             // reads (its contract).
@@ -256,6 +270,7 @@ impl Storage for FileImage {
         if len == 0 {
             return Ok(());
         }
+        self.check_within(offset, len)?;
         let modes: &[FallocateFlags] = if deallocate {
             &[
                 FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
@@ -658,6 +673,37 @@ mod tests {
         tmp.write_all(bytes).unwrap();
         let img = FileImage::open(tmp.path(), true).unwrap();
         (tmp, img)
+    }
+
+    /// A write checked against the old capacity that reaches the image
+    /// after it shrank is refused: it must not extend the file again.
+    #[test]
+    fn a_write_past_the_end_after_a_shrink_is_refused() {
+        let mut tmp = tempfile::NamedTempFile::new().unwrap();
+        tmp.write_all(&[7u8; 8192]).unwrap();
+        let img = FileImage::open(tmp.path(), false).unwrap();
+        img.set_len(4096).unwrap();
+        assert_eq!(img.size(), 4096);
+        let err = img
+            .write_vectored_at(&from_bytes(&[1u8; 512]), 4096, false)
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+        assert!(img.write_zeroes(4096, 512, true).is_err());
+        assert!(img.write_zeroes(3584, 1024, false).is_err());
+        assert_eq!(std::fs::metadata(tmp.path()).unwrap().len(), 4096);
+        // Within the image: written.
+        img.write_vectored_at(&from_bytes(&[1u8; 512]), 3584, false)
+            .unwrap();
+        // Grown again (the operator grew the file): the new end counts.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(tmp.path())
+            .unwrap()
+            .set_len(8192)
+            .unwrap();
+        assert_eq!(img.refresh_size().unwrap(), 8192);
+        img.write_vectored_at(&from_bytes(&[1u8; 512]), 4096, false)
+            .unwrap();
     }
 
     #[test]

@@ -174,6 +174,15 @@ impl UringEngine {
                     // inode), which is slower than writing them inline.
                     Direction::Write { .. } if file.direct.is_none() => return Err(submission),
                     Direction::Write { durable: true } if !file.dsync => return Err(submission),
+                    // Past the image's end (shrunk since the range check):
+                    // the synchronous call refuses it.
+                    Direction::Write { .. }
+                        if (transfer.offset)
+                            .checked_add(transfer.len as u64)
+                            .is_none_or(|end| end > submission.storage.size()) =>
+                    {
+                        return Err(submission)
+                    }
                     _ => {}
                 }
                 if !memory.pin(transfer.len, MAX_PIECES, &mut slot.bufs)

@@ -321,9 +321,14 @@ impl ScsiBackend {
         let Some(mem) = self.usable_memory(EVENT_QUEUE, vring) else {
             return;
         };
-        let delivered = hub.deliver(vring, &mem, self.acked_features.load(Ordering::Acquire));
-        if delivered > 0 {
-            debug!("{delivered} event(s) written to the event queue");
+        let delivery = hub.deliver(vring, &mem, self.acked_features.load(Ordering::Acquire));
+        if delivery.written > 0 {
+            debug!("{} event(s) written to the event queue", delivery.written);
+        }
+        if delivery.unfinished {
+            // The rest after the thread's other events, as a request queue
+            // whose pass ran out of time.
+            Self::kick_again(vring);
         }
     }
 

@@ -41,9 +41,10 @@ use crate::scsi::LunAddress;
 /// Most events kept while the driver has no buffer for them.
 pub const MAX_PENDING_EVENTS: usize = 256;
 
-/// Most rounds of one delivery (each takes every buffer available); what
-/// is left goes out at the driver's next kick.
-const MAX_DELIVERY_ROUNDS: u32 = 8;
+/// Most buffers one delivery takes from the event queue (usable or not);
+/// if events are left and buffers too, the queue is served again after
+/// the thread's other events, as a request queue after its pass budget.
+pub const MAX_BUFFERS_PER_DELIVERY: usize = 256;
 
 /// Bytes of `struct virtio_scsi_event`: `event`, `lun[8]`, `reason`.
 pub const EVENT_LEN: usize = 16;
@@ -178,19 +179,23 @@ impl EventHub {
     /// Writes the pending events the driver acknowledged the features for
     /// (`features`) into buffers it posted on the event queue `vring`, in
     /// guest memory `mem`, and signals it if it asked (virtio 1.2 §2.7.10).
-    /// Events without their feature are dropped. Returns how many were
-    /// written.
-    pub fn deliver(&self, vring: &VringRwLock, mem: &Arc<GuestMem>, features: u64) -> usize {
+    /// Events without their feature are dropped. At most
+    /// [`MAX_BUFFERS_PER_DELIVERY`] buffers are taken.
+    pub fn deliver(&self, vring: &VringRwLock, mem: &Arc<GuestMem>, features: u64) -> Delivery {
         let mut pending = self.lock();
         let mut written = 0;
         let mut returned = 0;
-        // Rounds of buffers posted while events were being written: a
-        // driver that keeps posting buffers the events cannot use (too
-        // short) does not keep the thread here.
-        let mut rounds = 0;
+        // Buffers taken: a driver that keeps posting buffers the events
+        // cannot use (too short) does not keep the thread (or the hub's
+        // lock) here.
+        let mut popped = 0;
+        let mut unfinished = false;
         'deliver: loop {
-            rounds += 1;
             while let Some(&event) = pending.events.front() {
+                if popped == MAX_BUFFERS_PER_DELIVERY {
+                    unfinished = true;
+                    break 'deliver;
+                }
                 if features & event.feature() == 0 {
                     pending.events.pop_front();
                     pending.covered = pending.covered.saturating_sub(1);
@@ -205,6 +210,7 @@ impl EventHub {
                     }
                     break;
                 };
+                popped += 1;
                 let head = chain.head_index();
                 let used = match split_chain(mem, chain) {
                     Ok(mut split) if split.writable.remaining() >= EVENT_LEN => {
@@ -244,9 +250,7 @@ impl EventHub {
             // event waiting for a buffer waits for the next event. A buffer
             // posted meanwhile is taken now.
             match vring.enable_notification() {
-                Ok(true) if !pending.events.is_empty() && rounds < MAX_DELIVERY_ROUNDS => {
-                    continue 'deliver
-                }
+                Ok(true) if !pending.events.is_empty() => continue 'deliver,
                 Ok(_) => break 'deliver,
                 Err(e) => {
                     debug!("cannot enable event queue notifications: {e}");
@@ -260,8 +264,21 @@ impl EventHub {
                 debug!("cannot signal the event queue: {e}");
             }
         }
-        written
+        Delivery {
+            written,
+            unfinished,
+        }
     }
+}
+
+/// What one [`EventHub::deliver`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Delivery {
+    /// Events written into the driver's buffers.
+    pub written: usize,
+    /// It stopped after [`MAX_BUFFERS_PER_DELIVERY`] buffers with events
+    /// left: the caller serves the queue again later.
+    pub unfinished: bool,
 }
 
 #[cfg(test)]

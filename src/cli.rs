@@ -25,11 +25,23 @@ pub struct Cli {
 
     /// Unix socket for the management API (JSON-RPC 2.0, one request a
     /// line: add, remove and resize LUNs, list them, statistics; the
-    /// client is vhost-device-scsi-ctl). It gets the same --socket-mode and
-    /// --socket-group as the vhost-user socket; whoever may connect to it
-    /// may open any file the daemon can as a LUN.
+    /// client is vhost-device-scsi-ctl). Whoever may connect to it may
+    /// open any file the daemon can as a LUN: it has its own
+    /// --api-socket-mode and --api-socket-group.
     #[arg(long = "api-socket", value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
+
+    /// Permissions of the API socket, in octal (default 0600: only the
+    /// daemon's user); not widened by --socket-mode.
+    #[arg(long = "api-socket-mode", value_name = "MODE", default_value = "0600",
+          value_parser = parse_socket_mode)]
+    pub api_socket_mode: u32,
+
+    /// Group of the API socket: a group name or a numeric gid (default:
+    /// the daemon's group).
+    #[arg(long = "api-socket-group", value_name = "GROUP",
+          value_parser = clap::builder::NonEmptyStringValueParser::new())]
+    pub api_socket_group: Option<String>,
 
     /// Permissions of the socket, in octal (default 0600): whoever may
     /// connect to it gets every image, so only the daemon's user may
@@ -164,6 +176,8 @@ impl Cli {
             api_socket: self.api_socket,
             mode: self.socket_mode,
             group: self.socket_group,
+            api_mode: self.api_socket_mode,
+            api_group: self.api_socket_group,
         };
         socket.check_api_socket()?;
         let luns = config::parse_luns(&self.images)?;
@@ -243,6 +257,10 @@ mod tests {
             "0660",
             "--socket-group",
             "kvm",
+            "--api-socket-mode",
+            "0640",
+            "--api-socket-group",
+            "adm",
             "-r",
             "--solid-state",
             "--no-discard",
@@ -268,6 +286,8 @@ mod tests {
                     api_socket: Some("api.sock".into()),
                     mode: 0o660,
                     group: Some("kvm".into()),
+                    api_mode: 0o640,
+                    api_group: Some("adm".into()),
                 },
                 luns: vec![LunSpec {
                     path: "a.raw".into(),

@@ -69,15 +69,54 @@ pub struct DaemonConfig {
 pub struct SocketConfig {
     /// The vhost-user socket (`--socket-path`).
     pub path: PathBuf,
-    /// The management API's JSON-RPC socket (`--api-socket`), if any; it
-    /// gets the same mode and group as the vhost-user socket, and is never
-    /// the same path ([`DaemonConfig::check`]).
+    /// The management API's JSON-RPC socket (`--api-socket`), if any;
+    /// never the same path ([`DaemonConfig::check`]).
     pub api_socket: Option<PathBuf>,
     /// Permission bits, 0-0o777.
     pub mode: u32,
     /// The socket's group as the operator named it (a group name or a
     /// numeric gid), if not the daemon's.
     pub group: Option<String>,
+    /// The API socket's permission bits (`--api-socket-mode`, default
+    /// 0600) and group (`--api-socket-group`): its own, not the vhost-user
+    /// socket's, since whoever may connect to it may open any file the
+    /// daemon can as a LUN, while the VMM's group only needs the other.
+    pub api_mode: u32,
+    pub api_group: Option<String>,
+}
+
+/// A socket's access: `mode`, and `group` resolved (a group name first,
+/// as chown(1) does, then a numeric gid); errors name `flag`.
+fn socket_access(
+    mode: u32,
+    group: Option<&str>,
+    flag: &'static str,
+) -> Result<SocketAccess, ConfigError> {
+    let group = match group {
+        None => None,
+        Some(name) => {
+            let gid = match group_id(name).map_err(|source| ConfigError::GroupLookup {
+                flag,
+                name: name.to_string(),
+                source,
+            })? {
+                Some(gid) => gid,
+                None => name
+                    .parse::<u32>()
+                    .ok()
+                    .filter(|&g| g != u32::MAX)
+                    .ok_or_else(|| ConfigError::NoSuchGroup {
+                        flag,
+                        name: name.to_string(),
+                    })?,
+            };
+            Some(SocketGroup {
+                name: name.to_string(),
+                gid,
+            })
+        }
+    };
+    Ok(SocketAccess { mode, group })
 }
 
 /// The I/O engine asked for; [`IoEngineChoice::resolve`] turns it into the
@@ -105,10 +144,16 @@ pub enum ConfigError {
     SocketMode(u32),
     #[error("--api-socket {}: the same path as --socket-path", .0.display())]
     ApiSocketIsVhostSocket(PathBuf),
-    #[error("--socket-group {name}: cannot look up the group: {source}")]
-    GroupLookup { name: String, source: io::Error },
-    #[error("--socket-group {0}: no such group (a group name or a numeric gid)")]
-    NoSuchGroup(String),
+    #[error("--api-socket-mode {0:04o}: not an octal mode from 0000 to 0777 (e.g. 0660)")]
+    ApiSocketMode(u32),
+    #[error("{flag} {name}: cannot look up the group: {source}")]
+    GroupLookup {
+        flag: &'static str,
+        name: String,
+        source: io::Error,
+    },
+    #[error("{flag} {name}: no such group (a group name or a numeric gid)")]
+    NoSuchGroup { flag: &'static str, name: String },
     #[error("--io-engine io-uring: io_uring is not usable here: {0}")]
     IoUring(io::Error),
     #[error("too many images: {0} given, at most {MAX_IMAGES} (LUNs 0-{MAX_LUN})")]
@@ -161,6 +206,9 @@ impl DaemonConfig {
         if self.socket.mode > 0o777 {
             return Err(ConfigError::SocketMode(self.socket.mode));
         }
+        if self.socket.api_mode > 0o777 {
+            return Err(ConfigError::ApiSocketMode(self.socket.api_mode));
+        }
         self.socket.check_api_socket()?;
         if self.luns.len() > MAX_IMAGES {
             return Err(ConfigError::TooManyImages(self.luns.len()));
@@ -212,6 +260,8 @@ impl SocketConfig {
             api_socket: None,
             mode: DEFAULT_SOCKET_MODE,
             group: None,
+            api_mode: DEFAULT_SOCKET_MODE,
+            api_group: None,
         }
     }
 
@@ -228,30 +278,16 @@ impl SocketConfig {
     /// Who may connect to the socket: the group resolved (a group name
     /// first, as chown(1) does, then a numeric gid), or why it is unusable.
     pub fn access(&self) -> Result<SocketAccess, ConfigError> {
-        let group = match &self.group {
-            None => None,
-            Some(name) => {
-                let gid = match group_id(name).map_err(|source| ConfigError::GroupLookup {
-                    name: name.clone(),
-                    source,
-                })? {
-                    Some(gid) => gid,
-                    None => name
-                        .parse::<u32>()
-                        .ok()
-                        .filter(|&g| g != u32::MAX)
-                        .ok_or_else(|| ConfigError::NoSuchGroup(name.clone()))?,
-                };
-                Some(SocketGroup {
-                    name: name.clone(),
-                    gid,
-                })
-            }
-        };
-        Ok(SocketAccess {
-            mode: self.mode,
-            group,
-        })
+        socket_access(self.mode, self.group.as_deref(), "--socket-group")
+    }
+
+    /// Who may connect to the API socket, as [`SocketConfig::access`].
+    pub fn api_access(&self) -> Result<SocketAccess, ConfigError> {
+        socket_access(
+            self.api_mode,
+            self.api_group.as_deref(),
+            "--api-socket-group",
+        )
     }
 }
 

@@ -53,6 +53,7 @@ fn run(config: &DaemonConfig) -> Result<(), String> {
     let options = config.queues;
     let engine = config.io_engine.resolve().map_err(|e| e.to_string())?;
     let access = config.socket.access().map_err(|e| e.to_string())?;
+    let api_access = config.socket.api_access().map_err(|e| e.to_string())?;
     let target = config::build_target(config).map_err(|e| e.to_string())?;
     let socket_path = &config.socket.path;
     let mut sockets = vec![socket_path.clone()];
@@ -63,7 +64,8 @@ fn run(config: &DaemonConfig) -> Result<(), String> {
     // (binding sets the umask for a moment).
     let api_listener = match &config.socket.api_socket {
         Some(path) => Some(
-            daemon::bind_unix(path, &access, daemon::SocketRole::Api).map_err(|e| e.to_string())?,
+            daemon::bind_unix(path, &api_access, daemon::SocketRole::Api)
+                .map_err(|e| e.to_string())?,
         ),
         None => None,
     };

@@ -993,6 +993,7 @@ fn every_operator_error_has_its_exit_status_and_one_line() {
     std::fs::create_dir(&open).unwrap();
     std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
     let open_sock = open.join("s.sock");
+    let api_sock = d.join("api.sock");
     let e = "vhost-device-scsi: error:";
     let clap_invalid = |flag: &str, value: &str, reason: &str| {
         format!("error: invalid value '{value}' for '{flag}': {reason}")
@@ -1193,6 +1194,30 @@ fn every_operator_error_has_its_exit_status_and_one_line() {
             stderr: format!(
                 "{e} --socket-group no-such-group-x: no such group (a group name or a numeric gid)"
             ),
+        },
+        CliCase {
+            name: "--api-socket-group of no group",
+            args: os_args(&[
+                &"-s",
+                &sock,
+                &"--api-socket",
+                &api_sock,
+                &"--api-socket-group",
+                &"no-such-group-x",
+                &good,
+            ]),
+            unprivileged: false,
+            code: 1,
+            stderr: format!(
+                "{e} --api-socket-group no-such-group-x: no such group (a group name or a numeric gid)"
+            ),
+        },
+        CliCase {
+            name: "--api-socket-mode out of range",
+            args: os_args(&[&"-s", &sock, &"--api-socket-mode", &"1777", &good]),
+            unprivileged: false,
+            code: 2,
+            stderr: clap_invalid("--api-socket-mode <MODE>", "1777", BAD_MODE),
         },
         CliCase {
             name: "--socket-group gid -1",

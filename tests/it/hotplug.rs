@@ -884,3 +884,23 @@ fn luns_come_and_go_while_two_queues_read() {
     assert_eq!(reported_luns(&r.data_in), [[0u8; 8]]);
     assert_good(&cmd(&mut fe, 0, &TUR, 0), "TUR after the load");
 }
+
+/// The API socket has its own permissions: `--socket-mode 0660` (for the
+/// VMM's group) leaves it 0600; `--api-socket-mode` sets them.
+#[test]
+fn the_api_socket_has_its_own_mode() {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |env: &Env| {
+        let mut api = env.api();
+        api.ok("version", json!({}));
+        std::fs::metadata(&env.api).unwrap().permissions().mode() & 0o777
+    };
+    let env = Env::new(1, 0, &["--socket-mode", "0660"]);
+    assert_eq!(
+        std::fs::metadata(&env.socket).unwrap().permissions().mode() & 0o777,
+        0o660
+    );
+    assert_eq!(mode(&env), 0o600);
+    let env = Env::new(1, 0, &["--api-socket-mode", "0640"]);
+    assert_eq!(mode(&env), 0o640);
+}

@@ -6,7 +6,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
 use log::{info, warn};
@@ -214,12 +214,43 @@ fn set_access(path: &Path, access: &SocketAccess, role: SocketRole) -> Result<()
     })
 }
 
-/// Starts a thread that waits for SIGINT and SIGTERM, removes the sockets
-/// at `socket_paths` (the vhost-user socket and the API socket, if any)
-/// and exits with status 0. The signal handler, signal-hook's, only wakes
-/// that thread (a write to its self-pipe); the logging, the removal and the
-/// exit run on the thread, never in the handler.
-pub fn handle_stop_signals(socket_paths: Vec<PathBuf>) -> Result<(), DaemonError> {
+/// The VMM connection being served, if any: what a stop signal
+/// quiesces before the daemon exits.
+#[derive(Debug, Default)]
+pub struct Serving {
+    backend: Mutex<Option<Weak<ScsiBackend>>>,
+}
+
+impl Serving {
+    fn set(&self, backend: Option<&Arc<ScsiBackend>>) {
+        *self.backend.lock().unwrap_or_else(PoisonError::into_inner) = backend.map(Arc::downgrade);
+    }
+
+    fn current(&self) -> Option<Arc<ScsiBackend>> {
+        self.backend
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()?
+            .upgrade()
+    }
+}
+
+/// How long a stop signal waits for the worker threads to finish their
+/// passes and the I/O in flight before the daemon exits regardless.
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Starts a thread that waits for SIGINT and SIGTERM, then stops the
+/// daemon cleanly: the connection being served (`serving`) is quiesced —
+/// every request taken from the guest's queues is completed and on the
+/// used ring ([`ScsiBackend::quiesce_then`]), so a daemon started next (an
+/// upgrade) resumes exactly after them — the sockets at `socket_paths` are
+/// removed and the process exits with status 0. The signal handler,
+/// signal-hook's, only wakes that thread (a write to its self-pipe); the
+/// rest runs on the thread, never in the handler.
+pub fn handle_stop_signals(
+    socket_paths: Vec<PathBuf>,
+    serving: Arc<Serving>,
+) -> Result<(), DaemonError> {
     let mut signals = Signals::new([SIGINT, SIGTERM]).map_err(DaemonError::Signals)?;
     std::thread::Builder::new()
         .name("signals".into())
@@ -227,23 +258,33 @@ pub fn handle_stop_signals(socket_paths: Vec<PathBuf>) -> Result<(), DaemonError
             // `forever` ends only when the `Signals` is closed, which
             // nothing does.
             if let Some(signal) = signals.forever().next() {
-                let names: Vec<String> = socket_paths
-                    .iter()
-                    .map(|p| p.display().to_string())
-                    .collect();
-                info!(
-                    "{} received: removing {} and exiting",
-                    if signal == SIGINT {
-                        "SIGINT"
+                let name = if signal == SIGINT { "SIGINT" } else { "SIGTERM" };
+                let exit = |quiesced: bool| {
+                    let names: Vec<String> = socket_paths
+                        .iter()
+                        .map(|p| p.display().to_string())
+                        .collect();
+                    if quiesced {
+                        info!(
+                            "{name} received: requests in flight completed; removing {} and exiting",
+                            names.join(" and ")
+                        );
                     } else {
-                        "SIGTERM"
-                    },
-                    names.join(" and ")
-                );
-                for path in &socket_paths {
-                    let _ = std::fs::remove_file(path);
+                        warn!(
+                            "{name} received: requests still in flight after {} s; removing {} and exiting",
+                            STOP_TIMEOUT.as_secs(),
+                            names.join(" and ")
+                        );
+                    }
+                    for path in &socket_paths {
+                        let _ = std::fs::remove_file(path);
+                    }
+                    std::process::exit(0);
+                };
+                match serving.current() {
+                    Some(backend) => backend.quiesce_then(STOP_TIMEOUT, exit),
+                    None => exit(true),
                 }
-                std::process::exit(0);
             }
         })
         .map_err(DaemonError::Signals)?;
@@ -264,18 +305,30 @@ const RETRY_MAX: Duration = Duration::from_secs(1);
 /// like every warning) and retried after a pause that doubles from 10 ms
 /// to 1 s while failures go on: such errors pass, and a daemon that exited
 /// on them would leave its VMM nothing to reconnect to.
+#[allow(clippy::too_many_arguments)]
 pub fn serve(
     target: Arc<Target>,
     options: QueueOptions,
     engine: IoEngine,
     events: Arc<EventHub>,
+    serving: Arc<Serving>,
     mut listener: Listener,
     path: &Path,
 ) -> ! {
     info!("I/O engine: {engine}");
     let mut delay = RETRY_FIRST;
     loop {
-        match serve_connection(&target, options, engine, &events, &mut listener, path) {
+        let served = serve_connection(
+            &target,
+            options,
+            engine,
+            &events,
+            &serving,
+            &mut listener,
+            path,
+        );
+        serving.set(None);
+        match served {
             Ok(()) => delay = RETRY_FIRST,
             Err(e) => {
                 warn!("{e}; trying again in {} ms", delay.as_millis());
@@ -293,6 +346,7 @@ fn serve_connection(
     options: QueueOptions,
     engine: IoEngine,
     events: &Arc<EventHub>,
+    serving: &Serving,
     listener: &mut Listener,
     path: &Path,
 ) -> Result<(), DaemonError> {
@@ -323,6 +377,7 @@ fn serve_connection(
             .register_listener(fd, EventSet::IN, id)
             .map_err(|e| DaemonError::Device(format!("cannot watch for device events: {e}")))?;
     }
+    serving.set(Some(&backend));
     drop(backend);
     info!("listening on {}", path.display());
     daemon.start(listener).map_err(|e| DaemonError::Accept {

@@ -58,7 +58,8 @@ fn run(config: &DaemonConfig) -> Result<(), String> {
     let socket_path = &config.socket.path;
     let mut sockets = vec![socket_path.clone()];
     sockets.extend(config.socket.api_socket.clone());
-    daemon::handle_stop_signals(sockets).map_err(|e| e.to_string())?;
+    let serving = Arc::new(daemon::Serving::default());
+    daemon::handle_stop_signals(sockets, serving.clone()).map_err(|e| e.to_string())?;
     let listener = daemon::listen(socket_path, &access).map_err(|e| e.to_string())?;
     // Bound now, with the vhost-user socket, before any worker thread runs
     // (binding sets the umask for a moment).
@@ -92,7 +93,15 @@ fn run(config: &DaemonConfig) -> Result<(), String> {
             .map_err(|e| format!("--api-socket {}: cannot serve: {e}", path.display()))?;
         log::info!("management API on {}", path.display());
     }
-    daemon::serve(target, options, engine, events, listener, socket_path)
+    daemon::serve(
+        target,
+        options,
+        engine,
+        events,
+        serving,
+        listener,
+        socket_path,
+    )
 }
 
 /// clap's message up to its first blank line (before the usage text), as

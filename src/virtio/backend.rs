@@ -137,6 +137,9 @@ pub struct ScsiBackend {
     events: Option<Arc<EventHub>>,
     /// The features the driver acknowledged (SET_FEATURES).
     acked_features: AtomicU64,
+    /// The daemon is stopping ([`ScsiBackend::quiesce_then`]): passes end
+    /// after the request they are on.
+    stopping: AtomicBool,
 }
 
 /// What [`ScsiBackend::set_before_enable_notification`] installs.
@@ -289,7 +292,51 @@ impl ScsiBackend {
             before_enable: None,
             events: None,
             acked_features: AtomicU64::new(0),
+            stopping: AtomicBool::new(false),
         }
+    }
+
+    /// For a daemon about to exit (SIGTERM, an upgrade): waits, up to
+    /// `timeout`, until every worker thread is between passes and holds it
+    /// there; completes every transfer in flight, its chain returned to
+    /// the used ring and the guest signalled; then calls `then` with every
+    /// worker still held (`true`) — the process exits in it. The used
+    /// index the VMM reads back after the disconnect then counts every
+    /// request the daemon took, so the next daemon, resuming from it,
+    /// neither repeats nor loses one. A worker not free in time (storage
+    /// that hangs) is left as it is: `then` is called with `false`.
+    pub fn quiesce_then(&self, timeout: Duration, then: impl FnOnce(bool)) {
+        self.stopping.store(true, Ordering::SeqCst);
+        let deadline = Instant::now() + timeout;
+        let mut held = Vec::with_capacity(self.workers.len());
+        let mut all = true;
+        for worker in &self.workers {
+            let guard = loop {
+                match worker.try_lock() {
+                    Ok(guard) => break Some(guard),
+                    Err(TryLockError::Poisoned(e)) => break Some(e.into_inner()),
+                    Err(TryLockError::WouldBlock) if Instant::now() < deadline => {
+                        // A pass ends within its budget (10 ms) once it sees
+                        // `stopping`: a short sleep, not a spin.
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    Err(TryLockError::WouldBlock) => break None,
+                }
+            };
+            match guard {
+                Some(mut guard) => {
+                    for io in guard.queues.iter_mut().flatten() {
+                        io.drain();
+                    }
+                    held.push(guard);
+                }
+                None => all = false,
+            }
+        }
+        // Events are written whole under the hub's lock; none is half
+        // written while it is held.
+        let _events = self.events.as_ref().map(|hub| hub.hold());
+        then(all);
     }
 
     /// Delivers the events posted to `hub` on the event queue (the
@@ -479,6 +526,9 @@ impl ScsiBackend {
             }
             if round.popped > 0 && Instant::now() >= pass.deadline {
                 break RoundEnd::OutOfTime;
+            }
+            if self.stopping.load(Ordering::Relaxed) {
+                break RoundEnd::Stopped;
             }
             let mut state = vring.get_mut();
             if !Self::state_is_live(&state) {

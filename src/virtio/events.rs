@@ -172,6 +172,12 @@ impl EventHub {
         self.lock().events.iter().copied().collect()
     }
 
+    /// Holds the hub: no event is delivered or posted meanwhile (for a
+    /// daemon about to exit).
+    pub fn hold(&self) -> impl Drop + '_ {
+        self.lock()
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Pending> {
         self.pending.lock().unwrap_or_else(PoisonError::into_inner)
     }

@@ -1295,3 +1295,84 @@ fn a_flush_in_flight_holds_up_no_read_io_uring_engine() {
     drop(frontend);
     drop(mount);
 }
+
+/// An upgrade's SIGTERM completes what the daemon took from the guest's
+/// queues before it exits: a SYNCHRONIZE CACHE whose FSYNC the file system
+/// holds is answered (GOOD, on the used ring) once the file system lets it
+/// go, and only then does the daemon exit with status 0 and remove its
+/// socket. The VMM reads the used index back after the disconnect, so the
+/// next daemon resumes exactly after the requests the last one took.
+#[test]
+fn sigterm_completes_the_requests_in_flight_before_exiting() {
+    use vhost_scsi_frontend::{Command as ScsiCommand, Data};
+    const TEST: &str = "sigterm_completes_the_requests_in_flight_before_exiting";
+    let Some(mount) = cached_fuse_or_skip(TEST, vec![0; 1 << 20]) else {
+        return;
+    };
+    let sockdir = tempfile::tempdir().unwrap();
+    let sock = sockdir.path().join("vus.sock");
+    let log = sockdir.path().join("daemon.log");
+    let img = mount.file();
+    let args = ["--io-engine", "io-uring", img.to_str().unwrap()];
+    let mut daemon = start_logged(&sock, &args, &log, Some("info"));
+    let mut frontend = ScsiFrontend::connect(&sock, &DriverConfig::default()).unwrap();
+    let q = frontend.queue(0).unwrap();
+    let mark = mount.events().len();
+    mount.hold_fsyncs();
+    let _release = ReleaseFsyncs(&mount);
+    let flush = q
+        .submit(&ScsiCommand {
+            lun: 0,
+            cdb: &SYNCHRONIZE_CACHE_10,
+            data: Data::None,
+        })
+        .unwrap();
+    q.notify().unwrap();
+    let held = mount.wait_for(ORACLE_TIMEOUT, |events| {
+        events[mark..]
+            .iter()
+            .any(|e| matches!(e, fuse::Event::Request(_, fuse::Op::Fsync { .. })))
+            .then_some(())
+    });
+    assert!(held.is_some(), "no FSYNC reached the file system");
+    // SIGTERM while the flush is in flight: the daemon waits for it.
+    // SAFETY: kill(2) on the daemon's pid, a child of this process.
+    assert_eq!(unsafe { libc::kill(daemon.pid() as i32, libc::SIGTERM) }, 0);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        daemon.try_wait().unwrap().is_none(),
+        "the daemon exited with a flush in flight"
+    );
+    mount.release_fsyncs();
+    let mut completed = Vec::new();
+    let deadline = Instant::now() + ORACLE_TIMEOUT;
+    while completed.is_empty() && Instant::now() < deadline {
+        if q.poll_used(Duration::from_millis(10)).unwrap() {
+            q.reap(|c| completed.push((c.slot, c.response.map(|h| h.is_good()))))
+                .unwrap();
+        }
+    }
+    assert_eq!(
+        completed,
+        [(flush, Some(true))],
+        "the flush was not answered before the daemon exited"
+    );
+    let deadline = Instant::now() + ORACLE_TIMEOUT;
+    let status = loop {
+        if let Some(status) = daemon.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the daemon did not exit");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert!(status.success(), "exit status {status}");
+    assert!(!sock.exists(), "the socket was left behind");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("SIGTERM received: requests in flight completed"),
+        "{text}"
+    );
+    drop(_release);
+    drop(frontend);
+    drop(mount);
+}

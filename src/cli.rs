@@ -104,6 +104,13 @@ pub struct Cli {
           default_value_t = IoEngineChoice::Auto)]
     pub io_engine: IoEngineChoice,
 
+    /// Where SIGTERM leaves the guest's state (the write cache and sense
+    /// format it set, its pending unit attentions, a flush failure) for the
+    /// next daemon, which takes it over at start and removes the file
+    /// (default: the socket path with ".state" appended).
+    #[arg(long = "state-file", value_name = "PATH")]
+    pub state_file: Option<PathBuf>,
+
     /// Raw disk images (regular files or block devices), LUN 0 first; up to
     /// 16384. Options may follow a path after commas,
     /// `IMAGE[,ro][,block-size=512|4096][,serial=SERIAL][,wwn=0xHEX]`, where
@@ -190,6 +197,7 @@ impl Cli {
             solid_state: self.solid_state,
             queues,
             io_engine: self.io_engine,
+            state_file: self.state_file,
         })
     }
 }
@@ -304,6 +312,7 @@ mod tests {
                     poll: std::time::Duration::from_micros(50),
                 },
                 io_engine: IoEngineChoice::IoUring,
+                state_file: None,
             }
         );
     }

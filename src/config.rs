@@ -60,6 +60,9 @@ pub struct DaemonConfig {
     /// How READ and WRITE transfers are carried out; resolved, with a
     /// probe of io_uring, by [`IoEngineChoice::resolve`] at start-up.
     pub io_engine: IoEngineChoice,
+    /// Where a stopping daemon leaves the guest's state for the next
+    /// (`--state-file`); `None`: the socket path with `.state` appended.
+    pub state_file: Option<PathBuf>,
 }
 
 /// The listening sockets: the vhost-user socket's path, the management
@@ -181,6 +184,14 @@ pub enum ConfigError {
 }
 
 impl DaemonConfig {
+    /// The state file's path: `--state-file`, or the socket path with
+    /// `.state` appended.
+    pub fn state_file(&self) -> PathBuf {
+        self.state_file
+            .clone()
+            .unwrap_or_else(|| crate::state::default_path(&self.socket.path))
+    }
+
     /// Serving `luns` on `socket_path`, with every other setting as the
     /// command line's default: socket mode 0600 in the daemon's group,
     /// read-write, through the page cache, discard on, rotating, 16 request
@@ -195,6 +206,7 @@ impl DaemonConfig {
             solid_state: false,
             queues: QueueOptions::default(),
             io_engine: IoEngineChoice::Auto,
+            state_file: None,
         }
     }
 

@@ -6,6 +6,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
@@ -215,13 +216,47 @@ fn set_access(path: &Path, access: &SocketAccess, role: SocketRole) -> Result<()
 }
 
 /// The VMM connection being served, if any: what a stop signal
-/// quiesces before the daemon exits.
-#[derive(Debug, Default)]
+/// quiesces before the daemon exits, and where the guest's state then goes
+/// for the next daemon (`state.rs`).
+#[derive(Debug)]
 pub struct Serving {
     backend: Mutex<Option<Weak<ScsiBackend>>>,
+    /// A VMM is connected (between accept and disconnect).
+    connected: AtomicBool,
+    target: Arc<Target>,
+    state_file: PathBuf,
 }
 
 impl Serving {
+    /// Serving `target`; the guest's state goes to `state_file` when a stop
+    /// signal comes while a VMM is connected.
+    pub fn new(target: Arc<Target>, state_file: PathBuf) -> Serving {
+        Serving {
+            backend: Mutex::new(None),
+            connected: AtomicBool::new(false),
+            target,
+            state_file,
+        }
+    }
+
+    /// Saves the guest's state for the next daemon if a VMM is connected
+    /// (its guest runs on, and will reconnect); logs the outcome.
+    fn save_state(&self) {
+        if !self.connected.load(Ordering::SeqCst) {
+            return;
+        }
+        match crate::state::save(&self.state_file, &self.target) {
+            Ok(n) => info!(
+                "the guest's state of {n} LUN(s) saved to {} for the next daemon",
+                self.state_file.display()
+            ),
+            Err(e) => warn!(
+                "state file {}: cannot save the guest's state ({e}): the next daemon starts it afresh",
+                self.state_file.display()
+            ),
+        }
+    }
+
     fn set(&self, backend: Option<&Arc<ScsiBackend>>) {
         *self.backend.lock().unwrap_or_else(PoisonError::into_inner) = backend.map(Arc::downgrade);
     }
@@ -276,6 +311,7 @@ pub fn handle_stop_signals(
                             names.join(" and ")
                         );
                     }
+                    serving.save_state();
                     for path in &socket_paths {
                         let _ = std::fs::remove_file(path);
                     }
@@ -385,6 +421,7 @@ fn serve_connection(
         reason: e.to_string(),
     })?;
     info!("VMM connected");
+    serving.connected.store(true, Ordering::SeqCst);
     match daemon.wait() {
         Ok(())
         | Err(vhost_user_backend::Error::HandleRequest(
@@ -392,6 +429,7 @@ fn serve_connection(
         )) => info!("VMM disconnected"),
         Err(e) => warn!("VMM connection ended: {e}"),
     }
+    serving.connected.store(false, Ordering::SeqCst);
     // Dropping the daemon stops and joins its queue worker threads.
     drop(daemon);
     Ok(())

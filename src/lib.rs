@@ -99,5 +99,6 @@ pub mod fdlimit;
 pub mod logging;
 pub mod manage;
 pub mod scsi;
+pub mod state;
 pub mod storage;
 pub mod virtio;

@@ -12,7 +12,7 @@ use vhost_device_scsi::cli::Cli;
 use vhost_device_scsi::config::{self, DaemonConfig};
 use vhost_device_scsi::manage::LunManager;
 use vhost_device_scsi::virtio::EventHub;
-use vhost_device_scsi::{api, daemon};
+use vhost_device_scsi::{api, daemon, state};
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -58,7 +58,10 @@ fn run(config: &DaemonConfig) -> Result<(), String> {
     let socket_path = &config.socket.path;
     let mut sockets = vec![socket_path.clone()];
     sockets.extend(config.socket.api_socket.clone());
-    let serving = Arc::new(daemon::Serving::default());
+    let target = Arc::new(target);
+    // The guest's state a daemon stopped before this one left behind.
+    state::restore(&config.state_file(), &target);
+    let serving = Arc::new(daemon::Serving::new(target.clone(), config.state_file()));
     daemon::handle_stop_signals(sockets, serving.clone()).map_err(|e| e.to_string())?;
     let listener = daemon::listen(socket_path, &access).map_err(|e| e.to_string())?;
     // Bound now, with the vhost-user socket, before any worker thread runs
@@ -80,7 +83,6 @@ fn run(config: &DaemonConfig) -> Result<(), String> {
             format!(", polling {} µs", options.poll.as_micros())
         }
     );
-    let target = Arc::new(target);
     let events =
         EventHub::new().map_err(|e| format!("cannot create the event queue's eventfd: {e}"))?;
     if let (Some(listener), Some(path)) = (api_listener, &config.socket.api_socket) {

@@ -126,6 +126,19 @@ impl UnitAttentions {
             .collect()
     }
 
+    /// The pending conditions as their bits (for a state carried over to
+    /// the next daemon).
+    pub fn bits(&self) -> u8 {
+        self.pending.load(Ordering::Acquire)
+    }
+
+    /// Establishes the conditions of `bits` (from [`UnitAttentions::bits`];
+    /// unknown bits are ignored).
+    pub fn establish_bits(&self, bits: u8) {
+        let known = UnitAttention::ALL.iter().fold(0, |all, ua| all | *ua as u8);
+        self.pending.fetch_or(bits & known, Ordering::AcqRel);
+    }
+
     /// Takes the first pending condition, if any.
     fn take(&self) -> Option<UnitAttention> {
         let before = self

@@ -76,6 +76,20 @@ pub enum DiskError {
     BadBlockSize(u32),
 }
 
+/// The state a guest sets on a unit (or that it has pending), carried
+/// from a stopping daemon to the next (`state.rs`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct GuestState {
+    /// Caching mode page WCE.
+    pub write_cache: bool,
+    /// Control mode page D_SENSE.
+    pub descriptor_sense: bool,
+    /// Pending unit attention conditions, as `UnitAttentions::bits`.
+    pub unit_attentions: u8,
+    /// A flush or durable write failed.
+    pub flush_failed: bool,
+}
+
 /// Why a unit could not be resized.
 #[derive(Debug, thiserror::Error)]
 pub enum ResizeError {
@@ -295,7 +309,33 @@ impl Disk {
         Ok(())
     }
 
-    /// Has `sender` told when the unit is dropped (its image closed).
+    /// What the guest set or left pending on this unit, which a daemon
+    /// taking over from this one restores ([`Disk::restore_guest_state`]).
+    pub fn guest_state(&self) -> GuestState {
+        GuestState {
+            write_cache: self.write_cache(),
+            descriptor_sense: self.descriptor_sense(),
+            unit_attentions: self.attention.bits(),
+            flush_failed: self.flush_failed.load(Ordering::Acquire),
+        }
+    }
+
+    /// Takes over `state` from the daemon before: the caching and control
+    /// mode pages' WCE and D_SENSE as the guest set them, its pending unit
+    /// attentions, and a flush failure (later flushes keep failing: the
+    /// kernel reported the write-back error once, to the daemon before).
+    pub fn restore_guest_state(&self, state: &GuestState) {
+        self.write_cache.store(state.write_cache, Ordering::Release);
+        self.descriptor_sense
+            .store(state.descriptor_sense, Ordering::Release);
+        self.attention.establish_bits(state.unit_attentions);
+        if state.flush_failed {
+            self.flush_failed.store(true, Ordering::Release);
+        }
+    }
+
+    /// Has `sender` told when the unit is dropped (the image is closed by
+    /// then, unless whoever is told holds the storage too).
     pub(crate) fn notify_closed(&self, sender: SyncSender<()>) {
         *self.closed.0.lock().unwrap_or_else(PoisonError::into_inner) = Some(sender);
     }

@@ -20,7 +20,7 @@ pub(crate) use crate::storage::Direction;
 pub use attention::UnitAttention;
 pub use buffer::{DataIn, DataOut, SliceDataOut, VecDataIn};
 pub(crate) use disk::TransferAccess;
-pub use disk::{Disk, DiskConfig, DiskError};
+pub use disk::{Disk, DiskConfig, DiskError, GuestState};
 pub use lun::LunAddress;
 pub use stats::{
     CommandCounts, CommandKind, CommandOutcome, LatencySummary, LunStats, StatsSnapshot,

@@ -904,3 +904,64 @@ fn the_api_socket_has_its_own_mode() {
     let env = Env::new(1, 0, &["--api-socket-mode", "0640"]);
     assert_eq!(mode(&env), 0o640);
 }
+
+/// The guest's state survives an upgrade (SIGTERM, then a new daemon):
+/// the write cache it switched off stays off, descriptor-format sense stays
+/// on, and a unit attention it had not seen yet is still reported once —
+/// through the state file the stopping daemon leaves next to its socket.
+#[test]
+fn the_guests_state_survives_sigterm_and_a_new_daemon() {
+    use vhost_scsi_frontend::cdb::{mode_select6, mode_select6_list, mode_sense6};
+    use vhost_scsi_frontend::testkit::{caching_page, control_page};
+    const PF: u8 = 0x10;
+    let mut env = Env::new(2, 0, &[]);
+    let mut fe = env.driver(DriverConfig::default());
+    for page in [caching_page(false), control_page(true)] {
+        let params = mode_select6_list(&[], &page);
+        let reply = fe
+            .queue(0)
+            .unwrap()
+            .command(0, &mode_select6(PF, params.len() as u8), &params, 0)
+            .unwrap();
+        assert_good(&reply, "MODE SELECT");
+    }
+    // A pending unit attention on LUN 1: a resize it has not seen.
+    set_file_len(&env.images[1], 2 * IMAGE_LEN as u64);
+    env.api().ok("lun_resize", json!({"lun": 1}));
+    drop(fe);
+    let state_file = env.socket.with_extension("sock.state");
+    // SIGTERM with a VMM connected: the state goes to the file.
+    let mut fe = env.driver(DriverConfig::default());
+    // SAFETY: kill(2) on the daemon's pid, a child of this process.
+    assert_eq!(
+        unsafe { libc::kill(env.daemon.process.pid() as i32, libc::SIGTERM) },
+        0
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while env.daemon.process.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "the daemon did not exit");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    drop(fe);
+    assert!(state_file.exists(), "no state file at {state_file:?}");
+    let images: Vec<&str> = env.images.iter().map(|p| p.to_str().unwrap()).collect();
+    let mut args = vec!["--api-socket", env.api.to_str().unwrap()];
+    args.extend(images);
+    env.daemon = Daemon::start(&env.socket, &args);
+    assert!(!state_file.exists(), "the state file is used once");
+    fe = env.driver(DriverConfig::default());
+    let wce = |fe: &mut ScsiFrontend| {
+        let reply = cmd(fe, 0, &mode_sense6(0x08, 0x08, 0, 255), 255);
+        assert_good(&reply, "MODE SENSE caching page");
+        reply.data_in[4 + 2] & 0x04 != 0
+    };
+    assert!(!wce(&mut fe), "WCE came back on after the restart");
+    // LUN 1: its resize's unit attention, in descriptor format (D_SENSE
+    // was set on LUN 0 only: fixed format here), then GOOD.
+    assert_ua(&cmd(&mut fe, 1, &TUR, 0), 0x2a, 0x09);
+    assert_good(&cmd(&mut fe, 1, &TUR, 0), "TEST UNIT READY after it");
+    // LUN 0: descriptor-format sense (response code 72h) for an error.
+    let reply = cmd(&mut fe, 0, &read10(0xffff_fff0, 1), 512);
+    assert_eq!(reply.status, CHECK_CONDITION);
+    assert_eq!(reply.sense[0] & 0x7f, 0x72, "sense {:02x?}", reply.sense);
+}

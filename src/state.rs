@@ -1,0 +1,222 @@
+//! The guest's state carried from a stopping daemon to the next (an
+//! upgrade): per LUN, what the guest set with MODE SELECT (WCE, D_SENSE),
+//! its pending unit attentions and a flush failure. Without it a restart
+//! would silently turn a write cache the guest switched off back on (its
+//! writes would no longer be durable at completion, as it was told), and
+//! flushes after an earlier failure would succeed again.
+//!
+//! The stopping daemon writes the state file (`--state-file`, by default
+//! the socket path with `.state` appended) after its requests are
+//! quiesced, while a VMM is connected; the next daemon reads it at start,
+//! applies it to the LUNs that are the same (same LUN number and NAA), and
+//! removes it, so it is used once. A file that cannot be read or parsed is
+//! a warning, never a failure to start.
+
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use log::{info, warn};
+use serde::{Deserialize, Serialize};
+
+use crate::scsi::{GuestState, Target};
+
+/// The file's contents.
+#[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct StateFile {
+    /// The format's version (1).
+    version: u32,
+    luns: Vec<LunState>,
+}
+
+/// One LUN's state, and what identifies the unit it belongs to.
+#[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct LunState {
+    lun: u16,
+    /// The unit's NAA designator: the state is applied only to the same
+    /// unit.
+    naa: u64,
+    #[serde(flatten)]
+    guest: GuestState,
+}
+
+const VERSION: u32 = 1;
+
+/// The state file next to `socket`: its path with `.state` appended.
+pub fn default_path(socket: &Path) -> PathBuf {
+    let mut path = socket.as_os_str().to_owned();
+    path.push(".state");
+    PathBuf::from(path)
+}
+
+/// Writes the guest's state of every LUN of `target` to `path`: a new file
+/// written whole, synced, then renamed over `path`, so a reader never sees
+/// half of it.
+pub fn save(path: &Path, target: &Target) -> io::Result<usize> {
+    let luns: Vec<LunState> = target
+        .units()
+        .into_iter()
+        .map(|(lun, unit)| LunState {
+            lun,
+            naa: unit.identity().naa,
+            guest: unit.guest_state(),
+        })
+        .collect();
+    let count = luns.len();
+    let text = serde_json::to_string(&StateFile {
+        version: VERSION,
+        luns,
+    })
+    .map_err(io::Error::other)?;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&tmp)?;
+    file.write_all(text.as_bytes())?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    Ok(count)
+}
+
+/// Applies the state in `path`, if there is one, to the LUNs of `target`
+/// that are the same units, then removes the file. Returns how many LUNs
+/// took their state over.
+pub fn restore(path: &Path, target: &Target) -> usize {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return 0,
+        Err(e) => {
+            warn!(
+                "state file {}: cannot read it ({e}): the guest's state starts afresh",
+                path.display()
+            );
+            return 0;
+        }
+    };
+    // Used once, whatever it holds.
+    if let Err(e) = std::fs::remove_file(path) {
+        warn!("state file {}: cannot remove it: {e}", path.display());
+    }
+    let state: StateFile = match serde_json::from_str(&text) {
+        Ok(state) => state,
+        Err(e) => {
+            warn!(
+                "state file {}: not a state file ({e}): the guest's state starts afresh",
+                path.display()
+            );
+            return 0;
+        }
+    };
+    if state.version != VERSION {
+        warn!(
+            "state file {}: version {}, not {VERSION}: the guest's state starts afresh",
+            path.display(),
+            state.version
+        );
+        return 0;
+    }
+    let mut restored = 0;
+    for lun in &state.luns {
+        match target.unit(lun.lun) {
+            Some(unit) if unit.identity().naa == lun.naa => {
+                unit.restore_guest_state(&lun.guest);
+                restored += 1;
+            }
+            _ => info!(
+                "state file {}: LUN {} is another unit now: its state is not restored",
+                path.display(),
+                lun.lun
+            ),
+        }
+    }
+    info!(
+        "restored the guest's state of {restored} LUN(s) from {}",
+        path.display()
+    );
+    restored
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scsi::inquiry::Identity;
+    use crate::scsi::{Disk, DiskConfig, UnitAttention};
+    use crate::storage::MemImage;
+
+    fn target(naa_base: u64) -> Target {
+        let disks = (0..2u16)
+            .map(|lun| {
+                let mut identity = Identity::derived("/mem", lun);
+                identity.naa = naa_base + u64::from(lun);
+                let config = DiskConfig {
+                    block_size: 512,
+                    identity,
+                    solid_state: false,
+                    discard: true,
+                };
+                Disk::new(Box::new(MemImage::new(vec![0; 4096], false)), config).unwrap()
+            })
+            .collect();
+        Target::new(disks)
+    }
+
+    #[test]
+    fn the_state_goes_to_the_same_units_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = default_path(&dir.path().join("vus.sock"));
+        assert_eq!(path, dir.path().join("vus.sock.state"));
+        let before = target(0x5000_0000_0000_0000);
+        let lun1 = before.unit(1).unwrap();
+        lun1.restore_guest_state(&GuestState {
+            write_cache: false,
+            descriptor_sense: true,
+            unit_attentions: 0,
+            flush_failed: true,
+        });
+        lun1.attention().establish(UnitAttention::CapacityChanged);
+        assert_eq!(save(&path, &before).unwrap(), 2);
+
+        let after = target(0x5000_0000_0000_0000);
+        assert_eq!(restore(&path, &after), 2);
+        assert!(!path.exists(), "used once");
+        assert_eq!(
+            after.unit(1).unwrap().guest_state(),
+            GuestState {
+                write_cache: false,
+                descriptor_sense: true,
+                unit_attentions: UnitAttention::CapacityChanged as u8,
+                flush_failed: true,
+            }
+        );
+        // LUN 0 had the defaults.
+        assert_eq!(
+            after.unit(0).unwrap().guest_state(),
+            GuestState {
+                write_cache: true,
+                descriptor_sense: false,
+                unit_attentions: 0,
+                flush_failed: false,
+            }
+        );
+        // Other units at those LUNs (another NAA): nothing taken over.
+        save(&path, &before).unwrap();
+        let other = target(0x6000_0000_0000_0000);
+        assert_eq!(restore(&path, &other), 0);
+        assert!(other.unit(1).unwrap().guest_state().write_cache);
+    }
+
+    #[test]
+    fn a_bad_state_file_is_a_warning_and_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.state");
+        std::fs::write(&path, "not json").unwrap();
+        assert_eq!(restore(&path, &target(1)), 0);
+        assert!(!path.exists());
+        std::fs::write(&path, r#"{"version": 2, "luns": []}"#).unwrap();
+        assert_eq!(restore(&path, &target(1)), 0);
+        assert_eq!(restore(&dir.path().join("missing.state"), &target(1)), 0);
+    }
+}

@@ -270,6 +270,42 @@ impl Serving {
     }
 }
 
+/// When, after a VMM connects, the worker threads look at their queues
+/// (`ScsiBackend::nudge_queues`): the VMM sets the queues up within
+/// milliseconds of connecting, and a queue is served at the first nudge
+/// that finds it live.
+const NUDGES: [Duration; 4] = [
+    Duration::from_millis(50),
+    Duration::from_millis(200),
+    Duration::from_secs(1),
+    Duration::from_secs(3),
+];
+
+/// Nudges the connection being served at [`NUDGES`], from a thread of its
+/// own that ends with them (or with the connection).
+fn nudge_after_connect(serving: &Serving) {
+    let Some(backend) = serving.current() else {
+        return;
+    };
+    let backend = Arc::downgrade(&backend);
+    let spawned = std::thread::Builder::new()
+        .name("nudge".into())
+        .spawn(move || {
+            let mut slept = Duration::ZERO;
+            for at in NUDGES {
+                std::thread::sleep(at.saturating_sub(slept));
+                slept = at;
+                match backend.upgrade() {
+                    Some(backend) => backend.nudge_queues(),
+                    None => return,
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        warn!("cannot start the thread that starts the queues ({e}): they wait for a kick");
+    }
+}
+
 /// How long a stop signal waits for the worker threads to finish their
 /// passes and the I/O in flight before the daemon exits regardless.
 pub const STOP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -402,6 +438,11 @@ fn serve_connection(
                     DaemonError::Device(format!("cannot watch io_uring completions: {e}"))
                 })?;
         }
+        if let Some((fd, id)) = backend.nudge_listener(thread) {
+            handler
+                .register_listener(fd, EventSet::IN, id)
+                .map_err(|e| DaemonError::Device(format!("cannot watch for nudges: {e}")))?;
+        }
     }
     // Thread 0, which serves the event queue, also watches for events
     // posted by the management API.
@@ -422,6 +463,7 @@ fn serve_connection(
     })?;
     info!("VMM connected");
     serving.connected.store(true, Ordering::SeqCst);
+    nudge_after_connect(serving);
     match daemon.wait() {
         Ok(())
         | Err(vhost_user_backend::Error::HandleRequest(

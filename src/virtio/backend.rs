@@ -140,6 +140,11 @@ pub struct ScsiBackend {
     /// The daemon is stopping ([`ScsiBackend::quiesce_then`]): passes end
     /// after the request they are on.
     stopping: AtomicBool,
+    /// Per worker thread: the eventfd [`ScsiBackend::nudge_queues`] writes
+    /// to have it look at its queues once they are live.
+    nudges: Vec<Option<EventFd>>,
+    /// Per queue: served and signalled once since the connection began.
+    started: Vec<AtomicBool>,
 }
 
 /// What [`ScsiBackend::set_before_enable_notification`] installs.
@@ -293,6 +298,75 @@ impl ScsiBackend {
             events: None,
             acked_features: AtomicU64::new(0),
             stopping: AtomicBool::new(false),
+            nudges: (0..options.threads)
+                .map(|_| match EventFd::new(EFD_NONBLOCK) {
+                    Ok(fd) => Some(fd),
+                    Err(e) => {
+                        warn!("cannot create a worker's start eventfd ({e}): its queues wait for a kick");
+                        None
+                    }
+                })
+                .collect(),
+            started: (0..FIRST_REQUEST_QUEUE + options.request_queues)
+                .map(|_| AtomicBool::new(false))
+                .collect(),
+        }
+    }
+
+    /// The eventfd and event id worker thread `thread`'s epoll loop watches
+    /// for [`ScsiBackend::nudge_queues`].
+    pub fn nudge_listener(&self, thread: usize) -> Option<(RawFd, u64)> {
+        let fd = self.nudges.get(thread)?.as_ref()?.as_raw_fd();
+        Some((fd, self.nudge_event()))
+    }
+
+    fn nudge_event(&self) -> u64 {
+        self.num_queues() as u64 + 3
+    }
+
+    /// Has every worker thread look at its queues: each queue live now and
+    /// not yet started in this connection is served once — requests the
+    /// driver made available before this daemon took over (a restart) wait
+    /// for no kick — and its guest signalled once, as libvhost-user does
+    /// after a reconnect (a used entry whose interrupt the daemon before
+    /// did not send is seen). Called a few times after the VMM connects,
+    /// since the queues are set up after the connection.
+    pub fn nudge_queues(&self) {
+        for fd in self.nudges.iter().flatten() {
+            if let Err(e) = fd.write(1) {
+                debug!("cannot nudge a worker thread: {e}");
+            }
+        }
+    }
+
+    /// The nudge of thread `thread`: serves and signals, once per
+    /// connection, each of its queues that is live.
+    fn start_queues(&self, vrings: &[VringRwLock], thread: usize) {
+        if let Some(Some(fd)) = self.nudges.get(thread) {
+            let _ = fd.read();
+        }
+        let Some(queues) = self.thread_queues.get(thread) else {
+            return;
+        };
+        for (local, (vring, &queue)) in vrings.iter().zip(queues).enumerate() {
+            if !Self::is_live(vring) || self.started[queue].swap(true, Ordering::AcqRel) {
+                continue;
+            }
+            // Only a queue the daemon can use (a refused one is told
+            // nothing, as when it is kicked).
+            if self.usable_memory(queue, vring).is_none() {
+                continue;
+            }
+            if let Err(e) = vring.signal_used_queue() {
+                debug!("cannot signal queue {queue}: {e}");
+            }
+            // Served as a kick would have it.
+            let Ok(local) = u16::try_from(local) else {
+                continue;
+            };
+            if let Err(e) = self.dispatch_event(local, EventSet::IN, vrings, thread) {
+                debug!("queue {queue}: {e}");
+            }
         }
     }
 
@@ -1232,6 +1306,10 @@ impl ScsiBackend {
         }
         if u64::from(device_event) == self.completion_event() {
             self.reap(vrings, thread_id);
+            return Ok(());
+        }
+        if u64::from(device_event) == self.nudge_event() {
+            self.start_queues(vrings, thread_id);
             return Ok(());
         }
         if u64::from(device_event) == self.event_hub_event() {

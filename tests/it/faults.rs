@@ -1225,32 +1225,10 @@ fn a_flush_in_flight_holds_up_no_read_io_uring_engine() {
     };
     let mut frontend = ScsiFrontend::connect(&sock, &config).unwrap();
     let q = frontend.queue(0).unwrap();
-    let mark = mount.events().len();
-    mount.hold_fsyncs();
     // Whatever fails below, the FSYNC is answered before the daemon is
     // killed (a daemon with an FSYNC held in the kernel cannot exit).
     let _release = ReleaseFsyncs(&mount);
-    let flush = q
-        .submit(&ScsiCommand {
-            lun: 0,
-            cdb: &SYNCHRONIZE_CACHE_10,
-            data: Data::None,
-        })
-        .unwrap();
-    q.notify().unwrap();
-    let held = mount.wait_for(ORACLE_TIMEOUT, |events| {
-        events[mark..]
-            .iter()
-            .any(|e| matches!(e, fuse::Event::Request(_, fuse::Op::Fsync { .. })))
-            .then_some(())
-    });
-    if held.is_none() {
-        mount.release_fsyncs();
-        panic!(
-            "no FSYNC reached the file system: {:?}",
-            &mount.events()[mark..]
-        );
-    }
+    let flush = submit_held_flush(q, &mount);
     let read = q
         .submit(&ScsiCommand {
             lun: 1,
@@ -1304,7 +1282,6 @@ fn a_flush_in_flight_holds_up_no_read_io_uring_engine() {
 /// next daemon resumes exactly after the requests the last one took.
 #[test]
 fn sigterm_completes_the_requests_in_flight_before_exiting() {
-    use vhost_scsi_frontend::{Command as ScsiCommand, Data};
     const TEST: &str = "sigterm_completes_the_requests_in_flight_before_exiting";
     let Some(mount) = cached_fuse_or_skip(TEST, vec![0; 1 << 20]) else {
         return;
@@ -1317,24 +1294,8 @@ fn sigterm_completes_the_requests_in_flight_before_exiting() {
     let mut daemon = start_logged(&sock, &args, &log, Some("info"));
     let mut frontend = ScsiFrontend::connect(&sock, &DriverConfig::default()).unwrap();
     let q = frontend.queue(0).unwrap();
-    let mark = mount.events().len();
-    mount.hold_fsyncs();
     let _release = ReleaseFsyncs(&mount);
-    let flush = q
-        .submit(&ScsiCommand {
-            lun: 0,
-            cdb: &SYNCHRONIZE_CACHE_10,
-            data: Data::None,
-        })
-        .unwrap();
-    q.notify().unwrap();
-    let held = mount.wait_for(ORACLE_TIMEOUT, |events| {
-        events[mark..]
-            .iter()
-            .any(|e| matches!(e, fuse::Event::Request(_, fuse::Op::Fsync { .. })))
-            .then_some(())
-    });
-    assert!(held.is_some(), "no FSYNC reached the file system");
+    let flush = submit_held_flush(q, &mount);
     // SIGTERM while the flush is in flight: the daemon waits for it.
     // SAFETY: kill(2) on the daemon's pid, a child of this process.
     assert_eq!(unsafe { libc::kill(daemon.pid() as i32, libc::SIGTERM) }, 0);
@@ -1375,4 +1336,34 @@ fn sigterm_completes_the_requests_in_flight_before_exiting() {
     drop(_release);
     drop(frontend);
     drop(mount);
+}
+
+/// Holds the FSYNCs of `mount`'s file system, submits a SYNCHRONIZE CACHE
+/// of LUN 0 on `q` and waits until its FSYNC is held there; its slot.
+fn submit_held_flush(q: &mut vhost_scsi_frontend::RequestQueue, mount: &fuse::Mount) -> usize {
+    use vhost_scsi_frontend::{Command as ScsiCommand, Data};
+    let mark = mount.events().len();
+    mount.hold_fsyncs();
+    let flush = q
+        .submit(&ScsiCommand {
+            lun: 0,
+            cdb: &SYNCHRONIZE_CACHE_10,
+            data: Data::None,
+        })
+        .unwrap();
+    q.notify().unwrap();
+    let held = mount.wait_for(ORACLE_TIMEOUT, |events| {
+        events[mark..]
+            .iter()
+            .any(|e| matches!(e, fuse::Event::Request(_, fuse::Op::Fsync { .. })))
+            .then_some(())
+    });
+    if held.is_none() {
+        mount.release_fsyncs();
+        panic!(
+            "no FSYNC reached the file system: {:?}",
+            &mount.events()[mark..]
+        );
+    }
+    flush
 }

@@ -1414,21 +1414,40 @@ fn ctl(sc: &Scenario, api: &Path, args: &[&str]) -> serde_json::Value {
 /// reset or I/O error; the longest write completion stays under 5 s.
 #[test]
 fn guest_upgrade_io_uring() {
-    upgrade_scenario("upgrade", &[]);
+    upgrade_scenario("upgrade", &[], libc::SIGTERM);
 }
 
 /// The same with the synchronous engine.
 #[test]
 fn guest_upgrade_sync_engine() {
-    upgrade_scenario("upgrade-sync", &["--io-engine", "sync"]);
+    upgrade_scenario("upgrade-sync", &["--io-engine", "sync"], libc::SIGTERM);
 }
 
-fn upgrade_scenario(name: &'static str, daemon_args: &[&str]) {
+/// The daemon SIGKILLed and started again four times during the same fio
+/// run (issue 17's restart scenario): writing through the page cache, the
+/// daemon completes requests in order, so the used index QEMU reads back
+/// after the kill counts a prefix of what it took; the next daemon takes
+/// the rest again (available before it connected: served without a kick).
+/// With `--direct` and io_uring, completions come out of order and a kill
+/// can lose requests: that needs in-flight tracking (not implemented).
+#[test]
+fn guest_restart_sigkill_io_uring() {
+    upgrade_scenario("restart", &[], libc::SIGKILL);
+}
+
+/// The same with the synchronous engine.
+#[test]
+fn guest_restart_sigkill_sync_engine() {
+    upgrade_scenario("restart-sync", &["--io-engine", "sync"], libc::SIGKILL);
+}
+
+fn upgrade_scenario(name: &'static str, daemon_args: &[&str], signal: libc::c_int) {
     const RESTARTS: usize = 4;
     let Some(sc) = Scenario::start(name) else {
         return;
     };
-    let disk = sc.random_image("disk.raw", 16 * MIB, 91);
+    // Large enough for fio to outlast four restarts.
+    let disk = sc.random_image("disk.raw", 32 * MIB, 91);
     let mut daemon = sc.daemon_rw(&[(&disk, "")], daemon_args);
     let boot = Boot {
         extras: vec!["fio"],
@@ -1447,13 +1466,15 @@ fn upgrade_scenario(name: &'static str, daemon_args: &[&str]) {
         }
         let stopped = Instant::now();
         // SAFETY: kill(2) on the daemon's pid, a child of this process.
-        let rc = unsafe { libc::kill(daemon.child.id() as i32, libc::SIGTERM) };
+        let rc = unsafe { libc::kill(daemon.child.id() as i32, signal) };
         assert_eq!(rc, 0, "kill: {}", std::io::Error::last_os_error());
         let status = daemon.child.wait().unwrap();
-        sc.check(
-            status.success(),
-            format!("the daemon stopped with {status}"),
-        );
+        if signal == libc::SIGTERM {
+            sc.check(
+                status.success(),
+                format!("the daemon stopped with {status}"),
+            );
+        }
         daemon = sc.daemon_rw(&[(&disk, "")], daemon_args);
         gaps.push(stopped.elapsed());
     }
@@ -1492,8 +1513,9 @@ fn upgrade_scenario(name: &'static str, daemon_args: &[&str]) {
     );
     let longest_gap = gaps.iter().max().copied().unwrap_or_default();
     note(format!(
-        "guest scenario `{name}`: {} SIGTERM + start cycles during fio (16 MiB, QD32, CRC32C verify): fio rc 0, longest write completion {clat_max} µs, longest stop-to-listening gap {longest_gap:?}",
-        gaps.len()
+        "guest scenario `{name}`: {} {} + start cycles during fio (32 MiB, QD32, CRC32C verify): fio rc 0, longest write completion {clat_max} µs, longest stop-to-listening gap {longest_gap:?}",
+        gaps.len(),
+        if signal == libc::SIGTERM { "SIGTERM" } else { "SIGKILL" },
     ));
 }
 

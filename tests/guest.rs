@@ -1424,12 +1424,14 @@ fn guest_upgrade_sync_engine() {
 }
 
 /// The daemon SIGKILLed and started again four times during the same fio
-/// run (issue 17's restart scenario): writing through the page cache, the
-/// daemon completes requests in order, so the used index QEMU reads back
-/// after the kill counts a prefix of what it took; the next daemon takes
-/// the rest again (available before it connected: served without a kick).
-/// With `--direct` and io_uring, completions come out of order and a kill
-/// can lose requests: that needs in-flight tracking (not implemented).
+/// run (issue 17's restart scenario): through the page cache (the image
+/// was just written, so its reads hit it too) the daemon completes
+/// requests in order, so the used index QEMU reads back after the kill
+/// counts a prefix of what it took; the next daemon takes the rest again
+/// (available before it connected: served without a kick). With io_uring
+/// and reads from the disk, or `--direct`, completions come out of order
+/// and a kill can lose requests: that needs in-flight tracking (not
+/// implemented).
 #[test]
 fn guest_restart_sigkill_io_uring() {
     upgrade_scenario("restart", &[], libc::SIGKILL);

@@ -7,8 +7,9 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::RecvTimeoutError;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use log::{info, warn};
 use rustix::fs::{AtFlags, Gid, Mode};
@@ -328,39 +329,92 @@ pub fn handle_stop_signals(
         .spawn(move || {
             // `forever` ends only when the `Signals` is closed, which
             // nothing does.
-            if let Some(signal) = signals.forever().next() {
-                let name = if signal == SIGINT { "SIGINT" } else { "SIGTERM" };
-                let exit = |quiesced: bool| {
-                    let names: Vec<String> = socket_paths
-                        .iter()
-                        .map(|p| p.display().to_string())
-                        .collect();
-                    if quiesced {
-                        info!(
-                            "{name} received: requests in flight completed; removing {} and exiting",
-                            names.join(" and ")
-                        );
-                    } else {
-                        warn!(
-                            "{name} received: requests still in flight after {} s; removing {} and exiting",
-                            STOP_TIMEOUT.as_secs(),
-                            names.join(" and ")
-                        );
-                    }
-                    serving.save_state();
-                    for path in &socket_paths {
-                        let _ = std::fs::remove_file(path);
-                    }
-                    std::process::exit(0);
-                };
-                match serving.current() {
-                    Some(backend) => backend.quiesce_then(STOP_TIMEOUT, exit),
-                    None => exit(true),
-                }
+            let Some(signal) = signals.forever().next() else {
+                return;
+            };
+            let name = if signal == SIGINT { "SIGINT" } else { "SIGTERM" };
+            let quiesced = quiesce(&serving, STOP_TIMEOUT, &mut signals);
+            let names: Vec<String> = socket_paths
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect();
+            match quiesced {
+                Quiesced::Done => info!(
+                    "{name} received: requests in flight completed; removing {} and exiting",
+                    names.join(" and ")
+                ),
+                Quiesced::TimedOut => warn!(
+                    "{name} received: requests still in flight after {} s; removing {} and exiting",
+                    STOP_TIMEOUT.as_secs(),
+                    names.join(" and ")
+                ),
+                Quiesced::Interrupted => warn!(
+                    "{name} received, then another signal: exiting without waiting for the requests in flight; removing {}",
+                    names.join(" and ")
+                ),
             }
+            // Saved in any case: a write cache the guest switched off must
+            // not come back on. (Without every worker held, a command still
+            // running could change it after this.)
+            serving.save_state();
+            for path in &socket_paths {
+                let _ = std::fs::remove_file(path);
+            }
+            std::process::exit(0);
         })
         .map_err(DaemonError::Signals)?;
     Ok(())
+}
+
+/// How a stop's quiesce ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Quiesced {
+    /// Every worker held, every request taken completed.
+    Done,
+    /// Not within the timeout (storage that hangs).
+    TimedOut,
+    /// A second stop signal came meanwhile.
+    Interrupted,
+}
+
+/// Quiesces the connection being served on a thread of its own, which
+/// keeps the workers held once it is done (the process exits meanwhile),
+/// and waits for it for `timeout` at most, or until another stop signal:
+/// a drain waits for the storage, which may hang.
+fn quiesce(serving: &Serving, timeout: Duration, signals: &mut Signals) -> Quiesced {
+    let Some(backend) = serving.current() else {
+        return Quiesced::Done;
+    };
+    let (done, outcome) = std::sync::mpsc::sync_channel(1);
+    let spawned = std::thread::Builder::new()
+        .name("quiesce".into())
+        .spawn(move || {
+            backend.quiesce_then(timeout, |all| {
+                let _ = done.send(all);
+                // Hold the workers until the process exits.
+                loop {
+                    std::thread::park();
+                }
+            })
+        });
+    if let Err(e) = spawned {
+        warn!("cannot start the thread that completes the requests in flight: {e}");
+        return Quiesced::TimedOut;
+    }
+    let deadline = Instant::now() + timeout;
+    loop {
+        match outcome.recv_timeout(Duration::from_millis(50)) {
+            Ok(true) => return Quiesced::Done,
+            Ok(false) | Err(RecvTimeoutError::Disconnected) => return Quiesced::TimedOut,
+            Err(RecvTimeoutError::Timeout) if Instant::now() >= deadline => {
+                return Quiesced::TimedOut
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+        }
+        if signals.pending().next().is_some() {
+            return Quiesced::Interrupted;
+        }
+    }
 }
 
 /// The first pause after a connection could not be set up; it doubles

@@ -59,8 +59,6 @@ fn run(config: &DaemonConfig) -> Result<(), String> {
     let mut sockets = vec![socket_path.clone()];
     sockets.extend(config.socket.api_socket.clone());
     let target = Arc::new(target);
-    // The guest's state a daemon stopped before this one left behind.
-    state::restore(&config.state_file(), &target);
     let serving = Arc::new(daemon::Serving::new(target.clone(), config.state_file()));
     daemon::handle_stop_signals(sockets, serving.clone()).map_err(|e| e.to_string())?;
     let listener = daemon::listen(socket_path, &access).map_err(|e| e.to_string())?;
@@ -95,6 +93,9 @@ fn run(config: &DaemonConfig) -> Result<(), String> {
             .map_err(|e| format!("--api-socket {}: cannot serve: {e}", path.display()))?;
         log::info!("management API on {}", path.display());
     }
+    // The guest's state a daemon stopped before this one left behind, taken
+    // over (and its file removed) only once nothing can fail any more.
+    state::restore(&config.state_file(), &target);
     daemon::serve(
         target,
         options,

@@ -13,6 +13,7 @@
 //! a warning, never a failure to start.
 
 use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use log::{info, warn};
@@ -70,22 +71,62 @@ pub fn save(path: &Path, target: &Target) -> io::Result<usize> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = PathBuf::from(tmp);
+    // A new file of the daemon's own, never one found there: a leftover
+    // (or a symbolic link someone put there) is removed first — unlink
+    // does not follow links — and the new one created exclusively, not
+    // following a link, readable by the daemon's user only.
+    match std::fs::remove_file(&tmp) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
     let mut file = std::fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(&tmp)?;
-    file.write_all(text.as_bytes())?;
-    file.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    Ok(count)
+    let written = file
+        .write_all(text.as_bytes())
+        .and_then(|()| file.sync_all())
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written.map(|()| count)
+}
+
+/// Most bytes of a state file read back (16384 LUNs take well under 2 MiB).
+const MAX_STATE_BYTES: u64 = 16 << 20;
+
+/// The state file's text: a regular file of at most [`MAX_STATE_BYTES`],
+/// opened without following a symbolic link and without blocking (a FIFO
+/// there cannot hold start-up up).
+fn read_state(path: &Path) -> io::Result<String> {
+    use std::io::Read;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)?;
+    let meta = file.metadata()?;
+    if !meta.file_type().is_file() {
+        return Err(io::Error::other("not a regular file"));
+    }
+    if meta.len() > MAX_STATE_BYTES {
+        return Err(io::Error::other(format!(
+            "{} bytes, more than a state file holds",
+            meta.len()
+        )));
+    }
+    let mut text = String::new();
+    file.take(MAX_STATE_BYTES).read_to_string(&mut text)?;
+    Ok(text)
 }
 
 /// Applies the state in `path`, if there is one, to the LUNs of `target`
 /// that are the same units, then removes the file. Returns how many LUNs
 /// took their state over.
 pub fn restore(path: &Path, target: &Target) -> usize {
-    let text = match std::fs::read_to_string(path) {
+    let text = match read_state(path) {
         Ok(text) => text,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return 0,
         Err(e) => {
@@ -206,6 +247,31 @@ mod tests {
         let other = target(0x6000_0000_0000_0000);
         assert_eq!(restore(&path, &other), 0);
         assert!(other.unit(1).unwrap().guest_state().write_cache);
+    }
+
+    /// A symbolic link planted where the temporary file goes is replaced,
+    /// never written through; a FIFO at the state path does not block.
+    #[test]
+    fn the_state_file_is_never_written_or_read_through_a_link_or_fifo() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.state");
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, "precious").unwrap();
+        std::os::unix::fs::symlink(&victim, dir.path().join("s.state.tmp")).unwrap();
+        save(&path, &target(1)).unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+        assert!(std::fs::symlink_metadata(&path)
+            .unwrap()
+            .file_type()
+            .is_file());
+        std::fs::remove_file(&path).unwrap();
+        std::os::unix::fs::symlink(&victim, &path).unwrap();
+        assert_eq!(restore(&path, &target(1)), 0, "read through a link");
+        let fifo = dir.path().join("f.state");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a valid C string; creates a FIFO in our directory.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        assert_eq!(restore(&fifo, &target(1)), 0);
     }
 
     #[test]

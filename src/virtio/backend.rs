@@ -349,14 +349,15 @@ impl ScsiBackend {
             return;
         };
         for (local, (vring, &queue)) in vrings.iter().zip(queues).enumerate() {
-            if !Self::is_live(vring) || self.started[queue].swap(true, Ordering::AcqRel) {
+            if !Self::is_live(vring) || self.started[queue].load(Ordering::Acquire) {
                 continue;
             }
             // Only a queue the daemon can use (a refused one is told
-            // nothing, as when it is kicked).
+            // nothing, as when it is kicked; the next nudge looks again).
             if self.usable_memory(queue, vring).is_none() {
                 continue;
             }
+            self.started[queue].store(true, Ordering::Release);
             if let Err(e) = vring.signal_used_queue() {
                 debug!("cannot signal queue {queue}: {e}");
             }
@@ -372,9 +373,10 @@ impl ScsiBackend {
 
     /// For a daemon about to exit (SIGTERM, an upgrade): waits, up to
     /// `timeout`, until every worker thread is between passes and holds it
-    /// there; completes every transfer in flight, its chain returned to
-    /// the used ring and the guest signalled; then calls `then` with every
-    /// worker still held (`true`) — the process exits in it. The used
+    /// there; completes every transfer in flight (waiting for the storage
+    /// as long as it takes: the caller bounds the whole), its chain
+    /// returned to the used ring and the guest signalled; then calls `then`
+    /// with every worker still held (`true`) — the process exits meanwhile. The used
     /// index the VMM reads back after the disconnect then counts every
     /// request the daemon took, so the next daemon, resuming from it,
     /// neither repeats nor loses one. A worker not free in time (storage
@@ -400,7 +402,8 @@ impl ScsiBackend {
             match guard {
                 Some(mut guard) => {
                     for io in guard.queues.iter_mut().flatten() {
-                        io.drain();
+                        // False: the engine failed, its requests unanswered.
+                        all &= io.drain();
                     }
                     held.push(guard);
                 }

@@ -1367,3 +1367,58 @@ fn submit_held_flush(q: &mut vhost_scsi_frontend::RequestQueue, mount: &fuse::Mo
     }
     flush
 }
+
+/// A stop does not wait on storage that hangs for ever: with a flush held
+/// in the file system, a second SIGTERM makes the daemon remove its socket
+/// and exit at once (the 10 s bound works the same way, without it), and
+/// it says it did not wait.
+#[test]
+fn a_second_signal_stops_without_waiting_for_hung_storage() {
+    const TEST: &str = "a_second_signal_stops_without_waiting_for_hung_storage";
+    let Some(mount) = cached_fuse_or_skip(TEST, vec![0; 1 << 20]) else {
+        return;
+    };
+    let sockdir = tempfile::tempdir().unwrap();
+    let sock = sockdir.path().join("vus.sock");
+    let log = sockdir.path().join("daemon.log");
+    let img = mount.file();
+    let args = ["--io-engine", "io-uring", img.to_str().unwrap()];
+    let mut daemon = start_logged(&sock, &args, &log, Some("info"));
+    let mut frontend = ScsiFrontend::connect(&sock, &DriverConfig::default()).unwrap();
+    let q = frontend.queue(0).unwrap();
+    let _release = ReleaseFsyncs(&mount);
+    let _flush = submit_held_flush(q, &mount);
+    let pid = daemon.pid() as i32;
+    // SAFETY: kill(2) on the daemon's pid, a child of this process.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        sock.exists(),
+        "the first SIGTERM did not wait for the flush"
+    );
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while sock.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the second SIGTERM did not stop the daemon"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("then another signal: exiting without waiting"),
+        "{text}"
+    );
+    // The process itself ends once the kernel lets go of the held FSYNC.
+    mount.release_fsyncs();
+    let deadline = Instant::now() + ORACLE_TIMEOUT;
+    while daemon.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "the daemon did not exit");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    drop(_release);
+    drop(frontend);
+    drop(mount);
+}

@@ -104,10 +104,11 @@ pub struct Cli {
           default_value_t = IoEngineChoice::Auto)]
     pub io_engine: IoEngineChoice,
 
-    /// Where SIGTERM (or SIGINT) leaves the guest's state (the write cache and sense
-    /// format it set, its pending unit attentions, a flush failure) for the
-    /// next daemon, which takes it over at start and removes the file
-    /// (default: the socket path with ".state" appended).
+    /// Where SIGTERM (or SIGINT) leaves the guest's state (the write cache
+    /// and sense format it set, its pending unit attentions, a flush
+    /// failure, the LUNs added through the API) for the next daemon, which
+    /// takes it over at start and removes the file (default: the socket
+    /// path with ".state" appended).
     #[arg(long = "state-file", value_name = "PATH")]
     pub state_file: Option<PathBuf>,
 

@@ -19,6 +19,7 @@ use vhost::vhost_user::{Error as VhostUserError, Listener};
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::GuestMemoryAtomic;
 
+use crate::manage::LunManager;
 use crate::scsi::Target;
 use crate::storage::IoEngine;
 use crate::virtio::backend::QueueOptions;
@@ -225,17 +226,21 @@ pub struct Serving {
     /// A VMM is connected (between accept and disconnect).
     connected: AtomicBool,
     target: Arc<Target>,
+    /// The LUNs' IMAGE arguments (saved with the state).
+    manager: Arc<LunManager>,
     state_file: PathBuf,
 }
 
 impl Serving {
-    /// Serving `target`; the guest's state goes to `state_file` when a stop
-    /// signal comes while a VMM is connected.
-    pub fn new(target: Arc<Target>, state_file: PathBuf) -> Serving {
+    /// Serving `target` (its LUNs managed by `manager`); the guest's state
+    /// goes to `state_file` when a stop signal comes while a VMM is
+    /// connected.
+    pub fn new(target: Arc<Target>, manager: Arc<LunManager>, state_file: PathBuf) -> Serving {
         Serving {
             backend: Mutex::new(None),
             connected: AtomicBool::new(false),
             target,
+            manager,
             state_file,
         }
     }
@@ -246,7 +251,7 @@ impl Serving {
         if !self.connected.load(Ordering::SeqCst) {
             return;
         }
-        match crate::state::save(&self.state_file, &self.target) {
+        match crate::state::save(&self.state_file, &self.target, &self.manager.specs_now()) {
             Ok(n) => info!(
                 "the guest's state of {n} LUN(s) saved to {} for the next daemon",
                 self.state_file.display()

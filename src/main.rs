@@ -59,7 +59,20 @@ fn run(config: &DaemonConfig) -> Result<(), String> {
     let mut sockets = vec![socket_path.clone()];
     sockets.extend(config.socket.api_socket.clone());
     let target = Arc::new(target);
-    let serving = Arc::new(daemon::Serving::new(target.clone(), config.state_file()));
+    let events =
+        EventHub::new().map_err(|e| format!("cannot create the event queue's eventfd: {e}"))?;
+    // The LUN table's manager: the API's calls, and the LUNs carried over
+    // from a daemon stopped before this one.
+    let manager = Arc::new(LunManager::new(
+        target.clone(),
+        config.clone(),
+        events.clone(),
+    ));
+    let serving = Arc::new(daemon::Serving::new(
+        target.clone(),
+        manager.clone(),
+        config.state_file(),
+    ));
     daemon::handle_stop_signals(sockets, serving.clone()).map_err(|e| e.to_string())?;
     let listener = daemon::listen(socket_path, &access).map_err(|e| e.to_string())?;
     // Bound now, with the vhost-user socket, before any worker thread runs
@@ -81,21 +94,16 @@ fn run(config: &DaemonConfig) -> Result<(), String> {
             format!(", polling {} µs", options.poll.as_micros())
         }
     );
-    let events =
-        EventHub::new().map_err(|e| format!("cannot create the event queue's eventfd: {e}"))?;
     if let (Some(listener), Some(path)) = (api_listener, &config.socket.api_socket) {
-        let manager = Arc::new(LunManager::new(
-            target.clone(),
-            config.clone(),
-            events.clone(),
-        ));
-        api::serve(listener, manager)
+        api::serve(listener, manager.clone())
             .map_err(|e| format!("--api-socket {}: cannot serve: {e}", path.display()))?;
         log::info!("management API on {}", path.display());
     }
     // The guest's state a daemon stopped before this one left behind, taken
     // over (and its file removed) only once nothing can fail any more.
-    state::restore(&config.state_file(), &target);
+    state::restore(&config.state_file(), &target, &|lun, spec| {
+        manager.restore_lun(lun, spec).map_err(|e| e.to_string())
+    });
     daemon::serve(
         target,
         options,

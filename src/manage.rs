@@ -60,6 +60,7 @@ pub enum ManageError {
 }
 
 /// Adds, removes and resizes the LUNs of a running daemon.
+#[derive(Debug)]
 pub struct LunManager {
     target: Arc<Target>,
     /// The start-up configuration: the flags every LUN gets (`--read-only`,
@@ -105,7 +106,6 @@ impl LunManager {
     /// lowest free LUN; the guest is told (an event, and REPORTED LUNS
     /// DATA HAS CHANGED on the other LUNs).
     pub fn lun_add(&self, image: &str, lun: Option<u16>) -> Result<u16, ManageError> {
-        let mut specs = self.specs();
         let spec = LunSpec::parse(OsStr::new(image))
             .map_err(|e| ManageError::Image(format!("image {}: {e}", e.image)))?;
         if spec.path.is_relative() {
@@ -114,6 +114,27 @@ impl LunManager {
                 spec.path.display()
             )));
         }
+        let lun = self.add(spec, lun)?;
+        self.events.post(DeviceEvent::LunAdded(lun));
+        Ok(lun)
+    }
+
+    /// Adds LUN `lun` as `spec` says, for a daemon taking over from one
+    /// that had it (the state file): as `lun_add`, without telling the
+    /// guest, which has it already.
+    pub fn restore_lun(&self, lun: u16, spec: LunSpec) -> Result<(), ManageError> {
+        self.add(spec, Some(lun)).map(|_| ())
+    }
+
+    /// The IMAGE arguments of the LUNs, by LUN.
+    pub fn specs_now(&self) -> BTreeMap<u16, LunSpec> {
+        self.specs().clone()
+    }
+
+    /// Opens `spec` as LUN `lun` (or the lowest free one) with start-up's
+    /// checks and puts it in the table.
+    fn add(&self, spec: LunSpec, lun: Option<u16>) -> Result<u16, ManageError> {
+        let mut specs = self.specs();
         let lun = match lun {
             Some(lun) if lun > MAX_LUN => {
                 return Err(ManageError::InvalidParams(format!(
@@ -147,8 +168,6 @@ impl LunManager {
             locked,
         );
         specs.insert(lun, spec);
-        drop(specs);
-        self.events.post(DeviceEvent::LunAdded(lun));
         Ok(lun)
     }
 

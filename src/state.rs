@@ -1,6 +1,7 @@
 //! The guest's state carried from a stopping daemon to the next (an
 //! upgrade): per LUN, what the guest set with MODE SELECT (WCE, D_SENSE),
-//! its pending unit attentions and a flush failure. Without it a restart
+//! its pending unit attentions and a flush failure, and the LUN's IMAGE
+//! argument (a LUN added through the API is added again). Without it a restart
 //! would silently turn a write cache the guest switched off back on (its
 //! writes would no longer be durable at completion, as it was told), and
 //! flushes after an earlier failure would succeed again.
@@ -19,7 +20,9 @@ use std::path::{Path, PathBuf};
 use log::{info, warn};
 use serde::{Deserialize, Serialize};
 
-use crate::scsi::{GuestState, Target};
+use crate::config::LunSpec;
+use crate::scsi::{GuestState, Target, UnitAttention};
+use std::collections::BTreeMap;
 
 /// The file's contents.
 #[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -38,6 +41,10 @@ struct LunState {
     naa: u64,
     #[serde(flatten)]
     guest: GuestState,
+    /// The LUN's IMAGE argument, so that a LUN added through the API is
+    /// there again in the next daemon.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    spec: Option<LunSpec>,
 }
 
 const VERSION: u32 = 1;
@@ -52,7 +59,7 @@ pub fn default_path(socket: &Path) -> PathBuf {
 /// Writes the guest's state of every LUN of `target` to `path`: a new file
 /// written whole, synced, then renamed over `path`, so a reader never sees
 /// half of it.
-pub fn save(path: &Path, target: &Target) -> io::Result<usize> {
+pub fn save(path: &Path, target: &Target, specs: &BTreeMap<u16, LunSpec>) -> io::Result<usize> {
     let luns: Vec<LunState> = target
         .units()
         .into_iter()
@@ -60,6 +67,7 @@ pub fn save(path: &Path, target: &Target) -> io::Result<usize> {
             lun,
             naa: unit.identity().naa,
             guest: unit.guest_state(),
+            spec: specs.get(&lun).cloned(),
         })
         .collect();
     let count = luns.len();
@@ -122,10 +130,16 @@ fn read_state(path: &Path) -> io::Result<String> {
     Ok(text)
 }
 
-/// Applies the state in `path`, if there is one, to the LUNs of `target`
-/// that are the same units, then removes the file. Returns how many LUNs
-/// took their state over.
-pub fn restore(path: &Path, target: &Target) -> usize {
+/// Applies the state in `path`, if there is one, then removes the file:
+/// a LUN the daemon before had and this one has not (added through the
+/// API) is added with `add` (its IMAGE argument, with start-up's checks),
+/// and the LUNs that are the same units take their guest's state over.
+/// Returns how many did.
+pub fn restore(
+    path: &Path,
+    target: &Target,
+    add: &dyn Fn(u16, LunSpec) -> Result<(), String>,
+) -> usize {
     let text = match read_state(path) {
         Ok(text) => text,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return 0,
@@ -159,6 +173,38 @@ pub fn restore(path: &Path, target: &Target) -> usize {
         );
         return 0;
     }
+    let mut added = false;
+    for lun in &state.luns {
+        if target.has_unit(lun.lun) {
+            continue;
+        }
+        let Some(spec) = lun.spec.clone() else {
+            continue;
+        };
+        let image = spec.path.display().to_string();
+        match add(lun.lun, spec) {
+            Ok(()) => {
+                added = true;
+                info!(
+                    "state file {}: LUN {} ({image}) added again",
+                    path.display(),
+                    lun.lun
+                );
+            }
+            Err(e) => warn!(
+                "state file {}: LUN {} ({image}) cannot be added again: {e}",
+                path.display(),
+                lun.lun
+            ),
+        }
+    }
+    if added {
+        // The guest already has these LUNs: the additions' REPORTED LUNS
+        // DATA HAS CHANGED is not news (what was pending comes back below).
+        for (_, unit) in target.units() {
+            unit.attention().clear(UnitAttention::ReportedLunsChanged);
+        }
+    }
     let mut restored = 0;
     for lun in &state.luns {
         match target.unit(lun.lun) {
@@ -186,6 +232,10 @@ mod tests {
     use crate::scsi::inquiry::Identity;
     use crate::scsi::{Disk, DiskConfig, UnitAttention};
     use crate::storage::MemImage;
+
+    fn no_add(_: u16, _: LunSpec) -> Result<(), String> {
+        Err("no LUN is added here".into())
+    }
 
     fn target(naa_base: u64) -> Target {
         let disks = (0..2u16)
@@ -218,10 +268,10 @@ mod tests {
             flush_failed: true,
         });
         lun1.attention().establish(UnitAttention::CapacityChanged);
-        assert_eq!(save(&path, &before).unwrap(), 2);
+        assert_eq!(save(&path, &before, &BTreeMap::new()).unwrap(), 2);
 
         let after = target(0x5000_0000_0000_0000);
-        assert_eq!(restore(&path, &after), 2);
+        assert_eq!(restore(&path, &after, &no_add), 2);
         assert!(!path.exists(), "used once");
         assert_eq!(
             after.unit(1).unwrap().guest_state(),
@@ -243,9 +293,9 @@ mod tests {
             }
         );
         // Other units at those LUNs (another NAA): nothing taken over.
-        save(&path, &before).unwrap();
+        save(&path, &before, &BTreeMap::new()).unwrap();
         let other = target(0x6000_0000_0000_0000);
-        assert_eq!(restore(&path, &other), 0);
+        assert_eq!(restore(&path, &other, &no_add), 0);
         assert!(other.unit(1).unwrap().guest_state().write_cache);
     }
 
@@ -258,7 +308,7 @@ mod tests {
         let victim = dir.path().join("victim");
         std::fs::write(&victim, "precious").unwrap();
         std::os::unix::fs::symlink(&victim, dir.path().join("s.state.tmp")).unwrap();
-        save(&path, &target(1)).unwrap();
+        save(&path, &target(1), &BTreeMap::new()).unwrap();
         assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
         assert!(std::fs::symlink_metadata(&path)
             .unwrap()
@@ -266,12 +316,16 @@ mod tests {
             .is_file());
         std::fs::remove_file(&path).unwrap();
         std::os::unix::fs::symlink(&victim, &path).unwrap();
-        assert_eq!(restore(&path, &target(1)), 0, "read through a link");
+        assert_eq!(
+            restore(&path, &target(1), &no_add),
+            0,
+            "read through a link"
+        );
         let fifo = dir.path().join("f.state");
         let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
         // SAFETY: a valid C string; creates a FIFO in our directory.
         assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
-        assert_eq!(restore(&fifo, &target(1)), 0);
+        assert_eq!(restore(&fifo, &target(1), &no_add), 0);
     }
 
     #[test]
@@ -279,10 +333,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.state");
         std::fs::write(&path, "not json").unwrap();
-        assert_eq!(restore(&path, &target(1)), 0);
+        assert_eq!(restore(&path, &target(1), &no_add), 0);
         assert!(!path.exists());
         std::fs::write(&path, r#"{"version": 2, "luns": []}"#).unwrap();
-        assert_eq!(restore(&path, &target(1)), 0);
-        assert_eq!(restore(&dir.path().join("missing.state"), &target(1)), 0);
+        assert_eq!(restore(&path, &target(1), &no_add), 0);
+        assert_eq!(
+            restore(&dir.path().join("missing.state"), &target(1), &no_add),
+            0
+        );
     }
 }

@@ -15,7 +15,7 @@ pub const MAX_IMAGES: usize = crate::scsi::lun::MAX_LUN as usize + 1;
 pub(crate) const MAX_SERIAL_LEN: usize = 20;
 
 /// One IMAGE argument: the image and its per-LUN options.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct LunSpec {
     pub path: PathBuf,
     /// `ro`: this LUN is read-only.

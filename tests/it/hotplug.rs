@@ -965,3 +965,54 @@ fn the_guests_state_survives_sigterm_and_a_new_daemon() {
     assert_eq!(reply.status, CHECK_CONDITION);
     assert_eq!(reply.sense[0] & 0x7f, 0x72, "sense {:02x?}", reply.sense);
 }
+
+/// A LUN added through the API is there again after an upgrade (SIGTERM,
+/// then a new daemon with only the command line's LUNs): the state file
+/// carries its IMAGE argument, and the guest, which has the disk, keeps
+/// reading it, with no unit attention for an addition it knew of.
+#[test]
+fn a_lun_added_through_the_api_survives_an_upgrade() {
+    let mut env = Env::new(1, 1, &[]);
+    let image1 = env.image(1).to_string();
+    env.api().ok(
+        "lun_add",
+        json!({"image": format!("{image1},ro"), "lun": 5}),
+    );
+    let mut fe = env.driver(DriverConfig::default());
+    // The addition's unit attention on LUN 0, seen before the upgrade.
+    assert_ua(&cmd(&mut fe, 0, &TUR, 0), 0x3f, 0x0e);
+    // SAFETY: kill(2) on the daemon's pid, a child of this process.
+    assert_eq!(
+        unsafe { libc::kill(env.daemon.process.pid() as i32, libc::SIGTERM) },
+        0
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while env.daemon.process.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "the daemon did not exit");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    drop(fe);
+    let args = ["--api-socket", env.api.to_str().unwrap(), env.image(0)];
+    env.daemon = Daemon::start(&env.socket, &args);
+    let mut fe = env.driver(DriverConfig::default());
+    let reply = cmd(&mut fe, 5, &read10(2, 1), BLOCK as u32);
+    assert_good(&reply, "READ of LUN 5 after the upgrade");
+    assert_eq!(
+        reply.data_in,
+        image_bytes(1, IMAGE_LEN)[2 * BLOCK..3 * BLOCK]
+    );
+    assert_good(&cmd(&mut fe, 0, &TUR, 0), "LUN 0: no unit attention");
+    let list = env.api().ok("lun_list", json!({}));
+    let luns: Vec<(u64, bool)> = list["luns"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            (
+                l["lun"].as_u64().unwrap(),
+                l["read_only"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(luns, [(0, false), (5, true)], "{list}");
+}

@@ -844,20 +844,20 @@ impl ScsiBackend {
         head: u16,
         worker: &mut Worker,
     ) -> Option<Answered<RequestError>> {
-        let disk = pending.unit.clone();
-        let access = match disk.try_transfer_access() {
+        let access = match pending.unit.try_transfer_access() {
             Some(access) => access,
             None => {
                 worker.drain();
-                disk.wait_transfer_access()
+                pending.unit.wait_transfer_access()
             }
         };
         match self.io_of(worker, queue_index) {
-            Some(io) => io.start(pending, disk.storage(), access, head),
+            Some(io) => io.start(pending, access, head),
             None => {
                 // Not a request queue of this thread (cannot happen: the
                 // pass set its I/O up); answered synchronously all the same.
-                let result = crate::storage::engine::run_sync(&**disk.storage(), pending.request());
+                let (storage, request) = pending.request();
+                let result = crate::storage::engine::run_sync(&**storage, request);
                 drop(access);
                 Some(pending.answer(result))
             }

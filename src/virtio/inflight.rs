@@ -10,7 +10,6 @@
 //! held, by the vhost-user handler thread when the VMM stops the queue).
 
 use std::io;
-use std::sync::Arc;
 
 use log::debug;
 use vhost_user_backend::{VringRwLock, VringT};
@@ -19,7 +18,7 @@ use super::answer::Answered;
 use super::request::{finish_transfer, PendingCommand, RequestError, TransferReply};
 use crate::scsi::TransferAccess;
 use crate::storage::engine::run_sync;
-use crate::storage::{Engine, PinnedBufs, Storage, Submission, Submitted};
+use crate::storage::{Engine, PinnedBufs, Submission, Submitted};
 
 /// A request whose transfer is in flight.
 #[derive(Default)]
@@ -64,13 +63,12 @@ impl QueueIo {
     }
 
     /// Carries out or starts the work of `pending` (the chain with head
-    /// `head`) on `storage`, with `access` to its unit: its answer if it is
+    /// `head`) on its unit's storage, with `access` to the unit: its answer if it is
     /// done, `None` if it is in flight (answered by [`QueueIo::reap`]).
     #[inline]
     pub fn start(
         &mut self,
         mut pending: PendingCommand<'_>,
-        storage: &Arc<dyn Storage>,
         access: TransferAccess,
         head: u16,
     ) -> Option<Answered<RequestError>> {
@@ -81,16 +79,18 @@ impl QueueIo {
             _ => {
                 // No room to wait for a result, or a response area cut too
                 // finely to pin: done here, synchronously.
-                let result = run_sync(&**storage, pending.request());
+                let (storage, request) = pending.request();
+                let result = run_sync(&**storage, request);
                 return Some(pending.answer(result));
             }
         };
         let waiting = &mut self.waiting[usize::from(slot)];
         let generation = waiting.generation.wrapping_add(1);
         let token = (u64::from(generation) << 16) | u64::from(slot);
+        let (storage, request) = pending.request();
         let submitted = self.engine.submit(Submission {
             storage,
-            request: pending.request(),
+            request,
             token,
         });
         match submitted {

@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::scsi::{Completion, Direction, Disk, LunAddress, Planned, Prepared, Target};
-use crate::storage::{PinnedBufs, Request, TransferMemory};
+use crate::storage::{PinnedBufs, Request, Storage, TransferMemory};
 
 /// Bytes of the request header before the CDB (virtio_scsi_cmd_req).
 pub const REQ_HEADER_LEN: usize = offset_of!(virtio_scsi_cmd_req, cdb);
@@ -155,16 +155,19 @@ pub struct TransferReply {
 }
 
 impl<'a> PendingCommand<'a> {
-    /// The storage request that carries out the command's work (a
-    /// transfer moves bytes through the data buffer).
-    pub fn request(&mut self) -> Request<'_> {
-        match self.work {
+    /// The storage the command's work is carried out on (its unit's,
+    /// borrowed: no reference count is taken per request), and the
+    /// request that carries it out (a transfer moves bytes through the
+    /// data buffer).
+    pub fn request(&mut self) -> (&Arc<dyn Storage>, Request<'_>) {
+        let request = match self.work {
             Planned::Transfer(transfer) => Request::Transfer {
                 transfer,
                 memory: &mut self.data,
             },
             Planned::Flush => Request::Flush,
-        }
+        };
+        (self.unit.storage(), request)
     }
 
     /// Answers the command with the result of its work, carried out

@@ -152,8 +152,7 @@ impl LunManager {
         fdlimit::ensure(specs.len() + 1, queues)
             .map_err(|e| ManageError::Image(format!("image {}: {e}", spec.path.display())))?;
         let read_only = self.config.read_only || spec.read_only;
-        let (disk, kind, locked) = config::open_disk(&spec, lun, read_only, &self.config)
-            .map_err(|e| ManageError::Image(e.to_string()))?;
+        let (disk, kind, locked) = config::open_disk(&spec, lun, read_only, &self.config)?;
         self.check_identity(&spec, &disk)?;
         let unit = self.target.insert(lun, disk).map_err(|e| match e {
             InsertError::InUse(lun) => ManageError::LunInUse(lun),

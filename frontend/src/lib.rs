@@ -346,10 +346,10 @@ fn memfd(size: u64) -> Result<File, FrontendError> {
     Ok(file)
 }
 
-/// A queue the load does not use (control, event), kept configured.
+/// The control or event queue: kept configured, used for TMFs and events.
 struct AuxQueue {
-    _ring: SplitRing,
-    _kick: EventFd,
+    ring: SplitRing,
+    kick: EventFd,
     _call: EventFd,
 }
 
@@ -359,7 +359,7 @@ pub struct ScsiFrontend {
     mem: Arc<GuestMemoryMmap<()>>,
     features: u64,
     queues_offered: u64,
-    _aux: Vec<AuxQueue>,
+    aux: Vec<AuxQueue>,
     queues: Vec<RequestQueue>,
     /// Guest address of the 8 event buffers (buffer i at + 16 * i).
     event_buffers: u64,
@@ -548,8 +548,8 @@ impl ScsiFrontend {
         for (index, addrs) in aux_rings.into_iter().enumerate() {
             let (ring, kick, call) = setup_ring(&mut frontend, index, AUX_QUEUE_SIZE, addrs)?;
             aux.push(AuxQueue {
-                _ring: ring,
-                _kick: kick,
+                ring,
+                kick,
                 _call: call,
             });
         }
@@ -581,7 +581,7 @@ impl ScsiFrontend {
             mem,
             features,
             queues_offered,
-            _aux: aux,
+            aux,
             queues,
             event_buffers,
             control_buffer,
@@ -607,8 +607,8 @@ impl ScsiFrontend {
         len: u32,
         writable: bool,
     ) -> Result<(), FrontendError> {
-        let event = &mut self._aux[EVENT_QUEUE];
-        event._ring.write_desc(
+        let event = &mut self.aux[EVENT_QUEUE];
+        event.ring.write_desc(
             i,
             Descriptor {
                 addr: self.event_buffers + u64::from(i) * u64::from(EVENT_LEN),
@@ -617,9 +617,9 @@ impl ScsiFrontend {
                 next: 0,
             },
         )?;
-        event._ring.publish(i)?;
-        if event._ring.kick_needed()? {
-            event._kick.write(1).map_err(FrontendError::EventFd)?;
+        event.ring.publish(i)?;
+        if event.ring.kick_needed()? {
+            event.kick.write(1).map_err(FrontendError::EventFd)?;
         }
         Ok(())
     }
@@ -633,8 +633,8 @@ impl ScsiFrontend {
     ) -> Result<Option<([u8; EVENT_LEN as usize], u32)>, FrontendError> {
         let deadline = Instant::now() + timeout;
         loop {
-            let used = self._aux[EVENT_QUEUE]
-                ._ring
+            let used = self.aux[EVENT_QUEUE]
+                .ring
                 .next_used(EVENT_QUEUE, usize::from(EVENT_BUFFERS))?;
             if let Some((id, len)) = used {
                 let index = u16::try_from(id)
@@ -672,8 +672,8 @@ impl ScsiFrontend {
         let (request, response) = (self.control_buffer, self.control_buffer + 64);
         self.mem.write_slice(&req, GuestAddress(request))?;
         self.mem.write_slice(&[0xff], GuestAddress(response))?;
-        let control = &mut self._aux[CONTROL_QUEUE];
-        control._ring.write_desc(
+        let control = &mut self.aux[CONTROL_QUEUE];
+        control.ring.write_desc(
             0,
             Descriptor {
                 addr: request,
@@ -682,7 +682,7 @@ impl ScsiFrontend {
                 next: 1,
             },
         )?;
-        control._ring.write_desc(
+        control.ring.write_desc(
             1,
             Descriptor {
                 addr: response,
@@ -691,13 +691,13 @@ impl ScsiFrontend {
                 next: 0,
             },
         )?;
-        control._ring.publish(0)?;
-        if control._ring.kick_needed()? {
-            control._kick.write(1).map_err(FrontendError::EventFd)?;
+        control.ring.publish(0)?;
+        if control.ring.kick_needed()? {
+            control.kick.write(1).map_err(FrontendError::EventFd)?;
         }
         let deadline = Instant::now() + timeout;
         loop {
-            if control._ring.next_used(CONTROL_QUEUE, 1)?.is_some() {
+            if control.ring.next_used(CONTROL_QUEUE, 1)?.is_some() {
                 let mut byte = [0u8; 1];
                 self.mem.read_slice(&mut byte, GuestAddress(response))?;
                 return Ok(byte[0]);

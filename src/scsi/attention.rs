@@ -118,7 +118,8 @@ impl UnitAttentions {
     }
 
     /// The conditions pending, reporting order first.
-    pub fn pending(&self) -> Vec<UnitAttention> {
+    #[cfg(test)]
+    fn pending(&self) -> Vec<UnitAttention> {
         let bits = self.pending.load(Ordering::Acquire);
         UnitAttention::ALL
             .into_iter()

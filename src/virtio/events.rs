@@ -168,7 +168,8 @@ impl EventHub {
     }
 
     /// Events waiting, oldest first.
-    pub fn pending(&self) -> Vec<DeviceEvent> {
+    #[cfg(test)]
+    fn pending(&self) -> Vec<DeviceEvent> {
         self.lock().events.iter().copied().collect()
     }
 

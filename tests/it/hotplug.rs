@@ -932,16 +932,12 @@ fn the_guests_state_survives_sigterm_and_a_new_daemon() {
     let state_file = env.socket.with_extension("sock.state");
     // SIGTERM with a VMM connected: the state goes to the file.
     let mut fe = env.driver(DriverConfig::default());
-    // SAFETY: kill(2) on the daemon's pid, a child of this process.
-    assert_eq!(
-        unsafe { libc::kill(env.daemon.process.pid() as i32, libc::SIGTERM) },
-        0
-    );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while env.daemon.process.try_wait().unwrap().is_none() {
-        assert!(Instant::now() < deadline, "the daemon did not exit");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let status = env
+        .daemon
+        .process
+        .terminate(Duration::from_secs(10))
+        .unwrap();
+    assert!(status.success(), "the daemon stopped with {status}");
     drop(fe);
     assert!(state_file.exists(), "no state file at {state_file:?}");
     let images: Vec<&str> = env.images.iter().map(|p| p.to_str().unwrap()).collect();
@@ -981,16 +977,12 @@ fn a_lun_added_through_the_api_survives_an_upgrade() {
     let mut fe = env.driver(DriverConfig::default());
     // The addition's unit attention on LUN 0, seen before the upgrade.
     assert_ua(&cmd(&mut fe, 0, &TUR, 0), 0x3f, 0x0e);
-    // SAFETY: kill(2) on the daemon's pid, a child of this process.
-    assert_eq!(
-        unsafe { libc::kill(env.daemon.process.pid() as i32, libc::SIGTERM) },
-        0
-    );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while env.daemon.process.try_wait().unwrap().is_none() {
-        assert!(Instant::now() < deadline, "the daemon did not exit");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let status = env
+        .daemon
+        .process
+        .terminate(Duration::from_secs(10))
+        .unwrap();
+    assert!(status.success(), "the daemon stopped with {status}");
     drop(fe);
     let args = ["--api-socket", env.api.to_str().unwrap(), env.image(0)];
     env.daemon = Daemon::start(&env.socket, &args);

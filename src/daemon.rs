@@ -15,17 +15,14 @@ use log::{info, warn};
 use rustix::fs::{AtFlags, Gid, Mode};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
-use vhost::vhost_user::{Error as VhostUserError, Listener};
-use vhost_user_backend::VhostUserDaemon;
-use vm_memory::GuestMemoryAtomic;
+use vhost::vhost_user::{BackendListener, Error as VhostUserError, Listener};
 
 use crate::manage::LunManager;
 use crate::scsi::Target;
 use crate::storage::IoEngine;
 use crate::virtio::backend::QueueOptions;
-use crate::virtio::chain::GuestMem;
+use crate::virtio::handler::Connection;
 use crate::virtio::{EventHub, ScsiBackend};
-use vmm_sys_util::epoll::EventSet;
 
 /// Which listening socket an error is about: errors name it as the
 /// operator knows it.
@@ -484,54 +481,47 @@ fn serve_connection(
     let mut backend = ScsiBackend::with_engine(target.clone(), options, engine);
     backend.set_event_hub(events.clone());
     let backend = Arc::new(backend);
-    let mem = GuestMemoryAtomic::new(GuestMem::new());
-    let mut daemon = VhostUserDaemon::new("vhost-device-scsi".into(), backend.clone(), mem)
-        .map_err(|e| DaemonError::Device(e.to_string()))?;
-    // Each worker thread's epoll loop also watches the eventfd its
-    // io_uring rings signal on completion.
-    for (thread, handler) in daemon.get_epoll_handlers().iter().enumerate() {
-        if let Some((fd, id)) = backend.completion_listener(thread) {
-            handler
-                .register_listener(fd, EventSet::IN, id)
-                .map_err(|e| {
-                    DaemonError::Device(format!("cannot watch io_uring completions: {e}"))
-                })?;
-        }
-        if let Some((fd, id)) = backend.nudge_listener(thread) {
-            handler
-                .register_listener(fd, EventSet::IN, id)
-                .map_err(|e| DaemonError::Device(format!("cannot watch for nudges: {e}")))?;
-        }
-    }
-    // Thread 0, which serves the event queue, also watches for events
-    // posted by the management API.
-    if let (Some(handler), Some((fd, id))) = (
-        daemon.get_epoll_handlers().first(),
-        backend.event_listener(),
-    ) {
-        handler
-            .register_listener(fd, EventSet::IN, id)
-            .map_err(|e| DaemonError::Device(format!("cannot watch for device events: {e}")))?;
-    }
+    // The connection's queues and worker threads, each thread's epoll
+    // loop also watching its io_uring completions and start nudges, and
+    // thread 0 the events the management API posts (handler.rs).
+    let connection =
+        Connection::new(backend.clone()).map_err(|e| DaemonError::Device(e.to_string()))?;
+    let connection = Arc::new(Mutex::new(connection));
     serving.set(Some(&backend));
     drop(backend);
     info!("listening on {}", path.display());
-    daemon.start(listener).map_err(|e| DaemonError::Accept {
+    let accept_error = |reason: String| DaemonError::Accept {
         path: path.to_path_buf(),
-        reason: e.to_string(),
-    })?;
+        reason,
+    };
+    let mut requests = {
+        let mut accepting = BackendListener::new(listener, connection.clone())
+            .map_err(|e| accept_error(e.to_string()))?;
+        loop {
+            match accepting.accept() {
+                Ok(Some(requests)) => break requests,
+                Ok(None) => continue,
+                Err(e) => return Err(accept_error(e.to_string())),
+            }
+        }
+    };
     info!("VMM connected");
     serving.connected.store(true, Ordering::SeqCst);
     nudge_after_connect(serving);
-    match daemon.wait() {
-        Ok(())
-        | Err(vhost_user_backend::Error::HandleRequest(
-            VhostUserError::Disconnected | VhostUserError::PartialMessage,
-        )) => info!("VMM disconnected"),
-        Err(e) => warn!("VMM connection ended: {e}"),
+    let ended = loop {
+        if let Err(e) = requests.handle_request() {
+            break e;
+        }
+    };
+    match ended {
+        VhostUserError::Disconnected | VhostUserError::PartialMessage => {
+            info!("VMM disconnected")
+        }
+        e => warn!("VMM connection ended: {e}"),
     }
     serving.connected.store(false, Ordering::SeqCst);
-    // Dropping the daemon stops and joins its queue worker threads.
-    drop(daemon);
+    // Dropping the connection stops and joins its worker threads.
+    drop(requests);
+    drop(connection);
     Ok(())
 }

@@ -313,6 +313,17 @@ impl ScsiBackend {
         }
     }
 
+    /// The global queue indexes each worker thread serves, ascending.
+    pub fn thread_queues(&self) -> &[Vec<usize>] {
+        &self.thread_queues
+    }
+
+    /// The worker thread serving queue `queue`, and the queue's position
+    /// among that thread's queues.
+    pub fn queue_owner(&self, queue: usize) -> Option<(usize, usize)> {
+        self.queue_owner.get(queue).copied()
+    }
+
     /// The eventfd and event id worker thread `thread`'s epoll loop watches
     /// for [`ScsiBackend::nudge_queues`].
     pub fn nudge_listener(&self, thread: usize) -> Option<(RawFd, u64)> {

@@ -8,11 +8,13 @@ pub mod chain;
 pub(crate) mod config;
 pub(crate) mod control;
 pub mod events;
+pub mod handler;
 pub(crate) mod inflight;
 pub(crate) mod memory;
 pub(crate) mod request;
 pub(crate) mod sglist;
 pub(crate) mod wire;
+pub(crate) mod worker;
 
 pub use backend::ScsiBackend;
 pub use events::{DeviceEvent, EventHub};

@@ -544,6 +544,11 @@ fn running_out_of_descriptors_does_not_end_the_daemon() {
     // The daemon waits in accept: no descriptor number is left below its
     // soft limit.
     set_nofile_of(pid, (lowest_free_fd(pid), limits.1));
+    // The accept the daemon is blocked in reserved its descriptor number
+    // before the limit came down (accept4 takes it before it waits), so
+    // that connection is taken and, once closed, sends the daemon back
+    // to accept: the next one fails with EMFILE.
+    drop(std::os::unix::net::UnixStream::connect(&sock).unwrap());
     let stream = std::os::unix::net::UnixStream::connect(&sock).unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     let failed = format!("cannot accept a connection on {}", sock.display());

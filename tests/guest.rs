@@ -1428,10 +1428,9 @@ fn guest_upgrade_sync_engine() {
 /// was just written, so its reads hit it too) the daemon completes
 /// requests in order, so the used index QEMU reads back after the kill
 /// counts a prefix of what it took; the next daemon takes the rest again
-/// (available before it connected: served without a kick). With io_uring
-/// and reads from the disk, or `--direct`, completions come out of order
-/// and a kill can lose requests: that needs in-flight tracking (not
-/// implemented).
+/// (available before it connected: served without a kick), and what the
+/// in-flight region says was taken and not completed
+/// (`guest_restart_sigkill_direct` has completions out of order).
 #[test]
 fn guest_restart_sigkill_io_uring() {
     upgrade_scenario("restart", &[], libc::SIGKILL);
@@ -1441,6 +1440,17 @@ fn guest_restart_sigkill_io_uring() {
 #[test]
 fn guest_restart_sigkill_sync_engine() {
     upgrade_scenario("restart-sync", &["--io-engine", "sync"], libc::SIGKILL);
+}
+
+/// The daemon SIGKILLed and started again four times during the same fio
+/// run with `--direct` on io_uring: transfers complete out of order, so
+/// the used index QEMU reads back after a kill does not tell what the
+/// daemon had taken; the in-flight region (INFLIGHT_SHMFD) does, and the
+/// next daemon resubmits those requests in the order the guest made them
+/// available.
+#[test]
+fn guest_restart_sigkill_direct() {
+    upgrade_scenario("restart-direct", &["--direct"], libc::SIGKILL);
 }
 
 fn upgrade_scenario(name: &'static str, daemon_args: &[&str], signal: libc::c_int) {

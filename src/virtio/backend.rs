@@ -14,8 +14,9 @@ use vhost_user_backend::{VhostUserBackend, VringRwLock, VringState, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_bindings::virtio_scsi::{VIRTIO_SCSI_F_CHANGE, VIRTIO_SCSI_F_HOTPLUG};
-use virtio_queue::{DescriptorChain, QueueT};
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::QueueT;
+use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
@@ -26,10 +27,12 @@ use super::answer::Answered;
 use super::chain::{split_chain, GuestMem};
 use super::config::ScsiConfig;
 use super::control::handle_control;
+use super::desc_walk::walk_chain;
 use super::events::EventHub;
 use super::inflight::QueueIo;
 use super::memory::check_memory_table;
 use super::request::Sizes;
+use super::tracking::Tracking;
 use super::request::{start_command, PendingCommand, RequestError, Started, SyncBarrier};
 use crate::scsi::lun::MAX_LUN;
 use crate::scsi::Target;
@@ -145,6 +148,9 @@ pub struct ScsiBackend {
     nudges: Vec<Option<EventFd>>,
     /// Per queue: served and signalled once since the connection began.
     started: Vec<AtomicBool>,
+    /// Per queue: its in-flight tracking (INFLIGHT_SHMFD), set by the
+    /// handler when the VMM hands a region over.
+    tracking: Vec<Arc<Tracking>>,
 }
 
 /// What [`ScsiBackend::set_before_enable_notification`] installs.
@@ -310,7 +316,15 @@ impl ScsiBackend {
             started: (0..FIRST_REQUEST_QUEUE + options.request_queues)
                 .map(|_| AtomicBool::new(false))
                 .collect(),
+            tracking: (0..FIRST_REQUEST_QUEUE + options.request_queues)
+                .map(|_| Arc::default())
+                .collect(),
         }
+    }
+
+    /// Queue `queue`'s in-flight tracking.
+    pub fn tracking(&self, queue: usize) -> Option<&Arc<Tracking>> {
+        self.tracking.get(queue)
     }
 
     /// The global queue indexes each worker thread serves, ascending.
@@ -622,12 +636,28 @@ impl ScsiBackend {
             if !Self::state_is_live(&state) {
                 break RoundEnd::Stopped;
             }
+            let tracking = &self.tracking[queue_index];
+            let size = state.get_queue().size();
+            // A request a daemon before this one took and never completed
+            // (the in-flight region says so) comes before anything new.
+            if let Some(head) = tracking.next_resubmit() {
+                let table = GuestAddress(state.get_queue().desc_table());
+                drop(state);
+                round.popped += 1;
+                let chain = walk_chain(&**mem, table, size, head);
+                let Some(used_len) =
+                    self.run_chain(queue_index, head, chain, mem, pass.sizes, worker)
+                else {
+                    continue;
+                };
+                self.return_chain(pass, &mut round, head, used_len)?;
+                continue;
+            }
             let Some(chain) = state.get_queue_mut().pop_descriptor_chain(&**mem) else {
                 break RoundEnd::Empty;
             };
             round.popped += 1;
             let head = chain.head_index();
-            let size = state.get_queue().size();
             // Unlocked while the request runs: draining transfers in
             // flight may return other chains of this queue.
             drop(state);
@@ -644,22 +674,34 @@ impl ScsiBackend {
                 );
                 continue;
             }
-            let Some(used_len) = self.run_chain(queue_index, chain, mem, pass.sizes, worker) else {
+            tracking.taken(queue_index, head);
+            let Some(used_len) = self.run_chain(queue_index, head, chain, mem, pass.sizes, worker) else {
                 // In flight: returned when its transfer completes.
                 continue;
             };
-            vring
-                .get_mut()
-                .get_queue_mut()
-                .add_used(&**mem, head, used_len)
-                .map_err(io::Error::other)?;
-            round.unsignalled += 1;
-            if round.unsignalled == SIGNAL_BATCH {
-                round.unsignalled = 0;
-                Self::signal_if_needed(vring, mem)?;
-            }
+            self.return_chain(pass, &mut round, head, used_len)?;
         };
         Ok(round)
+    }
+
+    /// Puts a chain answered during a round on the used ring, signalling
+    /// the guest every [`SIGNAL_BATCH`] chains.
+    fn return_chain(
+        &self,
+        pass: &Pass<'_>,
+        round: &mut Round,
+        head: u16,
+        used_len: u32,
+    ) -> io::Result<()> {
+        self.tracking[pass.queue]
+            .add_used(&mut pass.vring.get_mut(), head, used_len)
+            .map_err(io::Error::other)?;
+        round.unsignalled += 1;
+        if round.unsignalled == SIGNAL_BATCH {
+            round.unsignalled = 0;
+            Self::signal_if_needed(pass.vring, &pass.mem)?;
+        }
+        Ok(())
     }
 
     /// After a round (its chains returned and signalled): whether the pass
@@ -775,12 +817,12 @@ impl ScsiBackend {
     fn run_chain(
         &self,
         queue_index: usize,
-        chain: DescriptorChain<&GuestMem>,
+        head: u16,
+        chain: impl IntoIterator<Item = Descriptor>,
         mem: &Arc<GuestMem>,
         sizes: Sizes,
         worker: &mut Worker,
     ) -> Option<u32> {
-        let head = chain.head_index();
         let split = match split_chain(mem, chain) {
             Ok(split) => split,
             Err(e) => {
@@ -932,9 +974,19 @@ impl ScsiBackend {
             _ => None,
         };
         *entry = Some(match uring {
-            Some(engine) => QueueIo::new(Box::new(engine), RING_ENTRIES as u16, vring.clone()),
+            Some(engine) => QueueIo::new(
+                Box::new(engine),
+                RING_ENTRIES as u16,
+                vring.clone(),
+                self.tracking[queue].clone(),
+            ),
             // One request at a time: the sync engine answers in the call.
-            None => QueueIo::new(Box::new(SyncEngine), 1, vring.clone()),
+            None => QueueIo::new(
+                Box::new(SyncEngine),
+                1,
+                vring.clone(),
+                self.tracking[queue].clone(),
+            ),
         });
     }
 

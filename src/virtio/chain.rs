@@ -1,10 +1,9 @@
 //! Turning a descriptor chain into its device-readable and device-writable
 //! parts (virtio 1.2 §2.7.4: readable descriptors first, then writable).
 
-use std::ops::Deref;
 use std::sync::Arc;
 
-use virtio_queue::DescriptorChain;
+use virtio_queue::desc::split::Descriptor;
 use vm_memory::{GuestMemory, GuestMemoryMmap, Permissions};
 
 use super::sglist::{SgList, Slices};
@@ -34,21 +33,18 @@ pub struct SplitChain<'a> {
     pub writable: SgList<'a, ()>,
 }
 
-/// Splits `chain` into slices of the guest memory `mem`, checking every descriptor
+/// Splits `chain` (a `DescriptorChain`, or a chain walked from a head
+/// being resubmitted) into slices of the guest memory `mem`, checking every descriptor
 /// against the memory map. The chain's own iterator bounds its length
 /// (queue size, indirect table size), but it reports a chain it cannot
 /// follow to the end only by stopping early: a chain whose last descriptor
 /// still has VIRTQ_DESC_F_NEXT, or that yields no descriptor at all, is
 /// refused whole ([`ChainError::Broken`]) rather than served from the part
 /// before the break.
-pub(crate) fn split_chain<'a, M>(
+pub(crate) fn split_chain<'a>(
     mem: &'a Arc<GuestMem>,
-    chain: DescriptorChain<M>,
-) -> Result<SplitChain<'a>, ChainError>
-where
-    M: Deref,
-    M::Target: GuestMemory,
-{
+    chain: impl IntoIterator<Item = Descriptor>,
+) -> Result<SplitChain<'a>, ChainError> {
     let mut readable: Slices<'a, ()> = Slices::new();
     let mut writable: Slices<'a, ()> = Slices::new();
     let (mut readable_len, mut writable_len) = (0usize, 0usize);

@@ -10,11 +10,13 @@
 //! held, by the vhost-user handler thread when the VMM stops the queue).
 
 use std::io;
+use std::sync::Arc;
 
 use log::debug;
 use vhost_user_backend::{VringRwLock, VringT};
 
 use super::answer::Answered;
+use super::tracking::Tracking;
 use super::request::{finish_transfer, PendingCommand, RequestError, TransferReply};
 use crate::scsi::TransferAccess;
 use crate::storage::engine::run_sync;
@@ -40,6 +42,8 @@ pub struct QueueIo {
     engine: Box<dyn Engine>,
     /// The queue answers are returned to.
     vring: VringRwLock,
+    /// The queue's in-flight tracking (its used-ring steps).
+    tracking: Arc<Tracking>,
     waiting: Vec<Waiting>,
     /// Slots not in flight.
     free: Vec<u16>,
@@ -52,10 +56,16 @@ pub struct QueueIo {
 impl QueueIo {
     /// The I/O of the queue `vring` through `engine`, with room for
     /// `capacity` requests in flight.
-    pub fn new(engine: Box<dyn Engine>, capacity: u16, vring: VringRwLock) -> QueueIo {
+    pub fn new(
+        engine: Box<dyn Engine>,
+        capacity: u16,
+        vring: VringRwLock,
+        tracking: Arc<Tracking>,
+    ) -> QueueIo {
         QueueIo {
             engine,
             vring,
+            tracking,
             waiting: (0..capacity).map(|_| Waiting::default()).collect(),
             free: (0..capacity).rev().collect(),
             stalled: false,
@@ -174,12 +184,13 @@ impl QueueIo {
         let QueueIo {
             engine,
             vring,
+            tracking,
             waiting,
             free,
             ..
         } = self;
         collect(&mut **engine, &mut |token, result| {
-            let Some(on_used_ring) = answer(vring, waiting, free, token, result) else {
+            let Some(on_used_ring) = answer(vring, tracking, waiting, free, token, result) else {
                 return;
             };
             answered += 1;
@@ -203,6 +214,7 @@ impl QueueIo {
 /// used ring.
 fn answer(
     vring: &VringRwLock,
+    tracking: &Tracking,
     waiting: &mut [Waiting],
     free: &mut Vec<u16>,
     token: u64,
@@ -220,7 +232,7 @@ fn answer(
     let used = finish_transfer(&reply, result, &mut slot.resp);
     slot.resp.release();
     free.push(index as u16);
-    match vring.add_used(slot.head, used) {
+    match tracking.add_used(&mut vring.get_mut(), slot.head, used) {
         Ok(()) => Some(true),
         Err(e) => {
             debug!("cannot return chain {} to the used ring: {e}", slot.head);

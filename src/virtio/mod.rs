@@ -9,6 +9,7 @@ pub(crate) mod config;
 pub(crate) mod control;
 pub mod events;
 pub mod handler;
+pub mod tracking;
 pub(crate) mod inflight;
 pub(crate) mod memory;
 pub(crate) mod request;

@@ -9,6 +9,7 @@ pub(crate) mod config;
 pub(crate) mod control;
 pub mod events;
 pub(crate) mod inflight;
+pub mod inflight_shm;
 pub(crate) mod memory;
 pub(crate) mod request;
 pub(crate) mod sglist;

@@ -7,6 +7,7 @@ pub mod backend;
 pub mod chain;
 pub(crate) mod config;
 pub(crate) mod control;
+pub mod desc_walk;
 pub mod events;
 pub(crate) mod inflight;
 pub mod inflight_shm;

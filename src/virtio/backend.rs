@@ -32,8 +32,8 @@ use super::events::EventHub;
 use super::inflight::QueueIo;
 use super::memory::check_memory_table;
 use super::request::Sizes;
-use super::tracking::Tracking;
 use super::request::{start_command, PendingCommand, RequestError, Started, SyncBarrier};
+use super::tracking::Tracking;
 use crate::scsi::lun::MAX_LUN;
 use crate::scsi::Target;
 use crate::storage::uring::{UringEngine, RING_ENTRIES};
@@ -675,7 +675,8 @@ impl ScsiBackend {
                 continue;
             }
             tracking.taken(queue_index, head);
-            let Some(used_len) = self.run_chain(queue_index, head, chain, mem, pass.sizes, worker) else {
+            let Some(used_len) = self.run_chain(queue_index, head, chain, mem, pass.sizes, worker)
+            else {
                 // In flight: returned when its transfer completes.
                 continue;
             };
@@ -1251,7 +1252,9 @@ impl VhostUserBackend for ScsiBackend {
         // SET_LOG_BASE for this backend (no dirty bitmap), INFLIGHT_SHMFD
         // and device state transfers. RESET_DEVICE only does what
         // SET_VRING_ENABLE and RESET_OWNER, always allowed, do.
-        VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK
+        VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
     }
 
     fn set_event_idx(&self, _enabled: bool) {

@@ -37,6 +37,7 @@ use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestRegionM
 
 use super::backend::ScsiBackend;
 use super::chain::GuestMem;
+use super::inflight_shm::InflightRegion;
 use super::worker::WorkerLoop;
 
 /// Memory slots reported by GET_MAX_MEM_SLOTS (never asked: the
@@ -185,9 +186,35 @@ impl Connection {
             !state.get_queue().ready() && state.get_kick().is_some()
         };
         if needs_start {
+            // The requests a daemon before this one took and never
+            // completed are served first (INFLIGHT_SHMFD).
+            if let Some(tracking) = self.backend.tracking(usize::from(index)) {
+                tracking.start(usize::from(index), vring);
+            }
             vring.set_queue_ready(true);
             self.update_watch(usize::from(index));
         }
+    }
+
+    /// The queue count and size of an in-flight region the VMM asks for
+    /// or hands over: at most this device's queues, and a queue size no
+    /// ring can exceed.
+    fn inflight_geometry(&self, inflight: &VhostUserInflight) -> VhostUserResult<(u16, u16)> {
+        let (queues, size) = (inflight.num_queues, inflight.queue_size);
+        if queues == 0
+            || usize::from(queues) > self.vrings.len()
+            || size == 0
+            || usize::from(size) > self.backend.max_queue_size()
+        {
+            warn!(
+                "in-flight region for {queues} queue(s) of {size} entries refused: \
+                 the device has {} queues of at most {} entries",
+                self.vrings.len(),
+                self.backend.max_queue_size()
+            );
+            return Err(VhostUserError::InvalidParam);
+        }
+        Ok((queues, size))
     }
 
     fn vmm_va_to_gpa(&self, vmm_va: u64) -> VhostUserResult<u64> {
@@ -450,19 +477,44 @@ impl VhostUserBackendReqHandlerMut for Connection {
         Err(unsupported("no shared objects"))
     }
 
+    /// vhost-user GET_INFLIGHT_FD: a new region for `num_queues` queues of
+    /// `queue_size` entries, which the VMM keeps and hands back with
+    /// SET_INFLIGHT_FD at every start, this daemon's or the next one's.
     fn get_inflight_fd(
         &mut self,
-        _inflight: &VhostUserInflight,
+        inflight: &VhostUserInflight,
     ) -> VhostUserResult<(VhostUserInflight, File)> {
-        Err(unsupported("in-flight tracking is not offered"))
+        let (queues, size) = self.inflight_geometry(inflight)?;
+        let (region, file) = InflightRegion::create(queues, size).map_err(|e| {
+            warn!("cannot create the in-flight region: {e}");
+            VhostUserError::ReqHandlerError(io::Error::other(e))
+        })?;
+        let reply = VhostUserInflight {
+            mmap_size: region.mmap_size(),
+            mmap_offset: 0,
+            num_queues: queues,
+            queue_size: size,
+        };
+        Ok((reply, file))
     }
 
-    fn set_inflight_fd(
-        &mut self,
-        _inflight: &VhostUserInflight,
-        _file: File,
-    ) -> VhostUserResult<()> {
-        Err(unsupported("in-flight tracking is not offered"))
+    /// vhost-user SET_INFLIGHT_FD: the region the queues are tracked in
+    /// from now on (checked whole first: `InflightRegion::from_vmm`); each
+    /// queue resubmits what it says when the queue starts.
+    fn set_inflight_fd(&mut self, inflight: &VhostUserInflight, file: File) -> VhostUserResult<()> {
+        let (queues, size) = self.inflight_geometry(inflight)?;
+        let region =
+            InflightRegion::from_vmm(file, inflight.mmap_offset, inflight.mmap_size, queues, size)
+                .map_err(|e| {
+                    warn!("in-flight region refused: {e}");
+                    VhostUserError::ReqHandlerError(io::Error::other(e))
+                })?;
+        for index in 0..self.vrings.len() {
+            if let Some(tracking) = self.backend.tracking(index) {
+                tracking.set_region(u16::try_from(index).ok().and_then(|i| region.queue(i)));
+            }
+        }
+        Ok(())
     }
 
     fn get_max_mem_slots(&mut self) -> VhostUserResult<u64> {

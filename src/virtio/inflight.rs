@@ -16,8 +16,8 @@ use log::debug;
 use vhost_user_backend::{VringRwLock, VringT};
 
 use super::answer::Answered;
-use super::tracking::Tracking;
 use super::request::{finish_transfer, PendingCommand, RequestError, TransferReply};
+use super::tracking::Tracking;
 use crate::scsi::TransferAccess;
 use crate::storage::engine::run_sync;
 use crate::storage::{Engine, PinnedBufs, Submission, Submitted};

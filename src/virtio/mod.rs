@@ -10,12 +10,12 @@ pub(crate) mod control;
 pub mod desc_walk;
 pub mod events;
 pub mod handler;
-pub mod tracking;
 pub(crate) mod inflight;
 pub mod inflight_shm;
 pub(crate) mod memory;
 pub(crate) mod request;
 pub(crate) mod sglist;
+pub mod tracking;
 pub(crate) mod wire;
 pub(crate) mod worker;
 

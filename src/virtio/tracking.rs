@@ -80,7 +80,7 @@ impl Tracking {
         }
         state.add_used(head, len)?;
         if let Some(region) = &*region {
-            if let Err(e) = region.after_used(head, state.get_queue().next_used().0) {
+            if let Err(e) = region.after_used(head, state.get_queue().next_used()) {
                 debug!("in-flight region: {e}");
             }
         }
@@ -101,7 +101,9 @@ impl Tracking {
         let used = match vring.queue_used_idx() {
             Ok(used) => used,
             Err(e) => {
-                warn!("queue {queue}: cannot read the used index to resume in-flight requests: {e}");
+                warn!(
+                    "queue {queue}: cannot read the used index to resume in-flight requests: {e}"
+                );
                 return;
             }
         };
@@ -130,7 +132,8 @@ impl Tracking {
         }
         vring.set_queue_next_avail(resubmit.next_avail);
         vring.set_queue_next_used(used);
-        self.resubmitting.store(!heads.is_empty(), Ordering::Release);
+        self.resubmitting
+            .store(!heads.is_empty(), Ordering::Release);
         *self.resubmit.lock().unwrap_or_else(PoisonError::into_inner) = heads;
     }
 

@@ -23,9 +23,10 @@ use vmm_sys_util::event::{
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::answer::Answered;
-use super::chain::{split_chain, GuestMem};
+use super::chain::{split_chain, GuestMem, WrittenRanges};
 use super::config::ScsiConfig;
 use super::control::handle_control;
+use super::dirty_log::{DirtyLog, LogSwitch};
 use super::events::EventHub;
 use super::inflight::QueueIo;
 use super::memory::check_memory_table;
@@ -145,6 +146,9 @@ pub struct ScsiBackend {
     nudges: Vec<Option<EventFd>>,
     /// Per queue: served and signalled once since the connection began.
     started: Vec<AtomicBool>,
+    /// The dirty log while the VMM migrates the guest
+    /// ([`ScsiBackend::set_dirty_log`]).
+    dirty_log: Arc<LogSwitch>,
 }
 
 /// What [`ScsiBackend::set_before_enable_notification`] installs.
@@ -310,7 +314,23 @@ impl ScsiBackend {
             started: (0..FIRST_REQUEST_QUEUE + options.request_queues)
                 .map(|_| AtomicBool::new(false))
                 .collect(),
+            dirty_log: Arc::default(),
         }
+    }
+
+    /// Logs every guest page the daemon writes into `log` from now on
+    /// (`Some`), or stops logging (`None`). For the vhost-user handler:
+    /// `Some` once the VMM has sent SET_LOG_BASE and acknowledged
+    /// VHOST_F_LOG_ALL, `None` when it drops LOG_ALL (or the connection
+    /// ends). Takes effect at the next write of every worker thread;
+    /// requests in flight are marked when they complete.
+    pub fn set_dirty_log(&self, log: Option<Arc<DirtyLog>>) {
+        self.dirty_log.set(log);
+    }
+
+    /// The dirty log in force, if any.
+    pub fn dirty_log(&self) -> Option<Arc<DirtyLog>> {
+        self.dirty_log.get()
     }
 
     /// The eventfd and event id worker thread `thread`'s epoll loop watches
@@ -445,7 +465,12 @@ impl ScsiBackend {
         let Some(mem) = self.usable_memory(EVENT_QUEUE, vring) else {
             return;
         };
-        let delivery = hub.deliver(vring, &mem, self.acked_features.load(Ordering::Acquire));
+        let delivery = hub.deliver(
+            vring,
+            &mem,
+            self.acked_features.load(Ordering::Acquire),
+            &self.dirty_log,
+        );
         if delivery.written > 0 {
             debug!("{} event(s) written to the event queue", delivery.written);
         }
@@ -522,7 +547,15 @@ impl ScsiBackend {
     /// thread, and with it every queue it serves (virtio 1.2 §2.1.2 lets a
     /// device give up on such a queue; it never takes the daemon down).
     pub fn process_queue(&self, queue_index: usize, vring: &VringRwLock) {
-        if let Err(e) = self.serve_queue(queue_index, vring) {
+        let result = self.serve_queue(queue_index, vring);
+        // The pass enabled and disabled notifications: used ring flags or
+        // avail_event written.
+        self.dirty_log.with(|log| {
+            let state = vring.get_ref();
+            let queue = state.get_queue();
+            log.mark_used_notification(queue.used_ring(), queue.size(), queue.event_idx_enabled());
+        });
+        if let Err(e) = result {
             self.malformed(queue_index, &format_args!("queue unusable: {e}"));
             // Transfers queued before the error still go to the kernel.
             let mut worker = self.worker_of(queue_index);
@@ -637,11 +670,16 @@ impl ScsiBackend {
                 // In flight: returned when its transfer completes.
                 continue;
             };
-            vring
-                .get_mut()
-                .get_queue_mut()
-                .add_used(&**mem, head, used_len)
-                .map_err(io::Error::other)?;
+            {
+                let mut state = vring.get_mut();
+                let queue = state.get_queue_mut();
+                queue
+                    .add_used(&**mem, head, used_len)
+                    .map_err(io::Error::other)?;
+                self.dirty_log.with(|log| {
+                    log.mark_used(queue.used_ring(), queue.size(), queue.next_used());
+                });
+            }
             round.unsignalled += 1;
             if round.unsignalled == SIGNAL_BATCH {
                 round.unsignalled = 0;
@@ -761,6 +799,9 @@ impl ScsiBackend {
 
     /// Executes one request chain (control or command); its used length,
     /// or None when its transfer is in flight and returns it on completion.
+    /// An answered chain's writable ranges are marked in the dirty log
+    /// (after they are written, before the caller puts the chain on the
+    /// used ring); one in flight is marked when it completes.
     fn run_chain(
         &self,
         queue_index: usize,
@@ -770,16 +811,18 @@ impl ScsiBackend {
         worker: &mut Worker,
     ) -> Option<u32> {
         let head = chain.head_index();
-        let split = match split_chain(mem, chain) {
+        let mut split = match split_chain(mem, chain) {
             Ok(split) => split,
             Err(e) => {
                 self.malformed(queue_index, &e);
                 return Some(0);
             }
         };
+        let written = std::mem::take(&mut split.written);
         if queue_index == CONTROL_QUEUE {
             worker.drain();
             let answered = handle_control(split, &self.target);
+            self.dirty_log.with(|log| log.mark_ranges(&written));
             if let Some(e) = &answered.malformed {
                 self.malformed(queue_index, e);
             }
@@ -801,9 +844,10 @@ impl ScsiBackend {
         let answered = match started {
             Started::Done(answered) => answered,
             Started::Transfer(pending) => {
-                self.start_transfer(queue_index, pending, head, worker)?
+                self.start_transfer(queue_index, pending, head, &written, worker)?
             }
         };
+        self.dirty_log.with(|log| log.mark_ranges(&written));
         if let Some(e) = &answered.malformed {
             self.malformed(queue_index, e);
         }
@@ -842,6 +886,7 @@ impl ScsiBackend {
         queue_index: usize,
         mut pending: PendingCommand<'_>,
         head: u16,
+        written: &WrittenRanges,
         worker: &mut Worker,
     ) -> Option<Answered<RequestError>> {
         let access = match pending.unit.try_transfer_access() {
@@ -852,7 +897,7 @@ impl ScsiBackend {
             }
         };
         match self.io_of(worker, queue_index) {
-            Some(io) => io.start(pending, access, head),
+            Some(io) => io.start(pending, access, head, written),
             None => {
                 // Not a request queue of this thread (cannot happen: the
                 // pass set its I/O up); answered synchronously all the same.
@@ -921,9 +966,19 @@ impl ScsiBackend {
             _ => None,
         };
         *entry = Some(match uring {
-            Some(engine) => QueueIo::new(Box::new(engine), RING_ENTRIES as u16, vring.clone()),
+            Some(engine) => QueueIo::new(
+                Box::new(engine),
+                RING_ENTRIES as u16,
+                vring.clone(),
+                self.dirty_log.clone(),
+            ),
             // One request at a time: the sync engine answers in the call.
-            None => QueueIo::new(Box::new(SyncEngine), 1, vring.clone()),
+            None => QueueIo::new(
+                Box::new(SyncEngine),
+                1,
+                vring.clone(),
+                self.dirty_log.clone(),
+            ),
         });
     }
 

@@ -7,7 +7,9 @@ use std::sync::Arc;
 use virtio_queue::DescriptorChain;
 use vm_memory::{GuestMemory, GuestMemoryMmap, Permissions};
 
-use super::sglist::{SgList, Slices};
+use smallvec::SmallVec;
+
+use super::sglist::{SgList, Slices, INLINE_SLICES};
 
 /// Guest memory as the daemon maps it (no dirty bitmap).
 pub type GuestMem = GuestMemoryMmap<()>;
@@ -28,10 +30,18 @@ pub(crate) enum ChainError {
     Broken,
 }
 
+/// The guest physical ranges (address, length) of a chain's
+/// device-writable descriptors: what the dirty log marks once the chain is
+/// answered (see `dirty_log.rs`). Recorded for every chain, log or not, so
+/// that a log switched on while a transfer is in flight covers it.
+pub type WrittenRanges = SmallVec<[(u64, u32); INLINE_SLICES]>;
+
 /// The two halves of a descriptor chain.
 pub struct SplitChain<'a> {
     pub readable: SgList<'a, ()>,
     pub writable: SgList<'a, ()>,
+    /// Where `writable` lies in guest physical memory.
+    pub written: WrittenRanges,
 }
 
 /// Splits `chain` into slices of the guest memory `mem`, checking every descriptor
@@ -51,6 +61,7 @@ where
 {
     let mut readable: Slices<'a, ()> = Slices::new();
     let mut writable: Slices<'a, ()> = Slices::new();
+    let mut written = WrittenRanges::new();
     let (mut readable_len, mut writable_len) = (0usize, 0usize);
     // Whether the last descriptor seen ended the chain (no NEXT flag).
     let mut ended = false;
@@ -79,6 +90,10 @@ where
         for slice in slices {
             list.push(slice.map_err(|_| outside())?);
         }
+        if access == Permissions::Write {
+            // Indirect tables are device-readable: only these are written.
+            written.push((desc.addr().0, len));
+        }
     }
     // The iterator stops early, with NEXT still set on the last descriptor
     // it yielded (or with none yielded), when the chain runs longer than the
@@ -102,5 +117,9 @@ where
             SgList::in_guest_memory(writable, writable_len, mem),
         )
     };
-    Ok(SplitChain { readable, writable })
+    Ok(SplitChain {
+        readable,
+        writable,
+        written,
+    })
 }

@@ -7,6 +7,7 @@ pub mod backend;
 pub mod chain;
 pub(crate) mod config;
 pub(crate) mod control;
+pub mod dirty_log;
 pub mod events;
 pub(crate) mod inflight;
 pub(crate) mod memory;
@@ -15,4 +16,5 @@ pub(crate) mod sglist;
 pub(crate) mod wire;
 
 pub use backend::ScsiBackend;
+pub use dirty_log::{DirtyLog, DirtyLogError, LogSwitch};
 pub use events::{DeviceEvent, EventHub};

@@ -24,10 +24,11 @@ use vmm_sys_util::event::{
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::answer::Answered;
-use super::chain::{split_chain, GuestMem};
+use super::chain::{split_chain, GuestMem, WrittenRanges};
 use super::config::ScsiConfig;
 use super::control::handle_control;
 use super::desc_walk::walk_chain;
+use super::dirty_log::{DirtyLog, LogSwitch};
 use super::events::EventHub;
 use super::inflight::QueueIo;
 use super::memory::check_memory_table;
@@ -151,6 +152,9 @@ pub struct ScsiBackend {
     /// Per queue: its in-flight tracking (INFLIGHT_SHMFD), set by the
     /// handler when the VMM hands a region over.
     tracking: Vec<Arc<Tracking>>,
+    /// The dirty log while the VMM migrates the guest
+    /// ([`ScsiBackend::set_dirty_log`]).
+    dirty_log: Arc<LogSwitch>,
 }
 
 /// What [`ScsiBackend::set_before_enable_notification`] installs.
@@ -319,6 +323,7 @@ impl ScsiBackend {
             tracking: (0..FIRST_REQUEST_QUEUE + options.request_queues)
                 .map(|_| Arc::default())
                 .collect(),
+            dirty_log: Arc::default(),
         }
     }
 
@@ -336,6 +341,21 @@ impl ScsiBackend {
     /// among that thread's queues.
     pub fn queue_owner(&self, queue: usize) -> Option<(usize, usize)> {
         self.queue_owner.get(queue).copied()
+    }
+
+    /// Logs every guest page the daemon writes into `log` from now on
+    /// (`Some`), or stops logging (`None`). For the vhost-user handler:
+    /// `Some` once the VMM has sent SET_LOG_BASE and acknowledged
+    /// VHOST_F_LOG_ALL, `None` when it drops LOG_ALL (or the connection
+    /// ends). Takes effect at the next write of every worker thread;
+    /// requests in flight are marked when they complete.
+    pub fn set_dirty_log(&self, log: Option<Arc<DirtyLog>>) {
+        self.dirty_log.set(log);
+    }
+
+    /// The dirty log in force, if any.
+    pub fn dirty_log(&self) -> Option<Arc<DirtyLog>> {
+        self.dirty_log.get()
     }
 
     /// The eventfd and event id worker thread `thread`'s epoll loop watches
@@ -470,7 +490,12 @@ impl ScsiBackend {
         let Some(mem) = self.usable_memory(EVENT_QUEUE, vring) else {
             return;
         };
-        let delivery = hub.deliver(vring, &mem, self.acked_features.load(Ordering::Acquire));
+        let delivery = hub.deliver(
+            vring,
+            &mem,
+            self.acked_features.load(Ordering::Acquire),
+            &self.dirty_log,
+        );
         if delivery.written > 0 {
             debug!("{} event(s) written to the event queue", delivery.written);
         }
@@ -547,7 +572,15 @@ impl ScsiBackend {
     /// thread, and with it every queue it serves (virtio 1.2 §2.1.2 lets a
     /// device give up on such a queue; it never takes the daemon down).
     pub fn process_queue(&self, queue_index: usize, vring: &VringRwLock) {
-        if let Err(e) = self.serve_queue(queue_index, vring) {
+        let result = self.serve_queue(queue_index, vring);
+        // The pass enabled and disabled notifications: used ring flags or
+        // avail_event written.
+        self.dirty_log.with(|log| {
+            let state = vring.get_ref();
+            let queue = state.get_queue();
+            log.mark_used_notification(queue.used_ring(), queue.size(), queue.event_idx_enabled());
+        });
+        if let Err(e) = result {
             self.malformed(queue_index, &format_args!("queue unusable: {e}"));
             // Transfers queued before the error still go to the kernel.
             let mut worker = self.worker_of(queue_index);
@@ -694,9 +727,16 @@ impl ScsiBackend {
         head: u16,
         used_len: u32,
     ) -> io::Result<()> {
-        self.tracking[pass.queue]
-            .add_used(&mut pass.vring.get_mut(), head, used_len)
-            .map_err(io::Error::other)?;
+        {
+            let mut state = pass.vring.get_mut();
+            self.tracking[pass.queue]
+                .add_used(&mut state, head, used_len)
+                .map_err(io::Error::other)?;
+            let queue = state.get_queue();
+            self.dirty_log.with(|log| {
+                log.mark_used(queue.used_ring(), queue.size(), queue.next_used());
+            });
+        }
         round.unsignalled += 1;
         if round.unsignalled == SIGNAL_BATCH {
             round.unsignalled = 0;
@@ -815,6 +855,9 @@ impl ScsiBackend {
 
     /// Executes one request chain (control or command); its used length,
     /// or None when its transfer is in flight and returns it on completion.
+    /// An answered chain's writable ranges are marked in the dirty log
+    /// (after they are written, before the caller puts the chain on the
+    /// used ring); one in flight is marked when it completes.
     fn run_chain(
         &self,
         queue_index: usize,
@@ -824,16 +867,18 @@ impl ScsiBackend {
         sizes: Sizes,
         worker: &mut Worker,
     ) -> Option<u32> {
-        let split = match split_chain(mem, chain) {
+        let mut split = match split_chain(mem, chain) {
             Ok(split) => split,
             Err(e) => {
                 self.malformed(queue_index, &e);
                 return Some(0);
             }
         };
+        let written = std::mem::take(&mut split.written);
         if queue_index == CONTROL_QUEUE {
             worker.drain();
             let answered = handle_control(split, &self.target);
+            self.dirty_log.with(|log| log.mark_ranges(&written));
             if let Some(e) = &answered.malformed {
                 self.malformed(queue_index, e);
             }
@@ -855,9 +900,10 @@ impl ScsiBackend {
         let answered = match started {
             Started::Done(answered) => answered,
             Started::Transfer(pending) => {
-                self.start_transfer(queue_index, pending, head, worker)?
+                self.start_transfer(queue_index, pending, head, &written, worker)?
             }
         };
+        self.dirty_log.with(|log| log.mark_ranges(&written));
         if let Some(e) = &answered.malformed {
             self.malformed(queue_index, e);
         }
@@ -896,6 +942,7 @@ impl ScsiBackend {
         queue_index: usize,
         mut pending: PendingCommand<'_>,
         head: u16,
+        written: &WrittenRanges,
         worker: &mut Worker,
     ) -> Option<Answered<RequestError>> {
         let access = match pending.unit.try_transfer_access() {
@@ -906,7 +953,7 @@ impl ScsiBackend {
             }
         };
         match self.io_of(worker, queue_index) {
-            Some(io) => io.start(pending, access, head),
+            Some(io) => io.start(pending, access, head, written),
             None => {
                 // Not a request queue of this thread (cannot happen: the
                 // pass set its I/O up); answered synchronously all the same.
@@ -980,6 +1027,7 @@ impl ScsiBackend {
                 RING_ENTRIES as u16,
                 vring.clone(),
                 self.tracking[queue].clone(),
+                self.dirty_log.clone(),
             ),
             // One request at a time: the sync engine answers in the call.
             None => QueueIo::new(
@@ -987,6 +1035,7 @@ impl ScsiBackend {
                 1,
                 vring.clone(),
                 self.tracking[queue].clone(),
+                self.dirty_log.clone(),
             ),
         });
     }

@@ -6,7 +6,9 @@ use std::sync::Arc;
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{GuestMemory, GuestMemoryMmap, Permissions};
 
-use super::sglist::{SgList, Slices};
+use smallvec::SmallVec;
+
+use super::sglist::{SgList, Slices, INLINE_SLICES};
 
 /// Guest memory as the daemon maps it (no dirty bitmap).
 pub type GuestMem = GuestMemoryMmap<()>;
@@ -27,10 +29,18 @@ pub(crate) enum ChainError {
     Broken,
 }
 
+/// The guest physical ranges (address, length) of a chain's
+/// device-writable descriptors: what the dirty log marks once the chain is
+/// answered (see `dirty_log.rs`). Recorded for every chain, log or not, so
+/// that a log switched on while a transfer is in flight covers it.
+pub type WrittenRanges = SmallVec<[(u64, u32); INLINE_SLICES]>;
+
 /// The two halves of a descriptor chain.
 pub struct SplitChain<'a> {
     pub readable: SgList<'a, ()>,
     pub writable: SgList<'a, ()>,
+    /// Where `writable` lies in guest physical memory.
+    pub written: WrittenRanges,
 }
 
 /// Splits `chain` (a `DescriptorChain`, or a chain walked from a head
@@ -47,6 +57,7 @@ pub(crate) fn split_chain<'a>(
 ) -> Result<SplitChain<'a>, ChainError> {
     let mut readable: Slices<'a, ()> = Slices::new();
     let mut writable: Slices<'a, ()> = Slices::new();
+    let mut written = WrittenRanges::new();
     let (mut readable_len, mut writable_len) = (0usize, 0usize);
     // Whether the last descriptor seen ended the chain (no NEXT flag).
     let mut ended = false;
@@ -75,6 +86,10 @@ pub(crate) fn split_chain<'a>(
         for slice in slices {
             list.push(slice.map_err(|_| outside())?);
         }
+        if access == Permissions::Write {
+            // Indirect tables are device-readable: only these are written.
+            written.push((desc.addr().0, len));
+        }
     }
     // The iterator stops early, with NEXT still set on the last descriptor
     // it yielded (or with none yielded), when the chain runs longer than the
@@ -98,5 +113,9 @@ pub(crate) fn split_chain<'a>(
             SgList::in_guest_memory(writable, writable_len, mem),
         )
     };
-    Ok(SplitChain { readable, writable })
+    Ok(SplitChain {
+        readable,
+        writable,
+        written,
+    })
 }

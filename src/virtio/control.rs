@@ -54,6 +54,7 @@ pub(crate) fn handle_control(chain: SplitChain<'_>, target: &Target) -> Answered
     let SplitChain {
         mut readable,
         mut writable,
+        ..
     } = chain;
     // The larger of the two requests; both start with their type.
     let mut req = Wire::<virtio_scsi_ctrl_tmf_req>::default();

@@ -36,6 +36,7 @@ use virtio_queue::QueueT;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::chain::{split_chain, GuestMem};
+use super::dirty_log::LogSwitch;
 use crate::scsi::LunAddress;
 
 /// Most events kept while the driver has no buffer for them.
@@ -187,8 +188,16 @@ impl EventHub {
     /// (`features`) into buffers it posted on the event queue `vring`, in
     /// guest memory `mem`, and signals it if it asked (virtio 1.2 §2.7.10).
     /// Events without their feature are dropped. At most
-    /// [`MAX_BUFFERS_PER_DELIVERY`] buffers are taken.
-    pub fn deliver(&self, vring: &VringRwLock, mem: &Arc<GuestMem>, features: u64) -> Delivery {
+    /// [`MAX_BUFFERS_PER_DELIVERY`] buffers are taken. What is written is
+    /// marked in the dirty log `log` holds, if any: each buffer before it
+    /// goes on the used ring, the used ring after.
+    pub fn deliver(
+        &self,
+        vring: &VringRwLock,
+        mem: &Arc<GuestMem>,
+        features: u64,
+        log: &LogSwitch,
+    ) -> Delivery {
         let mut pending = self.lock();
         let mut written = 0;
         let mut returned = 0;
@@ -222,6 +231,7 @@ impl EventHub {
                 let used = match split_chain(mem, chain) {
                     Ok(mut split) if split.writable.remaining() >= EVENT_LEN => {
                         let n = split.writable.write_from(&event.encode(pending.missed));
+                        log.with(|log| log.mark_ranges(&split.written));
                         pending.events.pop_front();
                         pending.covered = if pending.missed {
                             pending.events.len()
@@ -245,9 +255,16 @@ impl EventHub {
                     }
                 };
                 let used = u32::try_from(used).unwrap_or(0);
-                if let Err(e) = vring.get_mut().get_queue_mut().add_used(&**mem, head, used) {
-                    debug!("cannot return an event buffer: {e}");
-                    break 'deliver;
+                {
+                    let mut state = vring.get_mut();
+                    let queue = state.get_queue_mut();
+                    if let Err(e) = queue.add_used(&**mem, head, used) {
+                        debug!("cannot return an event buffer: {e}");
+                        break 'deliver;
+                    }
+                    log.with(|log| {
+                        log.mark_used(queue.used_ring(), queue.size(), queue.next_used());
+                    });
                 }
                 returned += 1;
             }
@@ -256,7 +273,18 @@ impl EventHub {
             // §2.7.10), or a driver that follows it never kicks again and an
             // event waiting for a buffer waits for the next event. A buffer
             // posted meanwhile is taken now.
-            match vring.enable_notification() {
+            let enabled = vring.enable_notification();
+            // avail_event (or the flags) written.
+            log.with(|log| {
+                let state = vring.get_ref();
+                let queue = state.get_queue();
+                log.mark_used_notification(
+                    queue.used_ring(),
+                    queue.size(),
+                    queue.event_idx_enabled(),
+                );
+            });
+            match enabled {
                 Ok(true) if !pending.events.is_empty() => continue 'deliver,
                 Ok(_) => break 'deliver,
                 Err(e) => {

@@ -14,8 +14,11 @@ use std::sync::Arc;
 
 use log::debug;
 use vhost_user_backend::{VringRwLock, VringT};
+use virtio_queue::QueueT;
 
 use super::answer::Answered;
+use super::chain::WrittenRanges;
+use super::dirty_log::LogSwitch;
 use super::request::{finish_transfer, PendingCommand, RequestError, TransferReply};
 use super::tracking::Tracking;
 use crate::scsi::TransferAccess;
@@ -35,6 +38,9 @@ struct Waiting {
     resp: PinnedBufs,
     /// The unit access the transfer holds until its result is in.
     access: Option<TransferAccess>,
+    /// The chain's device-writable ranges, marked in the dirty log once
+    /// the response is written.
+    written: WrittenRanges,
 }
 
 /// A request queue's engine and its requests in flight.
@@ -44,6 +50,8 @@ pub struct QueueIo {
     vring: VringRwLock,
     /// The queue's in-flight tracking (its used-ring steps).
     tracking: Arc<Tracking>,
+    /// The dirty log, if the VMM is migrating the guest.
+    log: Arc<LogSwitch>,
     waiting: Vec<Waiting>,
     /// Slots not in flight.
     free: Vec<u16>,
@@ -55,17 +63,20 @@ pub struct QueueIo {
 
 impl QueueIo {
     /// The I/O of the queue `vring` through `engine`, with room for
-    /// `capacity` requests in flight.
+    /// `capacity` requests in flight; answers are marked in the dirty log
+    /// `log` holds, if any.
     pub fn new(
         engine: Box<dyn Engine>,
         capacity: u16,
         vring: VringRwLock,
         tracking: Arc<Tracking>,
+        log: Arc<LogSwitch>,
     ) -> QueueIo {
         QueueIo {
             engine,
             vring,
             tracking,
+            log,
             waiting: (0..capacity).map(|_| Waiting::default()).collect(),
             free: (0..capacity).rev().collect(),
             stalled: false,
@@ -75,12 +86,15 @@ impl QueueIo {
     /// Carries out or starts the work of `pending` (the chain with head
     /// `head`) on its unit's storage, with `access` to the unit: its answer if it is
     /// done, `None` if it is in flight (answered by [`QueueIo::reap`]).
+    /// `written` are the chain's device-writable ranges: kept for the
+    /// answer of a request in flight, marked by the caller otherwise.
     #[inline]
     pub fn start(
         &mut self,
         mut pending: PendingCommand<'_>,
         access: TransferAccess,
         head: u16,
+        written: &WrittenRanges,
     ) -> Option<Answered<RequestError>> {
         let slot = match self.free.last() {
             Some(&index) if pending.pin_response(&mut self.waiting[usize::from(index)].resp) => {
@@ -114,6 +128,8 @@ impl QueueIo {
                 waiting.head = head;
                 waiting.reply = Some(pending.into_reply());
                 waiting.access = Some(access);
+                // Into the slot's own list: no allocation once it has room.
+                waiting.written.clone_from(written);
                 self.free.pop();
                 // Reads the page cache answered while a batch went to the
                 // kernel are answered now, not after the whole available
@@ -185,12 +201,14 @@ impl QueueIo {
             engine,
             vring,
             tracking,
+            log,
             waiting,
             free,
             ..
         } = self;
         collect(&mut **engine, &mut |token, result| {
-            let Some(on_used_ring) = answer(vring, tracking, waiting, free, token, result) else {
+            let Some(on_used_ring) = answer(vring, tracking, log, waiting, free, token, result)
+            else {
                 return;
             };
             answered += 1;
@@ -211,10 +229,14 @@ impl QueueIo {
 
 /// Answers the request `token` names with its transfer's `result`: `None`
 /// if it names no request in flight, else whether the chain went onto the
-/// used ring.
+/// used ring. With a dirty log, the chain's writable ranges are marked
+/// after the response is written (the data-in is in: its result was
+/// reaped) and before the chain goes on the used ring, and the used ring's
+/// element and index after.
 fn answer(
     vring: &VringRwLock,
     tracking: &Tracking,
+    log: &LogSwitch,
     waiting: &mut [Waiting],
     free: &mut Vec<u16>,
     token: u64,
@@ -232,8 +254,16 @@ fn answer(
     let used = finish_transfer(&reply, result, &mut slot.resp);
     slot.resp.release();
     free.push(index as u16);
+    log.with(|log| log.mark_ranges(&slot.written));
     match tracking.add_used(&mut vring.get_mut(), slot.head, used) {
-        Ok(()) => Some(true),
+        Ok(()) => {
+            log.with(|log| {
+                let state = vring.get_ref();
+                let queue = state.get_queue();
+                log.mark_used(queue.used_ring(), queue.size(), queue.next_used());
+            });
+            Some(true)
+        }
         Err(e) => {
             debug!("cannot return chain {} to the used ring: {e}", slot.head);
             Some(false)

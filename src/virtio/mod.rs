@@ -8,6 +8,7 @@ pub mod chain;
 pub(crate) mod config;
 pub(crate) mod control;
 pub mod desc_walk;
+pub mod dirty_log;
 pub mod events;
 pub mod handler;
 pub(crate) mod inflight;
@@ -20,4 +21,5 @@ pub(crate) mod wire;
 pub(crate) mod worker;
 
 pub use backend::ScsiBackend;
+pub use dirty_log::{DirtyLog, DirtyLogError, LogSwitch};
 pub use events::{DeviceEvent, EventHub};

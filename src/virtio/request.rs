@@ -284,6 +284,7 @@ pub fn start_command<'a>(
     let SplitChain {
         mut readable,
         mut writable,
+        ..
     } = chain;
     let resp_len = RESP_HEADER_LEN + sizes.sense;
     let Some(mut resp_area) = writable.split_front(resp_len) else {

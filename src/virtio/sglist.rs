@@ -17,9 +17,9 @@ use crate::storage::{
     Direction, IoBufsMut, PinSink, PinnedBufs, Storage, Transfer, TransferMemory,
 };
 
-// Writes through raw pointers bypass vm-memory's dirty bitmap; the backend
-// uses no bitmap and does not offer dirty logging (live migration of the
-// device's memory writes), so there is nothing to mark.
+// Writes through raw pointers bypass vm-memory's dirty bitmap (the backend
+// uses none): for live migration, the chain's writable ranges are marked in
+// the VMM's dirty log explicitly once answered (dirty_log.rs).
 
 /// How many iovecs are handed to the storage at once (kept on the stack).
 const IOVEC_BATCH: usize = 64;

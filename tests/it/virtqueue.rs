@@ -14,12 +14,13 @@ use vhost_device_scsi::virtio::backend::{
     QueueOptions, CONTROL_QUEUE, EVENT_QUEUE, FIRST_REQUEST_QUEUE,
 };
 use vhost_device_scsi::virtio::chain::GuestMem;
-use vhost_device_scsi::virtio::ScsiBackend;
+use vhost_device_scsi::virtio::{DirtyLog, ScsiBackend};
 use vhost_scsi_frontend::cdb::{inquiry, read10};
 use vhost_scsi_frontend::scsi::{self, lun_field as lun};
 use vhost_scsi_frontend::vring_need_event;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_bindings::virtio_scsi::VIRTIO_SCSI_F_HOTPLUG;
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
@@ -475,6 +476,30 @@ fn signals(call: &EventFd) -> u64 {
 /// virtio_scsi_cmd_req with a 32-byte CDB area, tag 1234h.
 fn request(lun: [u8; 8], cdb: &[u8]) -> Vec<u8> {
     scsi::request(lun, 0x1234, cdb, 32)
+}
+
+/// Bytes of a dirty log covering the harness's guest memory (two regions).
+const DIRTY_LOG_LEN: u64 = 2 * REGION_SIZE as u64 / 0x1000 / 8;
+
+/// A dirty log as QEMU makes one (a sealed memfd), and the VMM's own
+/// descriptor of it.
+fn dirty_log() -> (Arc<DirtyLog>, std::fs::File) {
+    use rustix::fs::{fcntl_add_seals, memfd_create, MemfdFlags, SealFlags};
+    let file = std::fs::File::from(memfd_create("vhost-log", MemfdFlags::ALLOW_SEALING).unwrap());
+    file.set_len(DIRTY_LOG_LEN).unwrap();
+    fcntl_add_seals(&file, SealFlags::GROW | SealFlags::SHRINK | SealFlags::SEAL).unwrap();
+    let log = DirtyLog::from_vmm(file.try_clone().unwrap(), 0, DIRTY_LOG_LEN).unwrap();
+    (Arc::new(log), file)
+}
+
+/// The pages whose bits are set in the log `file`, ascending.
+fn marked_pages(file: &std::fs::File) -> Vec<u64> {
+    use std::os::unix::fs::FileExt;
+    let mut bitmap = vec![0u8; DIRTY_LOG_LEN as usize];
+    file.read_exact_at(&mut bitmap, 0).unwrap();
+    (0..DIRTY_LOG_LEN * 8)
+        .filter(|&page| bitmap[(page / 8) as usize] & (1 << (page % 8)) != 0)
+        .collect()
 }
 
 /// INQUIRY, standard data.
@@ -1739,6 +1764,137 @@ on_both_engines! {
         );
         assert_eq!(h.read(writable[0].0, RESP_LEN)[11], S_OK);
         assert_eq!(h.read(writable[1].0, 512), &h.images[0][3 * 512..4 * 512]);
+    }
+
+    /// With a dirty log set (live migration), a READ marks every page it
+    /// wrote: its response (here across a page boundary) and data-in, once
+    /// written, then the used ring's element and index; the request's own
+    /// page, the gap between the buffers and the rest of guest memory
+    /// stay unmarked. With io_uring the READ (O_DIRECT) is in flight when
+    /// the pass ends: nothing of it is marked before it completes.
+    fn a_read_marks_what_it_wrote_in_the_dirty_log() {
+        let mut h = Harness::direct(&[1 << 20]);
+        // The used ring 4 bytes before a page: its flags and index on one
+        // page, its elements on the next (and no EVENT_IDX: no
+        // avail_event written there).
+        let q = FIRST_REQUEST_QUEUE;
+        let used = DATA_BASE + 0x8_0000 - 4;
+        h.rings[q].used = used;
+        h.vrings[q]
+            .set_queue_info(h.rings[q].desc, h.rings[q].avail, used)
+            .unwrap();
+        let (log, file) = dirty_log();
+        h.backend.set_dirty_log(Some(log.clone()));
+        let base = DATA_BASE + 0x4_0000;
+        let page = base / 0x1000;
+        // Response from 8 bytes before page + 2: pages + 1 and + 2;
+        // data-in, 24 blocks, pages + 4 to + 6.
+        let (resp, data) = (base + 0x1ff8, base + 0x4000);
+        let req = request(lun(0), &read10(16, 24));
+        h.mem
+            .memory()
+            .write_slice(&req, GuestAddress(base))
+            .unwrap();
+        h.push_raw(
+            FIRST_REQUEST_QUEUE,
+            &[
+                SplitDescriptor::new(base, req.len() as u32, VRING_DESC_F_NEXT as u16, 1),
+                SplitDescriptor::new(
+                    resp,
+                    RESP_LEN,
+                    (VRING_DESC_F_NEXT | VRING_DESC_F_WRITE) as u16,
+                    2,
+                ),
+                SplitDescriptor::new(data, 24 * 512, VRING_DESC_F_WRITE as u16, 0),
+            ],
+        );
+        h.backend
+            .handle_event(FIRST_REQUEST_QUEUE as u16, EventSet::IN, &h.vrings, 0)
+            .unwrap();
+        if current_engine() == IoEngine::IoUring {
+            assert_eq!(h.backend.transfers_in_flight(0), 1, "the READ is in flight");
+            let marked = marked_pages(&file);
+            for p in [page + 1, page + 2, page + 4, page + 5, page + 6] {
+                assert!(!marked.contains(&p), "page {p:#x} marked before it was written");
+            }
+        }
+        h.backend.complete_transfers(&h.vrings, 0);
+        assert_eq!(h.used_idx(FIRST_REQUEST_QUEUE), 1);
+        assert_eq!(h.read(resp, RESP_LEN)[10..12], [0, S_OK]);
+        assert_eq!(h.read(data, 24 * 512), &h.images[0][16 * 512..40 * 512]);
+
+        let mut expected = vec![page + 1, page + 2, page + 4, page + 5, page + 6];
+        // The used ring's flags and index, and its element 0 on the next
+        // page; the flags of the second request queue (served too by
+        // `complete_transfers`, its notifications disabled and enabled).
+        expected.extend([used / 0x1000, (used + 4) / 0x1000]);
+        expected.push(h.rings[q + 1].used / 0x1000);
+        expected.sort_unstable();
+        expected.dedup();
+        assert_eq!(marked_pages(&file), expected);
+        assert_eq!(log.pages_past_log(), 0);
+    }
+
+    /// A log set and then cleared (the VMM dropped VHOST_F_LOG_ALL) is not
+    /// written, nor is one never set.
+    fn nothing_is_marked_without_a_log() {
+        let mut h = Harness::direct(&[1 << 20]);
+        let (log, file) = dirty_log();
+        h.backend.set_dirty_log(Some(log.clone()));
+        h.backend.set_dirty_log(None);
+        assert!(h.backend.dirty_log().is_none());
+        let (resp, _) = h.push_aligned_read(FIRST_REQUEST_QUEUE, 0, DATA_BASE, 0, 8, 2);
+        assert_eq!(h.kick(FIRST_REQUEST_QUEUE).len(), 2);
+        assert_eq!(h.read(resp, RESP_LEN)[10..12], [0, S_OK]);
+        assert_eq!(marked_pages(&file), Vec::<u64>::new());
+        assert_eq!(log.pages_marked(), 0);
+    }
+
+    /// The control and event queues' answers are marked too.
+    fn control_and_event_queue_answers_are_marked() {
+        let mut h = Harness::new(&[4096]);
+        let hub = vhost_device_scsi::virtio::EventHub::new().unwrap();
+        h.backend.set_event_hub(hub.clone());
+        h.backend.acked_features(1 << VIRTIO_SCSI_F_HOTPLUG);
+        let (log, file) = dirty_log();
+        h.backend.set_dirty_log(Some(log));
+        // A TMF; its one-byte response on a page of its own.
+        let tmf_resp = DATA_BASE + 0x2_0000;
+        let tmf_req = tmf(5, lun(0));
+        let req_at = DATA_BASE + 0x3_0000;
+        h.mem
+            .memory()
+            .write_slice(&tmf_req, GuestAddress(req_at))
+            .unwrap();
+        h.push_raw(
+            CONTROL_QUEUE,
+            &[
+                SplitDescriptor::new(req_at, tmf_req.len() as u32, VRING_DESC_F_NEXT as u16, 1),
+                SplitDescriptor::new(tmf_resp, 1, VRING_DESC_F_WRITE as u16, 0),
+            ],
+        );
+        assert_eq!(h.kick(CONTROL_QUEUE), vec![(0, 1)]);
+        // An event buffer crossing into the next page.
+        let event_buf = DATA_BASE + 0x4_0ff8;
+        h.push_raw(
+            EVENT_QUEUE,
+            &[SplitDescriptor::new(event_buf, 16, VRING_DESC_F_WRITE as u16, 0)],
+        );
+        hub.post(vhost_device_scsi::virtio::DeviceEvent::LunAdded(1));
+        h.backend
+            .handle_event(EVENT_QUEUE as u16, EventSet::IN, &h.vrings, 0)
+            .unwrap();
+        assert_eq!(h.used_idx(EVENT_QUEUE), 1);
+        let marked = marked_pages(&file);
+        for p in [tmf_resp, event_buf, event_buf + 8] {
+            assert!(marked.contains(&(p / 0x1000)), "page of {p:#x} not marked: {marked:x?}");
+        }
+        assert!(!marked.contains(&(req_at / 0x1000)), "the request was not written");
+        for q in [CONTROL_QUEUE, EVENT_QUEUE] {
+            let used = h.rings[q].used;
+            assert!(marked.contains(&(used / 0x1000)), "queue {q}'s used ring");
+            assert!(marked.contains(&((used + 4) / 0x1000)), "queue {q}'s used element");
+        }
     }
 }
 

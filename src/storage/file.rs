@@ -166,7 +166,7 @@ impl FileImage {
 
     /// Makes the image active: takes QEMU's locks for a LUN that writes,
     /// or only reads if the image was opened read-only
-    /// ([`lock::lock_image`]), unless it holds them already. An error is
+    /// (`lock::lock_image`), unless it holds them already. An error is
     /// another user's lock in the way, naming the holder; the image stays
     /// inactive and holds no lock byte of this call. A file system that
     /// cannot lock makes the image active without locks, with a warning
@@ -191,7 +191,7 @@ impl FileImage {
     }
 
     /// Makes the image inactive: releases every lock byte it holds
-    /// ([`lock::unlock_image`]), keeping the file open; I/O goes on as
+    /// (`lock::unlock_image`), keeping the file open; I/O goes on as
     /// before. Nothing to do on an inactive image.
     pub fn deactivate(&self) {
         let mut locks = self.locks();

@@ -174,7 +174,7 @@ impl std::fmt::Display for Holder {
 pub enum ImageLocks {
     /// Inactive: opened and checked, no lock byte held.
     Inactive,
-    /// Active, with the locks [`lock_image`] takes.
+    /// Active, with the locks `lock_image` takes.
     Held,
     /// Active without locks: the file system cannot lock (NFS without a
     /// lock manager, ...), which is a warning, not an error; or storage

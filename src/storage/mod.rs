@@ -15,12 +15,11 @@ pub(crate) use engine::{
 pub use file::{DirectAlignment, FileImage, ImageKind, OpenError};
 pub use iobufs::{IoBufs, IoBufsMut};
 pub(crate) use iobufs::{PinSink, PinnedBufs};
+pub use lock::{Holder, ImageLocks, LockError};
 pub use mem::MemImage;
 
 use std::io;
 use std::path::Path;
-
-use lock::{ImageLocks, LockError};
 
 /// An allocation extent: a run of bytes that are all allocated (mapped) or
 /// all deallocated (a hole, reading as zeroes).

@@ -112,6 +112,13 @@ pub struct Cli {
     #[arg(long = "state-file", value_name = "PATH")]
     pub state_file: Option<PathBuf>,
 
+    /// Start for an incoming live migration (the VMM started with
+    /// -incoming): open and check every image, but take no image lock
+    /// until the VMM starts the device, so the daemon of the VM's source
+    /// may still hold them.
+    #[arg(long = "incoming")]
+    pub incoming: bool,
+
     /// Raw disk images (regular files or block devices), LUN 0 first; up to
     /// 16384. Options may follow a path after commas,
     /// `IMAGE[,ro][,block-size=512|4096][,serial=SERIAL][,wwn=0xHEX]`, where
@@ -199,6 +206,7 @@ impl Cli {
             queues,
             io_engine: self.io_engine,
             state_file: self.state_file,
+            incoming: self.incoming,
         })
     }
 }
@@ -282,6 +290,7 @@ mod tests {
             "50",
             "--io-engine",
             "io-uring",
+            "--incoming",
             "a.raw,block-size=4096",
         ])
         .unwrap()
@@ -314,6 +323,7 @@ mod tests {
                 },
                 io_engine: IoEngineChoice::IoUring,
                 state_file: None,
+                incoming: true,
             }
         );
     }

@@ -13,14 +13,14 @@ use std::ffi::OsStr;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use log::{info, warn};
+use log::info;
 
 use crate::daemon::{SocketAccess, SocketGroup};
 use crate::fdlimit::{self, FdLimitError};
 use crate::scsi::inquiry::Identity;
 use crate::scsi::lun::MAX_LUN;
 use crate::scsi::{Disk, DiskConfig, DiskError, Target};
-use crate::storage::lock::{self, LockError};
+use crate::storage::lock::{ImageLocks, LockError};
 use crate::storage::IoEngine;
 use crate::storage::{FileImage, ImageKind, OpenError};
 use crate::virtio::backend::{QueueOptions, FIRST_REQUEST_QUEUE, MAX_REQUEST_QUEUES};
@@ -63,6 +63,11 @@ pub struct DaemonConfig {
     /// Where a stopping daemon leaves the guest's state for the next
     /// (`--state-file`); `None`: the socket path with `.state` appended.
     pub state_file: Option<PathBuf>,
+    /// Open every image inactive, without image locks, for an incoming
+    /// live migration (`--incoming`): the target's
+    /// [`Target::activate_images`] takes them when the VMM starts the
+    /// device.
+    pub incoming: bool,
 }
 
 /// The listening sockets: the vhost-user socket's path, the management
@@ -207,6 +212,7 @@ impl DaemonConfig {
             queues: QueueOptions::default(),
             io_engine: IoEngineChoice::Auto,
             state_file: None,
+            incoming: false,
         }
     }
 
@@ -381,8 +387,9 @@ impl std::fmt::Display for IoEngineChoice {
     }
 }
 
-/// Opens the images of `config.luns` as LUNs 0..N-1. The number of LUNs
-/// and the open-file limit are checked before any image is opened.
+/// Opens the images of `config.luns` as LUNs 0..N-1, locked, or inactive
+/// (without locks) with `--incoming`. The number of LUNs and the
+/// open-file limit are checked before any image is opened.
 pub fn build_target(config: &DaemonConfig) -> Result<Target, ConfigError> {
     let specs = &config.luns;
     if specs.len() > MAX_IMAGES {
@@ -403,7 +410,7 @@ pub fn build_target(config: &DaemonConfig) -> Result<Target, ConfigError> {
     let mut seen = SeenIdentities::default();
     for (lun, spec) in specs.iter().enumerate() {
         let read_only = config.read_only || spec.read_only;
-        let (disk, kind, locked) = open_disk(spec, lun as u16, read_only, config)?;
+        let (disk, kind, locks) = open_disk(spec, lun as u16, read_only, config, !config.incoming)?;
         seen.add(specs, lun, disk.identity())?;
         log_lun(
             &format!("LUN {lun}"),
@@ -411,11 +418,15 @@ pub fn build_target(config: &DaemonConfig) -> Result<Target, ConfigError> {
             &disk,
             kind,
             config.direct,
-            locked,
+            locks,
         );
         disks.push(disk);
     }
-    Ok(Target::new(disks))
+    Ok(if config.incoming {
+        Target::new_inactive(disks)
+    } else {
+        Target::new(disks)
+    })
 }
 
 /// The log line of a LUN opened (`what`: "LUN 3", "LUN 3 added").
@@ -425,7 +436,7 @@ pub(crate) fn log_lun(
     disk: &Disk,
     kind: ImageKind,
     direct: bool,
-    locked: bool,
+    locks: ImageLocks,
 ) {
     info!(
         "{what}: {} ({} bytes, {} blocks of {} bytes, {}, {}{}, {}, serial {}, NAA {:#018x})",
@@ -443,19 +454,26 @@ pub(crate) fn log_lun(
             ImageKind::BlockDevice => "block device",
         },
         if direct { ", O_DIRECT" } else { "" },
-        if locked { "locked" } else { "not locked" },
+        match locks {
+            ImageLocks::Held => "locked",
+            ImageLocks::Unsupported => "not locked",
+            ImageLocks::Inactive => "inactive, not locked until the VMM starts the device",
+        },
         disk.identity().serial,
         disk.identity().naa,
     );
 }
 
-/// Opens, locks and checks one image; also says whether it is locked.
+/// Opens and checks one image, and with `active` locks it (otherwise it
+/// is opened inactive: every check but the locks); also says where it
+/// stands with its locks.
 pub(crate) fn open_disk(
     spec: &LunSpec,
     lun: u16,
     read_only: bool,
     config: &DaemonConfig,
-) -> Result<(Disk, ImageKind, bool), ConfigError> {
+    active: bool,
+) -> Result<(Disk, ImageKind, ImageLocks), ConfigError> {
     let path = spec.path.as_path();
     let open = if config.direct {
         FileImage::open_direct
@@ -479,22 +497,16 @@ pub(crate) fn open_disk(
         }
     }
     // The locks belong to the open file: they last as long as the Disk
-    // keeps the image open, which is the daemon's lifetime.
-    let locked = match lock::lock_image(image.file(), read_only) {
-        Ok(()) => true,
-        Err(LockError::Unsupported(e)) => {
-            warn!(
-                "image {}: served without image locks, so nothing keeps another writer out: {e}",
-                path.display()
-            );
-            false
-        }
-        Err(source) => {
-            return Err(ConfigError::Lock {
-                path: path.to_path_buf(),
-                source,
-            })
-        }
+    // keeps the image open, which is the daemon's lifetime, unless the
+    // target is deactivated. A file system that cannot lock is a warning
+    // (`FileImage::activate`), not an error.
+    let locks = if active {
+        image.activate().map_err(|source| ConfigError::Lock {
+            path: path.to_path_buf(),
+            source,
+        })?
+    } else {
+        ImageLocks::Inactive
     };
     let config = DiskConfig {
         block_size,
@@ -507,7 +519,7 @@ pub(crate) fn open_disk(
         path: path.to_path_buf(),
         source,
     })?;
-    Ok((disk, kind, locked))
+    Ok((disk, kind, locks))
 }
 
 /// The derived identity with the operator's `serial=` and `wwn=` applied.

@@ -25,6 +25,7 @@ use crate::scsi::disk::ResizeError;
 use crate::scsi::lun::MAX_LUN;
 use crate::scsi::target::InsertError;
 use crate::scsi::{Disk, Target};
+use crate::storage::lock::ImageLocks;
 use crate::virtio::backend::FIRST_REQUEST_QUEUE;
 use crate::virtio::{DeviceEvent, EventHub};
 
@@ -152,19 +153,26 @@ impl LunManager {
         fdlimit::ensure(specs.len() + 1, queues)
             .map_err(|e| ManageError::Image(format!("image {}: {e}", spec.path.display())))?;
         let read_only = self.config.read_only || spec.read_only;
-        let (disk, kind, locked) = config::open_disk(&spec, lun, read_only, &self.config)?;
+        // Opened as the target's images are: inactive (no locks) while
+        // the daemon waits for an incoming migration or its VM has
+        // migrated away. `insert` makes it so again under the target's
+        // lock, should the target change in between.
+        let active = self.target.images_active();
+        let (disk, kind, _) = config::open_disk(&spec, lun, read_only, &self.config, active)?;
         self.check_identity(&spec, &disk)?;
         let unit = self.target.insert(lun, disk).map_err(|e| match e {
             InsertError::InUse(lun) => ManageError::LunInUse(lun),
             InsertError::TooHigh(_) => ManageError::InvalidParams(e.to_string()),
+            InsertError::Activate(e) => ManageError::Image(e.to_string()),
         })?;
+        let locks = unit.image_locks().unwrap_or(ImageLocks::Unsupported);
         config::log_lun(
             &format!("LUN {lun} added"),
             &spec,
             &unit,
             kind,
             self.config.direct,
-            locked,
+            locks,
         );
         specs.insert(lun, spec);
         Ok(lun)
@@ -479,6 +487,42 @@ mod tests {
         let err = manager.lun_add("disk.raw,ro", None).unwrap_err();
         assert!(matches!(err, ManageError::InvalidParams(_)), "{err}");
         assert!(err.to_string().contains("disk.raw"), "{err}");
+    }
+
+    /// While the target is inactive (`--incoming`), `lun_add` opens the
+    /// image without locks; it takes them with the others when the
+    /// target is activated; `lun_remove` of an inactive LUN closes it.
+    #[test]
+    fn a_lun_added_while_inactive_activates_with_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.raw");
+        std::fs::write(&path, [0u8; 4096]).unwrap();
+        let observer = std::fs::File::open(&path).unwrap();
+        let locked = || crate::storage::lock::locked_bytes(&observer);
+        let target = Arc::new(Target::new_inactive(Vec::new()));
+        let config = DaemonConfig::new("/nonexistent/s.sock", Vec::new());
+        let manager = LunManager::new(target.clone(), config, EventHub::new().unwrap());
+        let image = path.to_str().unwrap();
+        assert_eq!(manager.lun_add(image, Some(3)).unwrap(), 3);
+        assert_eq!(locked(), [] as [i64; 0], "added inactive");
+        target.activate_images().unwrap();
+        assert_eq!(locked(), [100, 101, 201]);
+        // Active now: the same image again, read-write, is refused with
+        // the lock error, naming the image.
+        let err = manager.lun_add(image, None).unwrap_err();
+        assert!(matches!(err, ManageError::Image(_)), "{err}");
+        assert!(
+            err.to_string()
+                .contains(&format!("image {image}: locked by")),
+            "{err}"
+        );
+        target.deactivate_images();
+        assert_eq!(locked(), [] as [i64; 0]);
+        assert_eq!(manager.lun_add(&format!("{image},ro"), Some(4)).unwrap(), 4);
+        manager.lun_remove(3).unwrap();
+        manager.lun_remove(4).unwrap();
+        target.activate_images().unwrap();
+        assert_eq!(locked(), [] as [i64; 0], "removed LUNs are closed");
     }
 
     /// Shrinking waits for the unit's transfers in flight before the image

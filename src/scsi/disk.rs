@@ -23,6 +23,7 @@ use super::inquiry::{self, Identity, VpdParams};
 use super::mode::{self, ModeParams};
 use super::sense::{self, SenseData};
 use super::stats::LunStats;
+use crate::storage::lock::ImageLocks;
 use crate::storage::{Direction, IoBufs, IoBufsMut, Storage, Transfer};
 
 /// The largest single transfer, in bytes, reported in the block limits VPD
@@ -346,6 +347,12 @@ impl Disk {
 
     pub fn read_only(&self) -> bool {
         self.storage.read_only()
+    }
+
+    /// Where the image stands with its locks (`None`: storage without
+    /// any, e.g. memory).
+    pub fn image_locks(&self) -> Option<ImageLocks> {
+        self.storage.image_locks()
     }
 
     pub fn identity(&self) -> &Identity {

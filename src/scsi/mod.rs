@@ -25,5 +25,5 @@ pub use lun::LunAddress;
 pub use stats::{
     CommandCounts, CommandKind, CommandOutcome, LatencySummary, LunStats, StatsSnapshot,
 };
-pub use target::{Completion, Target};
+pub use target::{ActivateError, Completion, Target};
 pub(crate) use target::{Planned, Prepared};

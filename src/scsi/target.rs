@@ -2,6 +2,8 @@
 //! target-level commands (REPORT LUNS, REPORT SUPPORTED ...). No virtio here.
 
 use std::io;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
@@ -17,6 +19,7 @@ use super::lun::{LunAddress, MAX_LUN};
 use super::opcodes;
 use super::sense::{self, SenseData};
 use super::stats::{CommandKind, CommandOutcome};
+use crate::storage::lock::LockError;
 use crate::storage::{Direction, Transfer};
 
 /// SAM-5 status codes (§5.3.1, table 26).
@@ -106,30 +109,122 @@ type Units = Vec<Option<Arc<Disk>>>;
 /// finding a command's unit is a lock-free load that never waits for a
 /// change, and a change (a copy of the table, swapped in) never waits for
 /// a command. A command holds its unit's `Arc` until it completes.
-#[derive(Debug, Default)]
+///
+/// The images are active (holding their image locks) or inactive (open
+/// without locks) together: a daemon started for an incoming live
+/// migration opens them inactive and activates them when its VMM starts
+/// the device; a daemon whose VM migrated away deactivates them
+/// ([`Target::activate_images`], [`Target::deactivate_images`]). A unit
+/// inserted takes the target's state. Locks do not change what commands
+/// do.
+#[derive(Debug)]
 pub struct Target {
     units: ArcSwap<Units>,
-    /// Serializes changes of the table; commands never take it.
+    /// Serializes changes of the table and of the images' activity;
+    /// commands never take it.
     changing: Mutex<()>,
+    /// Whether the images are active; written only under `changing`.
+    active: AtomicBool,
 }
 
-/// A LUN that is taken, or beyond the highest one.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+impl Default for Target {
+    /// A target without units, active.
+    fn default() -> Target {
+        Target::new(Vec::new())
+    }
+}
+
+/// An image whose locks could not be taken: someone else's locks are in
+/// the way. One line naming the image and the holder.
+#[derive(Debug, thiserror::Error)]
+#[error("image {} (LUN {lun}): {source}", .image.as_ref().map_or_else(|| "?".into(), |p| p.display().to_string()))]
+pub struct ActivateError {
+    pub lun: u16,
+    /// The image's path (`None` for storage without one).
+    pub image: Option<PathBuf>,
+    pub source: LockError,
+}
+
+/// A LUN that is taken, or beyond the highest one; or the unit's image
+/// cannot take its locks in an active target.
+#[derive(Debug, thiserror::Error)]
 pub enum InsertError {
     #[error("LUN {0} is in use")]
     InUse(u16),
     #[error("LUN {0} is beyond the highest LUN, {MAX_LUN}")]
     TooHigh(u16),
+    #[error(transparent)]
+    Activate(#[from] ActivateError),
 }
 
 impl Target {
-    /// A target with `luns` at LUNs 0..N-1.
+    /// A target with `luns` at LUNs 0..N-1, active: their images hold
+    /// their locks already, or have none (memory).
     pub fn new(luns: Vec<Disk>) -> Target {
+        Target::with_activity(luns, true)
+    }
+
+    /// A target with `luns` at LUNs 0..N-1, inactive: their images were
+    /// opened without locks, and [`Target::activate_images`] takes them
+    /// (`--incoming`).
+    pub fn new_inactive(luns: Vec<Disk>) -> Target {
+        Target::with_activity(luns, false)
+    }
+
+    fn with_activity(luns: Vec<Disk>, active: bool) -> Target {
         let units: Units = luns.into_iter().map(|d| Some(Arc::new(d))).collect();
         Target {
             units: ArcSwap::from_pointee(units),
             changing: Mutex::new(()),
+            active: AtomicBool::new(active),
         }
+    }
+
+    /// Whether the images are active (their locks taken, where they can
+    /// lock): false from `--incoming` until [`Target::activate_images`],
+    /// and after [`Target::deactivate_images`].
+    pub fn images_active(&self) -> bool {
+        self.active.load(Ordering::Acquire)
+    }
+
+    /// Makes every LUN's image active: takes the locks start-up takes
+    /// without `--incoming` (storage/lock.rs), as QEMU's destination does
+    /// when the VM starts there (`bdrv_activate_all`). Nothing to do if
+    /// the images are active. If one cannot (another user's lock is in
+    /// the way), the images this call activated are made inactive again,
+    /// the target stays inactive, and the error names the first such
+    /// image and the holder. LUNs added meanwhile wait (one mutex, which
+    /// commands never take); I/O goes on throughout.
+    pub fn activate_images(&self) -> Result<(), ActivateError> {
+        let _changing = self.changing.lock().unwrap_or_else(PoisonError::into_inner);
+        if self.images_active() {
+            return Ok(());
+        }
+        // The target is inactive, so is every unit in it (`insert` keeps
+        // them alike): each activated here is one this call took.
+        let units: Vec<(u16, Arc<Disk>)> = present(&self.units.load()).collect();
+        for (taken, (lun, unit)) in units.iter().enumerate() {
+            if let Err(e) = activate(*lun, unit) {
+                for (_, unit) in &units[..taken] {
+                    unit.storage().deactivate();
+                }
+                return Err(e);
+            }
+        }
+        self.active.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Makes every LUN's image inactive: releases their locks, keeping
+    /// them open, as QEMU's source does when its VM has migrated away
+    /// (`bdrv_inactivate_all`); another daemon may then activate them.
+    /// Idempotent; I/O goes on (the VMM stops the guest before this).
+    pub fn deactivate_images(&self) {
+        let _changing = self.changing.lock().unwrap_or_else(PoisonError::into_inner);
+        for (_, unit) in present(&self.units.load()) {
+            unit.storage().deactivate();
+        }
+        self.active.store(false, Ordering::Release);
     }
 
     /// The logical unit at `lun`, if any.
@@ -161,7 +256,10 @@ impl Target {
     }
 
     /// Adds `disk` at `lun`, and establishes REPORTED LUNS DATA HAS
-    /// CHANGED on every other unit (SPC-4 §6.33).
+    /// CHANGED on every other unit (SPC-4 §6.33). Its image is made
+    /// active or inactive as the target's are (whatever it was opened
+    /// as: the target may have changed since); an image that cannot take
+    /// its locks in an active target is not added.
     pub fn insert(&self, lun: u16, disk: Disk) -> Result<Arc<Disk>, InsertError> {
         if lun > MAX_LUN {
             return Err(InsertError::TooHigh(lun));
@@ -171,6 +269,11 @@ impl Target {
         let index = usize::from(lun);
         if units.get(index).is_some_and(Option::is_some) {
             return Err(InsertError::InUse(lun));
+        }
+        if self.images_active() {
+            activate(lun, &disk)?;
+        } else {
+            disk.storage().deactivate();
         }
         if units.len() <= index {
             units.resize(index + 1, None);
@@ -539,6 +642,19 @@ fn present(units: &Units) -> impl Iterator<Item = (u16, Arc<Disk>)> + '_ {
         .filter_map(|(lun, unit)| Some((u16::try_from(lun).ok()?, unit.clone()?)))
 }
 
+/// Activates `unit`'s image, the error naming it as LUN `lun`.
+fn activate(lun: u16, unit: &Disk) -> Result<(), ActivateError> {
+    let storage = unit.storage();
+    storage
+        .activate()
+        .map(|_| ())
+        .map_err(|source| ActivateError {
+            lun,
+            image: storage.image_path().map(|p| p.to_path_buf()),
+            source,
+        })
+}
+
 /// SAM-5 §5.14: a pending unit attention condition terminates the command
 /// (taken off the pending ones), or is REQUEST SENSE's sense data; `None`
 /// if the command runs as usual.
@@ -607,6 +723,110 @@ mod tests {
         )
         .unwrap();
         Target::new(vec![disk])
+    }
+
+    /// A read-write disk on the image at `path`, opened inactive.
+    fn file_disk(path: &std::path::Path, lun: u16) -> Disk {
+        let image = crate::storage::FileImage::open(path, false).unwrap();
+        Disk::new(
+            Box::new(image),
+            DiskConfig {
+                block_size: 512,
+                identity: Identity::derived(&path.to_string_lossy(), lun),
+                solid_state: false,
+                discard: false,
+            },
+        )
+        .unwrap()
+    }
+
+    fn temp_image() -> tempfile::NamedTempFile {
+        let tmp = tempfile::NamedTempFile::new().unwrap();
+        tmp.as_file().set_len(4096).unwrap();
+        tmp
+    }
+
+    fn locked_bytes(tmp: &tempfile::NamedTempFile) -> Vec<i64> {
+        crate::storage::lock::locked_bytes(&std::fs::File::open(tmp.path()).unwrap())
+    }
+
+    const NONE: [i64; 0] = [];
+    const WRITER: [i64; 3] = [100, 101, 201];
+
+    /// An inactive target activates every image; when one cannot (a
+    /// writer holds it), the images this call locked are released, the
+    /// target stays inactive, and the error names the image, its LUN and
+    /// the holder. Once the holder is gone, activation succeeds.
+    #[test]
+    fn activation_rolls_back_on_failure() {
+        let (a, b, c) = (temp_image(), temp_image(), temp_image());
+        let t = Target::new_inactive(vec![
+            file_disk(a.path(), 0),
+            file_disk(b.path(), 1),
+            file_disk(c.path(), 2),
+        ]);
+        assert!(!t.images_active());
+        assert_eq!(locked_bytes(&a), NONE);
+        // Another user writes image b.
+        let holder = crate::storage::FileImage::open(b.path(), false).unwrap();
+        holder.activate().unwrap();
+        let err = t.activate_images().unwrap_err();
+        assert_eq!(err.lun, 1);
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "image {} (LUN 1): locked by another LUN of this daemon (it is being written): \
+                 lock byte 101 (QEMU's \"write\" permission) is taken; an image has at most one writer",
+                b.path().display()
+            )
+        );
+        assert!(!t.images_active());
+        assert_eq!(locked_bytes(&a), NONE, "LUN 0's locks released");
+        assert_eq!(locked_bytes(&c), NONE, "LUN 2 never locked");
+        drop(holder);
+        t.activate_images().unwrap();
+        assert!(t.images_active());
+        for image in [&a, &b, &c] {
+            assert_eq!(locked_bytes(image), WRITER);
+        }
+        t.activate_images().unwrap();
+        t.deactivate_images();
+        assert!(!t.images_active());
+        for image in [&a, &b, &c] {
+            assert_eq!(locked_bytes(image), NONE);
+        }
+        t.deactivate_images();
+        assert!(!t.images_active());
+    }
+
+    /// A unit inserted takes the target's state, whatever it was opened
+    /// as: inactive into an inactive target (and activated with the
+    /// rest), active into an active one, where a conflict refuses it.
+    #[test]
+    fn inserted_units_follow_the_target() {
+        let (a, b, c) = (temp_image(), temp_image(), temp_image());
+        let t = Target::new_inactive(vec![file_disk(a.path(), 0)]);
+        let opened_active = file_disk(b.path(), 1);
+        opened_active.storage().activate().unwrap();
+        t.insert(1, opened_active).unwrap();
+        assert_eq!(locked_bytes(&b), NONE, "inactive like the target");
+        t.activate_images().unwrap();
+        assert_eq!(locked_bytes(&a), WRITER);
+        assert_eq!(locked_bytes(&b), WRITER);
+        t.insert(2, file_disk(c.path(), 2)).unwrap();
+        assert_eq!(locked_bytes(&c), WRITER, "active like the target");
+        // Image a a second time, read-write: refused, and not added.
+        let err = t.insert(3, file_disk(a.path(), 3)).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("(LUN 3): locked by another LUN of this daemon"),
+            "{err}"
+        );
+        assert!(!t.has_unit(3));
+        // Removing an inactive unit closes its image, which had no locks.
+        t.deactivate_images();
+        drop(t.remove(2));
+        assert_eq!(locked_bytes(&c), NONE);
     }
 
     /// READ(10) of one block at LBA 0 (SBC-3 §5.11).

@@ -8,10 +8,14 @@ use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
+
+use log::warn;
 
 use rustix::fs::{AtFlags, FallocateFlags, OFlags, StatxFlags};
 use rustix::io::Errno;
 
+use super::lock::{self, ImageLocks, LockError};
 use super::{AsyncFile, Extent, IoBufs, IoBufsMut, Storage};
 
 /// An entry of the piece lists handed to `preadv(2)` and friends. These
@@ -74,6 +78,12 @@ pub struct FileImage {
     /// Opened with O_DIRECT (the host page cache bypassed), and the
     /// alignment that needs.
     direct: Option<DirectAlignment>,
+    /// Its image locks (`storage/lock.rs`): none at open; taken by
+    /// [`FileImage::activate`], released by [`FileImage::deactivate`].
+    /// Only those two take this mutex; I/O never does (locks are
+    /// advisory: they say who may use the image, not what a read or
+    /// write does).
+    locks: Mutex<ImageLocks>,
 }
 
 /// What O_DIRECT transfers must be aligned to (statx STATX_DIOALIGN).
@@ -93,7 +103,8 @@ const FALLBACK_DIRECT_ALIGNMENT: DirectAlignment = DirectAlignment {
 
 impl FileImage {
     /// Opens `path`; read-only images are opened `O_RDONLY`, so no byte of
-    /// them can change through this daemon.
+    /// them can change through this daemon. The image is opened inactive,
+    /// without image locks: [`FileImage::activate`] takes them.
     pub fn open(path: &Path, read_only: bool) -> Result<Self, OpenError> {
         FileImage::open_with(path, read_only, false)
     }
@@ -149,7 +160,56 @@ impl FileImage {
             read_only,
             dsync_writes: AtomicBool::new(true),
             direct,
+            locks: Mutex::new(ImageLocks::Inactive),
         })
+    }
+
+    /// Makes the image active: takes QEMU's locks for a LUN that writes,
+    /// or only reads if the image was opened read-only
+    /// (`lock::lock_image`), unless it holds them already. An error is
+    /// another user's lock in the way, naming the holder; the image stays
+    /// inactive and holds no lock byte of this call. A file system that
+    /// cannot lock makes the image active without locks, with a warning
+    /// ([`ImageLocks::Unsupported`]). Returns where the image stands.
+    pub fn activate(&self) -> Result<ImageLocks, LockError> {
+        let mut locks = self.locks();
+        if *locks != ImageLocks::Inactive {
+            return Ok(*locks);
+        }
+        *locks = match lock::lock_image(&self.file, self.read_only) {
+            Ok(()) => ImageLocks::Held,
+            Err(LockError::Unsupported(e)) => {
+                warn!(
+                    "image {}: served without image locks, so nothing keeps another writer out: {e}",
+                    self.path.display()
+                );
+                ImageLocks::Unsupported
+            }
+            Err(e) => return Err(e),
+        };
+        Ok(*locks)
+    }
+
+    /// Makes the image inactive: releases every lock byte it holds
+    /// (`lock::unlock_image`), keeping the file open; I/O goes on as
+    /// before. Nothing to do on an inactive image.
+    pub fn deactivate(&self) {
+        let mut locks = self.locks();
+        if *locks == ImageLocks::Held {
+            lock::unlock_image(&self.file, self.read_only);
+        }
+        *locks = ImageLocks::Inactive;
+    }
+
+    /// Where the image stands with its locks.
+    pub fn image_locks(&self) -> ImageLocks {
+        *self.locks()
+    }
+
+    fn locks(&self) -> std::sync::MutexGuard<'_, ImageLocks> {
+        // The state is one value written whole: a panic elsewhere
+        // cannot leave it half-changed.
+        self.locks.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The O_DIRECT alignment, if the image was opened with O_DIRECT.
@@ -187,6 +247,22 @@ impl FileImage {
 impl Storage for FileImage {
     fn size(&self) -> u64 {
         self.size.load(Ordering::Acquire)
+    }
+
+    fn activate(&self) -> Result<ImageLocks, LockError> {
+        FileImage::activate(self)
+    }
+
+    fn deactivate(&self) {
+        FileImage::deactivate(self);
+    }
+
+    fn image_locks(&self) -> Option<ImageLocks> {
+        Some(FileImage::image_locks(self))
+    }
+
+    fn image_path(&self) -> Option<&Path> {
+        Some(&self.path)
     }
 
     fn read_only(&self) -> bool {
@@ -673,6 +749,122 @@ mod tests {
         tmp.write_all(bytes).unwrap();
         let img = FileImage::open(tmp.path(), true).unwrap();
         (tmp, img)
+    }
+
+    fn rw_image(len: usize) -> (tempfile::NamedTempFile, FileImage) {
+        let mut tmp = tempfile::NamedTempFile::new().unwrap();
+        tmp.write_all(&vec![0x5a; len]).unwrap();
+        let img = FileImage::open(tmp.path(), false).unwrap();
+        (tmp, img)
+    }
+
+    /// Another open of the image, to see its locks from outside.
+    fn observer(tmp: &tempfile::NamedTempFile) -> File {
+        File::open(tmp.path()).unwrap()
+    }
+
+    /// An image opens inactive: opened, sized, readable and writable, no
+    /// lock byte held; `activate` takes QEMU's bytes (101 write, 100
+    /// consistent read, 201 write unshared), `deactivate` releases them
+    /// and keeps the file open, both idempotent.
+    #[test]
+    fn opens_inactive_activates_and_deactivates() {
+        let (tmp, img) = rw_image(4096);
+        let observer = observer(&tmp);
+        assert_eq!(img.image_locks(), ImageLocks::Inactive);
+        assert_eq!(lock::locked_bytes(&observer), [] as [i64; 0]);
+        assert_eq!(img.size(), 4096);
+        img.write_vectored_at(&from_bytes(&[1; 512]), 0, false)
+            .unwrap();
+        assert_eq!(img.activate().unwrap(), ImageLocks::Held);
+        assert_eq!(lock::locked_bytes(&observer), [100, 101, 201]);
+        assert_eq!(img.activate().unwrap(), ImageLocks::Held, "idempotent");
+        assert_eq!(lock::locked_bytes(&observer), [100, 101, 201]);
+        img.deactivate();
+        assert_eq!(img.image_locks(), ImageLocks::Inactive);
+        assert_eq!(lock::locked_bytes(&observer), [] as [i64; 0]);
+        img.deactivate();
+        assert_eq!(lock::locked_bytes(&observer), [] as [i64; 0]);
+        // Still open and usable.
+        let mut buf = [0u8; 512];
+        img.read_vectored_at(&mut into_bufs([&mut buf[..]]), 0)
+            .unwrap();
+        assert_eq!(buf, [1; 512]);
+        // And active again.
+        img.activate().unwrap();
+        assert_eq!(lock::locked_bytes(&observer), [100, 101, 201]);
+        drop(img);
+        assert_eq!(lock::locked_bytes(&observer), [] as [i64; 0]);
+    }
+
+    /// Two inactive opens of one image coexist (two daemons waiting for
+    /// a migration); the first to activate wins, the other's activation
+    /// names it and leaves nothing behind; once the winner deactivates,
+    /// the other may activate.
+    #[test]
+    fn activation_conflicts_name_the_holder_and_deactivation_hands_over() {
+        let (tmp, source) = rw_image(4096);
+        let destination = FileImage::open(tmp.path(), false).unwrap();
+        let observer = observer(&tmp);
+        source.activate().unwrap();
+        let err = destination.activate().unwrap_err();
+        assert!(
+            matches!(
+                err,
+                LockError::Conflict {
+                    holder: lock::Holder::ThisProcess,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(
+            err.to_string()
+                .starts_with("locked by another LUN of this daemon (it is being written)"),
+            "{err}"
+        );
+        assert_eq!(destination.image_locks(), ImageLocks::Inactive);
+        source.deactivate();
+        assert_eq!(
+            lock::locked_bytes(&observer),
+            [] as [i64; 0],
+            "the failed activation left no byte behind"
+        );
+        assert_eq!(destination.activate().unwrap(), ImageLocks::Held);
+        assert!(source.activate().is_err(), "the roles are swapped");
+        // A read-only open: CONSISTENT_READ and WRITE unshared only.
+        destination.deactivate();
+        let reader = FileImage::open(tmp.path(), true).unwrap();
+        reader.activate().unwrap();
+        assert_eq!(lock::locked_bytes(&observer), [100, 201]);
+    }
+
+    /// The handler thread activates and deactivates while another thread
+    /// does I/O: neither waits for nor disturbs the other.
+    #[test]
+    fn activation_under_io() {
+        let (tmp, img) = rw_image(1 << 16);
+        let img = std::sync::Arc::new(img);
+        let io = {
+            let img = img.clone();
+            std::thread::spawn(move || {
+                for i in 0..2000u64 {
+                    let offset = (i % 128) * 512;
+                    img.write_vectored_at(&from_bytes(&[i as u8; 512]), offset, false)
+                        .unwrap();
+                    let mut buf = [0u8; 512];
+                    img.read_vectored_at(&mut into_bufs([&mut buf[..]]), offset)
+                        .unwrap();
+                    assert_eq!(buf, [i as u8; 512]);
+                }
+            })
+        };
+        while !io.is_finished() {
+            img.activate().unwrap();
+            img.deactivate();
+        }
+        io.join().unwrap();
+        assert_eq!(lock::locked_bytes(&observer(&tmp)), [] as [i64; 0]);
     }
 
     /// A write checked against the old capacity that reaches the image

@@ -161,6 +161,27 @@ impl std::fmt::Display for Holder {
     }
 }
 
+/// Where an open image stands with its locks.
+///
+/// QEMU opens the images of a VM that is to receive a live migration
+/// (`-incoming`) inactive (`BDRV_O_INACTIVE`): opened, but holding no
+/// permission and so no lock byte, while the source still runs the VM on
+/// them. At the end of the migration the source inactivates its images
+/// (`bdrv_inactivate_all`, releasing its locks) and the destination
+/// activates its own (`bdrv_activate_all`, taking them); a failed or
+/// cancelled migration activates the source's images again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ImageLocks {
+    /// Inactive: opened and checked, no lock byte held.
+    Inactive,
+    /// Active, with the locks `lock_image` takes.
+    Held,
+    /// Active without locks: the file system cannot lock (NFS without a
+    /// lock manager, ...), which is a warning, not an error; or storage
+    /// that has no locks at all (memory).
+    Unsupported,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum LockError {
     /// Another user's locks forbid what this LUN would do.
@@ -182,11 +203,7 @@ pub enum LockError {
 /// fail, where checking first could let both succeed.
 pub fn lock_image(file: &File, read_only: bool) -> Result<(), LockError> {
     let (held, unshared) = permissions(read_only);
-    let bytes: Vec<i64> = held
-        .iter()
-        .map(|p| p.held_byte())
-        .chain(unshared.iter().map(|p| p.unshared_byte()))
-        .collect();
+    let bytes = lock_bytes(read_only);
     let fd = file.as_raw_fd();
     for (taken, &byte) in bytes.iter().enumerate() {
         if let Err(err) = set_lock(fd, byte, libc::F_RDLCK) {
@@ -225,6 +242,28 @@ pub fn lock_image(file: &File, read_only: bool) -> Result<(), LockError> {
         }
     }
     Ok(())
+}
+
+/// Releases every lock [`lock_image`] takes on `file` for a LUN that
+/// writes or only reads, keeping the file open: what QEMU does to an
+/// image it inactivates (`blk_root_inactivate` in block/block-backend.c
+/// sets the backend's permissions to none and shares all, and
+/// file-posix.c then unlocks the bytes). Bytes `file` does not hold are
+/// left alone, so this is harmless on an image that holds none. Other
+/// opens of the image (another LUN on it) keep theirs: OFD locks belong
+/// to the open file description.
+pub fn unlock_image(file: &File, read_only: bool) {
+    release(file.as_raw_fd(), &lock_bytes(read_only));
+}
+
+/// The bytes a LUN locks: `100 + n` for each permission it holds, then
+/// `200 + n` for each it refuses to share.
+fn lock_bytes(read_only: bool) -> Vec<i64> {
+    let (held, unshared) = permissions(read_only);
+    held.iter()
+        .map(|p| p.held_byte())
+        .chain(unshared.iter().map(|p| p.unshared_byte()))
+        .collect()
 }
 
 // These locks go through libc, not rustix: rustix's `fcntl_lock` takes
@@ -362,6 +401,16 @@ fn lock_covers(line: &str, key: &str, byte: i64) -> bool {
     matches!((start, end), (Some(start), Some(end)) if start <= byte && byte <= end)
 }
 
+/// The bytes in 100..=104 and 200..=204 that some open file other than
+/// `probe_file` has locked: what another user of the image would find.
+#[cfg(test)]
+pub(crate) fn locked_bytes(probe_file: &File) -> Vec<i64> {
+    (100..=104)
+        .chain(200..=204)
+        .filter(|&b| probe(probe_file.as_raw_fd(), b).unwrap().is_some())
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -382,15 +431,6 @@ mod tests {
         }
     }
 
-    /// The bytes in 100..=104 and 200..=204 that some open file other than
-    /// `probe_file`'s has locked.
-    fn locked_bytes(probe_file: &File) -> Vec<i64> {
-        (100..=104)
-            .chain(200..=204)
-            .filter(|&b| probe(probe_file.as_raw_fd(), b).unwrap().is_some())
-            .collect()
-    }
-
     #[test]
     fn takes_qemus_bytes() {
         let tmp = tempfile::NamedTempFile::new().unwrap();
@@ -403,6 +443,37 @@ mod tests {
         let reader = open(tmp.path());
         lock_image(&reader, true).unwrap();
         assert_eq!(locked_bytes(&observer), [100, 201]);
+    }
+
+    /// `unlock_image` releases exactly what `lock_image` took, keeping
+    /// the file open; another open's locks on the image stay.
+    #[test]
+    fn unlock_releases_the_bytes_of_this_open_only() {
+        let tmp = tempfile::NamedTempFile::new().unwrap();
+        let observer = open(tmp.path());
+        let writer = open(tmp.path());
+        lock_image(&writer, false).unwrap();
+        unlock_image(&writer, false);
+        assert_eq!(locked_bytes(&observer), [] as [i64; 0]);
+        // Another writer may now lock; the first one, still open, is
+        // refused, naming it.
+        let second = open(tmp.path());
+        lock_image(&second, false).unwrap();
+        let (holder, conflict) = conflict(lock_image(&writer, false));
+        assert_eq!(conflict, Conflict::Holds(Perm::Write));
+        assert_eq!(holder, Holder::ThisProcess);
+        drop(second);
+        // Two readers: one unlocking leaves the other's bytes.
+        let a = open(tmp.path());
+        let b = open(tmp.path());
+        lock_image(&a, true).unwrap();
+        lock_image(&b, true).unwrap();
+        unlock_image(&a, true);
+        assert_eq!(locked_bytes(&observer), [100, 201]);
+        unlock_image(&a, true);
+        assert_eq!(locked_bytes(&observer), [100, 201], "b's locks stay");
+        drop(b);
+        assert_eq!(locked_bytes(&observer), [] as [i64; 0]);
     }
 
     #[test]

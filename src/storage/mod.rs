@@ -15,9 +15,11 @@ pub(crate) use engine::{
 pub use file::{DirectAlignment, FileImage, ImageKind, OpenError};
 pub use iobufs::{IoBufs, IoBufsMut};
 pub(crate) use iobufs::{PinSink, PinnedBufs};
+pub use lock::{Holder, ImageLocks, LockError};
 pub use mem::MemImage;
 
 use std::io;
+use std::path::Path;
 
 /// An allocation extent: a run of bytes that are all allocated (mapped) or
 /// all deallocated (a hole, reading as zeroes).
@@ -58,6 +60,31 @@ pub trait Storage: Send + Sync {
 
     /// Whether writes are refused.
     fn read_only(&self) -> bool;
+
+    /// Makes the image active: takes its image locks (`lock.rs`) unless
+    /// it holds them already, for an image opened inactive or made
+    /// inactive since. Errors name who holds a lock in the way; the image
+    /// then stays inactive. Safe while I/O runs: locks do not change what
+    /// reads and writes do. Storage without locks (memory) has nothing
+    /// to take.
+    fn activate(&self) -> Result<ImageLocks, LockError> {
+        Ok(ImageLocks::Unsupported)
+    }
+
+    /// Makes the image inactive: releases its image locks, keeping it
+    /// open. Idempotent; safe while I/O runs.
+    fn deactivate(&self) {}
+
+    /// Where the image stands with its locks; `None` for storage without
+    /// any (memory).
+    fn image_locks(&self) -> Option<ImageLocks> {
+        None
+    }
+
+    /// The image's path, for messages; `None` for storage without one.
+    fn image_path(&self) -> Option<&Path> {
+        None
+    }
 
     /// Reads the backing's size again (the operator may have grown or
     /// shrunk the file or block device since it was opened), makes it

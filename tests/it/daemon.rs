@@ -112,6 +112,7 @@ fn help_and_version() {
         "--no-discard",
         "--socket-mode",
         "--socket-group",
+        "--incoming",
         "--version",
         "IMAGE",
         "IMAGE[,ro][,block-size=512|4096][,serial=SERIAL][,wwn=0xHEX]",
@@ -682,6 +683,66 @@ fn two_writers_are_refused() {
     drop(first);
     // With the first daemon gone, its locks are gone.
     let _second = Daemon::start_with(&s2, &[&img]);
+}
+
+/// Live migration on shared storage: the destination's daemon
+/// (`--incoming`) opens an image the source's daemon has locked, holding
+/// no lock itself; a daemon without `--incoming` is still refused, naming
+/// the source; a second `--incoming` daemon coexists with the first; and
+/// with the source gone the image is free for anyone (QEMU included).
+#[test]
+fn incoming_daemons_open_a_locked_image_without_locking_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path(), "d.raw", 1 << 20);
+    let source = Daemon::start_with(&dir.path().join("a.sock"), &[&img]);
+    let incoming: [&OsStr; 2] = [OsStr::new("--incoming"), img.as_os_str()];
+    let destination = Daemon::start_with(&dir.path().join("b.sock"), &incoming);
+    assert!(
+        destination.log().contains(&format!(
+            "LUN 0: {} (1048576 bytes, 2048 blocks of 512 bytes, read-write, regular file, \
+             inactive, not locked until the VMM starts the device",
+            img.display()
+        )),
+        "{}",
+        destination.log()
+    );
+    let c = dir.path().join("c.sock");
+    assert_one_line_error(
+        &run(&["-s", c.to_str().unwrap(), img.to_str().unwrap()]),
+        1,
+        &[
+            &format!("image {}: locked by ", img.display()),
+            // The source, not the destination, holds the image.
+            &format!(
+                ", pid {} (it is being written): lock byte 101",
+                source.child.id()
+            ),
+        ],
+    );
+    assert!(!c.exists(), "the refused daemon never listened");
+    let _another = Daemon::start_with(&dir.path().join("d.sock"), &incoming);
+    drop(source);
+    // Neither inactive daemon holds a lock: a third daemon may lock the
+    // image, and once it is gone, so may QEMU.
+    let third = Daemon::start_with(&dir.path().join("e.sock"), &[&img]);
+    drop(third);
+    if let Some(qemu_io) = qemu_tool("qemu-io") {
+        let out = tool_output(
+            &qemu_io,
+            &[
+                OsStr::new("-f"),
+                OsStr::new("raw"),
+                OsStr::new("-c"),
+                OsStr::new("write -P 0x11 0 512"),
+                img.as_os_str(),
+            ],
+        );
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("wrote 512/512 bytes"),
+            "qemu-io refused by an inactive daemon: {out:?}"
+        );
+    }
+    drop(destination);
 }
 
 #[test]

@@ -327,6 +327,11 @@ impl ScsiBackend {
         }
     }
 
+    /// The SCSI target the queues serve.
+    pub fn target(&self) -> &Arc<Target> {
+        &self.target
+    }
+
     /// Queue `queue`'s in-flight tracking.
     pub fn tracking(&self, queue: usize) -> Option<&Arc<Tracking>> {
         self.tracking.get(queue)
@@ -1287,6 +1292,9 @@ impl VhostUserBackend for ScsiBackend {
             | (1 << VIRTIO_SCSI_F_HOTPLUG)
             | (1 << VIRTIO_SCSI_F_CHANGE)
             | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+            // Live migration: writes into guest memory are logged while the
+            // VMM asks (handler.rs, dirty_log.rs).
+            | (1 << super::handler::VHOST_F_LOG_ALL)
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
@@ -1304,6 +1312,7 @@ impl VhostUserBackend for ScsiBackend {
         VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+            | VhostUserProtocolFeatures::LOG_SHMFD
     }
 
     fn set_event_idx(&self, _enabled: bool) {

@@ -18,7 +18,7 @@ use std::os::unix::io::AsRawFd;
 use std::sync::{Arc, PoisonError};
 use std::thread::JoinHandle;
 
-use log::{debug, warn};
+use log::{debug, error, info, warn};
 use vhost::vhost_user::message::{
     VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags, VhostUserInflight,
     VhostUserLog, VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserShMemConfig,
@@ -37,6 +37,7 @@ use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestRegionM
 
 use super::backend::ScsiBackend;
 use super::chain::GuestMem;
+use super::dirty_log::DirtyLog;
 use super::inflight_shm::InflightRegion;
 use super::worker::WorkerLoop;
 
@@ -75,7 +76,14 @@ pub struct Connection {
     acked_features: u64,
     acked_protocol_features: u64,
     mappings: Vec<AddrMapping>,
+    /// The dirty log from the last SET_LOG_BASE, in force while
+    /// VHOST_F_LOG_ALL is acknowledged.
+    log: Option<Arc<DirtyLog>>,
 }
+
+/// vhost's VHOST_F_LOG_ALL feature bit (linux/vhost_types.h): the VMM
+/// wants every write into guest memory logged (live migration).
+pub const VHOST_F_LOG_ALL: u64 = 26;
 
 impl Connection {
     /// The device for a new connection: its queues, and one worker thread
@@ -97,6 +105,7 @@ impl Connection {
             acked_features: 0,
             acked_protocol_features: 0,
             mappings: Vec::new(),
+            log: None,
         };
         for (thread, queues) in backend.thread_queues().iter().enumerate() {
             let worker = Arc::new(WorkerLoop::new().map_err(ConnectionError::EventLoop)?);
@@ -177,15 +186,26 @@ impl Connection {
     /// A queue is started once it has a kick eventfd (vhost-user "Starting
     /// and stopping rings": the back-end starts a ring when it gets its
     /// kick).
-    fn start_if_ready(&self, index: u8) {
+    fn start_if_ready(&self, index: u8) -> VhostUserResult<()> {
         let Some(vring) = self.vrings.get(usize::from(index)) else {
-            return;
+            return Ok(());
         };
         let needs_start = {
             let state = vring.get_ref();
             !state.get_queue().ready() && state.get_kick().is_some()
         };
         if needs_start {
+            // Images opened inactive (`--incoming`, or released at the end
+            // of a migration) are locked before any request is served; a
+            // queue whose images another process holds does not start.
+            let target = self.backend.target();
+            if !target.images_active() {
+                target.activate_images().map_err(|e| {
+                    error!("cannot start the device: {e}");
+                    VhostUserError::ReqHandlerError(io::Error::other(e))
+                })?;
+                info!("device started: image locks taken");
+            }
             // The requests a daemon before this one took and never
             // completed are served first (INFLIGHT_SHMFD).
             if let Some(tracking) = self.backend.tracking(usize::from(index)) {
@@ -194,6 +214,7 @@ impl Connection {
             vring.set_queue_ready(true);
             self.update_watch(usize::from(index));
         }
+        Ok(())
     }
 
     /// The queue count and size of an in-flight region the VMM asks for
@@ -215,6 +236,16 @@ impl Connection {
             return Err(VhostUserError::InvalidParam);
         }
         Ok((queues, size))
+    }
+
+    /// Whether the VMM acknowledged VHOST_F_LOG_ALL.
+    fn logging(&self) -> bool {
+        self.acked_features & (1 << VHOST_F_LOG_ALL) != 0
+    }
+
+    /// Whether every queue is stopped (GET_VRING_BASE) or never started.
+    fn device_stopped(&self) -> bool {
+        self.vrings.iter().all(|v| !v.get_ref().get_queue().ready())
     }
 
     fn vmm_va_to_gpa(&self, vmm_va: u64) -> VhostUserResult<u64> {
@@ -304,6 +335,13 @@ impl VhostUserBackendReqHandlerMut for Connection {
         }
         self.backend.set_event_idx(event_idx);
         self.backend.acked_features(features);
+        // Logging starts before this request is answered: the VMM copies
+        // guest memory only after that (vhost-user "Migration").
+        self.backend.set_dirty_log(if self.logging() {
+            self.log.clone()
+        } else {
+            None
+        });
         Ok(())
     }
 
@@ -393,6 +431,15 @@ impl VhostUserBackendReqHandlerMut for Connection {
         self.unwatch(index as usize);
         vring.set_kick(None);
         vring.set_call(None);
+        // The device stopped while the VMM logged: the end of a live
+        // migration, after which the destination's daemon takes the images
+        // over. Their locks go now, before the reply (QEMU's source
+        // inactivates its images at this point too); they are taken back
+        // if the VM resumes here (the migration failed or was cancelled).
+        if self.logging() && self.device_stopped() && self.backend.target().images_active() {
+            self.backend.target().deactivate_images();
+            info!("device stopped during migration: image locks released");
+        }
         Ok(VhostUserVringState::new(index, u32::from(next_avail)))
     }
 
@@ -400,7 +447,7 @@ impl VhostUserBackendReqHandlerMut for Connection {
         self.vring(u32::from(index))?;
         self.unwatch(usize::from(index));
         self.vrings[usize::from(index)].set_kick(fd);
-        self.start_if_ready(index);
+        self.start_if_ready(index)?;
         // A new eventfd for a started queue: watch that one.
         self.update_watch(usize::from(index));
         Ok(())
@@ -408,7 +455,7 @@ impl VhostUserBackendReqHandlerMut for Connection {
 
     fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> VhostUserResult<()> {
         self.vring(u32::from(index))?.set_call(fd);
-        self.start_if_ready(index);
+        self.start_if_ready(index)?;
         Ok(())
     }
 
@@ -579,7 +626,20 @@ impl VhostUserBackendReqHandlerMut for Connection {
         Err(unsupported("no shared memory regions"))
     }
 
-    fn set_log_base(&mut self, _log: &VhostUserLog, _file: File) -> VhostUserResult<()> {
-        Err(unsupported("dirty logging is not offered"))
+    /// vhost-user SET_LOG_BASE (LOG_SHMFD): the log every page the daemon
+    /// writes is marked in while VHOST_F_LOG_ALL is acknowledged (a new
+    /// one replaces the old at once: the VMM resizes it when guest memory
+    /// grows).
+    fn set_log_base(&mut self, log: &VhostUserLog, file: File) -> VhostUserResult<()> {
+        let log = DirtyLog::from_vmm(file, log.mmap_offset, log.mmap_size).map_err(|e| {
+            warn!("dirty log refused: {e}");
+            VhostUserError::ReqHandlerError(io::Error::other(e))
+        })?;
+        let log = Arc::new(log);
+        self.log = Some(log.clone());
+        if self.logging() {
+            self.backend.set_dirty_log(Some(log));
+        }
+        Ok(())
     }
 }

@@ -20,7 +20,7 @@ use std::sync::atomic::{fence, Ordering};
 use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::{
-    VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+    VhostUserHeaderFlag, VhostUserInflight, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
@@ -99,6 +99,13 @@ pub struct RawConfig {
     /// [`RawDevice::enable_request_queue`] then.
     pub enable_request_queue: bool,
     pub connect_timeout: Duration,
+    /// Negotiate in-flight tracking as QEMU does when the device offers
+    /// it: GET_INFLIGHT_FD for every queue the connection may address
+    /// (`max_queues`) at `queue_size`, then SET_INFLIGHT_FD with the
+    /// region, before the rings are set up. The region is kept
+    /// ([`RawDevice::inflight_region`]) and handed to the next daemon by
+    /// [`RawDevice::reconnect`].
+    pub inflight: bool,
 }
 
 impl Default for RawConfig {
@@ -112,6 +119,7 @@ impl Default for RawConfig {
             max_queues: 4,
             enable_request_queue: true,
             connect_timeout: Duration::from_secs(10),
+            inflight: false,
         }
     }
 }
@@ -137,6 +145,39 @@ pub struct RawDevice {
     avail_idx: u16,
     last_used: u16,
     next_free: u64,
+    config: RawConfig,
+    /// The in-flight region and its geometry, once negotiated.
+    inflight: Option<(VhostUserInflight, File)>,
+}
+
+/// A new vhost-user connection to `socket`, negotiated as at setup:
+/// SET_OWNER, the protocol features (MQ, REPLY_ACK, and INFLIGHT_SHMFD
+/// with [`RawConfig::inflight`]), the virtio features.
+fn negotiate(socket: &Path, config: &RawConfig) -> Result<Frontend, FrontendError> {
+    let mut frontend = connect_with_retry(socket, config.max_queues, config.connect_timeout)?;
+    frontend.set_owner().map_err(vhost_err("SET_OWNER"))?;
+    let offered = frontend.get_features().map_err(vhost_err("GET_FEATURES"))?;
+    let protocol_bit = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+    let protocol = frontend
+        .get_protocol_features()
+        .map_err(vhost_err("GET_PROTOCOL_FEATURES"))?;
+    let mut wanted = VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK;
+    if config.inflight {
+        wanted |= VhostUserProtocolFeatures::INFLIGHT_SHMFD;
+    }
+    frontend
+        .set_protocol_features(protocol & wanted)
+        .map_err(vhost_err("SET_PROTOCOL_FEATURES"))?;
+    let features = (FEATURE_VERSION_1 | protocol_bit) | (offered & FEATURE_INDIRECT_DESC);
+    frontend
+        .set_features(features)
+        .map_err(vhost_err("SET_FEATURES"))?;
+    // Every request asks for an acknowledgement (REPLY_ACK), so a
+    // request the backend refuses fails where it is sent.
+    if protocol.contains(VhostUserProtocolFeatures::REPLY_ACK) {
+        frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+    }
+    Ok(frontend)
 }
 
 fn ring_addrs(base: u64, size: u16) -> RingAddrs {
@@ -165,28 +206,7 @@ impl RawDevice {
                 ))
             }
         }
-        let mut frontend = connect_with_retry(socket, config.max_queues, config.connect_timeout)?;
-        frontend.set_owner().map_err(vhost_err("SET_OWNER"))?;
-        let offered = frontend.get_features().map_err(vhost_err("GET_FEATURES"))?;
-        let protocol_bit = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
-        let protocol = frontend
-            .get_protocol_features()
-            .map_err(vhost_err("GET_PROTOCOL_FEATURES"))?;
-        frontend
-            .set_protocol_features(
-                protocol & (VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK),
-            )
-            .map_err(vhost_err("SET_PROTOCOL_FEATURES"))?;
-        let features = (FEATURE_VERSION_1 | protocol_bit) | (offered & FEATURE_INDIRECT_DESC);
-        frontend
-            .set_features(features)
-            .map_err(vhost_err("SET_FEATURES"))?;
-        // Every request asks for an acknowledgement (REPLY_ACK), so a
-        // request the backend refuses fails where it is sent.
-        if protocol.contains(VhostUserProtocolFeatures::REPLY_ACK) {
-            frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
-        }
-
+        let frontend = negotiate(socket, config)?;
         let mut ranges = Vec::new();
         for r in &config.regions {
             let len = usize::try_from(r.size)
@@ -210,9 +230,28 @@ impl RawDevice {
             avail_idx: 0,
             last_used: 0,
             next_free: FREE_START,
+            config: config.clone(),
+            inflight: None,
         };
         let all: Vec<usize> = (0..config.regions.len()).collect();
         device.set_mem_table(&all)?;
+        if config.inflight {
+            let asked = VhostUserInflight {
+                mmap_size: 0,
+                mmap_offset: 0,
+                num_queues: config.max_queues as u16,
+                queue_size: config.queue_size,
+            };
+            let (region, file) = device
+                .frontend
+                .get_inflight_fd(&asked)
+                .map_err(vhost_err("GET_INFLIGHT_FD"))?;
+            device
+                .frontend
+                .set_inflight_fd(&region, file.as_raw_fd())
+                .map_err(vhost_err("SET_INFLIGHT_FD"))?;
+            device.inflight = Some((region, file));
+        }
 
         for (index, base) in [(CONTROL_QUEUE, CONTROL_RING), (EVENT_QUEUE, EVENT_RING)] {
             let kick = EventFd::new(libc::EFD_NONBLOCK).map_err(FrontendError::EventFd)?;
@@ -247,6 +286,74 @@ impl RawDevice {
             device.enable_request_queue()?;
         }
         Ok(device)
+    }
+
+    /// Connects to the daemon at `socket` (a new one, the one before
+    /// killed) as QEMU reconnects: the same memory table, the in-flight
+    /// region kept from the first connection (SET_INFLIGHT_FD), and every
+    /// ring set up again where it is, its available index resumed from
+    /// its used index. The request queue is enabled.
+    pub fn reconnect(&mut self, socket: &Path) -> Result<(), FrontendError> {
+        self.frontend = negotiate(socket, &self.config)?;
+        let all: Vec<usize> = (0..self.config.regions.len()).collect();
+        self.set_mem_table(&all)?;
+        if let Some((region, file)) = &self.inflight {
+            self.frontend
+                .set_inflight_fd(region, file.as_raw_fd())
+                .map_err(vhost_err("SET_INFLIGHT_FD"))?;
+        }
+        let aux: Vec<(EventFd, EventFd)> = self
+            ._aux
+            .iter()
+            .map(|(k, c)| Ok((k.try_clone()?, c.try_clone()?)))
+            .collect::<io::Result<_>>()
+            .map_err(FrontendError::EventFd)?;
+        for ((index, base), (kick, call)) in
+            [(CONTROL_QUEUE, CONTROL_RING), (EVENT_QUEUE, EVENT_RING)]
+                .into_iter()
+                .zip(&aux)
+        {
+            self.setup_vring(
+                index,
+                AUX_QUEUE_SIZE,
+                ring_addrs(base, AUX_QUEUE_SIZE),
+                kick,
+                call,
+            )?;
+        }
+        let (kick, call) = (
+            self.kick.try_clone().map_err(FrontendError::EventFd)?,
+            self.call.try_clone().map_err(FrontendError::EventFd)?,
+        );
+        self.setup_vring(
+            FIRST_REQUEST_QUEUE,
+            self.queue_size,
+            self.ring,
+            &kick,
+            &call,
+        )?;
+        for index in [CONTROL_QUEUE, EVENT_QUEUE] {
+            self.frontend
+                .set_vring_enable(index, true)
+                .map_err(vhost_err("SET_VRING_ENABLE"))?;
+        }
+        self.enable_request_queue()
+    }
+
+    /// The in-flight region the daemon created (GET_INFLIGHT_FD) and its
+    /// geometry, if [`RawConfig::inflight`] asked for it.
+    pub fn inflight_region(&self) -> Option<&(VhostUserInflight, File)> {
+        self.inflight.as_ref()
+    }
+
+    /// The guest address of this process's address `host`, if it is in
+    /// guest memory.
+    fn gpa_of(&self, host: u64) -> Option<u64> {
+        self.mem.iter().find_map(|region| {
+            let start = region.as_ptr() as u64;
+            (host >= start && host - start < region.len())
+                .then(|| region.start_addr().0 + (host - start))
+        })
     }
 
     /// SET_VRING_ENABLE for the request queue: the device serves what is
@@ -336,10 +443,21 @@ impl RawDevice {
         kick: &EventFd,
         call: &EventFd,
     ) -> Result<(), FrontendError> {
+        // The available index to resume from: 0 for a new ring; after a
+        // reconnect the used index, which is all QEMU knows when the
+        // daemon before died (vhost_virtqueue_stop's "ring restore").
+        let base = self
+            .gpa_of(host[2])
+            .and_then(|used| {
+                self.mem
+                    .load::<u16>(GuestAddress(used + 2), Ordering::Acquire)
+                    .ok()
+            })
+            .unwrap_or(0);
         let f = &mut self.frontend;
         f.set_vring_num(index, size)
             .map_err(vhost_err("SET_VRING_NUM"))?;
-        f.set_vring_base(index, 0)
+        f.set_vring_base(index, base)
             .map_err(vhost_err("SET_VRING_BASE"))?;
         f.set_vring_addr(
             index,

@@ -2233,13 +2233,15 @@ fn finely_split(
 // Protocol features never offered
 // ---------------------------------------------------------------------
 
-/// The daemon offers MQ and REPLY_ACK only, but the vhost crate records
-/// whatever SET_PROTOCOL_FEATURES acks. A VMM that acks CONFIG,
-/// CONFIGURE_MEM_SLOTS, LOG_SHMFD and RESET_DEVICE anyway gets: GET_CONFIG
+/// The daemon offers MQ, REPLY_ACK, INFLIGHT_SHMFD and LOG_SHMFD only, but
+/// the vhost crate records whatever SET_PROTOCOL_FEATURES acks. A VMM that
+/// acks CONFIG, CONFIGURE_MEM_SLOTS and RESET_DEVICE anyway gets: GET_CONFIG
 /// and SET_CONFIG refused (the configuration space stays as it was: a READ
-/// still answers with the default 96-byte sense area), SET_LOG_BASE refused
-/// (the connection ends), and ADD_MEM_REG accepted only up to the 8 regions
+/// still answers with the default 96-byte sense area), and ADD_MEM_REG
+/// accepted only up to the 8 regions
 /// SET_MEM_TABLE can carry (the ninth is refused and the connection ends).
+/// And SET_LOG_BASE (LOG_SHMFD, offered) with a log file that is not a
+/// sealed memfd is refused: a VMM could shrink it under the daemon.
 /// The daemon serves the next connection each time.
 #[test]
 fn protocol_features_never_offered_stay_unusable() {
@@ -2302,7 +2304,7 @@ fn protocol_features_never_offered_stay_unusable() {
     f.reset_device().unwrap();
     drop(dev);
 
-    // LOG_SHMFD.
+    // LOG_SHMFD, with a log that is not a sealed memfd.
     let mut dev = env.raw();
     let log = spare_fd().unwrap();
     let f = dev.vhost_frontend();

@@ -21,5 +21,6 @@ mod emulator;
 mod faults;
 mod hostile;
 mod hotplug;
+mod inflight;
 mod scale;
 mod virtqueue;

@@ -255,7 +255,10 @@ fn answer(
     slot.resp.release();
     free.push(index as u16);
     log.with(|log| log.mark_ranges(&slot.written));
-    match tracking.add_used(&mut vring.get_mut(), slot.head, used) {
+    // Bound first: the vring's write guard must be gone before the log
+    // below reads the ring's state.
+    let returned = tracking.add_used(&mut vring.get_mut(), slot.head, used);
+    match returned {
         Ok(()) => {
             log.with(|log| {
                 let state = vring.get_ref();

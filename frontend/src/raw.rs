@@ -253,38 +253,13 @@ impl RawDevice {
             device.inflight = Some((region, file));
         }
 
-        for (index, base) in [(CONTROL_QUEUE, CONTROL_RING), (EVENT_QUEUE, EVENT_RING)] {
-            let kick = EventFd::new(libc::EFD_NONBLOCK).map_err(FrontendError::EventFd)?;
-            let call = EventFd::new(libc::EFD_NONBLOCK).map_err(FrontendError::EventFd)?;
-            device.setup_vring(
-                index,
-                AUX_QUEUE_SIZE,
-                ring_addrs(base, AUX_QUEUE_SIZE),
-                &kick,
-                &call,
-            )?;
-            device._aux.push((kick, call));
+        for _ in [CONTROL_QUEUE, EVENT_QUEUE] {
+            device._aux.push((
+                EventFd::new(libc::EFD_NONBLOCK).map_err(FrontendError::EventFd)?,
+                EventFd::new(libc::EFD_NONBLOCK).map_err(FrontendError::EventFd)?,
+            ));
         }
-        let (kick, call) = (
-            device.kick.try_clone().map_err(FrontendError::EventFd)?,
-            device.call.try_clone().map_err(FrontendError::EventFd)?,
-        );
-        device.setup_vring(
-            FIRST_REQUEST_QUEUE,
-            config.queue_size,
-            device.ring,
-            &kick,
-            &call,
-        )?;
-        for index in [CONTROL_QUEUE, EVENT_QUEUE] {
-            device
-                .frontend
-                .set_vring_enable(index, true)
-                .map_err(vhost_err("SET_VRING_ENABLE"))?;
-        }
-        if config.enable_request_queue {
-            device.enable_request_queue()?;
-        }
+        device.set_up_queues(config.enable_request_queue)?;
         Ok(device)
     }
 
@@ -302,6 +277,13 @@ impl RawDevice {
                 .set_inflight_fd(region, file.as_raw_fd())
                 .map_err(vhost_err("SET_INFLIGHT_FD"))?;
         }
+        self.set_up_queues(true)
+    }
+
+    /// Sets up the control, event and request queues (their rings where
+    /// they are, their eventfds), enables the control and event queues,
+    /// and the request queue if `enable_request`.
+    fn set_up_queues(&mut self, enable_request: bool) -> Result<(), FrontendError> {
         let aux: Vec<(EventFd, EventFd)> = self
             ._aux
             .iter()
@@ -337,7 +319,10 @@ impl RawDevice {
                 .set_vring_enable(index, true)
                 .map_err(vhost_err("SET_VRING_ENABLE"))?;
         }
-        self.enable_request_queue()
+        if enable_request {
+            self.enable_request_queue()?;
+        }
+        Ok(())
     }
 
     /// The in-flight region the daemon created (GET_INFLIGHT_FD) and its

@@ -1531,6 +1531,433 @@ fn upgrade_scenario(name: &'static str, daemon_args: &[&str], signal: libc::c_in
     ));
 }
 
+/// Scenario "migrate" (issue 17): live migration on shared storage while
+/// the guest's fio writes LUN 0 at queue depth 32 with CRC32C verify
+/// headers and reads it back, round after round (each round's blocks
+/// carry a seed of their own). Two daemons serve the same images: the
+/// source's (a.sock) and the destination's, started with `--incoming`
+/// (b.sock), which opens them without locking them. QEMU A runs the guest;
+/// QEMU B, the same machine (RAM, kernel, A's very initramfs, device) on
+/// b.sock, waits with `-incoming`. Once fio runs, A's QMP caps the
+/// migration's bandwidth at 32 MiB/s, so that it takes seconds and several
+/// dirty-log passes while fio writes and reads, and migrates to B. Then
+/// the host writes "MIGRATED" into LUN 1 (a mailbox image) and the guest
+/// runs one more round, on B, and stops. Every round's read-back verified
+/// every block (what the source's daemon wrote into guest memory during
+/// the migration reached the destination through the dirty log; a stale
+/// response, used ring or data buffer fails fio or hangs a request), the
+/// guest logged no SCSI error, QEMU counted more than one dirty-log pass,
+/// the source's daemon released the images' locks when its device stopped,
+/// and the destination's holds them (qemu-io is refused the write lock).
+#[test]
+fn guest_migrate() {
+    migrate_scenario("migrate", &[], false);
+}
+
+/// The same with the synchronous engine.
+#[test]
+fn guest_migrate_sync_engine() {
+    migrate_scenario("migrate-sync", &["--io-engine", "sync"], false);
+}
+
+/// The same set-up, the migration throttled to 1 MiB/s and cancelled
+/// after two seconds: QEMU reports it cancelled, the guest goes on and
+/// finishes fio on the source (rc 0, every block verified, no SCSI error),
+/// whose daemon still holds the image's locks; the destination's daemon
+/// never took them.
+#[test]
+fn guest_migrate_cancelled() {
+    migrate_scenario("migrate-cancelled", &[], true);
+}
+
+/// The longest a migration may take (or a cancelled one to end).
+const MIGRATION_TIMEOUT: Duration = Duration::from_secs(240);
+/// The lock bytes a read-write LUN holds (docs/usage.md, Image locking).
+const RW_LOCK_BYTES: [i64; 3] = [100, 101, 201];
+
+fn migrate_scenario(name: &'static str, daemon_args: &[&str], cancel: bool) {
+    // Small enough for a throttled migration to end while fio runs; the
+    // bandwidth makes the first pass over it take seconds.
+    const GUEST_RAM: &str = "384M";
+    let bandwidth: u64 = if cancel { MIB } else { 32 * MIB };
+    let Some(sc) = Scenario::start(name) else {
+        return;
+    };
+    let disk = sc.random_image("disk.raw", 32 * MIB, 93);
+    // The host tells the guest the migration is over through LUN 1.
+    let mailbox = sc.sparse_image("mailbox.raw", MIB);
+    let luns = [(&disk, ""), (&mailbox, "")];
+    let mut source = sc.daemon_rw_on("a.sock", &luns, daemon_args);
+    let incoming: Vec<&str> = daemon_args.iter().copied().chain(["--incoming"]).collect();
+    let mut destination = sc.daemon_rw_on("b.sock", &luns, &incoming);
+    let holds = |daemon: &Daemon| held_lock_bytes(daemon.child.id(), &disk);
+    sc.check(
+        holds(&source) == RW_LOCK_BYTES.into() && holds(&destination).is_empty(),
+        format!(
+            "before the migration the source's daemon holds lock bytes {:?}, the destination's {:?}",
+            holds(&source),
+            holds(&destination)
+        ),
+    );
+
+    let qmp_a = sc.dir.join("qmp-a.sock");
+    let qmp_b = sc.dir.join("qmp-b.sock");
+    let mig = sc.dir.join("mig.sock");
+    let boot = |qmp: &Path| Boot {
+        extras: vec!["fio"],
+        mem: GUEST_RAM,
+        qemu_args: vec![
+            "-qmp".into(),
+            format!("unix:{},server=on,wait=off", qmp.display()),
+        ],
+        ..Boot::default()
+    };
+    let mut qemu_a = sc.spawn(&source, "migrate", &boot(&qmp_a));
+    let mut a = Qmp::connect(&sc, &qmp_a, &mut qemu_a);
+    // The destination: the same kernel, initramfs, RAM and device, and
+    // the source's initramfs itself (run-guest.sh wrote it before it
+    // started QEMU A).
+    let mut boot_b = boot(&qmp_b);
+    boot_b.initrd = Some(PathBuf::from(format!("{}.initrd", qemu_a.serial.display())));
+    boot_b
+        .qemu_args
+        .extend(["-incoming".into(), format!("unix:{}", mig.display())]);
+    let mut qemu_b = sc.spawn(&destination, "migrate", &boot_b);
+    let mut b = Qmp::connect(&sc, &qmp_b, &mut qemu_b);
+    let status = b.call(&sc, "query-status", serde_json::json!({}));
+    sc.check(
+        status["status"] == "inmigrate",
+        format!("QEMU B (-incoming) is {status}"),
+    );
+    sc.focus(&qemu_a, &source);
+
+    qemu_a.wait_for(&sc, "fio to start", |s| {
+        !s.records("FIO-STARTED").is_empty()
+    });
+    a.call(
+        &sc,
+        "migrate-set-parameters",
+        serde_json::json!({ "max-bandwidth": bandwidth }),
+    );
+    a.call(
+        &sc,
+        "migrate",
+        serde_json::json!({ "uri": format!("unix:{}", mig.display()) }),
+    );
+
+    if cancel {
+        std::thread::sleep(Duration::from_secs(2));
+        let active = a.call(&sc, "query-migrate", serde_json::json!({}));
+        sc.check(
+            active["status"] == "active",
+            format!("after 2 s at 1 MiB/s the migration should still run: {active}"),
+        );
+        a.call(&sc, "migrate_cancel", serde_json::json!({}));
+        wait_migration(&sc, &mut a, &mut qemu_a, "cancelled");
+        mailbox.write_at(0, b"MIGRATED");
+        let status = a.call(&sc, "query-status", serde_json::json!({}));
+        sc.check(
+            status["status"] == "running",
+            format!("after the cancelled migration the source's VM is {status}"),
+        );
+        let serial = qemu_a.wait_for(&sc, "fio to finish on the source", |s| {
+            !s.records("FIO").is_empty()
+        });
+        let fio = check_fio(&sc, &serial, false);
+        sc.check(
+            holds(&source) == RW_LOCK_BYTES.into(),
+            format!(
+                "after the cancelled migration the source's daemon holds lock bytes {:?}",
+                holds(&source)
+            ),
+        );
+        sc.check(
+            holds(&destination).is_empty(),
+            format!(
+                "the destination's daemon holds lock bytes {:?} after a cancelled migration",
+                holds(&destination)
+            ),
+        );
+        qemu_io_refused(&sc, &disk, "source");
+        let s = qemu_a.wait_exit(&sc);
+        check_fio(&sc, &s, true);
+        sc.check(
+            !read_lossy(&destination.log).contains("image locks taken"),
+            "the destination's daemon took the image's locks",
+        );
+        sc.check(source.alive(), "the source's daemon exited");
+        sc.check(destination.alive(), "the destination's daemon exited");
+        note(format!(
+            "guest scenario `{name}`: migration at 1 MiB/s cancelled after 2 s ({} bytes sent by then); fio finished on the source: rc 0, {} rounds, {} KiB verified, longest write completion {} µs, no SCSI error; locks stayed with the source's daemon",
+            active["ram"]["transferred"],
+            fio.get("rounds"),
+            fio.get("verified_kib"),
+            fio.get("clat_max_us"),
+        ));
+        return;
+    }
+
+    let info = wait_migration(&sc, &mut a, &mut qemu_a, "completed");
+    mailbox.write_at(0, b"MIGRATED");
+    let syncs = info["ram"]["dirty-sync-count"].as_u64().unwrap_or(0);
+    sc.check(
+        syncs > 1,
+        format!("the migration took {syncs} dirty-log pass(es), too few to test: {info}"),
+    );
+    let status = a.call(&sc, "query-status", serde_json::json!({}));
+    sc.check(
+        status["status"] == "postmigrate",
+        format!("after the migration the source's VM is {status}"),
+    );
+    // The source's device stopped while QEMU logged: its daemon let go of
+    // the image before it answered GET_VRING_BASE.
+    sc.check(
+        holds(&source).is_empty(),
+        format!(
+            "after the migration the source's daemon still holds lock bytes {:?}",
+            holds(&source)
+        ),
+    );
+    sc.focus(&qemu_b, &destination);
+    let serial = qemu_b.wait_for(&sc, "fio to finish on the destination", |s| {
+        !s.records("FIO").is_empty()
+    });
+    let fio = check_fio(&sc, &serial, false);
+    sc.check(
+        holds(&destination) == RW_LOCK_BYTES.into() && holds(&source).is_empty(),
+        format!(
+            "after the migration the destination's daemon holds lock bytes {:?}, the source's {:?}",
+            holds(&destination),
+            holds(&source)
+        ),
+    );
+    qemu_io_refused(&sc, &disk, "destination");
+    // The guest went on on B, in the middle of a round: the source's
+    // console stops before fio's end, the destination's begins with the
+    // end of a round.
+    sc.check(
+        qemu_a.serial().records("FIO").is_empty() && serial.records("FIO-STARTED").is_empty(),
+        "fio finished on the source, or started on the destination",
+    );
+    sc.check(
+        !serial.records("FIO-ROUND").is_empty(),
+        "no fio round ended on the destination",
+    );
+    // The source, paused for good, has nothing more to do.
+    qemu_a.kill();
+    let s = qemu_b.wait_exit(&sc);
+    check_fio(&sc, &s, true);
+    sc.check(source.alive(), "the source's daemon exited");
+    sc.check(destination.alive(), "the destination's daemon exited");
+    note(format!(
+        "guest scenario `{name}`: migrated during fio rounds (32 MiB, QD32, CRC32C verify) at {} MiB/s: total {} ms, downtime {} ms, {syncs} dirty syncs, {} bytes sent; fio finished on the destination: rc 0, {} rounds, {} KiB verified, longest write completion {} µs, no SCSI error; the image's locks moved to the destination's daemon",
+        bandwidth / MIB,
+        info["total-time"],
+        info["downtime"],
+        info["ram"]["transferred"],
+        fio.get("rounds"),
+        fio.get("verified_kib"),
+        fio.get("clat_max_us"),
+    ));
+}
+
+/// The @@FIO line, which must say rc 0; with `finished` (the whole log),
+/// the scenario's status must be 0 and @@ERRORS must say none.
+fn check_fio(sc: &Scenario, s: &Serial, finished: bool) -> Record {
+    let fio = sc.record(s, "FIO");
+    sc.check(
+        fio.get("rc") == "0",
+        format!(
+            "fio failed ({}):\n{}",
+            fio.line,
+            s.block("fio").map(|b| b.text).unwrap_or_default()
+        ),
+    );
+    if !finished {
+        return fio;
+    }
+    if s.exit_rc() != Some(0) {
+        sc.fail(format!("the scenario script failed: {:?}", s.exit_rc()));
+    }
+    let errors = sc.record(s, "ERRORS");
+    sc.check(
+        errors.get("n") == "0",
+        format!(
+            "the guest logged SCSI errors:\n{}",
+            s.block("errors").map(|b| b.text).unwrap_or_default()
+        ),
+    );
+    fio
+}
+
+/// Polls `query-migrate` until the migration's status is `want`; fails on
+/// any other final status, if QEMU exits, or after [`MIGRATION_TIMEOUT`].
+fn wait_migration(sc: &Scenario, qmp: &mut Qmp, qemu: &mut Qemu, want: &str) -> serde_json::Value {
+    let started = Instant::now();
+    loop {
+        let info = qmp.call(sc, "query-migrate", serde_json::json!({}));
+        let status = info["status"].as_str().unwrap_or("");
+        if status == want {
+            return info;
+        }
+        if ["completed", "failed", "cancelled"].contains(&status) {
+            sc.fail(format!("the migration ended {status}, not {want}: {info}"));
+        }
+        if !qemu.running() {
+            sc.fail(format!("QEMU exited during the migration ({status})"));
+        }
+        if started.elapsed() > MIGRATION_TIMEOUT {
+            sc.fail(format!(
+                "the migration is not {want} after {MIGRATION_TIMEOUT:?}: {info}"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A QMP connection to a QEMU started with `-qmp unix:PATH,server=on,wait=off`.
+struct Qmp {
+    reader: std::io::BufReader<std::os::unix::net::UnixStream>,
+    writer: std::os::unix::net::UnixStream,
+}
+
+impl Qmp {
+    /// Connects (QEMU creates the socket as it starts) and leaves the
+    /// capabilities negotiation mode.
+    fn connect(sc: &Scenario, path: &Path, qemu: &mut Qemu) -> Qmp {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let stream = loop {
+            match std::os::unix::net::UnixStream::connect(path) {
+                Ok(stream) => break stream,
+                Err(e) => {
+                    if !qemu.running() {
+                        sc.fail(format!("QEMU exited before its QMP socket accepted: {e}"));
+                    }
+                    if Instant::now() > deadline {
+                        sc.fail(format!("QMP socket {}: {e}", path.display()));
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        };
+        stream
+            .set_read_timeout(Some(Duration::from_secs(60)))
+            .unwrap();
+        let mut qmp = Qmp {
+            reader: std::io::BufReader::new(stream.try_clone().unwrap()),
+            writer: stream,
+        };
+        let greeting = qmp.read(sc);
+        sc.check(
+            greeting.get("QMP").is_some(),
+            format!("no QMP greeting: {greeting}"),
+        );
+        qmp.call(sc, "qmp_capabilities", serde_json::json!({}));
+        qmp
+    }
+
+    fn read(&mut self, sc: &Scenario) -> serde_json::Value {
+        use std::io::BufRead as _;
+        let mut line = String::new();
+        match self.reader.read_line(&mut line) {
+            Ok(0) => sc.fail("QMP: QEMU closed the connection"),
+            Ok(_) => serde_json::from_str(&line)
+                .unwrap_or_else(|e| sc.fail(format!("QMP sent no JSON ({e}): {line}"))),
+            Err(e) => sc.fail(format!("QMP: {e}")),
+        }
+    }
+
+    /// Runs `command`; its `return` value (events in between are skipped).
+    fn call(&mut self, sc: &Scenario, command: &str, args: serde_json::Value) -> serde_json::Value {
+        let request = serde_json::json!({ "execute": command, "arguments": args });
+        writeln!(self.writer, "{request}").unwrap_or_else(|e| sc.fail(format!("QMP: {e}")));
+        loop {
+            let reply = self.read(sc);
+            if let Some(value) = reply.get("return") {
+                return value.clone();
+            }
+            if let Some(error) = reply.get("error") {
+                sc.fail(format!("QMP {command}: {error}"));
+            }
+        }
+    }
+}
+
+/// The lock bytes among 100..=104 and 200..=204 that process `pid` holds on
+/// `image`, from the `lock:` lines of its /proc/PID/fdinfo/* (a line lists a
+/// lock of that open file: "1: OFDLCK ADVISORY  READ -1 fe:00:1234 100 100").
+fn held_lock_bytes(pid: u32, image: &Image) -> BTreeSet<i64> {
+    let meta = fs::metadata(&image.path).unwrap();
+    let dev = meta.dev() as libc::dev_t;
+    let key = format!(
+        "{:02x}:{:02x}:{}",
+        libc::major(dev),
+        libc::minor(dev),
+        meta.ino()
+    );
+    let mut bytes = BTreeSet::new();
+    let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
+        return bytes;
+    };
+    for entry in fds.flatten() {
+        for line in read_lossy(&entry.path()).lines() {
+            let Some(lock) = line.strip_prefix("lock:") else {
+                continue;
+            };
+            let mut fields = lock.split_whitespace().skip_while(|f| *f != key).skip(1);
+            let (Some(Ok(start)), Some(end)) =
+                (fields.next().map(str::parse::<i64>), fields.next())
+            else {
+                continue;
+            };
+            let end = if end == "EOF" {
+                i64::MAX
+            } else {
+                end.parse().unwrap_or(start)
+            };
+            bytes.extend(
+                (100..=104)
+                    .chain(200..=204)
+                    .filter(|b| (start..=end).contains(b)),
+            );
+        }
+    }
+    bytes
+}
+
+/// `qemu-io`, opening `image` read-write as QEMU would (no `-U`) to read
+/// its first block, is refused: "Failed to get \"write\" lock" (someone,
+/// `holder` by the test's account, holds it). Without qemu-io (qemu-utils)
+/// it says so and passes, except with CI=true.
+fn qemu_io_refused(sc: &Scenario, image: &Image, holder: &str) {
+    match Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "read 0 512"])
+        .arg(&image.path)
+        .output()
+    {
+        Ok(out) => {
+            let said = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            sc.check(
+                !out.status.success() && said.contains("Failed to get \"write\" lock"),
+                format!("qemu-io opened the image past the {holder}'s locks: {said}"),
+            );
+        }
+        Err(e) => {
+            sc.check(
+                std::env::var("CI").as_deref() != Ok("true"),
+                format!("qemu-io: {e} (CI=true)"),
+            );
+            note(format!(
+                "qemu-io: {e}: the lock check by QEMU's own tool skipped"
+            ));
+        }
+    }
+}
+
 /// Scenario "enospc": LUN 0's image is a sparse 64 MiB file on an 8 MiB
 /// tmpfs (root only: mount; without root the test says so and passes,
 /// except with CI=true). The guest's write of the whole disk fails with an
@@ -1734,6 +2161,12 @@ impl Scenario {
     /// Starts the daemon on read-write LUNs: each image with its per-LUN
     /// options (`""`, `",block-size=4096"`, ...), LUN = position.
     fn daemon_rw(&self, luns: &[(&Image, &str)], extra: &[&str]) -> Daemon {
+        self.daemon_rw_on("vus.sock", luns, extra)
+    }
+
+    /// [`Scenario::daemon_rw`] on the socket `socket` of the work directory
+    /// (two daemons at once: a live migration's source and destination).
+    fn daemon_rw_on(&self, socket: &str, luns: &[(&Image, &str)], extra: &[&str]) -> Daemon {
         let mut args: Vec<OsString> = extra.iter().map(OsString::from).collect();
         for (image, options) in luns {
             assert!(!image.path.to_string_lossy().contains(','));
@@ -1741,13 +2174,19 @@ impl Scenario {
             arg.push(options);
             args.push(arg);
         }
-        self.start_daemon(args, luns.len())
+        self.start_daemon_on(socket, args, luns.len())
     }
 
     /// Starts the daemon with `args` (options and images, `luns` of them)
     /// and waits for its socket.
     fn start_daemon(&self, args: Vec<OsString>, luns: usize) -> Daemon {
-        let socket = self.dir.join("vus.sock");
+        self.start_daemon_on("vus.sock", args, luns)
+    }
+
+    /// [`Scenario::start_daemon`] on the socket `socket` of the work
+    /// directory.
+    fn start_daemon_on(&self, socket: &str, args: Vec<OsString>, luns: usize) -> Daemon {
+        let socket = self.dir.join(socket);
         let n = fs::read_dir(&self.dir)
             .unwrap()
             .filter(|e| {
@@ -1818,6 +2257,15 @@ impl Scenario {
         }
         if !boot.chardev_opts.is_empty() {
             cmd.arg("--chardev-opts").arg(&boot.chardev_opts);
+        }
+        if !boot.mem.is_empty() {
+            cmd.arg("--mem").arg(boot.mem);
+        }
+        if let Some(initrd) = &boot.initrd {
+            cmd.arg("--initrd").arg(initrd);
+        }
+        for arg in &boot.qemu_args {
+            cmd.arg("--qemu-arg").arg(arg);
         }
         let out = File::create(&output).unwrap();
         let child = cmd
@@ -1922,6 +2370,13 @@ impl Scenario {
         b
     }
 
+    /// Which QEMU's serial log and which daemon's log a failure shows (the
+    /// last started, unless said otherwise here).
+    fn focus(&self, qemu: &Qemu, daemon: &Daemon) {
+        *self.serial_log.borrow_mut() = Some(qemu.serial.clone());
+        *self.daemon_log.borrow_mut() = Some(daemon.log.clone());
+    }
+
     /// Fails the test with `msg`, the end of the guest's serial log, QEMU's
     /// output and the daemon's log.
     fn fail(&self, msg: impl Display) -> ! {
@@ -1998,6 +2453,12 @@ struct Boot {
     device_opts: String,
     /// Appended to the vhost-user socket's `-chardev` (`",reconnect-ms=200"`).
     chardev_opts: String,
+    /// Guest RAM (`"256M"`; default run-guest.sh's).
+    mem: &'static str,
+    /// Boot this initramfs (another boot's) instead of building one.
+    initrd: Option<PathBuf>,
+    /// More QEMU arguments, one each (`"-qmp"`, `"unix:PATH,server=on,wait=off"`).
+    qemu_args: Vec<String>,
 }
 
 struct Image {

@@ -255,14 +255,14 @@ fn answer(
     slot.resp.release();
     free.push(index as u16);
     log.with(|log| log.mark_ranges(&slot.written));
-    // Bound first: the vring's write guard must be gone before the log
-    // below reads the ring's state.
-    let returned = tracking.add_used(&mut vring.get_mut(), slot.head, used);
-    match returned {
+    // One write guard for both: a read lock taken while it is held (as a
+    // temporary of the match's scrutinee it lasts the whole match) would
+    // wait for it forever.
+    let mut state = vring.get_mut();
+    match tracking.add_used(&mut state, slot.head, used) {
         Ok(()) => {
+            let queue = state.get_queue();
             log.with(|log| {
-                let state = vring.get_ref();
-                let queue = state.get_queue();
                 log.mark_used(queue.used_ring(), queue.size(), queue.next_used());
             });
             Some(true)

@@ -15,6 +15,9 @@
 #   -e KEY=VALUE          environment of the scenario; repeatable
 #   -f FILE               copied into the guest as /harness/files/NAME; repeatable
 #   -x NAME               also load DIR/NAME.cpio (e.g. -x fio); repeatable
+#       --initrd FILE     boot FILE (another boot's LOG.initrd) instead of
+#                         building an initramfs from the scenario, -e, -f and -x:
+#                         a migration's destination boots what its source did
 #       --smp N           vCPUs (default 1)
 #   -m, --mem SIZE        guest RAM (default 512M), a shared memfd as vhost-user needs
 #       --device-opts S   appended to "-device vhost-user-scsi-pci,chardev=vus"
@@ -36,12 +39,12 @@ set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 log() { echo "run-guest: $*" >&2; }
 die() { echo "run-guest: error: $*" >&2; exit 2; }
-usage() { sed -n '2,34p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { sed -n '2,37p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 
 SOCK="" LOG="" SCENARIO="" SMP=1 MEM=512M DEV_OPTS="" CHARDEV_OPTS="" REBOOT=0 DRY=0
 GUEST=${VHOST_SCSI_GUEST_DIR:-$HERE/../out/guest}
 ACCEL=${VHOST_SCSI_GUEST_ACCEL:-auto} QEMU=${QEMU:-qemu-system-x86_64}
-ENVS=() FILES=() EXTRAS=() QEMU_EXTRA=()
+ENVS=() FILES=() EXTRAS=() QEMU_EXTRA=() REUSE_INITRD=""
 while (($#)); do
     case "$1" in
         -S|--socket) SOCK=${2?}; shift ;;
@@ -50,6 +53,7 @@ while (($#)); do
         -e) ENVS+=("${2?}"); shift ;;
         -f) FILES+=("${2?}"); shift ;;
         -x) EXTRAS+=("${2?}"); shift ;;
+        --initrd) REUSE_INITRD=${2?}; shift ;;
         --smp) SMP=${2?}; shift ;;
         -m|--mem) MEM=${2?}; shift ;;
         --device-opts) DEV_OPTS=${2?}; shift ;;
@@ -114,6 +118,10 @@ CPU=max
 # ---------------------------------------------------------------- initramfs
 # The base archive, extras, then this boot's files in a last archive (the
 # kernel unpacks concatenated archives; later files win).
+if [ -n "$REUSE_INITRD" ]; then
+    [ -s "$REUSE_INITRD" ] || die "no such initramfs: $REUSE_INITRD"
+    [[ "$REUSE_INITRD" != *,* ]] || die "QEMU options cannot hold ',': $REUSE_INITRD"
+fi
 STAGE=$(mktemp -d)
 trap 'rm -rf "$STAGE"' EXIT
 mkdir -p "$STAGE/harness/files"
@@ -130,11 +138,15 @@ for x in "${EXTRAS[@]}"; do
     [ -s "$GUEST/$x.cpio" ] || die "$GUEST/$x.cpio missing"
     archives+=("$GUEST/$x.cpio")
 done
-INITRD=$LOG.initrd
-{
-    cat "${archives[@]}"
-    (cd "$STAGE" && find . -mindepth 1 | cpio -o -H newc -R 0:0 --quiet)
-} > "$INITRD"
+if [ -n "$REUSE_INITRD" ]; then
+    INITRD=$REUSE_INITRD
+else
+    INITRD=$LOG.initrd
+    {
+        cat "${archives[@]}"
+        (cd "$STAGE" && find . -mindepth 1 | cpio -o -H newc -R 0:0 --quiet)
+    } > "$INITRD"
+fi
 
 # ---------------------------------------------------------------- QEMU
 # shellcheck disable=SC2054 # the commas belong to QEMU's option syntax

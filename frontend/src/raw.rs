@@ -106,6 +106,9 @@ pub struct RawConfig {
     /// ([`RawDevice::inflight_region`]) and handed to the next daemon by
     /// [`RawDevice::reconnect`].
     pub inflight: bool,
+    /// Negotiate dirty logging (LOG_SHMFD) when the device offers it, for
+    /// [`RawDevice::start_dirty_log`].
+    pub log: bool,
 }
 
 impl Default for RawConfig {
@@ -120,6 +123,7 @@ impl Default for RawConfig {
             enable_request_queue: true,
             connect_timeout: Duration::from_secs(10),
             inflight: false,
+            log: false,
         }
     }
 }
@@ -164,6 +168,9 @@ fn negotiate(socket: &Path, config: &RawConfig) -> Result<Frontend, FrontendErro
     let mut wanted = VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK;
     if config.inflight {
         wanted |= VhostUserProtocolFeatures::INFLIGHT_SHMFD;
+    }
+    if config.log {
+        wanted |= VhostUserProtocolFeatures::LOG_SHMFD;
     }
     frontend
         .set_protocol_features(protocol & wanted)
@@ -323,6 +330,37 @@ impl RawDevice {
             self.enable_request_queue()?;
         }
         Ok(())
+    }
+
+    /// Starts dirty logging as QEMU does when a migration begins:
+    /// SET_LOG_BASE with `log` (`size` bytes from offset 0), then
+    /// SET_FEATURES with the features negotiated plus VHOST_F_LOG_ALL
+    /// (bit 26) if `log_all`.
+    pub fn start_dirty_log(
+        &mut self,
+        log: &File,
+        size: u64,
+        log_all: bool,
+    ) -> Result<(), FrontendError> {
+        let region = vhost::VhostUserDirtyLogRegion {
+            mmap_size: size,
+            mmap_offset: 0,
+            mmap_handle: log.as_raw_fd(),
+        };
+        self.frontend
+            .set_log_base(0, Some(region))
+            .map_err(vhost_err("SET_LOG_BASE"))?;
+        let offered = self
+            .frontend
+            .get_features()
+            .map_err(vhost_err("GET_FEATURES"))?;
+        let features = FEATURE_VERSION_1
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+            | (offered & FEATURE_INDIRECT_DESC)
+            | if log_all { 1 << 26 } else { 0 };
+        self.frontend
+            .set_features(features)
+            .map_err(vhost_err("SET_FEATURES"))
     }
 
     /// The in-flight region the daemon created (GET_INFLIGHT_FD) and its

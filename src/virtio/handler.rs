@@ -10,7 +10,7 @@
 //! own, on the layer below (the `vhost` crate), and still uses
 //! vhost-user-backend for what it exports: [`VringRwLock`] (a queue's state
 //! with its eventfds) and the [`VhostUserBackend`] trait [`ScsiBackend`]
-//! implements. Its worker threads run [`WorkerLoop`]s.
+//! implements. Its worker threads run `worker::WorkerLoop`s.
 
 use std::fs::File;
 use std::io;

@@ -1524,8 +1524,30 @@ fn upgrade_scenario(name: &'static str, daemon_args: &[&str], signal: libc::c_in
         ),
     );
     let longest_gap = gaps.iter().max().copied().unwrap_or_default();
+    // What the daemons served again from the in-flight region (each
+    // says so in its log: "serving again N request(s)").
+    let resubmitted: usize = fs::read_dir(&sc.dir)
+        .map(|dir| {
+            dir.flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with("daemon-"))
+                .filter_map(|e| fs::read_to_string(e.path()).ok())
+                .flat_map(|log| {
+                    log.lines()
+                        .filter_map(|l| {
+                            l.split("serving again ")
+                                .nth(1)?
+                                .split(' ')
+                                .next()?
+                                .parse::<usize>()
+                                .ok()
+                        })
+                        .collect::<Vec<_>>()
+                })
+                .sum()
+        })
+        .unwrap_or(0);
     note(format!(
-        "guest scenario `{name}`: {} {} + start cycles during fio (32 MiB, QD32, CRC32C verify): fio rc 0, longest write completion {clat_max} µs, longest stop-to-listening gap {longest_gap:?}",
+        "guest scenario `{name}`: {} {} + start cycles during fio (32 MiB, QD32, CRC32C verify): fio rc 0, longest write completion {clat_max} µs, longest stop-to-listening gap {longest_gap:?}, {resubmitted} request(s) served again from the in-flight region",
         gaps.len(),
         if signal == libc::SIGTERM { "SIGTERM" } else { "SIGKILL" },
     ));

@@ -516,7 +516,7 @@ mod tests {
                 .contains(&format!("image {image}: locked by")),
             "{err}"
         );
-        target.deactivate_images();
+        target.deactivate_images().unwrap();
         assert_eq!(locked(), [] as [i64; 0]);
         assert_eq!(manager.lun_add(&format!("{image},ro"), Some(4)).unwrap(), 4);
         manager.lun_remove(3).unwrap();

@@ -145,6 +145,17 @@ pub struct ActivateError {
     pub source: LockError,
 }
 
+/// An image that could not be flushed before its locks were to be handed
+/// over: the locks are kept. One line naming the image.
+#[derive(Debug, thiserror::Error)]
+#[error("image {} (LUN {lun}): cannot flush it before handing its locks over: {source}", .image.as_ref().map_or_else(|| "?".into(), |p| p.display().to_string()))]
+pub struct HandOverError {
+    pub lun: u16,
+    /// The image's path (`None` for storage without one).
+    pub image: Option<PathBuf>,
+    pub source: std::io::Error,
+}
+
 /// A LUN that is taken, or beyond the highest one; or the unit's image
 /// cannot take its locks in an active target.
 #[derive(Debug, thiserror::Error)]
@@ -211,6 +222,12 @@ impl Target {
                 return Err(e);
             }
         }
+        // What this host cached of the images may be stale: another
+        // host's daemon served them until now (QEMU's
+        // bdrv_activate_all → raw_co_invalidate_cache).
+        for (_, unit) in &units {
+            unit.storage().drop_cache();
+        }
         self.active.store(true, Ordering::Release);
         Ok(())
     }
@@ -219,12 +236,30 @@ impl Target {
     /// them open, as QEMU's source does when its VM has migrated away
     /// (`bdrv_inactivate_all`); another daemon may then activate them.
     /// Idempotent; I/O goes on (the VMM stops the guest before this).
-    pub fn deactivate_images(&self) {
+    pub fn deactivate_images(&self) -> Result<(), HandOverError> {
         let _changing = self.changing.lock().unwrap_or_else(PoisonError::into_inner);
-        for (_, unit) in present(&self.units.load()) {
+        let units: Vec<(u16, Arc<Disk>)> = present(&self.units.load()).collect();
+        // What the guest wrote reaches the image before another process
+        // may take it over (QEMU flushes at the migration's stop too,
+        // bdrv_flush_all); an image that cannot be flushed keeps every
+        // lock, so the destination cannot start on stale data.
+        for (lun, unit) in &units {
+            if !unit.storage().read_only() {
+                unit.storage().flush().map_err(|source| HandOverError {
+                    lun: *lun,
+                    image: unit
+                        .storage()
+                        .image_path()
+                        .map(std::path::Path::to_path_buf),
+                    source,
+                })?;
+            }
+        }
+        for (_, unit) in &units {
             unit.storage().deactivate();
         }
         self.active.store(false, Ordering::Release);
+        Ok(())
     }
 
     /// The logical unit at `lun`, if any.
@@ -790,12 +825,12 @@ mod tests {
             assert_eq!(locked_bytes(image), WRITER);
         }
         t.activate_images().unwrap();
-        t.deactivate_images();
+        t.deactivate_images().unwrap();
         assert!(!t.images_active());
         for image in [&a, &b, &c] {
             assert_eq!(locked_bytes(image), NONE);
         }
-        t.deactivate_images();
+        t.deactivate_images().unwrap();
         assert!(!t.images_active());
     }
 
@@ -824,7 +859,7 @@ mod tests {
         );
         assert!(!t.has_unit(3));
         // Removing an inactive unit closes its image, which had no locks.
-        t.deactivate_images();
+        t.deactivate_images().unwrap();
         drop(t.remove(2));
         assert_eq!(locked_bytes(&c), NONE);
     }

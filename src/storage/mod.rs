@@ -86,6 +86,11 @@ pub trait Storage: Send + Sync {
         None
     }
 
+    /// Drops what the host caches of the image (another host may have
+    /// written it meanwhile: a migration's destination taking it over).
+    /// Nothing to do for storage without a cache.
+    fn drop_cache(&self) {}
+
     /// Reads the backing's size again (the operator may have grown or
     /// shrunk the file or block device since it was opened), makes it
     /// [`Storage::size`] and returns it. Storage of a fixed size returns

@@ -354,8 +354,10 @@ impl ScsiBackend {
     /// VHOST_F_LOG_ALL, `None` when it drops LOG_ALL (or the connection
     /// ends). Takes effect at the next write of every worker thread;
     /// requests in flight are marked when they complete.
-    pub fn set_dirty_log(&self, log: Option<Arc<DirtyLog>>) {
-        self.dirty_log.set(log);
+    /// Returns the log it replaces, if any (see
+    /// [`super::dirty_log::wait_until_unused`]).
+    pub fn set_dirty_log(&self, log: Option<Arc<DirtyLog>>) -> Option<Arc<DirtyLog>> {
+        self.dirty_log.set(log)
     }
 
     /// The dirty log in force, if any.
@@ -772,9 +774,13 @@ impl ScsiBackend {
             }
             RoundEnd::EngineFull | RoundEnd::Stopped => return Ok(NextStep::Stop),
             RoundEnd::OutOfTime => {
-                // With requests left, notifications stay off and the kick
-                // brings the worker back once its other events are handled.
-                if Self::has_available(vring, mem) || enable()? {
+                // With requests left (new ones, or ones to serve again),
+                // notifications stay off and the kick brings the worker back
+                // once its other events are handled.
+                if self.tracking[queue_index].has_resubmits()
+                    || Self::has_available(vring, mem)
+                    || enable()?
+                {
                     Self::kick_again(vring);
                 }
                 return Ok(NextStep::Stop);
@@ -1349,11 +1355,20 @@ impl VhostUserBackend for ScsiBackend {
         // must account for every request taken from it. Transfers in flight
         // are completed first (to the used ring, as the guest expects).
         let queue = queue_index as usize;
+        let mut worker = self.worker_of(queue);
         if queue >= FIRST_REQUEST_QUEUE {
-            let mut worker = self.worker_of(queue);
             if let Some(io) = self.io_of(&mut worker, queue) {
                 io.drain();
             }
+        }
+        // The control queue is served under its worker's lock, now taken:
+        // a control request being answered is on the used ring. Events
+        // are written under the hub's lock: one being delivered is too.
+        // The queue is stopped (not ready) already, so neither takes
+        // another chain.
+        drop(worker);
+        if queue == EVENT_QUEUE {
+            drop(self.events.as_ref().map(|hub| hub.hold()));
         }
         Ok(())
     }

@@ -127,6 +127,18 @@ impl DirtyLog {
             size: mmap_size,
         };
         let end = mmap_offset.checked_add(mmap_size).ok_or(overflow)?;
+        // Seals first: once F_SEAL_SHRINK is on, the size read next cannot
+        // decrease (read the other way round, the VMM could shrink the file
+        // and seal it in between). A file that cannot be sealed at all (not
+        // a memfd) answers EINVAL: it could shrink just the same.
+        let seals = match rustix::fs::fcntl_get_seals(file.as_fd()) {
+            Ok(seals) => seals,
+            Err(rustix::io::Errno::INVAL) => SealFlags::empty(),
+            Err(e) => return Err(DirtyLogError::Seals(e.into())),
+        };
+        if !seals.contains(SealFlags::SHRINK) {
+            return Err(DirtyLogError::NotSealed);
+        }
         let meta = file.metadata().map_err(DirtyLogError::Stat)?;
         if !meta.is_file() {
             return Err(DirtyLogError::NotRegularFile);
@@ -137,16 +149,6 @@ impl DirtyLog {
                 size: mmap_size,
                 file_len: meta.len(),
             });
-        }
-        // A file that cannot be sealed at all (not a memfd) answers EINVAL:
-        // it could shrink just the same.
-        let seals = match rustix::fs::fcntl_get_seals(file.as_fd()) {
-            Ok(seals) => seals,
-            Err(rustix::io::Errno::INVAL) => SealFlags::empty(),
-            Err(e) => return Err(DirtyLogError::Seals(e.into())),
-        };
-        if !seals.contains(SealFlags::SHRINK) {
-            return Err(DirtyLogError::NotSealed);
         }
         // `mmap_size` ≤ MAX_LOG_SIZE fits a usize on the 64-bit hosts the
         // daemon runs on; refused elsewhere rather than truncated.
@@ -285,6 +287,21 @@ impl DirtyLog {
     }
 }
 
+/// Waits until no worker marks `previous`, a log just taken out of force,
+/// any more: until only `held` references to it are left besides
+/// `previous` itself (the caller's own). The VMM reads a log it replaced
+/// or stopped one last time once the request is answered, then unmaps it:
+/// a mark that comes after that read is lost. arc-swap turns each
+/// reader's outstanding load into a reference of its own when the value is
+/// swapped out, so the count says who still uses it. Marking a chain is
+/// short; the wait is bounded all the same (1 s), sleeping, not spinning.
+pub fn wait_until_unused(previous: &Arc<DirtyLog>, held: usize) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+    while Arc::strong_count(previous) > 1 + held && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_micros(50));
+    }
+}
+
 /// The dirty log in force, if any: set by the vhost-user handler when the
 /// VMM sent SET_LOG_BASE and acknowledged VHOST_F_LOG_ALL, cleared when it
 /// drops LOG_ALL; read lock-free by the worker threads after each write
@@ -296,8 +313,9 @@ pub struct LogSwitch {
 }
 
 impl LogSwitch {
-    pub fn set(&self, log: Option<Arc<DirtyLog>>) {
-        self.current.store(log);
+    /// Puts `log` in force; the one it replaces, if any.
+    pub fn set(&self, log: Option<Arc<DirtyLog>>) -> Option<Arc<DirtyLog>> {
+        self.current.swap(log)
     }
 
     /// The log in force now.
@@ -484,7 +502,8 @@ mod tests {
             DirtyLog::from_vmm(file, 0, 4096),
             Err(DirtyLogError::NotSealed)
         ));
-        // Not a regular file.
+        // Not a regular file: it cannot be sealed either, which is found
+        // first (seals are read before the size).
         let dev_null = File::options()
             .read(true)
             .write(true)
@@ -492,7 +511,7 @@ mod tests {
             .unwrap();
         assert!(matches!(
             DirtyLog::from_vmm(dev_null, 0, 4096),
-            Err(DirtyLogError::NotRegularFile)
+            Err(DirtyLogError::NotSealed)
         ));
     }
 

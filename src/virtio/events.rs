@@ -217,7 +217,15 @@ impl EventHub {
                     pending.covered = pending.covered.saturating_sub(1);
                     continue;
                 }
-                let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(&**mem);
+                let chain = {
+                    let mut state = vring.get_mut();
+                    // Stopped meanwhile (GET_VRING_BASE waits for this
+                    // lock, then answers): nothing more is taken.
+                    if !(state.get_queue().ready() && state.is_enabled()) {
+                        break 'deliver;
+                    }
+                    state.get_queue_mut().pop_descriptor_chain(&**mem)
+                };
                 let Some(chain) = chain else {
                     // No buffer: kept, and the driver is told it missed one
                     // (unless a rescan it was told of finds them all).

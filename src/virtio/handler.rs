@@ -37,8 +37,9 @@ use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestRegionM
 
 use super::backend::ScsiBackend;
 use super::chain::GuestMem;
-use super::dirty_log::DirtyLog;
+use super::dirty_log::{wait_until_unused, DirtyLog};
 use super::inflight_shm::InflightRegion;
+use super::memory::check_memory_table;
 use super::worker::WorkerLoop;
 
 /// Memory slots reported by GET_MAX_MEM_SLOTS (never asked: the
@@ -238,6 +239,26 @@ impl Connection {
         Ok((queues, size))
     }
 
+    /// Puts `log` in force and, before the request is answered, waits
+    /// until no worker marks the log it replaces (the VMM reads that one a
+    /// last time, then unmaps it).
+    fn switch_log(&self, log: Option<Arc<DirtyLog>>) {
+        let unchanged = match (&log, &self.backend.dirty_log()) {
+            (Some(new), Some(old)) => Arc::ptr_eq(new, old),
+            (None, None) => true,
+            _ => false,
+        };
+        if unchanged {
+            return;
+        }
+        if let Some(previous) = self.backend.set_dirty_log(log) {
+            // `self.log` may still hold it (LOG_ALL dropped, the log kept
+            // for the next migration).
+            let held = usize::from(self.log.as_ref().is_some_and(|l| Arc::ptr_eq(l, &previous)));
+            wait_until_unused(&previous, held);
+        }
+    }
+
     /// Whether the VMM acknowledged VHOST_F_LOG_ALL.
     fn logging(&self) -> bool {
         self.acked_features & (1 << VHOST_F_LOG_ALL) != 0
@@ -259,6 +280,11 @@ impl Connection {
     /// Makes `mem` the connection's guest memory, after the backend's
     /// checks (a table it refuses leaves an empty one).
     fn install_memory(&mut self, mem: GuestMem) -> VhostUserResult<()> {
+        // Checked before the queues can see it: a region past the end of
+        // its file would raise SIGBUS at a worker's first access there.
+        check_memory_table(&mem).map_err(|e| {
+            VhostUserError::ReqHandlerError(io::Error::new(io::ErrorKind::InvalidInput, e))
+        })?;
         self.mem
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -299,6 +325,8 @@ impl VhostUserBackendReqHandlerMut for Connection {
         self.owned = false;
         self.acked_features = 0;
         self.acked_protocol_features = 0;
+        self.switch_log(None);
+        self.log = None;
         Ok(())
     }
 
@@ -308,6 +336,7 @@ impl VhostUserBackendReqHandlerMut for Connection {
             self.update_watch(index);
         }
         self.acked_features = 0;
+        self.switch_log(None);
         self.backend.reset_device();
         Ok(())
     }
@@ -337,7 +366,7 @@ impl VhostUserBackendReqHandlerMut for Connection {
         self.backend.acked_features(features);
         // Logging starts before this request is answered: the VMM copies
         // guest memory only after that (vhost-user "Migration").
-        self.backend.set_dirty_log(if self.logging() {
+        self.switch_log(if self.logging() {
             self.log.clone()
         } else {
             None
@@ -398,15 +427,22 @@ impl VhostUserBackendReqHandlerMut for Connection {
         let desc = self.vmm_va_to_gpa(descriptor)?;
         let avail = self.vmm_va_to_gpa(available)?;
         let used = self.vmm_va_to_gpa(used)?;
+        // A started queue gets SET_VRING_ADDR again when the VMM switches
+        // dirty logging on or off (QEMU's vhost_dev_set_log, with the same
+        // rings): its addresses are set again, but its used index is the
+        // device's own, which a worker may be moving right now.
+        let running = vring.get_ref().get_queue().ready();
         vring
             .set_queue_info(desc, avail, used)
             .map_err(|_| VhostUserError::InvalidParam)?;
-        // SET_VRING_BASE gives the next available index only; the used
-        // index is the one in the ring (as libvhost-user takes it).
-        let used_idx = vring
-            .queue_used_idx()
-            .map_err(|_| VhostUserError::BackendInternalError)?;
-        vring.set_queue_next_used(used_idx);
+        if !running {
+            // SET_VRING_BASE gives the next available index only; the used
+            // index is the one in the ring (as libvhost-user takes it).
+            let used_idx = vring
+                .queue_used_idx()
+                .map_err(|_| VhostUserError::BackendInternalError)?;
+            vring.set_queue_next_used(used_idx);
+        }
         Ok(())
     }
 
@@ -422,6 +458,19 @@ impl VhostUserBackendReqHandlerMut for Connection {
         // index returned accounts for every request taken (the backend
         // completes those in flight first).
         let vring = self.vring(index)?.clone();
+        // Requests a daemon before this one took and this one has not
+        // served again yet are served now: the index returned counts them,
+        // and where the ring goes next (a migration's destination, a
+        // driver's new rings) nothing would serve them. At most a queue
+        // size of them; each pass serves them first.
+        if let Some(tracking) = self.backend.tracking(index as usize) {
+            for _ in 0..64 {
+                if !tracking.has_resubmits() {
+                    break;
+                }
+                self.backend.process_queue(index as usize, &vring);
+            }
+        }
         vring.set_queue_ready(false);
         self.update_watch(index as usize);
         self.backend
@@ -437,8 +486,10 @@ impl VhostUserBackendReqHandlerMut for Connection {
         // inactivates its images at this point too); they are taken back
         // if the VM resumes here (the migration failed or was cancelled).
         if self.logging() && self.device_stopped() && self.backend.target().images_active() {
-            self.backend.target().deactivate_images();
-            info!("device stopped during migration: image locks released");
+            match self.backend.target().deactivate_images() {
+                Ok(()) => info!("device stopped during migration: images flushed, locks released"),
+                Err(e) => error!("device stopped during migration, image locks kept: {e}"),
+            }
         }
         Ok(VhostUserVringState::new(index, u32::from(next_avail)))
     }
@@ -446,6 +497,22 @@ impl VhostUserBackendReqHandlerMut for Connection {
     fn set_vring_kick(&mut self, index: u8, fd: Option<File>) -> VhostUserResult<()> {
         self.vring(u32::from(index))?;
         self.unwatch(usize::from(index));
+        // The worker reads the kick when epoll says it can; non-blocking,
+        // a read that finds nothing (another reader of a shared eventfd
+        // was first) cannot hold the thread, nor its exit. QEMU's
+        // eventfds are non-blocking already.
+        if let Some(fd) = &fd {
+            let nonblocking = rustix::fs::fcntl_getfl(fd).and_then(|flags| {
+                rustix::fs::fcntl_setfl(fd, flags | rustix::fs::OFlags::NONBLOCK)
+            });
+            if let Err(e) = nonblocking {
+                warn!(
+                    "queue {index}: kick descriptor refused: {}",
+                    io::Error::from(e)
+                );
+                return Err(VhostUserError::InvalidParam);
+            }
+        }
         self.vrings[usize::from(index)].set_kick(fd);
         self.start_if_ready(index)?;
         // A new eventfd for a started queue: watch that one.
@@ -638,7 +705,7 @@ impl VhostUserBackendReqHandlerMut for Connection {
         let log = Arc::new(log);
         self.log = Some(log.clone());
         if self.logging() {
-            self.backend.set_dirty_log(Some(log));
+            self.switch_log(Some(log));
         }
         Ok(())
     }

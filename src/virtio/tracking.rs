@@ -130,7 +130,9 @@ impl Tracking {
                 heads.len()
             );
         }
-        vring.set_queue_next_avail(resubmit.next_avail);
+        // Heads dropped above were never taken from this ring: not counted.
+        let dropped = (before - heads.len()) as u16;
+        vring.set_queue_next_avail(resubmit.next_avail.wrapping_sub(dropped));
         vring.set_queue_next_used(used);
         self.resubmitting
             .store(!heads.is_empty(), Ordering::Release);

@@ -133,10 +133,25 @@ impl WorkerLoop {
                             // The kick is consumed whether or not the queue
                             // is live; a queue that becomes live is served
                             // once anyway (`serve_once`).
-                            if let Err(e) = vrings[local].read_kick() {
-                                debug!("worker thread {thread}: cannot read a kick: {e}");
+                            let read = vrings[local].read_kick();
+                            let hung_up = EventSet::from_bits_truncate(event.events)
+                                .intersects(EventSet::HANG_UP | EventSet::ERROR);
+                            match read {
+                                // Not an eventfd that can be read (a pipe
+                                // whose other end is closed, say): epoll
+                                // would report it again at once, for ever.
+                                Err(e) if e.kind() != io::ErrorKind::WouldBlock || hung_up => {
+                                    warn!("worker thread {thread}: queue {local}'s kick descriptor is unusable ({e}): no longer watched");
+                                    self.unwatch_kick(&vrings[local]);
+                                    Ok(())
+                                }
+                                _ if hung_up => {
+                                    warn!("worker thread {thread}: queue {local}'s kick descriptor hung up: no longer watched");
+                                    self.unwatch_kick(&vrings[local]);
+                                    Ok(())
+                                }
+                                _ => Self::serve_queue(backend, vrings, thread, local as u16),
                             }
-                            Self::serve_queue(backend, vrings, thread, local as u16)
                         }
                         None => match u16::try_from(id) {
                             Ok(id) => backend.handle_event(
@@ -154,6 +169,13 @@ impl WorkerLoop {
                     return;
                 }
             }
+        }
+    }
+
+    /// Stops watching `vring`'s kick descriptor.
+    fn unwatch_kick(&self, vring: &VringRwLock) {
+        if let Some(kick) = vring.get_ref().get_kick() {
+            self.unwatch(kick.as_raw_fd());
         }
     }
 

@@ -24,7 +24,7 @@ use crate::common;
 use std::collections::hash_map::DefaultHasher;
 use std::hash::Hasher;
 use std::io::Read;
-use std::os::unix::io::{AsRawFd, RawFd};
+use std::os::unix::io::{AsRawFd, FromRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -2343,5 +2343,35 @@ fn protocol_features_never_offered_stay_unusable() {
             assert!(added.is_err(), "a ninth memory region was added");
         }
     }
+    env.assert_still_serving(Some(dev));
+}
+
+/// A kick "eventfd" that is the read end of a pipe whose write end is
+/// closed: epoll reports it readable (end of file, hang-up) at once and
+/// for ever. The worker thread used to read it, fail, and go round again:
+/// a host core at 100%. Now the descriptor is no longer watched (logged),
+/// the worker stays idle, and the next connection is served.
+#[test]
+fn a_kick_descriptor_that_always_hangs_up_is_dropped() {
+    let env = Env::new();
+    let mut dev = env.raw();
+    let mut fds = [0; 2];
+    // SAFETY: pipe(2) writes two descriptors into the array it is given.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    // SAFETY: the write end is ours, closed once.
+    unsafe { libc::close(fds[1]) };
+    // SAFETY: the read end is ours, given away to the EventFd.
+    let kick = unsafe { EventFd::from_raw_fd(fds[0]) };
+    dev.vhost_frontend().set_vring_kick(2, &kick).unwrap();
+    env.wait_for_log("kick descriptor");
+    let cpu_before = cpu_time(env.pid());
+    let window = Instant::now();
+    std::thread::sleep(Duration::from_millis(300));
+    let busy = cpu_time(env.pid()) - cpu_before;
+    let elapsed = window.elapsed();
+    assert!(
+        busy < elapsed / 2,
+        "the daemon used {busy:?} of CPU in {elapsed:?}"
+    );
     env.assert_still_serving(Some(dev));
 }

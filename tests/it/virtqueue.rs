@@ -1976,3 +1976,42 @@ fn another_threads_transfers_do_not_wedge_compare_and_write() {
     assert_eq!(h.backend.transfers_in_flight(1), 0);
     assert_eq!(h.used_idx(second), 16);
 }
+
+/// Heads to serve again (from the in-flight region) left when a pass runs
+/// out of time, with nothing new available, bring the worker back as new
+/// requests would (the queue kicks itself): otherwise they would wait for
+/// the guest's next kick, which may be its SCSI timeout.
+#[test]
+fn resubmits_left_after_a_pass_out_of_time_are_kicked_again() {
+    use vhost_device_scsi::virtio::inflight_shm::InflightRegion;
+    let mut h = Harness::new(&[1 << 20]);
+    h.backend.set_pass_budget(std::time::Duration::ZERO);
+    let q = FIRST_REQUEST_QUEUE;
+    let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    // SAFETY: dup of a descriptor we own; the File owns the copy.
+    let copy = unsafe { libc::dup(kick.as_raw_fd()) };
+    assert!(copy >= 0);
+    // SAFETY: `copy` is a fresh descriptor owned by nobody else.
+    h.vrings[q].set_kick(Some(unsafe { std::fs::File::from_raw_fd(copy) }));
+    // Two READs the guest made available, which a killed daemon took.
+    let (_, _) = h.push_aligned_read(q, 0, DATA_BASE, 16, 1, 1);
+    let (_, _) = h.push_aligned_read(q, 3, DATA_BASE + 0x10000, 17, 1, 1);
+    let (region, _file) = InflightRegion::create(h.vrings.len() as u16, QUEUE_SIZE).unwrap();
+    let tracking = h.backend.tracking(q).unwrap().clone();
+    tracking.set_region(region.queue(q as u16));
+    region.queue(q as u16).unwrap().begin(0).unwrap();
+    region.queue(q as u16).unwrap().begin(3).unwrap();
+    // The new daemon starts the queue: two heads to resubmit, next_avail 2.
+    tracking.start(q, &h.vrings[q]);
+    assert_eq!(h.vrings[q].queue_next_avail(), 2);
+    // One pass (one kick): takes one resubmitted head, then is out of time.
+    h.backend
+        .handle_event(q as u16, EventSet::IN, &h.vrings, 0)
+        .unwrap();
+    assert_eq!(h.used_idx(q), 1);
+    assert!(
+        kick.read().is_ok(),
+        "a head to resubmit is left, but the queue was not kicked again: \
+         it waits for the guest's next kick"
+    );
+}

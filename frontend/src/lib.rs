@@ -267,6 +267,11 @@ pub struct DriverConfig {
     pub param_change: bool,
     /// Event buffers posted at set-up (at most 8; Linux posts 8).
     pub event_buffers: u16,
+    /// Negotiate in-flight tracking (INFLIGHT_SHMFD) when the device
+    /// offers it, as QEMU does: GET_INFLIGHT_FD, then SET_INFLIGHT_FD with
+    /// the region, before the rings are set up; the region is kept for the
+    /// connection's life.
+    pub inflight: bool,
 }
 
 impl Default for DriverConfig {
@@ -281,6 +286,7 @@ impl Default for DriverConfig {
             hotplug: false,
             param_change: false,
             event_buffers: EVENT_BUFFERS,
+            inflight: false,
         }
     }
 }
@@ -363,6 +369,8 @@ pub struct ScsiFrontend {
     queues: Vec<RequestQueue>,
     /// Guest address of the 8 event buffers (buffer i at + 16 * i).
     event_buffers: u64,
+    /// The in-flight region, kept while connected (QEMU keeps it too).
+    _inflight: Option<File>,
     /// Guest address of the control request (+ 0) and response (+ 64).
     control_buffer: u64,
 }
@@ -415,7 +423,10 @@ impl ScsiFrontend {
         let protocol = frontend
             .get_protocol_features()
             .map_err(vhost_err("GET_PROTOCOL_FEATURES"))?;
-        let wanted = VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK;
+        let mut wanted = VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK;
+        if config.inflight {
+            wanted |= VhostUserProtocolFeatures::INFLIGHT_SHMFD;
+        }
         frontend
             .set_protocol_features(protocol & wanted)
             .map_err(vhost_err("SET_PROTOCOL_FEATURES"))?;
@@ -503,6 +514,25 @@ impl ScsiFrontend {
                 mmap_handle: fd,
             }])
             .map_err(vhost_err("SET_MEM_TABLE"))?;
+        let inflight =
+            if config.inflight && protocol.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD) {
+                let asked = vhost::vhost_user::message::VhostUserInflight {
+                    mmap_size: 0,
+                    mmap_offset: 0,
+                    num_queues: u16::try_from(FIRST_REQUEST_QUEUE + config.request_queues)
+                        .map_err(|_| FrontendError::Config("too many queues".into()))?,
+                    queue_size: ring_size,
+                };
+                let (region, file) = frontend
+                    .get_inflight_fd(&asked)
+                    .map_err(vhost_err("GET_INFLIGHT_FD"))?;
+                frontend
+                    .set_inflight_fd(&region, file.as_raw_fd())
+                    .map_err(vhost_err("SET_INFLIGHT_FD"))?;
+                Some(file)
+            } else {
+                None
+            };
 
         let setup_ring = |frontend: &mut Frontend,
                           index: usize,
@@ -585,6 +615,7 @@ impl ScsiFrontend {
             queues,
             event_buffers,
             control_buffer,
+            _inflight: inflight,
         };
         for i in 0..config.event_buffers.min(EVENT_BUFFERS) {
             device.post_event_buffer(i)?;

@@ -124,6 +124,11 @@ struct Args {
     #[arg(long)]
     no_event_idx: bool,
 
+    /// Negotiate in-flight tracking (INFLIGHT_SHMFD) as QEMU does, so the
+    /// daemon records every request in the shared region (its cost).
+    #[arg(long)]
+    inflight: bool,
+
     /// Before sleeping on a queue's call eventfd, busy-poll its used ring
     /// for up to US microseconds (as a guest with polled completions
     /// would): takes the driver's own wake-up out of the latency. Pair with
@@ -332,6 +337,7 @@ fn run_daemon(
         queue_depth: usize::from(args.iodepth),
         data_size: u32::try_from(args.bs).map_err(|_| format!("--bs {}: too large", args.bs))?,
         event_idx: !args.no_event_idx,
+        inflight: args.inflight,
         timeout: Duration::from_secs(30),
         connect_timeout: Duration::from_secs(10),
         ..DriverConfig::default()

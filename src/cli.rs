@@ -23,6 +23,15 @@ pub struct Cli {
     #[arg(short = 's', long = "socket-path", value_name = "PATH")]
     pub socket_path: PathBuf,
 
+    /// Serve the listening Unix socket open at descriptor N instead of
+    /// binding --socket-path (which then names it: the state file's
+    /// default path and the log use it). For supervisors other than
+    /// systemd; under systemd socket activation (LISTEN_FDS) the socket
+    /// is taken without it. The socket is never unlinked.
+    #[arg(long = "socket-fd", value_name = "N",
+          value_parser = clap::value_parser!(i32).range(0..))]
+    pub socket_fd: Option<i32>,
+
     /// Unix socket for the management API (JSON-RPC 2.0, one request a
     /// line: add, remove and resize LUNs, list them, statistics; the
     /// client is vhost-device-scsi-ctl). Whoever may connect to it may
@@ -188,6 +197,7 @@ impl Cli {
         config::check_queues(&queues)?;
         let socket = SocketConfig {
             path: self.socket_path,
+            fd: self.socket_fd,
             api_socket: self.api_socket,
             mode: self.socket_mode,
             group: self.socket_group,
@@ -270,6 +280,8 @@ mod tests {
         let config = cli(&[
             "--api-socket",
             "api.sock",
+            "--socket-fd",
+            "7",
             "--socket-mode",
             "0660",
             "--socket-group",
@@ -301,6 +313,7 @@ mod tests {
             DaemonConfig {
                 socket: SocketConfig {
                     path: "s.sock".into(),
+                    fd: Some(7),
                     api_socket: Some("api.sock".into()),
                     mode: 0o660,
                     group: Some("kvm".into()),

@@ -77,6 +77,9 @@ pub struct DaemonConfig {
 pub struct SocketConfig {
     /// The vhost-user socket (`--socket-path`).
     pub path: PathBuf,
+    /// A listening socket handed over at this descriptor (`--socket-fd`)
+    /// to serve instead of binding `path`.
+    pub fd: Option<i32>,
     /// The management API's JSON-RPC socket (`--api-socket`), if any;
     /// never the same path ([`DaemonConfig::check`]).
     pub api_socket: Option<PathBuf>,
@@ -275,6 +278,7 @@ impl SocketConfig {
     pub fn new(path: impl Into<PathBuf>) -> SocketConfig {
         SocketConfig {
             path: path.into(),
+            fd: None,
             api_socket: None,
             mode: DEFAULT_SOCKET_MODE,
             group: None,

@@ -335,6 +335,7 @@ pub fn handle_stop_signals(
                 return;
             };
             let name = if signal == SIGINT { "SIGINT" } else { "SIGTERM" };
+            crate::service::notify("STOPPING=1\nSTATUS=stopping: completing the requests in flight");
             let quiesced = quiesce(&serving, STOP_TIMEOUT, &mut signals);
             let names: Vec<String> = socket_paths
                 .iter()
@@ -506,6 +507,7 @@ fn serve_connection(
         }
     };
     info!("VMM connected");
+    crate::service::notify("STATUS=VMM connected");
     serving.connected.store(true, Ordering::SeqCst);
     nudge_after_connect(serving);
     let ended = loop {
@@ -519,6 +521,10 @@ fn serve_connection(
         }
         e => warn!("VMM connection ended: {e}"),
     }
+    crate::service::notify(&format!(
+        "STATUS=VMM disconnected; listening on {}",
+        path.display()
+    ));
     serving.connected.store(false, Ordering::SeqCst);
     // Dropping the connection stops and joins its worker threads.
     drop(requests);

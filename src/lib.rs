@@ -99,6 +99,7 @@ pub mod fdlimit;
 pub mod logging;
 pub mod manage;
 pub mod scsi;
+pub mod service;
 pub mod state;
 pub mod storage;
 pub mod virtio;

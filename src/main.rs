@@ -12,7 +12,7 @@ use vhost_device_scsi::cli::Cli;
 use vhost_device_scsi::config::{self, DaemonConfig};
 use vhost_device_scsi::manage::LunManager;
 use vhost_device_scsi::virtio::EventHub;
-use vhost_device_scsi::{api, daemon, state};
+use vhost_device_scsi::{api, daemon, service, state};
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -49,6 +49,9 @@ fn main() -> ExitCode {
 /// the system (io_uring, the socket's group, the images) comes before the
 /// socket is bound; then it serves for ever.
 fn run(config: &DaemonConfig) -> Result<(), String> {
+    // A listening socket handed over (systemd socket activation, or
+    // --socket-fd) is claimed before the daemon opens anything itself.
+    let inherited = service::inherited_listener(config.socket.fd).map_err(|e| e.to_string())?;
     config.check().map_err(|e| e.to_string())?;
     let options = config.queues;
     let engine = config.io_engine.resolve().map_err(|e| e.to_string())?;
@@ -56,7 +59,12 @@ fn run(config: &DaemonConfig) -> Result<(), String> {
     let api_access = config.socket.api_access().map_err(|e| e.to_string())?;
     let target = config::build_target(config).map_err(|e| e.to_string())?;
     let socket_path = &config.socket.path;
-    let mut sockets = vec![socket_path.clone()];
+    // The sockets a stop removes: not one handed over, which outlives the
+    // daemon (its supervisor keeps it, and the next daemon serves it).
+    let mut sockets = Vec::new();
+    if inherited.is_none() {
+        sockets.push(socket_path.clone());
+    }
     sockets.extend(config.socket.api_socket.clone());
     let target = Arc::new(target);
     let events =
@@ -74,7 +82,31 @@ fn run(config: &DaemonConfig) -> Result<(), String> {
         config.state_file(),
     ));
     daemon::handle_stop_signals(sockets, serving.clone()).map_err(|e| e.to_string())?;
-    let listener = daemon::listen(socket_path, &access).map_err(|e| e.to_string())?;
+    let listener = match inherited {
+        Some(listener) => {
+            let bound = service::bound_path(&listener);
+            log::info!(
+                "serving the socket handed over at descriptor {}{}",
+                service::fd_of(&listener),
+                bound
+                    .as_ref()
+                    .map(|p| format!(", bound at {}", p.display()))
+                    .unwrap_or_default()
+            );
+            if bound.as_deref().is_some_and(|p| p != socket_path.as_path()) {
+                log::warn!(
+                    "the socket handed over is bound at {}, not at --socket-path {}",
+                    bound
+                        .as_deref()
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_default(),
+                    socket_path.display()
+                );
+            }
+            vhost::vhost_user::Listener::from(listener)
+        }
+        None => daemon::listen(socket_path, &access).map_err(|e| e.to_string())?,
+    };
     // Bound now, with the vhost-user socket, before any worker thread runs
     // (binding sets the umask for a moment).
     let api_listener = match &config.socket.api_socket {
@@ -104,6 +136,12 @@ fn run(config: &DaemonConfig) -> Result<(), String> {
     state::restore(&config.state_file(), &target, &|lun, spec| {
         manager.restore_lun(lun, spec).map_err(|e| e.to_string())
     });
+    // Ready: the socket is bound and listening (a VMM's connect succeeds
+    // from now on), and the images are open and checked.
+    service::notify(&format!(
+        "READY=1\nSTATUS=listening on {}",
+        socket_path.display()
+    ));
     daemon::serve(
         target,
         options,

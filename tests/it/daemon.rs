@@ -113,6 +113,7 @@ fn help_and_version() {
         "--socket-mode",
         "--socket-group",
         "--incoming",
+        "--socket-fd",
         "--version",
         "IMAGE",
         "IMAGE[,ro][,block-size=512|4096][,serial=SERIAL][,wwn=0xHEX]",

@@ -23,4 +23,5 @@ mod hostile;
 mod hotplug;
 mod inflight;
 mod scale;
+mod service;
 mod virtqueue;

@@ -109,6 +109,60 @@ fn guest_discovery() {
     }
 }
 
+/// Scenario "socket-activated" (issue 18): the daemon started by
+/// `systemd-socket-activate` (systemd's socket activation: the socket is
+/// bound first, the daemon started at QEMU's connect and handed it as
+/// LISTEN_FDS): QEMU connects through the inherited socket and the guest
+/// sees the disk with its size and identity; the daemon's log says it
+/// served the socket handed over, and a second boot is served on the same
+/// socket.
+#[test]
+fn guest_socket_activated() {
+    let Some(sc) = Scenario::start("socket-activated") else {
+        return;
+    };
+    if Command::new("systemd-socket-activate")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        sc.fail("systemd-socket-activate is not installed (Debian's systemd)");
+    }
+    let image = sc.random_image("disk.raw", MIB, 7);
+    let daemon = sc.start_daemon_activated(
+        vec!["--read-only".into(), image.path.clone().into_os_string()],
+        1,
+    );
+    for boot in 1..=2 {
+        let serial = sc.boot(&daemon, "discovery", &Boot::default());
+        let disks = serial.records("DISK");
+        sc.check(
+            disks.len() == 1,
+            format!("boot {boot}: {} disks", disks.len()),
+        );
+        let disk = sc.record_where(&disks, "lun", "0");
+        let id = image.identity(0);
+        sc.expect(
+            &format!("boot {boot}: the disk of the socket-activated daemon"),
+            &disk,
+            &[
+                ("size", image.size.to_string()),
+                ("serial", id.serial.clone()),
+            ],
+        );
+    }
+    let log = fs::read_to_string(&daemon.log).unwrap_or_default();
+    sc.check(
+        log.contains("serving the socket handed over at descriptor 3")
+            && log.matches("VMM connected").count() == 2,
+        format!("the daemon did not serve both boots on the inherited socket:\n{log}"),
+    );
+    note(format!(
+        "guest scenario `socket-activated`: 2 boots through the socket systemd-socket-activate handed over ({})",
+        daemon.socket.display()
+    ));
+}
+
 /// Scenario 2: whole small disks read in the guest have the images' md5; on
 /// a 3 TiB sparse disk, blocks the host wrote beyond 2 TiB, across the 2 TiB
 /// boundary and at the very end read back the same; so do random 4 KiB reads.
@@ -2305,6 +2359,42 @@ impl Scenario {
         while !daemon.socket.exists() {
             if !daemon.alive() || Instant::now() > deadline {
                 self.fail("the daemon did not create its socket");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        daemon
+    }
+
+    /// Starts the daemon with `args` under `systemd-socket-activate -l`
+    /// on `vus.sock`: the socket exists at once, and the daemon is started
+    /// at the first connection with the socket handed over (LISTEN_FDS).
+    fn start_daemon_activated(&self, args: Vec<OsString>, luns: usize) -> Daemon {
+        let socket = self.dir.join("vus.sock");
+        let log = self.dir.join("daemon-activated.log");
+        *self.daemon_log.borrow_mut() = Some(log.clone());
+        let child = Command::new("systemd-socket-activate")
+            .arg("-l")
+            .arg(&socket)
+            .arg(BIN)
+            .arg("--socket-path")
+            .arg(&socket)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut daemon = Daemon {
+            child,
+            socket,
+            log,
+            luns,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !daemon.socket.exists() {
+            if !daemon.alive() || Instant::now() > deadline {
+                self.fail("systemd-socket-activate did not create the socket");
             }
             std::thread::sleep(Duration::from_millis(20));
         }

@@ -515,11 +515,15 @@ fn serve_connection(
             break e;
         }
     };
+    let summary = connection
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .summary();
     match ended {
         VhostUserError::Disconnected | VhostUserError::PartialMessage => {
-            info!("VMM disconnected")
+            info!("VMM disconnected ({summary})")
         }
-        e => warn!("VMM connection ended: {e}"),
+        e => warn!("VMM connection ended: {e} ({summary})"),
     }
     crate::service::notify(&format!(
         "STATUS=VMM disconnected; listening on {}",

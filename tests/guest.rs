@@ -157,9 +157,14 @@ fn guest_socket_activated() {
             && log.matches("VMM connected").count() == 2,
         format!("the daemon did not serve both boots on the inherited socket:\n{log}"),
     );
+    let vmm_lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("VMM") || l.contains("handed over"))
+        .collect();
     note(format!(
-        "guest scenario `socket-activated`: 2 boots through the socket systemd-socket-activate handed over ({})",
-        daemon.socket.display()
+        "guest scenario `socket-activated`: 2 boots through the socket systemd-socket-activate handed over ({}); the daemon's log:\n  {}",
+        daemon.socket.display(),
+        vmm_lines.join("\n  ")
     ));
 }
 

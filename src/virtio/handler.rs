@@ -80,6 +80,8 @@ pub struct Connection {
     /// The dirty log from the last SET_LOG_BASE, in force while
     /// VHOST_F_LOG_ALL is acknowledged.
     log: Option<Arc<DirtyLog>>,
+    /// Queues started at least once in this connection.
+    queues_started: Vec<bool>,
 }
 
 /// vhost's VHOST_F_LOG_ALL feature bit (linux/vhost_types.h): the VMM
@@ -107,7 +109,9 @@ impl Connection {
             acked_protocol_features: 0,
             mappings: Vec::new(),
             log: None,
+            queues_started: Vec::new(),
         };
+        connection.queues_started = vec![false; connection.vrings.len()];
         for (thread, queues) in backend.thread_queues().iter().enumerate() {
             let worker = Arc::new(WorkerLoop::new().map_err(ConnectionError::EventLoop)?);
             let listeners = [
@@ -187,7 +191,7 @@ impl Connection {
     /// A queue is started once it has a kick eventfd (vhost-user "Starting
     /// and stopping rings": the back-end starts a ring when it gets its
     /// kick).
-    fn start_if_ready(&self, index: u8) -> VhostUserResult<()> {
+    fn start_if_ready(&mut self, index: u8) -> VhostUserResult<()> {
         let Some(vring) = self.vrings.get(usize::from(index)) else {
             return Ok(());
         };
@@ -214,6 +218,9 @@ impl Connection {
             }
             vring.set_queue_ready(true);
             self.update_watch(usize::from(index));
+            if let Some(started) = self.queues_started.get_mut(usize::from(index)) {
+                *started = true;
+            }
         }
         Ok(())
     }
@@ -257,6 +264,17 @@ impl Connection {
             let held = usize::from(self.log.as_ref().is_some_and(|l| Arc::ptr_eq(l, &previous)));
             wait_until_unused(&previous, held);
         }
+    }
+
+    /// For the log line at the disconnect: the features the VMM
+    /// acknowledged and how many queues it started.
+    pub fn summary(&self) -> String {
+        format!(
+            "features {}; {} of {} queues started",
+            feature_names(self.acked_features),
+            self.queues_started.iter().filter(|&&s| s).count(),
+            self.vrings.len()
+        )
     }
 
     /// Whether the VMM acknowledged VHOST_F_LOG_ALL.
@@ -308,6 +326,50 @@ impl Drop for Connection {
     }
 }
 
+/// The names of the virtio and vhost feature bits in `features` the
+/// device offers (others as their bit numbers), for the log.
+fn feature_names(features: u64) -> String {
+    const NAMES: [(u32, &str); 7] = [
+        (0, "SCSI_INOUT"),
+        (1, "SCSI_HOTPLUG"),
+        (2, "SCSI_CHANGE"),
+        (28, "RING_INDIRECT_DESC"),
+        (29, "RING_EVENT_IDX"),
+        (32, "VERSION_1"),
+        (26, "LOG_ALL"),
+    ];
+    let mut names: Vec<String> = Vec::new();
+    for bit in 0..64u32 {
+        if features & (1 << bit) == 0 {
+            continue;
+        }
+        match NAMES.iter().find(|(b, _)| *b == bit) {
+            Some((_, name)) => names.push((*name).to_string()),
+            None if bit == 30 => names.push("PROTOCOL_FEATURES".into()),
+            None => names.push(format!("bit {bit}")),
+        }
+    }
+    if names.is_empty() {
+        "none".into()
+    } else {
+        names.join(" ")
+    }
+}
+
+/// The names of the vhost-user protocol features in `features`.
+fn protocol_feature_names(features: u64) -> String {
+    let known = VhostUserProtocolFeatures::from_bits_truncate(features);
+    let mut names: Vec<String> = known
+        .iter_names()
+        .map(|(name, _)| name.to_string())
+        .collect();
+    let unknown = features & !known.bits();
+    if unknown != 0 {
+        names.push(format!("{unknown:#x}"));
+    }
+    names.join(" ")
+}
+
 fn unsupported(what: &'static str) -> VhostUserError {
     VhostUserError::InvalidOperation(what)
 }
@@ -348,6 +410,20 @@ impl VhostUserBackendReqHandlerMut for Connection {
     fn set_features(&mut self, features: u64) -> VhostUserResult<()> {
         if features & !self.backend.features() != 0 {
             return Err(VhostUserError::InvalidParam);
+        }
+        if features != self.acked_features {
+            info!(
+                "VMM acknowledged features {}{}",
+                feature_names(features),
+                if self.acked_protocol_features != 0 {
+                    format!(
+                        "; protocol features {}",
+                        protocol_feature_names(self.acked_protocol_features)
+                    )
+                } else {
+                    String::new()
+                }
+            );
         }
         self.acked_features = features;
         // vhost-user "Ring states": without VHOST_USER_F_PROTOCOL_FEATURES

@@ -10,6 +10,7 @@
 //!   at most [`server::MAX_LINE`] bytes.
 //! - [`client`]: the other side, as `vhost-device-scsi-ctl` uses it:
 //!   `KEY=VALUE` parameters, one request, one reply.
+//! - [`ctl`]: `vhost-device-scsi-ctl`'s command line (clap).
 //!
 //! # Error codes
 //!
@@ -29,6 +30,7 @@
 //! | -32006 | still in flight: the LUN was removed, but commands to it had not completed in time; its image is flushed and closed when they do ([`ErrorKind::StillInFlight`]) |
 
 pub mod client;
+pub mod ctl;
 pub mod protocol;
 pub mod server;
 

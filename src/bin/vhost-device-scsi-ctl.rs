@@ -1,38 +1,13 @@
 //! vhost-device-scsi-ctl: calls one method of a running daemon's management
 //! API (`--api-socket`) and prints its result as JSON. The request and
-//! reply are `vhost_device_scsi::api::client`'s; this is the command line.
+//! reply are `vhost_device_scsi::api::client`'s, the command line
+//! `vhost_device_scsi::api::ctl`'s.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser};
-use serde_json::{Map, Value};
 use vhost_device_scsi::api::client;
-
-/// Calls one method of a running vhost-device-scsi's management API and
-/// prints its result as JSON.
-#[derive(Debug, Parser)]
-#[command(name = "vhost-device-scsi-ctl", version, about, long_about = None)]
-struct Cli {
-    /// The daemon's API socket (its --api-socket).
-    #[arg(short = 's', long = "api-socket", value_name = "PATH")]
-    api_socket: PathBuf,
-
-    /// The parameters as one JSON object, instead of KEY=VALUE arguments.
-    #[arg(long = "params", value_name = "JSON", conflicts_with = "pairs",
-          value_parser = client::parse_params_json)]
-    params: Option<Map<String, Value>>,
-
-    /// lun_add, lun_remove, lun_resize, lun_list, stats or version.
-    #[arg(value_name = "METHOD")]
-    method: String,
-
-    /// Parameters: integers become numbers, true and false booleans,
-    /// anything else a string (e.g. image=/var/lib/img/d1.raw,ro lun=3).
-    /// size is in bytes, or with a K, M, G or T suffix (powers of 1024).
-    #[arg(value_name = "KEY=VALUE", value_parser = client::parse_param)]
-    pairs: Vec<(String, Value)>,
-}
+use vhost_device_scsi::api::ctl::CtlCli as Cli;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();

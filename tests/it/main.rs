@@ -16,6 +16,7 @@ mod common;
 mod api;
 mod bounds;
 mod daemon;
+mod docs;
 mod durability;
 mod emulator;
 mod faults;

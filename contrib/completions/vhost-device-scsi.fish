@@ -1,4 +1,5 @@
 complete -c vhost-device-scsi -s s -l socket-path -d 'Unix socket to listen on for the VMM (QEMU\'s vhost-user-scsi-pci chardev); a stale socket file there is replaced' -r -F
+complete -c vhost-device-scsi -l socket-fd -d 'Serve the listening Unix socket open at descriptor N instead of binding --socket-path (which then names it: the state file\'s default path and the log use it). For supervisors other than systemd; under systemd socket activation (LISTEN_FDS) the socket is taken without it. The socket is never unlinked' -r
 complete -c vhost-device-scsi -l api-socket -d 'Unix socket for the management API (JSON-RPC 2.0, one request a line: add, remove and resize LUNs, list them, statistics; the client is vhost-device-scsi-ctl). Whoever may connect to it may open any file the daemon can as a LUN: it has its own --api-socket-mode and --api-socket-group' -r -F
 complete -c vhost-device-scsi -l api-socket-mode -d 'Permissions of the API socket, in octal (default 0600: only the daemon\'s user); not widened by --socket-mode' -r
 complete -c vhost-device-scsi -l api-socket-group -d 'Group of the API socket: a group name or a numeric gid (default: the daemon\'s group)' -r

@@ -4,7 +4,7 @@
 //! startup images' directories and `--sandbox-allow`.
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::common::{skipped, Daemon};
@@ -16,11 +16,35 @@ const CHILD: &str = "VHOST_SCSI_SANDBOX_CHILD";
 /// In a child process (this test binary run again for `test`), the
 /// daemon's filter applied, then `what`: returns the child's output.
 fn in_filtered_child(test: &str, what: &str) -> Output {
-    Command::new(std::env::current_exe().unwrap())
+    let mut command = Command::new(std::env::current_exe().unwrap());
+    command
         .args([test, "--exact", "--nocapture", "--test-threads=1"])
-        .env(CHILD, what)
-        .output()
-        .unwrap()
+        .env(CHILD, what);
+    output_within(command, Duration::from_secs(20))
+}
+
+/// `command`'s output, once it has exited; killed, and the test failed,
+/// if it is still running after `limit`.
+fn output_within(mut command: Command, limit: Duration) -> Output {
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + limit;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() >= deadline {
+            child.kill().unwrap();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "still running after {limit:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child.wait_with_output().unwrap()
 }
 
 /// What the child does once filtered: a call the daemon never makes, or
@@ -32,7 +56,13 @@ fn child(what: &str) -> ! {
     // this process's memory.
     let ret = unsafe {
         match what {
-            "ptrace" => libc::syscall(libc::SYS_ptrace, libc::PTRACE_TRACEME, 0, 0, 0),
+            // A path that does not exist: ENOENT if it were allowed.
+            "execve" => libc::syscall(
+                libc::SYS_execve,
+                c"/nonexistent/vhost-device-scsi-sandbox".as_ptr(),
+                std::ptr::null::<*const libc::c_char>(),
+                std::ptr::null::<*const libc::c_char>(),
+            ),
             "inet" => libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) as libc::c_long,
             "unix" => libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) as libc::c_long,
             _ => panic!("unknown child action {what}"),
@@ -56,12 +86,12 @@ fn sandbox_a_call_outside_the_allowlist_ends_the_process_with_one_line() {
     if let Ok(what) = std::env::var(CHILD) {
         child(&what);
     }
-    // ptrace: no argument filter, just not on the list.
-    let (stderr, code) = outcome(&in_filtered_child(name, "ptrace"));
+    // execve: no argument filter, just not on the list.
+    let (stderr, code) = outcome(&in_filtered_child(name, "execve"));
     assert!(stderr.contains("filter applied"), "{stderr}");
     let line = format!(
-        "vhost-device-scsi: sandbox: system call {} (ptrace) is not allowed; exiting\n",
-        libc::SYS_ptrace
+        "vhost-device-scsi: sandbox: system call {} (execve) is not allowed; exiting\n",
+        libc::SYS_execve
     );
     assert!(stderr.ends_with(&line), "{stderr}");
     assert!(!stderr.contains("returned"), "{stderr}");
@@ -188,15 +218,15 @@ fn sandbox_allow_must_be_a_directory() {
     let image = dir.path().join("a.img");
     std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
     let missing = dir.path().join("missing");
-    let out = Command::new(crate::common::BIN)
+    let mut command = Command::new(crate::common::BIN);
+    command
         .arg("-s")
         .arg(dir.path().join("vhost.sock"))
         .arg("--sandbox-allow")
         .arg(&missing)
         .arg(&image)
-        .env("RUST_LOG", "warn")
-        .output()
-        .unwrap();
+        .env("RUST_LOG", "warn");
+    let out = output_within(command, Duration::from_secs(10));
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(
         String::from_utf8_lossy(&out.stderr),

@@ -128,6 +128,21 @@ pub struct Cli {
     #[arg(long = "incoming")]
     pub incoming: bool,
 
+    /// Confine the daemon once its images and sockets are open: Landlock
+    /// (files only beneath the images', the sockets', the state file's and
+    /// --sandbox-allow directories) where the kernel has it, and a seccomp
+    /// allowlist of system calls (any other ends the daemon with a line
+    /// on stderr). `off` applies neither.
+    #[arg(long = "sandbox", value_name = "MODE", value_enum,
+          default_value_t = crate::sandbox::SandboxMode::On)]
+    pub sandbox: crate::sandbox::SandboxMode,
+
+    /// With the sandbox on, a directory beneath which the management API's
+    /// lun_add may open images (repeatable); without it lun_add can only
+    /// add images in the directories of the startup images.
+    #[arg(long = "sandbox-allow", value_name = "DIR")]
+    pub sandbox_allow: Vec<PathBuf>,
+
     /// Raw disk images (regular files or block devices), LUN 0 first; up to
     /// 16384. Options may follow a path after commas,
     /// `IMAGE[,ro][,block-size=512|4096][,serial=SERIAL][,wwn=0xHEX]`, where
@@ -217,6 +232,8 @@ impl Cli {
             io_engine: self.io_engine,
             state_file: self.state_file,
             incoming: self.incoming,
+            sandbox: self.sandbox,
+            sandbox_allow: self.sandbox_allow,
         })
     }
 }
@@ -303,6 +320,10 @@ mod tests {
             "--io-engine",
             "io-uring",
             "--incoming",
+            "--sandbox",
+            "off",
+            "--sandbox-allow",
+            "/srv/images",
             "a.raw,block-size=4096",
         ])
         .unwrap()
@@ -337,6 +358,8 @@ mod tests {
                 io_engine: IoEngineChoice::IoUring,
                 state_file: None,
                 incoming: true,
+                sandbox: crate::sandbox::SandboxMode::Off,
+                sandbox_allow: vec!["/srv/images".into()],
             }
         );
     }

@@ -68,6 +68,11 @@ pub struct DaemonConfig {
     /// [`Target::activate_images`] takes them when the VMM starts the
     /// device.
     pub incoming: bool,
+    /// Confine the daemon once it has started (`--sandbox`, `sandbox.rs`).
+    pub sandbox: crate::sandbox::SandboxMode,
+    /// Directories beneath which the API's `lun_add` may open images
+    /// besides the startup images' (`--sandbox-allow`).
+    pub sandbox_allow: Vec<PathBuf>,
 }
 
 /// The listening sockets: the vhost-user socket's path, the management
@@ -216,6 +221,8 @@ impl DaemonConfig {
             io_engine: IoEngineChoice::Auto,
             state_file: None,
             incoming: false,
+            sandbox: crate::sandbox::SandboxMode::On,
+            sandbox_allow: Vec::new(),
         }
     }
 

@@ -98,6 +98,7 @@ pub mod daemon;
 pub mod fdlimit;
 pub mod logging;
 pub mod manage;
+pub mod sandbox;
 pub mod scsi;
 pub mod service;
 pub mod state;

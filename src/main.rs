@@ -11,6 +11,7 @@ use clap::Parser;
 use vhost_device_scsi::cli::Cli;
 use vhost_device_scsi::config::{self, DaemonConfig};
 use vhost_device_scsi::manage::LunManager;
+use vhost_device_scsi::sandbox::{self, SandboxMode};
 use vhost_device_scsi::virtio::EventHub;
 use vhost_device_scsi::{api, daemon, service, state};
 
@@ -81,6 +82,21 @@ fn run(config: &DaemonConfig) -> Result<(), String> {
         manager.clone(),
         config.state_file(),
     ));
+    // Landlock confines the calling thread and those it starts later:
+    // applied before the first thread (the stop signals') starts.
+    if config.sandbox == SandboxMode::On {
+        let mut images: Vec<_> = config.luns.iter().map(|l| l.path.clone()).collect();
+        images.extend(state::image_paths(&config.state_file()));
+        let mut written = vec![socket_path.clone(), config.state_file()];
+        written.extend(config.socket.api_socket.clone());
+        let paths = sandbox::Paths {
+            images,
+            allow: config.sandbox_allow.clone(),
+            written,
+        };
+        let line = sandbox::restrict_paths(&paths).map_err(|e| e.to_string())?;
+        log::info!("sandbox: {line}");
+    }
     daemon::handle_stop_signals(sockets, serving.clone()).map_err(|e| e.to_string())?;
     let listener = match inherited {
         Some(listener) => {
@@ -136,6 +152,19 @@ fn run(config: &DaemonConfig) -> Result<(), String> {
     state::restore(&config.state_file(), &target, &|lun, spec| {
         manager.restore_lun(lun, spec).map_err(|e| e.to_string())
     });
+    // Every thread there is and will be makes only the allowlist's calls.
+    match config.sandbox {
+        SandboxMode::On => {
+            sandbox::apply_seccomp().map_err(|e| e.to_string())?;
+            log::info!(
+                "sandbox: seccomp allows {} system calls; any other ends the daemon with a line on stderr",
+                sandbox::ALLOWED.len()
+            );
+        }
+        SandboxMode::Off => {
+            log::info!("sandbox: off (--sandbox off): neither Landlock nor seccomp")
+        }
+    }
     // Ready: the socket is bound and listening (a VMM's connect succeeds
     // from now on), and the images are open and checked.
     service::notify(&format!(

@@ -130,6 +130,22 @@ fn read_state(path: &Path) -> io::Result<String> {
     Ok(text)
 }
 
+/// The images of the LUNs the state file at `path` would add again (none
+/// if it cannot be read): the sandbox lets the daemon open them.
+pub fn image_paths(path: &Path) -> Vec<PathBuf> {
+    read_state(path)
+        .ok()
+        .and_then(|text| serde_json::from_str::<StateFile>(&text).ok())
+        .map(|state| {
+            state
+                .luns
+                .into_iter()
+                .filter_map(|lun| lun.spec.map(|spec| spec.path))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Applies the state in `path`, if there is one, then removes the file:
 /// a LUN the daemon before had and this one has not (added through the
 /// API) is added with `add` (its IMAGE argument, with start-up's checks),

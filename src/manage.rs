@@ -220,6 +220,12 @@ impl LunManager {
         match on_close.recv_timeout(self.remove_timeout) {
             Ok(()) | Err(RecvTimeoutError::Disconnected) => {
                 let flushed = storage.flush();
+                // The image's locks go now, not when the kernel lets go of
+                // the file: an io_uring request the kernel has completed
+                // may still hold a reference to the open file for a moment
+                // after its completion was reaped, and with it the locks,
+                // which a lun_add of the same image right after would find.
+                storage.deactivate();
                 drop(storage);
                 if let Err(e) = flushed {
                     warn!("LUN {lun}: removed; flushing image {image} failed: {e}; image closed");
@@ -238,7 +244,9 @@ impl LunManager {
                     .name(format!("lun{lun}-close"))
                     .spawn(move || {
                         let _ = on_close.recv();
-                        match storage.flush() {
+                        let flushed = storage.flush();
+                        storage.deactivate();
+                        match flushed {
                             Ok(()) => info!("LUN {lun}: image {image} flushed and closed"),
                             Err(e) => {
                                 warn!("LUN {lun}: flushing image {image} failed: {e}; image closed")

@@ -2343,8 +2343,32 @@ impl Scenario {
             })
             .count();
         let log = self.dir.join(format!("daemon-{}.log", n + 1));
+        self.launch_daemon(Command::new(BIN), socket, log, args, luns)
+    }
+
+    /// Starts the daemon with `args` under `systemd-socket-activate -l`
+    /// on `vus.sock`: the socket exists at once, and the daemon is started
+    /// at the first connection with the socket handed over (LISTEN_FDS).
+    fn start_daemon_activated(&self, args: Vec<OsString>, luns: usize) -> Daemon {
+        let socket = self.dir.join("vus.sock");
+        let mut activator = Command::new("systemd-socket-activate");
+        activator.arg("-l").arg(&socket).arg(BIN);
+        let log = self.dir.join("daemon-activated.log");
+        self.launch_daemon(activator, socket, log, args, luns)
+    }
+
+    /// Runs `command` (the daemon, or what starts it) with `--socket-path
+    /// socket` and `args`, its log in `log`, and waits for the socket.
+    fn launch_daemon(
+        &self,
+        mut command: Command,
+        socket: PathBuf,
+        log: PathBuf,
+        args: Vec<OsString>,
+        luns: usize,
+    ) -> Daemon {
         *self.daemon_log.borrow_mut() = Some(log.clone());
-        let child = Command::new(BIN)
+        let child = command
             .arg("--socket-path")
             .arg(&socket)
             .args(args)
@@ -2364,42 +2388,6 @@ impl Scenario {
         while !daemon.socket.exists() {
             if !daemon.alive() || Instant::now() > deadline {
                 self.fail("the daemon did not create its socket");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        daemon
-    }
-
-    /// Starts the daemon with `args` under `systemd-socket-activate -l`
-    /// on `vus.sock`: the socket exists at once, and the daemon is started
-    /// at the first connection with the socket handed over (LISTEN_FDS).
-    fn start_daemon_activated(&self, args: Vec<OsString>, luns: usize) -> Daemon {
-        let socket = self.dir.join("vus.sock");
-        let log = self.dir.join("daemon-activated.log");
-        *self.daemon_log.borrow_mut() = Some(log.clone());
-        let child = Command::new("systemd-socket-activate")
-            .arg("-l")
-            .arg(&socket)
-            .arg(BIN)
-            .arg("--socket-path")
-            .arg(&socket)
-            .args(args)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        let mut daemon = Daemon {
-            child,
-            socket,
-            log,
-            luns,
-        };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !daemon.socket.exists() {
-            if !daemon.alive() || Instant::now() > deadline {
-                self.fail("systemd-socket-activate did not create the socket");
             }
             std::thread::sleep(Duration::from_millis(20));
         }

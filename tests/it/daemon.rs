@@ -225,7 +225,7 @@ impl Drop for Daemon {
 }
 
 /// Connects as a VMM and negotiates like QEMU's first messages do.
-fn handshake(sock: &Path) -> u64 {
+pub(crate) fn handshake(sock: &Path) -> u64 {
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut frontend = loop {
         match Frontend::connect(sock, 18) {

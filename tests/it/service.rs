@@ -7,11 +7,7 @@ use std::os::unix::net::{UnixDatagram, UnixStream};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
-
-use vhost::vhost_user::message::VhostUserVirtioFeatures;
-use vhost::vhost_user::Frontend;
-use vhost::VhostBackend;
+use std::time::Duration;
 
 use crate::common::BIN;
 
@@ -28,24 +24,7 @@ fn image(dir: &Path) -> String {
 
 /// A VMM's negotiation up to SET_FEATURES, then a disconnect.
 fn handshake(sock: &Path) {
-    let deadline = Instant::now() + WAIT;
-    let frontend = loop {
-        match Frontend::connect(sock, 18) {
-            Ok(f) => break f,
-            Err(e) if Instant::now() < deadline => {
-                let _ = e;
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            Err(e) => panic!("cannot connect: {e}"),
-        }
-    };
-    frontend.set_owner().unwrap();
-    let features = frontend.get_features().unwrap();
-    assert_ne!(
-        features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits(),
-        0
-    );
-    frontend.set_features(features).unwrap();
+    crate::daemon::handshake(sock);
 }
 
 /// The next notification, as its `KEY=VALUE` lines.

@@ -377,6 +377,30 @@ pub struct ScsiFrontend {
 
 /// Connects to the backend listening at `socket`, retrying until it
 /// listens or `timeout` passes (the daemon may still be starting).
+/// Negotiates in-flight tracking as QEMU does at a device's first start:
+/// GET_INFLIGHT_FD for `num_queues` queues of `queue_size` entries, then
+/// SET_INFLIGHT_FD with the region the device made. The region (its
+/// geometry and descriptor), which QEMU keeps for every later daemon.
+pub(crate) fn inflight_region(
+    frontend: &mut Frontend,
+    num_queues: u16,
+    queue_size: u16,
+) -> Result<(vhost::vhost_user::message::VhostUserInflight, File), FrontendError> {
+    let asked = vhost::vhost_user::message::VhostUserInflight {
+        mmap_size: 0,
+        mmap_offset: 0,
+        num_queues,
+        queue_size,
+    };
+    let (region, file) = frontend
+        .get_inflight_fd(&asked)
+        .map_err(vhost_err("GET_INFLIGHT_FD"))?;
+    frontend
+        .set_inflight_fd(&region, file.as_raw_fd())
+        .map_err(vhost_err("SET_INFLIGHT_FD"))?;
+    Ok((region, file))
+}
+
 pub(crate) fn connect_with_retry(
     socket: &Path,
     max_queues: u64,
@@ -516,19 +540,9 @@ impl ScsiFrontend {
             .map_err(vhost_err("SET_MEM_TABLE"))?;
         let inflight =
             if config.inflight && protocol.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD) {
-                let asked = vhost::vhost_user::message::VhostUserInflight {
-                    mmap_size: 0,
-                    mmap_offset: 0,
-                    num_queues: u16::try_from(FIRST_REQUEST_QUEUE + config.request_queues)
-                        .map_err(|_| FrontendError::Config("too many queues".into()))?,
-                    queue_size: ring_size,
-                };
-                let (region, file) = frontend
-                    .get_inflight_fd(&asked)
-                    .map_err(vhost_err("GET_INFLIGHT_FD"))?;
-                frontend
-                    .set_inflight_fd(&region, file.as_raw_fd())
-                    .map_err(vhost_err("SET_INFLIGHT_FD"))?;
+                let queues = u16::try_from(FIRST_REQUEST_QUEUE + config.request_queues)
+                    .map_err(|_| FrontendError::Config("too many queues".into()))?;
+                let (_, file) = inflight_region(&mut frontend, queues, ring_size)?;
                 Some(file)
             } else {
                 None

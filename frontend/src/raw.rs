@@ -243,20 +243,11 @@ impl RawDevice {
         let all: Vec<usize> = (0..config.regions.len()).collect();
         device.set_mem_table(&all)?;
         if config.inflight {
-            let asked = VhostUserInflight {
-                mmap_size: 0,
-                mmap_offset: 0,
-                num_queues: config.max_queues as u16,
-                queue_size: config.queue_size,
-            };
-            let (region, file) = device
-                .frontend
-                .get_inflight_fd(&asked)
-                .map_err(vhost_err("GET_INFLIGHT_FD"))?;
-            device
-                .frontend
-                .set_inflight_fd(&region, file.as_raw_fd())
-                .map_err(vhost_err("SET_INFLIGHT_FD"))?;
+            let (region, file) = super::inflight_region(
+                &mut device.frontend,
+                config.max_queues as u16,
+                config.queue_size,
+            )?;
             device.inflight = Some((region, file));
         }
 

@@ -1311,10 +1311,11 @@ impl VhostUserBackend for ScsiBackend {
         // VMM can reach the handlers of features never offered. What they
         // could do here is refused: GET_CONFIG and SET_CONFIG below, and a
         // memory table of more regions than SET_MEM_TABLE carries (ADD_MEM_REG,
-        // `check_memory_table`); vhost-user-backend itself refuses
-        // SET_LOG_BASE for this backend (no dirty bitmap), INFLIGHT_SHMFD
-        // and device state transfers. RESET_DEVICE only does what
-        // SET_VRING_ENABLE and RESET_OWNER, always allowed, do.
+        // `check_memory_table`); the handler (handler.rs) refuses device
+        // state transfers, postcopy and back-end requests. RESET_DEVICE
+        // only does what SET_VRING_ENABLE and RESET_OWNER, always allowed,
+        // do. INFLIGHT_SHMFD (restart without losing requests) and
+        // LOG_SHMFD (live migration) are handled by handler.rs.
         VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::INFLIGHT_SHMFD

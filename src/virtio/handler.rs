@@ -291,12 +291,12 @@ impl Connection {
         self.mappings
             .iter()
             .find(|m| vmm_va >= m.vmm_addr && vmm_va - m.vmm_addr < m.size)
-            .map(|m| vmm_va - m.vmm_addr + m.gpa)
+            .and_then(|m| (vmm_va - m.vmm_addr).checked_add(m.gpa))
             .ok_or(VhostUserError::InvalidParam)
     }
 
-    /// Makes `mem` the connection's guest memory, after the backend's
-    /// checks (a table it refuses leaves an empty one).
+    /// Makes `mem` the connection's guest memory, once checked (a table
+    /// refused leaves the one before in place, and the request fails).
     fn install_memory(&mut self, mem: GuestMem) -> VhostUserResult<()> {
         // Checked before the queues can see it: a region past the end of
         // its file would raise SIGBUS at a worker's first access there.

@@ -136,21 +136,23 @@ impl WorkerLoop {
                             let read = vrings[local].read_kick();
                             let hung_up = EventSet::from_bits_truncate(event.events)
                                 .intersects(EventSet::HANG_UP | EventSet::ERROR);
-                            match read {
-                                // Not an eventfd that can be read (a pipe
-                                // whose other end is closed, say): epoll
-                                // would report it again at once, for ever.
-                                Err(e) if e.kind() != io::ErrorKind::WouldBlock || hung_up => {
-                                    warn!("worker thread {thread}: queue {local}'s kick descriptor is unusable ({e}): no longer watched");
+                            // Not an eventfd that can be read (a pipe whose
+                            // other end is closed, say): epoll would report
+                            // it again at once, for ever.
+                            let unusable = match &read {
+                                Err(e) if e.kind() != io::ErrorKind::WouldBlock => {
+                                    Some(e.to_string())
+                                }
+                                _ if hung_up => Some("hung up".to_string()),
+                                _ => None,
+                            };
+                            match unusable {
+                                Some(why) => {
+                                    warn!("worker thread {thread}: queue {local}'s kick descriptor is unusable ({why}): no longer watched");
                                     self.unwatch_kick(&vrings[local]);
                                     Ok(())
                                 }
-                                _ if hung_up => {
-                                    warn!("worker thread {thread}: queue {local}'s kick descriptor hung up: no longer watched");
-                                    self.unwatch_kick(&vrings[local]);
-                                    Ok(())
-                                }
-                                _ => Self::serve_queue(backend, vrings, thread, local as u16),
+                                None => Self::serve_queue(backend, vrings, thread, local as u16),
                             }
                         }
                         None => match u16::try_from(id) {

@@ -6,6 +6,7 @@ mod file;
 mod iobufs;
 pub(crate) mod lock;
 mod mem;
+pub mod remote;
 pub(crate) mod uring;
 
 pub use engine::IoEngine;
@@ -139,5 +140,21 @@ pub trait Storage: Send + Sync {
     /// any. The file descriptor stays open as long as `self` lives.
     fn async_file(&self) -> Option<AsyncFile> {
         None
+    }
+
+    /// The backend's asynchronous side, for storage reached over the
+    /// network: the worker hands READ, WRITE and SYNCHRONIZE CACHE (and,
+    /// for passthrough, every forwarded command) to it and never waits
+    /// for a round trip. `None` for local storage.
+    fn remote(&self) -> Option<&dyn remote::RemoteStorage> {
+        None
+    }
+
+    /// Whether the storage executes SCSI commands itself (an iSCSI
+    /// logical unit): its unit forwards commands as they are
+    /// ([`remote::RemoteOp::Scsi`] through [`Storage::remote`]) instead
+    /// of emulating a disk over byte reads and writes.
+    fn scsi_passthrough(&self) -> bool {
+        false
     }
 }

@@ -4,6 +4,7 @@
 pub(crate) mod engine;
 mod file;
 mod iobufs;
+pub mod iscsi;
 pub(crate) mod lock;
 mod mem;
 pub mod remote;
@@ -15,7 +16,8 @@ pub(crate) use engine::{
 };
 pub use file::{DirectAlignment, FileImage, ImageKind, OpenError};
 pub use iobufs::{IoBufs, IoBufsMut};
-pub(crate) use iobufs::{PinSink, PinnedBufs};
+// Public for remote backends' tests, which pin memory of their own.
+pub use iobufs::{MemoryOwner, PinSink, PinnedBufs};
 pub use lock::{Holder, ImageLocks, LockError};
 pub use mem::MemImage;
 

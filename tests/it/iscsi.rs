@@ -1,0 +1,631 @@
+//! The iSCSI passthrough backend (`storage::iscsi`) against a real target:
+//! tgtd, started here without systemd on a free port with a control port
+//! of its own per test (so the tests run side by side), configured with
+//! tgtadm, serving a file as LUN 1 (tgt's LUN 0 is its controller).
+//! Commands go through `RemoteStorage::submit` with pinned memory of a
+//! `GuestMemoryMmap` (several pieces per buffer, as a guest's), results
+//! come back through a `CompletionSink`. Every expectation is made on the
+//! host side: the backing file's bytes, the identity given to tgtadm.
+//! Without tgtd or libiscsi the tests are skipped, except under CI=true.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use vhost_device_scsi::storage::iscsi::{IscsiLun, IscsiOptions, PasswordSource};
+use vhost_device_scsi::storage::remote::{
+    CdbBytes, CompletionSink, DataDirection, RemoteOp, RemoteResult, RemoteStorage, ScsiOutcome,
+    TaskManagement, TaskManagementResponse,
+};
+use vhost_device_scsi::storage::{PinnedBufs, Storage};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+use crate::common::skipped;
+
+const IQN: &str = "iqn.2026-12.org.example.vhost-device-scsi:test";
+const BLOCK: usize = 512;
+const IMAGE_BYTES: usize = 4 << 20;
+const VENDOR: &str = "VDSTEST";
+const PRODUCT: &str = "PASSTHRU";
+
+/// Whether tgtd and libiscsi are here; under CI they must be.
+fn available() -> bool {
+    let tgtd = Command::new("tgtd").arg("--version").output().is_ok();
+    let lib = Path::new("/usr/lib/x86_64-linux-gnu/libiscsi.so.7").exists()
+        || Path::new("/usr/lib/aarch64-linux-gnu/libiscsi.so.7").exists()
+        || Path::new("/usr/lib64/libiscsi.so.7").exists();
+    if !(tgtd && lib) {
+        skipped("iSCSI: tgtd (Debian package tgt) or libiscsi.so.7 (libiscsi7) missing");
+        return false;
+    }
+    true
+}
+
+/// A tgtd of the test's own.
+struct Tgt {
+    child: Option<Child>,
+    port: u16,
+    control: u16,
+    image: PathBuf,
+    chap: Option<(String, String)>,
+    _dir: tempfile::TempDir,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Tgt {
+    /// A target with LUN 1 over a file of `IMAGE_BYTES` (a pattern: each
+    /// 512-byte block holds its number and offsets), CHAP if `chap`.
+    fn start(chap: Option<(&str, &str)>) -> Tgt {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("lun1.img");
+        std::fs::write(&image, pattern(0, IMAGE_BYTES)).unwrap();
+        let port = free_port();
+        let mut tgt = Tgt {
+            child: None,
+            port,
+            control: 0,
+            image,
+            chap: chap.map(|(u, p)| (u.to_string(), p.to_string())),
+            _dir: dir,
+        };
+        tgt.launch();
+        tgt
+    }
+
+    fn launch(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        if self.control == 0 {
+            // The control port (at most 32767) names tgtd's socket,
+            // /var/run/tgtd/socket.N: one no tgtd answers on, derived
+            // from the free portal port.
+            self.control = 1024 + self.port % 31000;
+            while self.adm_ok(&["--op", "show", "--mode", "sys"]) {
+                self.control = 1024 + (self.control - 1024 + 1) % 31000;
+            }
+        }
+        let log = std::fs::File::create(self._dir.path().join("tgtd.log")).unwrap();
+        let child = Command::new("tgtd")
+            .args(["-f", "-C", &self.control.to_string(), "--iscsi"])
+            .arg(format!("portal=127.0.0.1:{}", self.port))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("tgtd");
+        self.child = Some(child);
+        // Ready when its control socket answers (and it is still ours).
+        while !self.adm_ok(&["--op", "show", "--mode", "sys"]) {
+            let exited = self.child.as_mut().unwrap().try_wait().unwrap();
+            assert!(
+                exited.is_none() && Instant::now() < deadline,
+                "tgtd did not start: {}",
+                std::fs::read_to_string(self._dir.path().join("tgtd.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(self.child.as_mut().unwrap().try_wait().unwrap().is_none());
+        let image = self.image.to_str().unwrap().to_string();
+        self.adm(&["--op", "new", "--mode", "target", "--tid", "1", "-T", IQN]);
+        self.adm(&[
+            "--op", "new", "--mode", "logicalunit", "--tid", "1", "--lun", "1", "-b", &image,
+        ]);
+        let params = format!("vendor_id={VENDOR},product_id={PRODUCT}");
+        self.adm(&[
+            "--op", "update", "--mode", "logicalunit", "--tid", "1", "--lun", "1", "--params",
+            &params,
+        ]);
+        if let Some((user, password)) = self.chap.clone() {
+            self.adm(&[
+                "--op", "new", "--mode", "account", "--user", &user, "--password", &password,
+            ]);
+            self.adm(&["--op", "bind", "--mode", "account", "--tid", "1", "--user", &user]);
+        }
+        self.adm(&["--op", "bind", "--mode", "target", "--tid", "1", "-I", "ALL"]);
+        // Listening once the portal accepts.
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "tgtd does not listen");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn adm_ok(&self, args: &[&str]) -> bool {
+        Command::new("tgtadm")
+            .args(["-C", &self.control.to_string(), "--lld", "iscsi"])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
+    fn adm(&self, args: &[&str]) {
+        let out = Command::new("tgtadm")
+            .args(["-C", &self.control.to_string(), "--lld", "iscsi"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "tgtadm {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn uri(&self) -> String {
+        format!("iscsi://127.0.0.1:{}/{IQN}/1", self.port)
+    }
+
+    /// SIGKILL: no logout, the connections reset.
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn image_bytes(&self) -> Vec<u8> {
+        std::fs::read(&self.image).unwrap()
+    }
+}
+
+impl Drop for Tgt {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The image's bytes from `offset`: block number and byte offset mixed.
+fn pattern(offset: usize, len: usize) -> Vec<u8> {
+    (offset..offset + len)
+        .map(|i| ((i / BLOCK) as u8).wrapping_mul(31) ^ (i as u8))
+        .collect()
+}
+
+/// Guest memory for the commands' buffers.
+struct Memory {
+    mem: Arc<GuestMemoryMmap>,
+}
+
+impl Memory {
+    fn new(size: usize) -> Memory {
+        Memory {
+            mem: Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size)]).unwrap()),
+        }
+    }
+
+    /// `len` bytes at `addr` pinned as pieces of at most 4 KiB, each piece
+    /// followed by a 512-byte gap (so the buffer is scattered).
+    fn pin(&self, addr: u64, len: usize) -> PinnedBufs {
+        let mut bufs = PinnedBufs::new();
+        let owner: vhost_device_scsi::storage::MemoryOwner = self.mem.clone();
+        let mem = self.mem.clone();
+        // SAFETY: the slices lie in `mem`'s mapping, which the owner (the
+        // same Arc) keeps mapped.
+        let ok = unsafe {
+            bufs.pin_with(owner, |sink| {
+                let mut at = addr;
+                let mut left = len;
+                while left > 0 {
+                    let n = left.min(4096);
+                    let slice = mem.get_slice(GuestAddress(at), n).unwrap();
+                    sink.push(&slice);
+                    left -= n;
+                    at += n as u64 + 512;
+                }
+                true
+            })
+        };
+        assert!(ok);
+        bufs
+    }
+
+    /// The bytes `pin(addr, len)` covers, in order.
+    fn read(&self, addr: u64, len: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut at = addr;
+        let mut left = len;
+        while left > 0 {
+            let n = left.min(4096);
+            let mut piece = vec![0u8; n];
+            self.mem.read_slice(&mut piece, GuestAddress(at)).unwrap();
+            out.extend_from_slice(&piece);
+            left -= n;
+            at += n as u64 + 512;
+        }
+        out
+    }
+
+    fn write(&self, addr: u64, data: &[u8]) {
+        let mut at = addr;
+        for piece in data.chunks(4096) {
+            self.mem.write_slice(piece, GuestAddress(at)).unwrap();
+            at += piece.len() as u64 + 512;
+        }
+    }
+
+    /// Room `pin` needs for `len` bytes.
+    fn span(len: usize) -> u64 {
+        (len + len.div_ceil(4096) * 512) as u64
+    }
+}
+
+fn read16(lba: u64, blocks: u32) -> CdbBytes {
+    let mut c = [0u8; 16];
+    c[0] = 0x88;
+    c[2..10].copy_from_slice(&lba.to_be_bytes());
+    c[10..14].copy_from_slice(&blocks.to_be_bytes());
+    CdbBytes::new(&c).unwrap()
+}
+
+fn write16(lba: u64, blocks: u32) -> CdbBytes {
+    let mut c = read16(lba, blocks).as_slice().to_vec();
+    c[0] = 0x8a;
+    CdbBytes::new(&c).unwrap()
+}
+
+fn scsi(cdb: CdbBytes, direction: DataDirection, len: usize, tag: u64) -> RemoteOp {
+    RemoteOp::Scsi {
+        cdb,
+        direction,
+        len,
+        tag,
+    }
+}
+
+/// Waits for `n` results; every token exactly once.
+fn collect(sink: &CompletionSink, n: usize, within: Duration) -> HashMap<u64, RemoteResult> {
+    let deadline = Instant::now() + within;
+    let mut got = HashMap::new();
+    while got.len() < n {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(!left.is_zero(), "{} of {n} results in {within:?}", got.len());
+        sink.wait(left.min(Duration::from_millis(200)));
+        sink.take(&mut |token, result| {
+            assert!(
+                got.insert(token, result).is_none(),
+                "token {token} completed twice"
+            );
+        });
+    }
+    got
+}
+
+/// One command, its outcome.
+fn run(
+    lun: &IscsiLun,
+    mem: &Memory,
+    op: RemoteOp,
+    addr: u64,
+    len: usize,
+) -> io::Result<ScsiOutcome> {
+    let sink = CompletionSink::new(None);
+    lun.submit(op, mem.pin(addr, len), sink.completion(1));
+    match collect(&sink, 1, Duration::from_secs(20)).remove(&1).unwrap() {
+        RemoteResult::Scsi(r) => r,
+        other => panic!("not a SCSI result: {other:?}"),
+    }
+}
+
+fn good(r: io::Result<ScsiOutcome>) -> ScsiOutcome {
+    let o = r.expect("the command reached the target");
+    assert_eq!(o.status, 0, "status {:#x}, sense {:02x?}", o.status, o.sense());
+    o
+}
+
+/// Sense key, ASC, ASCQ of fixed or descriptor sense.
+fn sense_triple(s: &[u8]) -> (u8, u8, u8) {
+    match s[0] & 0x7f {
+        0x70 | 0x71 => (s[2] & 0xf, s[12], s[13]),
+        0x72 | 0x73 => (s[1] & 0xf, s[2], s[3]),
+        _ => panic!("not sense data: {s:02x?}"),
+    }
+}
+
+/// A command run until it is past unit attentions (a reset leaves one).
+fn run_past_ua(lun: &IscsiLun, mem: &Memory, op: RemoteOp, addr: u64, len: usize) -> ScsiOutcome {
+    for _ in 0..5 {
+        let o = run(lun, mem, op, addr, len).expect("the command reached the target");
+        if o.status == 2 && sense_triple(o.sense()).0 == 6 {
+            continue;
+        }
+        return o;
+    }
+    panic!("unit attentions do not stop");
+}
+
+fn options() -> IscsiOptions {
+    IscsiOptions {
+        timeout: Duration::from_secs(10),
+        ..IscsiOptions::default()
+    }
+}
+
+#[test]
+fn iscsi_passthrough_inquiry_read_write_and_sense() {
+    if !available() {
+        return;
+    }
+    let tgt = Tgt::start(None);
+    let lun = IscsiLun::open(&tgt.uri(), &options()).unwrap();
+    assert_eq!(lun.size(), IMAGE_BYTES as u64);
+    assert_eq!(lun.block_size(), BLOCK as u32);
+    assert!(lun.scsi_passthrough());
+    assert!(lun.remote().is_some());
+    assert!(!lun.read_only());
+    let mem = Memory::new(4 << 20);
+
+    // INQUIRY: the identity given to tgtadm; fewer bytes than asked for,
+    // the residual taken off.
+    let o = run_past_ua(
+        &lun,
+        &mem,
+        scsi(CdbBytes::new(&[0x12, 0, 0, 0, 255, 0]).unwrap(), DataDirection::FromDevice, 255, 1),
+        0,
+        255,
+    );
+    assert_eq!(o.status, 0);
+    let data = mem.read(0, 255);
+    assert_eq!(o.transferred, usize::from(data[4]) + 5, "{:02x?}", &data[..8]);
+    assert!(o.transferred < 255);
+    assert_eq!(&data[8..16], format!("{VENDOR:<8}").as_bytes());
+    assert_eq!(&data[16..32], format!("{PRODUCT:<16}").as_bytes());
+
+    // READ(16) of 40 blocks at block 100, into 11 scattered pieces.
+    let len = 40 * BLOCK;
+    let o = good(run(&lun, &mem, scsi(read16(100, 40), DataDirection::FromDevice, len, 2), 0, len));
+    assert_eq!(o.transferred, len);
+    assert_eq!(mem.read(0, len), pattern(100 * BLOCK, len));
+
+    // WRITE(16): lands in the file, exactly there.
+    let data: Vec<u8> = (0..len).map(|i| (i * 7 + 3) as u8).collect();
+    mem.write(0x100000, &data);
+    let o = good(run(&lun, &mem, scsi(write16(2000, 40), DataDirection::ToDevice, len, 3), 0x100000, len));
+    assert_eq!(o.transferred, len);
+    let file = tgt.image_bytes();
+    assert_eq!(&file[2000 * BLOCK..2040 * BLOCK], &data[..]);
+    assert_eq!(&file[..2000 * BLOCK], &pattern(0, 2000 * BLOCK)[..]);
+    assert_eq!(&file[2040 * BLOCK..], &pattern(2040 * BLOCK, IMAGE_BYTES - 2040 * BLOCK)[..]);
+
+    // READ past the end: CHECK CONDITION, ILLEGAL REQUEST, LBA OUT OF
+    // RANGE, as tgt gave it.
+    let last = (IMAGE_BYTES / BLOCK) as u64;
+    let o = run(&lun, &mem, scsi(read16(last - 1, 2), DataDirection::FromDevice, 2 * BLOCK, 4), 0, 2 * BLOCK)
+        .unwrap();
+    assert_eq!(o.status, 2);
+    assert_eq!(sense_triple(o.sense()), (0x5, 0x21, 0x00), "{:02x?}", o.sense());
+
+    // No data: TEST UNIT READY.
+    let o = good(run(&lun, &mem, scsi(CdbBytes::new(&[0; 6]).unwrap(), DataDirection::None, 0, 5), 0, 0));
+    assert_eq!(o.transferred, 0);
+
+    // NBD's ops are refused.
+    let sink = CompletionSink::new(None);
+    lun.submit(RemoteOp::Flush, PinnedBufs::new(), sink.completion(9));
+    match collect(&sink, 1, Duration::from_secs(5)).remove(&9).unwrap() {
+        RemoteResult::Io(Err(e)) => assert_eq!(e.kind(), io::ErrorKind::Unsupported),
+        other => panic!("{other:?}"),
+    }
+    // So are the byte-level methods.
+    assert_eq!(lun.flush().unwrap_err().kind(), io::ErrorKind::Unsupported);
+}
+
+#[test]
+fn iscsi_many_commands_in_flight() {
+    if !available() {
+        return;
+    }
+    let tgt = Tgt::start(None);
+    let lun = IscsiLun::open(&tgt.uri(), &options()).unwrap();
+    let mem = Memory::new(8 << 20);
+    // Past the first command's unit attention.
+    run_past_ua(&lun, &mem, scsi(CdbBytes::new(&[0; 6]).unwrap(), DataDirection::None, 0, 0), 0, 0);
+    let sink = CompletionSink::new(None);
+    let len = 8 * BLOCK;
+    let slot = Memory::span(len);
+    const N: u64 = 96;
+    // Even tokens read blocks 0..., odd ones write blocks 4096...
+    for i in 0..N {
+        let addr = i * slot;
+        let (op, lba) = if i % 2 == 0 {
+            (scsi(read16(i * 8, 8), DataDirection::FromDevice, len, i), i * 8)
+        } else {
+            let lba = 4096 + i * 8;
+            mem.write(addr, &vec![i as u8; len]);
+            (scsi(write16(lba, 8), DataDirection::ToDevice, len, i), lba)
+        };
+        let _ = lba;
+        lun.submit(op, mem.pin(addr, len), sink.completion(i));
+    }
+    assert!(sink.in_flight() > 0);
+    let results = collect(&sink, N as usize, Duration::from_secs(30));
+    assert_eq!(sink.in_flight(), 0);
+    let file = tgt.image_bytes();
+    for (token, result) in results {
+        let RemoteResult::Scsi(r) = result else {
+            panic!("{token}: not a SCSI result");
+        };
+        let o = good(r);
+        assert_eq!(o.transferred, len);
+        let addr = token * slot;
+        if token % 2 == 0 {
+            let at = (token * 8) as usize * BLOCK;
+            assert_eq!(mem.read(addr, len), pattern(at, len), "read {token}");
+        } else {
+            let at = (4096 + token * 8) as usize * BLOCK;
+            assert_eq!(&file[at..at + len], &vec![token as u8; len][..], "write {token}");
+        }
+    }
+    // Nothing more arrives.
+    assert!(!sink.wait(Duration::from_millis(200)));
+}
+
+#[test]
+fn iscsi_task_management() {
+    if !available() {
+        return;
+    }
+    let tgt = Tgt::start(None);
+    let lun = IscsiLun::open(&tgt.uri(), &options()).unwrap();
+    let mem = Memory::new(8 << 20);
+    let t = Duration::from_secs(10);
+    assert_eq!(lun.task_management(TaskManagement::LogicalUnitReset, t), TaskManagementResponse::Complete);
+    assert_eq!(lun.task_management(TaskManagement::AbortTaskSet, t), TaskManagementResponse::Complete);
+    // A tag nobody uses.
+    assert_eq!(
+        lun.task_management(TaskManagement::AbortTask { tag: 12345 }, t),
+        TaskManagementResponse::Complete
+    );
+    // Commands in flight, then ABORT TASK of one and a LUN RESET: each
+    // command completes exactly once (done, or TASK ABORTED).
+    let sink = CompletionSink::new(None);
+    let len = 256 * BLOCK;
+    let slot = Memory::span(len);
+    for i in 0..16u64 {
+        lun.submit(
+            scsi(read16(i * 256 % 8192, 256), DataDirection::FromDevice, len, 100 + i),
+            mem.pin(i * slot, len),
+            sink.completion(i),
+        );
+    }
+    assert_eq!(
+        lun.task_management(TaskManagement::AbortTask { tag: 115 }, t),
+        TaskManagementResponse::Complete
+    );
+    assert_eq!(lun.task_management(TaskManagement::LogicalUnitReset, t), TaskManagementResponse::Complete);
+    let results = collect(&sink, 16, Duration::from_secs(20));
+    for (token, result) in results {
+        match result {
+            RemoteResult::Scsi(Ok(o)) if o.status == 0 => {
+                let at = (token * 256 % 8192) as usize * BLOCK;
+                assert_eq!(mem.read(token * slot, len), pattern(at, len), "{token}");
+            }
+            RemoteResult::Scsi(Ok(o)) if o.status == 0x40 || o.status == 2 => {}
+            other => panic!("{token}: {other:?}"),
+        }
+    }
+    assert!(!sink.wait(Duration::from_millis(200)));
+    // The unit works on.
+    let o = run_past_ua(&lun, &mem, scsi(read16(7, 1), DataDirection::FromDevice, BLOCK, 1), 0, BLOCK);
+    assert_eq!(o.status, 0);
+    assert_eq!(mem.read(0, BLOCK), pattern(7 * BLOCK, BLOCK));
+}
+
+#[test]
+fn iscsi_chap() {
+    if !available() {
+        return;
+    }
+    let tgt = Tgt::start(Some(("vdsuser", "vdssecret12345")));
+    let uri = tgt.uri();
+    // No credentials, a wrong password: one line naming the URI, no
+    // password in it.
+    let e = IscsiLun::open(&uri, &options()).unwrap_err().to_string();
+    assert!(e.starts_with(&format!("{uri}: login failed")), "{e}");
+    assert!(!e.contains('\n'));
+    let wrong = uri.replace("iscsi://", "iscsi://vdsuser%wrongpassword1@");
+    let e = IscsiLun::open(&wrong, &options()).unwrap_err().to_string();
+    assert!(e.starts_with(&format!("iscsi://vdsuser@127.0.0.1:{}/{IQN}/1: login failed", tgt.port)), "{e}");
+    assert!(!e.contains("wrongpassword1") && !e.contains('\n'), "{e}");
+    // Right, from the URI.
+    let right = uri.replace("iscsi://", "iscsi://vdsuser%vdssecret12345@");
+    let lun = IscsiLun::open(&right, &options()).unwrap();
+    assert_eq!(lun.size(), IMAGE_BYTES as u64);
+    drop(lun);
+    // Right, from a file.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("pw");
+    std::fs::write(&file, "vdssecret12345\n").unwrap();
+    let opts = IscsiOptions {
+        user: Some("vdsuser".into()),
+        password: PasswordSource::File(file),
+        ..options()
+    };
+    let lun = IscsiLun::open(&uri, &opts).unwrap();
+    let mem = Memory::new(1 << 20);
+    let o = run_past_ua(&lun, &mem, scsi(read16(3, 2), DataDirection::FromDevice, 2 * BLOCK, 1), 0, 2 * BLOCK);
+    assert_eq!(o.status, 0);
+    assert_eq!(mem.read(0, 2 * BLOCK), pattern(3 * BLOCK, 2 * BLOCK));
+}
+
+#[test]
+fn iscsi_nothing_listening_is_a_login_error() {
+    if !available() {
+        return;
+    }
+    let port = free_port();
+    let uri = format!("iscsi://127.0.0.1:{port}/{IQN}/1");
+    let e = IscsiLun::open(&uri, &options()).unwrap_err().to_string();
+    assert!(e.starts_with(&format!("{uri}: login failed")), "{e}");
+    assert!(!e.contains('\n'));
+}
+
+#[test]
+fn iscsi_tgtd_killed_and_restarted_during_io() {
+    if !available() {
+        return;
+    }
+    let mut tgt = Tgt::start(None);
+    let lun = IscsiLun::open(&tgt.uri(), &options()).unwrap();
+    let mem = Memory::new(16 << 20);
+    run_past_ua(&lun, &mem, scsi(CdbBytes::new(&[0; 6]).unwrap(), DataDirection::None, 0, 0), 0, 0);
+    let sink = CompletionSink::new(None);
+    let len = 64 * BLOCK;
+    let slot = Memory::span(len);
+    // Reads of the pattern, in flight while tgtd is killed.
+    const N: u64 = 48;
+    for i in 0..N {
+        lun.submit(
+            scsi(read16(i * 64 % 8192, 64), DataDirection::FromDevice, len, i),
+            mem.pin(i * slot, len),
+            sink.completion(i),
+        );
+    }
+    tgt.kill();
+    let mut results = collect(&sink, N as usize, Duration::from_secs(20));
+    // Submitted while it is down: they wait for the new session.
+    for i in N..N + 8 {
+        lun.submit(
+            scsi(read16(i * 64 % 8192, 64), DataDirection::FromDevice, len, i),
+            mem.pin(i * slot, len),
+            sink.completion(i),
+        );
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    tgt.launch();
+    results.extend(collect(&sink, 8, Duration::from_secs(20)));
+    let (mut done, mut reset) = (0, 0);
+    for (token, result) in results {
+        match result {
+            RemoteResult::Scsi(Ok(o)) if o.status == 0 => {
+                let at = (token * 64 % 8192) as usize * BLOCK;
+                assert_eq!(mem.read(token * slot, len), pattern(at, len), "{token}");
+                done += 1;
+            }
+            // A new target's first command may meet a unit attention.
+            RemoteResult::Scsi(Ok(o)) if o.status == 2 && sense_triple(o.sense()).0 == 6 => {}
+            RemoteResult::Scsi(Err(e)) if e.kind() == io::ErrorKind::ConnectionReset => {
+                assert!(token < N, "{token} was sent after the drop: {e}");
+                reset += 1;
+            }
+            other => panic!("{token}: {other:?}"),
+        }
+    }
+    eprintln!("{done} done, {reset} reset by the drop");
+    assert!(!sink.wait(Duration::from_millis(200)));
+    assert_eq!(sink.in_flight(), 0);
+    // New commands work.
+    let o = run_past_ua(&lun, &mem, scsi(read16(9, 4), DataDirection::FromDevice, 4 * BLOCK, 1), 0, 4 * BLOCK);
+    assert_eq!(o.status, 0);
+    assert_eq!(mem.read(0, 4 * BLOCK), pattern(9 * BLOCK, 4 * BLOCK));
+}

@@ -118,20 +118,48 @@ impl Tgt {
         let image = self.image.to_str().unwrap().to_string();
         self.adm(&["--op", "new", "--mode", "target", "--tid", "1", "-T", IQN]);
         self.adm(&[
-            "--op", "new", "--mode", "logicalunit", "--tid", "1", "--lun", "1", "-b", &image,
+            "--op",
+            "new",
+            "--mode",
+            "logicalunit",
+            "--tid",
+            "1",
+            "--lun",
+            "1",
+            "-b",
+            &image,
         ]);
         let params = format!("vendor_id={VENDOR},product_id={PRODUCT}");
         self.adm(&[
-            "--op", "update", "--mode", "logicalunit", "--tid", "1", "--lun", "1", "--params",
+            "--op",
+            "update",
+            "--mode",
+            "logicalunit",
+            "--tid",
+            "1",
+            "--lun",
+            "1",
+            "--params",
             &params,
         ]);
         if let Some((user, password)) = self.chap.clone() {
             self.adm(&[
-                "--op", "new", "--mode", "account", "--user", &user, "--password", &password,
+                "--op",
+                "new",
+                "--mode",
+                "account",
+                "--user",
+                &user,
+                "--password",
+                &password,
             ]);
-            self.adm(&["--op", "bind", "--mode", "account", "--tid", "1", "--user", &user]);
+            self.adm(&[
+                "--op", "bind", "--mode", "account", "--tid", "1", "--user", &user,
+            ]);
         }
-        self.adm(&["--op", "bind", "--mode", "target", "--tid", "1", "-I", "ALL"]);
+        self.adm(&[
+            "--op", "bind", "--mode", "target", "--tid", "1", "-I", "ALL",
+        ]);
         // Listening once the portal accepts.
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
             assert!(Instant::now() < deadline, "tgtd does not listen");
@@ -289,7 +317,11 @@ fn collect(sink: &CompletionSink, n: usize, within: Duration) -> HashMap<u64, Re
     let mut got = HashMap::new();
     while got.len() < n {
         let left = deadline.saturating_duration_since(Instant::now());
-        assert!(!left.is_zero(), "{} of {n} results in {within:?}", got.len());
+        assert!(
+            !left.is_zero(),
+            "{} of {n} results in {within:?}",
+            got.len()
+        );
         sink.wait(left.min(Duration::from_millis(200)));
         sink.take(&mut |token, result| {
             assert!(
@@ -311,7 +343,10 @@ fn run(
 ) -> io::Result<ScsiOutcome> {
     let sink = CompletionSink::new(None);
     lun.submit(op, mem.pin(addr, len), sink.completion(1));
-    match collect(&sink, 1, Duration::from_secs(20)).remove(&1).unwrap() {
+    match collect(&sink, 1, Duration::from_secs(20))
+        .remove(&1)
+        .unwrap()
+    {
         RemoteResult::Scsi(r) => r,
         other => panic!("not a SCSI result: {other:?}"),
     }
@@ -319,7 +354,13 @@ fn run(
 
 fn good(r: io::Result<ScsiOutcome>) -> ScsiOutcome {
     let o = r.expect("the command reached the target");
-    assert_eq!(o.status, 0, "status {:#x}, sense {:02x?}", o.status, o.sense());
+    assert_eq!(
+        o.status,
+        0,
+        "status {:#x}, sense {:02x?}",
+        o.status,
+        o.sense()
+    );
     o
 }
 
@@ -370,49 +411,94 @@ fn iscsi_passthrough_inquiry_read_write_and_sense() {
     let o = run_past_ua(
         &lun,
         &mem,
-        scsi(CdbBytes::new(&[0x12, 0, 0, 0, 255, 0]).unwrap(), DataDirection::FromDevice, 255, 1),
+        scsi(
+            CdbBytes::new(&[0x12, 0, 0, 0, 255, 0]).unwrap(),
+            DataDirection::FromDevice,
+            255,
+            1,
+        ),
         0,
         255,
     );
     assert_eq!(o.status, 0);
     let data = mem.read(0, 255);
-    assert_eq!(o.transferred, usize::from(data[4]) + 5, "{:02x?}", &data[..8]);
+    assert_eq!(
+        o.transferred,
+        usize::from(data[4]) + 5,
+        "{:02x?}",
+        &data[..8]
+    );
     assert!(o.transferred < 255);
     assert_eq!(&data[8..16], format!("{VENDOR:<8}").as_bytes());
     assert_eq!(&data[16..32], format!("{PRODUCT:<16}").as_bytes());
 
     // READ(16) of 40 blocks at block 100, into 11 scattered pieces.
     let len = 40 * BLOCK;
-    let o = good(run(&lun, &mem, scsi(read16(100, 40), DataDirection::FromDevice, len, 2), 0, len));
+    let o = good(run(
+        &lun,
+        &mem,
+        scsi(read16(100, 40), DataDirection::FromDevice, len, 2),
+        0,
+        len,
+    ));
     assert_eq!(o.transferred, len);
     assert_eq!(mem.read(0, len), pattern(100 * BLOCK, len));
 
     // WRITE(16): lands in the file, exactly there.
     let data: Vec<u8> = (0..len).map(|i| (i * 7 + 3) as u8).collect();
     mem.write(0x100000, &data);
-    let o = good(run(&lun, &mem, scsi(write16(2000, 40), DataDirection::ToDevice, len, 3), 0x100000, len));
+    let o = good(run(
+        &lun,
+        &mem,
+        scsi(write16(2000, 40), DataDirection::ToDevice, len, 3),
+        0x100000,
+        len,
+    ));
     assert_eq!(o.transferred, len);
     let file = tgt.image_bytes();
     assert_eq!(&file[2000 * BLOCK..2040 * BLOCK], &data[..]);
     assert_eq!(&file[..2000 * BLOCK], &pattern(0, 2000 * BLOCK)[..]);
-    assert_eq!(&file[2040 * BLOCK..], &pattern(2040 * BLOCK, IMAGE_BYTES - 2040 * BLOCK)[..]);
+    assert_eq!(
+        &file[2040 * BLOCK..],
+        &pattern(2040 * BLOCK, IMAGE_BYTES - 2040 * BLOCK)[..]
+    );
 
     // READ past the end: CHECK CONDITION, ILLEGAL REQUEST, LBA OUT OF
     // RANGE, as tgt gave it.
     let last = (IMAGE_BYTES / BLOCK) as u64;
-    let o = run(&lun, &mem, scsi(read16(last - 1, 2), DataDirection::FromDevice, 2 * BLOCK, 4), 0, 2 * BLOCK)
-        .unwrap();
+    let o = run(
+        &lun,
+        &mem,
+        scsi(read16(last - 1, 2), DataDirection::FromDevice, 2 * BLOCK, 4),
+        0,
+        2 * BLOCK,
+    )
+    .unwrap();
     assert_eq!(o.status, 2);
-    assert_eq!(sense_triple(o.sense()), (0x5, 0x21, 0x00), "{:02x?}", o.sense());
+    assert_eq!(
+        sense_triple(o.sense()),
+        (0x5, 0x21, 0x00),
+        "{:02x?}",
+        o.sense()
+    );
 
     // No data: TEST UNIT READY.
-    let o = good(run(&lun, &mem, scsi(CdbBytes::new(&[0; 6]).unwrap(), DataDirection::None, 0, 5), 0, 0));
+    let o = good(run(
+        &lun,
+        &mem,
+        scsi(CdbBytes::new(&[0; 6]).unwrap(), DataDirection::None, 0, 5),
+        0,
+        0,
+    ));
     assert_eq!(o.transferred, 0);
 
     // NBD's ops are refused.
     let sink = CompletionSink::new(None);
     lun.submit(RemoteOp::Flush, PinnedBufs::new(), sink.completion(9));
-    match collect(&sink, 1, Duration::from_secs(5)).remove(&9).unwrap() {
+    match collect(&sink, 1, Duration::from_secs(5))
+        .remove(&9)
+        .unwrap()
+    {
         RemoteResult::Io(Err(e)) => assert_eq!(e.kind(), io::ErrorKind::Unsupported),
         other => panic!("{other:?}"),
     }
@@ -429,7 +515,13 @@ fn iscsi_many_commands_in_flight() {
     let lun = IscsiLun::open(&tgt.uri(), &options()).unwrap();
     let mem = Memory::new(8 << 20);
     // Past the first command's unit attention.
-    run_past_ua(&lun, &mem, scsi(CdbBytes::new(&[0; 6]).unwrap(), DataDirection::None, 0, 0), 0, 0);
+    run_past_ua(
+        &lun,
+        &mem,
+        scsi(CdbBytes::new(&[0; 6]).unwrap(), DataDirection::None, 0, 0),
+        0,
+        0,
+    );
     let sink = CompletionSink::new(None);
     let len = 8 * BLOCK;
     let slot = Memory::span(len);
@@ -438,7 +530,10 @@ fn iscsi_many_commands_in_flight() {
     for i in 0..N {
         let addr = i * slot;
         let (op, lba) = if i % 2 == 0 {
-            (scsi(read16(i * 8, 8), DataDirection::FromDevice, len, i), i * 8)
+            (
+                scsi(read16(i * 8, 8), DataDirection::FromDevice, len, i),
+                i * 8,
+            )
         } else {
             let lba = 4096 + i * 8;
             mem.write(addr, &vec![i as u8; len]);
@@ -463,7 +558,11 @@ fn iscsi_many_commands_in_flight() {
             assert_eq!(mem.read(addr, len), pattern(at, len), "read {token}");
         } else {
             let at = (4096 + token * 8) as usize * BLOCK;
-            assert_eq!(&file[at..at + len], &vec![token as u8; len][..], "write {token}");
+            assert_eq!(
+                &file[at..at + len],
+                &vec![token as u8; len][..],
+                "write {token}"
+            );
         }
     }
     // Nothing more arrives.
@@ -479,8 +578,14 @@ fn iscsi_task_management() {
     let lun = IscsiLun::open(&tgt.uri(), &options()).unwrap();
     let mem = Memory::new(8 << 20);
     let t = Duration::from_secs(10);
-    assert_eq!(lun.task_management(TaskManagement::LogicalUnitReset, t), TaskManagementResponse::Complete);
-    assert_eq!(lun.task_management(TaskManagement::AbortTaskSet, t), TaskManagementResponse::Complete);
+    assert_eq!(
+        lun.task_management(TaskManagement::LogicalUnitReset, t),
+        TaskManagementResponse::Complete
+    );
+    assert_eq!(
+        lun.task_management(TaskManagement::AbortTaskSet, t),
+        TaskManagementResponse::Complete
+    );
     // A tag nobody uses.
     assert_eq!(
         lun.task_management(TaskManagement::AbortTask { tag: 12345 }, t),
@@ -493,7 +598,12 @@ fn iscsi_task_management() {
     let slot = Memory::span(len);
     for i in 0..16u64 {
         lun.submit(
-            scsi(read16(i * 256 % 8192, 256), DataDirection::FromDevice, len, 100 + i),
+            scsi(
+                read16(i * 256 % 8192, 256),
+                DataDirection::FromDevice,
+                len,
+                100 + i,
+            ),
             mem.pin(i * slot, len),
             sink.completion(i),
         );
@@ -502,7 +612,10 @@ fn iscsi_task_management() {
         lun.task_management(TaskManagement::AbortTask { tag: 115 }, t),
         TaskManagementResponse::Complete
     );
-    assert_eq!(lun.task_management(TaskManagement::LogicalUnitReset, t), TaskManagementResponse::Complete);
+    assert_eq!(
+        lun.task_management(TaskManagement::LogicalUnitReset, t),
+        TaskManagementResponse::Complete
+    );
     let results = collect(&sink, 16, Duration::from_secs(20));
     for (token, result) in results {
         match result {
@@ -516,7 +629,13 @@ fn iscsi_task_management() {
     }
     assert!(!sink.wait(Duration::from_millis(200)));
     // The unit works on.
-    let o = run_past_ua(&lun, &mem, scsi(read16(7, 1), DataDirection::FromDevice, BLOCK, 1), 0, BLOCK);
+    let o = run_past_ua(
+        &lun,
+        &mem,
+        scsi(read16(7, 1), DataDirection::FromDevice, BLOCK, 1),
+        0,
+        BLOCK,
+    );
     assert_eq!(o.status, 0);
     assert_eq!(mem.read(0, BLOCK), pattern(7 * BLOCK, BLOCK));
 }
@@ -535,7 +654,14 @@ fn iscsi_chap() {
     assert!(!e.contains('\n'));
     let wrong = uri.replace("iscsi://", "iscsi://vdsuser%wrongpassword1@");
     let e = IscsiLun::open(&wrong, &options()).unwrap_err().to_string();
-    assert!(e.starts_with(&format!("iscsi://vdsuser@127.0.0.1:{}/{IQN}/1: login failed", tgt.port)), "{e}");
+    eprintln!("{e}");
+    assert!(
+        e.starts_with(&format!(
+            "iscsi://vdsuser@127.0.0.1:{}/{IQN}/1: login failed",
+            tgt.port
+        )),
+        "{e}"
+    );
     assert!(!e.contains("wrongpassword1") && !e.contains('\n'), "{e}");
     // Right, from the URI.
     let right = uri.replace("iscsi://", "iscsi://vdsuser%vdssecret12345@");
@@ -553,7 +679,13 @@ fn iscsi_chap() {
     };
     let lun = IscsiLun::open(&uri, &opts).unwrap();
     let mem = Memory::new(1 << 20);
-    let o = run_past_ua(&lun, &mem, scsi(read16(3, 2), DataDirection::FromDevice, 2 * BLOCK, 1), 0, 2 * BLOCK);
+    let o = run_past_ua(
+        &lun,
+        &mem,
+        scsi(read16(3, 2), DataDirection::FromDevice, 2 * BLOCK, 1),
+        0,
+        2 * BLOCK,
+    );
     assert_eq!(o.status, 0);
     assert_eq!(mem.read(0, 2 * BLOCK), pattern(3 * BLOCK, 2 * BLOCK));
 }
@@ -566,7 +698,9 @@ fn iscsi_nothing_listening_is_a_login_error() {
     let port = free_port();
     let uri = format!("iscsi://127.0.0.1:{port}/{IQN}/1");
     let e = IscsiLun::open(&uri, &options()).unwrap_err().to_string();
+    eprintln!("{e}");
     assert!(e.starts_with(&format!("{uri}: login failed")), "{e}");
+    assert!(e.contains("Connection refused"), "{e}");
     assert!(!e.contains('\n'));
 }
 
@@ -575,31 +709,45 @@ fn iscsi_tgtd_killed_and_restarted_during_io() {
     if !available() {
         return;
     }
+    init_log();
     let mut tgt = Tgt::start(None);
     let lun = IscsiLun::open(&tgt.uri(), &options()).unwrap();
-    let mem = Memory::new(16 << 20);
-    run_past_ua(&lun, &mem, scsi(CdbBytes::new(&[0; 6]).unwrap(), DataDirection::None, 0, 0), 0, 0);
+    let mem = Memory::new(32 << 20);
+    run_past_ua(
+        &lun,
+        &mem,
+        scsi(CdbBytes::new(&[0; 6]).unwrap(), DataDirection::None, 0, 0),
+        0,
+        0,
+    );
     let sink = CompletionSink::new(None);
     let len = 64 * BLOCK;
     let slot = Memory::span(len);
-    // Reads of the pattern, in flight while tgtd is killed.
-    const N: u64 = 48;
-    for i in 0..N {
+    let submit = |i: u64| {
         lun.submit(
             scsi(read16(i * 64 % 8192, 64), DataDirection::FromDevice, len, i),
             mem.pin(i * slot, len),
             sink.completion(i),
-        );
+        )
+    };
+    // Reads of the pattern; tgtd is killed once some have completed and
+    // while the others are in flight.
+    const N: u64 = 192;
+    for i in 0..N {
+        submit(i);
+    }
+    let mut results = HashMap::new();
+    while results.len() < 16 {
+        sink.wait(Duration::from_secs(10));
+        sink.take(&mut |token, result| assert!(results.insert(token, result).is_none()));
     }
     tgt.kill();
-    let mut results = collect(&sink, N as usize, Duration::from_secs(20));
+    for (token, result) in collect(&sink, N as usize - results.len(), Duration::from_secs(20)) {
+        assert!(results.insert(token, result).is_none(), "{token} twice");
+    }
     // Submitted while it is down: they wait for the new session.
     for i in N..N + 8 {
-        lun.submit(
-            scsi(read16(i * 64 % 8192, 64), DataDirection::FromDevice, len, i),
-            mem.pin(i * slot, len),
-            sink.completion(i),
-        );
+        submit(i);
     }
     std::thread::sleep(Duration::from_millis(300));
     tgt.launch();
@@ -622,10 +770,78 @@ fn iscsi_tgtd_killed_and_restarted_during_io() {
         }
     }
     eprintln!("{done} done, {reset} reset by the drop");
+    assert!(reset > 0, "tgtd was killed with nothing in flight");
     assert!(!sink.wait(Duration::from_millis(200)));
     assert_eq!(sink.in_flight(), 0);
     // New commands work.
-    let o = run_past_ua(&lun, &mem, scsi(read16(9, 4), DataDirection::FromDevice, 4 * BLOCK, 1), 0, 4 * BLOCK);
+    let o = run_past_ua(
+        &lun,
+        &mem,
+        scsi(read16(9, 4), DataDirection::FromDevice, 4 * BLOCK, 1),
+        0,
+        4 * BLOCK,
+    );
     assert_eq!(o.status, 0);
     assert_eq!(mem.read(0, 4 * BLOCK), pattern(9 * BLOCK, 4 * BLOCK));
+}
+
+#[test]
+fn iscsi_unanswered_commands_time_out() {
+    if !available() {
+        return;
+    }
+    init_log();
+    let tgt = Tgt::start(None);
+    let opts = IscsiOptions {
+        timeout: Duration::from_secs(2),
+        ..IscsiOptions::default()
+    };
+    let lun = IscsiLun::open(&tgt.uri(), &opts).unwrap();
+    let mem = Memory::new(4 << 20);
+    run_past_ua(
+        &lun,
+        &mem,
+        scsi(CdbBytes::new(&[0; 6]).unwrap(), DataDirection::None, 0, 0),
+        0,
+        0,
+    );
+    // tgtd stopped: the connection stays up, nothing answers.
+    let pid = tgt.child.as_ref().unwrap().id() as i32;
+    // SAFETY: signals to our own child.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+    let sink = CompletionSink::new(None);
+    let len = 8 * BLOCK;
+    let started = Instant::now();
+    for i in 0..4u64 {
+        lun.submit(
+            scsi(read16(i, 8), DataDirection::FromDevice, len, i),
+            mem.pin(i * Memory::span(len), len),
+            sink.completion(i),
+        );
+    }
+    let results = collect(&sink, 4, Duration::from_secs(10));
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(1900), "{took:?}");
+    for (token, result) in results {
+        match result {
+            RemoteResult::Scsi(Err(e)) if e.kind() == io::ErrorKind::TimedOut => {}
+            other => panic!("{token}: {other:?}"),
+        }
+    }
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0);
+    // The session comes back (a new login) and serves again.
+    let o = run_past_ua(
+        &lun,
+        &mem,
+        scsi(read16(5, 1), DataDirection::FromDevice, BLOCK, 9),
+        0,
+        BLOCK,
+    );
+    assert_eq!(o.status, 0);
+    assert_eq!(mem.read(0, BLOCK), pattern(5 * BLOCK, BLOCK));
+}
+
+fn init_log() {
+    let _ = env_logger::builder().is_test(true).try_init();
 }

@@ -139,7 +139,10 @@ fn aborted() -> io::Result<ScsiOutcome> {
 }
 
 fn timed_out() -> io::Error {
-    io::Error::new(io::ErrorKind::TimedOut, "the iSCSI target did not answer in time")
+    io::Error::new(
+        io::ErrorKind::TimedOut,
+        "the iSCSI target did not answer in time",
+    )
 }
 
 fn reset(why: &str) -> io::Error {
@@ -244,13 +247,20 @@ impl Session {
         });
         rx.recv().unwrap_or_else(|_| {
             (
-                Err(io::Error::new(io::ErrorKind::BrokenPipe, "the session thread ended")),
+                Err(io::Error::new(
+                    io::ErrorKind::BrokenPipe,
+                    "the session thread ended",
+                )),
                 Vec::new(),
             )
         })
     }
 
-    pub fn task_management(&self, tmf: TaskManagement, timeout: Duration) -> TaskManagementResponse {
+    pub fn task_management(
+        &self,
+        tmf: TaskManagement,
+        timeout: Duration,
+    ) -> TaskManagementResponse {
         let (tx, rx) = mpsc::channel();
         {
             let mut inbox = self.shared.lock();
@@ -283,9 +293,21 @@ impl Drop for Session {
 /// inside `iscsi_service` or another libiscsi call on the session thread),
 /// the loop acts after the call returned.
 enum Event {
-    Command { id: u64, status: c_int },
-    Tmf { id: u64, status: c_int, response: u32 },
-    Connect { status: c_int },
+    Command {
+        id: u64,
+        status: c_int,
+    },
+    Tmf {
+        id: u64,
+        status: c_int,
+        response: u32,
+    },
+    /// `error`: the context's error message when the callback ran (a
+    /// failed connection's cause; libiscsi overwrites it afterwards).
+    Connect {
+        status: c_int,
+        error: String,
+    },
 }
 
 thread_local! {
@@ -329,12 +351,17 @@ unsafe extern "C" fn tmf_cb(
 }
 
 unsafe extern "C" fn connect_cb(
-    _ctx: *mut IscsiContext,
+    ctx: *mut IscsiContext,
     status: c_int,
     _data: *mut c_void,
     _private: *mut c_void,
 ) {
-    push_event(Event::Connect { status });
+    let error = match ffi::Libiscsi::get() {
+        // SAFETY: the live context the callback is called for.
+        Ok(lib) if status != ffi::SCSI_STATUS_GOOD => unsafe { lib.error(ctx) },
+        _ => String::new(),
+    };
+    push_event(Event::Connect { status, error });
 }
 
 /// Why a cancelled command ends as it does.
@@ -362,9 +389,14 @@ struct InFlight {
 
 enum State {
     /// No context; the next login attempt at `next`.
-    Down { next: Instant, failures: u32 },
+    Down {
+        next: Instant,
+        failures: u32,
+    },
     /// `iscsi_full_connect_async` under way, until `deadline`.
-    Connecting { deadline: Instant },
+    Connecting {
+        deadline: Instant,
+    },
     Up,
 }
 
@@ -668,7 +700,14 @@ impl Worker {
         if self.ctx.is_null() {
             return;
         }
-        let broken = revents & (libc::POLLERR | libc::POLLHUP | libc::POLLRDHUP) != 0;
+        // libiscsi, told not to reconnect, cancels every command when the
+        // connection fails; commands this thread did not cancel itself
+        // coming back cancelled mean the same.
+        let broken = revents & (libc::POLLERR | libc::POLLHUP | libc::POLLRDHUP) != 0
+            || self
+                .in_flight
+                .values()
+                .any(|f| f.cancelled && f.fate == Fate::Reset);
         match self.state {
             State::Connecting { .. } if rc < 0 || broken => {
                 // SAFETY: the live context.
@@ -679,8 +718,10 @@ impl Worker {
             State::Up if rc < 0 || broken => {
                 // SAFETY: the live context.
                 let msg = unsafe { self.lib.error(self.ctx) };
-                let msg = if msg.is_empty() {
-                    "connection closed".to_string()
+                // A closed connection sets no message of its own; what is
+                // there then is stale or libiscsi's refusal to reconnect.
+                let msg = if msg.is_empty() || msg.contains("reconnect") {
+                    "connection closed by the target".to_string()
                 } else {
                     msg
                 };
@@ -716,18 +757,15 @@ impl Worker {
                     status,
                     response,
                 } => self.tmf_done(id, status, response),
-                Event::Connect { status } => {
+                Event::Connect { status, error } => {
                     if !matches!(self.state, State::Connecting { .. }) {
                         continue;
                     }
                     if status == ffi::SCSI_STATUS_GOOD {
                         self.logged_in();
                     } else {
-                        // SAFETY: the live context (connect callbacks come
-                        // from calls on it).
-                        let msg = unsafe { self.lib.error(self.ctx) };
                         self.destroy_context();
-                        self.login_failed(msg);
+                        self.login_failed(error);
                     }
                 }
             }

@@ -894,16 +894,20 @@ impl Worker {
                 i += 1;
             }
         }
+        // Past the deadline: unanswered, or cancelled (by a task
+        // management function) and still not settled.
         let expired: Vec<u64> = self
             .in_flight
             .iter()
-            .filter(|(_, f)| f.command.deadline <= now && !f.cancelled)
+            .filter(|(_, f)| f.command.deadline <= now)
             .map(|(id, _)| *id)
             .collect();
         if !expired.is_empty() {
             for id in &expired {
                 if let Some(f) = self.in_flight.get_mut(id) {
-                    f.fate = Fate::TimedOut;
+                    if !f.cancelled {
+                        f.fate = Fate::TimedOut;
+                    }
                 }
             }
             // Only destroying the context guarantees libiscsi lets go of
@@ -994,9 +998,14 @@ impl Worker {
                     .map(|(id, f)| (id, f.task));
                 let Some((cmd_id, task)) = task else {
                     // Not found (done already): the abort completes.
+                    log::debug!(
+                        "{}: ABORT TASK of tag {tag}: not in flight",
+                        self.config.label
+                    );
                     let _ = request.reply.send(TaskManagementResponse::Complete);
                     return;
                 };
+                log::debug!("{}: ABORT TASK of tag {tag}: in flight", self.config.label);
                 abort = Some(cmd_id);
                 // SAFETY: the live context; `task` is in flight on it.
                 unsafe { (lib.iscsi_task_mgmt_abort_task_async)(self.ctx, task, tmf_cb, private) }
@@ -1057,7 +1066,11 @@ impl Worker {
                         f.fate = Fate::Aborted;
                         let task = f.task;
                         // SAFETY: the live context, a task in flight on it.
-                        unsafe { (self.lib.iscsi_scsi_cancel_task)(self.ctx, task) };
+                        let rc = unsafe { (self.lib.iscsi_scsi_cancel_task)(self.ctx, task) };
+                        log::debug!(
+                            "{}: ABORT TASK complete; local cancel: {rc}",
+                            self.config.label
+                        );
                         self.process_events();
                     }
                 }

@@ -48,6 +48,8 @@ fn available() -> bool {
 /// A tgtd of the test's own.
 struct Tgt {
     child: Option<Child>,
+    /// The portal's address as a URI writes it: 127.0.0.1 or [::1].
+    host: &'static str,
     port: u16,
     control: u16,
     image: PathBuf,
@@ -55,8 +57,8 @@ struct Tgt {
     _dir: tempfile::TempDir,
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
+fn free_port(host: &str) -> u16 {
+    TcpListener::bind(format!("{host}:0"))
         .unwrap()
         .local_addr()
         .unwrap()
@@ -67,12 +69,18 @@ impl Tgt {
     /// A target with LUN 1 over a file of `IMAGE_BYTES` (a pattern: each
     /// 512-byte block holds its number and offsets), CHAP if `chap`.
     fn start(chap: Option<(&str, &str)>) -> Tgt {
+        Tgt::start_on("127.0.0.1", chap)
+    }
+
+    /// As [`Tgt::start`], on `host` (`127.0.0.1` or `[::1]`).
+    fn start_on(host: &'static str, chap: Option<(&str, &str)>) -> Tgt {
         let dir = tempfile::tempdir().unwrap();
         let image = dir.path().join("lun1.img");
         std::fs::write(&image, pattern(0, IMAGE_BYTES)).unwrap();
-        let port = free_port();
+        let port = free_port(host);
         let mut tgt = Tgt {
             child: None,
+            host,
             port,
             control: 0,
             image,
@@ -97,7 +105,7 @@ impl Tgt {
         let log = std::fs::File::create(self._dir.path().join("tgtd.log")).unwrap();
         let child = Command::new("tgtd")
             .args(["-f", "-C", &self.control.to_string(), "--iscsi"])
-            .arg(format!("portal=127.0.0.1:{}", self.port))
+            .arg(format!("portal={}:{}", self.host, self.port))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -161,7 +169,7 @@ impl Tgt {
             "--op", "bind", "--mode", "target", "--tid", "1", "-I", "ALL",
         ]);
         // Listening once the portal accepts.
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+        while std::net::TcpStream::connect(format!("{}:{}", self.host, self.port)).is_err() {
             assert!(Instant::now() < deadline, "tgtd does not listen");
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -191,7 +199,7 @@ impl Tgt {
     }
 
     fn uri(&self) -> String {
-        format!("iscsi://127.0.0.1:{}/{IQN}/1", self.port)
+        format!("iscsi://{}:{}/{IQN}/1", self.host, self.port)
     }
 
     /// SIGKILL: no logout, the connections reset.
@@ -713,7 +721,7 @@ fn iscsi_nothing_listening_is_a_login_error() {
     if !available() {
         return;
     }
-    let port = free_port();
+    let port = free_port("127.0.0.1");
     let uri = format!("iscsi://127.0.0.1:{port}/{IQN}/1");
     let e = IscsiLun::open(&uri, &options()).unwrap_err().to_string();
     eprintln!("{e}");
@@ -858,6 +866,27 @@ fn iscsi_unanswered_commands_time_out() {
     );
     assert_eq!(o.status, 0);
     assert_eq!(mem.read(0, BLOCK), pattern(5 * BLOCK, BLOCK));
+}
+
+#[test]
+fn iscsi_over_ipv6() {
+    if !available() {
+        return;
+    }
+    let tgt = Tgt::start_on("[::1]", None);
+    assert!(tgt.uri().starts_with("iscsi://[::1]:"));
+    let lun = IscsiLun::open(&tgt.uri(), &options()).unwrap();
+    assert_eq!(lun.size(), IMAGE_BYTES as u64);
+    let mem = Memory::new(1 << 20);
+    let o = run_past_ua(
+        &lun,
+        &mem,
+        scsi(read16(77, 3), DataDirection::FromDevice, 3 * BLOCK, 1),
+        0,
+        3 * BLOCK,
+    );
+    assert_eq!(o.status, 0);
+    assert_eq!(mem.read(0, 3 * BLOCK), pattern(77 * BLOCK, 3 * BLOCK));
 }
 
 fn init_log() {

@@ -68,6 +68,14 @@ pub enum IscsiErrorKind {
     Capacity(String),
 }
 
+/// Loads libiscsi now (it is loaded at the first [`IscsiLun::open`]
+/// otherwise): for a daemon that may open iSCSI units after its sandbox is
+/// applied, when the dynamic loader can no longer read the library, its
+/// dependencies or /etc/ld.so.cache. Errors as [`IscsiErrorKind::Library`]'s.
+pub fn load_library() -> Result<(), String> {
+    ffi::Libiscsi::get().map(|_| ()).map_err(|e| e.to_string())
+}
+
 /// A remote logical unit, logged in.
 pub struct IscsiLun {
     label: String,

@@ -121,6 +121,7 @@ pub struct Libiscsi {
         unsafe extern "C" fn(*mut IscsiContext, *const c_char, *const c_char) -> c_int,
     pub iscsi_set_timeout: unsafe extern "C" fn(*mut IscsiContext, c_int) -> c_int,
     pub iscsi_set_noautoreconnect: unsafe extern "C" fn(*mut IscsiContext, c_int),
+    pub iscsi_set_isid_random: unsafe extern "C" fn(*mut IscsiContext, u32, u32) -> c_int,
     pub iscsi_full_connect_async: unsafe extern "C" fn(
         *mut IscsiContext,
         *const c_char,
@@ -216,6 +217,7 @@ impl Libiscsi {
             iscsi_set_initiator_username_pwd: sym!(iscsi_set_initiator_username_pwd),
             iscsi_set_timeout: sym!(iscsi_set_timeout),
             iscsi_set_noautoreconnect: sym!(iscsi_set_noautoreconnect),
+            iscsi_set_isid_random: sym!(iscsi_set_isid_random),
             iscsi_full_connect_async: sym!(iscsi_full_connect_async),
             iscsi_get_fd: sym!(iscsi_get_fd),
             iscsi_which_events: sym!(iscsi_which_events),

@@ -149,6 +149,7 @@ impl IscsiLun {
                 HeaderDigest::Crc32c => ffi::ISCSI_HEADER_DIGEST_CRC32C,
             },
             timeout: Duration::from_secs(options.timeout_secs()),
+            isid: random_isid(),
         };
         let session = Session::start(lib, config).map_err(|e| err(IscsiErrorKind::Login(e)))?;
         let timeout = Duration::from_secs(options.timeout_secs());
@@ -173,6 +174,23 @@ impl IscsiLun {
     pub fn uri(&self) -> &str {
         &self.label
     }
+}
+
+/// A random ISID (24 bits and a 16-bit qualifier), per unit: std's
+/// randomly keyed hasher over the time and the process, as libiscsi's own
+/// (`rand()`) is no better.
+fn random_isid() -> (u32, u32) {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default(),
+    );
+    h.write_u32(std::process::id());
+    let r = h.finish();
+    ((r & 0xff_ffff) as u32, ((r >> 24) & 0xffff) as u32)
 }
 
 fn resolve(host: &str, port: u16) -> Result<SocketAddr, String> {

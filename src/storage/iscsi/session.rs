@@ -55,6 +55,11 @@ pub(super) struct SessionConfig {
     pub chap: Option<(CString, CString)>,
     pub header_digest: c_int,
     pub timeout: Duration,
+    /// The ISID's random part (24 bits) and qualifier (16 bits), the same
+    /// for every login of the unit: a login after a drop then reinstates
+    /// the session (RFC 7143 §6.3.5), so the target ends what the old
+    /// session left running instead of keeping it beside the new one.
+    pub isid: (u32, u32),
 }
 
 /// A command's data buffer.
@@ -521,6 +526,7 @@ impl Worker {
                 (lib.iscsi_set_initiator_username_pwd)(ctx, user.as_ptr(), password.as_ptr());
             }
             (lib.iscsi_set_noautoreconnect)(ctx, 1);
+            (lib.iscsi_set_isid_random)(ctx, c.isid.0, c.isid.1);
             // The login's PDUs time out in libiscsi; PDUs created after
             // the login do not (set back to 0 then): commands have their
             // own deadlines here.

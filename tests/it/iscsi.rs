@@ -887,6 +887,12 @@ fn iscsi_over_ipv6() {
     );
     assert_eq!(o.status, 0);
     assert_eq!(mem.read(0, 3 * BLOCK), pattern(77 * BLOCK, 3 * BLOCK));
+    // A LUN the target does not have: one line, the target's answer.
+    let uri = tgt.uri().replace("/1", "/7");
+    let e = IscsiLun::open(&uri, &options()).unwrap_err().to_string();
+    eprintln!("{e}");
+    assert!(e.starts_with(&format!("{uri}: ")), "{e}");
+    assert!(!e.contains('\n'));
 }
 
 fn init_log() {

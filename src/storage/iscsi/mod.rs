@@ -401,6 +401,23 @@ mod tests {
     }
 
     #[test]
+    fn a_missing_library_names_the_uri_and_the_package() {
+        let Err(load) = ffi::Libiscsi::load("libiscsi-missing.so.7") else {
+            panic!("loaded a library that does not exist");
+        };
+        let e = IscsiError {
+            uri: IscsiUri::parse("iscsi://127.0.0.1/iqn.x/1")
+                .unwrap()
+                .to_string(),
+            reason: IscsiErrorKind::Library(load.to_string()),
+        };
+        assert_eq!(
+            e.to_string(),
+            "iscsi://127.0.0.1/iqn.x/1: libiscsi-missing.so.7 not found (install the libiscsi7 package)"
+        );
+    }
+
+    #[test]
     fn capacity_is_blocks_times_length() {
         assert_eq!(capacity(2047, 512), Ok((1 << 20, 512)));
         assert!(capacity(u64::MAX, 512).is_err());

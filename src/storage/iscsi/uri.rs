@@ -27,7 +27,7 @@ pub struct IscsiUri {
 
 impl IscsiUri {
     /// Parses `uri`; errors are one line (the caller names the URI, with
-    /// [`redact`]).
+    /// `redact`).
     pub fn parse(uri: &str) -> Result<IscsiUri, String> {
         let rest = uri
             .strip_prefix("iscsi://")

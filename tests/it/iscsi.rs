@@ -749,21 +749,28 @@ fn iscsi_tgtd_killed_and_restarted_during_io() {
     let sink = CompletionSink::new(None);
     let len = 64 * BLOCK;
     let slot = Memory::span(len);
-    let submit = |i: u64| {
-        lun.submit(
-            scsi(read16(i * 64 % 8192, 64), DataDirection::FromDevice, len, i),
-            mem.pin(i * slot, len),
-            sink.completion(i),
-        )
-    };
-    // Reads of the pattern; tgtd is killed once some have completed and
-    // while the others are in flight.
+    // Reads of the pattern from the first half, and (every third token
+    // below N) writes to blocks of their own in the second half, with R2T
+    // and DATA-OUT (tgt: 8 KiB data segments); tgtd is killed once some
+    // have completed and while the others are in flight.
     const N: u64 = 192;
+    let is_write = |i: u64| i < N && i % 3 == 2;
+    let write_lba = |i: u64| 4096 + (i / 3) * 64;
+    let write_data = |i: u64| vec![(i as u8) ^ 0x5a; len];
+    let submit = |i: u64| {
+        let op = if is_write(i) {
+            mem.write(i * slot, &write_data(i));
+            scsi(write16(write_lba(i), 64), DataDirection::ToDevice, len, i)
+        } else {
+            scsi(read16(i * 64 % 4096, 64), DataDirection::FromDevice, len, i)
+        };
+        lun.submit(op, mem.pin(i * slot, len), sink.completion(i))
+    };
     for i in 0..N {
         submit(i);
     }
     let mut results = HashMap::new();
-    while results.len() < 16 {
+    while results.len() < 16 || !results.keys().any(|&t| is_write(t)) {
         sink.wait(Duration::from_secs(10));
         sink.take(&mut |token, result| assert!(results.insert(token, result).is_none()));
     }
@@ -778,11 +785,17 @@ fn iscsi_tgtd_killed_and_restarted_during_io() {
     std::thread::sleep(Duration::from_millis(300));
     tgt.launch();
     results.extend(collect(&sink, 8, Duration::from_secs(20)));
-    let (mut done, mut reset) = (0, 0);
+    let (mut done, mut reset, mut written) = (0, 0, 0);
+    let file = tgt.image_bytes();
     for (token, result) in results {
         match result {
+            RemoteResult::Scsi(Ok(o)) if o.status == 0 && is_write(token) => {
+                let at = write_lba(token) as usize * BLOCK;
+                assert_eq!(&file[at..at + len], &write_data(token)[..], "write {token}");
+                written += 1;
+            }
             RemoteResult::Scsi(Ok(o)) if o.status == 0 => {
-                let at = (token * 64 % 8192) as usize * BLOCK;
+                let at = (token * 64 % 4096) as usize * BLOCK;
                 assert_eq!(mem.read(token * slot, len), pattern(at, len), "{token}");
                 done += 1;
             }
@@ -795,7 +808,8 @@ fn iscsi_tgtd_killed_and_restarted_during_io() {
             other => panic!("{token}: {other:?}"),
         }
     }
-    eprintln!("{done} done, {reset} reset by the drop");
+    eprintln!("{done} read, {written} written, {reset} reset by the drop");
+    assert!(written > 0);
     assert!(reset > 0, "tgtd was killed with nothing in flight");
     assert!(!sink.wait(Duration::from_millis(200)));
     assert_eq!(sink.in_flight(), 0);

@@ -14,8 +14,8 @@ pub(crate) use engine::{
     Direction, Engine, Request, Submission, Submitted, SyncEngine, Transfer, TransferMemory,
 };
 pub use file::{DirectAlignment, FileImage, ImageKind, OpenError};
-pub use iobufs::{IoBufs, IoBufsMut};
-pub(crate) use iobufs::{PinSink, PinnedBufs};
+pub(crate) use iobufs::PinSink;
+pub use iobufs::{IoBufs, IoBufsMut, PinnedBufs};
 pub use lock::{Holder, ImageLocks, LockError};
 pub use mem::MemImage;
 

@@ -73,6 +73,9 @@ pub struct DaemonConfig {
     /// Directories beneath which the API's `lun_add` may open images
     /// besides the startup images' (`--sandbox-allow`).
     pub sandbox_allow: Vec<PathBuf>,
+    /// The iSCSI initiator name (`--initiator-name`); `None`: the
+    /// default derived from the host name.
+    pub initiator_name: Option<String>,
 }
 
 /// The listening sockets: the vhost-user socket's path, the management
@@ -223,6 +226,7 @@ impl DaemonConfig {
             incoming: false,
             sandbox: crate::sandbox::SandboxMode::On,
             sandbox_allow: Vec::new(),
+            initiator_name: None,
         }
     }
 

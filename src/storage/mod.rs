@@ -6,6 +6,7 @@ mod file;
 mod iobufs;
 pub(crate) mod lock;
 mod mem;
+pub mod nbd;
 pub mod remote;
 pub(crate) mod uring;
 
@@ -18,6 +19,7 @@ pub(crate) use iobufs::PinSink;
 pub use iobufs::{IoBufs, IoBufsMut, PinnedBufs};
 pub use lock::{Holder, ImageLocks, LockError};
 pub use mem::MemImage;
+pub use nbd::{NbdError, NbdImage, NbdOptions};
 
 use std::io;
 use std::path::Path;

@@ -4,6 +4,7 @@
 pub(crate) mod engine;
 mod file;
 mod iobufs;
+pub mod iscsi;
 pub(crate) mod lock;
 mod mem;
 pub mod nbd;
@@ -15,8 +16,9 @@ pub(crate) use engine::{
     Direction, Engine, Request, Submission, Submitted, SyncEngine, Transfer, TransferMemory,
 };
 pub use file::{DirectAlignment, FileImage, ImageKind, OpenError};
-pub(crate) use iobufs::PinSink;
-pub use iobufs::{IoBufs, IoBufsMut, PinnedBufs};
+pub use iobufs::{IoBufs, IoBufsMut};
+// Public for remote backends' tests, which pin memory of their own.
+pub use iobufs::{MemoryOwner, PinSink, PinnedBufs};
 pub use lock::{Holder, ImageLocks, LockError};
 pub use mem::MemImage;
 pub use nbd::{NbdError, NbdImage, NbdOptions};

@@ -143,6 +143,12 @@ pub struct Cli {
     #[arg(long = "sandbox-allow", value_name = "DIR")]
     pub sandbox_allow: Vec<PathBuf>,
 
+    /// With the sandbox on, let the management API's lun_add attach
+    /// network LUNs over TCP (nbd://, iscsi://) though none is given at
+    /// start-up (with one at start-up, TCP sockets are allowed anyway).
+    #[arg(long = "sandbox-allow-network")]
+    pub sandbox_allow_network: bool,
+
     /// The iSCSI initiator name the daemon logs in to iscsi:// LUNs with
     /// (an iqn., eui. or naa. name, as the target's ACLs know it; default:
     /// iqn.2008-11.org.linux-kvm:vhost-device-scsi.HOSTNAME).
@@ -266,6 +272,7 @@ impl Cli {
             incoming: self.incoming,
             sandbox: self.sandbox,
             sandbox_allow: self.sandbox_allow,
+            sandbox_network: self.sandbox_allow_network,
             initiator_name: self.initiator_name,
         })
     }
@@ -426,6 +433,7 @@ mod tests {
                 incoming: true,
                 sandbox: crate::sandbox::SandboxMode::Off,
                 sandbox_allow: vec!["/srv/images".into()],
+                sandbox_network: false,
                 initiator_name: Some("iqn.2026-01.com.example:host1".into()),
             }
         );

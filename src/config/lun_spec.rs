@@ -80,10 +80,28 @@ pub struct LunSpec {
     pub timeout_secs: Option<u32>,
 }
 
+impl ImageSource {
+    /// Where the blocks of the LUN at `path` (an IMAGE argument's path or
+    /// URI) are.
+    pub fn of(path: &std::path::Path) -> ImageSource {
+        source_of(path.as_os_str().as_bytes())
+    }
+}
+
 impl LunSpec {
     /// Where the LUN's blocks are, from the path's form.
     pub fn source(&self) -> ImageSource {
         source_of(self.path.as_os_str().as_bytes())
+    }
+
+    /// Whether the LUN's storage is reached over TCP (`nbd://`,
+    /// `iscsi://`): the sandbox must let the daemon open TCP sockets.
+    pub fn needs_tcp(&self) -> bool {
+        match self.source() {
+            ImageSource::Local => false,
+            ImageSource::Iscsi => true,
+            ImageSource::Nbd => !self.path.as_os_str().as_bytes().starts_with(b"nbd+unix://"),
+        }
     }
 
     /// The path or URI for messages and logs: a password in an iSCSI URI

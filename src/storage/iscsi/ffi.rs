@@ -104,8 +104,7 @@ pub const ISCSI_TMR_TASK_DOES_NOT_EXIST: u32 = 1;
 
 /// `typedef void (*iscsi_command_cb)(struct iscsi_context *iscsi, int
 /// status, void *command_data, void *private_data);` (iscsi.h)
-pub type IscsiCommandCb =
-    unsafe extern "C" fn(*mut IscsiContext, c_int, *mut c_void, *mut c_void);
+pub type IscsiCommandCb = unsafe extern "C" fn(*mut IscsiContext, c_int, *mut c_void, *mut c_void);
 
 /// The functions used, resolved once. Field names are the C names.
 pub struct Libiscsi {
@@ -278,7 +277,10 @@ mod tests {
         assert_eq!(offset_of!(ScsiSense, bit_pointer), 13);
         assert_eq!(offset_of!(ScsiSense, field_pointer), 14);
         assert_eq!(offset_of!(ScsiTask, datain), 64);
-        assert_eq!(offset_of!(ScsiTask, datain) + offset_of!(ScsiData, data), 72);
+        assert_eq!(
+            offset_of!(ScsiTask, datain) + offset_of!(ScsiData, data),
+            72
+        );
     }
 
     #[test]

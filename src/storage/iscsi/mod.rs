@@ -27,8 +27,8 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
 use super::remote::{
-    DataDirection, RemoteCompletion, RemoteOp, RemoteResult, RemoteStorage,
-    ScsiOutcome, TaskManagement, TaskManagementResponse,
+    DataDirection, RemoteCompletion, RemoteOp, RemoteResult, RemoteStorage, ScsiOutcome,
+    TaskManagement, TaskManagementResponse,
 };
 use super::{Extent, IoBufs, IoBufsMut, PinnedBufs, Storage};
 use session::{Command, Data, Done, Session, SessionConfig};
@@ -103,8 +103,7 @@ impl IscsiLun {
             uri: label.clone(),
             reason,
         };
-        let lib =
-            ffi::Libiscsi::get().map_err(|e| err(IscsiErrorKind::Library(e.to_string())))?;
+        let lib = ffi::Libiscsi::get().map_err(|e| err(IscsiErrorKind::Library(e.to_string())))?;
         let chap = options
             .credentials(&parsed)
             .map_err(|e| err(IscsiErrorKind::Credentials(e)))?;
@@ -115,7 +114,8 @@ impl IscsiLun {
             })
         })?;
         let cstring = |what: &str, s: &str| {
-            CString::new(s).map_err(|_| err(IscsiErrorKind::Uri(format!("a NUL byte in the {what}"))))
+            CString::new(s)
+                .map_err(|_| err(IscsiErrorKind::Uri(format!("a NUL byte in the {what}"))))
         };
         let initiator = options
             .initiator_name
@@ -142,8 +142,7 @@ impl IscsiLun {
             },
             timeout: Duration::from_secs(options.timeout_secs()),
         };
-        let session =
-            Session::start(lib, config).map_err(|e| err(IscsiErrorKind::Login(e)))?;
+        let session = Session::start(lib, config).map_err(|e| err(IscsiErrorKind::Login(e)))?;
         let timeout = Duration::from_secs(options.timeout_secs());
         let (size, block_size) =
             read_capacity(&session, timeout).map_err(|e| err(IscsiErrorKind::Capacity(e)))?;
@@ -181,11 +180,17 @@ fn read_capacity(session: &Session, timeout: Duration) -> Result<(u64, u32), Str
         match s.first().map(|b| b & 0x7f) {
             Some(0x70 | 0x71) if s.len() >= 14 => format!(
                 "status {:#04x}, sense key {:#x}, ASC/ASCQ {:02x}/{:02x}",
-                outcome.status, s[2] & 0xf, s[12], s[13]
+                outcome.status,
+                s[2] & 0xf,
+                s[12],
+                s[13]
             ),
             Some(0x72 | 0x73) if s.len() >= 4 => format!(
                 "status {:#04x}, sense key {:#x}, ASC/ASCQ {:02x}/{:02x}",
-                outcome.status, s[1] & 0xf, s[2], s[3]
+                outcome.status,
+                s[1] & 0xf,
+                s[2],
+                s[3]
             ),
             _ => format!("status {:#04x}", outcome.status),
         }
@@ -201,7 +206,10 @@ fn read_capacity(session: &Session, timeout: Duration) -> Result<(u64, u32), Str
     let mut use16 = true;
     for _ in 0..6 {
         let (cdb, len): (Vec<u8>, usize) = if use16 {
-            (vec![0x9e, 0x10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 32, 0, 0], 32)
+            (
+                vec![0x9e, 0x10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 32, 0, 0],
+                32,
+            )
         } else {
             (vec![0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0], 8)
         };
@@ -322,7 +330,12 @@ impl Storage for IscsiLun {
         Err(not_forwarded())
     }
 
-    fn write_vectored_at(&self, _bufs: &IoBufs<'_>, _offset: u64, _durable: bool) -> io::Result<()> {
+    fn write_vectored_at(
+        &self,
+        _bufs: &IoBufs<'_>,
+        _offset: u64,
+        _durable: bool,
+    ) -> io::Result<()> {
         Err(not_forwarded())
     }
 

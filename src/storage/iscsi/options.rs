@@ -122,9 +122,8 @@ impl IscsiOptions {
                 }
                 Some(match other {
                     PasswordSource::File(path) => {
-                        let text = std::fs::read_to_string(path).map_err(|e| {
-                            format!("password file {}: {e}", path.display())
-                        })?;
+                        let text = std::fs::read_to_string(path)
+                            .map_err(|e| format!("password file {}: {e}", path.display()))?;
                         let line = text.lines().next().unwrap_or("").to_string();
                         if line.is_empty() {
                             return Err(format!("password file {} is empty", path.display()));

@@ -139,7 +139,10 @@ fn aborted() -> io::Result<ScsiOutcome> {
 }
 
 fn timed_out() -> io::Error {
-    io::Error::new(io::ErrorKind::TimedOut, "the iSCSI target did not answer in time")
+    io::Error::new(
+        io::ErrorKind::TimedOut,
+        "the iSCSI target did not answer in time",
+    )
 }
 
 fn reset(why: &str) -> io::Error {
@@ -244,13 +247,20 @@ impl Session {
         });
         rx.recv().unwrap_or_else(|_| {
             (
-                Err(io::Error::new(io::ErrorKind::BrokenPipe, "the session thread ended")),
+                Err(io::Error::new(
+                    io::ErrorKind::BrokenPipe,
+                    "the session thread ended",
+                )),
                 Vec::new(),
             )
         })
     }
 
-    pub fn task_management(&self, tmf: TaskManagement, timeout: Duration) -> TaskManagementResponse {
+    pub fn task_management(
+        &self,
+        tmf: TaskManagement,
+        timeout: Duration,
+    ) -> TaskManagementResponse {
         let (tx, rx) = mpsc::channel();
         {
             let mut inbox = self.shared.lock();
@@ -283,9 +293,18 @@ impl Drop for Session {
 /// inside `iscsi_service` or another libiscsi call on the session thread),
 /// the loop acts after the call returned.
 enum Event {
-    Command { id: u64, status: c_int },
-    Tmf { id: u64, status: c_int, response: u32 },
-    Connect { status: c_int },
+    Command {
+        id: u64,
+        status: c_int,
+    },
+    Tmf {
+        id: u64,
+        status: c_int,
+        response: u32,
+    },
+    Connect {
+        status: c_int,
+    },
 }
 
 thread_local! {
@@ -362,9 +381,14 @@ struct InFlight {
 
 enum State {
     /// No context; the next login attempt at `next`.
-    Down { next: Instant, failures: u32 },
+    Down {
+        next: Instant,
+        failures: u32,
+    },
     /// `iscsi_full_connect_async` under way, until `deadline`.
-    Connecting { deadline: Instant },
+    Connecting {
+        deadline: Instant,
+    },
     Up,
 }
 

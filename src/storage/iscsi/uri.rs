@@ -145,11 +145,9 @@ pub fn redact(uri: &str) -> String {
     let authority_end = rest.find('/').unwrap_or(rest.len());
     let authority = &rest[..authority_end];
     match (authority.find('%'), authority.rfind('@')) {
-        (Some(pct), Some(at)) if pct < at => format!(
-            "iscsi://{}{}",
-            &authority[..pct],
-            &rest[at..]
-        ),
+        (Some(pct), Some(at)) if pct < at => {
+            format!("iscsi://{}{}", &authority[..pct], &rest[at..])
+        }
         _ => uri.to_string(),
     }
 }
@@ -166,16 +164,36 @@ mod tests {
     fn good_uris() {
         let u = ok("iscsi://192.0.2.1/iqn.2001-04.com.example:disk/1");
         assert_eq!(
-            (u.user, u.password, u.host.as_str(), u.port, u.target.as_str(), u.lun),
-            (None, None, "192.0.2.1", 3260, "iqn.2001-04.com.example:disk", 1)
+            (
+                u.user,
+                u.password,
+                u.host.as_str(),
+                u.port,
+                u.target.as_str(),
+                u.lun
+            ),
+            (
+                None,
+                None,
+                "192.0.2.1",
+                3260,
+                "iqn.2001-04.com.example:disk",
+                1
+            )
         );
         let u = ok("iscsi://alice%s3cr%t@storage.example:3261/iqn.x:y/0");
         assert_eq!(u.user.as_deref(), Some("alice"));
         assert_eq!(u.password.as_deref(), Some("s3cr%t"));
-        assert_eq!((u.host.as_str(), u.port, u.lun), ("storage.example", 3261, 0));
+        assert_eq!(
+            (u.host.as_str(), u.port, u.lun),
+            ("storage.example", 3261, 0)
+        );
         let u = ok("iscsi://bob@[2001:db8::1]:3262/iqn.x/16383");
         assert_eq!((u.user.as_deref(), u.password), (Some("bob"), None));
-        assert_eq!((u.host.as_str(), u.port, u.lun), ("2001:db8::1", 3262, 16383));
+        assert_eq!(
+            (u.host.as_str(), u.port, u.lun),
+            ("2001:db8::1", 3262, 16383)
+        );
         let u = ok("iscsi://[::1]/iqn.x/2");
         assert_eq!((u.host.as_str(), u.port), ("::1", 3260));
     }

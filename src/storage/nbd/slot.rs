@@ -57,6 +57,17 @@ impl InFlight {
     }
 }
 
+/// What the chunks of one structured reply said so far.
+#[derive(Default)]
+struct Progress {
+    /// Data and hole bytes.
+    covered: u64,
+    /// The first error chunk's.
+    error: Option<u32>,
+    /// The block status.
+    extent: Option<(bool, u64)>,
+}
+
 #[derive(Default)]
 struct SlotState {
     queue: VecDeque<Sub>,
@@ -478,8 +489,7 @@ impl Slot {
     fn receive_loop(&self, stream: Stream, negotiated: &Negotiated) -> RecvEnd {
         let mut r = BufReader::with_capacity(64 << 10, stream);
         let mut bounce = vec![0u8; BOUNCE];
-        // Per cookie: (bytes covered, first error, extent).
-        let mut progress: HashMap<u64, (u64, Option<u32>, Option<(bool, u64)>)> = HashMap::new();
+        let mut progress: HashMap<u64, Progress> = HashMap::new();
         loop {
             let step = (|| -> Result<(), RecvEnd> {
                 let magic = u32::from_be_bytes(read_array::<4>(&mut r)?);
@@ -511,8 +521,8 @@ impl Slot {
                     ChunkPlan::None => {}
                     ChunkPlan::Data { data_len } => {
                         let at = wire::data_at(read_array::<8>(&mut r)?, data_len, &asked)?;
-                        p.0 += u64::from(data_len);
-                        if p.0 > u64::from(asked.len) {
+                        p.covered += u64::from(data_len);
+                        if p.covered > u64::from(asked.len) {
                             return Err(Violation(format!(
                                 "overlapping chunks for cookie {}",
                                 h.cookie
@@ -523,8 +533,8 @@ impl Slot {
                     }
                     ChunkPlan::Hole => {
                         let (at, len) = wire::parse_hole(&read_array::<12>(&mut r)?, &asked)?;
-                        p.0 += u64::from(len);
-                        if p.0 > u64::from(asked.len) {
+                        p.covered += u64::from(len);
+                        if p.covered > u64::from(asked.len) {
                             return Err(Violation(format!(
                                 "overlapping chunks for cookie {}",
                                 h.cookie
@@ -539,16 +549,20 @@ impl Slot {
                         r.read_exact(&mut payload)?;
                         if h.kind & wire::CHUNK_ERROR_BIT != 0 {
                             let e = wire::parse_error_chunk(h.kind, &payload, &asked)?;
-                            p.1.get_or_insert(e);
+                            p.error.get_or_insert(e);
                         } else {
                             let ctx = negotiated.allocation_context.unwrap_or(u32::MAX);
                             let extent = wire::parse_block_status(&payload, ctx, &asked)?;
-                            p.2.get_or_insert(extent);
+                            p.extent.get_or_insert(extent);
                         }
                     }
                 }
                 if h.flags & wire::REPLY_FLAG_DONE != 0 {
-                    let (covered, error, extent) = progress.remove(&h.cookie).unwrap_or_default();
+                    let Progress {
+                        covered,
+                        error,
+                        extent,
+                    } = progress.remove(&h.cookie).unwrap_or_default();
                     let result = match error {
                         Some(e) => Err(e),
                         None if f.cmd == wire::CMD_READ && covered != u64::from(asked.len) => {

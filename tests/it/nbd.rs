@@ -313,6 +313,21 @@ fn nbd_nbdkit_over_tcp_sees_fua_and_flush() {
         NbdOptions::default(),
     );
     exercise(&image, &file, &contents);
+    // nbdkit's file plugin reports the file's size to each connection:
+    // the connection is made again for the new size, which is not a loss
+    // (a write not flushed before it does not fail the next flush).
+    write(&image, 0, &[9; 4096], false).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&file)
+        .unwrap()
+        .set_len(12 * MIB as u64)
+        .unwrap();
+    assert_eq!(image.size(), 8 * MIB as u64);
+    assert_eq!(image.refresh_size().unwrap(), 12 * MIB as u64);
+    assert_eq!(image.size(), 12 * MIB as u64);
+    assert!(read(&image, 11 * MIB as u64, MIB).unwrap() == vec![0; MIB]);
+    image.flush().unwrap();
     drop(image);
     let log = std::fs::read_to_string(&log).unwrap();
     assert!(

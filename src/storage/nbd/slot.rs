@@ -77,6 +77,10 @@ struct SlotState {
     /// Why the receiver found the connection broken.
     dead: Option<String>,
     closing: bool,
+    /// Reconnect once nothing is in flight (the export's size changed).
+    cycle: bool,
+    /// Connections made so far.
+    generation: u64,
     next_expiry: Option<Instant>,
 }
 
@@ -172,6 +176,18 @@ impl Slot {
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner) = negotiated;
                 let why = self.serve(stream, negotiated);
+                let Some(why) = why else {
+                    // Disconnected on purpose with nothing in flight: the
+                    // server kept every write it acknowledged.
+                    if self.requeue_in_flight() {
+                        return;
+                    }
+                    log::info!(
+                        "{uri}: connection {} reconnecting for the new size",
+                        self.index
+                    );
+                    continue;
+                };
                 let unflushed = self.shared.durability.connection_lost();
                 if self.requeue_in_flight() {
                     return;
@@ -303,28 +319,62 @@ impl Slot {
         }
     }
 
+    /// Asks for a new connection once the commands in flight are
+    /// answered (a disconnection, not a loss); returns the connection
+    /// count to wait past with [`Slot::wait_connected_after`].
+    pub fn cycle(&self) -> u64 {
+        let mut st = self.lock();
+        st.cycle = true;
+        let generation = st.generation;
+        drop(st);
+        self.wake.notify_all();
+        generation
+    }
+
+    /// Waits until a connection after the `generation`th is up; false at
+    /// `deadline`.
+    pub fn wait_connected_after(&self, generation: u64, deadline: Instant) -> bool {
+        let mut st = self.lock();
+        loop {
+            if st.connected && st.generation > generation {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline || st.closing {
+                return false;
+            }
+            st = self
+                .wake
+                .wait_timeout(st, deadline - now)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+
     /// Serves one connection until it breaks or the slot closes; returns
-    /// why it ended.
-    fn serve(self: &Arc<Self>, stream: Stream, negotiated: Negotiated) -> String {
+    /// why it ended, `None` for a disconnection asked by [`Slot::cycle`].
+    fn serve(self: &Arc<Self>, stream: Stream, negotiated: Negotiated) -> Option<String> {
         let reader = match stream.try_clone() {
             Ok(r) => r,
-            Err(e) => return super::io_message(&e),
+            Err(e) => return Some(super::io_message(&e)),
         };
         {
             let mut st = self.lock();
             st.connected = true;
             st.dead = None;
+            st.generation += 1;
         }
+        self.wake.notify_all();
         let slot = self.clone();
         let receiver = std::thread::Builder::new()
             .name(format!("nbd-recv-{}", self.index))
             .spawn(move || slot.receive(reader, negotiated));
         let receiver = match receiver {
             Ok(r) => r,
-            Err(e) => return format!("cannot start a thread: {e}"),
+            Err(e) => return Some(format!("cannot start a thread: {e}")),
         };
         let why = self.send_loop(&stream, &negotiated);
-        if self.lock().closing {
+        if why.is_none() || self.lock().closing {
             // Best effort: the server may be gone.
             let _ = (&stream).write_all(&wire::request(0, wire::CMD_DISC, 0, 0, 0));
         }
@@ -334,8 +384,8 @@ impl Slot {
     }
 
     /// Sends queued commands until the connection breaks or the slot
-    /// closes.
-    fn send_loop(&self, stream: &Stream, negotiated: &Negotiated) -> String {
+    /// closes (`None`: a cycle asked for, nothing in flight).
+    fn send_loop(&self, stream: &Stream, negotiated: &Negotiated) -> Option<String> {
         let flags = negotiated.info.flags;
         let mut out = Vec::with_capacity(28 + BOUNCE);
         loop {
@@ -344,16 +394,20 @@ impl Slot {
                 let mut st = self.lock();
                 loop {
                     if st.closing {
-                        return "closing".into();
+                        return Some("closing".into());
                     }
                     if let Some(why) = st.dead.take() {
-                        return why;
+                        return Some(why);
+                    }
+                    if st.cycle && st.in_flight.is_empty() {
+                        st.cycle = false;
+                        return None;
                     }
                     let now = Instant::now();
                     if st.next_expiry.is_none_or(|t| now >= t) {
                         self.expire_locked(&mut st, now, false);
                     }
-                    if let Some(sub) = st.queue.pop_front() {
+                    if let Some(sub) = (!st.cycle).then(|| st.queue.pop_front()).flatten() {
                         if !sub.job.finished() {
                             break sub;
                         }
@@ -453,7 +507,7 @@ impl Slot {
                 s.write_all(&header)
             };
             if let Err(e) = sent {
-                return format!("sending: {}", super::io_message(&e));
+                return Some(format!("sending: {}", super::io_message(&e)));
             }
         }
     }

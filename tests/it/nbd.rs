@@ -398,8 +398,15 @@ fn nbd_nbdkit_delay_filter_times_requests_out() {
     assert_eq!(err.kind(), io::ErrorKind::TimedOut, "{err}");
     let took = start.elapsed();
     assert!(took < Duration::from_secs(3), "{took:?}");
-    // The connection is still good for what is not delayed.
+    // A server silent for a whole timeout with a command waiting is
+    // taken for gone: the connection is made again, and what is not
+    // delayed goes through.
     write(&image, 4096, &[2; 4096], false).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while image.connected() == 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(image.connected(), 1);
 }
 
 fn qemu_nbd_server(qemu_nbd: &Path, sock: &Path, file: &Path) -> Server {

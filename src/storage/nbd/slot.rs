@@ -81,6 +81,9 @@ struct SlotState {
     cycle: bool,
     /// Connections made so far.
     generation: u64,
+    /// The last reply completed, or when the first command in flight was
+    /// sent after none was.
+    last_heard: Option<Instant>,
     next_expiry: Option<Instant>,
 }
 
@@ -280,6 +283,15 @@ impl Slot {
                 f.sub.job.fail(error());
             }
         }
+        // A server that answered nothing for a whole timeout with commands
+        // waiting is taken for gone (a silent peer: TCP would notice only
+        // after many minutes); the connection is made again.
+        let silent = st
+            .last_heard
+            .is_some_and(|t| now.saturating_duration_since(t) >= timeout);
+        if !down && !st.in_flight.is_empty() && silent && st.dead.is_none() {
+            st.dead = Some(format!("no reply for {timeout:?}"));
+        }
         earliest
     }
 
@@ -362,6 +374,7 @@ impl Slot {
             let mut st = self.lock();
             st.connected = true;
             st.dead = None;
+            st.last_heard = None;
             st.generation += 1;
         }
         self.wake.notify_all();
@@ -393,6 +406,10 @@ impl Slot {
             let sub = {
                 let mut st = self.lock();
                 loop {
+                    let now = Instant::now();
+                    if st.next_expiry.is_none_or(|t| now >= t) {
+                        self.expire_locked(&mut st, now, false);
+                    }
                     if st.closing {
                         return Some("closing".into());
                     }
@@ -402,10 +419,6 @@ impl Slot {
                     if st.cycle && st.in_flight.is_empty() {
                         st.cycle = false;
                         return None;
-                    }
-                    let now = Instant::now();
-                    if st.next_expiry.is_none_or(|t| now >= t) {
-                        self.expire_locked(&mut st, now, false);
                     }
                     if let Some(sub) = (!st.cycle).then(|| st.queue.pop_front()).flatten() {
                         if !sub.job.finished() {
@@ -475,6 +488,9 @@ impl Slot {
                 let mut st = self.lock();
                 let cookie = st.next_cookie;
                 st.next_cookie += 1;
+                if st.in_flight.is_empty() {
+                    st.last_heard = Some(Instant::now());
+                }
                 st.in_flight.insert(
                     cookie,
                     InFlight {
@@ -646,7 +662,11 @@ impl Slot {
 
     /// A command's last reply arrived.
     fn reply_done(&self, cookie: u64, f: &InFlight, result: Result<Output, u32>) {
-        self.lock().in_flight.remove(&cookie);
+        {
+            let mut st = self.lock();
+            st.in_flight.remove(&cookie);
+            st.last_heard = Some(Instant::now());
+        }
         match result {
             Ok(output) => {
                 let durability = &self.shared.durability;

@@ -457,6 +457,13 @@ fn a_server_that_does_not_answer_times_the_request_out() {
         took >= Duration::from_millis(300) && took < Duration::from_secs(2),
         "{took:?}"
     );
+    // Silent for a whole timeout with a command waiting: taken for gone,
+    // and connected again.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while *server.connections.lock().unwrap() < 2 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(*server.connections.lock().unwrap(), 2);
 }
 
 #[test]

@@ -359,9 +359,10 @@ fn a_server_without_fua_gets_a_flush_before_a_durable_write_completes() {
         .map(|r| (r.cmd, r.flags))
         .collect();
     assert_eq!(seen, [(wire::CMD_WRITE, wire::CMD_FLAG_FUA)]);
-    // Zeroing: NO_HOLE unless deallocating.
+    // Zeroing: NO_HOLE unless deallocating; TRIM as asked.
     image.write_zeroes(0, 4096, false).unwrap();
     image.write_zeroes(4096, 4096, true).unwrap();
+    image.trim(8192, 4096).unwrap();
     let seen: Vec<(u16, u16)> = server.seen.lock().unwrap()[1..]
         .iter()
         .map(|r| (r.cmd, r.flags))
@@ -370,7 +371,47 @@ fn a_server_without_fua_gets_a_flush_before_a_durable_write_completes() {
         seen,
         [
             (wire::CMD_WRITE_ZEROES, wire::CMD_FLAG_NO_HOLE),
-            (wire::CMD_WRITE_ZEROES, 0)
+            (wire::CMD_WRITE_ZEROES, 0),
+            (wire::CMD_TRIM, 0)
+        ]
+    );
+}
+
+#[test]
+fn a_server_with_few_features() {
+    // Read-only, without WRITE_ZEROES, TRIM or FLUSH: writes refused
+    // here, flushes and trims answered without the server.
+    let server = fake(
+        wire::TF_HAS_FLAGS | wire::TF_READ_ONLY,
+        Box::new(|req: &Req| (simple(req.cookie, 0), false)),
+    );
+    let image = NbdImage::open(&server.uri, quick()).unwrap();
+    assert!(image.read_only());
+    let err = write(&image, 0, &[1; 512], false).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EROFS));
+    image.flush().unwrap();
+    assert!(server.seen.lock().unwrap().is_empty(), "nothing sent");
+    // Writable, without WRITE_ZEROES: zeroes written, a MiB at a time.
+    let server = fake(
+        wire::TF_HAS_FLAGS | wire::TF_SEND_FLUSH,
+        Box::new(|req: &Req| (simple(req.cookie, 0), false)),
+    );
+    let image = NbdImage::open(&server.uri, quick()).unwrap();
+    image.write_zeroes(4096, (2 << 20) + 512, true).unwrap();
+    image.trim(0, 4096).unwrap();
+    let seen: Vec<(u16, u64, u32, bool)> = server
+        .seen
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|r| (r.cmd, r.offset, r.len, r.payload.iter().all(|b| *b == 0)))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (wire::CMD_WRITE, 4096, 1 << 20, true),
+            (wire::CMD_WRITE, 4096 + (1 << 20), 1 << 20, true),
+            (wire::CMD_WRITE, 4096 + (2 << 20), 512, true)
         ]
     );
 }

@@ -143,12 +143,28 @@ pub struct Cli {
     #[arg(long = "sandbox-allow", value_name = "DIR")]
     pub sandbox_allow: Vec<PathBuf>,
 
-    /// Raw disk images (regular files or block devices), LUN 0 first; up to
-    /// 16384. Options may follow a path after commas,
+    /// With the sandbox on, let the management API's lun_add attach
+    /// network LUNs over TCP (nbd://, iscsi://) though none is given at
+    /// start-up (with one at start-up, TCP sockets are allowed anyway).
+    #[arg(long = "sandbox-allow-network")]
+    pub sandbox_allow_network: bool,
+
+    /// The iSCSI initiator name the daemon logs in to iscsi:// LUNs with
+    /// (an iqn., eui. or naa. name, as the target's ACLs know it; default:
+    /// iqn.2008-11.org.linux-kvm:vhost-device-scsi.HOSTNAME).
+    #[arg(long = "initiator-name", value_name = "IQN",
+          value_parser = parse_initiator_name)]
+    pub initiator_name: Option<String>,
+
+    /// Raw disk images (regular files or block devices) or network LUNs
+    /// (`nbd://HOST[:PORT]/EXPORT`, `nbd+unix:///EXPORT?socket=PATH`,
+    /// `iscsi://[USER[%PASSWORD]@]HOST[:PORT]/TARGET-IQN/LUN`), LUN 0 first;
+    /// up to 16384. Options may follow after commas,
     /// `IMAGE[,ro][,block-size=512|4096][,serial=SERIAL][,wwn=0xHEX]`, where
     /// `SERIAL` is 1-20 printable ASCII characters without spaces, `HEX` is
     /// 16 hex digits of an NAA designator of type 2, 3 or 5, and a literal
-    /// comma in a path is written `,,`.
+    /// comma in a path is written `,,`; network LUNs take more (see
+    /// docs/network-storage.md).
     // At least one: a daemon with no logical unit would serve a SCSI host
     // that the guest finds empty.
     // The --help text is the `help` below, not this doc comment: clap shows
@@ -159,12 +175,15 @@ pub struct Cli {
     #[arg(
         value_name = "IMAGE",
         required = true,
-        help = "Raw disk images (regular files or block devices), LUN 0 first; \
-                up to 16384. Options may follow a path after commas, \
+        help = "Raw disk images (regular files or block devices) or network \
+                LUNs (nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH, \
+                iscsi://[USER[%PASSWORD]@]HOST[:PORT]/TARGET-IQN/LUN), LUN 0 \
+                first; up to 16384. Options may follow after commas, \
                 IMAGE[,ro][,block-size=512|4096][,serial=SERIAL][,wwn=0xHEX], \
                 where SERIAL is 1-20 printable ASCII characters without \
                 spaces, HEX is 16 hex digits of an NAA designator of type 2, \
-                3 or 5, and a literal comma in a path is written \",,\""
+                3 or 5, and a literal comma in a path is written \",,\"; \
+                network LUNs take more (docs/network-storage.md)"
     )]
     pub images: Vec<OsString>,
 }
@@ -178,6 +197,25 @@ impl clap::ValueEnum for IoEngineChoice {
     fn to_possible_value(&self) -> Option<PossibleValue> {
         Some(PossibleValue::new(self.name()))
     }
+}
+
+/// `--initiator-name`: an iSCSI name (RFC 3720 §3.2.6.3): `iqn.`, `eui.`
+/// or `naa.` and then letters, digits and `.-:`, at most 223 bytes.
+fn parse_initiator_name(value: &str) -> Result<String, String> {
+    let known = ["iqn.", "eui.", "naa."]
+        .iter()
+        .any(|p| value.to_ascii_lowercase().starts_with(p));
+    let chars = value
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':'));
+    if !known || !chars || value.len() > 223 || value.len() < 5 {
+        return Err(
+            "not an iSCSI name: iqn., eui. or naa. then letters, digits, '.', '-' and ':' \
+             (e.g. iqn.2026-01.com.example:host1), at most 223 characters"
+                .to_string(),
+        );
+    }
+    Ok(value.to_string())
 }
 
 /// `--socket-mode`: permission bits in octal, 0-0777 (an optional leading
@@ -234,6 +272,8 @@ impl Cli {
             incoming: self.incoming,
             sandbox: self.sandbox,
             sandbox_allow: self.sandbox_allow,
+            sandbox_network: self.sandbox_allow_network,
+            initiator_name: self.initiator_name,
         })
     }
 }
@@ -244,6 +284,37 @@ mod tests {
 
     fn cli(args: &[&str]) -> Result<Cli, clap::Error> {
         Cli::try_parse_from(["vhost-device-scsi", "-s", "s.sock"].iter().chain(args))
+    }
+
+    #[test]
+    fn initiator_names_are_checked() {
+        for good in [
+            "iqn.2026-01.com.example:host1",
+            "eui.02004567A425678D",
+            "naa.52004567BA64678D",
+        ] {
+            assert_eq!(
+                cli(&["--initiator-name", good, "a"])
+                    .unwrap()
+                    .initiator_name
+                    .as_deref(),
+                Some(good)
+            );
+        }
+        for bad in [
+            "host1",
+            "iqn.",
+            "iqn.2026-01.com.example:host one",
+            "iqn.a_b",
+        ] {
+            let e = cli(&["--initiator-name", bad, "a"])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("--initiator-name") && e.contains("not an iSCSI name"),
+                "{bad}: {e}"
+            );
+        }
     }
 
     #[test]
@@ -324,6 +395,8 @@ mod tests {
             "off",
             "--sandbox-allow",
             "/srv/images",
+            "--initiator-name",
+            "iqn.2026-01.com.example:host1",
             "a.raw,block-size=4096",
         ])
         .unwrap()
@@ -360,6 +433,8 @@ mod tests {
                 incoming: true,
                 sandbox: crate::sandbox::SandboxMode::Off,
                 sandbox_allow: vec!["/srv/images".into()],
+                sandbox_network: false,
+                initiator_name: Some("iqn.2026-01.com.example:host1".into()),
             }
         );
     }

@@ -20,13 +20,14 @@ use crate::fdlimit::{self, FdLimitError};
 use crate::scsi::inquiry::Identity;
 use crate::scsi::lun::MAX_LUN;
 use crate::scsi::{Disk, DiskConfig, DiskError, Target};
+use crate::storage::iscsi::{IscsiError, IscsiLun, IscsiOptions, PasswordSource};
 use crate::storage::lock::{ImageLocks, LockError};
 use crate::storage::IoEngine;
-use crate::storage::{FileImage, ImageKind, OpenError};
+use crate::storage::{FileImage, ImageKind, NbdError, NbdImage, NbdOptions, OpenError};
 use crate::virtio::backend::{QueueOptions, FIRST_REQUEST_QUEUE, MAX_REQUEST_QUEUES};
 
 mod lun_spec;
-pub use lun_spec::{LunSpec, LunSpecError, MAX_IMAGES};
+pub use lun_spec::{ImageSource, LunSpec, LunSpecError, MAX_IMAGES};
 
 /// Logical block size of a LUN without `block-size=`.
 pub(crate) const BLOCK_SIZE: u32 = 512;
@@ -73,6 +74,13 @@ pub struct DaemonConfig {
     /// Directories beneath which the API's `lun_add` may open images
     /// besides the startup images' (`--sandbox-allow`).
     pub sandbox_allow: Vec<PathBuf>,
+    /// With the sandbox on, TCP sockets are allowed (network LUNs over
+    /// TCP): `--sandbox-allow-network`, or set at start-up when a LUN
+    /// needs them.
+    pub sandbox_network: bool,
+    /// The iSCSI initiator name (`--initiator-name`); `None`: the
+    /// default derived from the host name.
+    pub initiator_name: Option<String>,
 }
 
 /// The listening sockets: the vhost-user socket's path, the management
@@ -180,6 +188,13 @@ pub enum ConfigError {
     FileLimit(#[from] FdLimitError),
     #[error("image {}: {source}", .path.display())]
     Open { path: PathBuf, source: OpenError },
+    /// An NBD export that cannot be served (its message names the URI).
+    #[error(transparent)]
+    Nbd(#[from] NbdError),
+    /// An iSCSI unit that cannot be served (its message names the URI,
+    /// without a password).
+    #[error(transparent)]
+    Iscsi(#[from] IscsiError),
     #[error("image {}: {source}", .path.display())]
     Lock { path: PathBuf, source: LockError },
     #[error("image {}: {source}", .path.display())]
@@ -223,6 +238,8 @@ impl DaemonConfig {
             incoming: false,
             sandbox: crate::sandbox::SandboxMode::On,
             sandbox_allow: Vec::new(),
+            sandbox_network: false,
+            initiator_name: None,
         }
     }
 
@@ -423,14 +440,7 @@ pub fn build_target(config: &DaemonConfig) -> Result<Target, ConfigError> {
         let read_only = config.read_only || spec.read_only;
         let (disk, kind, locks) = open_disk(spec, lun as u16, read_only, config, !config.incoming)?;
         seen.add(specs, lun, disk.identity())?;
-        log_lun(
-            &format!("LUN {lun}"),
-            spec,
-            &disk,
-            kind,
-            config.direct,
-            locks,
-        );
+        log_lun(&format!("LUN {lun}"), spec, &disk, &kind, locks);
         disks.push(disk);
     }
     Ok(if config.incoming {
@@ -440,18 +450,32 @@ pub fn build_target(config: &DaemonConfig) -> Result<Target, ConfigError> {
     })
 }
 
-/// The log line of a LUN opened (`what`: "LUN 3", "LUN 3 added").
-pub(crate) fn log_lun(
-    what: &str,
-    spec: &LunSpec,
-    disk: &Disk,
-    kind: ImageKind,
-    direct: bool,
-    locks: ImageLocks,
-) {
+/// The log line of a LUN opened (`what`: "LUN 3", "LUN 3 added"; `kind`:
+/// what its storage is, [`open_disk`]'s).
+pub(crate) fn log_lun(what: &str, spec: &LunSpec, disk: &Disk, kind: &str, locks: ImageLocks) {
+    if disk.forwards_commands() {
+        info!(
+            "{what}: {} ({} bytes, {} blocks of {} bytes at open, {}, {kind}{})",
+            spec.display(),
+            disk.blocks() * u64::from(disk.block_size()),
+            disk.blocks(),
+            disk.block_size(),
+            if disk.read_only() {
+                "read-only"
+            } else {
+                "read-write"
+            },
+            if disk.unfiltered() {
+                ", unfiltered"
+            } else {
+                ""
+            },
+        );
+        return;
+    }
     info!(
-        "{what}: {} ({} bytes, {} blocks of {} bytes, {}, {}{}, {}, serial {}, NAA {:#018x})",
-        spec.path.display(),
+        "{what}: {} ({} bytes, {} blocks of {} bytes, {}, {kind}, {}, serial {}, NAA {:#018x})",
+        spec.display(),
         disk.blocks() * u64::from(disk.block_size()),
         disk.blocks(),
         disk.block_size(),
@@ -460,11 +484,6 @@ pub(crate) fn log_lun(
         } else {
             "read-write"
         },
-        match kind {
-            ImageKind::RegularFile => "regular file",
-            ImageKind::BlockDevice => "block device",
-        },
-        if direct { ", O_DIRECT" } else { "" },
         match locks {
             ImageLocks::Held => "locked",
             ImageLocks::Unsupported => "not locked",
@@ -476,15 +495,114 @@ pub(crate) fn log_lun(
 }
 
 /// Opens and checks one image, and with `active` locks it (otherwise it
-/// is opened inactive: every check but the locks); also says where it
-/// stands with its locks.
+/// is opened inactive: every check but the locks); also says what its
+/// storage is (for the log) and where it stands with its locks. A network
+/// URI connects (NBD) or logs in (iSCSI); such storage has no locks.
 pub(crate) fn open_disk(
     spec: &LunSpec,
     lun: u16,
     read_only: bool,
     config: &DaemonConfig,
     active: bool,
-) -> Result<(Disk, ImageKind, ImageLocks), ConfigError> {
+) -> Result<(Disk, String, ImageLocks), ConfigError> {
+    match spec.source() {
+        ImageSource::Local => open_local(spec, lun, read_only, config, active),
+        ImageSource::Nbd => open_nbd(spec, lun, read_only, config),
+        ImageSource::Iscsi => open_iscsi(spec, lun, read_only, config),
+    }
+}
+
+/// [`open_disk`] for an `nbd://` or `nbd+unix://` URI: the daemon's own
+/// disk emulation over an NBD client.
+fn open_nbd(
+    spec: &LunSpec,
+    lun: u16,
+    read_only: bool,
+    config: &DaemonConfig,
+) -> Result<(Disk, String, ImageLocks), ConfigError> {
+    let uri = spec.path.to_string_lossy();
+    let defaults = NbdOptions::default();
+    let options = NbdOptions {
+        read_only,
+        connections: spec.connections.map_or(defaults.connections, usize::from),
+        timeout: spec.timeout_secs.map_or(defaults.timeout, |s| {
+            std::time::Duration::from_secs(u64::from(s))
+        }),
+        ..defaults
+    };
+    let image = NbdImage::open(&uri, options)?;
+    let kind = format!(
+        "NBD export, {} connection{}",
+        image.connections(),
+        if image.connections() == 1 { "" } else { "s" }
+    );
+    let block_size = spec.block_size.unwrap_or(BLOCK_SIZE);
+    let disk_config = DiskConfig {
+        block_size,
+        identity: identity(spec, Path::new(uri.as_ref()), lun),
+        solid_state: config.solid_state,
+        discard: config.discard,
+    };
+    let disk = Disk::new(Box::new(image), disk_config).map_err(|source| ConfigError::Disk {
+        path: PathBuf::from(spec.display()),
+        source,
+    })?;
+    Ok((disk, kind, ImageLocks::Unsupported))
+}
+
+/// [`open_disk`] for an `iscsi://` URI: a passthrough unit.
+fn open_iscsi(
+    spec: &LunSpec,
+    lun: u16,
+    read_only: bool,
+    config: &DaemonConfig,
+) -> Result<(Disk, String, ImageLocks), ConfigError> {
+    let uri = spec.path.to_string_lossy();
+    let defaults = IscsiOptions::default();
+    let options = IscsiOptions {
+        initiator_name: config.initiator_name.clone(),
+        user: spec.user.clone(),
+        password: match (&spec.password_file, &spec.password_env) {
+            (Some(file), _) => PasswordSource::File(file.clone()),
+            (None, Some(var)) => PasswordSource::Env(var.clone()),
+            (None, None) => PasswordSource::Uri,
+        },
+        timeout: spec.timeout_secs.map_or(defaults.timeout, |s| {
+            std::time::Duration::from_secs(u64::from(s))
+        }),
+        read_only,
+        ..defaults
+    };
+    let unit = IscsiLun::open(&uri, &options)?;
+    let block_size = unit.block_size();
+    let disk_config = DiskConfig {
+        block_size,
+        // Not shown to the guest: INQUIRY goes to the remote unit.
+        identity: identity(spec, Path::new(&spec.display()), lun),
+        solid_state: config.solid_state,
+        discard: config.discard,
+    };
+    let disk = Disk::new(Box::new(unit), disk_config)
+        .map_err(|source| ConfigError::Disk {
+            path: PathBuf::from(spec.display()),
+            source,
+        })?
+        .with_unfiltered(spec.unfiltered);
+    Ok((
+        disk,
+        "iSCSI passthrough".to_string(),
+        ImageLocks::Unsupported,
+    ))
+}
+
+/// [`open_disk`] for a regular file or block device.
+fn open_local(
+    spec: &LunSpec,
+    lun: u16,
+    read_only: bool,
+    config: &DaemonConfig,
+    active: bool,
+) -> Result<(Disk, String, ImageLocks), ConfigError> {
     let path = spec.path.as_path();
     let open = if config.direct {
         FileImage::open_direct
@@ -519,13 +637,18 @@ pub(crate) fn open_disk(
     } else {
         ImageLocks::Inactive
     };
+    let direct = config.direct;
     let config = DiskConfig {
         block_size,
         identity: identity(spec, path, lun),
         solid_state: config.solid_state,
         discard: config.discard,
     };
-    let kind = image.kind();
+    let kind = match image.kind() {
+        ImageKind::RegularFile => "regular file",
+        ImageKind::BlockDevice => "block device",
+    };
+    let kind = format!("{kind}{}", if direct { ", O_DIRECT" } else { "" });
     let disk = Disk::new(Box::new(image), config).map_err(|source| ConfigError::Disk {
         path: path.to_path_buf(),
         source,

@@ -68,6 +68,19 @@ fn run(config: &DaemonConfig) -> Result<(), String> {
     }
     sockets.extend(config.socket.api_socket.clone());
     let target = Arc::new(target);
+    // TCP sockets under the sandbox: asked for, or needed by a LUN at
+    // start-up or from the state file (the API's lun_add is held to it).
+    let carried_over = state::image_paths(&config.state_file());
+    let mut config = config.clone();
+    config.sandbox_network |= config.luns.iter().any(|l| l.needs_tcp())
+        || carried_over.iter().any(|p| {
+            config::LunSpec {
+                path: p.clone(),
+                ..Default::default()
+            }
+            .needs_tcp()
+        });
+    let config = &config;
     let events =
         EventHub::new().map_err(|e| format!("cannot create the event queue's eventfd: {e}"))?;
     // The LUN table's manager: the API's calls, and the LUNs carried over
@@ -85,8 +98,11 @@ fn run(config: &DaemonConfig) -> Result<(), String> {
     // Landlock confines the calling thread and those it starts later:
     // applied before the first thread (the stop signals') starts.
     if config.sandbox == SandboxMode::On {
+        // Local images only: network LUNs have no path (a Unix socket's
+        // connect is not confined).
         let mut images: Vec<_> = config.luns.iter().map(|l| l.path.clone()).collect();
-        images.extend(state::image_paths(&config.state_file()));
+        images.extend(carried_over);
+        images.retain(|p| config::ImageSource::of(p) == config::ImageSource::Local);
         let mut written = vec![socket_path.clone(), config.state_file()];
         written.extend(config.socket.api_socket.clone());
         let paths = sandbox::Paths {
@@ -155,10 +171,15 @@ fn run(config: &DaemonConfig) -> Result<(), String> {
     // Every thread there is and will be makes only the allowlist's calls.
     match config.sandbox {
         SandboxMode::On => {
-            sandbox::apply_seccomp().map_err(|e| e.to_string())?;
+            sandbox::apply_seccomp(config.sandbox_network).map_err(|e| e.to_string())?;
             log::info!(
-                "sandbox: seccomp allows {} system calls; any other ends the daemon with a line on stderr",
-                sandbox::ALLOWED.len()
+                "sandbox: seccomp allows {} system calls{}; any other ends the daemon with a line on stderr",
+                sandbox::ALLOWED.len(),
+                if config.sandbox_network {
+                    ", sockets of AF_UNIX, AF_INET and AF_INET6"
+                } else {
+                    ", sockets of AF_UNIX only"
+                }
             );
         }
         SandboxMode::Off => {

@@ -19,8 +19,9 @@ use std::time::Duration;
 use log::{info, warn};
 
 use crate::api::{ErrorKind, LunInfo, Management, MethodError};
-use crate::config::{self, ConfigError, DaemonConfig, LunSpec};
+use crate::config::{self, ConfigError, DaemonConfig, ImageSource, LunSpec};
 use crate::fdlimit;
+use crate::sandbox::SandboxMode;
 use crate::scsi::disk::ResizeError;
 use crate::scsi::lun::MAX_LUN;
 use crate::scsi::target::InsertError;
@@ -109,10 +110,21 @@ impl LunManager {
     pub fn lun_add(&self, image: &str, lun: Option<u16>) -> Result<u16, ManageError> {
         let spec = LunSpec::parse(OsStr::new(image))
             .map_err(|e| ManageError::Image(format!("image {}: {e}", e.image)))?;
-        if spec.path.is_relative() {
+        if spec.source() == ImageSource::Local && spec.path.is_relative() {
             return Err(ManageError::InvalidParams(format!(
                 "image {}: a relative path: give an absolute one (the daemon's working directory is not the client's)",
-                spec.path.display()
+                spec.display()
+            )));
+        }
+        if self.config.sandbox == SandboxMode::On
+            && !self.config.sandbox_network
+            && spec.needs_tcp()
+        {
+            // The seccomp filter would end the daemon at the socket call.
+            return Err(ManageError::Image(format!(
+                "image {}: a network LUN over TCP, and the sandbox allows no TCP sockets: \
+                 start the daemon with --sandbox-allow-network (or a TCP network LUN)",
+                spec.display()
             )));
         }
         let lun = self.add(spec, lun)?;
@@ -151,7 +163,7 @@ impl LunManager {
         };
         let queues = FIRST_REQUEST_QUEUE + self.config.queues.request_queues;
         fdlimit::ensure(specs.len() + 1, queues)
-            .map_err(|e| ManageError::Image(format!("image {}: {e}", spec.path.display())))?;
+            .map_err(|e| ManageError::Image(format!("image {}: {e}", spec.display())))?;
         let read_only = self.config.read_only || spec.read_only;
         // Opened as the target's images are: inactive (no locks) while
         // the daemon waits for an incoming migration or its VM has
@@ -166,14 +178,7 @@ impl LunManager {
             InsertError::Activate(e) => ManageError::Image(e.to_string()),
         })?;
         let locks = unit.image_locks().unwrap_or(ImageLocks::Unsupported);
-        config::log_lun(
-            &format!("LUN {lun} added"),
-            &spec,
-            &unit,
-            kind,
-            self.config.direct,
-            locks,
-        );
+        config::log_lun(&format!("LUN {lun} added"), &spec, &unit, &kind, locks);
         specs.insert(lun, spec);
         Ok(lun)
     }
@@ -191,7 +196,7 @@ impl LunManager {
             };
             return Err(ManageError::Image(format!(
                 "image {}: {value}: LUN {lun} has the same {what}",
-                spec.path.display()
+                spec.display()
             )));
         }
         Ok(())
@@ -214,9 +219,7 @@ impl LunManager {
         let (closed, on_close) = sync_channel(1);
         unit.notify_closed(closed);
         drop(unit);
-        let image = spec
-            .map(|s| s.path.display().to_string())
-            .unwrap_or_default();
+        let image = spec.map(|s| s.display()).unwrap_or_default();
         match on_close.recv_timeout(self.remove_timeout) {
             Ok(()) | Err(RecvTimeoutError::Disconnected) => {
                 let flushed = storage.flush();
@@ -277,10 +280,7 @@ impl LunManager {
     ) -> Result<u64, ManageError> {
         let specs = self.specs();
         let unit = self.target.unit(lun).ok_or(ManageError::NoSuchLun(lun))?;
-        let image = specs
-            .get(&lun)
-            .map(|s| s.path.display().to_string())
-            .unwrap_or_default();
+        let image = specs.get(&lun).map(|s| s.display()).unwrap_or_default();
         let block_size = unit.block_size();
         let capacity = unit.blocks() * u64::from(block_size);
         let image_size = unit
@@ -341,10 +341,7 @@ impl LunManager {
             .into_iter()
             .map(|(lun, unit)| LunInfo {
                 lun,
-                image: specs
-                    .get(&lun)
-                    .map(|s| s.path.display().to_string())
-                    .unwrap_or_default(),
+                image: specs.get(&lun).map(|s| s.display()).unwrap_or_default(),
                 size: unit.blocks() * u64::from(unit.block_size()),
                 block_size: unit.block_size(),
                 read_only: unit.read_only(),
@@ -408,7 +405,7 @@ impl Management for LunManager {
             .map(|(lun, unit)| {
                 let mut entry = serde_json::json!({
                     "lun": lun,
-                    "image": specs.get(&lun).map(|s| s.path.display().to_string()).unwrap_or_default(),
+                    "image": specs.get(&lun).map(|s| s.display()).unwrap_or_default(),
                 });
                 if let (Some(entry), Ok(serde_json::Value::Object(stats))) = (
                     entry.as_object_mut(),

@@ -281,21 +281,33 @@ const NAMED: &[Syscall] = &[
     #[cfg(target_arch = "x86_64")] (libc::SYS_vfork, "vfork"),
 ];
 
-/// The filter: [`ALLOWED`] allowed, `socket` for `AF_UNIX` only, anything
-/// else trapped.
-pub fn filter() -> Result<BpfProgram, SandboxError> {
+/// The filter: [`ALLOWED`] allowed, `socket` for `AF_UNIX` only (with
+/// `network`, also `AF_INET` and `AF_INET6`: network LUNs over TCP),
+/// anything else trapped.
+pub fn filter(network: bool) -> Result<BpfProgram, SandboxError> {
     let arch = std::env::consts::ARCH
         .try_into()
         .map_err(|e: seccompiler::BackendError| SandboxError::Filter(e.to_string()))?;
     let bad = |e: seccompiler::BackendError| SandboxError::Filter(e.to_string());
-    let unix_only = vec![SeccompRule::new(vec![SeccompCondition::new(
-        0,
-        SeccompCmpArgLen::Dword,
-        SeccompCmpOp::Eq,
-        libc::AF_UNIX as u64,
-    )
-    .map_err(bad)?])
-    .map_err(bad)?];
+    let families: &[i32] = if network {
+        &[libc::AF_UNIX, libc::AF_INET, libc::AF_INET6]
+    } else {
+        &[libc::AF_UNIX]
+    };
+    // One rule per family: the rules of a call are alternatives.
+    let unix_only = families
+        .iter()
+        .map(|&family| {
+            SeccompRule::new(vec![SeccompCondition::new(
+                0,
+                SeccompCmpArgLen::Dword,
+                SeccompCmpOp::Eq,
+                family as u64,
+            )
+            .map_err(bad)?])
+            .map_err(bad)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let rules = ALLOWED
         .iter()
         .map(|&(nr, _)| {
@@ -315,8 +327,8 @@ pub fn filter() -> Result<BpfProgram, SandboxError> {
 /// Installs the SIGSYS handler, then the filter on every thread of the
 /// process. From here on a call outside [`ALLOWED`] ends the daemon with
 /// its line on stderr.
-pub fn apply_seccomp() -> Result<(), SandboxError> {
-    let program = filter()?;
+pub fn apply_seccomp(network: bool) -> Result<(), SandboxError> {
+    let program = filter(network)?;
     install_sigsys_handler().map_err(SandboxError::Handler)?;
     seccompiler::apply_filter_all_threads(&program)
         .map_err(|e| SandboxError::Seccomp(e.to_string()))
@@ -428,7 +440,8 @@ mod tests {
         numbers.sort_unstable();
         numbers.dedup();
         assert_eq!(numbers.len(), ALLOWED.len());
-        assert!(!filter().unwrap().is_empty());
+        assert!(!filter(false).unwrap().is_empty());
+        assert!(filter(true).unwrap().len() > filter(false).unwrap().len());
         assert!(!ALLOWED
             .iter()
             .any(|(n, _)| NAMED.iter().any(|(m, _)| m == n)));

@@ -197,7 +197,7 @@ pub fn restore(
         let Some(spec) = lun.spec.clone() else {
             continue;
         };
-        let image = spec.path.display().to_string();
+        let image = spec.display().to_string();
         match add(lun.lun, spec) {
             Ok(()) => {
                 added = true;

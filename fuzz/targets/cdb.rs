@@ -253,6 +253,10 @@ fn execute(target: &Target, handles: &[Handle], model: &mut Model, command: &Com
             count(0);
             Outcome::Good
         }
+        // The fuzzed target has no passthrough unit.
+        Completion::Forwarded(outcome) => {
+            panic!("forwarded without a passthrough unit: {outcome:?}")
+        }
         Completion::BufferTooSmall => {
             count(1);
             assert!(din.data.is_empty(), "data with BufferTooSmall: {}", what());

@@ -14,9 +14,38 @@ pub const MAX_IMAGES: usize = crate::scsi::lun::MAX_LUN as usize + 1;
 /// characters is what ATA and most initiator tools expect of a serial.
 pub(crate) const MAX_SERIAL_LEN: usize = 20;
 
+/// Where a LUN's blocks are: a local image, or a URI naming storage on
+/// the network.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ImageSource {
+    /// A regular file or block device.
+    Local,
+    /// `nbd://HOST[:PORT]/EXPORT` or `nbd+unix:///EXPORT?socket=PATH`: an
+    /// emulated disk over an NBD client.
+    Nbd,
+    /// `iscsi://[USER[%PASSWORD]@]HOST[:PORT]/TARGET-IQN/LUN`: a
+    /// passthrough unit forwarding to a remote iSCSI logical unit.
+    Iscsi,
+}
+
+/// The per-LUN options only network LUNs take, with the kinds that take
+/// them.
+const NETWORK_OPTIONS: [(&str, &[ImageSource]); 6] = [
+    ("unfiltered", &[ImageSource::Iscsi]),
+    ("user", &[ImageSource::Iscsi]),
+    ("password-file", &[ImageSource::Iscsi]),
+    ("password-env", &[ImageSource::Iscsi]),
+    ("connections", &[ImageSource::Nbd]),
+    ("timeout", &[ImageSource::Nbd, ImageSource::Iscsi]),
+];
+
+/// Most connections to one NBD export (`connections=`).
+pub const MAX_NBD_CONNECTIONS: u8 = 8;
+
 /// One IMAGE argument: the image and its per-LUN options.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct LunSpec {
+    /// The image's path, or a network URI ([`LunSpec::source`]).
     pub path: PathBuf,
     /// `ro`: this LUN is read-only.
     pub read_only: bool,
@@ -26,6 +55,88 @@ pub struct LunSpec {
     pub serial: Option<String>,
     /// `wwn=`: NAA designator, overriding the derived one.
     pub wwn: Option<u64>,
+    /// `unfiltered` (iSCSI): forward even the commands the passthrough
+    /// filter keeps from the remote unit.
+    #[serde(default)]
+    pub unfiltered: bool,
+    /// `user=` (iSCSI): the CHAP user, overriding the URI's.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// `password-file=` (iSCSI): the CHAP password is the file's first
+    /// line.
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// `password-env=` (iSCSI): the CHAP password is this environment
+    /// variable of the daemon.
+    #[serde(default)]
+    pub password_env: Option<String>,
+    /// `connections=` (NBD): connections to the export, 1 to
+    /// [`MAX_NBD_CONNECTIONS`] (more than one if the server allows).
+    #[serde(default)]
+    pub connections: Option<u8>,
+    /// `timeout=` (NBD, iSCSI): seconds a request may wait for the
+    /// server, reconnection included, 1 to 3600.
+    #[serde(default)]
+    pub timeout_secs: Option<u32>,
+}
+
+impl ImageSource {
+    /// Where the blocks of the LUN at `path` (an IMAGE argument's path or
+    /// URI) are.
+    pub fn of(path: &std::path::Path) -> ImageSource {
+        source_of(path.as_os_str().as_bytes())
+    }
+}
+
+impl LunSpec {
+    /// Where the LUN's blocks are, from the path's form.
+    pub fn source(&self) -> ImageSource {
+        source_of(self.path.as_os_str().as_bytes())
+    }
+
+    /// Whether the LUN's storage is reached over TCP (`nbd://`,
+    /// `iscsi://`): the sandbox must let the daemon open TCP sockets.
+    pub fn needs_tcp(&self) -> bool {
+        match self.source() {
+            ImageSource::Local => false,
+            ImageSource::Iscsi => true,
+            ImageSource::Nbd => !self.path.as_os_str().as_bytes().starts_with(b"nbd+unix://"),
+        }
+    }
+
+    /// The path or URI for messages and logs: a password in an iSCSI URI
+    /// (`USER%PASSWORD@`) left out.
+    pub fn display(&self) -> String {
+        redact(&self.path.to_string_lossy())
+    }
+}
+
+fn source_of(path: &[u8]) -> ImageSource {
+    if path.starts_with(b"iscsi://") {
+        ImageSource::Iscsi
+    } else if path.starts_with(b"nbd://") || path.starts_with(b"nbd+") || path.starts_with(b"nbds")
+    {
+        // nbd+unix://, and the schemes the NBD URI standard names that the
+        // client refuses with its own message (nbds://, nbd+vsock://).
+        ImageSource::Nbd
+    } else {
+        ImageSource::Local
+    }
+}
+
+/// `text` with the password of an `iscsi://USER%PASSWORD@...` URI left
+/// out (between the authority's first '%' and its last '@').
+pub fn redact(text: &str) -> String {
+    let Some(rest) = text.strip_prefix("iscsi://") else {
+        return text.to_string();
+    };
+    let authority = &rest[..rest.find('/').unwrap_or(rest.len())];
+    match (authority.find('%'), authority.rfind('@')) {
+        (Some(pct), Some(at)) if pct < at => {
+            format!("iscsi://{}{}", &authority[..pct], &rest[at..])
+        }
+        _ => text.to_string(),
+    }
 }
 
 /// A malformed IMAGE argument. `image` is its path part (or the whole
@@ -45,10 +156,11 @@ impl LunSpec {
     pub fn parse(arg: &OsStr) -> Result<LunSpec, LunSpecError> {
         let mut fields = split_commas(arg.as_bytes()).into_iter();
         let path = fields.next().unwrap_or_default();
-        let image = String::from_utf8_lossy(&path).into_owned();
+        let image = redact(&String::from_utf8_lossy(&path));
+        let source = source_of(&path);
         let fail = |option: Option<&str>, reason: &str| LunSpecError {
             image: if path.is_empty() {
-                arg.to_string_lossy().into_owned()
+                redact(&arg.to_string_lossy())
             } else {
                 image.clone()
             },
@@ -76,21 +188,46 @@ impl LunSpec {
                 Some((name, value)) => (name, Some(value)),
                 None => (text.as_str(), None),
             };
-            if !matches!(name, "ro" | "block-size" | "serial" | "wwn") {
+            let network = NETWORK_OPTIONS.iter().find(|(n, _)| *n == name);
+            if !matches!(name, "ro" | "block-size" | "serial" | "wwn") && network.is_none() {
                 return Err(fail(
                     option,
-                    "unknown option (known: ro, block-size=, serial=, wwn=)",
+                    "unknown option (known: ro, block-size=, serial=, wwn=; for nbd:// \
+                     connections=, timeout=; for iscsi:// unfiltered, user=, password-file=, \
+                     password-env=, timeout=)",
+                ));
+            }
+            if let Some((_, kinds)) = network {
+                if !kinds.contains(&source) {
+                    return Err(fail(
+                        option,
+                        match kinds {
+                            [ImageSource::Nbd] => "only for nbd:// and nbd+unix:// LUNs",
+                            [ImageSource::Iscsi] => "only for iscsi:// LUNs",
+                            _ => "only for nbd:// and iscsi:// LUNs",
+                        },
+                    ));
+                }
+            }
+            if source == ImageSource::Iscsi && matches!(name, "block-size" | "serial" | "wwn") {
+                return Err(fail(
+                    option,
+                    "not for iscsi:// LUNs: the remote unit reports its own",
                 ));
             }
             if seen.iter().any(|s| s == name) {
                 return Err(fail(option, "given twice"));
             }
             seen.push(name.to_string());
-            if name == "ro" {
+            if name == "ro" || name == "unfiltered" {
                 if value.is_some() {
                     return Err(fail(option, "takes no value"));
                 }
-                spec.read_only = true;
+                if name == "ro" {
+                    spec.read_only = true;
+                } else {
+                    spec.unfiltered = true;
+                }
                 continue;
             }
             let value = match value {
@@ -106,8 +243,35 @@ impl LunSpec {
                     })
                 }
                 "serial" => spec.serial = Some(parse_serial(value).map_err(|r| fail(option, r))?),
-                _ => spec.wwn = Some(parse_wwn(value).map_err(|r| fail(option, r))?),
+                "wwn" => spec.wwn = Some(parse_wwn(value).map_err(|r| fail(option, r))?),
+                "user" => spec.user = Some(value.to_string()),
+                "password-file" => spec.password_file = Some(PathBuf::from(value)),
+                "password-env" => spec.password_env = Some(value.to_string()),
+                "connections" => {
+                    spec.connections = Some(
+                        value
+                            .parse::<u8>()
+                            .ok()
+                            .filter(|n| (1..=MAX_NBD_CONNECTIONS).contains(n))
+                            .ok_or_else(|| fail(option, "must be from 1 to 8"))?,
+                    )
+                }
+                _ => {
+                    spec.timeout_secs = Some(
+                        value
+                            .parse::<u32>()
+                            .ok()
+                            .filter(|n| (1..=3600).contains(n))
+                            .ok_or_else(|| fail(option, "must be whole seconds from 1 to 3600"))?,
+                    )
+                }
             }
+        }
+        if spec.password_file.is_some() && spec.password_env.is_some() {
+            return Err(fail(
+                Some("password-env"),
+                "password-file= and password-env= are exclusive",
+            ));
         }
         Ok(spec)
     }
@@ -215,6 +379,7 @@ mod tests {
                 block_size: Some(4096),
                 serial: Some("abc-1_X".into()),
                 wwn: Some(0x5000_c500_1234_5678),
+                ..LunSpec::default()
             }
         );
         assert_eq!(parse("d,block-size=512").unwrap().block_size, Some(512));
@@ -294,6 +459,76 @@ mod tests {
             parse("").unwrap_err().reason,
             "no image path before the options"
         );
+    }
+
+    #[test]
+    fn network_uris_and_their_options() {
+        let spec =
+            parse("nbd+unix:///disk?socket=/run/nbd.sock,connections=4,timeout=60,ro").unwrap();
+        assert_eq!(spec.source(), ImageSource::Nbd);
+        assert_eq!(
+            spec.path,
+            PathBuf::from("nbd+unix:///disk?socket=/run/nbd.sock")
+        );
+        assert_eq!(
+            (spec.connections, spec.timeout_secs, spec.read_only),
+            (Some(4), Some(60), true)
+        );
+        assert_eq!(
+            parse("nbd://10.0.0.1/x").unwrap().source(),
+            ImageSource::Nbd
+        );
+        let spec = parse(
+            "iscsi://10.0.0.2/iqn.2026-01.com.example:t/1,unfiltered,user=u,password-file=/etc/p",
+        )
+        .unwrap();
+        assert_eq!(spec.source(), ImageSource::Iscsi);
+        assert!(spec.unfiltered);
+        assert_eq!(spec.user.as_deref(), Some("u"));
+        assert_eq!(spec.password_file, Some(PathBuf::from("/etc/p")));
+        assert_eq!(parse("/img/nbd.raw").unwrap().source(), ImageSource::Local);
+        let o = |s: &str| Some(s.to_string());
+        assert_eq!(
+            err("d.raw,connections=2"),
+            (
+                o("connections=2"),
+                "only for nbd:// and nbd+unix:// LUNs".into()
+            )
+        );
+        assert_eq!(
+            err("nbd://h/e,unfiltered"),
+            (o("unfiltered"), "only for iscsi:// LUNs".into())
+        );
+        assert_eq!(
+            err("d.raw,timeout=5").1,
+            "only for nbd:// and iscsi:// LUNs"
+        );
+        assert_eq!(err("nbd://h/e,connections=9").1, "must be from 1 to 8");
+        assert_eq!(err("nbd://h/e,connections=0").1, "must be from 1 to 8");
+        assert_eq!(
+            err("nbd://h/e,timeout=0").1,
+            "must be whole seconds from 1 to 3600"
+        );
+        assert_eq!(
+            err("iscsi://h/t/1,block-size=4096").1,
+            "not for iscsi:// LUNs: the remote unit reports its own"
+        );
+        assert_eq!(
+            err("iscsi://h/t/1,password-file=/a,password-env=B").1,
+            "password-file= and password-env= are exclusive"
+        );
+    }
+
+    #[test]
+    fn a_password_in_a_uri_never_shows() {
+        let spec = parse("iscsi://alice%s3cret@10.0.0.2:3261/iqn.x:t/1").unwrap();
+        assert_eq!(spec.display(), "iscsi://alice@10.0.0.2:3261/iqn.x:t/1");
+        let e = parse("iscsi://alice%s3cret@h/iqn.x:t/1,bogus").unwrap_err();
+        assert!(!e.image.contains("s3cret"), "{}", e.image);
+        // A '%' in the password and an '@' too: cut up to the last '@'.
+        assert_eq!(redact("iscsi://bob%p%@ss@h/t/0"), "iscsi://bob@h/t/0");
+        assert_eq!(redact("iscsi://h/t/0"), "iscsi://h/t/0");
+        assert_eq!(redact("/img/a%b@c.raw"), "/img/a%b@c.raw");
     }
 
     #[test]

@@ -125,6 +125,9 @@ pub struct Disk {
     io_lock: RwLock<()>,
     /// READ and WRITE transfers handed over and not yet finished.
     handed_over: Arc<HandedOver>,
+    /// A passthrough unit forwards even the commands the filter keeps
+    /// from the remote (see `passthrough.rs`).
+    unfiltered: bool,
     /// Told when the unit is dropped (the last field, so it is dropped
     /// after `storage`: the image is closed by then unless whoever is told
     /// holds the storage too, as `lun_remove` does to flush it).
@@ -239,6 +242,7 @@ impl Disk {
             flush_failed: AtomicBool::new(false),
             io_lock: RwLock::new(()),
             handed_over: Arc::default(),
+            unfiltered: false,
         })
     }
 
@@ -343,6 +347,24 @@ impl Disk {
 
     pub fn block_size(&self) -> u32 {
         self.config.block_size
+    }
+
+    /// Whether the unit forwards commands to the logical unit its storage
+    /// reaches (an iSCSI LUN) instead of emulating a disk
+    /// (`passthrough.rs`).
+    pub fn forwards_commands(&self) -> bool {
+        self.storage.scsi_passthrough()
+    }
+
+    /// For a passthrough unit: forward every command, the filter off
+    /// (the `unfiltered` LUN option).
+    pub fn with_unfiltered(mut self, unfiltered: bool) -> Disk {
+        self.unfiltered = unfiltered;
+        self
+    }
+
+    pub fn unfiltered(&self) -> bool {
+        self.unfiltered
     }
 
     pub fn read_only(&self) -> bool {
@@ -591,6 +613,13 @@ impl Disk {
     /// remembering a failure for good.
     pub fn flushed(&self, result: io::Result<()>) -> CommandResult<()> {
         result.map_err(|e| {
+            if CommandError::is_unreachable(&e) {
+                // Not carried out (the remote storage was unreachable): the
+                // initiator retries; nothing is known to be lost. A remote
+                // that may have lost acknowledged writes fails the flush
+                // with an I/O error instead (see storage/nbd).
+                return CommandError::WriteError(e);
+            }
             self.flush_failed.store(true, Ordering::Relaxed);
             log::error!(
                 "flush of LUN with serial {} failed: {e}; all later flushes will fail",
@@ -607,7 +636,12 @@ impl Disk {
     /// ENOSPC or EDQUOT from thin storage, NFS or btrfs), only once.
     fn written(&self, result: io::Result<()>, durable: bool) -> CommandResult<()> {
         result.map_err(|e| {
-            if durable && !self.flush_failed.swap(true, Ordering::Relaxed) {
+            // A write that could not reach remote storage is retried by the
+            // initiator and proves no loss (see `Disk::flushed`).
+            if durable
+                && !CommandError::is_unreachable(&e)
+                && !self.flush_failed.swap(true, Ordering::Relaxed)
+            {
                 log::error!(
                     "durable write to LUN with serial {} failed: {e}; all later flushes will fail",
                     self.config.identity.serial

@@ -76,6 +76,24 @@ impl CommandError {
         }
     }
 
+    /// Whether `e` says the storage could not be reached (its network
+    /// server or session gone, or no answer in time) rather than that it
+    /// failed the request: reported as a retryable ABORTED COMMAND, and
+    /// never taken as lost data (see `Disk::written`).
+    pub fn is_unreachable(e: &io::Error) -> bool {
+        matches!(
+            e.kind(),
+            io::ErrorKind::TimedOut
+                | io::ErrorKind::NotConnected
+                | io::ErrorKind::ConnectionReset
+                | io::ErrorKind::ConnectionAborted
+                | io::ErrorKind::ConnectionRefused
+                | io::ErrorKind::BrokenPipe
+                | io::ErrorKind::HostUnreachable
+                | io::ErrorKind::NetworkUnreachable
+        )
+    }
+
     /// A failed write: out of space is reported as such (SBC-3 §4.7.3.6),
     /// anything else as a medium write error.
     pub fn write(e: io::Error) -> Self {
@@ -117,6 +135,15 @@ impl CommandError {
             CommandError::SavingNotSupported => plain(sense::SAVING_PARAMETERS_NOT_SUPPORTED),
             CommandError::WriteProtected => plain(sense::WRITE_PROTECTED),
             CommandError::NoSpace(_) => plain(sense::SPACE_ALLOCATION_FAILED_WRITE_PROTECT),
+            CommandError::ReadError(e) | CommandError::WriteError(e)
+                if CommandError::is_unreachable(e) =>
+            {
+                plain(if e.kind() == io::ErrorKind::TimedOut {
+                    sense::LOGICAL_UNIT_COMMUNICATION_TIME_OUT
+                } else {
+                    sense::LOGICAL_UNIT_COMMUNICATION_FAILURE
+                })
+            }
             CommandError::ReadError(_) => plain(sense::UNRECOVERED_READ_ERROR),
             CommandError::WriteError(_) => plain(sense::WRITE_ERROR),
             // Never reaches the initiator as sense; kept total for safety.

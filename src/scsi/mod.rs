@@ -12,6 +12,7 @@ pub mod inquiry;
 pub(crate) mod lun;
 pub(crate) mod mode;
 pub(crate) mod opcodes;
+pub mod passthrough;
 pub(crate) mod sense;
 pub(crate) mod stats;
 pub(crate) mod target;

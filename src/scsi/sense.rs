@@ -57,6 +57,14 @@ pub(crate) const BUS_DEVICE_RESET_FUNCTION_OCCURRED: Sense =
 pub(crate) const I_T_NEXUS_LOSS_OCCURRED: Sense = sense(SenseKey::UnitAttention, 0x29, 0x07);
 pub(crate) const CAPACITY_DATA_HAS_CHANGED: Sense = sense(SenseKey::UnitAttention, 0x2a, 0x09);
 pub(crate) const REPORTED_LUNS_DATA_HAS_CHANGED: Sense = sense(SenseKey::UnitAttention, 0x3f, 0x0e);
+/// A command that could not reach the storage behind the unit (a network
+/// server or remote target unreachable): SPC-4 Annex D, 08h/00h and
+/// 08h/01h, with ABORTED COMMAND, which initiators retry (the command was
+/// not carried out, or may be again).
+pub(crate) const LOGICAL_UNIT_COMMUNICATION_FAILURE: Sense =
+    sense(SenseKey::AbortedCommand, 0x08, 0x00);
+pub(crate) const LOGICAL_UNIT_COMMUNICATION_TIME_OUT: Sense =
+    sense(SenseKey::AbortedCommand, 0x08, 0x01);
 /// SBC-3 §4.7.3.6: a thin-provisioned write that found no space.
 pub(crate) const SPACE_ALLOCATION_FAILED_WRITE_PROTECT: Sense =
     sense(SenseKey::DataProtect, 0x27, 0x07);

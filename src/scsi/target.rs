@@ -11,15 +11,22 @@ use arc_swap::ArcSwap;
 
 use super::attention::{UnitAttention, UnitAttentions};
 use super::buffer::{DataIn, DataOut};
-use super::cdb::Command;
+use super::cdb::{
+    opcode::{REPORT_LUNS, REQUEST_SENSE},
+    Command,
+};
 use super::disk::{request_sense, send, Disk};
 use super::error::{CommandError, CommandResult};
 use super::inquiry::{self, Identity};
 use super::lun::{LunAddress, MAX_LUN};
 use super::opcodes;
+use super::passthrough::{self, Forwarded};
 use super::sense::{self, SenseData};
 use super::stats::{CommandKind, CommandOutcome};
 use crate::storage::lock::LockError;
+use crate::storage::remote::{
+    DataDirection, RemoteResult, ScsiOutcome, TaskManagement, TaskManagementResponse,
+};
 use crate::storage::{Direction, Transfer};
 
 /// SAM-5 status codes (§5.3.1, table 26).
@@ -29,6 +36,9 @@ pub mod status {
 }
 
 /// How a command ended.
+// Not boxed: a forwarded command's status and sense (up to 252 bytes)
+// are built in place, with no allocation per command.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Completion {
     /// GOOD status.
@@ -38,6 +48,9 @@ pub enum Completion {
     /// Not executed: the data-in or data-out buffer is smaller than what the
     /// command must transfer. Reported by the transport, not as SCSI status.
     BufferTooSmall,
+    /// A command forwarded to a passthrough unit's remote ended with this
+    /// status and sense, as the remote gave them.
+    Forwarded(ScsiOutcome),
 }
 
 impl Completion {
@@ -62,6 +75,7 @@ impl Completion {
     pub fn status(&self) -> u8 {
         match self {
             Completion::Good => status::GOOD,
+            Completion::Forwarded(outcome) => outcome.status,
             _ => status::CHECK_CONDITION,
         }
     }
@@ -97,6 +111,9 @@ pub enum Planned {
     Transfer(Transfer),
     /// SYNCHRONIZE CACHE's flush (SBC-3 §5.24).
     Flush,
+    /// A command forwarded as it is to a passthrough unit's remote
+    /// (`passthrough.rs`).
+    Forward(Forwarded),
 }
 
 /// The LUN table: entry N is LUN N's logical unit, if there is one.
@@ -356,6 +373,27 @@ impl Target {
         }
     }
 
+    /// Carries out a task management function at a passthrough unit's
+    /// remote (its session's ABORT TASK, ABORT TASK SET, LOGICAL UNIT
+    /// RESET), waiting at most `timeout`; `None` if no passthrough unit
+    /// is at `lun` (the caller's local handling applies). The remote
+    /// establishes its own unit attentions.
+    pub fn forward_task_management(
+        &self,
+        lun: u16,
+        tmf: TaskManagement,
+        timeout: std::time::Duration,
+    ) -> Option<TaskManagementResponse> {
+        let unit = self.unit(lun)?;
+        if !unit.forwards_commands() {
+            return None;
+        }
+        let remote = unit.storage().remote()?;
+        let response = remote.task_management(tmf, timeout);
+        log::info!("LUN {lun}: {tmf:?} at the remote: {response:?}");
+        Some(response)
+    }
+
     /// An I_T NEXUS RESET (SAM-5 §7.8): I_T NEXUS LOSS OCCURRED on every
     /// unit.
     pub fn reset_nexus(&self) {
@@ -385,6 +423,18 @@ impl Target {
         let (data_in_before, data_out_before) = (data_in.remaining(), data_out.remaining());
         let completion = match unit_attention(disk, cdb, data_in) {
             Some(completion) => completion,
+            // A passthrough unit's command left here for a unit attention
+            // that another thread's command took meanwhile: it was not
+            // carried out, and is retried (REPORT LUNS is the daemon's).
+            None if disk.forwards_commands() && cdb.first() != Some(&REPORT_LUNS) => {
+                Completion::from_result(
+                    Err(CommandError::ReadError(io::Error::new(
+                        io::ErrorKind::ConnectionAborted,
+                        "unit attention taken meanwhile; not forwarded",
+                    ))),
+                    disk.descriptor_sense(),
+                )
+            }
             None => {
                 let result = match Command::parse(cdb) {
                     Ok(cmd) => self.execute_on_disk(disk, &cmd, data_in, data_out),
@@ -438,10 +488,17 @@ impl Target {
     /// engine can carry out its storage work. Errors complete with the same
     /// sense as [`Target::execute`] gives; every other command is left to
     /// it.
+    ///
+    /// Every command to a passthrough unit but REPORT LUNS (and those a
+    /// pending unit attention terminates) is planned as
+    /// [`Planned::Forward`], or refused by its filter and write
+    /// protection (`passthrough.rs`). `tag`: the initiator's tag of the
+    /// command.
     pub fn prepare(
         &self,
         lun: LunAddress,
         cdb: &[u8],
+        tag: u64,
         data_in: usize,
         data_out: usize,
     ) -> Prepared {
@@ -452,6 +509,9 @@ impl Target {
         let Some(disk) = units.get(usize::from(n)).and_then(Option::as_ref) else {
             return Prepared::Execute;
         };
+        if disk.forwards_commands() {
+            return Self::prepare_forward(disk, cdb, tag, data_in, data_out);
+        }
         if disk.attention().any() {
             // Reported (or not) by `execute`, by the command's kind.
             return Prepared::Execute;
@@ -492,6 +552,131 @@ impl Target {
         Prepared::Complete(completion)
     }
 
+    /// [`Target::prepare`] for a passthrough unit.
+    fn prepare_forward(
+        disk: &Arc<Disk>,
+        cdb: &[u8],
+        tag: u64,
+        data_in: usize,
+        data_out: usize,
+    ) -> Prepared {
+        let Some(&opcode) = cdb.first() else {
+            return Prepared::Execute;
+        };
+        // REPORT LUNS: the daemon's LUN map. REQUEST SENSE and commands a
+        // pending unit attention of the daemon's own terminates (SAM-5
+        // §5.14): reported by `execute`.
+        if opcode == REPORT_LUNS
+            || (disk.attention().any()
+                && (opcode == REQUEST_SENSE || UnitAttentions::terminates(opcode)))
+        {
+            return Prepared::Execute;
+        }
+        let started = Instant::now();
+        disk.stats().started();
+        match passthrough::plan(
+            cdb,
+            tag,
+            data_in,
+            data_out,
+            disk.read_only(),
+            disk.unfiltered(),
+            disk.block_size(),
+        ) {
+            Ok(forwarded) => Prepared::HandOver {
+                unit: disk.clone(),
+                work: Planned::Forward(forwarded),
+                started,
+            },
+            Err(e) => {
+                let completion = Completion::from_result(Err(e), disk.descriptor_sense());
+                record(disk, CommandKind::of(opcode), completion, 0, 0, started);
+                Prepared::Complete(completion)
+            }
+        }
+    }
+
+    /// Completes work planned by [`Target::prepare`] with its result,
+    /// whoever carried it out: an engine's or a remote backend's
+    /// transfer, or a forwarded command.
+    pub fn finish_work(
+        unit: &Disk,
+        work: &Planned,
+        started: Instant,
+        result: RemoteResult,
+    ) -> Completion {
+        match (work, result) {
+            (Planned::Forward(forwarded), RemoteResult::Scsi(result)) => {
+                Self::finish_forwarded(unit, forwarded, started, result)
+            }
+            // A forwarded command its backend dropped.
+            (Planned::Forward(forwarded), RemoteResult::Io(result)) => Self::finish_forwarded(
+                unit,
+                forwarded,
+                started,
+                result.and_then(|()| {
+                    Err(std::io::Error::other(
+                        "a transfer's result for a forwarded command",
+                    ))
+                }),
+            ),
+            (_, RemoteResult::Io(result)) => Self::finish(unit, work, started, result),
+            (_, RemoteResult::Scsi(_)) => Self::finish(
+                unit,
+                work,
+                started,
+                Err(std::io::Error::other(
+                    "a forwarded command's result for a transfer",
+                )),
+            ),
+        }
+    }
+
+    /// Completes a forwarded command: the remote's status and sense as
+    /// they are, or a retryable ABORTED COMMAND if it never got there.
+    fn finish_forwarded(
+        unit: &Disk,
+        forwarded: &Forwarded,
+        started: Instant,
+        result: io::Result<ScsiOutcome>,
+    ) -> Completion {
+        let opcode = forwarded.cdb.as_slice()[0];
+        let (completion, moved) = match result {
+            Ok(outcome) => (Completion::Forwarded(outcome), outcome.transferred as u64),
+            Err(e) => {
+                log::debug!("forwarded command {opcode:#04x} failed: {e}");
+                let error = if CommandError::is_unreachable(&e) {
+                    CommandError::ReadError(e)
+                } else {
+                    // Anything else the backend reports (a request it
+                    // could not build) is the target's failure.
+                    CommandError::ReadError(std::io::Error::new(
+                        io::ErrorKind::ConnectionAborted,
+                        e,
+                    ))
+                };
+                (
+                    Completion::from_result(Err(error), unit.descriptor_sense()),
+                    0,
+                )
+            }
+        };
+        let (read, written) = match forwarded.direction {
+            DataDirection::FromDevice => (moved, 0),
+            DataDirection::ToDevice => (0, moved),
+            DataDirection::None => (0, 0),
+        };
+        record(
+            unit,
+            CommandKind::of(opcode),
+            completion,
+            read,
+            written,
+            started,
+        );
+        completion
+    }
+
     /// Completes work planned by [`Target::prepare`] with the result of
     /// carrying it out.
     pub fn finish(
@@ -509,11 +694,19 @@ impl Target {
                 }
             }
             Planned::Flush => (CommandKind::Flush, 0, 0),
+            Planned::Forward(forwarded) => {
+                return Self::finish_forwarded(
+                    unit,
+                    forwarded,
+                    started,
+                    result.map(|()| ScsiOutcome::new(status::GOOD, &[], 0)),
+                )
+            }
         };
         let completion = Completion::from_result(
             match work {
                 Planned::Transfer(transfer) => unit.finish_transfer(transfer, result),
-                Planned::Flush => unit.flushed(result),
+                Planned::Flush | Planned::Forward(_) => unit.flushed(result),
             },
             unit.descriptor_sense(),
         );
@@ -728,6 +921,7 @@ fn record(
 ) {
     let sense_key = match completion {
         Completion::CheckCondition(sense) => Some(sense.sense.key as u8),
+        Completion::Forwarded(outcome) => passthrough::sense_key(&outcome),
         Completion::Good | Completion::BufferTooSmall => None,
     };
     disk.stats().completed(&CommandOutcome {
@@ -876,12 +1070,12 @@ mod tests {
         let t = target();
         let lun = LunAddress::Lun(0);
         assert!(matches!(
-            t.prepare(lun, &READ_10, 512, 0),
+            t.prepare(lun, &READ_10, 1, 512, 0),
             Prepared::HandOver { .. }
         ));
         assert!(t.reset_unit(0));
         assert!(matches!(
-            t.prepare(lun, &READ_10, 512, 0),
+            t.prepare(lun, &READ_10, 1, 512, 0),
             Prepared::Execute
         ));
         let mut data_in = VecDataIn::with_capacity(512);
@@ -893,7 +1087,7 @@ mod tests {
         assert_eq!((fixed[2] & 0x0f, fixed[12], fixed[13]), (0x06, 0x29, 0x03));
         assert!(data_in.data.is_empty(), "no data with the condition");
         assert!(matches!(
-            t.prepare(lun, &READ_10, 512, 0),
+            t.prepare(lun, &READ_10, 1, 512, 0),
             Prepared::HandOver { .. }
         ));
     }

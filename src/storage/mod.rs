@@ -7,6 +7,7 @@ mod iobufs;
 pub mod iscsi;
 pub(crate) mod lock;
 mod mem;
+pub mod nbd;
 pub mod remote;
 pub(crate) mod uring;
 
@@ -20,6 +21,7 @@ pub use iobufs::{IoBufs, IoBufsMut};
 pub use iobufs::{MemoryOwner, PinSink, PinnedBufs};
 pub use lock::{Holder, ImageLocks, LockError};
 pub use mem::MemImage;
+pub use nbd::{NbdError, NbdImage, NbdOptions};
 
 use std::io;
 use std::path::Path;

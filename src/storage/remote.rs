@@ -102,7 +102,7 @@ pub enum RemoteOp {
 }
 
 /// How a forwarded SCSI command ended at the remote logical unit.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub struct ScsiOutcome {
     /// SAM-5 status byte (GOOD, CHECK CONDITION, BUSY, ...).
     pub status: u8,

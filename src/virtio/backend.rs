@@ -37,6 +37,7 @@ use super::request::{start_command, PendingCommand, RequestError, Started, SyncB
 use super::tracking::Tracking;
 use crate::scsi::lun::MAX_LUN;
 use crate::scsi::Target;
+use crate::storage::remote::{CompletionSink, RemoteResult};
 use crate::storage::uring::{UringEngine, RING_ENTRIES};
 use crate::storage::{IoEngine, SyncEngine};
 
@@ -183,6 +184,17 @@ impl Worker {
         }
     }
 
+    /// As [`Worker::drain`], for the engines' transfers only: requests on
+    /// remote storage go on (a worker never waits for a network round
+    /// trip before a command it runs synchronously).
+    fn drain_local(&mut self) {
+        for io in self.queues.iter_mut().flatten() {
+            if io.in_flight() > 0 {
+                io.drain_local();
+            }
+        }
+    }
+
     fn in_flight(&self) -> usize {
         self.queues.iter().flatten().map(QueueIo::in_flight).sum()
     }
@@ -274,15 +286,13 @@ impl ScsiBackend {
         let workers = thread_queues
             .iter()
             .map(|queues| {
-                let eventfd = match engine {
-                    IoEngine::Sync => None,
-                    IoEngine::IoUring => match EventFd::new(EFD_NONBLOCK) {
-                        Ok(fd) => Some(fd),
-                        Err(e) => {
-                            warn!("cannot create an io_uring completion eventfd ({e}): using the sync engine");
-                            None
-                        }
-                    },
+                // Signalled by the io_uring engines and by remote storage.
+                let eventfd = match EventFd::new(EFD_NONBLOCK) {
+                    Ok(fd) => Some(fd),
+                    Err(e) => {
+                        warn!("cannot create a completion eventfd ({e}): using the sync engine, remote storage answered at the next kick");
+                        None
+                    }
                 };
                 Mutex::new(Worker {
                     eventfd,
@@ -899,8 +909,14 @@ impl ScsiBackend {
             // Anything run synchronously comes after every transfer this
             // thread has in flight: SYNCHRONIZE CACHE then covers them, and
             // no transfer of this thread is left holding up a COMPARE AND
-            // WRITE.
-            worker.drain();
+            // WRITE. Requests on remote storage go on (SCSI's SIMPLE task
+            // attribute lets them), except before COMPARE AND WRITE, which
+            // waits for every request on its unit.
+            if barrier == SyncBarrier::AllThreads {
+                worker.drain();
+            } else {
+                worker.drain_local();
+            }
             if barrier == SyncBarrier::AllThreads {
                 // Nor one of a thread that is not serving now: its event
                 // loop may have ended (a VMM can end it) with transfers in
@@ -969,9 +985,12 @@ impl ScsiBackend {
                 // Not a request queue of this thread (cannot happen: the
                 // pass set its I/O up); answered synchronously all the same.
                 let (storage, request) = pending.request();
-                let result = crate::storage::engine::run_sync(&**storage, request);
+                let result = match request {
+                    Some(request) => crate::storage::engine::run_sync(&**storage, request),
+                    None => Err(io::Error::other("no I/O set up for the queue")),
+                };
                 drop(access);
-                Some(pending.answer(result))
+                Some(pending.answer(RemoteResult::Io(result)))
             }
         }
     }
@@ -1012,6 +1031,7 @@ impl ScsiBackend {
             return;
         };
         let eventfd = worker.eventfd.as_ref().map(AsRawFd::as_raw_fd);
+        let completion_fd = worker.eventfd.as_ref();
         let ring_failed = &mut worker.ring_failed;
         let Some(entry) = worker.queues.get_mut(pos) else {
             return;
@@ -1019,6 +1039,13 @@ impl ScsiBackend {
         if entry.is_some() {
             return;
         }
+        // Remote backends signal the same eventfd, through a duplicate
+        // their sink owns.
+        let remote = CompletionSink::new(completion_fd.and_then(|fd| {
+            fd.try_clone()
+                .map_err(|e| warn!("queue {queue}: cannot duplicate the completion eventfd ({e}): remote storage answers at the next kick"))
+                .ok()
+        }));
         let uring = match eventfd {
             Some(eventfd) if self.engine == IoEngine::IoUring && !*ring_failed => {
                 match UringEngine::new(eventfd) {
@@ -1035,15 +1062,18 @@ impl ScsiBackend {
         *entry = Some(match uring {
             Some(engine) => QueueIo::new(
                 Box::new(engine),
+                remote,
                 RING_ENTRIES as u16,
                 vring.clone(),
                 self.tracking[queue].clone(),
                 self.dirty_log.clone(),
             ),
-            // One request at a time: the sync engine answers in the call.
+            // The sync engine answers in the call; the slots are for
+            // requests on remote storage.
             None => QueueIo::new(
                 Box::new(SyncEngine),
-                1,
+                remote,
+                RING_ENTRIES as u16,
                 vring.clone(),
                 self.tracking[queue].clone(),
                 self.dirty_log.clone(),

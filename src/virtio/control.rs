@@ -11,6 +11,13 @@
 //! executing on another thread when a TMF is answered; it completes normally
 //! (the guest's driver ignores a completion for a command its error handler
 //! already owns).
+//!
+//! A TMF addressed to a passthrough unit (`scsi/passthrough.rs`) is also
+//! carried out at the remote unit, on the backend's session, after the
+//! requests before it have completed: ABORT TASK (by the request's tag),
+//! ABORT TASK SET and CLEAR TASK SET (as ABORT TASK SET), LOGICAL UNIT
+//! RESET; its answer is the remote's. The remote establishes its own unit
+//! attention for a reset.
 
 use std::mem::size_of;
 
@@ -31,6 +38,10 @@ use super::chain::SplitChain;
 use super::request::saturate;
 use super::wire::Wire;
 use crate::scsi::{LunAddress, Target};
+use crate::storage::remote::{TaskManagement, TaskManagementResponse};
+
+/// How long a TMF forwarded to a remote unit is waited for.
+const REMOTE_TMF_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// `virtio_scsi_ctrl_tmf_req`: `type`, `subtype`, `lun[8]`, `id`.
 const TMF_REQ_LEN: usize = size_of::<virtio_scsi_ctrl_tmf_req>();
@@ -67,7 +78,12 @@ pub(crate) fn handle_control(chain: SplitChain<'_>, target: &Target) -> Answered
             if got < TMF_REQ_LEN {
                 return fail(&mut writable, ControlError::ShortRequest(TMF_REQ_LEN));
             }
-            let response = task_management(target, u32::from_le(req.0.subtype), &req.0.lun);
+            let response = task_management(
+                target,
+                u32::from_le(req.0.subtype),
+                &req.0.lun,
+                u64::from_le(req.0.tag),
+            );
             // virtio_scsi_ctrl_tmf_resp: response.
             write_response(&mut writable, &[response as u8])
         }
@@ -98,7 +114,7 @@ fn is_target_zero(lun: &[u8; 8]) -> bool {
 }
 
 /// The response code of a task management function (virtio 1.2 §5.6.6.2.1).
-fn task_management(target: &Target, subtype: u32, lun: &[u8; 8]) -> u32 {
+fn task_management(target: &Target, subtype: u32, lun: &[u8; 8], tag: u64) -> u32 {
     if !is_target_zero(lun) {
         return VIRTIO_SCSI_S_BAD_TARGET;
     }
@@ -110,6 +126,28 @@ fn task_management(target: &Target, subtype: u32, lun: &[u8; 8]) -> u32 {
         LunAddress::ReportLunsWlun => true,
         LunAddress::Unsupported => false,
     };
+    let forwarded = match (address, subtype) {
+        (LunAddress::Lun(n), VIRTIO_SCSI_T_TMF_ABORT_TASK) => {
+            Some((n, TaskManagement::AbortTask { tag }))
+        }
+        (
+            LunAddress::Lun(n),
+            VIRTIO_SCSI_T_TMF_ABORT_TASK_SET | VIRTIO_SCSI_T_TMF_CLEAR_TASK_SET,
+        ) => Some((n, TaskManagement::AbortTaskSet)),
+        (LunAddress::Lun(n), VIRTIO_SCSI_T_TMF_LOGICAL_UNIT_RESET) => {
+            Some((n, TaskManagement::LogicalUnitReset))
+        }
+        _ => None,
+    };
+    if let Some((n, tmf)) = forwarded {
+        match target.forward_task_management(n, tmf, REMOTE_TMF_TIMEOUT) {
+            // VIRTIO_SCSI_S_FUNCTION_COMPLETE == VIRTIO_SCSI_S_OK == 0.
+            Some(TaskManagementResponse::Complete) => return VIRTIO_SCSI_S_OK,
+            Some(TaskManagementResponse::Rejected) => return VIRTIO_SCSI_S_FUNCTION_REJECTED,
+            Some(TaskManagementResponse::Failed) => return VIRTIO_SCSI_S_FAILURE,
+            None => {}
+        }
+    }
     match subtype {
         // Nexus-wide: does not name a logical unit. SAM-5 §7.8: every
         // unit establishes I_T NEXUS LOSS OCCURRED.

@@ -5,14 +5,19 @@
 //! response area, submits the transfer, and either answers at once (the
 //! engine carried it out during the call) or keeps what the answer needs
 //! in a slot — the chain's head, the reply, the pinned response area and
-//! the unit access — until [`QueueIo::reap`] brings the result. Used only
+//! the unit access — until [`QueueIo::reap`] brings the result. Work on
+//! remote storage (NBD, iSCSI: `Storage::remote`) goes the same way to
+//! the storage's backend instead of the engine, its data buffer pinned,
+//! and its result comes through the queue's [`CompletionSink`], which
+//! signals the same completion eventfd. Used only
 //! by the worker thread serving the queue (and, with that thread's lock
 //! held, by the vhost-user handler thread when the VMM stops the queue).
 
 use std::io;
 use std::sync::Arc;
+use std::time::Duration;
 
-use log::debug;
+use log::{debug, warn};
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::QueueT;
 
@@ -23,6 +28,7 @@ use super::request::{finish_transfer, PendingCommand, RequestError, TransferRepl
 use super::tracking::Tracking;
 use crate::scsi::TransferAccess;
 use crate::storage::engine::run_sync;
+use crate::storage::remote::{CompletionSink, RemoteResult};
 use crate::storage::{Engine, PinnedBufs, Submission, Submitted};
 
 /// A request whose transfer is in flight.
@@ -41,11 +47,16 @@ struct Waiting {
     /// The chain's device-writable ranges, marked in the dirty log once
     /// the response is written.
     written: WrittenRanges,
+    /// The head of a forwarded command's data-in the daemon rewrites
+    /// (`scsi/passthrough.rs`), pinned; empty for other requests.
+    patch: PinnedBufs,
 }
 
 /// A request queue's engine and its requests in flight.
 pub struct QueueIo {
     engine: Box<dyn Engine>,
+    /// Where remote backends post the results of this queue's requests.
+    remote: Arc<CompletionSink>,
     /// The queue answers are returned to.
     vring: VringRwLock,
     /// The queue's in-flight tracking (its used-ring steps).
@@ -65,8 +76,10 @@ impl QueueIo {
     /// The I/O of the queue `vring` through `engine`, with room for
     /// `capacity` requests in flight; answers are marked in the dirty log
     /// `log` holds, if any.
+    /// `remote` is where remote backends post this queue's results.
     pub fn new(
         engine: Box<dyn Engine>,
+        remote: Arc<CompletionSink>,
         capacity: u16,
         vring: VringRwLock,
         tracking: Arc<Tracking>,
@@ -74,6 +87,7 @@ impl QueueIo {
     ) -> QueueIo {
         QueueIo {
             engine,
+            remote,
             vring,
             tracking,
             log,
@@ -96,6 +110,9 @@ impl QueueIo {
         head: u16,
         written: &WrittenRanges,
     ) -> Option<Answered<RequestError>> {
+        if pending.unit.storage().remote().is_some() {
+            return self.start_remote(pending, access, head, written);
+        }
         let slot = match self.free.last() {
             Some(&index) if pending.pin_response(&mut self.waiting[usize::from(index)].resp) => {
                 index
@@ -104,14 +121,22 @@ impl QueueIo {
                 // No room to wait for a result, or a response area cut too
                 // finely to pin: done here, synchronously.
                 let (storage, request) = pending.request();
-                let result = run_sync(&**storage, request);
-                return Some(pending.answer(result));
+                let result = match request {
+                    Some(request) => run_sync(&**storage, request),
+                    None => Err(not_local()),
+                };
+                return Some(pending.answer(RemoteResult::Io(result)));
             }
         };
         let waiting = &mut self.waiting[usize::from(slot)];
         let generation = waiting.generation.wrapping_add(1);
         let token = (u64::from(generation) << 16) | u64::from(slot);
         let (storage, request) = pending.request();
+        let Some(request) = request else {
+            // A forwarded command on storage without a remote side.
+            waiting.resp.release();
+            return Some(pending.answer(RemoteResult::Io(Err(not_local()))));
+        };
         let submitted = self.engine.submit(Submission {
             storage,
             request,
@@ -121,7 +146,7 @@ impl QueueIo {
             Submitted::Done(result) => {
                 waiting.resp.release();
                 drop(access);
-                Some(pending.answer(result))
+                Some(pending.answer(RemoteResult::Io(result)))
             }
             Submitted::Queued => {
                 waiting.generation = generation;
@@ -139,6 +164,50 @@ impl QueueIo {
                 None
             }
         }
+    }
+
+    /// [`QueueIo::start`] for work on remote storage: handed to its
+    /// backend with the data buffer pinned, never waited for here.
+    fn start_remote(
+        &mut self,
+        pending: PendingCommand<'_>,
+        access: TransferAccess,
+        head: u16,
+        written: &WrittenRanges,
+    ) -> Option<Answered<RequestError>> {
+        let unit = pending.unit.clone();
+        let Some(remote) = unit.storage().remote() else {
+            return Some(pending.answer(RemoteResult::Io(Err(not_local()))));
+        };
+        let Some(&slot) = self.free.last() else {
+            // Popping stops while the queue is full (`is_full`): only a
+            // request resubmitted after a restart can get here.
+            return Some(pending.answer(RemoteResult::Io(Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "no room for another request in flight",
+            )))));
+        };
+        let waiting = &mut self.waiting[usize::from(slot)];
+        let mut data = PinnedBufs::new();
+        if !pending.pin_response(&mut waiting.resp) || !pending.pin_data(&mut data) {
+            // Cut into more pieces than any driver makes: a hostile guest.
+            waiting.resp.release();
+            return Some(pending.answer(RemoteResult::Io(Err(io::Error::other(
+                "request buffers cut into too many pieces",
+            )))));
+        }
+        pending.pin_patch(&mut waiting.patch);
+        let generation = waiting.generation.wrapping_add(1);
+        let token = (u64::from(generation) << 16) | u64::from(slot);
+        let op = pending.remote_op();
+        waiting.generation = generation;
+        waiting.head = head;
+        waiting.reply = Some(pending.into_reply());
+        waiting.access = Some(access);
+        waiting.written.clone_from(written);
+        self.free.pop();
+        remote.submit(op, data, self.remote.completion(token));
+        None
     }
 
     /// Hands queued transfers to the kernel.
@@ -159,26 +228,54 @@ impl QueueIo {
     }
 
     pub fn has_completions(&mut self) -> bool {
-        self.engine.has_completions()
+        self.engine.has_completions() || self.remote.has_results()
     }
 
     /// Answers the transfers whose results have arrived; returns how many.
     pub fn reap(&mut self) -> usize {
-        self.answer_results(|engine, answer| engine.reap(answer))
+        self.answer_results(|engine, remote, answer| {
+            engine.reap(&mut |token, result| answer(token, RemoteResult::Io(result)))
+                + remote.take(answer)
+        })
     }
 
     /// As [`QueueIo::reap`], for results that may have arrived during
     /// submission.
     pub fn reap_inline(&mut self) -> usize {
-        self.answer_results(|engine, answer| engine.reap_inline(answer))
+        self.answer_results(|engine, _, answer| {
+            engine.reap_inline(&mut |token, result| answer(token, RemoteResult::Io(result)))
+        })
     }
 
-    /// Waits for and answers every transfer in flight. False if the engine
-    /// failed, leaving transfers in flight.
+    /// Waits for and answers every transfer in flight, remote ones
+    /// included (their backends complete each within its timeout). False
+    /// if the engine failed, leaving transfers in flight.
     pub fn drain(&mut self) -> bool {
+        let drained = self.drain_local();
+        let mut waited = Duration::ZERO;
+        while self.remote.in_flight() > 0 {
+            const STEP: Duration = Duration::from_secs(1);
+            if !self.remote.wait(STEP) {
+                waited += STEP;
+                if waited.as_secs() % 30 == 0 {
+                    warn!(
+                        "still waiting for {} requests on remote storage after {} s",
+                        self.remote.in_flight(),
+                        waited.as_secs()
+                    );
+                }
+            }
+            self.answer_results(|_, remote, answer| remote.take(answer));
+        }
+        drained
+    }
+
+    /// As [`QueueIo::drain`], for the engine's transfers only: requests on
+    /// remote storage go on.
+    pub fn drain_local(&mut self) -> bool {
         let mut drained = true;
-        self.answer_results(|engine, answer| {
-            drained = engine.drain(answer);
+        self.answer_results(|engine, _, answer| {
+            drained = engine.drain(&mut |token, result| answer(token, RemoteResult::Io(result)));
             0
         });
         drained
@@ -190,7 +287,11 @@ impl QueueIo {
     /// answered.
     fn answer_results(
         &mut self,
-        collect: impl FnOnce(&mut dyn Engine, &mut dyn FnMut(u64, io::Result<()>)) -> usize,
+        collect: impl FnOnce(
+            &mut dyn Engine,
+            &CompletionSink,
+            &mut dyn FnMut(u64, RemoteResult),
+        ) -> usize,
     ) -> usize {
         let mut answered = 0;
         // Chains actually put on the used ring: a used ring the guest
@@ -199,6 +300,7 @@ impl QueueIo {
         let mut returned = 0;
         let QueueIo {
             engine,
+            remote,
             vring,
             tracking,
             log,
@@ -206,7 +308,7 @@ impl QueueIo {
             free,
             ..
         } = self;
-        collect(&mut **engine, &mut |token, result| {
+        collect(&mut **engine, remote, &mut |token, result| {
             let Some(on_used_ring) = answer(vring, tracking, log, waiting, free, token, result)
             else {
                 return;
@@ -240,7 +342,7 @@ fn answer(
     waiting: &mut [Waiting],
     free: &mut Vec<u16>,
     token: u64,
-    result: io::Result<()>,
+    result: RemoteResult,
 ) -> Option<bool> {
     let index = (token & 0xffff) as usize;
     let generation = (token >> 16) as u16;
@@ -251,8 +353,9 @@ fn answer(
     let reply = slot.reply.take()?;
     // The transfer is over: a COMPARE AND WRITE waiting for it may go on.
     slot.access = None;
-    let used = finish_transfer(&reply, result, &mut slot.resp);
+    let used = finish_transfer(&reply, result, &mut slot.resp, &mut slot.patch);
     slot.resp.release();
+    slot.patch.release();
     free.push(index as u16);
     log.with(|log| log.mark_ranges(&slot.written));
     // One write guard for both: a read lock taken while it is held (as a
@@ -272,6 +375,15 @@ fn answer(
             Some(false)
         }
     }
+}
+
+/// The error of work only a remote backend can carry out, on storage
+/// without one (never: passthrough storage has a remote side).
+fn not_local() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::Unsupported,
+        "a forwarded command on storage without a remote side",
+    )
 }
 
 impl Drop for QueueIo {

@@ -23,7 +23,9 @@ use super::wire::Wire;
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::scsi::passthrough::Patch;
 use crate::scsi::{Completion, Direction, Disk, LunAddress, Planned, Prepared, Target};
+use crate::storage::remote::{DataDirection, RemoteOp, RemoteResult};
 use crate::storage::{PinnedBufs, Request, Storage, TransferMemory};
 
 /// Bytes of the request header before the CDB (virtio_scsi_cmd_req).
@@ -115,6 +117,11 @@ pub enum RequestError {
 /// for a response written after the transfer completes.
 const MAX_RESPONSE_PIECES: usize = 16;
 
+/// Most pieces of a data buffer pinned for a remote backend (Linux's
+/// UIO_MAXIOV; a driver's chain has at most a queue's worth of
+/// descriptors, 254 data segments for Linux's virtio-scsi).
+const MAX_REMOTE_DATA_PIECES: usize = 1024;
+
 /// How [`start_command`] left a request.
 // Not boxed: the request path allocates nothing; the value lives on the
 // stack for one request.
@@ -137,8 +144,9 @@ pub struct PendingCommand<'a> {
     pub work: Planned,
     sizes: Sizes,
     resp_area: SgList<'a, ()>,
-    /// Data-in for a read, data-out for a write; for a flush, whichever
-    /// the guest supplied (its length is the residual).
+    /// Data-in for a read, data-out for a write; for a flush or a
+    /// forwarded command, whichever the guest supplied (for a flush, its
+    /// length is the residual).
     data: SgList<'a, ()>,
 }
 
@@ -157,24 +165,86 @@ pub struct TransferReply {
 impl<'a> PendingCommand<'a> {
     /// The storage the command's work is carried out on (its unit's,
     /// borrowed: no reference count is taken per request), and the
-    /// request that carries it out (a transfer moves bytes through the
-    /// data buffer).
-    pub fn request(&mut self) -> (&Arc<dyn Storage>, Request<'_>) {
+    /// request that carries it out locally (a transfer moves bytes through
+    /// the data buffer); `None` for a forwarded command, which only its
+    /// storage's remote backend can carry out
+    /// ([`PendingCommand::remote_op`]).
+    pub fn request(&mut self) -> (&Arc<dyn Storage>, Option<Request<'_>>) {
         let request = match self.work {
-            Planned::Transfer(transfer) => Request::Transfer {
+            Planned::Transfer(transfer) => Some(Request::Transfer {
                 transfer,
                 memory: &mut self.data,
-            },
-            Planned::Flush => Request::Flush,
+            }),
+            Planned::Flush => Some(Request::Flush),
+            Planned::Forward(_) => None,
         };
         (self.unit.storage(), request)
     }
 
+    /// The work as a remote backend's op.
+    pub fn remote_op(&self) -> RemoteOp {
+        match self.work {
+            Planned::Transfer(transfer) => match transfer.direction {
+                Direction::Read => RemoteOp::Read {
+                    offset: transfer.offset,
+                    len: transfer.len,
+                },
+                Direction::Write { durable } => RemoteOp::Write {
+                    offset: transfer.offset,
+                    len: transfer.len,
+                    durable,
+                },
+            },
+            Planned::Flush => RemoteOp::Flush,
+            Planned::Forward(forwarded) => RemoteOp::Scsi {
+                cdb: forwarded.cdb,
+                direction: forwarded.direction,
+                len: forwarded.len,
+                tag: forwarded.tag,
+            },
+        }
+    }
+
+    /// Pins the data buffer a remote op moves (all of a transfer's or a
+    /// forwarded command's, none of a flush's) into `out`; false if it is
+    /// cut into more than [`MAX_REMOTE_DATA_PIECES`].
+    pub fn pin_data(&self, out: &mut PinnedBufs) -> bool {
+        let len = match self.work {
+            Planned::Transfer(transfer) => transfer.len,
+            Planned::Forward(forwarded) => forwarded.len,
+            Planned::Flush => {
+                out.release();
+                return true;
+            }
+        };
+        if len == 0 {
+            out.release();
+            return true;
+        }
+        self.data.pin(len, MAX_REMOTE_DATA_PIECES, out)
+    }
+
+    /// Pins the head of a forwarded command's data-in that its patch
+    /// rewrites into `out`: false if there is no patch (or it cannot be
+    /// pinned; the data then goes to the guest unpatched).
+    pub fn pin_patch(&self, out: &mut PinnedBufs) -> bool {
+        let span = match self.work {
+            Planned::Forward(forwarded) => forwarded.patch.span(),
+            _ => 0,
+        };
+        let span = span.min(self.data.remaining());
+        if span == 0 {
+            out.release();
+            return false;
+        }
+        self.data.pin(span, MAX_RESPONSE_PIECES, out)
+    }
+
     /// Answers the command with the result of its work, carried out
     /// through [`PendingCommand::request`] (a transfer's data buffer counts
-    /// what was moved).
-    pub fn answer(mut self, result: std::io::Result<()>) -> Answered<RequestError> {
-        let completion = Target::finish(&self.unit, &self.work, self.started, result);
+    /// what was moved), or of a remote op that never started.
+    pub fn answer(mut self, result: RemoteResult) -> Answered<RequestError> {
+        let completion = Target::finish_work(&self.unit, &self.work, self.started, result);
         let response = response_for(completion, self.sizes, self.data.remaining());
         let written = response.write(&mut self.resp_area, self.sizes) + self.data_in_written();
         Answered::ok(saturate(written))
@@ -209,19 +279,34 @@ impl<'a> PendingCommand<'a> {
     }
 }
 
-/// Writes the response of a transfer completed after its
-/// [`PendingCommand`] was gone (all of it transferred if `result` is Ok)
-/// into the response area pinned in `resp`; returns the used length.
+/// Writes the response of work completed after its [`PendingCommand`]
+/// was gone (all of a transfer moved if `result` is Ok; what the remote
+/// says it moved for a forwarded command) into the response area pinned
+/// in `resp`; returns the used length. A forwarded command's data-in is
+/// patched first through `patch`, its head pinned by
+/// [`PendingCommand::pin_patch`] (empty: no patch).
 pub fn finish_transfer(
     reply: &TransferReply,
-    result: std::io::Result<()>,
+    result: RemoteResult,
     resp: &mut PinnedBufs,
+    patch: &mut PinnedBufs,
 ) -> u32 {
-    let transferred = match reply.work {
-        Planned::Transfer(transfer) if result.is_ok() => transfer.len,
-        _ => 0,
+    let (transferred, data_in) = match (&reply.work, &result) {
+        (Planned::Transfer(transfer), RemoteResult::Io(Ok(()))) => {
+            (transfer.len, transfer.direction == Direction::Read)
+        }
+        (Planned::Forward(forwarded), RemoteResult::Scsi(Ok(outcome))) => {
+            // Never more than the buffer, whatever the backend says.
+            let moved = outcome.transferred.min(forwarded.len).min(reply.data_len);
+            let data_in = forwarded.direction == DataDirection::FromDevice;
+            if data_in {
+                apply_patch(&forwarded.patch, patch, moved);
+            }
+            (moved, data_in)
+        }
+        _ => (0, false),
     };
-    let completion = Target::finish(&reply.unit, &reply.work, reply.started, result);
+    let completion = Target::finish_work(&reply.unit, &reply.work, reply.started, result);
     let response = response_for(
         completion,
         reply.sizes,
@@ -230,11 +315,21 @@ pub fn finish_transfer(
     let mut bytes = [0u8; RESP_HEADER_LEN + MAX_SENSE_SIZE as usize];
     let len = response.encode(&mut bytes, reply.sizes);
     let written = resp.fill_from(&bytes[..len]);
-    let data_in = match reply.work {
-        Planned::Transfer(transfer) if transfer.direction == Direction::Read => transferred,
-        _ => 0,
-    };
-    saturate(written + data_in)
+    saturate(written + if data_in { transferred } else { 0 })
+}
+
+/// Rewrites the pinned head of a forwarded command's data-in (of which
+/// `moved` bytes arrived) as `patch` says.
+fn apply_patch(patch: &Patch, head: &mut PinnedBufs, moved: usize) {
+    let mut bytes = [0u8; 16];
+    let span = patch.span().min(bytes.len());
+    if span == 0 {
+        return;
+    }
+    let mut bufs = head.borrow_mut();
+    let n = bufs.gather_into(&mut bytes[..span]);
+    patch.apply(&mut bytes[..n], moved);
+    bufs.fill_from(&bytes[..n]);
 }
 
 /// The response for a command's completion; `residual` is the part of the
@@ -247,6 +342,12 @@ fn response_for(completion: Completion, sizes: Sizes, residual: usize) -> Respon
         Completion::CheckCondition(sense) => {
             let encoded = sense.encode();
             let bytes = encoded.as_slice();
+            let n = bytes.len().min(sizes.sense);
+            r.sense[..n].copy_from_slice(&bytes[..n]);
+            r.sense_len = n as u32;
+        }
+        Completion::Forwarded(outcome) => {
+            let bytes = outcome.sense();
             let n = bytes.len().min(sizes.sense);
             r.sense[..n].copy_from_slice(&bytes[..n]);
             r.sense_len = n as u32;
@@ -333,7 +434,16 @@ pub fn start_command<'a>(
         let address = LunAddress::decode(&sam_lun);
         // READ and WRITE go through the same plan-transfer-finish steps
         // whichever engine does the transfer, so all answer alike.
-        let prepared = target.prepare(address, cdb, data_in.remaining(), data_out.remaining());
+        let tag_at = offset_of!(virtio_scsi_cmd_req, tag);
+        let mut tag = [0u8; 8];
+        tag.copy_from_slice(&header[tag_at..tag_at + 8]);
+        let prepared = target.prepare(
+            address,
+            cdb,
+            u64::from_le_bytes(tag),
+            data_in.remaining(),
+            data_out.remaining(),
+        );
         let completion = match prepared {
             Prepared::HandOver {
                 unit,
@@ -345,6 +455,13 @@ pub fn start_command<'a>(
                         Direction::Read => data_in,
                         Direction::Write { .. } => data_out,
                     },
+                    Planned::Forward(_) => {
+                        if data_in.remaining() > 0 {
+                            data_in
+                        } else {
+                            data_out
+                        }
+                    }
                     Planned::Flush => {
                         // SYNCHRONIZE CACHE covers every transfer this
                         // thread has in flight: they complete first.

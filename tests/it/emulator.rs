@@ -5011,6 +5011,9 @@ fn fuzz(
                 seen.too_small += 1;
                 assert!(din.data.is_empty(), "{cdb:02x?}");
             }
+            Completion::Forwarded(outcome) => {
+                panic!("forwarded by an emulated unit: {outcome:?} for {cdb:02x?}")
+            }
         }
         after_each(&cdb);
     }

@@ -50,7 +50,12 @@ fn output_within(mut command: Command, limit: Duration) -> Output {
 /// What the child does once filtered: a call the daemon never makes, or
 /// one it does.
 fn child(what: &str) -> ! {
-    vhost_device_scsi::sandbox::apply_seccomp().unwrap();
+    // "net:" first: the filter of a daemon with network LUNs over TCP.
+    let (network, what) = match what.strip_prefix("net:") {
+        Some(rest) => (true, rest),
+        None => (false, what),
+    };
+    vhost_device_scsi::sandbox::apply_seccomp(network).unwrap();
     eprintln!("filter applied");
     // SAFETY: plain system calls with constant arguments; none touches
     // this process's memory.
@@ -64,6 +69,8 @@ fn child(what: &str) -> ! {
                 std::ptr::null::<*const libc::c_char>(),
             ),
             "inet" => libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) as libc::c_long,
+            "inet6" => libc::socket(libc::AF_INET6, libc::SOCK_STREAM, 0) as libc::c_long,
+            "packet" => libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) as libc::c_long,
             "unix" => libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) as libc::c_long,
             _ => panic!("unknown child action {what}"),
         }
@@ -110,6 +117,16 @@ fn sandbox_a_call_outside_the_allowlist_ends_the_process_with_one_line() {
     assert!(!stderr.contains("returned -1"), "{stderr}");
     assert!(!stderr.contains("not allowed"), "{stderr}");
     assert_eq!(code, Some(0), "{stderr}");
+    // With network LUNs over TCP: AF_INET and AF_INET6 too, nothing else.
+    for family in ["net:inet", "net:inet6", "net:unix"] {
+        let (stderr, code) = outcome(&in_filtered_child(name, family));
+        assert!(stderr.contains("returned "), "{family}: {stderr}");
+        assert!(!stderr.contains("returned -1"), "{family}: {stderr}");
+        assert_eq!(code, Some(0), "{family}: {stderr}");
+    }
+    let (stderr, code) = outcome(&in_filtered_child(name, "net:packet"));
+    assert!(stderr.ends_with(&line), "{stderr}");
+    assert_eq!(code, Some(vhost_device_scsi::sandbox::KILLED_EXIT_CODE));
 }
 
 /// The kernel's Landlock ABI, if it has Landlock.

@@ -65,51 +65,51 @@ const QUEUE_SIZE: u16 = 256;
 const RING_BASE: u64 = 0x1000;
 const RING_STRIDE: u64 = 0x4000;
 /// Data buffers are allocated from here up.
-const DATA_BASE: u64 = 0x10_0000;
+pub(crate) const DATA_BASE: u64 = 0x10_0000;
 /// Guest memory: two adjacent regions, so buffers can straddle them.
 const REGION_SIZE: usize = 8 << 20;
 
-const RESP_LEN: u32 = 12 + 96;
+pub(crate) const RESP_LEN: u32 = 12 + 96;
 const REQ_LEN: usize = 19 + 32;
 
 // virtio-scsi response codes (virtio 1.2 §5.6.6.1).
-const S_OK: u8 = 0;
-const S_OVERRUN: u8 = 1;
+pub(crate) const S_OK: u8 = 0;
+pub(crate) const S_OVERRUN: u8 = 1;
 const S_BAD_TARGET: u8 = 3;
-const S_FAILURE: u8 = 9;
-const S_FUNCTION_REJECTED: u8 = 11;
+pub(crate) const S_FAILURE: u8 = 9;
+pub(crate) const S_FUNCTION_REJECTED: u8 = 11;
 const S_INCORRECT_LUN: u8 = 12;
 
 /// A guest buffer in a descriptor: readable with contents, or writable.
-enum Buf {
+pub(crate) enum Buf {
     R(Vec<u8>),
     W(u32),
 }
 
 /// What the device returned for a chain.
-struct Used {
+pub(crate) struct Used {
     len: u32,
     /// The writable buffers' contents, concatenated.
-    written: Vec<u8>,
+    pub(crate) written: Vec<u8>,
 }
 
 impl Used {
-    fn response(&self) -> u8 {
+    pub(crate) fn response(&self) -> u8 {
         self.written[11]
     }
-    fn status(&self) -> u8 {
+    pub(crate) fn status(&self) -> u8 {
         self.written[10]
     }
-    fn sense_len(&self) -> u32 {
+    pub(crate) fn sense_len(&self) -> u32 {
         u32::from_le_bytes(self.written[0..4].try_into().unwrap())
     }
-    fn residual(&self) -> u32 {
+    pub(crate) fn residual(&self) -> u32 {
         u32::from_le_bytes(self.written[4..8].try_into().unwrap())
     }
-    fn sense(&self) -> &[u8] {
+    pub(crate) fn sense(&self) -> &[u8] {
         &self.written[12..12 + self.sense_len() as usize]
     }
-    fn data_in(&self) -> &[u8] {
+    pub(crate) fn data_in(&self) -> &[u8] {
         &self.written[RESP_LEN as usize..]
     }
 }
@@ -122,12 +122,12 @@ struct Rings {
     used: u64,
 }
 
-struct Harness {
-    mem: GuestMemoryAtomic<GuestMem>,
+pub(crate) struct Harness {
+    pub(crate) mem: GuestMemoryAtomic<GuestMem>,
     rings: Vec<Rings>,
-    backend: ScsiBackend,
-    vrings: Vec<VringRwLock>,
-    next_data: u64,
+    pub(crate) backend: ScsiBackend,
+    pub(crate) vrings: Vec<VringRwLock>,
+    pub(crate) next_data: u64,
     images: Vec<Vec<u8>>,
     _files: Vec<tempfile::NamedTempFile>,
 }
@@ -200,6 +200,14 @@ impl Harness {
             files.push(file);
             images.push(data);
         }
+        let mut h = Harness::with_disks(disks, options);
+        h.images = images;
+        h._files = files;
+        h
+    }
+
+    /// A harness whose target serves `disks` (LUN N: the Nth).
+    pub(crate) fn with_disks(disks: Vec<Disk>, options: QueueOptions) -> Harness {
         let mem = GuestMemoryAtomic::new(
             GuestMem::from_ranges(&[
                 (GuestAddress(0), REGION_SIZE),
@@ -245,8 +253,8 @@ impl Harness {
             backend,
             vrings,
             next_data: DATA_BASE,
-            images,
-            _files: files,
+            images: Vec::new(),
+            _files: Vec::new(),
         }
     }
 
@@ -355,7 +363,13 @@ impl Harness {
 
     /// Writes `bufs` into guest memory as one chain; returns the writable
     /// buffers' (address, length).
-    fn push(&mut self, queue: usize, bufs: &[Buf]) -> Vec<(u64, u32)> {
+    pub(crate) fn push(&mut self, queue: usize, bufs: &[Buf]) -> Vec<(u64, u32)> {
+        self.push_at(queue, 0, bufs)
+    }
+
+    /// As [`Harness::push`], the chain at descriptor `first` on (so that
+    /// several chains can be available at once).
+    pub(crate) fn push_at(&mut self, queue: usize, first: u16, bufs: &[Buf]) -> Vec<(u64, u32)> {
         let mut descs = Vec::new();
         let mut writable = Vec::new();
         for (i, buf) in bufs.iter().enumerate() {
@@ -384,14 +398,23 @@ impl Harness {
                     (addr, *len, next | VRING_DESC_F_WRITE as u16)
                 }
             };
-            descs.push(SplitDescriptor::new(addr, len, flags, i as u16 + 1));
+            descs.push(SplitDescriptor::new(addr, len, flags, first + i as u16 + 1));
         }
-        self.push_raw(queue, &descs);
+        let r = self.rings[queue];
+        let mem = self.mem.memory();
+        for (i, d) in descs.iter().enumerate() {
+            mem.write_obj(
+                RawDescriptor::from(*d),
+                GuestAddress(r.desc + 16 * (u64::from(first) + i as u64)),
+            )
+            .unwrap();
+        }
+        self.make_available(queue, first);
         writable
     }
 
     /// The device's used index on `queue`.
-    fn used_idx(&self, queue: usize) -> u16 {
+    pub(crate) fn used_idx(&self, queue: usize) -> u16 {
         self.mem
             .memory()
             .read_obj(GuestAddress(self.rings[queue].used + 2))
@@ -399,7 +422,7 @@ impl Harness {
     }
 
     /// Kicks `queue` and returns the used-ring entries added since.
-    fn kick(&mut self, queue: usize) -> Vec<(u16, u32)> {
+    pub(crate) fn kick(&mut self, queue: usize) -> Vec<(u16, u32)> {
         let r = self.rings[queue];
         let before = self.used_idx(queue);
         self.backend
@@ -420,7 +443,7 @@ impl Harness {
             .collect()
     }
 
-    fn read(&self, addr: u64, len: u32) -> Vec<u8> {
+    pub(crate) fn read(&self, addr: u64, len: u32) -> Vec<u8> {
         let mut out = vec![0u8; len as usize];
         self.mem
             .memory()
@@ -431,7 +454,7 @@ impl Harness {
 
     /// Submits one chain on `queue`, runs the device, and returns its used
     /// entry and the writable buffers' contents.
-    fn submit(&mut self, queue: usize, bufs: &[Buf]) -> Used {
+    pub(crate) fn submit(&mut self, queue: usize, bufs: &[Buf]) -> Used {
         self.next_data = DATA_BASE;
         let writable = self.push(queue, bufs);
         let used = self.kick(queue);
@@ -449,7 +472,7 @@ impl Harness {
 
     /// A typical command: header+CDB in one descriptor, response in one,
     /// data-in (if any) in one.
-    fn command(&mut self, lun: [u8; 8], cdb: &[u8], data_in: u32) -> Used {
+    pub(crate) fn command(&mut self, lun: [u8; 8], cdb: &[u8], data_in: u32) -> Used {
         let mut bufs = vec![Buf::R(request(lun, cdb)), Buf::W(RESP_LEN)];
         if data_in > 0 {
             bufs.push(Buf::W(data_in));
@@ -474,7 +497,7 @@ fn signals(call: &EventFd) -> u64 {
 }
 
 /// virtio_scsi_cmd_req with a 32-byte CDB area, tag 1234h.
-fn request(lun: [u8; 8], cdb: &[u8]) -> Vec<u8> {
+pub(crate) fn request(lun: [u8; 8], cdb: &[u8]) -> Vec<u8> {
     scsi::request(lun, 0x1234, cdb, 32)
 }
 
@@ -671,7 +694,7 @@ fn requests_on_every_request_queue() {
 }
 
 /// virtio_scsi_ctrl_tmf_req.
-fn tmf(subtype: u32, lun: [u8; 8]) -> Vec<u8> {
+pub(crate) fn tmf(subtype: u32, lun: [u8; 8]) -> Vec<u8> {
     let mut req = Vec::new();
     req.extend_from_slice(&0u32.to_le_bytes());
     req.extend_from_slice(&subtype.to_le_bytes());

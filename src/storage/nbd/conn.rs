@@ -1,0 +1,143 @@
+//! A socket to the server (TCP or Unix) and connecting: the connect
+//! timeout covers the connection and the handshake.
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpStream, ToSocketAddrs};
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+use super::handshake::{handshake, HandshakeError, Negotiated};
+use super::uri::{NbdAddress, NbdUri};
+
+/// A connected socket.
+pub enum Stream {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Stream {
+    pub fn try_clone(&self) -> io::Result<Stream> {
+        Ok(match self {
+            Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
+            Stream::Unix(s) => Stream::Unix(s.try_clone()?),
+        })
+    }
+
+    /// Ends both directions: a thread blocked reading returns.
+    pub fn shutdown(&self) {
+        let _ = match self {
+            Stream::Tcp(s) => s.shutdown(Shutdown::Both),
+            Stream::Unix(s) => s.shutdown(Shutdown::Both),
+        };
+    }
+
+    fn set_timeouts(&self, read: Option<Duration>, write: Option<Duration>) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => {
+                s.set_read_timeout(read)?;
+                s.set_write_timeout(write)
+            }
+            Stream::Unix(s) => {
+                s.set_read_timeout(read)?;
+                s.set_write_timeout(write)
+            }
+        }
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, b: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.read(b),
+            Stream::Unix(s) => s.read(b),
+        }
+    }
+}
+
+impl Write for &Stream {
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => (&*s).write(b),
+            Stream::Unix(s) => (&*s).write(b),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.write(b),
+            Stream::Unix(s) => s.write(b),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Why a connection could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("cannot connect: {}", super::io_message(.0))]
+    Connect(io::Error),
+    #[error("handshake failed: {0}")]
+    Handshake(HandshakeError),
+}
+
+/// Connects to `uri` and negotiates its export, within `timeout`; the
+/// socket's writes then time out after `write_timeout` (a server that
+/// stops reading cannot block a sender for longer), its reads never.
+pub fn connect(
+    uri: &NbdUri,
+    timeout: Duration,
+    write_timeout: Duration,
+) -> Result<(Stream, Negotiated), ConnectError> {
+    let stream = match &uri.address {
+        NbdAddress::Unix(path) => {
+            Stream::Unix(UnixStream::connect(path).map_err(ConnectError::Connect)?)
+        }
+        NbdAddress::Tcp { host, port } => {
+            let addrs = (host.as_str(), *port)
+                .to_socket_addrs()
+                .map_err(ConnectError::Connect)?;
+            let mut last = io::Error::new(io::ErrorKind::NotFound, "no address for the host");
+            let mut found = None;
+            for addr in addrs {
+                match TcpStream::connect_timeout(&addr, timeout) {
+                    Ok(s) => {
+                        found = Some(s);
+                        break;
+                    }
+                    Err(e) => last = e,
+                }
+            }
+            let s = found.ok_or(ConnectError::Connect(last))?;
+            s.set_nodelay(true).map_err(ConnectError::Connect)?;
+            Stream::Tcp(s)
+        }
+    };
+    stream
+        .set_timeouts(Some(timeout), Some(timeout))
+        .map_err(ConnectError::Connect)?;
+    let mut s = stream;
+    let negotiated = handshake(&mut s, &uri.export).map_err(|e| match e {
+        HandshakeError::Io(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ) =>
+        {
+            ConnectError::Handshake(HandshakeError::Io(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("no answer within {timeout:?}"),
+            )))
+        }
+        e => ConnectError::Handshake(e),
+    })?;
+    s.set_timeouts(None, Some(write_timeout))
+        .map_err(ConnectError::Connect)?;
+    Ok((s, negotiated))
+}

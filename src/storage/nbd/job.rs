@@ -1,0 +1,276 @@
+//! A job: one operation of the image (a `RemoteOp`, or a synchronous
+//! call's), split into NBD commands ([`Sub`]s) that all go to one
+//! connection. The job owns the request's memory until it finishes;
+//! exactly one result leaves, once: when its last command succeeded, at
+//! the first error, or at its deadline.
+
+use std::io;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::Instant;
+
+use super::super::remote::{RemoteCompletion, RemoteResult};
+use super::super::{Extent, PinnedBufs};
+use super::durability::Durability;
+
+/// What a job does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum JobKind {
+    Read,
+    Write { fua: bool },
+    Flush,
+    Trim,
+    Zero { no_hole: bool },
+    BlockStatus,
+}
+
+/// The memory a job moves bytes into or out of.
+pub enum Bufs {
+    /// The guest's pinned memory (an asynchronous request).
+    Pinned(PinnedBufs),
+    /// A synchronous call's own copy (the caller's borrowed memory never
+    /// crosses threads: the call may time out while a reply is on its
+    /// way).
+    Owned(Vec<u8>),
+    None,
+}
+
+impl Bufs {
+    /// Copies `data` in from byte `at` on; false if the memory is shorter.
+    pub fn fill_at(&mut self, at: usize, data: &[u8]) -> bool {
+        match self {
+            Bufs::Pinned(p) => p.borrow_mut().fill_at(at, data) == data.len(),
+            Bufs::Owned(v) => match at
+                .checked_add(data.len())
+                .and_then(|end| v.get_mut(at..end))
+            {
+                Some(dst) => {
+                    dst.copy_from_slice(data);
+                    true
+                }
+                None => false,
+            },
+            Bufs::None => false,
+        }
+    }
+
+    /// Copies `out.len()` bytes out from byte `at` on; false if shorter.
+    pub fn gather_at(&mut self, at: usize, out: &mut [u8]) -> bool {
+        match self {
+            Bufs::Pinned(p) => {
+                let mut b = p.borrow_mut();
+                b.advance(at);
+                b.as_source().gather_into(out) == out.len()
+            }
+            Bufs::Owned(v) => match at.checked_add(out.len()).and_then(|end| v.get(at..end)) {
+                Some(src) => {
+                    out.copy_from_slice(src);
+                    true
+                }
+                None => false,
+            },
+            Bufs::None => false,
+        }
+    }
+}
+
+/// What a job gives back besides success.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Output {
+    #[default]
+    Nothing,
+    Extent(Extent),
+}
+
+/// Where a synchronous call waits for its job.
+#[derive(Default)]
+pub struct SyncWait {
+    done: Mutex<Option<(io::Result<Output>, Bufs)>>,
+    cv: Condvar,
+}
+
+impl SyncWait {
+    /// The job's result and memory, or `None` if `deadline` came first.
+    pub fn wait(&self, deadline: Instant) -> Option<(io::Result<Output>, Bufs)> {
+        let mut done = self.done.lock().unwrap_or_else(PoisonError::into_inner);
+        loop {
+            if let Some(r) = done.take() {
+                return Some(r);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return None;
+            }
+            done = self
+                .cv
+                .wait_timeout(done, deadline - now)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+}
+
+/// Who learns a job's result.
+pub enum Completer {
+    Remote(RemoteCompletion),
+    Sync(Arc<SyncWait>),
+}
+
+struct JobState {
+    bufs: Bufs,
+    /// Taken when the job finishes.
+    completer: Option<Completer>,
+    /// Commands not yet answered.
+    remaining: usize,
+    /// A durable write to a server without FUA: a FLUSH follows.
+    flush_after: bool,
+    output: Output,
+}
+
+/// One operation in flight.
+pub struct Job {
+    pub kind: JobKind,
+    pub offset: u64,
+    pub len: u64,
+    pub deadline: Instant,
+    state: Mutex<JobState>,
+}
+
+/// One NBD command of a job.
+#[derive(Clone)]
+pub struct Sub {
+    pub job: Arc<Job>,
+    /// `Flush` for the flush a write without FUA is followed by.
+    pub kind: JobKind,
+    pub offset: u64,
+    pub len: u32,
+    /// Where its bytes are in the job's memory.
+    pub buf_at: usize,
+}
+
+impl Job {
+    pub fn new(
+        kind: JobKind,
+        offset: u64,
+        len: u64,
+        deadline: Instant,
+        bufs: Bufs,
+        completer: Completer,
+    ) -> Arc<Job> {
+        Arc::new(Job {
+            kind,
+            offset,
+            len,
+            deadline,
+            state: Mutex::new(JobState {
+                bufs,
+                completer: Some(completer),
+                remaining: 0,
+                flush_after: false,
+                output: Output::Nothing,
+            }),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, JobState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Its commands, each at most `chunk` bytes (a multiple of the
+    /// server's minimum block size); counted as remaining.
+    pub fn split(self: &Arc<Job>, chunk: u32) -> Vec<Sub> {
+        let mut subs = Vec::new();
+        let (mut at, chunk) = (0u64, u64::from(chunk.max(1)));
+        loop {
+            let len = (self.len - at).min(chunk);
+            subs.push(Sub {
+                job: self.clone(),
+                kind: self.kind,
+                offset: self.offset + at,
+                len: len as u32,
+                buf_at: at as usize,
+            });
+            at += len;
+            if at >= self.len {
+                break;
+            }
+        }
+        self.lock().remaining = subs.len();
+        subs
+    }
+
+    pub fn finished(&self) -> bool {
+        self.lock().completer.is_none()
+    }
+
+    /// Runs `f` on the job's memory, unless the job has finished (its
+    /// memory handed back): then `None`.
+    pub fn with_bufs<R>(&self, f: impl FnOnce(&mut Bufs) -> R) -> Option<R> {
+        let mut st = self.lock();
+        st.completer.as_ref()?;
+        Some(f(&mut st.bufs))
+    }
+
+    /// A durable write is going to a server without FUA: its last reply
+    /// is followed by a FLUSH before it completes.
+    pub fn needs_flush_after(&self) {
+        self.lock().flush_after = true;
+    }
+
+    /// A command succeeded. Returns the FLUSH to send now if the job
+    /// needs one before it completes.
+    pub fn sub_done(self: &Arc<Job>, output: Output, durability: &Durability) -> Option<Sub> {
+        let mut st = self.lock();
+        st.completer.as_ref()?;
+        if output != Output::Nothing {
+            st.output = output;
+        }
+        st.remaining = st.remaining.saturating_sub(1);
+        if st.remaining > 0 {
+            return None;
+        }
+        if st.flush_after {
+            st.flush_after = false;
+            st.remaining = 1;
+            return Some(Sub {
+                job: self.clone(),
+                kind: JobKind::Flush,
+                offset: 0,
+                len: 0,
+                buf_at: 0,
+            });
+        }
+        let output = st.output;
+        let result = if self.kind == JobKind::Flush && durability.take_loss() {
+            Err(io::Error::from_raw_os_error(libc::EIO))
+        } else {
+            Ok(output)
+        };
+        Self::finish_locked(st, result);
+        None
+    }
+
+    /// Completes the job with `error` unless it has finished.
+    pub fn fail(&self, error: io::Error) {
+        let st = self.lock();
+        Self::finish_locked(st, Err(error));
+    }
+
+    fn finish_locked(mut st: MutexGuard<'_, JobState>, result: io::Result<Output>) {
+        let Some(completer) = st.completer.take() else {
+            return;
+        };
+        let bufs = std::mem::replace(&mut st.bufs, Bufs::None);
+        drop(st);
+        match completer {
+            Completer::Remote(c) => {
+                // The memory goes back before the result is posted.
+                drop(bufs);
+                c.complete(RemoteResult::Io(result.map(|_| ())));
+            }
+            Completer::Sync(w) => {
+                *w.done.lock().unwrap_or_else(PoisonError::into_inner) = Some((result, bufs));
+                w.cv.notify_all();
+            }
+        }
+    }
+}

@@ -724,9 +724,12 @@ impl Worker {
             State::Up if rc < 0 || broken => {
                 // SAFETY: the live context.
                 let msg = unsafe { self.lib.error(self.ctx) };
-                // A closed connection sets no message of its own; what is
-                // there then is stale or libiscsi's refusal to reconnect.
-                let msg = if msg.is_empty() || msg.contains("reconnect") {
+                // A connection closed by the peer (end of file) sets no
+                // message of its own; what is there then is stale (the
+                // login's last sense, say) or libiscsi's refusal to
+                // reconnect. A socket error sets one.
+                let socket_error = revents & (libc::POLLERR | libc::POLLHUP) != 0 || rc < 0;
+                let msg = if !socket_error || msg.is_empty() || msg.contains("reconnect") {
                     "connection closed by the target".to_string()
                 } else {
                     msg

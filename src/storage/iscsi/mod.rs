@@ -8,6 +8,15 @@
 //! - `ffi.rs`: the libiscsi functions used, resolved with `libloading`;
 //! - `session.rs`: the thread that owns the libiscsi context of a unit,
 //!   its poll loop, reconnection, and how every command completes once.
+//!
+//! Under a sandbox: every login (the first, and each after a drop) runs on
+//! the session thread and makes `socket(AF_INET or AF_INET6)`, and, inside
+//! libiscsi's `getaddrinfo` of the numeric portal, glibc's
+//! `socket(AF_NETLINK, SOCK_RAW, NETLINK_ROUTE)` (AI_ADDRCONFIG; if that
+//! socket is refused with an error, getaddrinfo goes on without it). No
+//! file is opened after the first context (`/dev/urandom`, once per
+//! process). The library itself is opened at the first unit, or by
+//! [`load_library`]: after Landlock, the dynamic loader cannot read it.
 
 mod ffi;
 mod options;

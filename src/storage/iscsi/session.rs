@@ -1115,7 +1115,21 @@ impl Worker {
 
 impl Drop for Worker {
     fn drop(&mut self) {
-        // Also on a panic of the thread: later submissions fail at once.
+        // Also on a panic of the thread: later submissions fail at once,
+        // and those queued meanwhile are not left waiting for the unit's
+        // removal. (The commands the worker held complete as their
+        // completions drop; libiscsi is not called again, so nothing
+        // touches their memory.)
+        let mut inbox = self.shared.lock();
         self.shared.alive.store(false, Ordering::Release);
+        let left: Vec<Command> = inbox.commands.drain(..).collect();
+        inbox.tmfs.clear();
+        drop(inbox);
+        for command in left {
+            command.finish(Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "the iSCSI session thread ended",
+            )));
+        }
     }
 }

@@ -16,7 +16,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use vhost_device_scsi::storage::iscsi::{IscsiLun, IscsiOptions, PasswordSource};
+use vhost_device_scsi::storage::iscsi::{HeaderDigest, IscsiLun, IscsiOptions, PasswordSource};
 use vhost_device_scsi::storage::remote::{
     CdbBytes, CompletionSink, DataDirection, RemoteOp, RemoteResult, RemoteStorage, ScsiOutcome,
     TaskManagement, TaskManagementResponse,
@@ -907,6 +907,44 @@ fn iscsi_over_ipv6() {
     eprintln!("{e}");
     assert!(e.starts_with(&format!("{uri}: ")), "{e}");
     assert!(!e.contains('\n'));
+}
+
+#[test]
+fn iscsi_header_digest_crc32c() {
+    if !available() {
+        return;
+    }
+    let tgt = Tgt::start(None);
+    // tgt answers None unless the target allows CRC32C.
+    tgt.adm(&[
+        "--op",
+        "update",
+        "--mode",
+        "target",
+        "--tid",
+        "1",
+        "-n",
+        "HeaderDigest",
+        "-v",
+        "CRC32C,None",
+    ]);
+    let mem = Memory::new(1 << 20);
+    for digest in [HeaderDigest::Crc32c, HeaderDigest::None] {
+        let opts = IscsiOptions {
+            header_digest: digest,
+            ..options()
+        };
+        let lun = IscsiLun::open(&tgt.uri(), &opts).unwrap();
+        let o = run_past_ua(
+            &lun,
+            &mem,
+            scsi(read16(1000, 8), DataDirection::FromDevice, 8 * BLOCK, 1),
+            0,
+            8 * BLOCK,
+        );
+        assert_eq!(o.status, 0, "{digest:?}");
+        assert_eq!(mem.read(0, 8 * BLOCK), pattern(1000 * BLOCK, 8 * BLOCK));
+    }
 }
 
 fn init_log() {

@@ -704,6 +704,17 @@ fn iscsi_chap() {
         ..options()
     };
     let lun = IscsiLun::open(&uri, &opts).unwrap();
+    drop(lun);
+    // Right, from an environment variable.
+    let var = format!("VDS_ISCSI_TEST_PASSWORD_{}", std::process::id());
+    std::env::set_var(&var, "vdssecret12345");
+    let opts = IscsiOptions {
+        user: Some("vdsuser".into()),
+        password: PasswordSource::Env(var.clone()),
+        ..options()
+    };
+    let lun = IscsiLun::open(&uri, &opts).unwrap();
+    std::env::remove_var(&var);
     let mem = Memory::new(1 << 20);
     let o = run_past_ua(
         &lun,

@@ -95,6 +95,14 @@ fn run(config: &DaemonConfig) -> Result<(), String> {
         manager.clone(),
         config.state_file(),
     ));
+    // libiscsi for iscsi:// LUNs the API may add: loaded while the loader
+    // can still read it (Landlock would refuse /usr/lib and ld.so.cache).
+    // Absent, such a LUN is refused then with the package to install.
+    if config.sandbox == SandboxMode::On && config.sandbox_network {
+        if let Err(e) = vhost_device_scsi::storage::iscsi::load_library() {
+            log::debug!("libiscsi not loaded before the sandbox: {e}");
+        }
+    }
     // Landlock confines the calling thread and those it starts later:
     // applied before the first thread (the stop signals') starts.
     if config.sandbox == SandboxMode::On {
@@ -176,7 +184,7 @@ fn run(config: &DaemonConfig) -> Result<(), String> {
                 "sandbox: seccomp allows {} system calls{}; any other ends the daemon with a line on stderr",
                 sandbox::ALLOWED.len(),
                 if config.sandbox_network {
-                    ", sockets of AF_UNIX, AF_INET and AF_INET6"
+                    ", sockets of AF_UNIX, AF_INET, AF_INET6 and AF_NETLINK"
                 } else {
                     ", sockets of AF_UNIX only"
                 }

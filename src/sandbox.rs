@@ -282,15 +282,24 @@ const NAMED: &[Syscall] = &[
 ];
 
 /// The filter: [`ALLOWED`] allowed, `socket` for `AF_UNIX` only (with
-/// `network`, also `AF_INET` and `AF_INET6`: network LUNs over TCP),
+/// `network`, also `AF_INET`, `AF_INET6` and `AF_NETLINK`: network LUNs
+/// over TCP),
 /// anything else trapped.
 pub fn filter(network: bool) -> Result<BpfProgram, SandboxError> {
     let arch = std::env::consts::ARCH
         .try_into()
         .map_err(|e: seccompiler::BackendError| SandboxError::Filter(e.to_string()))?;
     let bad = |e: seccompiler::BackendError| SandboxError::Filter(e.to_string());
+    // AF_NETLINK: glibc's getaddrinfo asks the kernel for the host's
+    // addresses (NETLINK_ROUTE) even for a numeric host, and libiscsi
+    // calls it at every login.
     let families: &[i32] = if network {
-        &[libc::AF_UNIX, libc::AF_INET, libc::AF_INET6]
+        &[
+            libc::AF_UNIX,
+            libc::AF_INET,
+            libc::AF_INET6,
+            libc::AF_NETLINK,
+        ]
     } else {
         &[libc::AF_UNIX]
     };

@@ -970,7 +970,6 @@ fn init_log() {
 /// be made (or refuse it with an error), or the daemon ends at the first
 /// reconnection.
 #[test]
-#[ignore = "the seccomp filter traps socket(AF_NETLINK): the daemon ends with status 159 at the reconnection (src/sandbox.rs)"]
 fn iscsi_daemon_reconnects_under_the_sandbox() {
     if !available() {
         return;

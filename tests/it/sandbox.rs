@@ -71,6 +71,9 @@ fn child(what: &str) -> ! {
             "inet" => libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) as libc::c_long,
             "inet6" => libc::socket(libc::AF_INET6, libc::SOCK_STREAM, 0) as libc::c_long,
             "packet" => libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) as libc::c_long,
+            "netlink" => {
+                libc::socket(libc::AF_NETLINK, libc::SOCK_RAW, libc::NETLINK_ROUTE) as libc::c_long
+            }
             "unix" => libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) as libc::c_long,
             _ => panic!("unknown child action {what}"),
         }
@@ -118,7 +121,7 @@ fn sandbox_a_call_outside_the_allowlist_ends_the_process_with_one_line() {
     assert!(!stderr.contains("not allowed"), "{stderr}");
     assert_eq!(code, Some(0), "{stderr}");
     // With network LUNs over TCP: AF_INET and AF_INET6 too, nothing else.
-    for family in ["net:inet", "net:inet6", "net:unix"] {
+    for family in ["net:inet", "net:inet6", "net:unix", "net:netlink"] {
         let (stderr, code) = outcome(&in_filtered_child(name, family));
         assert!(stderr.contains("returned "), "{family}: {stderr}");
         assert!(!stderr.contains("returned -1"), "{family}: {stderr}");

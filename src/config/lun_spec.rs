@@ -71,7 +71,7 @@ pub struct LunSpec {
     #[serde(default)]
     pub password_env: Option<String>,
     /// `connections=` (NBD): connections to the export, 1 to
-    /// [`MAX_NBD_CONNECTIONS`] (more than one if the server allows).
+    /// 8 (`MAX_NBD_CONNECTIONS`) (more than one if the server allows).
     #[serde(default)]
     pub connections: Option<u8>,
     /// `timeout=` (NBD, iSCSI): seconds a request may wait for the

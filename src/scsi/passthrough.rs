@@ -5,7 +5,7 @@
 //! charge of:
 //!
 //! - REPORT LUNS (the guest's LUN map is the daemon's, not the remote
-//!   target's; [`super::target`] answers it);
+//!   target's; `target.rs` answers it);
 //! - the command filter: FORMAT UNIT, WRITE BUFFER, SANITIZE, ATA
 //!   PASS-THROUGH and vendor-specific operation codes (C0h-FFh, SPC-4
 //!   §4.3.5.1) are refused with INVALID COMMAND OPERATION CODE unless the
@@ -16,9 +16,9 @@
 //!   header) so the guest mounts read-only;
 //! - the Block Limits VPD page (SBC-3 §6.6.4): MAXIMUM and OPTIMAL
 //!   TRANSFER LENGTH capped to what the daemon's request path takes
-//!   ([`super::disk::MAX_TRANSFER_BYTES`]);
+//!   (`disk::MAX_TRANSFER_BYTES`);
 //! - how a command that never reached the remote ends (the session down:
-//!   a retryable ABORTED COMMAND, see [`super::error`]).
+//!   a retryable ABORTED COMMAND, see `error.rs`).
 
 use crate::storage::remote::{CdbBytes, DataDirection, ScsiOutcome};
 
@@ -145,6 +145,22 @@ fn writes_medium(cdb: &[u8]) -> bool {
     }
 }
 
+/// The length of the CDB starting `cdb` by its operation code's group
+/// (SPC-4 §4.2.5.1, table 2: groups 0 six bytes, 1 and 2 ten, 4 sixteen,
+/// 5 twelve; 7Fh variable-length, eight bytes plus its ADDITIONAL CDB
+/// LENGTH, §4.2.4); 16 for the reserved and vendor-specific groups, whose
+/// length is not known (transports such as iSCSI carry 16 bytes anyway).
+fn cdb_length(cdb: &[u8]) -> usize {
+    match cdb[0] >> 5 {
+        0 => 6,
+        1 | 2 => 10,
+        4 => 16,
+        5 => 12,
+        3 if cdb[0] == 0x7f => 8 + usize::from(cdb.get(7).copied().unwrap_or(0)),
+        _ => 16,
+    }
+}
+
 /// Plans `cdb` for a passthrough unit: the command to forward, or why it
 /// ends here. `data_in`/`data_out`: the guest's buffers (at most one is
 /// non-empty, virtio-scsi without INOUT); `block_size`: the remote
@@ -167,7 +183,10 @@ pub fn plan(
     if read_only && writes_medium(cdb) {
         return Err(CommandError::WriteProtected);
     }
-    let bytes = CdbBytes::new(cdb).ok_or(CommandError::InvalidOpcode(opcode))?;
+    // The virtio request's CDB field is `cdb_size` bytes (32 by default)
+    // whatever the command: forward the command's own length.
+    let len = cdb_length(cdb).min(cdb.len());
+    let bytes = CdbBytes::new(&cdb[..len]).ok_or(CommandError::InvalidOpcode(opcode))?;
     // READ and WRITE whose data buffer is smaller than the transfer their
     // CDB asks for are not executed (virtio 1.2 §5.6.6.1: OVERRUN), as on
     // an emulated unit: the remote would be asked for data the guest has
@@ -298,6 +317,46 @@ mod tests {
             )
             .is_ok());
         }
+    }
+
+    #[test]
+    fn the_forwarded_cdb_has_its_own_length_not_the_fields() {
+        // A 32-byte CDB field holding TEST UNIT READY, READ(10), READ(16),
+        // READ(12), a 32-byte variable-length CDB (ADDITIONAL CDB LENGTH
+        // 18h) and a vendor-specific one.
+        let field = |opcode: u8| {
+            let mut f = [0u8; 32];
+            f[0] = opcode;
+            f
+        };
+        let len = |f: [u8; 32]| {
+            plan(&f, 1, 0, 0, false, true, 512)
+                .unwrap()
+                .cdb
+                .as_slice()
+                .len()
+        };
+        assert_eq!(len(field(0x00)), 6);
+        assert_eq!(len(field(0x28)), 10);
+        assert_eq!(len(field(0x88)), 16);
+        assert_eq!(len(field(0xa8)), 12);
+        let mut var = field(0x7f);
+        var[7] = 0x18;
+        assert_eq!(len(var), 32);
+        assert_eq!(len(field(0xc5)), 16);
+        // A field shorter than the command (cdb_size 16, a 32-byte CDB):
+        // what there is.
+        let mut short = [0u8; 16];
+        short[0] = 0x7f;
+        short[7] = 0x18;
+        assert_eq!(
+            plan(&short, 1, 0, 0, false, true, 512)
+                .unwrap()
+                .cdb
+                .as_slice()
+                .len(),
+            16
+        );
     }
 
     #[test]

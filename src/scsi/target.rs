@@ -491,7 +491,7 @@ impl Target {
     ///
     /// Every command to a passthrough unit but REPORT LUNS (and those a
     /// pending unit attention terminates) is planned as
-    /// [`Planned::Forward`], or refused by its filter and write
+    /// `Planned::Forward`, or refused by its filter and write
     /// protection (`passthrough.rs`). `tag`: the initiator's tag of the
     /// command.
     pub fn prepare(

@@ -69,6 +69,14 @@ impl ScsiDriver {
         ScsiDriver { frontend }
     }
 
+    /// A task management function (virtio-scsi subtype) to `lun`: the
+    /// response byte.
+    pub fn tmf(&mut self, subtype: u32, lun: u16) -> u8 {
+        self.frontend
+            .tmf(subtype, lun, Duration::from_secs(30))
+            .unwrap_or_else(|e| panic!("TMF {subtype}: {e}"))
+    }
+
     /// One SCSI command to target 0, `lun`, on the first request queue.
     pub fn command(&mut self, lun: u16, cdb: &[u8], data_out: &[u8], data_in_len: u32) -> Reply {
         self.frontend

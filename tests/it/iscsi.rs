@@ -26,14 +26,14 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use crate::common::skipped;
 
-const IQN: &str = "iqn.2026-12.org.example.vhost-device-scsi:test";
-const BLOCK: usize = 512;
+pub(crate) const IQN: &str = "iqn.2026-12.org.example.vhost-device-scsi:test";
+pub(crate) const BLOCK: usize = 512;
 const IMAGE_BYTES: usize = 4 << 20;
-const VENDOR: &str = "VDSTEST";
-const PRODUCT: &str = "PASSTHRU";
+pub(crate) const VENDOR: &str = "VDSTEST";
+pub(crate) const PRODUCT: &str = "PASSTHRU";
 
 /// Whether tgtd and libiscsi are here; under CI they must be.
-fn available() -> bool {
+pub(crate) fn available() -> bool {
     let tgtd = Command::new("tgtd").arg("--version").output().is_ok();
     let lib = Path::new("/usr/lib/x86_64-linux-gnu/libiscsi.so.7").exists()
         || Path::new("/usr/lib/aarch64-linux-gnu/libiscsi.so.7").exists()
@@ -46,7 +46,7 @@ fn available() -> bool {
 }
 
 /// A tgtd of the test's own.
-struct Tgt {
+pub(crate) struct Tgt {
     child: Option<Child>,
     /// The portal's address as a URI writes it: 127.0.0.1 or [::1].
     host: &'static str,
@@ -68,7 +68,7 @@ fn free_port(host: &str) -> u16 {
 impl Tgt {
     /// A target with LUN 1 over a file of `IMAGE_BYTES` (a pattern: each
     /// 512-byte block holds its number and offsets), CHAP if `chap`.
-    fn start(chap: Option<(&str, &str)>) -> Tgt {
+    pub(crate) fn start(chap: Option<(&str, &str)>) -> Tgt {
         Tgt::start_on("127.0.0.1", chap)
     }
 
@@ -91,7 +91,7 @@ impl Tgt {
         tgt
     }
 
-    fn launch(&mut self) {
+    pub(crate) fn launch(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(10);
         if self.control == 0 {
             // The control port (at most 32767) names tgtd's socket,
@@ -198,19 +198,19 @@ impl Tgt {
         );
     }
 
-    fn uri(&self) -> String {
+    pub(crate) fn uri(&self) -> String {
         format!("iscsi://{}:{}/{IQN}/1", self.host, self.port)
     }
 
     /// SIGKILL: no logout, the connections reset.
-    fn kill(&mut self) {
+    pub(crate) fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
         }
     }
 
-    fn image_bytes(&self) -> Vec<u8> {
+    pub(crate) fn image_bytes(&self) -> Vec<u8> {
         std::fs::read(&self.image).unwrap()
     }
 }
@@ -222,7 +222,7 @@ impl Drop for Tgt {
 }
 
 /// The image's bytes from `offset`: block number and byte offset mixed.
-fn pattern(offset: usize, len: usize) -> Vec<u8> {
+pub(crate) fn pattern(offset: usize, len: usize) -> Vec<u8> {
     (offset..offset + len)
         .map(|i| ((i / BLOCK) as u8).wrapping_mul(31) ^ (i as u8))
         .collect()
@@ -510,8 +510,13 @@ fn iscsi_passthrough_inquiry_read_write_and_sense() {
         RemoteResult::Io(Err(e)) => assert_eq!(e.kind(), io::ErrorKind::Unsupported),
         other => panic!("{other:?}"),
     }
-    // So are the byte-level methods.
-    assert_eq!(lun.flush().unwrap_err().kind(), io::ErrorKind::Unsupported);
+    // So are the byte-level methods, but for the daemon's own flush (a LUN
+    // removed, a migration's hand-over): SYNCHRONIZE CACHE at the remote.
+    lun.flush().unwrap();
+    assert_eq!(
+        lun.write_zeroes(0, 512, false).unwrap_err().kind(),
+        io::ErrorKind::Unsupported
+    );
 }
 
 #[test]

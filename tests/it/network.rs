@@ -299,3 +299,99 @@ fn lun_add_of_a_tcp_lun_under_a_sandbox_without_network_is_refused() {
     assert!(daemon.process.try_wait().unwrap().is_none());
     daemon.kill();
 }
+
+#[test]
+fn an_iscsi_lun_is_passed_through_by_the_daemon() {
+    use crate::iscsi::{available, pattern, Tgt, BLOCK, PRODUCT, VENDOR};
+    if !available() {
+        return;
+    }
+    let tgt = Tgt::start(None);
+    let dir = tempfile::tempdir().unwrap();
+    let local = dir.path().join("local.raw");
+    std::fs::write(&local, vec![0x5a; MIB]).unwrap();
+    let socket = dir.path().join("vus.sock");
+    let api = dir.path().join("api.sock");
+    let mut daemon = Daemon::start(
+        &socket,
+        &[
+            "--api-socket",
+            api.to_str().unwrap(),
+            &tgt.uri(),
+            local.to_str().unwrap(),
+        ],
+    );
+    let mut driver = ScsiDriver::connect(&socket);
+    // A new session: tgt may report a unit attention first.
+    let mut reply = driver.command(0, &[0, 0, 0, 0, 0, 0], &[], 0);
+    for _ in 0..3 {
+        if reply.status == 0 {
+            break;
+        }
+        assert_eq!(reply.sense[2] & 0x0f, 0x6, "{:02x?}", reply.sense);
+        reply = driver.command(0, &[0, 0, 0, 0, 0, 0], &[], 0);
+    }
+    assert_eq!(reply.status, 0);
+    // INQUIRY: tgt's identity as tgtadm set it (T10 vendor at bytes
+    // 8-15, product at 16-31), not the daemon's.
+    let reply = driver.command(0, &[0x12, 0, 0, 0, 96, 0], &[], 96);
+    assert_eq!(reply.status, 0);
+    assert_eq!(
+        String::from_utf8_lossy(&reply.data_in[8..16]).trim_end(),
+        VENDOR
+    );
+    assert!(String::from_utf8_lossy(&reply.data_in[16..32]).starts_with(PRODUCT));
+    // READ: the backing file's bytes.
+    let reply = driver.command(0, &read16(0, 16), &[], 16 * BLOCK as u32);
+    assert_eq!(reply.status, 0, "{:02x?}", reply.sense);
+    assert!(
+        reply.data_in == pattern(0, 16 * BLOCK),
+        "not the file's bytes"
+    );
+    // A FUA WRITE lands in the file.
+    let data: Vec<u8> = (0..8 * BLOCK).map(|i| (i % 251) as u8 ^ 0x3c).collect();
+    let reply = driver.command(0, &write16(100, 8, true), &data, 0);
+    assert_eq!(reply.status, 0, "{:02x?}", reply.sense);
+    assert_eq!(tgt.image_bytes()[100 * BLOCK..108 * BLOCK], data[..]);
+    // REPORT LUNS: the daemon's two LUNs, not tgt's (its LUN 0 controller
+    // and LUN 1).
+    let reply = driver.command(0, &[0xa0, 0, 0, 0, 0, 0, 0, 0, 0, 64, 0, 0], &[], 64);
+    assert_eq!(reply.data_in[..4], 16u32.to_be_bytes());
+    assert_eq!(
+        reply.data_in[8..24],
+        [0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0]
+    );
+    // FORMAT UNIT never reaches tgt: ILLEGAL REQUEST, INVALID COMMAND
+    // OPERATION CODE from the daemon's filter.
+    let reply = driver.command(0, &[0x04, 0, 0, 0, 0, 0], &[], 0);
+    assert_eq!(key_asc(&reply.sense), (0x5, 0x20, 0x00));
+    // LOGICAL UNIT RESET (virtio-scsi subtype 5) at the remote: FUNCTION
+    // COMPLETE, and I/O goes on (past tgt's unit attention for it).
+    assert_eq!(driver.tmf(5, 0), 0);
+    let mut reply = driver.command(0, &read16(100, 8), &[], 8 * BLOCK as u32);
+    if reply.status != 0 {
+        assert_eq!(key_asc(&reply.sense).0, 0x6, "{:02x?}", reply.sense);
+        reply = driver.command(0, &read16(100, 8), &[], 8 * BLOCK as u32);
+    }
+    assert_eq!(reply.data_in, data);
+    // lun_remove flushes it (SYNCHRONIZE CACHE at the remote) and logs out.
+    let out = Command::new(CTL)
+        .arg("--api-socket")
+        .arg(&api)
+        .args(["lun_remove", "lun=0"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let reply = driver.command(0, &read16(0, 1), &[], BLOCK as u32);
+    assert_eq!(
+        key_asc(&reply.sense),
+        (0x5, 0x25, 0x00),
+        "LOGICAL UNIT NOT SUPPORTED"
+    );
+    assert!(daemon.process.try_wait().unwrap().is_none());
+    daemon.kill();
+}

@@ -230,14 +230,6 @@ fn read_capacity(session: &Session, timeout: Duration) -> Result<(u64, u32), Str
             _ => format!("status {:#04x}", outcome.status),
         }
     };
-    let sense_key = |o: &ScsiOutcome| {
-        let s = o.sense();
-        match s.first().map(|b| b & 0x7f) {
-            Some(0x70 | 0x71) if s.len() > 2 => s[2] & 0xf,
-            Some(0x72 | 0x73) if s.len() > 1 => s[1] & 0xf,
-            _ => 0,
-        }
-    };
     let mut use16 = true;
     for _ in 0..6 {
         let (cdb, len): (Vec<u8>, usize) = if use16 {
@@ -268,6 +260,16 @@ fn read_capacity(session: &Session, timeout: Duration) -> Result<(u64, u32), Str
         }
     }
     Err("READ CAPACITY: unit attentions do not stop".to_string())
+}
+
+/// The sense key of `o`'s sense data, either format (0: none).
+fn sense_key(o: &ScsiOutcome) -> u8 {
+    let s = o.sense();
+    match s.first().map(|b| b & 0x7f) {
+        Some(0x70 | 0x71) if s.len() > 2 => s[2] & 0xf,
+        Some(0x72 | 0x73) if s.len() > 1 => s[1] & 0xf,
+        _ => 0,
+    }
 }
 
 fn capacity(last_lba: u64, block: u32) -> Result<(u64, u32), String> {
@@ -374,8 +376,35 @@ impl Storage for IscsiLun {
         Err(not_forwarded())
     }
 
+    /// SYNCHRONIZE CACHE(10) of the whole unit (SBC-3 §5.24: LBA 0,
+    /// NUMBER OF LOGICAL BLOCKS 0, to the end), past unit attentions, at
+    /// most the timeout each: the daemon's own flush when a LUN is removed
+    /// or the VM migrates away (the guest's SYNCHRONIZE CACHE is forwarded
+    /// like any command).
     fn flush(&self) -> io::Result<()> {
-        Err(not_forwarded())
+        const SYNCHRONIZE_CACHE_10: [u8; 10] = [0x35, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        for _ in 0..4 {
+            let (result, _) = self.session.command_sync(
+                &SYNCHRONIZE_CACHE_10,
+                DataDirection::None,
+                Vec::new(),
+                self.timeout,
+            );
+            let outcome = result?;
+            match outcome.status {
+                0 => return Ok(()),
+                2 if sense_key(&outcome) == 0x6 => continue, // UNIT ATTENTION
+                status => {
+                    return Err(io::Error::other(format!(
+                        "SYNCHRONIZE CACHE: status {status:#04x}, sense key {:#x}",
+                        sense_key(&outcome)
+                    )))
+                }
+            }
+        }
+        Err(io::Error::other(
+            "SYNCHRONIZE CACHE: unit attentions do not stop",
+        ))
     }
 
     fn write_zeroes(&self, _offset: u64, _len: u64, _deallocate: bool) -> io::Result<()> {

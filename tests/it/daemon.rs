@@ -449,7 +449,7 @@ fn open_file_limit_too_low_is_one_line() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("s.sock");
     // 300 images that do not exist: the limit is checked before any image
-    // is opened. About 300 + 64 + 6 per queue (18 queues by default)
+    // is opened. About 300 + 64 + 9 per queue (18 queues by default)
     // descriptors are needed; the hard limit is 256.
     let missing = dir.path().join("missing.raw");
     let mut args = vec![OsStr::new("-s"), sock.as_os_str()];
@@ -462,18 +462,18 @@ fn open_file_limit_too_low_is_one_line() {
         &out,
         1,
         &[
-            "vhost-device-scsi: error: 300 images need about 508 open files, \
+            "vhost-device-scsi: error: 300 images need about 526 open files, \
            but the limit is 256 (raise it with ulimit -n or LimitNOFILE= in the systemd unit)\n",
         ],
     );
     assert!(!sock.exists());
-    // Fewer queues need fewer descriptors: 300 + 64 + 8 * 3.
+    // Fewer queues need fewer descriptors: 300 + 64 + 9 * 3.
     args.extend([OsStr::new("--num-queues"), OsStr::new("1")]);
     let out = with_nofile(Command::new(BIN).args(&args), 256, 256)
         .env("RUST_LOG", "off")
         .output()
         .unwrap();
-    assert_one_line_error(&out, 1, &["300 images need about 388 open files"]);
+    assert_one_line_error(&out, 1, &["300 images need about 391 open files"]);
 }
 
 #[test]

@@ -453,37 +453,30 @@ pub fn build_target(config: &DaemonConfig) -> Result<Target, ConfigError> {
 /// The log line of a LUN opened (`what`: "LUN 3", "LUN 3 added"; `kind`:
 /// what its storage is, [`open_disk`]'s).
 pub(crate) fn log_lun(what: &str, spec: &LunSpec, disk: &Disk, kind: &str, locks: ImageLocks) {
-    if disk.forwards_commands() {
-        info!(
-            "{what}: {} ({} bytes, {} blocks of {} bytes at open, {}, {kind}{})",
-            spec.display(),
-            disk.blocks() * u64::from(disk.block_size()),
-            disk.blocks(),
-            disk.block_size(),
-            if disk.read_only() {
-                "read-only"
-            } else {
-                "read-write"
-            },
-            if disk.unfiltered() {
-                ", unfiltered"
-            } else {
-                ""
-            },
-        );
-        return;
-    }
-    info!(
-        "{what}: {} ({} bytes, {} blocks of {} bytes, {}, {kind}, {}, serial {}, NAA {:#018x})",
+    let size = format!(
+        "{what}: {} ({} bytes, {} blocks of {} bytes",
         spec.display(),
         disk.blocks() * u64::from(disk.block_size()),
         disk.blocks(),
         disk.block_size(),
-        if disk.read_only() {
-            "read-only"
+    );
+    let access = if disk.read_only() {
+        "read-only"
+    } else {
+        "read-write"
+    };
+    if disk.forwards_commands() {
+        // The remote unit's identity is the guest's, not the daemon's.
+        let unfiltered = if disk.unfiltered() {
+            ", unfiltered"
         } else {
-            "read-write"
-        },
+            ""
+        };
+        info!("{size} at open, {access}, {kind}{unfiltered})");
+        return;
+    }
+    info!(
+        "{size}, {access}, {kind}, {}, serial {}, NAA {:#018x})",
         match locks {
             ImageLocks::Held => "locked",
             ImageLocks::Unsupported => "not locked",

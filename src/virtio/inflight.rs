@@ -52,6 +52,26 @@ struct Waiting {
     patch: PinnedBufs,
 }
 
+impl Waiting {
+    /// Keeps what answering the request of `head` needs, with the
+    /// `generation` its token carries, while its work is in flight.
+    fn hold(
+        &mut self,
+        generation: u16,
+        head: u16,
+        pending: PendingCommand<'_>,
+        access: TransferAccess,
+        written: &WrittenRanges,
+    ) {
+        self.generation = generation;
+        self.head = head;
+        self.reply = Some(pending.into_reply());
+        self.access = Some(access);
+        // Into the slot's own list: no allocation once it has room.
+        self.written.clone_from(written);
+    }
+}
+
 /// A request queue's engine and its requests in flight.
 pub struct QueueIo {
     engine: Box<dyn Engine>,
@@ -149,12 +169,7 @@ impl QueueIo {
                 Some(pending.answer(RemoteResult::Io(result)))
             }
             Submitted::Queued => {
-                waiting.generation = generation;
-                waiting.head = head;
-                waiting.reply = Some(pending.into_reply());
-                waiting.access = Some(access);
-                // Into the slot's own list: no allocation once it has room.
-                waiting.written.clone_from(written);
+                waiting.hold(generation, head, pending, access, written);
                 self.free.pop();
                 // Reads the page cache answered while a batch went to the
                 // kernel are answered now, not after the whole available
@@ -200,11 +215,7 @@ impl QueueIo {
         let generation = waiting.generation.wrapping_add(1);
         let token = (u64::from(generation) << 16) | u64::from(slot);
         let op = pending.remote_op();
-        waiting.generation = generation;
-        waiting.head = head;
-        waiting.reply = Some(pending.into_reply());
-        waiting.access = Some(access);
-        waiting.written.clone_from(written);
+        waiting.hold(generation, head, pending, access, written);
         self.free.pop();
         remote.submit(op, data, self.remote.completion(token));
         None

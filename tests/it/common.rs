@@ -92,6 +92,20 @@ pub fn cpu_time(pid: u32) -> Duration {
     process_cpu_time(pid).unwrap_or_else(|e| panic!("CPU time of {pid}: {e}"))
 }
 
+/// `name` on the PATH; None, with the reason printed, when it is missing
+/// (a failure under CI, whose .ci/run installs the Debian `package`).
+pub fn tool(name: &str, package: &str) -> Option<std::path::PathBuf> {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join(name))
+            .find(|p| p.is_file())
+    });
+    if found.is_none() {
+        skipped(&format!("{name} not found (Debian package {package})"));
+    }
+    found
+}
+
 /// A check this machine cannot make: says so on standard error, or fails
 /// the test under CI (`CI=true`), whose machines must make every check.
 pub fn skipped(reason: &str) {

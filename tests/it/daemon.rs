@@ -800,23 +800,8 @@ fn a_writer_keeps_readers_out() {
     assert_one_line_error(&out, 1, &["d.raw: locked by", "(it is being written)"]);
 }
 
-/// `name` on the PATH; None, with the reason printed, when it is missing
-/// (except in CI, where .ci/run installs it).
 fn qemu_tool(name: &str) -> Option<PathBuf> {
-    let found = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|dir| dir.join(name))
-            .find(|p| p.is_file())
-    });
-    if found.is_none() {
-        assert_ne!(
-            std::env::var("CI").as_deref(),
-            Ok("true"),
-            "{name} is missing; CI must install it (Debian: qemu-utils)"
-        );
-        eprintln!("skipping: {name} not found (Debian package qemu-utils)");
-    }
-    found
+    crate::common::tool(name, "qemu-utils")
 }
 
 fn tool_output(tool: &Path, args: &[&OsStr]) -> Output {

@@ -15,23 +15,8 @@ use std::time::{Duration, Instant};
 
 use vhost_device_scsi::storage::{Extent, IoBufs, IoBufsMut, NbdImage, NbdOptions, Storage};
 
-/// `name` on the PATH; None, with the reason printed, when it is missing
-/// (a failure under CI, which must install it).
 fn tool(name: &str) -> Option<PathBuf> {
-    let found = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|dir| dir.join(name))
-            .find(|p| p.is_file())
-    });
-    if found.is_none() {
-        assert_ne!(
-            std::env::var("CI").as_deref(),
-            Ok("true"),
-            "{name} is missing; CI must install it (Debian: qemu-utils, qemu-system-common, nbdkit)"
-        );
-        eprintln!("skipping: {name} not found");
-    }
-    found
+    crate::common::tool(name, "qemu-utils or nbdkit")
 }
 
 /// A server process, killed when dropped.

@@ -518,9 +518,7 @@ fn open_nbd(
     let options = NbdOptions {
         read_only,
         connections: spec.connections.map_or(defaults.connections, usize::from),
-        timeout: spec.timeout_secs.map_or(defaults.timeout, |s| {
-            std::time::Duration::from_secs(u64::from(s))
-        }),
+        timeout: spec.timeout_or(defaults.timeout),
         ..defaults
     };
     let image = NbdImage::open(&uri, options)?;
@@ -530,17 +528,30 @@ fn open_nbd(
         if image.connections() == 1 { "" } else { "s" }
     );
     let block_size = spec.block_size.unwrap_or(BLOCK_SIZE);
+    let disk = network_disk(Box::new(image), spec, lun, block_size, config)?;
+    Ok((disk, kind, ImageLocks::Unsupported))
+}
+
+/// The unit of a network LUN over `storage`: its identity derived from the
+/// URI without a password (a passthrough unit's is never shown: INQUIRY
+/// goes to the remote).
+fn network_disk(
+    storage: Box<dyn crate::storage::Storage>,
+    spec: &LunSpec,
+    lun: u16,
+    block_size: u32,
+    config: &DaemonConfig,
+) -> Result<Disk, ConfigError> {
     let disk_config = DiskConfig {
         block_size,
-        identity: identity(spec, Path::new(uri.as_ref()), lun),
+        identity: identity(spec, Path::new(&spec.display()), lun),
         solid_state: config.solid_state,
         discard: config.discard,
     };
-    let disk = Disk::new(Box::new(image), disk_config).map_err(|source| ConfigError::Disk {
+    Disk::new(storage, disk_config).map_err(|source| ConfigError::Disk {
         path: PathBuf::from(spec.display()),
         source,
-    })?;
-    Ok((disk, kind, ImageLocks::Unsupported))
+    })
 }
 
 /// [`open_disk`] for an `iscsi://` URI: a passthrough unit.
@@ -560,26 +571,13 @@ fn open_iscsi(
             (None, Some(var)) => PasswordSource::Env(var.clone()),
             (None, None) => PasswordSource::Uri,
         },
-        timeout: spec.timeout_secs.map_or(defaults.timeout, |s| {
-            std::time::Duration::from_secs(u64::from(s))
-        }),
+        timeout: spec.timeout_or(defaults.timeout),
         read_only,
         ..defaults
     };
     let unit = IscsiLun::open(&uri, &options)?;
     let block_size = unit.block_size();
-    let disk_config = DiskConfig {
-        block_size,
-        // Not shown to the guest: INQUIRY goes to the remote unit.
-        identity: identity(spec, Path::new(&spec.display()), lun),
-        solid_state: config.solid_state,
-        discard: config.discard,
-    };
-    let disk = Disk::new(Box::new(unit), disk_config)
-        .map_err(|source| ConfigError::Disk {
-            path: PathBuf::from(spec.display()),
-            source,
-        })?
+    let disk = network_disk(Box::new(unit), spec, lun, block_size, config)?
         .with_unfiltered(spec.unfiltered);
     Ok((
         disk,

@@ -94,6 +94,12 @@ impl LunSpec {
         source_of(self.path.as_os_str().as_bytes())
     }
 
+    /// `timeout=` as a duration, or `default`.
+    pub fn timeout_or(&self, default: std::time::Duration) -> std::time::Duration {
+        self.timeout_secs
+            .map_or(default, |s| std::time::Duration::from_secs(u64::from(s)))
+    }
+
     /// Whether the LUN's storage is reached over TCP (`nbd://`,
     /// `iscsi://`): the sandbox must let the daemon open TCP sockets.
     pub fn needs_tcp(&self) -> bool {

@@ -27,7 +27,7 @@ use crate::storage::{FileImage, ImageKind, NbdError, NbdImage, NbdOptions, OpenE
 use crate::virtio::backend::{QueueOptions, FIRST_REQUEST_QUEUE, MAX_REQUEST_QUEUES};
 
 mod lun_spec;
-pub use lun_spec::{ImageSource, LunSpec, LunSpecError, MAX_IMAGES};
+pub use lun_spec::{redact, ImageSource, LunSpec, LunSpecError, MAX_IMAGES};
 
 /// Logical block size of a LUN without `block-size=`.
 pub(crate) const BLOCK_SIZE: u32 = 512;
@@ -717,7 +717,7 @@ impl SeenIdentities {
         Err(ConfigError::Option {
             lun: blamed,
             source: LunSpecError {
-                image: specs[blamed].path.to_string_lossy().into_owned(),
+                image: specs[blamed].display(),
                 option: Some(format!("{name}={value}")),
                 reason: format!("LUN {partner} has the same {what}"),
             },

@@ -337,13 +337,15 @@ impl Call {
         match self {
             Call::LunAdd { image, lun } => {
                 let asked = lun.map_or_else(|| "lowest free".to_string(), |l| l.to_string());
+                // Logged without a password an iscsi:// URI may carry.
+                let shown = crate::config::redact(&image);
                 match management.lun_add(&image, lun) {
                     Ok(lun) => {
-                        info!("api: lun_add image={image:?} lun={asked} -> LUN {lun}");
+                        info!("api: lun_add image={shown:?} lun={asked} -> LUN {lun}");
                         Ok(json!({ "lun": lun }))
                     }
                     Err(e) => {
-                        warn!("api: lun_add image={image:?} lun={asked} failed: {e}");
+                        warn!("api: lun_add image={shown:?} lun={asked} failed: {e}");
                         Err(e.into())
                     }
                 }

@@ -131,18 +131,9 @@ fn source_of(path: &[u8]) -> ImageSource {
 }
 
 /// `text` with the password of an `iscsi://USER%PASSWORD@...` URI left
-/// out (between the authority's first '%' and its last '@').
+/// out (the iSCSI backend's rule: [`crate::storage::iscsi::redact`]).
 pub fn redact(text: &str) -> String {
-    let Some(rest) = text.strip_prefix("iscsi://") else {
-        return text.to_string();
-    };
-    let authority = &rest[..rest.find('/').unwrap_or(rest.len())];
-    match (authority.find('%'), authority.rfind('@')) {
-        (Some(pct), Some(at)) if pct < at => {
-            format!("iscsi://{}{}", &authority[..pct], &rest[at..])
-        }
-        _ => text.to_string(),
-    }
+    crate::storage::iscsi::redact(text)
 }
 
 /// A malformed IMAGE argument. `image` is its path part (or the whole
@@ -533,6 +524,13 @@ mod tests {
         assert!(!e.image.contains("s3cret"), "{}", e.image);
         // A '%' in the password and an '@' too: cut up to the last '@'.
         assert_eq!(redact("iscsi://bob%p%@ss@h/t/0"), "iscsi://bob@h/t/0");
+        // A base64 secret with '/' in it.
+        assert_eq!(
+            redact("iscsi://u%Zm9v/YmFy@h/iqn.x:t/1"),
+            "iscsi://u@h/iqn.x:t/1"
+        );
+        let e = parse("iscsi://u%Zm9v/YmFy@h/iqn.x:t/1,bogus").unwrap_err();
+        assert!(!e.image.contains("YmFy"), "{}", e.image);
         assert_eq!(redact("iscsi://h/t/0"), "iscsi://h/t/0");
         assert_eq!(redact("/img/a%b@c.raw"), "/img/a%b@c.raw");
     }

@@ -109,6 +109,7 @@ fn filtered(cdb: &[u8]) -> bool {
         | 0x3b // WRITE BUFFER (SPC-4 §6.49): firmware downloads
         | 0x48 // SANITIZE (SBC-3 §5.26)
         | 0x85 | 0xa1 // ATA PASS-THROUGH (16), (12) (SAT-3): ATA erase, microcode
+        | 0xb5 // SECURITY PROTOCOL OUT (SPC-4 §6.31): e.g. a TCG Opal revert
         | 0xc0..=0xff // vendor specific (SPC-4 §4.3.5.1)
     )
 }
@@ -129,7 +130,11 @@ fn writes_medium(cdb: &[u8]) -> bool {
         | 0x8b // ORWRITE (16)
         | 0x9c // WRITE ATOMIC (16)
         | 0x83 // EXTENDED COPY, WRITE USING TOKEN (SPC-4 §6.4)
-        | 0x04 | 0x48 | 0x3b | 0x85 | 0xa1 => true,
+        | 0x9a // WRITE STREAM (16) (SBC-4)
+        | 0x94 // ZBC OUT: RESET WRITE POINTER, FINISH ZONE (ZBC)
+        // What the filter keeps back, and vendor-specific commands, whose
+        // effect is unknown: refused on a read-only unit even unfiltered.
+        | 0x04 | 0x48 | 0x3b | 0x85 | 0xa1 | 0xb5 | 0xc0..=0xff => true,
         // Variable-length CDBs (SBC-3 table 13): the service action in
         // bytes 8-9.
         0x7f => {
@@ -138,8 +143,9 @@ fn writes_medium(cdb: &[u8]) -> bool {
                 cdb.get(9).copied().unwrap_or(0),
             ]);
             // XDWRITE, XPWRITE, XDWRITEREAD, WRITE, WRITE AND VERIFY,
-            // WRITE SAME, ORWRITE (32).
-            matches!(action, 0x0004 | 0x0006 | 0x0007 | 0x000b..=0x000e)
+            // WRITE SAME, ORWRITE, and (SBC-4) WRITE ATOMIC, WRITE STREAM,
+            // WRITE SCATTERED (32).
+            matches!(action, 0x0004 | 0x0006 | 0x0007 | 0x000b..=0x0011)
         }
         _ => false,
     }
@@ -262,7 +268,7 @@ mod tests {
     fn the_filter_refuses_dangerous_opcodes_unless_unfiltered() {
         // SPC-4: FORMAT UNIT 04h, WRITE BUFFER 3Bh, SANITIZE 48h, ATA
         // PASS-THROUGH 85h/A1h, vendor specific C0h-FFh.
-        for opcode in [0x04u8, 0x3b, 0x48, 0x85, 0xa1, 0xc0, 0xd5, 0xff] {
+        for opcode in [0x04u8, 0x3b, 0x48, 0x85, 0xa1, 0xb5, 0xc0, 0xd5, 0xff] {
             let cdb = [opcode, 0, 0, 0, 0, 0];
             assert!(
                 matches!(plan_rw(&cdb, false, false), Err(CommandError::InvalidOpcode(o)) if o == opcode),
@@ -296,9 +302,10 @@ mod tests {
         // READ(32), service action 0009h, passes.
         write32[9] = 0x09;
         assert!(plan(&write32, 1, 512, 0, true, true, 512).is_ok());
-        // UNMAP, WRITE SAME(16), COMPARE AND WRITE, EXTENDED COPY: refused
-        // even unfiltered.
-        for opcode in [0x42u8, 0x93, 0x89, 0x83] {
+        // UNMAP, WRITE SAME(16), COMPARE AND WRITE, EXTENDED COPY, WRITE
+        // STREAM(16), ZBC OUT, SECURITY PROTOCOL OUT, a vendor-specific
+        // opcode: refused even unfiltered.
+        for opcode in [0x42u8, 0x93, 0x89, 0x83, 0x9a, 0x94, 0xb5, 0xc7] {
             assert!(matches!(
                 plan(&[opcode, 0, 0, 0, 0, 0], 1, 0, 512, true, true, 512),
                 Err(CommandError::WriteProtected)

@@ -395,3 +395,51 @@ fn an_iscsi_lun_is_passed_through_by_the_daemon() {
     assert!(daemon.process.try_wait().unwrap().is_none());
     daemon.kill();
 }
+
+#[test]
+fn a_chap_password_in_a_uri_reaches_no_log_line_or_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let local = dir.path().join("local.raw");
+    std::fs::write(&local, pattern(MIB, 2)).unwrap();
+    let socket = dir.path().join("vus.sock");
+    let api = dir.path().join("api.sock");
+    let log = dir.path().join("daemon.log");
+    let mut daemon = Daemon::start_logging_to(
+        &socket,
+        &[
+            "--sandbox-allow-network",
+            "--api-socket",
+            api.to_str().unwrap(),
+            local.to_str().unwrap(),
+        ],
+        &log,
+    );
+    // Nothing listens on port 1: the login fails, and every line about it
+    // names the URI. The password has a '/' in it, as base64 secrets do.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let answer = loop {
+        let out = Command::new(CTL)
+            .arg("--api-socket")
+            .arg(&api)
+            .args([
+                "lun_add",
+                "image=iscsi://alice%hun/ter2@127.0.0.1:1/iqn.2026-12.test:t/1,timeout=2",
+            ])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        if !stderr.contains("cannot connect to") || Instant::now() > deadline {
+            break stderr;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        answer.contains("iscsi://alice@127.0.0.1:1/iqn.2026-12.test:t/1"),
+        "{answer}"
+    );
+    assert!(!answer.contains("ter2"), "{answer}");
+    daemon.kill();
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(logged.contains("lun_add"), "{logged}");
+    assert!(!logged.contains("ter2"), "{logged}");
+}

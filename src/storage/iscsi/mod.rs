@@ -28,7 +28,7 @@ pub use options::{
     DEFAULT_TIMEOUT, INITIATOR_PREFIX,
 };
 pub use session::TASK_ABORTED;
-pub use uri::{IscsiUri, DEFAULT_PORT};
+pub use uri::{redact, IscsiUri, DEFAULT_PORT};
 
 use std::ffi::CString;
 use std::io;

@@ -32,13 +32,15 @@ impl IscsiUri {
         let rest = uri
             .strip_prefix("iscsi://")
             .ok_or("not an iscsi:// URI (iscsi://[USER[%PASSWORD]@]HOST[:PORT]/TARGET-IQN/LUN)")?;
-        let (authority, path) = rest
+        // The user information ends at the URI's last '@' (a host, an
+        // iSCSI name and a LUN have none), so a password may hold '/'.
+        let (userinfo, after) = match rest.rfind('@') {
+            Some(at) => (Some(&rest[..at]), &rest[at + 1..]),
+            None => (None, rest),
+        };
+        let (hostport, path) = after
             .split_once('/')
             .ok_or("no target name (iscsi://HOST/TARGET-IQN/LUN)")?;
-        let (userinfo, hostport) = match authority.rfind('@') {
-            Some(at) => (Some(&authority[..at]), &authority[at + 1..]),
-            None => (None, authority),
-        };
         let (user, password) = match userinfo {
             None => (None, None),
             Some(info) => {
@@ -136,18 +138,15 @@ impl fmt::Debug for IscsiUri {
     }
 }
 
-/// `uri` with any password (between the first '%' and the last '@' of the
-/// authority) replaced by nothing: for naming a URI that did not parse.
+/// `uri` with any password (between the first '%' of the user
+/// information and the URI's last '@') left out: for naming a URI, parsed
+/// or not, in a message.
 pub fn redact(uri: &str) -> String {
     let Some(rest) = uri.strip_prefix("iscsi://") else {
         return uri.to_string();
     };
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let authority = &rest[..authority_end];
-    match (authority.find('%'), authority.rfind('@')) {
-        (Some(pct), Some(at)) if pct < at => {
-            format!("iscsi://{}{}", &authority[..pct], &rest[at..])
-        }
+    match (rest.find('%'), rest.rfind('@')) {
+        (Some(pct), Some(at)) if pct < at => format!("iscsi://{}{}", &rest[..pct], &rest[at..]),
         _ => uri.to_string(),
     }
 }

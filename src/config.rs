@@ -188,6 +188,9 @@ pub enum ConfigError {
     FileLimit(#[from] FdLimitError),
     #[error("image {}: {source}", .path.display())]
     Open { path: PathBuf, source: OpenError },
+    /// The sandbox could not be set up (its message says why).
+    #[error("{0}")]
+    Sandbox(String),
     /// An NBD export that cannot be served (its message names the URI).
     #[error(transparent)]
     Nbd(#[from] NbdError),
@@ -419,6 +422,19 @@ impl std::fmt::Display for IoEngineChoice {
 /// (without locks) with `--incoming`. The number of LUNs and the
 /// open-file limit are checked before any image is opened.
 pub fn build_target(config: &DaemonConfig) -> Result<Target, ConfigError> {
+    build_target_confined(config, || Ok(()))
+}
+
+/// [`build_target`], calling `confine` (the sandbox's Landlock) after the
+/// local images are open and before the network LUNs are: a conflicting
+/// image lock's holder can be named only before Landlock (it keeps the
+/// daemon out of other processes' `/proc` entries), while the threads a
+/// network LUN starts, which parse what its server sends, are confined
+/// only if they start after it.
+pub fn build_target_confined(
+    config: &DaemonConfig,
+    confine: impl FnOnce() -> Result<(), String>,
+) -> Result<Target, ConfigError> {
     let specs = &config.luns;
     if specs.len() > MAX_IMAGES {
         return Err(ConfigError::TooManyImages(specs.len()));
@@ -434,13 +450,28 @@ pub fn build_target(config: &DaemonConfig) -> Result<Target, ConfigError> {
             specs.len()
         );
     }
-    let mut disks: Vec<Disk> = Vec::with_capacity(specs.len());
-    let mut seen = SeenIdentities::default();
-    for (lun, spec) in specs.iter().enumerate() {
+    let mut opened: Vec<Option<Disk>> = Vec::with_capacity(specs.len());
+    let open = |lun: usize, spec: &LunSpec| -> Result<Disk, ConfigError> {
         let read_only = config.read_only || spec.read_only;
         let (disk, kind, locks) = open_disk(spec, lun as u16, read_only, config, !config.incoming)?;
-        seen.add(specs, lun, disk.identity())?;
         log_lun(&format!("LUN {lun}"), spec, &disk, &kind, locks);
+        Ok(disk)
+    };
+    for (lun, spec) in specs.iter().enumerate() {
+        opened.push(match spec.source() {
+            ImageSource::Local => Some(open(lun, spec)?),
+            _ => None,
+        });
+    }
+    confine().map_err(ConfigError::Sandbox)?;
+    let mut disks: Vec<Disk> = Vec::with_capacity(specs.len());
+    let mut seen = SeenIdentities::default();
+    for (lun, (spec, disk)) in specs.iter().zip(opened).enumerate() {
+        let disk = match disk {
+            Some(disk) => disk,
+            None => open(lun, spec)?,
+        };
+        seen.add(specs, lun, disk.identity())?;
         disks.push(disk);
     }
     Ok(if config.incoming {

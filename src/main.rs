@@ -58,16 +58,6 @@ fn run(config: &DaemonConfig) -> Result<(), String> {
     let engine = config.io_engine.resolve().map_err(|e| e.to_string())?;
     let access = config.socket.access().map_err(|e| e.to_string())?;
     let api_access = config.socket.api_access().map_err(|e| e.to_string())?;
-    let target = config::build_target(config).map_err(|e| e.to_string())?;
-    let socket_path = &config.socket.path;
-    // The sockets a stop removes: not one handed over, which outlives the
-    // daemon (its supervisor keeps it, and the next daemon serves it).
-    let mut sockets = Vec::new();
-    if inherited.is_none() {
-        sockets.push(socket_path.clone());
-    }
-    sockets.extend(config.socket.api_socket.clone());
-    let target = Arc::new(target);
     // TCP sockets under the sandbox: asked for, or needed by a LUN at
     // start-up or from the state file (the API's lun_add is held to it).
     let carried_over = state::image_paths(&config.state_file());
@@ -81,6 +71,50 @@ fn run(config: &DaemonConfig) -> Result<(), String> {
             .needs_tcp()
         });
     let config = &config;
+    let socket_path = &config.socket.path;
+    // libiscsi, for iscsi:// LUNs: loaded while the loader can still read
+    // it (Landlock refuses /usr/lib and ld.so.cache). Absent, an iSCSI LUN
+    // is refused with the package to install.
+    if config.sandbox == SandboxMode::On && config.sandbox_network {
+        if let Err(e) = vhost_device_scsi::storage::iscsi::load_library() {
+            log::debug!("libiscsi not loaded before the sandbox: {e}");
+        }
+    }
+    // Landlock confines the calling thread and those it starts later: it
+    // is applied before the first thread starts — after the local images
+    // are open (a lock holder is named only before it), before the network
+    // LUNs' own threads (connections, sessions), which parse what servers
+    // send.
+    let confine = || -> Result<(), String> {
+        if config.sandbox != SandboxMode::On {
+            return Ok(());
+        }
+        // Local images only: network LUNs have no path (a Unix socket's
+        // connect is not confined).
+        let mut images: Vec<_> = config.luns.iter().map(|l| l.path.clone()).collect();
+        images.extend(carried_over.iter().cloned());
+        images.retain(|p| config::ImageSource::of(p) == config::ImageSource::Local);
+        let mut written = vec![socket_path.clone(), config.state_file()];
+        written.extend(config.socket.api_socket.clone());
+        let paths = sandbox::Paths {
+            images,
+            allow: config.sandbox_allow.clone(),
+            written,
+            network: config.sandbox_network,
+        };
+        let line = sandbox::restrict_paths(&paths).map_err(|e| e.to_string())?;
+        log::info!("sandbox: {line}");
+        Ok(())
+    };
+    let target = config::build_target_confined(config, confine).map_err(|e| e.to_string())?;
+    // The sockets a stop removes: not one handed over, which outlives the
+    // daemon (its supervisor keeps it, and the next daemon serves it).
+    let mut sockets = Vec::new();
+    if inherited.is_none() {
+        sockets.push(socket_path.clone());
+    }
+    sockets.extend(config.socket.api_socket.clone());
+    let target = Arc::new(target);
     let events =
         EventHub::new().map_err(|e| format!("cannot create the event queue's eventfd: {e}"))?;
     // The LUN table's manager: the API's calls, and the LUNs carried over
@@ -95,32 +129,6 @@ fn run(config: &DaemonConfig) -> Result<(), String> {
         manager.clone(),
         config.state_file(),
     ));
-    // libiscsi for iscsi:// LUNs the API may add: loaded while the loader
-    // can still read it (Landlock would refuse /usr/lib and ld.so.cache).
-    // Absent, such a LUN is refused then with the package to install.
-    if config.sandbox == SandboxMode::On && config.sandbox_network {
-        if let Err(e) = vhost_device_scsi::storage::iscsi::load_library() {
-            log::debug!("libiscsi not loaded before the sandbox: {e}");
-        }
-    }
-    // Landlock confines the calling thread and those it starts later:
-    // applied before the first thread (the stop signals') starts.
-    if config.sandbox == SandboxMode::On {
-        // Local images only: network LUNs have no path (a Unix socket's
-        // connect is not confined).
-        let mut images: Vec<_> = config.luns.iter().map(|l| l.path.clone()).collect();
-        images.extend(carried_over);
-        images.retain(|p| config::ImageSource::of(p) == config::ImageSource::Local);
-        let mut written = vec![socket_path.clone(), config.state_file()];
-        written.extend(config.socket.api_socket.clone());
-        let paths = sandbox::Paths {
-            images,
-            allow: config.sandbox_allow.clone(),
-            written,
-        };
-        let line = sandbox::restrict_paths(&paths).map_err(|e| e.to_string())?;
-        log::info!("sandbox: {line}");
-    }
     daemon::handle_stop_signals(sockets, serving.clone()).map_err(|e| e.to_string())?;
     let listener = match inherited {
         Some(listener) => {

@@ -75,7 +75,23 @@ pub struct Paths {
     /// Files the daemon creates, renames or removes (the sockets, the
     /// state file): their directories.
     pub written: Vec<PathBuf>,
+    /// Network LUNs are served: the files glibc reads to resolve a host
+    /// name ([`NAME_RESOLUTION_FILES`]) and `/dev/urandom` (libiscsi)
+    /// may be read.
+    pub network: bool,
 }
+
+/// What glibc's `getaddrinfo` reads (the `files` and `dns` sources, built
+/// into glibc since 2.34): a network LUN named by host name resolves it at
+/// every connection, from threads the sandbox confines.
+pub const NAME_RESOLUTION_FILES: &[&str] = &[
+    "/etc/hosts",
+    "/etc/resolv.conf",
+    "/etc/nsswitch.conf",
+    "/etc/host.conf",
+    "/etc/gai.conf",
+    "/dev/urandom",
+];
 
 /// Rights on an image file, wherever it is.
 fn image_file_access(abi: ABI) -> BitFlags<AccessFs> {
@@ -146,6 +162,20 @@ pub fn restrict_paths(paths: &Paths) -> Result<String, SandboxError> {
         PathBuf::from("/proc"),
         AccessFs::ReadFile | AccessFs::ReadDir,
     ));
+    let mut optional: Vec<(PathBuf, BitFlags<AccessFs>)> = Vec::new();
+    if paths.network {
+        for file in NAME_RESOLUTION_FILES {
+            optional.push((PathBuf::from(file), AccessFs::ReadFile.into()));
+        }
+    }
+    for (path, access) in optional {
+        // A host without one of them resolves without it.
+        if let Ok(fd) = PathFd::new(&path) {
+            ruleset = ruleset
+                .add_rule(PathBeneath::new(fd, access))
+                .map_err(|e| landlock(&e))?;
+        }
+    }
     for (path, access) in rules {
         // A directory that is not there (a state file's, say) is left out:
         // what needs it fails with its own error later.
@@ -235,6 +265,8 @@ pub const ALLOWED: &[Syscall] = &[
     (libc::SYS_accept, "accept"), (libc::SYS_accept4, "accept4"),
     (libc::SYS_sendto, "sendto"), (libc::SYS_recvfrom, "recvfrom"),
     (libc::SYS_sendmsg, "sendmsg"), (libc::SYS_recvmsg, "recvmsg"),
+    // glibc's DNS resolver (a network LUN's host name).
+    (libc::SYS_sendmmsg, "sendmmsg"), (libc::SYS_recvmmsg, "recvmmsg"),
     (libc::SYS_shutdown, "shutdown"), (libc::SYS_getsockopt, "getsockopt"),
     (libc::SYS_setsockopt, "setsockopt"), (libc::SYS_getsockname, "getsockname"),
     (libc::SYS_getpeername, "getpeername"), (libc::SYS_bind, "bind"),

@@ -443,3 +443,108 @@ fn a_chap_password_in_a_uri_reaches_no_log_line_or_answer() {
     assert!(logged.contains("lun_add"), "{logged}");
     assert!(!logged.contains("ter2"), "{logged}");
 }
+
+/// A free TCP port on 127.0.0.1.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// qemu-nbd serving `file` over TCP on 127.0.0.1:`port`.
+fn qemu_nbd_tcp(file: &Path, port: u16) -> Child {
+    let child = Command::new("qemu-nbd")
+        .args([
+            "-f",
+            "raw",
+            "--persistent",
+            "--shared=8",
+            "-x",
+            "disk",
+            "-b",
+            "127.0.0.1",
+        ])
+        .args(["-p", &port.to_string()])
+        .arg(file)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "qemu-nbd does not listen on {port}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
+}
+
+/// A network LUN named by host name, under the sandbox (the default):
+/// resolving `localhost` again — a size refresh's new handshake, a
+/// reconnection from a confined connection thread, a `lun_add` — reads
+/// /etc/hosts (allowed to Landlock for network LUNs) and may ask DNS
+/// (sendmmsg, allowed to seccomp); a call the filter traps would end the
+/// daemon with status 159.
+#[test]
+fn a_network_lun_named_by_host_name_resolves_under_the_sandbox() {
+    if Command::new("qemu-nbd").arg("--version").output().is_err() {
+        skipped("qemu-nbd is not installed (Debian's qemu-utils)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("export.raw");
+    std::fs::write(&file, pattern(MIB, 8)).unwrap();
+    let port = free_port();
+    let mut server = qemu_nbd_tcp(&file, port);
+    let socket = dir.path().join("vus.sock");
+    let api = dir.path().join("api.sock");
+    let uri = format!("nbd://localhost:{port}/disk");
+    let mut daemon = Daemon::start(&socket, &["--api-socket", api.to_str().unwrap(), &uri]);
+    let ctl = |args: &[&str]| {
+        let out = Command::new(CTL)
+            .arg("--api-socket")
+            .arg(&api)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !api.exists() {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    ctl(&["lun_resize", "lun=0"]);
+    ctl(&["lun_add", &format!("image={uri}"), "lun=1"]);
+    // The server restarted: both LUNs' connection threads resolve again.
+    let _ = server.kill();
+    let _ = server.wait();
+    let mut server = qemu_nbd_tcp(&file, port);
+    let mut driver = ScsiDriver::connect(&socket);
+    for lun in [0, 1] {
+        let mut reply = driver.command(lun, &read16(0, 8), &[], 4096);
+        if reply.status == 2 && key_asc(&reply.sense) == (0x6, 0x3f, 0x0e) {
+            // REPORTED LUNS DATA HAS CHANGED, from the lun_add.
+            reply = driver.command(lun, &read16(0, 8), &[], 4096);
+        }
+        assert_eq!(reply.status, 0, "LUN {lun}: {:02x?}", reply.sense);
+        assert_eq!(reply.data_in, pattern(MIB, 8)[..4096]);
+    }
+    assert!(
+        daemon.process.try_wait().unwrap().is_none(),
+        "the daemon died"
+    );
+    daemon.kill();
+    let _ = server.kill();
+    let _ = server.wait();
+}

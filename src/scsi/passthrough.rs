@@ -22,6 +22,7 @@
 
 use crate::storage::remote::{CdbBytes, DataDirection, ScsiOutcome};
 
+use super::cdb::cdb_length;
 use super::disk::MAX_TRANSFER_BYTES;
 use super::error::{CommandError, CommandResult};
 
@@ -144,6 +145,22 @@ fn writes_medium(cdb: &[u8]) -> bool {
     }
 }
 
+/// How many bytes of `cdb` (the request's whole CDB field, `cdb_size`
+/// bytes: 32 by default) make the command: the length its operation
+/// code's group implies (SPC-4 §4.2.5.1), 8 + ADDITIONAL CDB LENGTH for a
+/// variable-length CDB (7Fh, SPC-4 §4.2.3), and the whole field for the
+/// groups whose length the standard leaves to the vendor. A remote unit
+/// must get the command, not the field's padding (libiscsi sends at most
+/// 16 bytes).
+fn forwarded_len(cdb: &[u8]) -> usize {
+    let len = match cdb_length(cdb[0]) {
+        0 if cdb[0] == 0x7f => 8 + usize::from(cdb.get(7).copied().unwrap_or(0)),
+        0 => cdb.len(),
+        n => n,
+    };
+    len.min(cdb.len())
+}
+
 /// Plans `cdb` for a passthrough unit: the command to forward, or why it
 /// ends here. `data_in`/`data_out`: the guest's buffers (at most one is
 /// non-empty, virtio-scsi without INOUT); `block_size`: the remote
@@ -166,7 +183,8 @@ pub fn plan(
     if read_only && writes_medium(cdb) {
         return Err(CommandError::WriteProtected);
     }
-    let bytes = CdbBytes::new(cdb).ok_or(CommandError::InvalidOpcode(opcode))?;
+    let bytes =
+        CdbBytes::new(&cdb[..forwarded_len(cdb)]).ok_or(CommandError::InvalidOpcode(opcode))?;
     let (direction, len) = if data_in > 0 {
         (DataDirection::FromDevice, data_in)
     } else if data_out > 0 {
@@ -304,6 +322,51 @@ mod tests {
         let f = plan(&[0, 0, 0, 0, 0, 0], 1, 0, 0, false, false, 512).unwrap();
         assert_eq!((f.direction, f.len), (DataDirection::None, 0));
         assert_eq!(f.cdb.as_slice(), [0, 0, 0, 0, 0, 0]);
+    }
+
+    #[test]
+    fn the_cdb_fields_padding_is_not_forwarded() {
+        // virtio-scsi hands over cdb_size (32) bytes whatever the command.
+        let mut field = [0u8; 32];
+        field[..6].copy_from_slice(&[0x12, 0, 0, 0, 36, 0]);
+        let f = plan(&field, 1, 36, 0, false, false, 512).unwrap();
+        assert_eq!(f.cdb.as_slice(), [0x12, 0, 0, 0, 36, 0]);
+        field[..10].copy_from_slice(&[0x28, 0, 0, 0, 0, 8, 0, 0, 1, 0]);
+        assert_eq!(
+            plan(&field, 1, 512, 0, false, false, 512)
+                .unwrap()
+                .cdb
+                .as_slice()
+                .len(),
+            10
+        );
+        field[..16].copy_from_slice(&[0x88, 0, 0, 0, 0, 0, 0, 0, 0, 8, 0, 0, 0, 1, 0, 0]);
+        assert_eq!(
+            plan(&field, 1, 512, 0, false, false, 512)
+                .unwrap()
+                .cdb
+                .as_slice()
+                .len(),
+            16
+        );
+        let mut read12 = [0u8; 32];
+        read12[0] = 0xa8;
+        read12[9] = 1;
+        assert_eq!(
+            plan(&read12, 1, 512, 0, false, false, 512)
+                .unwrap()
+                .cdb
+                .as_slice()
+                .len(),
+            12
+        );
+        // A variable-length CDB: 8 + ADDITIONAL CDB LENGTH.
+        let mut var = [0u8; 32];
+        var[0] = 0x7f;
+        var[7] = 0x18;
+        assert_eq!(forwarded_len(&var), 32);
+        // A shorter field than the group implies: the field.
+        assert_eq!(forwarded_len(&[0x88, 0, 0, 0, 0, 0]), 6);
     }
 
     #[test]

@@ -16,6 +16,7 @@
 #   @@FIO-STARTED                                fio runs (randwrite of
 #           [$FIO_OFF, +$FIO_SIZE), QD16, CRC32C headers, then verified)
 #   @@FIO rc=N write_clat_max_us=N read_clat_max_us=N   block fio
+#   block sync_after: sg_sync -v after fio (after the server's restart)
 #   @@SLOW n=N max_ms=N       the dd probe (4 KiB O_DIRECT reads of the data
 #           range, one every 50 ms while fio ran): how many took over 500 ms,
 #           the longest
@@ -83,6 +84,10 @@ grep -E '"error"|"io_kbytes"|"max"' /tmp/fio.json | head -20
 echo "@@END name=fio rc=$rc"
 report FIO rc="$rc" write_clat_max_us="$(clat_max write)" read_clat_max_us="$(clat_max read)"
 report SLOW n="$slow" max_ms="$longest"
+# SYNCHRONIZE CACHE after the server's restart (a unit attention of a new
+# session reported first and cleared by the TEST UNIT READYs).
+sg_turs -n 2 "$sg" >/dev/null 2>&1
+run sync_after sg_sync -v "$sg"
 errors=$(dmesg | grep -E 'sd |scsi|blk_|I/O error' | grep -iE 'timing out|abort|reset|error|critical')
 printf '@@BEGIN name=errors\n%s\n@@END name=errors rc=0\n' "$errors"
 report ERRORS n="$(printf '%s' "$errors" | grep -c .)"

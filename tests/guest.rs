@@ -2783,6 +2783,63 @@ fn guest_iscsi() {
     ));
 }
 
+/// An iSCSI LUN served with `,ro` (tgt's LUN itself writable): the guest
+/// sees it write protected (MODE SENSE WP=1, the kernel's "Write Protect
+/// is on"), its writes through the block layer and WRITE(6/10/16) and
+/// WRITE AND VERIFY through sg fail with DATA PROTECT / WRITE PROTECTED,
+/// and the file is unchanged.
+#[test]
+fn guest_iscsi_read_only() {
+    let Some(sc) = Scenario::start("iscsi-ro") else {
+        return;
+    };
+    let file = sc.random_image("target.raw", 4 * MIB, 1950);
+    let before = file.md5();
+    let tgt = Tgt::start(&sc, &file.path);
+    let daemon = sc.start_daemon(vec![format!("{},ro", tgt.uri(1)).into()], 1);
+    let serial = sc.boot(&daemon, "readonly", &Boot::default());
+    let rec = sc.record_where(&serial.records("RO"), "lun", "0");
+    sc.expect(
+        "the read-only iSCSI LUN",
+        &rec,
+        &[
+            ("ro", "1".into()),
+            ("md5_before", before.clone()),
+            ("md5_after", before.clone()),
+        ],
+    );
+    for name in ["dd_write", "dd_write_last"] {
+        let b = sc.block(&serial, name);
+        sc.check(
+            b.rc != 0 && b.rc != 124,
+            format!(
+                "{name}: a write did not fail: exit status {}:\n{}",
+                b.rc, b.text
+            ),
+        );
+    }
+    for name in ["write6", "write10", "write16", "write_verify10"] {
+        let b = sc.block(&serial, name);
+        sc.check(b.rc != 0, format!("{name} succeeded:\n{}", b.text));
+        sc.contains(name, &b.text, &["Data Protect", "Write protected"]);
+    }
+    sc.contains(
+        "mode_sense",
+        &sc.block(&serial, "mode_sense").text,
+        &["WP=1"],
+    );
+    sc.contains(
+        "kernel log",
+        &sc.block(&serial, "dmesg").text,
+        &["Write Protect is on"],
+    );
+    sc.check(file.md5() == before, "the file changed on the host");
+    note(format!(
+        "guest scenario `iscsi-ro`: {},ro: every write refused with DATA PROTECT, the file's md5 {before} unchanged",
+        tgt.uri(1)
+    ));
+}
+
 /// How `qemu_nbd` listens.
 enum Listen<'a> {
     Unix(&'a Path),

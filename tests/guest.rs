@@ -2556,6 +2556,7 @@ fn netdisk_io(
     wait_guest(sc, &mut qemu, daemon, "fio to start", |s| {
         !s.records("FIO-STARTED").is_empty()
     });
+    sc.check_disks(&qemu.serial());
     std::thread::sleep(Duration::from_millis(1000));
     sc.check(
         qemu.serial().records("FIO").is_empty(),

@@ -18,10 +18,14 @@ use rlimit::Resource;
 pub(crate) const BASE_FDS: u64 = 64;
 
 /// Descriptors per virtqueue: its kick, call and error eventfds, its
-/// io_uring (request queues, with the io-uring engine), and a worker
-/// thread's epoll descriptor, exit eventfd pair and io_uring completion
-/// eventfd (at most one worker thread per queue).
-pub(crate) const FDS_PER_QUEUE: u64 = 8;
+/// io_uring (request queues, with the io-uring engine), a worker
+/// thread's epoll descriptor, exit eventfd pair and completion eventfd (at
+/// most one worker thread per queue), and the duplicate of that eventfd
+/// its remote storage signals. (A network LUN counts as one image: its
+/// connection's socket; the few more of an NBD LUN with several
+/// connections, or of a backend's own eventfds, fit in the room
+/// `BASE_FDS` leaves.)
+pub(crate) const FDS_PER_QUEUE: u64 = 9;
 
 /// About how many descriptors a daemon serving `images` images on
 /// `queues` virtqueues keeps open.
@@ -148,20 +152,20 @@ mod tests {
 
     #[test]
     fn estimate() {
-        assert_eq!(needed(0, 18), 64 + 8 * 18);
-        assert_eq!(needed(16384, 18), 16384 + 64 + 8 * 18);
+        assert_eq!(needed(0, 18), 64 + 9 * 18);
+        assert_eq!(needed(16384, 18), 16384 + 64 + 9 * 18);
     }
 
     #[test]
     fn message() {
         let e = FdLimitError::TooLow {
             images: 16384,
-            needed: 16592,
+            needed: 16610,
             limit: 4096,
         };
         assert_eq!(
             e.to_string(),
-            "16384 images need about 16592 open files, but the limit is 4096 \
+            "16384 images need about 16610 open files, but the limit is 4096 \
              (raise it with ulimit -n or LimitNOFILE= in the systemd unit)"
         );
         let e = FdLimitError::TooLow {

@@ -23,7 +23,7 @@ _vhost__device__scsi() {
 
     case "${cmd}" in
         vhost__device__scsi)
-            opts="-s -r -h -V --socket-path --socket-fd --api-socket --api-socket-mode --api-socket-group --socket-mode --socket-group --read-only --solid-state --no-discard --direct --num-queues --threads --poll-us --io-engine --state-file --incoming --sandbox --sandbox-allow --help --version"
+            opts="-s -r -h -V --socket-path --socket-fd --api-socket --api-socket-mode --api-socket-group --socket-mode --socket-group --read-only --solid-state --no-discard --direct --num-queues --threads --poll-us --io-engine --state-file --incoming --sandbox --sandbox-allow --sandbox-allow-network --initiator-name --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -86,6 +86,10 @@ _vhost__device__scsi() {
                     return 0
                     ;;
                 --sandbox-allow)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --initiator-name)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

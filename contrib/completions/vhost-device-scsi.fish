@@ -15,10 +15,12 @@ complete -c vhost-device-scsi -l state-file -d 'Where SIGTERM (or SIGINT) leaves
 complete -c vhost-device-scsi -l sandbox -d 'Confine the daemon once its images and sockets are open: Landlock (files only beneath the images\', the sockets\', the state file\'s and --sandbox-allow directories) where the kernel has it, and a seccomp allowlist of system calls (any other ends the daemon with a line on stderr). `off` applies neither' -r -f -a "on\t'Landlock (where the kernel has it) and the seccomp allowlist'
 off\t'Nothing is applied'"
 complete -c vhost-device-scsi -l sandbox-allow -d 'With the sandbox on, a directory beneath which the management API\'s lun_add may open images (repeatable); without it lun_add can only add images in the directories of the startup images' -r -F
+complete -c vhost-device-scsi -l initiator-name -d 'The iSCSI initiator name the daemon logs in to iscsi:// LUNs with (an iqn., eui. or naa. name, as the target\'s ACLs know it; default: iqn.2008-11.org.linux-kvm:vhost-device-scsi.HOSTNAME)' -r
 complete -c vhost-device-scsi -s r -l read-only -d 'Serve every image read-only (as ",ro" on each): images are opened O_RDONLY and guest writes fail with DATA PROTECT'
 complete -c vhost-device-scsi -l solid-state -d 'Report the disks as solid state (non-rotating) to the guest'
 complete -c vhost-device-scsi -l no-discard -d 'Do not offer UNMAP or WRITE SAME with UNMAP: thin provisioning off, guest discards never punch holes in the images'
 complete -c vhost-device-scsi -l direct -d 'Open the images with O_DIRECT, bypassing the host page cache (as QEMU\'s cache=none); the block size must meet the image\'s direct I/O alignment'
 complete -c vhost-device-scsi -l incoming -d 'Start for an incoming live migration (the VMM started with -incoming): open and check every image, but take no image lock until the VMM starts the device, so the daemon of the VM\'s source may still hold them'
+complete -c vhost-device-scsi -l sandbox-allow-network -d 'With the sandbox on, let the management API\'s lun_add attach network LUNs over TCP (nbd://, iscsi://) though none is given at start-up (with one at start-up, TCP sockets are allowed anyway)'
 complete -c vhost-device-scsi -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c vhost-device-scsi -s V -l version -d 'Print version'

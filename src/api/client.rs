@@ -111,12 +111,15 @@ pub fn parse_params_json(text: &str) -> Result<Map<String, Value>, String> {
 /// `lun_add`'s `image` made absolute against `cwd` if it is relative: the
 /// daemon refuses a relative path (its working directory is not the
 /// client's). A comma in `cwd` is written `,,`, as IMAGE arguments want.
+/// Network URIs (`nbd://`, `iscsi://`, ...) are left as they are.
 pub fn absolute_image(method: &str, params: &mut Map<String, Value>, cwd: &Path) {
     if method != "lun_add" {
         return;
     }
     if let Some(Value::String(image)) = params.get_mut("image") {
-        if !image.is_empty() && !image.starts_with('/') {
+        let local = crate::config::ImageSource::of(Path::new(image.as_str()))
+            == crate::config::ImageSource::Local;
+        if local && !image.is_empty() && !image.starts_with('/') {
             let dir = cwd.to_string_lossy().replace(',', ",,");
             *image = format!("{}/{image}", dir.trim_end_matches('/'));
         }

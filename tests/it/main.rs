@@ -23,6 +23,8 @@ mod faults;
 mod hostile;
 mod hotplug;
 mod inflight;
+mod nbd;
+mod network;
 mod passthrough;
 mod sandbox;
 mod scale;

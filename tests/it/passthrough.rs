@@ -741,3 +741,13 @@ fn a_request_held_at_the_remote_does_not_hold_up_the_queue() {
     let resp = h.read(remote_in[0].0, RESP_LEN);
     assert_eq!((resp[10], resp[11]), (0, S_OK));
 }
+
+#[test]
+fn a_read_larger_than_its_buffer_is_an_overrun_before_the_remote() {
+    let (mut h, remote, _inner) = passthrough_harness(false, false);
+    // READ(10) of 8 blocks into 2048 bytes: VIRTIO_SCSI_S_OVERRUN (virtio
+    // 1.2 §5.6.6.1), as on an emulated unit.
+    let used = h.command(lun(1), &read10(0, 8), 2048);
+    assert_eq!(used.response(), crate::virtqueue::S_OVERRUN);
+    assert!(remote.seen.lock().unwrap().is_empty());
+}

@@ -74,7 +74,7 @@ const REQ_LEN: usize = 19 + 32;
 
 // virtio-scsi response codes (virtio 1.2 §5.6.6.1).
 pub(crate) const S_OK: u8 = 0;
-const S_OVERRUN: u8 = 1;
+pub(crate) const S_OVERRUN: u8 = 1;
 const S_BAD_TARGET: u8 = 3;
 pub(crate) const S_FAILURE: u8 = 9;
 pub(crate) const S_FUNCTION_REJECTED: u8 = 11;

@@ -33,6 +33,10 @@ fn read_exact<const N: usize>(s: &mut impl Read) -> io::Result<[u8; N]> {
     Ok(b)
 }
 
+/// Most replies taken to one option (a server streaming replies forever
+/// is cut off).
+const MAX_REPLIES: usize = 64;
+
 /// One option reply: (type, data).
 fn option_reply(s: &mut impl Read, opt: u32) -> Result<(u32, Vec<u8>), HandshakeError> {
     let (kind, len) = wire::parse_option_reply(&read_exact::<20>(s)?, opt)?;
@@ -87,7 +91,10 @@ pub fn handshake<S: Read + Write>(s: &mut S, export: &str) -> Result<Negotiated,
     if structured {
         let data = wire::meta_context_data(export, &[wire::BASE_ALLOCATION]);
         s.write_all(&wire::option(wire::OPT_SET_META_CONTEXT, &data))?;
-        loop {
+        for n in 0.. {
+            if n == MAX_REPLIES {
+                return Err(Violation("endless NBD_OPT_SET_META_CONTEXT replies".into()).into());
+            }
             match option_reply(s, wire::OPT_SET_META_CONTEXT)? {
                 (wire::REP_META_CONTEXT, data) => {
                     let (id, name) = wire::parse_meta_context(&data)?;
@@ -110,7 +117,10 @@ pub fn handshake<S: Read + Write>(s: &mut S, export: &str) -> Result<Negotiated,
     ))?;
     let mut export_info = None;
     let mut block = BlockSize::default();
-    loop {
+    for n in 0.. {
+        if n == MAX_REPLIES {
+            return Err(Violation("endless NBD_OPT_GO replies".into()).into());
+        }
         match option_reply(s, wire::OPT_GO)? {
             (wire::REP_INFO, data) if data.len() >= 2 => {
                 let kind = u16::from_be_bytes([data[0], data[1]]);
@@ -319,6 +329,16 @@ pub(crate) mod tests {
                 "cut at {cut}"
             );
         }
+        let mut endless = b"NBDMAGICIHAVEOPT\0\x03".to_vec();
+        endless.extend(reply(wire::OPT_STRUCTURED_REPLY, wire::REP_ACK, &[]));
+        for _ in 0..100 {
+            endless.extend(reply(
+                wire::OPT_SET_META_CONTEXT,
+                wire::REP_META_CONTEXT,
+                &[0, 0, 0, 1, b'x'],
+            ));
+        }
+        assert!(matches!(run(endless).0, Err(HandshakeError::Protocol(_))));
         assert!(matches!(
             run(server_handshake(4096, 0, None)).0,
             Err(HandshakeError::Protocol(_))

@@ -206,9 +206,7 @@ impl Job {
     /// memory handed back): then `None`.
     pub fn with_bufs<R>(&self, f: impl FnOnce(&mut Bufs) -> R) -> Option<R> {
         let mut st = self.lock();
-        if st.completer.is_none() {
-            return None;
-        }
+        st.completer.as_ref()?;
         Some(f(&mut st.bufs))
     }
 
@@ -222,9 +220,7 @@ impl Job {
     /// needs one before it completes.
     pub fn sub_done(self: &Arc<Job>, output: Output, durability: &Durability) -> Option<Sub> {
         let mut st = self.lock();
-        if st.completer.is_none() {
-            return None;
-        }
+        st.completer.as_ref()?;
         if output != Output::Nothing {
             st.output = output;
         }

@@ -323,17 +323,41 @@ impl Storage for NbdImage {
         self.read_only
     }
 
-    /// The size the server reports now: a new connection's handshake
-    /// (closed at once). If none can be made (a server taking one client
-    /// only, or down), the size the latest reconnection reported.
+    /// The size the server reports now: the handshake of a new connection
+    /// (disconnected at once), given at most 3 s. NBD has no way to ask
+    /// during transmission. If no connection can be made (a server taking
+    /// one client only, such as qemu-nbd without `-e`, or a server down),
+    /// the size the latest (re)connection reported, with a warning. A new
+    /// size makes every connection reconnect once its commands in flight
+    /// are answered (not a loss: nothing fails a flush), and this returns
+    /// when they have (or `TimedOut` after the request timeout). Some
+    /// servers (qemu-nbd, qemu-storage-daemon) fix the size when the
+    /// export starts; nbdkit's file plugin reads it per connection.
     fn refresh_size(&self) -> io::Result<u64> {
         let options = &self.shared.options;
-        let size = match connect(&self.shared.uri, options.connect_timeout, options.timeout) {
+        let probe = options.connect_timeout.min(Duration::from_secs(3));
+        let size = match connect(&self.shared.uri, probe, options.timeout) {
             Ok((mut stream, negotiated)) => {
                 let _ =
                     io::Write::write_all(&mut stream, &wire::request(0, wire::CMD_DISC, 0, 0, 0));
                 stream.shutdown();
-                negotiated.info.size
+                let size = negotiated.info.size;
+                if size != self.size() {
+                    // The connections keep the size of their handshake
+                    // (servers check requests against it): each
+                    // reconnects once its commands in flight are answered.
+                    let deadline = Instant::now() + options.timeout;
+                    let generations: Vec<u64> = self.slots.iter().map(|s| s.cycle()).collect();
+                    for (slot, generation) in self.slots.iter().zip(generations) {
+                        if !slot.wait_connected_after(generation, deadline) {
+                            return Err(io::Error::new(
+                                io::ErrorKind::TimedOut,
+                                "no new connection for the new size",
+                            ));
+                        }
+                    }
+                }
+                size
             }
             Err(e) => {
                 log::warn!("{}: size from the last connection ({e})", self.shared.uri);

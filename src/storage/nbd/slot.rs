@@ -57,6 +57,17 @@ impl InFlight {
     }
 }
 
+/// What the chunks of one structured reply said so far.
+#[derive(Default)]
+struct Progress {
+    /// Data and hole bytes.
+    covered: u64,
+    /// The first error chunk's.
+    error: Option<u32>,
+    /// The block status.
+    extent: Option<(bool, u64)>,
+}
+
 #[derive(Default)]
 struct SlotState {
     queue: VecDeque<Sub>,
@@ -66,6 +77,13 @@ struct SlotState {
     /// Why the receiver found the connection broken.
     dead: Option<String>,
     closing: bool,
+    /// Reconnect once nothing is in flight (the export's size changed).
+    cycle: bool,
+    /// Connections made so far.
+    generation: u64,
+    /// The last reply completed, or when the first command in flight was
+    /// sent after none was.
+    last_heard: Option<Instant>,
     next_expiry: Option<Instant>,
 }
 
@@ -161,6 +179,18 @@ impl Slot {
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner) = negotiated;
                 let why = self.serve(stream, negotiated);
+                let Some(why) = why else {
+                    // Disconnected on purpose with nothing in flight: the
+                    // server kept every write it acknowledged.
+                    if self.requeue_in_flight() {
+                        return;
+                    }
+                    log::info!(
+                        "{uri}: connection {} reconnecting for the new size",
+                        self.index
+                    );
+                    continue;
+                };
                 let unflushed = self.shared.durability.connection_lost();
                 if self.requeue_in_flight() {
                     return;
@@ -253,6 +283,15 @@ impl Slot {
                 f.sub.job.fail(error());
             }
         }
+        // A server that answered nothing for a whole timeout with commands
+        // waiting is taken for gone (a silent peer: TCP would notice only
+        // after many minutes); the connection is made again.
+        let silent = st
+            .last_heard
+            .is_some_and(|t| now.saturating_duration_since(t) >= timeout);
+        if !down && !st.in_flight.is_empty() && silent && st.dead.is_none() {
+            st.dead = Some(format!("no reply for {timeout:?}"));
+        }
         earliest
     }
 
@@ -292,28 +331,63 @@ impl Slot {
         }
     }
 
+    /// Asks for a new connection once the commands in flight are
+    /// answered (a disconnection, not a loss); returns the connection
+    /// count to wait past with [`Slot::wait_connected_after`].
+    pub fn cycle(&self) -> u64 {
+        let mut st = self.lock();
+        st.cycle = true;
+        let generation = st.generation;
+        drop(st);
+        self.wake.notify_all();
+        generation
+    }
+
+    /// Waits until a connection after the `generation`th is up; false at
+    /// `deadline`.
+    pub fn wait_connected_after(&self, generation: u64, deadline: Instant) -> bool {
+        let mut st = self.lock();
+        loop {
+            if st.connected && st.generation > generation {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline || st.closing {
+                return false;
+            }
+            st = self
+                .wake
+                .wait_timeout(st, deadline - now)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+
     /// Serves one connection until it breaks or the slot closes; returns
-    /// why it ended.
-    fn serve(self: &Arc<Self>, stream: Stream, negotiated: Negotiated) -> String {
+    /// why it ended, `None` for a disconnection asked by [`Slot::cycle`].
+    fn serve(self: &Arc<Self>, stream: Stream, negotiated: Negotiated) -> Option<String> {
         let reader = match stream.try_clone() {
             Ok(r) => r,
-            Err(e) => return super::io_message(&e),
+            Err(e) => return Some(super::io_message(&e)),
         };
         {
             let mut st = self.lock();
             st.connected = true;
             st.dead = None;
+            st.last_heard = None;
+            st.generation += 1;
         }
+        self.wake.notify_all();
         let slot = self.clone();
         let receiver = std::thread::Builder::new()
             .name(format!("nbd-recv-{}", self.index))
             .spawn(move || slot.receive(reader, negotiated));
         let receiver = match receiver {
             Ok(r) => r,
-            Err(e) => return format!("cannot start a thread: {e}"),
+            Err(e) => return Some(format!("cannot start a thread: {e}")),
         };
         let why = self.send_loop(&stream, &negotiated);
-        if self.lock().closing {
+        if why.is_none() || self.lock().closing {
             // Best effort: the server may be gone.
             let _ = (&stream).write_all(&wire::request(0, wire::CMD_DISC, 0, 0, 0));
         }
@@ -323,8 +397,8 @@ impl Slot {
     }
 
     /// Sends queued commands until the connection breaks or the slot
-    /// closes.
-    fn send_loop(&self, stream: &Stream, negotiated: &Negotiated) -> String {
+    /// closes (`None`: a cycle asked for, nothing in flight).
+    fn send_loop(&self, stream: &Stream, negotiated: &Negotiated) -> Option<String> {
         let flags = negotiated.info.flags;
         let mut out = Vec::with_capacity(28 + BOUNCE);
         loop {
@@ -332,17 +406,21 @@ impl Slot {
             let sub = {
                 let mut st = self.lock();
                 loop {
-                    if st.closing {
-                        return "closing".into();
-                    }
-                    if let Some(why) = st.dead.take() {
-                        return why;
-                    }
                     let now = Instant::now();
                     if st.next_expiry.is_none_or(|t| now >= t) {
                         self.expire_locked(&mut st, now, false);
                     }
-                    if let Some(sub) = st.queue.pop_front() {
+                    if st.closing {
+                        return Some("closing".into());
+                    }
+                    if let Some(why) = st.dead.take() {
+                        return Some(why);
+                    }
+                    if st.cycle && st.in_flight.is_empty() {
+                        st.cycle = false;
+                        return None;
+                    }
+                    if let Some(sub) = (!st.cycle).then(|| st.queue.pop_front()).flatten() {
                         if !sub.job.finished() {
                             break sub;
                         }
@@ -410,6 +488,9 @@ impl Slot {
                 let mut st = self.lock();
                 let cookie = st.next_cookie;
                 st.next_cookie += 1;
+                if st.in_flight.is_empty() {
+                    st.last_heard = Some(Instant::now());
+                }
                 st.in_flight.insert(
                     cookie,
                     InFlight {
@@ -442,7 +523,7 @@ impl Slot {
                 s.write_all(&header)
             };
             if let Err(e) = sent {
-                return format!("sending: {}", super::io_message(&e));
+                return Some(format!("sending: {}", super::io_message(&e)));
             }
         }
     }
@@ -478,8 +559,7 @@ impl Slot {
     fn receive_loop(&self, stream: Stream, negotiated: &Negotiated) -> RecvEnd {
         let mut r = BufReader::with_capacity(64 << 10, stream);
         let mut bounce = vec![0u8; BOUNCE];
-        // Per cookie: (bytes covered, first error, extent).
-        let mut progress: HashMap<u64, (u64, Option<u32>, Option<(bool, u64)>)> = HashMap::new();
+        let mut progress: HashMap<u64, Progress> = HashMap::new();
         loop {
             let step = (|| -> Result<(), RecvEnd> {
                 let magic = u32::from_be_bytes(read_array::<4>(&mut r)?);
@@ -511,8 +591,8 @@ impl Slot {
                     ChunkPlan::None => {}
                     ChunkPlan::Data { data_len } => {
                         let at = wire::data_at(read_array::<8>(&mut r)?, data_len, &asked)?;
-                        p.0 += u64::from(data_len);
-                        if p.0 > u64::from(asked.len) {
+                        p.covered += u64::from(data_len);
+                        if p.covered > u64::from(asked.len) {
                             return Err(Violation(format!(
                                 "overlapping chunks for cookie {}",
                                 h.cookie
@@ -523,8 +603,8 @@ impl Slot {
                     }
                     ChunkPlan::Hole => {
                         let (at, len) = wire::parse_hole(&read_array::<12>(&mut r)?, &asked)?;
-                        p.0 += u64::from(len);
-                        if p.0 > u64::from(asked.len) {
+                        p.covered += u64::from(len);
+                        if p.covered > u64::from(asked.len) {
                             return Err(Violation(format!(
                                 "overlapping chunks for cookie {}",
                                 h.cookie
@@ -539,16 +619,20 @@ impl Slot {
                         r.read_exact(&mut payload)?;
                         if h.kind & wire::CHUNK_ERROR_BIT != 0 {
                             let e = wire::parse_error_chunk(h.kind, &payload, &asked)?;
-                            p.1.get_or_insert(e);
+                            p.error.get_or_insert(e);
                         } else {
                             let ctx = negotiated.allocation_context.unwrap_or(u32::MAX);
                             let extent = wire::parse_block_status(&payload, ctx, &asked)?;
-                            p.2.get_or_insert(extent);
+                            p.extent.get_or_insert(extent);
                         }
                     }
                 }
                 if h.flags & wire::REPLY_FLAG_DONE != 0 {
-                    let (covered, error, extent) = progress.remove(&h.cookie).unwrap_or_default();
+                    let Progress {
+                        covered,
+                        error,
+                        extent,
+                    } = progress.remove(&h.cookie).unwrap_or_default();
                     let result = match error {
                         Some(e) => Err(e),
                         None if f.cmd == wire::CMD_READ && covered != u64::from(asked.len) => {
@@ -578,7 +662,11 @@ impl Slot {
 
     /// A command's last reply arrived.
     fn reply_done(&self, cookie: u64, f: &InFlight, result: Result<Output, u32>) {
-        self.lock().in_flight.remove(&cookie);
+        {
+            let mut st = self.lock();
+            st.in_flight.remove(&cookie);
+            st.last_heard = Some(Instant::now());
+        }
         match result {
             Ok(output) => {
                 let durability = &self.shared.durability;

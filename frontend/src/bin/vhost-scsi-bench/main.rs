@@ -115,6 +115,12 @@ struct Args {
     )]
     b_arg: Vec<OsString>,
 
+    /// The IMAGE argument daemon B serves instead of --image: the same
+    /// image reached another way, e.g. `nbd+unix:///x?socket=S` with
+    /// qemu-nbd serving --image, so that B/A is the cost of the way.
+    #[arg(long, value_name = "IMAGE-ARG")]
+    b_lun: Option<OsString>,
+
     /// Skip the host's pread/pwrite ceiling ("no virtualization" line).
     #[arg(long)]
     no_host: bool,
@@ -297,6 +303,7 @@ fn run_daemon(
     plan: &Plan,
     bin: &Path,
     extra: &[OsString],
+    lun: Option<&OsString>,
     run_id: usize,
 ) -> Result<RunResult, String> {
     let args = plan.args;
@@ -308,6 +315,9 @@ fn run_daemon(
     // A comma in the path is written ",," in the daemon's IMAGE syntax.
     if args.image.to_string_lossy().contains(',') {
         image_arg = OsString::from(args.image.to_string_lossy().replace(',', ",,"));
+    }
+    if let Some(lun) = lun {
+        image_arg = lun.clone();
     }
     let mut command = Command::new(bin);
     command
@@ -496,6 +506,8 @@ fn run(args: &Args) -> Result<(), String> {
         sides.push((b.clone(), with(&args.b_arg)));
     } else if !args.b_arg.is_empty() {
         return Err("--b-arg without --compare".into());
+    } else if args.b_lun.is_some() {
+        return Err("--b-lun without --compare".into());
     }
     for (bin, _) in &sides {
         if !bin.is_file() {
@@ -552,14 +564,22 @@ fn run(args: &Args) -> Result<(), String> {
         sides
             .iter()
             .enumerate()
-            .map(|(i, (bin, extra))| Side::new(if i == 0 { "A" } else { "B" }, bin, extra))
+            .map(|(i, (bin, extra))| {
+                // B's LUN shown after its arguments, as the daemon gets it.
+                let mut shown = extra.clone();
+                if i == 1 {
+                    shown.extend(args.b_lun.iter().cloned());
+                }
+                Side::new(if i == 0 { "A" } else { "B" }, bin, &shown)
+            })
             .collect(),
     );
     let mut run_id = 0;
     for round in 0..args.rounds {
         for (i, (bin, extra)) in sides.iter().enumerate() {
             run_id += 1;
-            let r = run_daemon(&plan, bin, extra, run_id)?;
+            let lun = if i == 1 { args.b_lun.as_ref() } else { None };
+            let r = run_daemon(&plan, bin, extra, lun, run_id)?;
             if !args.json {
                 eprintln!(
                     "round {} {}: {:.0} IOPS",

@@ -993,12 +993,13 @@ fn guest_write_tools() {
     });
 }
 
+/// Starts the daemon on an image (and the server it reaches the image
+/// through, if any).
+type Serve<'a> = dyn FnMut(&Scenario, &Image) -> (Daemon, Option<Server>) + 'a;
+
 /// [`guest_write_tools`] on the daemon (and the server it reaches the
 /// image through, if any) that `serve` starts on the sparse image.
-fn write_tools_scenario(
-    sc: &Scenario,
-    serve: &mut dyn FnMut(&Scenario, &Image) -> (Daemon, Option<Server>),
-) {
+fn write_tools_scenario(sc: &Scenario, serve: &mut Serve) {
     const BLOCK: u64 = 512;
     // Data in LBAs [0, 8192) and [10240, 16384), a hole between.
     let disk = sc.sparse_image("disk.raw", 8 * MIB);

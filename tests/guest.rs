@@ -2300,6 +2300,39 @@ impl Drop for Server {
     }
 }
 
+/// Whether the iSCSI tests can run here: root (tgtd's control socket is
+/// under /var/run/tgtd), tgtd and tgtadm, and libiscsi for the daemon.
+/// Without them they say why and pass, except with CI=true.
+fn iscsi_prerequisites(sc: &Scenario) -> bool {
+    if !host_tools(sc, &["tgtd", "tgtadm"], "tgt") {
+        return false;
+    }
+    // SAFETY: geteuid has no preconditions; dlopen of a library name with
+    // a NUL-terminated string, closed at once if it opened.
+    let (root, libiscsi) = unsafe {
+        let handle = libc::dlopen(c"libiscsi.so.7".as_ptr(), libc::RTLD_LAZY);
+        if !handle.is_null() {
+            libc::dlclose(handle);
+        }
+        (libc::geteuid() == 0, !handle.is_null())
+    };
+    let missing = if !root {
+        "root (tgtd)"
+    } else if !libiscsi {
+        "libiscsi.so.7 (apt-get install libiscsi7)"
+    } else {
+        return true;
+    };
+    if std::env::var("CI").as_deref() == Ok("true") {
+        sc.fail(format!("needs {missing} (CI=true)"));
+    }
+    note(format!(
+        "guest scenario `{}` skipped: needs {missing}",
+        sc.name
+    ));
+    false
+}
+
 /// tgtd serving target [`IQN`] on 127.0.0.1 with LUN 1 on a file (tgt
 /// adds LUN 0, a controller, itself); its own control port, so that
 /// other tgtd processes on the machine are left alone.
@@ -2690,6 +2723,9 @@ fn guest_iscsi() {
     let Some(sc) = Scenario::start("iscsi") else {
         return;
     };
+    if !iscsi_prerequisites(&sc) {
+        return;
+    }
     let file = sc.random_image("target.raw", 40 * MIB, 1910);
     let local = sc.random_image("local.raw", 4 * MIB, 1911);
     let mut tgt = Tgt::start(&sc, &file.path);
@@ -2795,6 +2831,9 @@ fn guest_iscsi_read_only() {
     let Some(sc) = Scenario::start("iscsi-ro") else {
         return;
     };
+    if !iscsi_prerequisites(&sc) {
+        return;
+    }
     let file = sc.random_image("target.raw", 4 * MIB, 1950);
     let before = file.md5();
     let tgt = Tgt::start(&sc, &file.path);
@@ -2902,6 +2941,9 @@ fn guest_nbd() {
     let Some(sc) = Scenario::start("nbd") else {
         return;
     };
+    if !host_tools(&sc, &["qemu-nbd"], "qemu-utils") {
+        return;
+    }
     let file = sc.random_image("export.raw", 40 * MIB, 1920);
     let local = sc.random_image("local.raw", 4 * MIB, 1921);
     let socket = sc.dir.join("nbd.sock");
@@ -2981,6 +3023,9 @@ fn guest_nbd_write_tools() {
     let Some(sc) = Scenario::start("nbd-writetools") else {
         return;
     };
+    if !host_tools(&sc, &["qemu-nbd"], "qemu-utils") {
+        return;
+    }
     let socket = sc.dir.join("nbd.sock");
     write_tools_scenario(&sc, &mut |sc, disk| {
         let server = qemu_nbd(sc, &disk.path, &Listen::Unix(&socket));
@@ -2996,6 +3041,9 @@ fn guest_nbd_tcp() {
     let Some(sc) = Scenario::start("nbd-tcp") else {
         return;
     };
+    if !host_tools(&sc, &["qemu-nbd"], "qemu-utils") {
+        return;
+    }
     let file = sc.random_image("export.raw", 24 * MIB + 512, 1930);
     let port = free_port();
     let _server = qemu_nbd(&sc, &file.path, &Listen::Tcp(port));

@@ -621,7 +621,11 @@ fn ctl_makes_a_relative_image_absolute_against_its_directory() {
     absolute_image("lun_remove", &mut params, Path::new("/srv"));
     assert_eq!(params["image"], "d3.raw");
     // Network URIs: unchanged.
-    for uri in ["nbd://10.0.0.1/e", "nbd+unix:///e?socket=/s", "iscsi://h/iqn.x:t/1"] {
+    for uri in [
+        "nbd://10.0.0.1/e",
+        "nbd+unix:///e?socket=/s",
+        "iscsi://h/iqn.x:t/1",
+    ] {
         params.insert("image".into(), json!(uri));
         absolute_image("lun_add", &mut params, Path::new("/srv"));
         assert_eq!(params["image"], uri);

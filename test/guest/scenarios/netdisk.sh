@@ -15,6 +15,8 @@
 #   (with RESET=0 the reset steps are left out)
 #   @@FIO-STARTED                                fio runs (randwrite of
 #           [$FIO_OFF, +$FIO_SIZE), QD16, CRC32C headers, then verified)
+#   @@FIO-WRITING writes=N                       the disk completed N >= 256
+#           writes since (the host stops the server now)
 #   @@FIO rc=N write_clat_max_us=N read_clat_max_us=N   block fio
 #   block sync_after: sg_sync -v after fio (after the server's restart)
 #   @@SLOW n=N max_ms=N       the dd probe (4 KiB O_DIRECT reads of the data
@@ -61,10 +63,22 @@ fio --name=netdisk --filename="$dev" --ioengine=libaio --direct=1 --iodepth=16 \
 fio_pid=$!
 report FIO-STARTED
 # A probe beside fio: small reads of the data range, timed, so that the
-# stall the server's restart causes shows from the guest's side.
+# stall the server's restart causes shows from the guest's side; and
+# @@FIO-WRITING once the disk has completed 256 writes since fio started
+# (the host kills the server then: writes acknowledged and not flushed).
+stat=/sys/block/${dev#/dev/}/stat
+read -r _ _ _ _ w0 _ <"$stat"
+writing=0
 slow=0
 longest=0
 while kill -0 "$fio_pid" 2>/dev/null; do
+    if [ "$writing" = 0 ]; then
+        read -r _ _ _ _ w _ <"$stat"
+        if [ $((w - w0)) -ge 256 ]; then
+            report FIO-WRITING writes=$((w - w0))
+            writing=1
+        fi
+    fi
     t0=$(ms)
     dd if="$dev" of=/dev/null bs=4096 count=1 skip=$((DATA_OFF / 4096)) iflag=direct 2>/dev/null
     t=$(($(ms) - t0))

@@ -2270,9 +2270,18 @@ impl Server {
             .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
-    /// SIGKILL, and reaped.
+    /// SIGKILL, and reaped. A server that had exited by itself (or been
+    /// stopped by someone else) is reported: a scenario that stalled may
+    /// have lost its server.
     fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
+            if let Ok(Some(status)) = child.try_wait() {
+                note(format!(
+                    "{} (pid {}) had exited before the test stopped it: {status}",
+                    self.program,
+                    child.id()
+                ));
+            }
             let _ = child.kill();
             let _ = child.wait();
         }

@@ -2680,6 +2680,26 @@ fn netdisk_io(
             serial.block("fio").map(|b| b.text).unwrap_or_default()
         ),
     );
+    // The outage is invisible to the guest but as latency: the commands in
+    // flight were sent again or failed retryably and the kernel retried
+    // them; it logged no failed I/O and timed nothing out (its lines about
+    // the LOGICAL UNIT RESET aside).
+    let errors = serial.block("errors").map(|b| b.text).unwrap_or_default();
+    let failed: Vec<&str> = errors
+        .lines()
+        .filter(|l| {
+            ["I/O error", "critical", "timing out", "FAILED", "abort"]
+                .iter()
+                .any(|w| l.contains(w))
+        })
+        .collect();
+    sc.check(
+        failed.is_empty(),
+        format!(
+            "the guest's kernel logged failed or timed out I/O:\n{}",
+            failed.join("\n")
+        ),
+    );
     // The backing file holds what the guest wrote (the guest synced and
     // powered off; the server is a host process writing to it).
     let after = sc.record_where(&md5s, "when", "after");

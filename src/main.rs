@@ -192,7 +192,7 @@ fn run(config: &DaemonConfig) -> Result<(), String> {
                 "sandbox: seccomp allows {} system calls{}; any other ends the daemon with a line on stderr",
                 sandbox::ALLOWED.len(),
                 if config.sandbox_network {
-                    ", sockets of AF_UNIX, AF_INET, AF_INET6 and AF_NETLINK"
+                    ", sockets of AF_UNIX, AF_INET and AF_INET6 (AF_NETLINK fails with EAFNOSUPPORT)"
                 } else {
                     ", sockets of AF_UNIX only"
                 }

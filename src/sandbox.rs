@@ -322,9 +322,8 @@ pub fn filter(network: bool) -> Result<BpfProgram, SandboxError> {
         .try_into()
         .map_err(|e: seccompiler::BackendError| SandboxError::Filter(e.to_string()))?;
     let bad = |e: seccompiler::BackendError| SandboxError::Filter(e.to_string());
-    // AF_NETLINK: glibc's getaddrinfo asks the kernel for the host's
-    // addresses (NETLINK_ROUTE) even for a numeric host, and libiscsi
-    // calls it at every login.
+    // AF_NETLINK passes this filter only to meet [`netlink_refused`],
+    // which fails it with an error.
     let families: &[i32] = if network {
         &[
             libc::AF_UNIX,
@@ -365,12 +364,51 @@ pub fn filter(network: bool) -> Result<BpfProgram, SandboxError> {
     filter.try_into().map_err(bad)
 }
 
+/// With network LUNs: a second filter that fails `socket(AF_NETLINK, …)`
+/// with EAFNOSUPPORT. glibc's `getaddrinfo` with AI_ADDRCONFIG (libiscsi's
+/// connect, at every login, even to a numeric portal) opens a
+/// NETLINK_ROUTE socket to learn the host's address families, and goes on
+/// without it when that fails; trapped, it would end the daemon at the
+/// first reconnection. Stacked filters give the most restrictive answer,
+/// so [`filter`] lets the call through to this one.
+fn netlink_refused() -> Result<BpfProgram, SandboxError> {
+    let arch = std::env::consts::ARCH
+        .try_into()
+        .map_err(|e: seccompiler::BackendError| SandboxError::Filter(e.to_string()))?;
+    let bad = |e: seccompiler::BackendError| SandboxError::Filter(e.to_string());
+    let rule = SeccompRule::new(vec![SeccompCondition::new(
+        0,
+        SeccompCmpArgLen::Dword,
+        SeccompCmpOp::Eq,
+        libc::AF_NETLINK as u64,
+    )
+    .map_err(bad)?])
+    .map_err(bad)?;
+    let filter = SeccompFilter::new(
+        [(libc::SYS_socket, vec![rule])].into_iter().collect(),
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EAFNOSUPPORT as u32),
+        arch,
+    )
+    .map_err(bad)?;
+    filter.try_into().map_err(bad)
+}
+
 /// Installs the SIGSYS handler, then the filter on every thread of the
 /// process. From here on a call outside [`ALLOWED`] ends the daemon with
 /// its line on stderr.
 pub fn apply_seccomp(network: bool) -> Result<(), SandboxError> {
     let program = filter(network)?;
+    let netlink = if network {
+        Some(netlink_refused()?)
+    } else {
+        None
+    };
     install_sigsys_handler().map_err(SandboxError::Handler)?;
+    if let Some(netlink) = netlink {
+        seccompiler::apply_filter_all_threads(&netlink)
+            .map_err(|e| SandboxError::Seccomp(e.to_string()))?;
+    }
     seccompiler::apply_filter_all_threads(&program)
         .map_err(|e| SandboxError::Seccomp(e.to_string()))
 }
@@ -483,6 +521,7 @@ mod tests {
         assert_eq!(numbers.len(), ALLOWED.len());
         assert!(!filter(false).unwrap().is_empty());
         assert!(filter(true).unwrap().len() > filter(false).unwrap().len());
+        assert!(!netlink_refused().unwrap().is_empty());
         assert!(!ALLOWED
             .iter()
             .any(|(n, _)| NAMED.iter().any(|(m, _)| m == n)));

@@ -157,13 +157,10 @@ fn writes_medium(cdb: &[u8]) -> bool {
 /// LENGTH, §4.2.4); 16 for the reserved and vendor-specific groups, whose
 /// length is not known (transports such as iSCSI carry 16 bytes anyway).
 fn cdb_length(cdb: &[u8]) -> usize {
-    match cdb[0] >> 5 {
-        0 => 6,
-        1 | 2 => 10,
-        4 => 16,
-        5 => 12,
-        3 if cdb[0] == 0x7f => 8 + usize::from(cdb.get(7).copied().unwrap_or(0)),
-        _ => 16,
+    match super::cdb::cdb_length(cdb[0]) {
+        0 if cdb[0] == 0x7f => 8 + usize::from(cdb.get(7).copied().unwrap_or(0)),
+        0 => 16,
+        n => n,
     }
 }
 
@@ -396,6 +393,49 @@ mod tests {
         let f = plan(&[0, 0, 0, 0, 0, 0], 1, 0, 0, false, false, 512).unwrap();
         assert_eq!((f.direction, f.len), (DataDirection::None, 0));
         assert_eq!(f.cdb.as_slice(), [0, 0, 0, 0, 0, 0]);
+    }
+
+    #[test]
+    fn the_cdb_fields_padding_is_not_forwarded() {
+        // virtio-scsi hands over cdb_size (32) bytes whatever the command.
+        let mut field = [0u8; 32];
+        field[..6].copy_from_slice(&[0x12, 0, 0, 0, 36, 0]);
+        let f = plan(&field, 1, 36, 0, false, false, 512).unwrap();
+        assert_eq!(f.cdb.as_slice(), [0x12, 0, 0, 0, 36, 0]);
+        field[..10].copy_from_slice(&[0x28, 0, 0, 0, 0, 8, 0, 0, 1, 0]);
+        assert_eq!(
+            plan(&field, 1, 512, 0, false, false, 512)
+                .unwrap()
+                .cdb
+                .as_slice()
+                .len(),
+            10
+        );
+        field[..16].copy_from_slice(&[0x88, 0, 0, 0, 0, 0, 0, 0, 0, 8, 0, 0, 0, 1, 0, 0]);
+        assert_eq!(
+            plan(&field, 1, 512, 0, false, false, 512)
+                .unwrap()
+                .cdb
+                .as_slice()
+                .len(),
+            16
+        );
+        let mut read12 = [0u8; 32];
+        read12[0] = 0xa8;
+        read12[9] = 1;
+        assert_eq!(
+            plan(&read12, 1, 512, 0, false, false, 512)
+                .unwrap()
+                .cdb
+                .as_slice()
+                .len(),
+            12
+        );
+        // A variable-length CDB: 8 + ADDITIONAL CDB LENGTH.
+        let mut var = [0u8; 32];
+        var[0] = 0x7f;
+        var[7] = 0x18;
+        assert_eq!(cdb_length(&var), 32);
     }
 
     #[test]

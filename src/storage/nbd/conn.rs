@@ -119,6 +119,39 @@ impl Write for Deadlined<'_> {
     }
 }
 
+/// Connects to a Unix socket by `until`: a server whose listen backlog is
+/// full (hung, not accepting) makes a blocking connect() wait for ever,
+/// so the connect is non-blocking and retried while it says EAGAIN.
+fn connect_unix(path: &std::path::Path, until: Instant) -> io::Result<UnixStream> {
+    use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
+    let addr = SocketAddrUnix::new(path)?;
+    let fd = rustix::net::socket_with(
+        AddressFamily::UNIX,
+        SocketType::STREAM,
+        SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
+        None,
+    )?;
+    loop {
+        match rustix::net::connect(&fd, &addr) {
+            Ok(()) => break,
+            Err(rustix::io::Errno::AGAIN) if Instant::now() < until => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(rustix::io::Errno::AGAIN) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the server accepts no connection",
+                ))
+            }
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let stream = UnixStream::from(fd);
+    stream.set_nonblocking(false)?;
+    Ok(stream)
+}
+
 /// Why a connection could not be made.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
@@ -140,7 +173,7 @@ pub fn connect(
     let until = Instant::now() + timeout;
     let stream = match &uri.address {
         NbdAddress::Unix(path) => {
-            Stream::Unix(UnixStream::connect(path).map_err(ConnectError::Connect)?)
+            Stream::Unix(connect_unix(path, until).map_err(ConnectError::Connect)?)
         }
         NbdAddress::Tcp { host, port } => {
             let addrs = (host.as_str(), *port)

@@ -181,3 +181,40 @@ fn a_trickled_handshake_fails_at_the_connect_timeout() {
     assert!(err.to_string().contains("no answer within"), "{err}");
     assert!(took < Duration::from_millis(1500), "gave up after {took:?}");
 }
+
+/// A Unix socket server that accepts nothing (its listen backlog full)
+/// is given up on at the connect timeout, not waited for in connect().
+#[test]
+fn a_unix_server_with_a_full_backlog_fails_at_the_connect_timeout() {
+    use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("nbd.sock");
+    let _listener = UnixListener::bind(&path).unwrap();
+    let addr = SocketAddrUnix::new(&path).unwrap();
+    let mut held = Vec::new();
+    loop {
+        let fd = rustix::net::socket_with(
+            AddressFamily::UNIX,
+            SocketType::STREAM,
+            SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
+            None,
+        )
+        .unwrap();
+        match rustix::net::connect(&fd, &addr) {
+            Ok(()) => held.push(fd),
+            Err(rustix::io::Errno::AGAIN) => break,
+            Err(e) => panic!("{e}"),
+        }
+        assert!(held.len() < 100_000, "the backlog never filled");
+    }
+    let uri = format!("nbd+unix:///x?socket={}", path.display());
+    let options = NbdOptions {
+        connect_timeout: Duration::from_secs(1),
+        ..NbdOptions::default()
+    };
+    let start = Instant::now();
+    let err = NbdImage::open(&uri, options).unwrap_err();
+    let took = start.elapsed();
+    assert!(err.to_string().contains("accepts no connection"), "{err}");
+    assert!(took < Duration::from_millis(1500), "gave up after {took:?}");
+}

@@ -4,7 +4,7 @@
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
 use std::os::unix::net::UnixStream;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::handshake::{handshake, HandshakeError, Negotiated};
 use super::uri::{NbdAddress, NbdUri};
@@ -78,6 +78,80 @@ impl Write for Stream {
     }
 }
 
+/// The stream during the handshake: each read or write may take only the
+/// time left before `until` (a server trickling its bytes cannot stretch
+/// the negotiation past the connect timeout).
+struct Deadlined<'a> {
+    stream: &'a mut Stream,
+    until: Instant,
+}
+
+impl Deadlined<'_> {
+    fn left(&self) -> io::Result<Duration> {
+        let left = self.until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "handshake deadline",
+            ))
+        } else {
+            Ok(left)
+        }
+    }
+}
+
+impl Read for Deadlined<'_> {
+    fn read(&mut self, b: &mut [u8]) -> io::Result<usize> {
+        let left = self.left()?;
+        self.stream.set_timeouts(Some(left), Some(left))?;
+        self.stream.read(b)
+    }
+}
+
+impl Write for Deadlined<'_> {
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        let left = self.left()?;
+        self.stream.set_timeouts(Some(left), Some(left))?;
+        Write::write(self.stream, b)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Connects to a Unix socket by `until`: a server whose listen backlog is
+/// full (hung, not accepting) makes a blocking connect() wait for ever,
+/// so the connect is non-blocking and retried while it says EAGAIN.
+fn connect_unix(path: &std::path::Path, until: Instant) -> io::Result<UnixStream> {
+    use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
+    let addr = SocketAddrUnix::new(path)?;
+    let fd = rustix::net::socket_with(
+        AddressFamily::UNIX,
+        SocketType::STREAM,
+        SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
+        None,
+    )?;
+    loop {
+        match rustix::net::connect(&fd, &addr) {
+            Ok(()) => break,
+            Err(rustix::io::Errno::AGAIN) if Instant::now() < until => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(rustix::io::Errno::AGAIN) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the server accepts no connection",
+                ))
+            }
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let stream = UnixStream::from(fd);
+    stream.set_nonblocking(false)?;
+    Ok(stream)
+}
+
 /// Why a connection could not be made.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
@@ -87,7 +161,8 @@ pub enum ConnectError {
     Handshake(HandshakeError),
 }
 
-/// Connects to `uri` and negotiates its export, within `timeout`; the
+/// Connects to `uri` and negotiates its export, within `timeout` for the
+/// whole (the connection, then the handshake in the time left); the
 /// socket's writes then time out after `write_timeout` (a server that
 /// stops reading cannot block a sender for longer), its reads never.
 pub fn connect(
@@ -95,9 +170,10 @@ pub fn connect(
     timeout: Duration,
     write_timeout: Duration,
 ) -> Result<(Stream, Negotiated), ConnectError> {
+    let until = Instant::now() + timeout;
     let stream = match &uri.address {
         NbdAddress::Unix(path) => {
-            Stream::Unix(UnixStream::connect(path).map_err(ConnectError::Connect)?)
+            Stream::Unix(connect_unix(path, until).map_err(ConnectError::Connect)?)
         }
         NbdAddress::Tcp { host, port } => {
             let addrs = (host.as_str(), *port)
@@ -106,7 +182,12 @@ pub fn connect(
             let mut last = io::Error::new(io::ErrorKind::NotFound, "no address for the host");
             let mut found = None;
             for addr in addrs {
-                match TcpStream::connect_timeout(&addr, timeout) {
+                let left = until.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    last = io::Error::new(io::ErrorKind::TimedOut, "connect timeout");
+                    break;
+                }
+                match TcpStream::connect_timeout(&addr, left) {
                     Ok(s) => {
                         found = Some(s);
                         break;
@@ -119,11 +200,12 @@ pub fn connect(
             Stream::Tcp(s)
         }
     };
-    stream
-        .set_timeouts(Some(timeout), Some(timeout))
-        .map_err(ConnectError::Connect)?;
     let mut s = stream;
-    let negotiated = handshake(&mut s, &uri.export).map_err(|e| match e {
+    let mut deadlined = Deadlined {
+        stream: &mut s,
+        until,
+    };
+    let negotiated = handshake(&mut deadlined, &uri.export).map_err(|e| match e {
         HandshakeError::Io(e)
             if matches!(
                 e.kind(),

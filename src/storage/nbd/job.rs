@@ -12,6 +12,9 @@ use super::super::remote::{RemoteCompletion, RemoteResult};
 use super::super::{Extent, PinnedBufs};
 use super::durability::Durability;
 
+/// Most commands one job is split into.
+pub const MAX_SUBS: usize = 1 << 16;
+
 /// What a job does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum JobKind {
@@ -123,6 +126,11 @@ struct JobState {
     remaining: usize,
     /// A durable write to a server without FUA: a FLUSH follows.
     flush_after: bool,
+    /// That FLUSH was sent.
+    flushing: bool,
+    /// The earliest connection (generation) a command of the job was
+    /// answered on: a trailing FLUSH on a later one does not cover it.
+    first_answer: Option<u64>,
     output: Output,
 }
 
@@ -166,6 +174,8 @@ impl Job {
                 completer: Some(completer),
                 remaining: 0,
                 flush_after: false,
+                flushing: false,
+                first_answer: None,
                 output: Output::Nothing,
             }),
         })
@@ -176,10 +186,22 @@ impl Job {
     }
 
     /// Its commands, each at most `chunk` bytes (a multiple of the
-    /// server's minimum block size); counted as remaining.
-    pub fn split(self: &Arc<Job>, chunk: u32) -> Vec<Sub> {
-        let mut subs = Vec::new();
+    /// server's minimum block size); counted as remaining. `None` (and
+    /// the job failed with EINVAL) if it would take more than
+    /// [`MAX_SUBS`] commands.
+    pub fn split(self: &Arc<Job>, chunk: u32) -> Option<Vec<Sub>> {
         let (mut at, chunk) = (0u64, u64::from(chunk.max(1)));
+        if self.len.div_ceil(chunk) > MAX_SUBS as u64 {
+            self.fail(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "{} bytes in commands of at most {chunk}: more than {MAX_SUBS} commands",
+                    self.len
+                ),
+            ));
+            return None;
+        }
+        let mut subs = Vec::new();
         loop {
             let len = (self.len - at).min(chunk);
             subs.push(Sub {
@@ -195,7 +217,7 @@ impl Job {
             }
         }
         self.lock().remaining = subs.len();
-        subs
+        Some(subs)
     }
 
     pub fn finished(&self) -> bool {
@@ -216,11 +238,32 @@ impl Job {
         self.lock().flush_after = true;
     }
 
-    /// A command succeeded. Returns the FLUSH to send now if the job
-    /// needs one before it completes.
-    pub fn sub_done(self: &Arc<Job>, output: Output, durability: &Durability) -> Option<Sub> {
+    /// A command succeeded on connection `generation`. Returns the FLUSH
+    /// to send now if the job needs one before it completes.
+    pub fn sub_done(
+        self: &Arc<Job>,
+        output: Output,
+        durability: &Durability,
+        generation: u64,
+    ) -> Option<Sub> {
         let mut st = self.lock();
         st.completer.as_ref()?;
+        if st.flushing {
+            // The trailing FLUSH of a durable write: it covers the write
+            // only if the write was acknowledged on the same connection
+            // (after a drop, the server's cache may have lost it).
+            if st.first_answer.is_some_and(|g| g < generation) {
+                log::warn!(
+                    "NBD: durable write of {} bytes at {} failed: the connection dropped between the write and its flush",
+                    self.len,
+                    self.offset
+                );
+                Self::finish_locked(st, Err(io::Error::from_raw_os_error(libc::EIO)));
+                return None;
+            }
+        } else {
+            st.first_answer = Some(st.first_answer.map_or(generation, |g| g.min(generation)));
+        }
         if output != Output::Nothing {
             st.output = output;
         }
@@ -230,6 +273,7 @@ impl Job {
         }
         if st.flush_after {
             st.flush_after = false;
+            st.flushing = true;
             st.remaining = 1;
             return Some(Sub {
                 job: self.clone(),
@@ -272,5 +316,40 @@ impl Job {
                 w.cv.notify_all();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn a_job_needing_more_than_max_subs_commands_fails_instead_of_splitting() {
+        let wait = Arc::new(SyncWait::default());
+        let deadline = Instant::now() + Duration::from_secs(5);
+        // 32 MiB in commands of 1 byte.
+        let job = Job::new(
+            JobKind::Read,
+            0,
+            32 << 20,
+            deadline,
+            Bufs::None,
+            Completer::Sync(wait.clone()),
+        );
+        assert!(job.split(1).is_none());
+        let (result, _) = wait.wait(deadline).expect("failed at once");
+        assert_eq!(result.unwrap_err().kind(), io::ErrorKind::InvalidInput);
+        // At the limit, split.
+        let wait = Arc::new(SyncWait::default());
+        let job = Job::new(
+            JobKind::Read,
+            0,
+            MAX_SUBS as u64 * 4096,
+            deadline,
+            Bufs::None,
+            Completer::Sync(wait),
+        );
+        assert_eq!(job.split(4096).map(|s| s.len()), Some(MAX_SUBS));
     }
 }

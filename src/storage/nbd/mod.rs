@@ -186,6 +186,15 @@ impl NbdImage {
                     uri: uri.to_string(),
                     reason: format!("cannot start a thread: {e}"),
                 })?;
+            threads.push(thread);
+            let expirer = slot.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("nbd-expiry-{i}"))
+                .spawn(move || expirer.expire_loop())
+                .map_err(|e| NbdError::Options {
+                    uri: uri.to_string(),
+                    reason: format!("cannot start a thread: {e}"),
+                })?;
             slots.push(slot);
             threads.push(thread);
         }
@@ -244,7 +253,9 @@ impl NbdImage {
             }
             JobKind::Flush | JobKind::BlockStatus => u32::MAX,
         };
-        self.slots[slot].enqueue(job.split(chunk));
+        if let Some(subs) = job.split(chunk) {
+            self.slots[slot].enqueue(subs);
+        }
         deadline
     }
 
@@ -267,8 +278,8 @@ impl NbdImage {
     fn run(&self, kind: JobKind, offset: u64, len: u64, bufs: Bufs) -> io::Result<(Output, Bufs)> {
         let wait = Arc::new(SyncWait::default());
         let deadline = self.start(kind, offset, len, bufs, Completer::Sync(wait.clone()));
-        // The driver fails the job at its deadline; the margin covers a
-        // driver busy connecting.
+        // The expiry thread fails the job at its deadline; the margin
+        // is a safety net only.
         let margin = self.shared.options.connect_timeout + Duration::from_secs(1);
         match wait.wait(deadline + margin) {
             Some((result, bufs)) => result.map(|o| (o, bufs)),
@@ -500,5 +511,7 @@ impl RemoteStorage for NbdImage {
     }
 }
 
+#[cfg(test)]
+mod review_tests;
 #[cfg(test)]
 mod tests;

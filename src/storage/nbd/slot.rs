@@ -1,9 +1,14 @@
 //! One connection slot: its request queue, its commands in flight (by
-//! cookie), and two threads. The driver thread connects (again, with
-//! exponential backoff, after a loss), sends queued commands (write
-//! payloads straight from the job's memory) and times jobs out; the
-//! receiver thread reads replies and completes commands. Submitters only
-//! queue and signal: no caller ever waits on the network here.
+//! cookie), and three threads. The driver thread connects (again, with
+//! exponential backoff, after a loss) and sends queued commands (write
+//! payloads copied from the job's memory a piece at a time, the job's
+//! lock never held across a write()); the receiver thread reads replies
+//! and completes commands; the expiry thread, which never touches the
+//! network, fails jobs at their deadline whatever the other two are doing
+//! (and shuts the socket down when a connection has to go: silent, a
+//! command long past its deadline, or a write's job ended mid-payload).
+//! Submitters only queue and signal: no caller ever waits on the network
+//! here.
 //!
 //! A lost connection's commands in flight are queued again, in cookie
 //! order, and sent on the next connection: reads and writes are
@@ -27,8 +32,12 @@ use crate::storage::Extent;
 pub const BACKOFF_MIN: Duration = Duration::from_millis(100);
 pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
-/// How often the driver looks for jobs past their deadline.
-const EXPIRY_TICK: Duration = Duration::from_millis(50);
+/// The expiry thread's wait with nothing queued or in flight.
+const EXPIRY_IDLE: Duration = Duration::from_secs(1);
+
+/// A connection that lived this long had served (its loss resets the
+/// backoff) even if it answered nothing.
+const HEALTHY: Duration = Duration::from_secs(10);
 
 /// Bytes moved between the socket and a job's memory at a time.
 const BOUNCE: usize = 256 << 10;
@@ -84,7 +93,14 @@ struct SlotState {
     /// The last reply completed, or when the first command in flight was
     /// sent after none was.
     last_heard: Option<Instant>,
-    next_expiry: Option<Instant>,
+    /// The connection's socket, for the expiry thread to shut down.
+    sock: Option<Stream>,
+    /// The WRITE whose payload is being sent (by cookie).
+    sending: Option<u64>,
+    /// The connection answered a command.
+    served: bool,
+    /// The expiry thread waits for work (an enqueue wakes it).
+    expiry_idle: bool,
 }
 
 pub struct Slot {
@@ -92,6 +108,8 @@ pub struct Slot {
     shared: Arc<Shared>,
     state: Mutex<SlotState>,
     wake: Condvar,
+    /// Wakes the expiry thread.
+    expiry_wake: Condvar,
 }
 
 /// What ended a receiver.
@@ -127,6 +145,7 @@ impl Slot {
                 ..SlotState::default()
             }),
             wake: Condvar::new(),
+            expiry_wake: Condvar::new(),
         })
     }
 
@@ -145,14 +164,19 @@ impl Slot {
             return;
         }
         st.queue.extend(subs);
+        let idle = std::mem::take(&mut st.expiry_idle);
         drop(st);
         self.wake.notify_all();
+        if idle {
+            self.expiry_wake.notify_all();
+        }
     }
 
     /// Asks the driver thread to disconnect and end.
     pub fn close(&self) {
         self.lock().closing = true;
         self.wake.notify_all();
+        self.expiry_wake.notify_all();
     }
 
     /// Whether the slot has a connection now.
@@ -168,7 +192,6 @@ impl Slot {
         let mut first = true;
         loop {
             if let Some((stream, negotiated)) = conn.take() {
-                backoff = BACKOFF_MIN;
                 if !first {
                     log::info!("{uri}: connection {} re-established", self.index);
                 }
@@ -178,7 +201,14 @@ impl Slot {
                     .latest
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner) = negotiated;
+                let started = Instant::now();
                 let why = self.serve(stream, negotiated);
+                // Only a connection that served resets the backoff: a
+                // server that completes the handshake and closes is not
+                // reconnected to in a tight loop.
+                if self.lock().served || started.elapsed() >= HEALTHY {
+                    backoff = BACKOFF_MIN;
+                }
                 let Some(why) = why else {
                     // Disconnected on purpose with nothing in flight: the
                     // server kept every write it acknowledged.
@@ -196,7 +226,7 @@ impl Slot {
                     return;
                 }
                 log::warn!(
-                    "{uri}: connection {} lost ({why}){}; reconnecting",
+                    "{uri}: connection {} lost ({why}){}; reconnecting in {backoff:?}",
                     self.index,
                     if unflushed {
                         "; writes since the last flush may be lost: the next flush fails"
@@ -204,12 +234,13 @@ impl Slot {
                         ""
                     }
                 );
+                self.wait_down(backoff);
+                backoff = (backoff * 2).min(BACKOFF_MAX);
             }
             if self.lock().closing {
                 self.fail_all();
                 return;
             }
-            self.expire(Instant::now(), true);
             let options = &self.shared.options;
             match connect(&uri, options.connect_timeout, options.timeout) {
                 Ok(c) => conn = Some(c),
@@ -222,8 +253,8 @@ impl Slot {
         }
     }
 
-    /// While disconnected: waits `backoff`, failing jobs whose deadline
-    /// passes meanwhile; returns early when closing.
+    /// While disconnected: waits `backoff` (the expiry thread fails jobs
+    /// meanwhile); returns early when closing.
     fn wait_down(&self, backoff: Duration) {
         let until = Instant::now() + backoff;
         let mut st = self.lock();
@@ -232,32 +263,68 @@ impl Slot {
             if st.closing || now >= until {
                 return;
             }
-            let next = self.expire_locked(&mut st, now, true);
-            let wake_at = next.map_or(until, |d| d.min(until));
             st = self
                 .wake
-                .wait_timeout(
-                    st,
-                    wake_at
-                        .saturating_duration_since(now)
-                        .max(Duration::from_millis(1)),
-                )
+                .wait_timeout(st, until - now)
                 .unwrap_or_else(PoisonError::into_inner)
                 .0;
         }
     }
 
-    fn expire(&self, now: Instant, down: bool) {
+    /// The expiry thread: fails jobs at their deadline, and drops a
+    /// connection that has to go. It never waits on the network, so a
+    /// driver stuck connecting or sending, or a receiver stuck reading,
+    /// delays no result.
+    pub fn expire_loop(self: Arc<Self>) {
         let mut st = self.lock();
-        self.expire_locked(&mut st, now, down);
+        loop {
+            // Closing: the driver fails what is left (and wakes this).
+            if st.closing && st.queue.is_empty() && st.in_flight.is_empty() {
+                return;
+            }
+            let now = Instant::now();
+            let next = self.expire_locked(&mut st, now);
+            let wait = match next {
+                Some(t) => t
+                    .saturating_duration_since(now)
+                    .max(Duration::from_millis(1)),
+                None => {
+                    st.expiry_idle = true;
+                    EXPIRY_IDLE
+                }
+            };
+            st = self
+                .expiry_wake
+                .wait_timeout(st, wait)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+            st.expiry_idle = false;
+        }
+    }
+
+    /// Ends the current connection: says why (unless the receiver already
+    /// did) and shuts its socket down (a thread blocked on it returns).
+    fn kill_locked(&self, st: &mut SlotState, why: String) {
+        if st.dead.is_none() {
+            st.dead = Some(why);
+        }
+        if let Some(sock) = &st.sock {
+            sock.shutdown();
+        }
+        self.wake.notify_all();
     }
 
     /// Fails the jobs past their deadline (their commands in flight stay,
-    /// for their replies to be read and dropped); returns the earliest
-    /// deadline left.
-    fn expire_locked(&self, st: &mut SlotState, now: Instant, down: bool) -> Option<Instant> {
-        st.next_expiry = Some(now + EXPIRY_TICK);
+    /// for their replies to be read and dropped), and drops a connection
+    /// that has to go; returns when to look again (`None`: nothing to
+    /// watch).
+    fn expire_locked(&self, st: &mut SlotState, now: Instant) -> Option<Instant> {
+        let down = !st.connected;
         let timeout = self.shared.options.timeout;
+        // A command this long past its job's deadline is taken as never
+        // to be answered: its connection is made again (else its entry
+        // would stay as long as the server answers others).
+        let stale = timeout.max(Duration::from_secs(1));
         let error = || {
             if down {
                 not_connected(&format!("no connection to the server within {timeout:?}"))
@@ -269,28 +336,53 @@ impl Slot {
             }
         };
         let mut earliest: Option<Instant> = None;
+        let mut at = |t: Instant| earliest = Some(earliest.map_or(t, |e: Instant| e.min(t)));
         st.queue.retain(|s| {
             if s.job.deadline <= now {
                 s.job.fail(error());
                 false
             } else {
-                earliest = Some(earliest.map_or(s.job.deadline, |e| e.min(s.job.deadline)));
+                at(s.job.deadline);
                 true
             }
         });
-        for f in st.in_flight.values() {
+        let mut mid_payload = false;
+        let mut overdue = None;
+        for (cookie, f) in &st.in_flight {
             if f.sub.job.deadline <= now {
-                f.sub.job.fail(error());
+                if !f.sub.job.finished() {
+                    f.sub.job.fail(error());
+                    // Its payload cannot be finished without its memory:
+                    // the stream is unusable.
+                    mid_payload |= st.sending == Some(*cookie);
+                }
+                if f.sub.job.deadline + stale <= now {
+                    overdue = Some(*cookie);
+                } else {
+                    at(f.sub.job.deadline + stale);
+                }
+            } else {
+                at(f.sub.job.deadline);
             }
         }
-        // A server that answered nothing for a whole timeout with commands
-        // waiting is taken for gone (a silent peer: TCP would notice only
-        // after many minutes); the connection is made again.
-        let silent = st
-            .last_heard
-            .is_some_and(|t| now.saturating_duration_since(t) >= timeout);
-        if !down && !st.in_flight.is_empty() && silent && st.dead.is_none() {
-            st.dead = Some(format!("no reply for {timeout:?}"));
+        if mid_payload {
+            self.kill_locked(st, "a write timed out while its payload was sent".into());
+        } else if !down && st.dead.is_none() {
+            // A server that answered nothing for a whole timeout with
+            // commands waiting is taken for gone (a silent peer: TCP would
+            // notice only after many minutes); the connection is made
+            // again.
+            let heard = st.last_heard.filter(|_| !st.in_flight.is_empty());
+            if heard.is_some_and(|t| now.saturating_duration_since(t) >= timeout) {
+                self.kill_locked(st, format!("no reply for {timeout:?}"));
+            } else if let Some(cookie) = overdue {
+                self.kill_locked(
+                    st,
+                    format!("no reply to cookie {cookie} within {:?}", timeout + stale),
+                );
+            } else if let Some(t) = heard {
+                at(t + timeout);
+            }
         }
         earliest
     }
@@ -323,6 +415,7 @@ impl Slot {
         let in_flight = std::mem::take(&mut st.in_flight);
         st.connected = false;
         drop(st);
+        self.expiry_wake.notify_all();
         for s in queue {
             s.job.fail(not_connected("the image is closed"));
         }
@@ -370,14 +463,18 @@ impl Slot {
             Ok(r) => r,
             Err(e) => return Some(super::io_message(&e)),
         };
-        {
+        let generation = {
             let mut st = self.lock();
             st.connected = true;
             st.dead = None;
             st.last_heard = None;
+            st.served = false;
+            st.sock = stream.try_clone().ok();
             st.generation += 1;
-        }
+            st.generation
+        };
         self.wake.notify_all();
+        self.expiry_wake.notify_all();
         let slot = self.clone();
         let receiver = std::thread::Builder::new()
             .name(format!("nbd-recv-{}", self.index))
@@ -386,19 +483,25 @@ impl Slot {
             Ok(r) => r,
             Err(e) => return Some(format!("cannot start a thread: {e}")),
         };
-        let why = self.send_loop(&stream, &negotiated);
+        let why = self.send_loop(&stream, &negotiated, generation);
         if why.is_none() || self.lock().closing {
             // Best effort: the server may be gone.
             let _ = (&stream).write_all(&wire::request(0, wire::CMD_DISC, 0, 0, 0));
         }
         stream.shutdown();
         let _ = receiver.join();
+        self.lock().sock = None;
         why
     }
 
     /// Sends queued commands until the connection breaks or the slot
     /// closes (`None`: a cycle asked for, nothing in flight).
-    fn send_loop(&self, stream: &Stream, negotiated: &Negotiated) -> Option<String> {
+    fn send_loop(
+        &self,
+        stream: &Stream,
+        negotiated: &Negotiated,
+        generation: u64,
+    ) -> Option<String> {
         let flags = negotiated.info.flags;
         let mut out = Vec::with_capacity(28 + BOUNCE);
         loop {
@@ -406,10 +509,6 @@ impl Slot {
             let sub = {
                 let mut st = self.lock();
                 loop {
-                    let now = Instant::now();
-                    if st.next_expiry.is_none_or(|t| now >= t) {
-                        self.expire_locked(&mut st, now, false);
-                    }
                     if st.closing {
                         return Some("closing".into());
                     }
@@ -426,15 +525,9 @@ impl Slot {
                         }
                         continue;
                     }
-                    let idle = st.in_flight.is_empty();
-                    let wait = if idle {
-                        Duration::from_secs(1)
-                    } else {
-                        EXPIRY_TICK
-                    };
                     st = self
                         .wake
-                        .wait_timeout(st, wait)
+                        .wait_timeout(st, Duration::from_secs(1))
                         .unwrap_or_else(PoisonError::into_inner)
                         .0;
                 }
@@ -452,12 +545,12 @@ impl Slot {
                 // A server without a volatile cache has nothing to flush;
                 // TRIM is advisory.
                 JobKind::Flush if flags & wire::TF_SEND_FLUSH == 0 => {
-                    self.succeeded(&sub, Output::Nothing);
+                    self.succeeded(&sub, Output::Nothing, generation);
                     continue;
                 }
                 JobKind::Flush => (wire::CMD_FLUSH, 0),
                 JobKind::Trim if flags & wire::TF_SEND_TRIM == 0 => {
-                    self.succeeded(&sub, Output::Nothing);
+                    self.succeeded(&sub, Output::Nothing, generation);
                     continue;
                 }
                 JobKind::Trim => (wire::CMD_TRIM, 0),
@@ -474,7 +567,7 @@ impl Slot {
                         allocated: true,
                         len: u64::from(sub.len),
                     };
-                    self.succeeded(&sub, Output::Extent(extent));
+                    self.succeeded(&sub, Output::Extent(extent), generation);
                     continue;
                 }
                 JobKind::BlockStatus => (wire::CMD_BLOCK_STATUS, 0),
@@ -504,19 +597,21 @@ impl Slot {
             };
             let header = wire::request(cmd_flags, cmd, cookie, sub.offset, sub.len);
             let sent = if cmd == wire::CMD_WRITE {
-                // The job's memory stays with it (a deadline cannot hand
-                // it back) until the payload is sent; bounded by the
-                // socket's write timeout.
-                match sub
-                    .job
-                    .with_bufs(|bufs| write_payload(stream, &header, bufs, &sub, &mut out))
-                {
-                    Some(r) => r,
-                    None => {
+                // The payload is copied from the job's memory a piece at a
+                // time, the job's lock not held across a write(): its
+                // deadline can hand the memory back at any point (the
+                // expiry thread then shuts the socket down).
+                self.lock().sending = Some(cookie);
+                let r = write_payload(stream, &header, &sub, &mut out);
+                self.lock().sending = None;
+                match r {
+                    Ok(true) => Ok(()),
+                    Ok(false) => {
                         // Finished (timed out) before it was sent.
                         self.lock().in_flight.remove(&cookie);
                         continue;
                     }
+                    Err(e) => Err(e),
                 }
             } else {
                 let mut s: &Stream = stream;
@@ -528,9 +623,13 @@ impl Slot {
         }
     }
 
-    /// A command answered without the server.
-    fn succeeded(&self, sub: &Sub, output: Output) {
-        if let Some(flush) = sub.job.sub_done(output, &self.shared.durability) {
+    /// A command answered (by the server on connection `generation`, or
+    /// without it).
+    fn succeeded(&self, sub: &Sub, output: Output, generation: u64) {
+        if let Some(flush) = sub
+            .job
+            .sub_done(output, &self.shared.durability, generation)
+        {
             self.enqueue(vec![flush]);
         }
     }
@@ -545,7 +644,7 @@ impl Slot {
             RecvEnd::Io(e) => super::io_message(&e),
             RecvEnd::Violation(v) => v.to_string(),
         };
-        self.lock().dead = Some(why);
+        self.lock().dead.get_or_insert(why);
         self.wake.notify_all();
     }
 
@@ -662,11 +761,13 @@ impl Slot {
 
     /// A command's last reply arrived.
     fn reply_done(&self, cookie: u64, f: &InFlight, result: Result<Output, u32>) {
-        {
+        let generation = {
             let mut st = self.lock();
             st.in_flight.remove(&cookie);
             st.last_heard = Some(Instant::now());
-        }
+            st.served = true;
+            st.generation
+        };
         match result {
             Ok(output) => {
                 let durability = &self.shared.durability;
@@ -678,7 +779,7 @@ impl Slot {
                     wire::CMD_FLUSH => durability.flush_done(f.covers),
                     _ => {}
                 }
-                self.succeeded(&f.sub, output);
+                self.succeeded(&f.sub, output, generation);
             }
             Err(e) => f.sub.job.fail(io::Error::from_raw_os_error(wire::errno(e))),
         }
@@ -689,15 +790,17 @@ fn not_connected(what: &str) -> io::Error {
     io::Error::new(io::ErrorKind::NotConnected, what.to_string())
 }
 
-/// Writes a WRITE's header and payload; the payload comes from the job's
-/// memory in bounded pieces.
+/// Writes a WRITE's header and payload; the payload is copied from the
+/// job's memory in bounded pieces, the job's lock held only while
+/// copying. `Ok(false)`: the job finished before anything was sent. A job
+/// that finishes mid-payload leaves the stream unusable (a command half
+/// sent): the socket is shut down and an error returned.
 fn write_payload(
     stream: &Stream,
     header: &[u8; 28],
-    bufs: &mut super::job::Bufs,
     sub: &Sub,
     out: &mut Vec<u8>,
-) -> io::Result<()> {
+) -> io::Result<bool> {
     let mut s: &Stream = stream;
     let total = sub.len as usize;
     let mut done = 0;
@@ -707,17 +810,31 @@ fn write_payload(
         let n = (total - done).min(BOUNCE);
         let start = out.len();
         out.resize(start + n, 0);
-        if !bufs.gather_at(sub.buf_at + done, &mut out[start..]) {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "write memory shorter than the write",
-            ));
+        match sub
+            .job
+            .with_bufs(|bufs| bufs.gather_at(sub.buf_at + done, &mut out[start..]))
+        {
+            Some(true) => {}
+            Some(false) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "write memory shorter than the write",
+                ))
+            }
+            None if done == 0 => return Ok(false),
+            None => {
+                stream.shutdown();
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the write ended while its payload was sent",
+                ));
+            }
         }
         s.write_all(out)?;
         out.clear();
         done += n;
         if done >= total {
-            return Ok(());
+            return Ok(true);
         }
     }
 }

@@ -688,3 +688,139 @@ impl Drop for Child {
         let _ = self.0.wait();
     }
 }
+
+#[test]
+fn a_fua_write_emulated_with_flush_fails_if_the_connection_dropped_between() {
+    // Written on connection 0, which drops at the trailing FLUSH; the
+    // FLUSH succeeds on connection 1, but the server's cache holding the
+    // write may be gone.
+    let server = fake(
+        wire::TF_HAS_FLAGS | wire::TF_SEND_FLUSH,
+        Box::new(|req: &Req| {
+            if req.cmd == wire::CMD_FLUSH && req.conn == 0 {
+                (Vec::new(), true)
+            } else {
+                (simple(req.cookie, 0), false)
+            }
+        }),
+    );
+    let image = NbdImage::open(&server.uri, quick()).unwrap();
+    let result = write(&image, 512, &[7; 1024], true);
+    assert!(result.is_err(), "FUA write reported durable");
+    // Not a failure without the drop.
+    write(&image, 512, &[7; 1024], true).unwrap();
+}
+
+#[test]
+fn a_command_never_answered_among_answered_ones_drops_the_connection() {
+    // Reads at 4096 are never answered, the others are: the entry of the
+    // unanswered one must not stay for ever.
+    let server = fake(
+        ALL_FLAGS,
+        Box::new(|req: &Req| {
+            if req.offset == 4096 {
+                (Vec::new(), false)
+            } else {
+                (data_reply(req), false)
+            }
+        }),
+    );
+    let options = NbdOptions {
+        timeout: Duration::from_millis(300),
+        ..quick()
+    };
+    let image = Arc::new(NbdImage::open(&server.uri, options).unwrap());
+    // Other reads keep being answered (the connection is never silent).
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let busy = {
+        let (image, stop) = (image.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                assert_eq!(read(&image, 0, 512).unwrap(), pattern(0, 512));
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(100));
+    let err = read(&image, 4096, 512).unwrap_err();
+    assert_eq!(err.kind(), io::ErrorKind::TimedOut, "{err}");
+    assert_eq!(*server.connections.lock().unwrap(), 1);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while *server.connections.lock().unwrap() < 2 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    busy.join().unwrap();
+    assert_eq!(*server.connections.lock().unwrap(), 2);
+}
+
+#[test]
+fn a_server_reading_a_write_slowly_cannot_delay_its_result_or_hold_the_connection() {
+    // Connection 0 takes the payload at about 200 KB/s (no single write()
+    // ever times out); later connections serve normally.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("nbd.sock");
+    let listener = UnixListener::bind(&path).unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    std::thread::spawn(move || {
+        for (n, s) in listener.incoming().enumerate() {
+            let Ok(mut s) = s else { return };
+            let seen = seen.clone();
+            std::thread::spawn(move || {
+                if n > 0 {
+                    return serve_fake(
+                        s,
+                        n,
+                        ALL_FLAGS,
+                        &|req: &Req| (data_reply(req), false),
+                        &seen,
+                    );
+                }
+                s.write_all(&server_handshake(
+                    EXPORT_SIZE,
+                    ALL_FLAGS,
+                    Some([512, 4096, 32 << 20]),
+                ))
+                .unwrap();
+                let mut b = vec![0u8; 4096];
+                while matches!(s.read(&mut b), Ok(n) if n > 0) {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            });
+        }
+    });
+    let uri = format!("nbd+unix:///x?socket={}", path.display());
+    let options = NbdOptions {
+        timeout: Duration::from_secs(1),
+        ..quick()
+    };
+    let image = NbdImage::open(&uri, options).unwrap();
+    let memory: Arc<GuestMemoryMmap<()>> =
+        Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap());
+    let sink = CompletionSink::new(None);
+    let start = Instant::now();
+    image.remote().unwrap().submit(
+        RemoteOp::Write {
+            offset: 0,
+            len: 2 << 20,
+            durable: false,
+        },
+        pin(&memory, 0, 2 << 20),
+        sink.completion(1),
+    );
+    assert!(sink.wait(Duration::from_secs(3)), "no result in 3 s");
+    let took = start.elapsed();
+    assert!(took < Duration::from_millis(2500), "result after {took:?}");
+    let mut result = None;
+    sink.take(&mut |_, r| result = Some(r));
+    assert!(
+        matches!(&result, Some(RemoteResult::Io(Err(e))) if e.kind() == io::ErrorKind::TimedOut),
+        "{result:?}"
+    );
+    // The half-sent command made the connection unusable: a new one
+    // serves the next request.
+    let start = Instant::now();
+    assert_eq!(read(&image, 0, 512).unwrap(), pattern(0, 512));
+    let took = start.elapsed();
+    assert!(took < Duration::from_secs(3), "read after {took:?}");
+}

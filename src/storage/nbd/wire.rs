@@ -238,9 +238,13 @@ pub fn parse_info_export(b: &[u8]) -> Result<(u64, u16), Violation> {
     Ok((size, be16(b, 8)))
 }
 
+/// The smallest maximum payload accepted from a server.
+pub const MIN_MAX_PAYLOAD: u32 = 4096;
+
 /// NBD_INFO_BLOCK_SIZE's data (after the type), checked as proto.md
 /// requires: powers of two, minimum at most 64 KiB, preferred at least the
-/// minimum, maximum a multiple of the minimum.
+/// minimum, maximum a multiple of the minimum; and a maximum of at least
+/// [`MIN_MAX_PAYLOAD`].
 pub fn parse_info_block_size(b: &[u8]) -> Result<BlockSize, Violation> {
     if b.len() != 12 {
         return violation!("NBD_INFO_BLOCK_SIZE of {} bytes", b.len() + 2);
@@ -254,6 +258,11 @@ pub fn parse_info_block_size(b: &[u8]) -> Result<BlockSize, Violation> {
     }
     if maximum < minimum || (maximum != u32::MAX && maximum % minimum != 0) {
         return violation!("maximum block size {maximum} (minimum {minimum})");
+    }
+    // A tiny maximum would split each transfer into a command per few
+    // bytes (a 32 MiB read into millions): refused.
+    if maximum < MIN_MAX_PAYLOAD {
+        return violation!("maximum block size {maximum} (below {MIN_MAX_PAYLOAD})");
     }
     Ok(BlockSize {
         minimum,
@@ -533,6 +542,18 @@ mod tests {
         ] {
             assert!(parse_info_block_size(&bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn a_maximum_payload_below_4096_or_the_minimum_is_refused() {
+        // Minimum 1, preferred 4096, maximum 1: each 32 MiB transfer would
+        // become 33 million commands.
+        assert!(parse_info_block_size(&[0, 0, 0, 1, 0, 0, 0x10, 0, 0, 0, 0, 1]).is_err());
+        // Maximum 2048.
+        assert!(parse_info_block_size(&[0, 0, 0, 1, 0, 0, 0x10, 0, 0, 0, 8, 0]).is_err());
+        // Maximum 4096 is enough.
+        let bs = parse_info_block_size(&[0, 0, 0, 1, 0, 0, 0x10, 0, 0, 0, 0x10, 0]).unwrap();
+        assert_eq!(bs.max_payload(), 4096);
     }
 
     #[test]

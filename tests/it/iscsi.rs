@@ -1245,3 +1245,80 @@ fn iscsi_write_answered_while_its_data_is_queued() {
         sent[stray.unwrap_or(0)]
     );
 }
+
+/// Writes that go out through many R2Ts (tgtd asks for 4 KiB at a time:
+/// no immediate or unsolicited data), more in flight than tgtd's command
+/// window (MaxCmdSN; MaxQueueCmd 128): libiscsi's output queue holds the
+/// commands past the window, so writes' responses come while it is busy
+/// and their tasks are retired (pointed at zeros) rather than freed. Every
+/// write completes once, and every byte of each lands on the file.
+#[test]
+fn iscsi_writes_through_many_r2ts() {
+    if !available() {
+        return;
+    }
+    init_log();
+    let tgt = Tgt::start(None);
+    for (key, value) in [
+        ("MaxRecvDataSegmentLength", "4096"),
+        ("MaxBurstLength", "4096"),
+        ("FirstBurstLength", "4096"),
+        ("InitialR2T", "Yes"),
+        ("ImmediateData", "No"),
+    ] {
+        tgt.adm(&[
+            "--op", "update", "--mode", "target", "--tid", "1", "--name", key, "--value", value,
+        ]);
+    }
+    let lun = IscsiLun::open(&tgt.uri(), &options()).unwrap();
+    let len = 16 << 10;
+    let slot = Memory::span(len);
+    const N: u64 = 200;
+    let mem = Memory::new((slot * N) as usize);
+    run_past_ua(
+        &lun,
+        &mem,
+        scsi(CdbBytes::new(&[0; 6]).unwrap(), DataDirection::None, 0, 0),
+        0,
+        0,
+    );
+    let data = |i: u64| -> Vec<u8> {
+        (0..len)
+            .map(|j| (j as u8).wrapping_mul(13) ^ (i as u8).wrapping_mul(101) ^ 0x5a)
+            .collect()
+    };
+    let sink = CompletionSink::new(None);
+    let started = Instant::now();
+    for i in 0..N {
+        mem.write(i * slot, &data(i));
+        let lba = i * (len / BLOCK) as u64;
+        lun.submit(
+            scsi(
+                write16(lba, (len / BLOCK) as u32),
+                DataDirection::ToDevice,
+                len,
+                i + 1,
+            ),
+            mem.pin(i * slot, len),
+            sink.completion(i),
+        );
+    }
+    let results = collect(&sink, N as usize, Duration::from_secs(30));
+    let took = started.elapsed();
+    for (token, result) in results {
+        let RemoteResult::Scsi(r) = result else {
+            panic!("{token}: not a SCSI result");
+        };
+        assert_eq!(good(r).transferred, len, "write {token}");
+    }
+    // Nothing more arrives.
+    assert!(!sink.wait(Duration::from_millis(200)));
+    let file = tgt.image_bytes();
+    for i in 0..N {
+        let at = i as usize * len;
+        assert!(
+            file[at..at + len] == data(i)[..],
+            "write {i} (all {N} in {took:?})"
+        );
+    }
+}

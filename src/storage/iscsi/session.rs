@@ -910,7 +910,7 @@ impl Worker {
                 consumed: 0,
             };
         }
-        log::debug!(
+        log::trace!(
             "{}: a write's response came with libiscsi's output queue busy; its task is retired",
             self.config.label
         );

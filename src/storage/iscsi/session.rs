@@ -18,7 +18,14 @@
 //!   sent: the common case); otherwise it is retired: its `iovector_out`
 //!   is pointed at zeros of the same length, the command completes at
 //!   once (the guest's memory and the iovec list dropped), and the task
-//!   is freed once the output side is idle or the context destroyed.
+//!   is freed once the output side is idle, or a command issued after it
+//!   was retired has been answered (libiscsi writes its output queue in
+//!   order, and keeps it sorted by CmdSN: a later command's PDU goes
+//!   behind the retired task's DATA-OUT, which has its command's CmdSN —
+//!   `iscsi_add_to_outqueue`, lib/socket.c — so the target cannot have
+//!   seen the later command before that DATA-OUT was all written; under
+//!   sustained load the queue may never be idle), or the context is
+//!   destroyed.
 //!   Whatever of it is still sent goes to a command the target has
 //!   finished; a read task's memory is looked up through its command PDU
 //!   for each DATA-IN (`iscsi_get_scsi_task_iovector_in`), so nothing
@@ -400,6 +407,9 @@ enum Fate {
 /// refer to: its `iovector_out` names `_zeros`.
 struct Retired {
     task: *mut ScsiTask,
+    /// The id the next command issued got when this was retired: an
+    /// answer to a command of this id or later frees it.
+    barrier: u64,
     /// Entries of [`ZEROS`]; libiscsi adjusts entries in place while it
     /// writes (and restores them), so the list is the worker's own.
     _zeros: Vec<libc::iovec>,
@@ -879,11 +889,36 @@ impl Worker {
                 } else {
                     len
                 };
+                // The target answered command `id`: it has read all
+                // that libiscsi queued before it.
+                self.settle_retired_before(id);
                 Ok(ScsiOutcome::new(status as u8, &sense, transferred))
             }
         };
         self.release_task(f.task, &f.command);
         f.command.finish(result);
+    }
+
+    /// Frees the retired tasks that were retired before command `id` was
+    /// issued: their DATA-OUT PDUs were ahead of its command PDU.
+    fn settle_retired_before(&mut self, id: u64) {
+        let lib = self.lib;
+        let before = self.retired.len();
+        self.retired.retain(|r| {
+            if r.barrier > id {
+                return true;
+            }
+            // SAFETY: our task, which no PDU refers to any more.
+            unsafe { (lib.scsi_free_scsi_task)(r.task) };
+            false
+        });
+        if self.retired.len() < before {
+            log::trace!(
+                "{}: {} retired task(s) freed at the answer to a later command",
+                self.config.label,
+                before - self.retired.len()
+            );
+        }
     }
 
     /// Lets go of the task of `command`, which has had its callback: frees
@@ -916,6 +951,7 @@ impl Worker {
         );
         self.retired.push(Retired {
             task,
+            barrier: self.next_id,
             _zeros: zeros,
         });
     }

@@ -1001,3 +1001,324 @@ fn iscsi_daemon_reconnects_under_the_sandbox() {
     }
     daemon.kill();
 }
+
+/// A fake iSCSI target on 127.0.0.1, speaking just enough of RFC 7143
+/// for libiscsi: every login answered at once into the full feature
+/// phase (no immediate data, InitialR2T, 8 KiB data segments), READ
+/// CAPACITY answered with a 1 MiB unit of 512-byte blocks, other commands
+/// GOOD; and the first WRITE answered with an R2T for all its data
+/// followed at once by a CHECK CONDITION (ILLEGAL REQUEST), after which
+/// it reads nothing until `resume`. The DATA-OUT payloads it then reads
+/// are kept in `data_out`.
+struct FakeTarget {
+    port: u16,
+    /// A message when the WRITE has been answered.
+    answered: std::sync::mpsc::Receiver<()>,
+    resume: std::sync::mpsc::Sender<()>,
+    data_out: Arc<std::sync::Mutex<Vec<u8>>>,
+}
+
+impl FakeTarget {
+    fn start() -> FakeTarget {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (answered_tx, answered) = std::sync::mpsc::channel();
+        let (resume, resume_rx) = std::sync::mpsc::channel();
+        let data_out = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let kept = data_out.clone();
+        std::thread::spawn(move || {
+            // One connection (a second login would mean the session
+            // dropped: the test fails on its results then).
+            if let Ok((stream, _)) = listener.accept() {
+                let _ = FakeTarget::serve(stream, answered_tx, resume_rx, kept);
+            }
+        });
+        FakeTarget {
+            port,
+            answered,
+            resume,
+            data_out,
+        }
+    }
+
+    fn uri(&self) -> String {
+        format!(
+            "iscsi://127.0.0.1:{}/iqn.2026-12.org.example:fake/1",
+            self.port
+        )
+    }
+
+    fn read_pdu(s: &mut std::net::TcpStream) -> io::Result<([u8; 48], Vec<u8>)> {
+        use std::io::Read;
+        let mut hdr = [0u8; 48];
+        s.read_exact(&mut hdr)?;
+        let dsl = u32::from_be_bytes([0, hdr[5], hdr[6], hdr[7]]) as usize;
+        let mut data = vec![0u8; usize::from(hdr[4]) * 4 + dsl.div_ceil(4) * 4];
+        s.read_exact(&mut data)?;
+        data.truncate(usize::from(hdr[4]) * 4 + dsl);
+        Ok((hdr, data))
+    }
+
+    /// A target PDU: `hdr` with its data segment length set, `data`
+    /// padded.
+    fn pdu(mut hdr: [u8; 48], data: &[u8]) -> Vec<u8> {
+        hdr[5..8].copy_from_slice(&(data.len() as u32).to_be_bytes()[1..]);
+        let mut out = hdr.to_vec();
+        out.extend_from_slice(data);
+        out.resize(48 + data.len().div_ceil(4) * 4, 0);
+        out
+    }
+
+    fn serve(
+        mut s: std::net::TcpStream,
+        answered: std::sync::mpsc::Sender<()>,
+        resume: std::sync::mpsc::Receiver<()>,
+        data_out: Arc<std::sync::Mutex<Vec<u8>>>,
+    ) -> io::Result<()> {
+        use std::io::Write;
+        let mut statsn: u32 = 1;
+        let mut wrote = false;
+        loop {
+            let (hdr, data) = FakeTarget::read_pdu(&mut s)?;
+            let cmdsn = u32::from_be_bytes(hdr[24..28].try_into().unwrap());
+            // The fields every answer shares: ITT, StatSN, ExpCmdSN,
+            // MaxCmdSN.
+            let answer = |opcode: u8, flags: u8, statsn: u32, exp: u32| {
+                let mut r = [0u8; 48];
+                r[0] = opcode;
+                r[1] = flags;
+                r[16..20].copy_from_slice(&hdr[16..20]);
+                r[24..28].copy_from_slice(&statsn.to_be_bytes());
+                r[28..32].copy_from_slice(&exp.to_be_bytes());
+                r[32..36].copy_from_slice(&exp.wrapping_add(63).to_be_bytes());
+                r
+            };
+            match hdr[0] & 0x3f {
+                0x03 => {
+                    // Login: straight to the full feature phase.
+                    let mut r = answer(0x23, 0x80 | (hdr[1] & 0x0c) | 0x03, statsn, cmdsn);
+                    r[8..16].copy_from_slice(&hdr[8..16]);
+                    let keys = b"HeaderDigest=None\0DataDigest=None\0InitialR2T=Yes\0\
+                        ImmediateData=No\0MaxRecvDataSegmentLength=8192\0\
+                        FirstBurstLength=65536\0MaxBurstLength=262144\0";
+                    s.write_all(&FakeTarget::pdu(r, keys))?;
+                }
+                0x01 => {
+                    let exp_cmdsn = cmdsn.wrapping_add(1);
+                    let edtl = u32::from_be_bytes(hdr[20..24].try_into().unwrap());
+                    let cdb = &hdr[32..48];
+                    statsn += 1;
+                    let capacity: Option<Vec<u8>> = match cdb[0] {
+                        0x9e => {
+                            let mut d = vec![0u8; 32];
+                            d[0..8].copy_from_slice(&2047u64.to_be_bytes());
+                            d[8..12].copy_from_slice(&512u32.to_be_bytes());
+                            Some(d)
+                        }
+                        0x25 => {
+                            let mut d = vec![0u8; 8];
+                            d[0..4].copy_from_slice(&2047u32.to_be_bytes());
+                            d[4..8].copy_from_slice(&512u32.to_be_bytes());
+                            Some(d)
+                        }
+                        _ => None,
+                    };
+                    if let Some(mut d) = capacity {
+                        // DATA-IN with status.
+                        d.truncate(edtl as usize);
+                        let mut r = answer(0x25, 0x81, statsn, exp_cmdsn);
+                        r[20..24].copy_from_slice(&u32::MAX.to_be_bytes());
+                        s.write_all(&FakeTarget::pdu(r, &d))?;
+                    } else if (cdb[0] == 0x8a || cdb[0] == 0x2a) && !wrote {
+                        wrote = true;
+                        // R2T for everything, then at once the response,
+                        // in one write: libiscsi reads both in one go.
+                        let mut r2t = answer(0x31, 0x80, statsn, exp_cmdsn);
+                        r2t[8..16].copy_from_slice(&hdr[8..16]);
+                        r2t[20..24].copy_from_slice(&0x100u32.to_be_bytes());
+                        r2t[44..48].copy_from_slice(&edtl.to_be_bytes());
+                        let mut sense = vec![0u8, 18, 0x70, 0, 0x05, 0, 0, 0, 0, 10];
+                        sense.extend_from_slice(&[0, 0, 0, 0, 0x24, 0, 0, 0, 0, 0]);
+                        let mut rsp = answer(0x21, 0x80, statsn, exp_cmdsn);
+                        rsp[3] = 2;
+                        let mut both = FakeTarget::pdu(r2t, &[]);
+                        both.extend(FakeTarget::pdu(rsp, &sense));
+                        s.write_all(&both)?;
+                        let _ = answered.send(());
+                        let _ = resume.recv();
+                    } else {
+                        let r = answer(0x21, 0x80, statsn, exp_cmdsn);
+                        s.write_all(&FakeTarget::pdu(r, &[]))?;
+                    }
+                }
+                0x05 => data_out.lock().unwrap().extend_from_slice(&data),
+                _ => {}
+            }
+        }
+    }
+}
+
+/// libiscsi here (the fake target needs no tgtd).
+fn libiscsi_available() -> bool {
+    let here = [
+        "/usr/lib/x86_64-linux-gnu",
+        "/usr/lib/aarch64-linux-gnu",
+        "/usr/lib64",
+    ]
+    .iter()
+    .any(|d| Path::new(d).join("libiscsi.so.7").exists());
+    if !here {
+        skipped("iSCSI: libiscsi.so.7 (libiscsi7) missing");
+    }
+    here
+}
+
+/// A target answering a WRITE (CHECK CONDITION) right after asking for
+/// its data with an R2T: libiscsi has queued the DATA-OUT PDUs then, and
+/// keeps them after the response (1.19 frees only the command PDU), each
+/// pointing at the task. The command completes at once, and what is sent
+/// after it comes from the backend's own zeros: not from the guest's
+/// memory, which the test overwrites as soon as the command completed,
+/// nor from a freed task or iovec list (run this under valgrind to see
+/// those reads without the fix: `valgrind --error-exitcode=9
+/// target/debug/deps/it-... iscsi_write_answered_while_its_data_is_queued`).
+#[test]
+fn iscsi_write_answered_while_its_data_is_queued() {
+    if !libiscsi_available() {
+        return;
+    }
+    init_log();
+    let target = FakeTarget::start();
+    let lun = IscsiLun::open(&target.uri(), &options()).unwrap();
+    assert_eq!(lun.size(), 1 << 20);
+    // More than the socket buffers take while the target does not read,
+    // in 4 KiB pieces: DATA-OUT PDUs stay queued in libiscsi.
+    let len = 32 << 20;
+    let mem = Memory::new(Memory::span(len) as usize);
+    mem.write(0, &vec![0x11; len]);
+    let sink = CompletionSink::new(None);
+    let started = Instant::now();
+    lun.submit(
+        scsi(
+            write16(0, (len / BLOCK) as u32),
+            DataDirection::ToDevice,
+            len,
+            1,
+        ),
+        mem.pin(0, len),
+        sink.completion(1),
+    );
+    target
+        .answered
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the WRITE reached the target");
+    let o = match collect(&sink, 1, Duration::from_secs(20)).remove(&1) {
+        Some(RemoteResult::Scsi(r)) => r.expect("the command reached the target"),
+        other => panic!("{other:?}"),
+    };
+    let took = started.elapsed();
+    assert_eq!(o.status, 2);
+    assert_eq!(sense_triple(o.sense()), (5, 0x24, 0));
+    // The guest has its memory back and uses it.
+    mem.write(0, &vec![0xee; len]);
+    target.resume.send(()).unwrap();
+    // The session goes on: the data queued goes out, then this.
+    let o = run(
+        &lun,
+        &mem,
+        scsi(CdbBytes::new(&[0; 6]).unwrap(), DataDirection::None, 0, 2),
+        0,
+        0,
+    );
+    good(o);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while target.data_out.lock().unwrap().len() < len && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let sent = target.data_out.lock().unwrap();
+    assert_eq!(sent.len(), len, "the DATA-OUT the R2T asked for");
+    let stray = sent.iter().position(|&b| b != 0);
+    assert!(
+        stray.is_none(),
+        "byte {:?} sent after the response is {:#x}, not zero (completed in {took:?})",
+        stray,
+        sent[stray.unwrap_or(0)]
+    );
+}
+
+/// Writes that go out through many R2Ts (tgtd asks for 4 KiB at a time:
+/// no immediate or unsolicited data), more in flight than tgtd's command
+/// window (MaxCmdSN; MaxQueueCmd 128): libiscsi's output queue holds the
+/// commands past the window, so writes' responses come while it is busy
+/// and their tasks are retired (pointed at zeros) rather than freed. Every
+/// write completes once, and every byte of each lands on the file.
+#[test]
+fn iscsi_writes_through_many_r2ts() {
+    if !available() {
+        return;
+    }
+    init_log();
+    let tgt = Tgt::start(None);
+    for (key, value) in [
+        ("MaxRecvDataSegmentLength", "4096"),
+        ("MaxBurstLength", "4096"),
+        ("FirstBurstLength", "4096"),
+        ("InitialR2T", "Yes"),
+        ("ImmediateData", "No"),
+    ] {
+        tgt.adm(&[
+            "--op", "update", "--mode", "target", "--tid", "1", "--name", key, "--value", value,
+        ]);
+    }
+    let lun = IscsiLun::open(&tgt.uri(), &options()).unwrap();
+    let len = 16 << 10;
+    let slot = Memory::span(len);
+    const N: u64 = 200;
+    let mem = Memory::new((slot * N) as usize);
+    run_past_ua(
+        &lun,
+        &mem,
+        scsi(CdbBytes::new(&[0; 6]).unwrap(), DataDirection::None, 0, 0),
+        0,
+        0,
+    );
+    let data = |i: u64| -> Vec<u8> {
+        (0..len)
+            .map(|j| (j as u8).wrapping_mul(13) ^ (i as u8).wrapping_mul(101) ^ 0x5a)
+            .collect()
+    };
+    let sink = CompletionSink::new(None);
+    let started = Instant::now();
+    for i in 0..N {
+        mem.write(i * slot, &data(i));
+        let lba = i * (len / BLOCK) as u64;
+        lun.submit(
+            scsi(
+                write16(lba, (len / BLOCK) as u32),
+                DataDirection::ToDevice,
+                len,
+                i + 1,
+            ),
+            mem.pin(i * slot, len),
+            sink.completion(i),
+        );
+    }
+    let results = collect(&sink, N as usize, Duration::from_secs(30));
+    let took = started.elapsed();
+    for (token, result) in results {
+        let RemoteResult::Scsi(r) = result else {
+            panic!("{token}: not a SCSI result");
+        };
+        assert_eq!(good(r).transferred, len, "write {token}");
+    }
+    // Nothing more arrives.
+    assert!(!sink.wait(Duration::from_millis(200)));
+    let file = tgt.image_bytes();
+    for i in 0..N {
+        let at = i as usize * len;
+        assert!(
+            file[at..at + len] == data(i)[..],
+            "write {i} (all {N} in {took:?})"
+        );
+    }
+}

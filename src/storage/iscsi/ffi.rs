@@ -38,16 +38,19 @@ pub struct ScsiData {
     pub data: *mut u8,
 }
 
-/// The first fields of libiscsi 1.19's `struct scsi_task`
-/// (scsi-lowlevel.h), up to `datain`: 1.19 has no accessor for the
-/// residual or the raw sense bytes (`scsi_task_get_status` only parses the
-/// sense into key and ASC/ASCQ), so they are read here. Tasks are only
-/// ever allocated by the library (`scsi_create_task`); the fields after
-/// `datain` are never touched. The offsets were checked against the
+/// libiscsi 1.19's `struct scsi_task` (scsi-lowlevel.h). 1.19 has no
+/// accessor for the residual or the raw sense bytes (`scsi_task_get_status`
+/// only parses the sense into key and ASC/ASCQ), so they are read here;
+/// and `iovector_out` is written here when a finished write task is
+/// retired (session.rs, `Worker::release_task`): `scsi_task_set_iov_out`
+/// sets only `iov` and `niov`, not the `offset`/`consumed` cursor a
+/// partly sent PDU has advanced. Tasks are only ever allocated by the
+/// library (`scsi_create_task`). The offsets were checked against the
 /// header with `offsetof` (status 0, residual_status 32, residual 40,
-/// sense 48, datain 64, datain.data 72 on LP64; see the test below), and
-/// the integration tests read a CHECK CONDITION's sense key and a short
-/// transfer's residual through them from tgt.
+/// sense 48, datain 64, datain.data 72, iovector_out 144, size 176 on
+/// LP64; see the test below), and the integration tests read a CHECK
+/// CONDITION's sense key and a short transfer's residual through them
+/// from tgt.
 #[repr(C)]
 pub struct ScsiTask {
     pub status: c_int,
@@ -64,6 +67,32 @@ pub struct ScsiTask {
     /// length (2 bytes, big-endian) and the sense bytes (iscsi-command.c,
     /// `iscsi_process_scsi_reply`).
     pub datain: ScsiData,
+    /// `struct scsi_allocated_memory *mem`.
+    mem: *mut c_void,
+    /// `void *ptr` (libiscsi points it at the command PDU's callback data).
+    ptr: *mut c_void,
+    itt: u32,
+    cmdsn: u32,
+    lun: u32,
+    iovector_in: ScsiIovector,
+    /// The data-out buffers: what `iscsi_write_to_socket` (socket.c)
+    /// reads each DATA-OUT PDU's payload from, through the PDU's pointer
+    /// to this task.
+    pub iovector_out: ScsiIovector,
+}
+
+/// `struct scsi_iovector` (scsi-lowlevel.h): a task's iovec list and the
+/// cursor `iscsi_iovector_readv_writev` (socket.c) keeps in it.
+#[repr(C)]
+pub struct ScsiIovector {
+    pub iov: *mut ScsiIovec,
+    pub niov: c_int,
+    /// Entries libiscsi allocated itself (`scsi_task_add_data_*_buffer`);
+    /// 0 for a list set with `scsi_task_set_iov_*`.
+    pub nalloc: c_int,
+    /// Bytes before `iov[consumed]`.
+    pub offset: usize,
+    pub consumed: c_int,
 }
 
 /// `SCSI_CDB_MAX_SIZE` of 1.19: longer CDBs cannot be sent
@@ -283,6 +312,16 @@ mod tests {
             offset_of!(ScsiTask, datain) + offset_of!(ScsiData, data),
             72
         );
+        assert_eq!(offset_of!(ScsiTask, itt), 96);
+        assert_eq!(offset_of!(ScsiTask, lun), 104);
+        assert_eq!(offset_of!(ScsiTask, iovector_in), 112);
+        assert_eq!(offset_of!(ScsiTask, iovector_out), 144);
+        assert_eq!(std::mem::size_of::<ScsiTask>(), 176);
+        assert_eq!(offset_of!(ScsiIovector, niov), 8);
+        assert_eq!(offset_of!(ScsiIovector, nalloc), 12);
+        assert_eq!(offset_of!(ScsiIovector, offset), 16);
+        assert_eq!(offset_of!(ScsiIovector, consumed), 24);
+        assert_eq!(std::mem::size_of::<ScsiIovector>(), 32);
     }
 
     #[test]

@@ -6,7 +6,30 @@
 //!
 //! Every command completes exactly once, and only when libiscsi holds no
 //! reference to its memory any more:
-//! - from its own callback (a response: GOOD, CHECK CONDITION, ...);
+//! - from its own callback (a response: GOOD, CHECK CONDITION, ...). The
+//!   callback does not mean libiscsi is done with the task: 1.19 frees
+//!   only the command PDU at a response (`iscsi_process_pdu`, lib/pdu.c),
+//!   not the DATA-OUT PDUs it queued for the task (at an R2T, or
+//!   unsolicited), which point at the task and read its `iovector_out`
+//!   when written (`iscsi_write_to_socket`, lib/socket.c). A target may
+//!   answer before it has all the data (an R2T and at once a CHECK
+//!   CONDITION). So a write task is freed at its response only if
+//!   libiscsi's output side is idle then (nothing queued, nothing half
+//!   sent: the common case); otherwise it is retired: its `iovector_out`
+//!   is pointed at zeros of the same length, the command completes at
+//!   once (the guest's memory and the iovec list dropped), and the task
+//!   is freed once the output side is idle, or a command issued after it
+//!   was retired has been answered (libiscsi writes its output queue in
+//!   order, and keeps it sorted by CmdSN: a later command's PDU goes
+//!   behind the retired task's DATA-OUT, which has its command's CmdSN —
+//!   `iscsi_add_to_outqueue`, lib/socket.c — so the target cannot have
+//!   seen the later command before that DATA-OUT was all written; under
+//!   sustained load the queue may never be idle), or the context is
+//!   destroyed.
+//!   Whatever of it is still sent goes to a command the target has
+//!   finished; a read task's memory is looked up through its command PDU
+//!   for each DATA-IN (`iscsi_get_scsi_task_iovector_in`), so nothing
+//!   refers to it after the response;
 //! - a command that libiscsi cancelled (callback `SCSI_STATUS_CANCELLED`:
 //!   a task management function, or the session dropping) is kept until
 //!   libiscsi's output queue is empty — a DATA-OUT PDU of the task still
@@ -380,6 +403,36 @@ enum Fate {
     TimedOut,
 }
 
+/// A finished write task that a DATA-OUT PDU still queued in libiscsi may
+/// refer to: its `iovector_out` names `_zeros`.
+struct Retired {
+    task: *mut ScsiTask,
+    /// The id the next command issued got when this was retired: an
+    /// answer to a command of this id or later frees it.
+    barrier: u64,
+    /// Entries of [`ZEROS`]; libiscsi adjusts entries in place while it
+    /// writes (and restores them), so the list is the worker's own.
+    _zeros: Vec<libc::iovec>,
+}
+
+/// What a retired task's DATA-OUT PDUs send (read only, never written).
+static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+
+/// Iovecs naming `len` bytes of [`ZEROS`].
+fn zero_iovecs(len: usize) -> Vec<libc::iovec> {
+    let mut out = Vec::with_capacity(len.div_ceil(ZEROS.len()));
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(ZEROS.len());
+        out.push(libc::iovec {
+            iov_base: ZEROS.as_ptr() as *mut c_void,
+            iov_len: n,
+        });
+        left -= n;
+    }
+    out
+}
+
 struct InFlight {
     task: *mut ScsiTask,
     /// The iovec list libiscsi reads (`scsi_task_set_iov_*` keeps the
@@ -422,6 +475,8 @@ struct Worker {
     /// Taken from the inbox, not yet handed to libiscsi.
     waiting: VecDeque<Command>,
     in_flight: HashMap<u64, InFlight>,
+    /// Completed write tasks libiscsi may still refer to.
+    retired: Vec<Retired>,
     by_tag: HashMap<u64, u64>,
     tmfs: HashMap<u64, PendingTmf>,
     next_id: u64,
@@ -448,6 +503,7 @@ impl Worker {
             },
             waiting: VecDeque::new(),
             in_flight: HashMap::new(),
+            retired: Vec::new(),
             by_tag: HashMap::new(),
             tmfs: HashMap::new(),
             next_id: 1,
@@ -484,6 +540,7 @@ impl Worker {
             self.poll_once();
             self.check_deadlines();
             self.settle_cancelled();
+            self.settle_retired();
         }
         self.shutdown();
     }
@@ -798,7 +855,7 @@ impl Worker {
             ffi::SCSI_STATUS_ERROR => {
                 // SAFETY: the live context.
                 let msg = unsafe { self.lib.error(self.ctx) };
-                self.free_task(f.task);
+                self.release_task(f.task, &f.command);
                 f.command.finish(Err(reset(&format!("iSCSI error: {msg}"))));
                 // The session's state is unknown after a protocol error.
                 self.drop_session(&format!("protocol error: {msg}"));
@@ -832,11 +889,96 @@ impl Worker {
                 } else {
                     len
                 };
+                // The target answered command `id`: it has read all
+                // that libiscsi queued before it.
+                self.settle_retired_before(id);
                 Ok(ScsiOutcome::new(status as u8, &sense, transferred))
             }
         };
-        self.free_task(f.task);
+        self.release_task(f.task, &f.command);
         f.command.finish(result);
+    }
+
+    /// Frees the retired tasks that were retired before command `id` was
+    /// issued: their DATA-OUT PDUs were ahead of its command PDU.
+    fn settle_retired_before(&mut self, id: u64) {
+        let lib = self.lib;
+        let before = self.retired.len();
+        self.retired.retain(|r| {
+            if r.barrier > id {
+                return true;
+            }
+            // SAFETY: our task, which no PDU refers to any more.
+            unsafe { (lib.scsi_free_scsi_task)(r.task) };
+            false
+        });
+        if self.retired.len() < before {
+            log::trace!(
+                "{}: {} retired task(s) freed at the answer to a later command",
+                self.config.label,
+                before - self.retired.len()
+            );
+        }
+    }
+
+    /// Lets go of the task of `command`, which has had its callback: frees
+    /// it, or retires it if a DATA-OUT PDU of it may still be queued.
+    fn release_task(&mut self, task: *mut ScsiTask, command: &Command) {
+        if command.direction != DataDirection::ToDevice || command.len == 0 || self.out_idle() {
+            self.free_task(task);
+            return;
+        }
+        let mut zeros = zero_iovecs(command.len);
+        // SAFETY: our live task; the session thread is the only one in
+        // libiscsi, which is not inside a call now. A DATA-OUT PDU reads
+        // bytes `payload_offset..+payload_len` (within the task's
+        // `expxferlen`, `command.len`) through this list from now on,
+        // the same positions in zeros; the cursor starts again at 0 (a
+        // later position is found by walking from there). The list's heap
+        // buffer stays put in `self.retired` until the task is freed.
+        unsafe {
+            (*task).iovector_out = ffi::ScsiIovector {
+                iov: zeros.as_mut_ptr(),
+                niov: zeros.len() as c_int,
+                nalloc: 0,
+                offset: 0,
+                consumed: 0,
+            };
+        }
+        log::trace!(
+            "{}: a write's response came with libiscsi's output queue busy; its task is retired",
+            self.config.label
+        );
+        self.retired.push(Retired {
+            task,
+            barrier: self.next_id,
+            _zeros: zeros,
+        });
+    }
+
+    /// Whether nothing can be waiting in libiscsi to be written: no PDU
+    /// queued (`outqueue`) and none half sent (`outqueue_current`, which
+    /// `iscsi_out_queue_length` does not count but `iscsi_which_events`
+    /// asks POLLOUT for: lib/socket.c). Also when there is no context.
+    fn out_idle(&self) -> bool {
+        if self.ctx.is_null() {
+            return true;
+        }
+        // SAFETY: the live context.
+        unsafe {
+            (self.lib.iscsi_out_queue_length)(self.ctx) == 0
+                && (self.lib.iscsi_which_events)(self.ctx) & c_int::from(libc::POLLOUT) == 0
+        }
+    }
+
+    /// Frees the retired tasks once nothing queued can refer to them.
+    fn settle_retired(&mut self) {
+        if self.retired.is_empty() || !self.out_idle() {
+            return;
+        }
+        for r in std::mem::take(&mut self.retired) {
+            self.free_task(r.task);
+        }
     }
 
     fn free_task(&self, task: *mut ScsiTask) {
@@ -851,15 +993,8 @@ impl Worker {
         if !self.in_flight.values().any(|f| f.cancelled) {
             return;
         }
-        if !self.ctx.is_null() {
-            // SAFETY: the live context.
-            let busy = unsafe {
-                (self.lib.iscsi_out_queue_length)(self.ctx) != 0
-                    || (self.lib.iscsi_which_events)(self.ctx) & c_int::from(libc::POLLOUT) != 0
-            };
-            if busy {
-                return;
-            }
+        if !self.out_idle() {
+            return;
         }
         let ids: Vec<u64> = self
             .in_flight
@@ -952,6 +1087,8 @@ impl Worker {
         // SAFETY: the live context, never used again.
         unsafe { (self.lib.iscsi_destroy_context)(self.ctx) };
         self.ctx = std::ptr::null_mut();
+        // Every PDU is freed: the retired tasks are nobody's now.
+        self.settle_retired();
         // Cancellations are all there is to learn now.
         EVENTS.with(|e| e.borrow_mut().clear());
         let ids: Vec<u64> = self.in_flight.keys().copied().collect();

@@ -453,8 +453,18 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// A server process, killed when dropped (a failing test leaves none).
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// qemu-nbd serving `file` over TCP on 127.0.0.1:`port`.
-fn qemu_nbd_tcp(file: &Path, port: u16) -> Child {
+fn qemu_nbd_tcp(file: &Path, port: u16) -> Server {
     let child = Command::new("qemu-nbd")
         .args([
             "-f",

@@ -483,6 +483,7 @@ fn qemu_nbd_tcp(file: &Path, port: u16) -> Server {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
+    let server = Server(child);
     let deadline = Instant::now() + Duration::from_secs(10);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
         assert!(
@@ -491,7 +492,7 @@ fn qemu_nbd_tcp(file: &Path, port: u16) -> Server {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    child
+    server
 }
 
 /// A network LUN named by host name, under the sandbox (the default):
@@ -510,7 +511,7 @@ fn a_network_lun_named_by_host_name_resolves_under_the_sandbox() {
     let file = dir.path().join("export.raw");
     std::fs::write(&file, pattern(MIB, 8)).unwrap();
     let port = free_port();
-    let mut server = qemu_nbd_tcp(&file, port);
+    let server = qemu_nbd_tcp(&file, port);
     let socket = dir.path().join("vus.sock");
     let api = dir.path().join("api.sock");
     let uri = format!("nbd://localhost:{port}/disk");
@@ -537,9 +538,8 @@ fn a_network_lun_named_by_host_name_resolves_under_the_sandbox() {
     ctl(&["lun_resize", "lun=0"]);
     ctl(&["lun_add", &format!("image={uri}"), "lun=1"]);
     // The server restarted: both LUNs' connection threads resolve again.
-    let _ = server.kill();
-    let _ = server.wait();
-    let mut server = qemu_nbd_tcp(&file, port);
+    drop(server);
+    let _server = qemu_nbd_tcp(&file, port);
     let mut driver = ScsiDriver::connect(&socket);
     for lun in [0, 1] {
         let mut reply = driver.command(lun, &read16(0, 8), &[], 4096);
@@ -555,6 +555,4 @@ fn a_network_lun_named_by_host_name_resolves_under_the_sandbox() {
         "the daemon died"
     );
     daemon.kill();
-    let _ = server.kill();
-    let _ = server.wait();
 }

@@ -1646,13 +1646,23 @@ fn upgrade_scenario(name: &'static str, daemon_args: &[&str], signal: libc::c_in
 /// still awaited at the switchover.
 #[test]
 fn guest_migrate() {
-    migrate_scenario("migrate", &[], false);
+    migrate_scenario("migrate", &[], false, false);
+}
+
+/// The same with the disk an NBD LUN (issue 19): qemu-nbd serves the image
+/// on a Unix socket and both daemons connect to it (network LUNs have no
+/// image locks: the server arbitrates). The source's daemon flushes the
+/// export when its device stops; fio verifies on the destination every
+/// block written on either side.
+#[test]
+fn guest_migrate_nbd() {
+    migrate_scenario("migrate-nbd", &[], false, true);
 }
 
 /// The same with the synchronous engine.
 #[test]
 fn guest_migrate_sync_engine() {
-    migrate_scenario("migrate-sync", &["--io-engine", "sync"], false);
+    migrate_scenario("migrate-sync", &["--io-engine", "sync"], false, false);
 }
 
 /// The same set-up, the migration throttled to 1 MiB/s and cancelled
@@ -1662,7 +1672,7 @@ fn guest_migrate_sync_engine() {
 /// never took them.
 #[test]
 fn guest_migrate_cancelled() {
-    migrate_scenario("migrate-cancelled", &[], true);
+    migrate_scenario("migrate-cancelled", &[], true, false);
 }
 
 /// The longest a migration may take (or a cancelled one to end).
@@ -1670,7 +1680,7 @@ const MIGRATION_TIMEOUT: Duration = Duration::from_secs(240);
 /// The lock bytes a read-write LUN holds (docs/usage.md, Image locking).
 const RW_LOCK_BYTES: [i64; 3] = [100, 101, 201];
 
-fn migrate_scenario(name: &'static str, daemon_args: &[&str], cancel: bool) {
+fn migrate_scenario(name: &'static str, daemon_args: &[&str], cancel: bool, over_nbd: bool) {
     // Small enough for a throttled migration to end while fio runs; the
     // bandwidth makes the first pass over it take seconds.
     const GUEST_RAM: &str = "384M";
@@ -1682,12 +1692,30 @@ fn migrate_scenario(name: &'static str, daemon_args: &[&str], cancel: bool) {
     // The host tells the guest the migration is over through LUN 1.
     let mailbox = sc.sparse_image("mailbox.raw", MIB);
     let luns = [(&disk, ""), (&mailbox, "")];
-    let mut source = sc.daemon_rw_on("a.sock", &luns, daemon_args);
     let incoming: Vec<&str> = daemon_args.iter().copied().chain(["--incoming"]).collect();
-    let mut destination = sc.daemon_rw_on("b.sock", &luns, &incoming);
+    // Over NBD: the disk is qemu-nbd's export; the daemons lock nothing of
+    // it (qemu-nbd holds the image), so their lock bytes stay empty.
+    let nbd_socket = sc.dir.join("nbd.sock");
+    let _nbd = over_nbd.then(|| qemu_nbd(&sc, &disk.path, &Listen::Unix(&nbd_socket)));
+    let start = |socket: &str, args: &[&str]| {
+        if !over_nbd {
+            return sc.daemon_rw_on(socket, &luns, args);
+        }
+        let mut argv: Vec<OsString> = args.iter().map(OsString::from).collect();
+        argv.push(format!("nbd+unix:///disk?socket={}", nbd_socket.display()).into());
+        argv.push(mailbox.path.clone().into_os_string());
+        sc.start_daemon_on(socket, argv, 2)
+    };
+    let mut source = start("a.sock", daemon_args);
+    let mut destination = start("b.sock", &incoming);
+    let locked: BTreeSet<i64> = if over_nbd {
+        BTreeSet::new()
+    } else {
+        RW_LOCK_BYTES.into()
+    };
     let holds = |daemon: &Daemon| held_lock_bytes(daemon.child.id(), &disk);
     sc.check(
-        holds(&source) == RW_LOCK_BYTES.into() && holds(&destination).is_empty(),
+        holds(&source) == locked && holds(&destination).is_empty(),
         format!(
             "before the migration the source's daemon holds lock bytes {:?}, the destination's {:?}",
             holds(&source),
@@ -1841,14 +1869,16 @@ fn migrate_scenario(name: &'static str, daemon_args: &[&str], cancel: bool) {
     });
     let fio = check_fio(&sc, &serial, false);
     sc.check(
-        holds(&destination) == RW_LOCK_BYTES.into() && holds(&source).is_empty(),
+        holds(&destination) == locked && holds(&source).is_empty(),
         format!(
             "after the migration the destination's daemon holds lock bytes {:?}, the source's {:?}",
             holds(&destination),
             holds(&source)
         ),
     );
-    qemu_io_refused(&sc, &disk, "destination");
+    if !over_nbd {
+        qemu_io_refused(&sc, &disk, "destination");
+    }
     // The guest went on on B, in the middle of a round: the source's
     // console stops before fio's end, the destination's begins with the
     // end of a round.
@@ -1867,7 +1897,7 @@ fn migrate_scenario(name: &'static str, daemon_args: &[&str], cancel: bool) {
     sc.check(source.alive(), "the source's daemon exited");
     sc.check(destination.alive(), "the destination's daemon exited");
     note(format!(
-        "guest scenario `{name}`: migrated during fio rounds (32 MiB, QD32, CRC32C verify) at {} MiB/s: total {} ms, downtime {} ms, {syncs} dirty syncs, {} bytes sent; fio finished on the destination: rc 0, {} rounds, {} KiB verified, longest write completion {} µs, no SCSI error; the image's locks moved to the destination's daemon",
+        "guest scenario `{name}`: migrated during fio rounds (32 MiB, QD32, CRC32C verify) at {} MiB/s: total {} ms, downtime {} ms, {syncs} dirty syncs, {} bytes sent; fio finished on the destination: rc 0, {} rounds, {} KiB verified, longest write completion {} µs, no SCSI error; {}",
         bandwidth / MIB,
         info["total-time"],
         info["downtime"],
@@ -1875,6 +1905,11 @@ fn migrate_scenario(name: &'static str, daemon_args: &[&str], cancel: bool) {
         fio.get("rounds"),
         fio.get("verified_kib"),
         fio.get("clat_max_us"),
+        if over_nbd {
+            "the disk an NBD export both daemons connected to"
+        } else {
+            "the image's locks moved to the destination's daemon"
+        },
     ));
 }
 

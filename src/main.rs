@@ -190,7 +190,12 @@ fn run(config: &DaemonConfig) -> Result<(), String> {
             sandbox::apply_seccomp(config.sandbox_network).map_err(|e| e.to_string())?;
             log::info!(
                 "sandbox: seccomp allows {} system calls{}; any other ends the daemon with a line on stderr",
-                sandbox::ALLOWED.len(),
+                sandbox::ALLOWED.len()
+                    + if config.sandbox_network {
+                        sandbox::NETWORK_ALLOWED.len()
+                    } else {
+                        0
+                    },
                 if config.sandbox_network {
                     ", sockets of AF_UNIX, AF_INET and AF_INET6 (AF_NETLINK fails with EAFNOSUPPORT)"
                 } else {

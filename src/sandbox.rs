@@ -265,8 +265,6 @@ pub const ALLOWED: &[Syscall] = &[
     (libc::SYS_accept, "accept"), (libc::SYS_accept4, "accept4"),
     (libc::SYS_sendto, "sendto"), (libc::SYS_recvfrom, "recvfrom"),
     (libc::SYS_sendmsg, "sendmsg"), (libc::SYS_recvmsg, "recvmsg"),
-    // glibc's DNS resolver (a network LUN's host name).
-    (libc::SYS_sendmmsg, "sendmmsg"), (libc::SYS_recvmmsg, "recvmmsg"),
     (libc::SYS_shutdown, "shutdown"), (libc::SYS_getsockopt, "getsockopt"),
     (libc::SYS_setsockopt, "setsockopt"), (libc::SYS_getsockname, "getsockname"),
     (libc::SYS_getpeername, "getpeername"), (libc::SYS_bind, "bind"),
@@ -295,6 +293,13 @@ pub const ALLOWED: &[Syscall] = &[
     #[cfg(target_arch = "x86_64")] (libc::SYS_readlink, "readlink"),
     #[cfg(target_arch = "x86_64")] (libc::SYS_dup2, "dup2"),
     #[cfg(target_arch = "x86_64")] (libc::SYS_arch_prctl, "arch_prctl"),
+];
+
+/// Allowed besides [`ALLOWED`] with network LUNs: glibc's DNS resolver (a
+/// network LUN named by host name).
+#[rustfmt::skip]
+pub const NETWORK_ALLOWED: &[Syscall] = &[
+    (libc::SYS_sendmmsg, "sendmmsg"), (libc::SYS_recvmmsg, "recvmmsg"),
 ];
 
 /// Calls named in the kill line though not allowed.
@@ -348,8 +353,10 @@ pub fn filter(network: bool) -> Result<BpfProgram, SandboxError> {
             .map_err(bad)
         })
         .collect::<Result<Vec<_>, _>>()?;
+    let extra: &[Syscall] = if network { NETWORK_ALLOWED } else { &[] };
     let rules = ALLOWED
         .iter()
+        .chain(extra)
         .map(|&(nr, _)| {
             let rule = if nr == libc::SYS_socket {
                 unix_only.clone()
@@ -468,7 +475,12 @@ fn kill_line(nr: i64, buf: &mut [u8; 160]) -> usize {
         put(b"-");
     }
     put(&digits[i..]);
-    if let Some((_, name)) = NAMED.iter().chain(ALLOWED).find(|(n, _)| *n == nr) {
+    if let Some((_, name)) = NAMED
+        .iter()
+        .chain(ALLOWED)
+        .chain(NETWORK_ALLOWED)
+        .find(|(n, _)| *n == nr)
+    {
         put(b" (");
         put(name.as_bytes());
         put(b")");

@@ -75,6 +75,14 @@ fn child(what: &str) -> ! {
                 libc::socket(libc::AF_NETLINK, libc::SOCK_RAW, libc::NETLINK_ROUTE) as libc::c_long
             }
             "unix" => libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) as libc::c_long,
+            // On no descriptor: EBADF if it is allowed.
+            "sendmmsg" => libc::syscall(
+                libc::SYS_sendmmsg,
+                -1,
+                std::ptr::null::<libc::mmsghdr>(),
+                0,
+                0,
+            ),
             _ => panic!("unknown child action {what}"),
         }
     };
@@ -127,6 +135,13 @@ fn sandbox_a_call_outside_the_allowlist_ends_the_process_with_one_line() {
         assert!(!stderr.contains("returned -1"), "{family}: {stderr}");
         assert_eq!(code, Some(0), "{family}: {stderr}");
     }
+    // sendmmsg (glibc's DNS resolver): only with network LUNs.
+    let (stderr, code) = outcome(&in_filtered_child(name, "sendmmsg"));
+    assert!(stderr.contains("(sendmmsg) is not allowed"), "{stderr}");
+    assert_eq!(code, Some(vhost_device_scsi::sandbox::KILLED_EXIT_CODE));
+    let (stderr, code) = outcome(&in_filtered_child(name, "net:sendmmsg"));
+    assert!(stderr.contains("returned -1"), "{stderr}");
+    assert_eq!(code, Some(0), "{stderr}");
     let (stderr, code) = outcome(&in_filtered_child(name, "net:packet"));
     assert!(stderr.ends_with(&line), "{stderr}");
     assert_eq!(code, Some(vhost_device_scsi::sandbox::KILLED_EXIT_CODE));

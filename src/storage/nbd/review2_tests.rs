@@ -335,3 +335,124 @@ fn dropping_the_image_does_not_wait_for_a_write_blocked_on_a_server_that_stopped
     eprintln!("drop took {took:?}");
     assert!(took < Duration::from_secs(1), "drop took {took:?}");
 }
+
+/// A command the server leaves unanswered while it answers others: the
+/// client drops the connection (a deliberate drop of a live server) with
+/// a write acknowledged and not flushed. Returns the next flush's result
+/// and the connections made.
+fn flush_after_a_drop_for_an_unanswered_command(multi_conn: bool) -> (io::Result<()>, usize) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("nbd.sock");
+    let listener = UnixListener::bind(&path).unwrap();
+    let conns = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let c2 = conns.clone();
+    std::thread::spawn(move || {
+        for s in listener.incoming() {
+            let Ok(mut s) = s else { return };
+            let n = c2.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            std::thread::spawn(move || {
+                let mut flags = wire::TF_HAS_FLAGS | wire::TF_SEND_FLUSH | wire::TF_SEND_FUA;
+                if multi_conn {
+                    flags |= wire::TF_CAN_MULTI_CONN;
+                }
+                if s.write_all(&server_handshake(
+                    4 << 20,
+                    flags,
+                    Some([512, 4096, 1 << 20]),
+                ))
+                .is_err()
+                {
+                    return;
+                }
+                let meta = 16 + 4 + 1 + 4 + 4 + 15;
+                let go = 16 + 4 + 1 + 2 + 2;
+                let mut opts = vec![0u8; 4 + 16 + meta + go];
+                if s.read_exact(&mut opts).is_err() {
+                    return;
+                }
+                loop {
+                    let mut h = [0u8; 28];
+                    if s.read_exact(&mut h).is_err() {
+                        return;
+                    }
+                    let cmd = u16::from_be_bytes([h[6], h[7]]);
+                    let cookie = u64::from_be_bytes(h[8..16].try_into().unwrap());
+                    let offset = u64::from_be_bytes(h[16..24].try_into().unwrap());
+                    let len = u32::from_be_bytes(h[24..28].try_into().unwrap());
+                    if cmd == wire::CMD_DISC {
+                        return;
+                    }
+                    let mut payload = vec![0u8; len as usize];
+                    if cmd == wire::CMD_WRITE && s.read_exact(&mut payload).is_err() {
+                        return;
+                    }
+                    // The first connection never answers a read at 8192.
+                    if n == 0 && cmd == wire::CMD_READ && offset == 8192 {
+                        continue;
+                    }
+                    let mut reply = simple(cookie, 0);
+                    if cmd == wire::CMD_READ {
+                        reply.extend_from_slice(&payload);
+                    }
+                    if s.write_all(&reply).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let uri = format!("nbd+unix:///x?socket={}", path.display());
+    let options = NbdOptions {
+        timeout: Duration::from_secs(1),
+        connect_timeout: Duration::from_secs(1),
+        ..NbdOptions::default()
+    };
+    let image = std::sync::Arc::new(NbdImage::open(&uri, options).unwrap());
+    let mut bufs = IoBufs::new();
+    let data = [5u8; 4096];
+    bufs.push_bytes(&data);
+    // Acknowledged, not flushed.
+    image.write_vectored_at(&bufs, 0, false).unwrap();
+    let stuck = {
+        let image = image.clone();
+        std::thread::spawn(move || {
+            let mut b = [0u8; 4096];
+            let mut bufs = IoBufsMut::new();
+            bufs.push_bytes(&mut b);
+            image.read_vectored_at(&mut bufs, 8192)
+        })
+    };
+    // Other commands answered meanwhile: the server is not silent. The
+    // unanswered one is given up a timeout past its deadline.
+    let until = std::time::Instant::now() + Duration::from_secs(6);
+    while conns.load(std::sync::atomic::Ordering::SeqCst) < 2 && std::time::Instant::now() < until {
+        let mut b = [0u8; 512];
+        let mut bufs = IoBufsMut::new();
+        bufs.push_bytes(&mut b);
+        let _ = image.read_vectored_at(&mut bufs, 0);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        stuck.join().unwrap().is_err(),
+        "the unanswered read timed out"
+    );
+    while image.connected() == 0 && std::time::Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let flushed = image.flush();
+    (flushed, conns.load(std::sync::atomic::Ordering::SeqCst))
+}
+
+#[test]
+fn a_drop_of_a_live_connection_is_no_loss_for_a_server_with_multi_conn() {
+    let (flushed, conns) = flush_after_a_drop_for_an_unanswered_command(true);
+    assert_eq!(conns, 2, "the connection was dropped and made again");
+    assert!(flushed.is_ok(), "flush: {flushed:?}");
+}
+
+#[test]
+fn a_drop_of_a_live_connection_is_a_possible_loss_for_a_server_without_multi_conn() {
+    let (flushed, conns) = flush_after_a_drop_for_an_unanswered_command(false);
+    assert_eq!(conns, 2, "the connection was dropped and made again");
+    assert_eq!(flushed.unwrap_err().raw_os_error(), Some(libc::EIO));
+}

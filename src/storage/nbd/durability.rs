@@ -8,6 +8,15 @@
 //! (once, like the kernel's writeback errors: the guest saw the failure;
 //! flushes after it succeed again). Conservative: a connection that
 //! dropped without the server restarting fails a flush too.
+//!
+//! What counts as such a drop is the slot's to say: the server closed or
+//! broke the connection, or answered nothing for a whole timeout. A drop
+//! the client chose while the server was answering (a write cut short at
+//! its deadline, a command left unanswered while others were answered)
+//! counts only for a server without NBD_FLAG_CAN_MULTI_CONN (whose FLUSH
+//! on a new connection is not promised to cover what another connection
+//! acknowledged). A server's error reply never drops the connection, nor
+//! does a reconnection for a new size (NBD_CMD_DISC, nothing in flight).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 

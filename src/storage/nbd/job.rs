@@ -128,9 +128,15 @@ struct JobState {
     flush_after: bool,
     /// That FLUSH was sent.
     flushing: bool,
-    /// The earliest connection (generation) a command of the job was
-    /// answered on: a trailing FLUSH on a later one does not cover it.
+    /// The slot's loss epoch (connections lost that may have lost
+    /// acknowledged writes) when a command of the job was first answered:
+    /// a trailing FLUSH answered after a later loss does not cover it.
     first_answer: Option<u64>,
+    /// A command's payload is being sent from the job's memory: an error
+    /// reply waits for it ([`Job::fail`]) instead of cutting it short.
+    sending: bool,
+    /// The error the job ends with once that payload is sent.
+    deferred: Option<io::Error>,
     output: Output,
 }
 
@@ -176,6 +182,8 @@ impl Job {
                 flush_after: false,
                 flushing: false,
                 first_answer: None,
+                sending: false,
+                deferred: None,
                 output: Output::Nothing,
             }),
         })
@@ -224,6 +232,34 @@ impl Job {
         self.lock().completer.is_none()
     }
 
+    /// Finished, or failed and waiting for a payload to be sent: its
+    /// commands not yet sent are dropped.
+    pub fn failing(&self) -> bool {
+        let st = self.lock();
+        st.completer.is_none() || st.deferred.is_some()
+    }
+
+    /// A command's payload is about to be sent from the job's memory;
+    /// false if the job is finished or failing (nothing is to be sent).
+    pub fn begin_send(&self) -> bool {
+        let mut st = self.lock();
+        if st.completer.is_none() || st.deferred.is_some() {
+            return false;
+        }
+        st.sending = true;
+        true
+    }
+
+    /// The payload begun with [`Job::begin_send`] is sent (or the
+    /// connection broke): an error deferred meanwhile ends the job now.
+    pub fn end_send(&self) {
+        let mut st = self.lock();
+        st.sending = false;
+        if let Some(e) = st.deferred.take() {
+            Self::finish_locked(st, Err(e));
+        }
+    }
+
     /// Runs `f` on the job's memory, unless the job has finished (its
     /// memory handed back): then `None`.
     pub fn with_bufs<R>(&self, f: impl FnOnce(&mut Bufs) -> R) -> Option<R> {
@@ -238,21 +274,25 @@ impl Job {
         self.lock().flush_after = true;
     }
 
-    /// A command succeeded on connection `generation`. Returns the FLUSH
+    /// A command succeeded at the slot's loss epoch `epoch`. Returns the FLUSH
     /// to send now if the job needs one before it completes.
     pub fn sub_done(
         self: &Arc<Job>,
         output: Output,
         durability: &Durability,
-        generation: u64,
+        epoch: u64,
     ) -> Option<Sub> {
         let mut st = self.lock();
         st.completer.as_ref()?;
+        if st.deferred.is_some() {
+            return None;
+        }
         if st.flushing {
             // The trailing FLUSH of a durable write: it covers the write
-            // only if the write was acknowledged on the same connection
-            // (after a drop, the server's cache may have lost it).
-            if st.first_answer.is_some_and(|g| g < generation) {
+            // only if no connection was lost (with a possible loss of
+            // acknowledged writes) since the write was acknowledged. A
+            // deliberate reconnection (a new size) is not such a loss.
+            if st.first_answer.is_some_and(|g| g < epoch) {
                 log::warn!(
                     "NBD: durable write of {} bytes at {} failed: the connection dropped between the write and its flush",
                     self.len,
@@ -262,7 +302,7 @@ impl Job {
                 return None;
             }
         } else {
-            st.first_answer = Some(st.first_answer.map_or(generation, |g| g.min(generation)));
+            st.first_answer = Some(st.first_answer.map_or(epoch, |g| g.min(epoch)));
         }
         if output != Output::Nothing {
             st.output = output;
@@ -293,9 +333,26 @@ impl Job {
         None
     }
 
-    /// Completes the job with `error` unless it has finished.
+    /// Completes the job with `error` unless it has finished; while a
+    /// payload of it is being sent, once that is sent (the memory stays
+    /// the job's until then, so the stream stays usable).
     pub fn fail(&self, error: io::Error) {
-        let st = self.lock();
+        let mut st = self.lock();
+        if st.sending {
+            if st.completer.is_some() {
+                st.deferred.get_or_insert(error);
+            }
+            return;
+        }
+        Self::finish_locked(st, Err(error));
+    }
+
+    /// Completes the job with `error` (or the error deferred) unless it
+    /// has finished, even mid-payload: its deadline. The sender then finds
+    /// the memory gone and cuts the connection.
+    pub fn fail_now(&self, error: io::Error) {
+        let mut st = self.lock();
+        let error = st.deferred.take().unwrap_or(error);
         Self::finish_locked(st, Err(error));
     }
 

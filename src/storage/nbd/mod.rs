@@ -512,6 +512,8 @@ impl RemoteStorage for NbdImage {
 }
 
 #[cfg(test)]
+mod review2_tests;
+#[cfg(test)]
 mod review_tests;
 #[cfg(test)]
 mod tests;

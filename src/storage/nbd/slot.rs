@@ -66,6 +66,32 @@ impl InFlight {
     }
 }
 
+/// Why a connection ended.
+struct End {
+    why: String,
+    /// The server may have lost writes it acknowledged: it closed or broke
+    /// the connection, or fell silent (it may have restarted). A drop the
+    /// client chose while the server was answering is not such a loss
+    /// where the server shares one cache among its connections
+    /// (NBD_FLAG_CAN_MULTI_CONN); see [`Slot::run`].
+    loss: bool,
+}
+
+impl End {
+    fn loss(why: impl Into<String>) -> End {
+        End {
+            why: why.into(),
+            loss: true,
+        }
+    }
+    fn deliberate(why: impl Into<String>) -> End {
+        End {
+            why: why.into(),
+            loss: false,
+        }
+    }
+}
+
 /// What the chunks of one structured reply said so far.
 #[derive(Default)]
 struct Progress {
@@ -83,13 +109,21 @@ struct SlotState {
     in_flight: HashMap<u64, InFlight>,
     next_cookie: u64,
     connected: bool,
-    /// Why the receiver found the connection broken.
-    dead: Option<String>,
+    /// Why the connection has to end (the receiver found it broken, or
+    /// the expiry thread or the sender dropped it).
+    dead: Option<End>,
     closing: bool,
     /// Reconnect once nothing is in flight (the export's size changed).
     cycle: bool,
     /// Connections made so far.
     generation: u64,
+    /// Connections ended with a possible loss of acknowledged writes (a
+    /// durable write's trailing FLUSH after one does not cover it).
+    losses: u64,
+    /// The driver is between taking a command and having written it: a
+    /// close shuts the socket down (a write to a server that stopped
+    /// reading would block until the write timeout).
+    writing: bool,
     /// The last reply completed, or when the first command in flight was
     /// sent after none was.
     last_heard: Option<Instant>,
@@ -172,9 +206,17 @@ impl Slot {
         }
     }
 
-    /// Asks the driver thread to disconnect and end.
+    /// Asks the driver thread to disconnect and end; a write in progress
+    /// is cut short (the socket shut down), so the threads end at once.
     pub fn close(&self) {
-        self.lock().closing = true;
+        let mut st = self.lock();
+        st.closing = true;
+        if st.writing {
+            if let Some(sock) = &st.sock {
+                sock.shutdown();
+            }
+        }
+        drop(st);
         self.wake.notify_all();
         self.expiry_wake.notify_all();
     }
@@ -202,6 +244,7 @@ impl Slot {
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner) = negotiated;
                 let started = Instant::now();
+                let multi_conn = negotiated.info.flags & wire::TF_CAN_MULTI_CONN != 0;
                 let why = self.serve(stream, negotiated);
                 // Only a connection that served resets the backoff: a
                 // server that completes the handshake and closes is not
@@ -221,13 +264,26 @@ impl Slot {
                     );
                     continue;
                 };
-                let unflushed = self.shared.durability.connection_lost();
+                // A drop the client chose while the server was answering
+                // (a command cut short at its deadline, or one left
+                // unanswered while others were answered) loses nothing
+                // where the server's cache is shared by its connections
+                // (NBD_FLAG_CAN_MULTI_CONN: a FLUSH on the next one covers
+                // what this one acknowledged). Without that flag the NBD
+                // protocol does not promise it, so it counts as a loss.
+                let possible_loss = why.loss || !multi_conn;
+                let unflushed = possible_loss && {
+                    self.lock().losses += 1;
+                    self.shared.durability.connection_lost()
+                };
                 if self.requeue_in_flight() {
                     return;
                 }
+                let why = why.why;
                 log::warn!(
-                    "{uri}: connection {} lost ({why}){}; reconnecting in {backoff:?}",
+                    "{uri}: connection {} {} ({why}){}; reconnecting in {backoff:?}",
                     self.index,
+                    if possible_loss { "lost" } else { "dropped" },
                     if unflushed {
                         "; writes since the last flush may be lost: the next flush fails"
                     } else {
@@ -304,9 +360,9 @@ impl Slot {
 
     /// Ends the current connection: says why (unless the receiver already
     /// did) and shuts its socket down (a thread blocked on it returns).
-    fn kill_locked(&self, st: &mut SlotState, why: String) {
+    fn kill_locked(&self, st: &mut SlotState, end: End) {
         if st.dead.is_none() {
-            st.dead = Some(why);
+            st.dead = Some(end);
         }
         if let Some(sock) = &st.sock {
             sock.shutdown();
@@ -351,9 +407,10 @@ impl Slot {
         for (cookie, f) in &st.in_flight {
             if f.sub.job.deadline <= now {
                 if !f.sub.job.finished() {
-                    f.sub.job.fail(error());
+                    f.sub.job.fail_now(error());
                     // Its payload cannot be finished without its memory:
-                    // the stream is unusable.
+                    // the stream is unusable (`sending` is set once the
+                    // payload's first bytes are committed).
                     mid_payload |= st.sending == Some(*cookie);
                 }
                 if f.sub.job.deadline + stale <= now {
@@ -366,19 +423,28 @@ impl Slot {
             }
         }
         if mid_payload {
-            self.kill_locked(st, "a write timed out while its payload was sent".into());
+            let why = "a write timed out while its payload was sent";
+            let end = if silent(st, now, timeout) {
+                End::loss(why)
+            } else {
+                End::deliberate(why)
+            };
+            self.kill_locked(st, end);
         } else if !down && st.dead.is_none() {
             // A server that answered nothing for a whole timeout with
             // commands waiting is taken for gone (a silent peer: TCP would
             // notice only after many minutes); the connection is made
             // again.
             let heard = st.last_heard.filter(|_| !st.in_flight.is_empty());
-            if heard.is_some_and(|t| now.saturating_duration_since(t) >= timeout) {
-                self.kill_locked(st, format!("no reply for {timeout:?}"));
+            if silent(st, now, timeout) {
+                self.kill_locked(st, End::loss(format!("no reply for {timeout:?}")));
             } else if let Some(cookie) = overdue {
                 self.kill_locked(
                     st,
-                    format!("no reply to cookie {cookie} within {:?}", timeout + stale),
+                    End::deliberate(format!(
+                        "no reply to cookie {cookie} within {:?}",
+                        timeout + stale
+                    )),
                 );
             } else if let Some(t) = heard {
                 at(t + timeout);
@@ -397,7 +463,7 @@ impl Slot {
         let mut entries: Vec<(u64, InFlight)> = st.in_flight.drain().collect();
         entries.sort_by_key(|(cookie, _)| *cookie);
         for (_, f) in entries.into_iter().rev() {
-            if !f.sub.job.finished() {
+            if !f.sub.job.failing() {
                 st.queue.push_front(f.sub);
             }
         }
@@ -458,20 +524,21 @@ impl Slot {
 
     /// Serves one connection until it breaks or the slot closes; returns
     /// why it ended, `None` for a disconnection asked by [`Slot::cycle`].
-    fn serve(self: &Arc<Self>, stream: Stream, negotiated: Negotiated) -> Option<String> {
+    fn serve(self: &Arc<Self>, stream: Stream, negotiated: Negotiated) -> Option<End> {
         let reader = match stream.try_clone() {
             Ok(r) => r,
-            Err(e) => return Some(super::io_message(&e)),
+            Err(e) => return Some(End::loss(super::io_message(&e))),
         };
-        let generation = {
+        let epoch = {
             let mut st = self.lock();
             st.connected = true;
             st.dead = None;
             st.last_heard = None;
             st.served = false;
+            st.writing = false;
             st.sock = stream.try_clone().ok();
             st.generation += 1;
-            st.generation
+            st.losses
         };
         self.wake.notify_all();
         self.expiry_wake.notify_all();
@@ -481,11 +548,13 @@ impl Slot {
             .spawn(move || slot.receive(reader, negotiated));
         let receiver = match receiver {
             Ok(r) => r,
-            Err(e) => return Some(format!("cannot start a thread: {e}")),
+            Err(e) => return Some(End::loss(format!("cannot start a thread: {e}"))),
         };
-        let why = self.send_loop(&stream, &negotiated, generation);
+        let why = self.send_loop(&stream, &negotiated, epoch);
         if why.is_none() || self.lock().closing {
-            // Best effort: the server may be gone.
+            // Best effort: the server may be gone, or have stopped
+            // reading (the close is not held up for long).
+            let _ = stream.set_write_timeout(Duration::from_millis(100));
             let _ = (&stream).write_all(&wire::request(0, wire::CMD_DISC, 0, 0, 0));
         }
         stream.shutdown();
@@ -496,31 +565,28 @@ impl Slot {
 
     /// Sends queued commands until the connection breaks or the slot
     /// closes (`None`: a cycle asked for, nothing in flight).
-    fn send_loop(
-        &self,
-        stream: &Stream,
-        negotiated: &Negotiated,
-        generation: u64,
-    ) -> Option<String> {
+    fn send_loop(&self, stream: &Stream, negotiated: &Negotiated, epoch: u64) -> Option<End> {
         let flags = negotiated.info.flags;
         let mut out = Vec::with_capacity(28 + BOUNCE);
         loop {
             // The next command to send.
             let sub = {
                 let mut st = self.lock();
+                st.writing = false;
                 loop {
                     if st.closing {
-                        return Some("closing".into());
+                        return Some(End::deliberate("closing"));
                     }
-                    if let Some(why) = st.dead.take() {
-                        return Some(why);
+                    if let Some(end) = st.dead.take() {
+                        return Some(end);
                     }
                     if st.cycle && st.in_flight.is_empty() {
                         st.cycle = false;
                         return None;
                     }
                     if let Some(sub) = (!st.cycle).then(|| st.queue.pop_front()).flatten() {
-                        if !sub.job.finished() {
+                        if !sub.job.failing() {
+                            st.writing = true;
                             break sub;
                         }
                         continue;
@@ -545,12 +611,12 @@ impl Slot {
                 // A server without a volatile cache has nothing to flush;
                 // TRIM is advisory.
                 JobKind::Flush if flags & wire::TF_SEND_FLUSH == 0 => {
-                    self.succeeded(&sub, Output::Nothing, generation);
+                    self.succeeded(&sub, Output::Nothing, epoch);
                     continue;
                 }
                 JobKind::Flush => (wire::CMD_FLUSH, 0),
                 JobKind::Trim if flags & wire::TF_SEND_TRIM == 0 => {
-                    self.succeeded(&sub, Output::Nothing, generation);
+                    self.succeeded(&sub, Output::Nothing, epoch);
                     continue;
                 }
                 JobKind::Trim => (wire::CMD_TRIM, 0),
@@ -567,7 +633,7 @@ impl Slot {
                         allocated: true,
                         len: u64::from(sub.len),
                     };
-                    self.succeeded(&sub, Output::Extent(extent), generation);
+                    self.succeeded(&sub, Output::Extent(extent), epoch);
                     continue;
                 }
                 JobKind::BlockStatus => (wire::CMD_BLOCK_STATUS, 0),
@@ -600,16 +666,38 @@ impl Slot {
                 // The payload is copied from the job's memory a piece at a
                 // time, the job's lock not held across a write(): its
                 // deadline can hand the memory back at any point (the
-                // expiry thread then shuts the socket down).
-                self.lock().sending = Some(cookie);
-                let r = write_payload(stream, &header, &sub, &mut out);
-                self.lock().sending = None;
+                // expiry thread then shuts the socket down); an error
+                // reply to another of its commands waits for the payload.
+                let r = if sub.job.begin_send() {
+                    let r = write_payload(stream, &header, &sub, &mut out, || {
+                        self.lock().sending = Some(cookie);
+                    });
+                    self.lock().sending = None;
+                    sub.job.end_send();
+                    r
+                } else {
+                    Ok(Payload::NotSent)
+                };
                 match r {
-                    Ok(true) => Ok(()),
-                    Ok(false) => {
-                        // Finished (timed out) before it was sent.
+                    Ok(Payload::Sent) => Ok(()),
+                    Ok(Payload::NotSent) => {
+                        // Finished (timed out, or failed) before it was
+                        // sent.
                         self.lock().in_flight.remove(&cookie);
                         continue;
+                    }
+                    Ok(Payload::Cut) => {
+                        // Its deadline came mid-payload: the command is
+                        // half sent, the stream unusable.
+                        let mut st = self.lock();
+                        let why = "a write timed out while its payload was sent";
+                        let end = if silent(&st, Instant::now(), self.shared.options.timeout) {
+                            End::loss(why)
+                        } else {
+                            End::deliberate(why)
+                        };
+                        self.kill_locked(&mut st, end);
+                        return st.dead.take();
                     }
                     Err(e) => Err(e),
                 }
@@ -618,18 +706,25 @@ impl Slot {
                 s.write_all(&header)
             };
             if let Err(e) = sent {
-                return Some(format!("sending: {}", super::io_message(&e)));
+                // The expiry thread or a close may have cut it: their
+                // reason, else the server's.
+                let mut st = self.lock();
+                if st.closing {
+                    return Some(End::deliberate("closing"));
+                }
+                return Some(
+                    st.dead.take().unwrap_or_else(|| {
+                        End::loss(format!("sending: {}", super::io_message(&e)))
+                    }),
+                );
             }
         }
     }
 
-    /// A command answered (by the server on connection `generation`, or
+    /// A command answered (by the server at loss epoch `epoch`, or
     /// without it).
-    fn succeeded(&self, sub: &Sub, output: Output, generation: u64) {
-        if let Some(flush) = sub
-            .job
-            .sub_done(output, &self.shared.durability, generation)
-        {
+    fn succeeded(&self, sub: &Sub, output: Output, epoch: u64) {
+        if let Some(flush) = sub.job.sub_done(output, &self.shared.durability, epoch) {
             self.enqueue(vec![flush]);
         }
     }
@@ -644,7 +739,7 @@ impl Slot {
             RecvEnd::Io(e) => super::io_message(&e),
             RecvEnd::Violation(v) => v.to_string(),
         };
-        self.lock().dead.get_or_insert(why);
+        self.lock().dead.get_or_insert(End::loss(why));
         self.wake.notify_all();
     }
 
@@ -761,12 +856,12 @@ impl Slot {
 
     /// A command's last reply arrived.
     fn reply_done(&self, cookie: u64, f: &InFlight, result: Result<Output, u32>) {
-        let generation = {
+        let epoch = {
             let mut st = self.lock();
             st.in_flight.remove(&cookie);
             st.last_heard = Some(Instant::now());
             st.served = true;
-            st.generation
+            st.losses
         };
         match result {
             Ok(output) => {
@@ -779,7 +874,7 @@ impl Slot {
                     wire::CMD_FLUSH => durability.flush_done(f.covers),
                     _ => {}
                 }
-                self.succeeded(&f.sub, output, generation);
+                self.succeeded(&f.sub, output, epoch);
             }
             Err(e) => f.sub.job.fail(io::Error::from_raw_os_error(wire::errno(e))),
         }
@@ -790,17 +885,36 @@ fn not_connected(what: &str) -> io::Error {
     io::Error::new(io::ErrorKind::NotConnected, what.to_string())
 }
 
+/// Whether a server that has answered nothing for `timeout` with
+/// commands waiting is to be taken for gone.
+fn silent(st: &SlotState, now: Instant, timeout: Duration) -> bool {
+    st.last_heard
+        .filter(|_| !st.in_flight.is_empty())
+        .is_some_and(|t| now.saturating_duration_since(t) >= timeout)
+}
+
+/// How far a WRITE went.
+enum Payload {
+    Sent,
+    /// The job finished before anything was sent.
+    NotSent,
+    /// The job finished mid-payload (its deadline): a command half sent
+    /// leaves the stream unusable; the caller drops the connection.
+    Cut,
+}
+
 /// Writes a WRITE's header and payload; the payload is copied from the
 /// job's memory in bounded pieces, the job's lock held only while
-/// copying. `Ok(false)`: the job finished before anything was sent. A job
-/// that finishes mid-payload leaves the stream unusable (a command half
-/// sent): the socket is shut down and an error returned.
+/// copying. `committed` is called once the first piece is copied, before
+/// anything is written.
 fn write_payload(
     stream: &Stream,
     header: &[u8; 28],
     sub: &Sub,
     out: &mut Vec<u8>,
-) -> io::Result<bool> {
+    committed: impl FnOnce(),
+) -> io::Result<Payload> {
+    let mut committed = Some(committed);
     let mut s: &Stream = stream;
     let total = sub.len as usize;
     let mut done = 0;
@@ -814,27 +928,25 @@ fn write_payload(
             .job
             .with_bufs(|bufs| bufs.gather_at(sub.buf_at + done, &mut out[start..]))
         {
-            Some(true) => {}
+            Some(true) => {
+                if let Some(f) = committed.take() {
+                    f();
+                }
+            }
             Some(false) => {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidInput,
                     "write memory shorter than the write",
                 ))
             }
-            None if done == 0 => return Ok(false),
-            None => {
-                stream.shutdown();
-                return Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "the write ended while its payload was sent",
-                ));
-            }
+            None if done == 0 => return Ok(Payload::NotSent),
+            None => return Ok(Payload::Cut),
         }
         s.write_all(out)?;
         out.clear();
         done += n;
         if done >= total {
-            return Ok(true);
+            return Ok(Payload::Sent);
         }
     }
 }

@@ -399,41 +399,7 @@ fn guest_read_only() {
     let before = disk.md5();
     let daemon = sc.daemon(&[&disk], &[]);
     let serial = sc.boot(&daemon, "readonly", &Boot::default());
-    let rec = sc.record_where(&serial.records("RO"), "lun", "0");
-    sc.expect(
-        "LUN 0",
-        &rec,
-        &[
-            ("ro", "1".into()),
-            ("md5_before", before.clone()),
-            ("md5_after", before.clone()),
-        ],
-    );
-    for name in ["dd_write", "dd_write_last"] {
-        let b = sc.block(&serial, name);
-        sc.check(
-            b.rc != 0 && b.rc != 124,
-            format!(
-                "{name}: a write to the read-only disk did not fail: exit status {}:\n{}",
-                b.rc, b.text
-            ),
-        );
-    }
-    for name in ["write6", "write10", "write16", "write_verify10"] {
-        let b = sc.block(&serial, name);
-        sc.check(b.rc != 0, format!("{name} succeeded:\n{}", b.text));
-        sc.contains(name, &b.text, &["Data Protect", "Write protected"]);
-    }
-    sc.contains(
-        "mode_sense",
-        &sc.block(&serial, "mode_sense").text,
-        &["WP=1"],
-    );
-    sc.contains(
-        "kernel log",
-        &sc.block(&serial, "dmesg").text,
-        &["Write Protect is on"],
-    );
+    check_read_only(&sc, &serial, "LUN 0", &before);
     sc.check(
         disk.md5() == before,
         "the image changed on the host".to_string(),
@@ -2906,46 +2872,55 @@ fn guest_iscsi_read_only() {
     let tgt = Tgt::start(&sc, &file.path);
     let daemon = sc.start_daemon(vec![format!("{},ro", tgt.uri(1)).into()], 1);
     let serial = sc.boot(&daemon, "readonly", &Boot::default());
-    let rec = sc.record_where(&serial.records("RO"), "lun", "0");
-    sc.expect(
-        "the read-only iSCSI LUN",
-        &rec,
-        &[
-            ("ro", "1".into()),
-            ("md5_before", before.clone()),
-            ("md5_after", before.clone()),
-        ],
-    );
-    for name in ["dd_write", "dd_write_last"] {
-        let b = sc.block(&serial, name);
-        sc.check(
-            b.rc != 0 && b.rc != 124,
-            format!(
-                "{name}: a write did not fail: exit status {}:\n{}",
-                b.rc, b.text
-            ),
-        );
-    }
-    for name in ["write6", "write10", "write16", "write_verify10"] {
-        let b = sc.block(&serial, name);
-        sc.check(b.rc != 0, format!("{name} succeeded:\n{}", b.text));
-        sc.contains(name, &b.text, &["Data Protect", "Write protected"]);
-    }
-    sc.contains(
-        "mode_sense",
-        &sc.block(&serial, "mode_sense").text,
-        &["WP=1"],
-    );
-    sc.contains(
-        "kernel log",
-        &sc.block(&serial, "dmesg").text,
-        &["Write Protect is on"],
-    );
+    check_read_only(&sc, &serial, "the read-only iSCSI LUN", &before);
     sc.check(file.md5() == before, "the file changed on the host");
     note(format!(
         "guest scenario `iscsi-ro`: {},ro: every write refused with DATA PROTECT, the file's md5 {before} unchanged",
         tgt.uri(1)
     ));
+}
+
+/// What the `readonly` scenario reports of LUN 0 (`what`, whose md5 was
+/// `md5` before the boot): read-only to the kernel, the same md5 after
+/// every write the scenario tries, each of which failed (dd with an I/O
+/// error, sg3_utils' WRITEs with DATA PROTECT / WRITE PROTECTED), WP=1 in
+/// MODE SENSE, and "Write Protect is on" in the kernel's log.
+fn check_read_only(sc: &Scenario, serial: &Serial, what: &str, md5: &str) {
+    let rec = sc.record_where(&serial.records("RO"), "lun", "0");
+    sc.expect(
+        what,
+        &rec,
+        &[
+            ("ro", "1".into()),
+            ("md5_before", md5.to_string()),
+            ("md5_after", md5.to_string()),
+        ],
+    );
+    for name in ["dd_write", "dd_write_last"] {
+        let b = sc.block(serial, name);
+        sc.check(
+            b.rc != 0 && b.rc != 124,
+            format!(
+                "{name}: a write to the read-only disk did not fail: exit status {}:\n{}",
+                b.rc, b.text
+            ),
+        );
+    }
+    for name in ["write6", "write10", "write16", "write_verify10"] {
+        let b = sc.block(serial, name);
+        sc.check(b.rc != 0, format!("{name} succeeded:\n{}", b.text));
+        sc.contains(name, &b.text, &["Data Protect", "Write protected"]);
+    }
+    sc.contains(
+        "mode_sense",
+        &sc.block(serial, "mode_sense").text,
+        &["WP=1"],
+    );
+    sc.contains(
+        "kernel log",
+        &sc.block(serial, "dmesg").text,
+        &["Write Protect is on"],
+    );
 }
 
 /// How `qemu_nbd` listens.

@@ -62,10 +62,11 @@
 //! 3. READ, WRITE and SYNCHRONIZE CACHE are planned by the target
 //!    (`Target::prepare`: range, protection, buffer size, FUA write-back)
 //!    into storage work, which the transport hands over to the queue's
-//!    engine (`QueueIo`, holding the unit's `TransferAccess` until the
-//!    result is in); the result becomes status and sense in
-//!    `Target::finish`. Every other command runs in
-//!    [`scsi::Target::execute`].
+//!    engine, or to the storage's remote backend for NBD (`QueueIo`,
+//!    holding the unit's `TransferAccess` until the result is in); so is
+//!    every command to a passthrough unit (iSCSI), forwarded as it is.
+//!    The result becomes status and sense in `Target::finish_work`. Every
+//!    other command runs in [`scsi::Target::execute`].
 //! 4. The response is written and the chain returned to the used ring, at
 //!    once or when the engine's result is reaped. The guest is signalled
 //!    every few chains and at the end of the pass, as EVENT_IDX asks.

@@ -63,13 +63,9 @@ fn run(config: &DaemonConfig) -> Result<(), String> {
     let carried_over = state::image_paths(&config.state_file());
     let mut config = config.clone();
     config.sandbox_network |= config.luns.iter().any(|l| l.needs_tcp())
-        || carried_over.iter().any(|p| {
-            config::LunSpec {
-                path: p.clone(),
-                ..Default::default()
-            }
-            .needs_tcp()
-        });
+        || carried_over
+            .iter()
+            .any(|p| config::ImageSource::over_tcp(p));
     let config = &config;
     let socket_path = &config.socket.path;
     // libiscsi, for iscsi:// LUNs: loaded while the loader can still read

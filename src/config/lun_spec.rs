@@ -86,6 +86,16 @@ impl ImageSource {
     pub fn of(path: &std::path::Path) -> ImageSource {
         source_of(path.as_os_str().as_bytes())
     }
+
+    /// Whether the storage at `path` is reached over TCP (`nbd://`,
+    /// `iscsi://`): the sandbox must let the daemon open TCP sockets.
+    pub fn over_tcp(path: &std::path::Path) -> bool {
+        match ImageSource::of(path) {
+            ImageSource::Local => false,
+            ImageSource::Iscsi => true,
+            ImageSource::Nbd => !path.as_os_str().as_bytes().starts_with(b"nbd+unix://"),
+        }
+    }
 }
 
 impl LunSpec {
@@ -103,11 +113,7 @@ impl LunSpec {
     /// Whether the LUN's storage is reached over TCP (`nbd://`,
     /// `iscsi://`): the sandbox must let the daemon open TCP sockets.
     pub fn needs_tcp(&self) -> bool {
-        match self.source() {
-            ImageSource::Local => false,
-            ImageSource::Iscsi => true,
-            ImageSource::Nbd => !self.path.as_os_str().as_bytes().starts_with(b"nbd+unix://"),
-        }
+        ImageSource::over_tcp(&self.path)
     }
 
     /// The path or URI for messages and logs: a password in an iSCSI URI

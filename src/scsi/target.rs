@@ -93,7 +93,7 @@ pub enum Prepared {
     /// Already complete: invalid, refused, or nothing to transfer.
     Complete(Completion),
     /// A validated READ, WRITE or SYNCHRONIZE CACHE of `unit`: the caller
-    /// carries out `work` and reports its result to [`Target::finish`].
+    /// carries out `work` and reports its result to [`Target::finish_work`].
     /// The unit stays alive (its image open) while the caller holds it,
     /// even if it is removed from the LUN table meanwhile. `started`: when
     /// the command began (its latency is counted from there).
@@ -605,30 +605,27 @@ impl Target {
         started: Instant,
         result: RemoteResult,
     ) -> Completion {
-        match (work, result) {
-            (Planned::Forward(forwarded), RemoteResult::Scsi(result)) => {
+        let mismatched = |what: &str| std::io::Error::other(what.to_string());
+        match work {
+            Planned::Forward(forwarded) => {
+                let result = match result {
+                    RemoteResult::Scsi(result) => result,
+                    // A forwarded command its backend dropped.
+                    RemoteResult::Io(result) => result.and_then(|()| {
+                        Err(mismatched("a transfer's result for a forwarded command"))
+                    }),
+                };
                 Self::finish_forwarded(unit, forwarded, started, result)
             }
-            // A forwarded command its backend dropped.
-            (Planned::Forward(forwarded), RemoteResult::Io(result)) => Self::finish_forwarded(
-                unit,
-                forwarded,
-                started,
-                result.and_then(|()| {
-                    Err(std::io::Error::other(
-                        "a transfer's result for a forwarded command",
-                    ))
-                }),
-            ),
-            (_, RemoteResult::Io(result)) => Self::finish(unit, work, started, result),
-            (_, RemoteResult::Scsi(_)) => Self::finish(
-                unit,
-                work,
-                started,
-                Err(std::io::Error::other(
-                    "a forwarded command's result for a transfer",
-                )),
-            ),
+            _ => {
+                let result = match result {
+                    RemoteResult::Io(result) => result,
+                    RemoteResult::Scsi(_) => {
+                        Err(mismatched("a forwarded command's result for a transfer"))
+                    }
+                };
+                Self::finish(unit, work, started, result)
+            }
         }
     }
 

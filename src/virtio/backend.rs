@@ -912,12 +912,10 @@ impl ScsiBackend {
             // WRITE. Requests on remote storage go on (SCSI's SIMPLE task
             // attribute lets them), except before COMPARE AND WRITE, which
             // waits for every request on its unit.
-            if barrier == SyncBarrier::AllThreads {
-                worker.drain();
-            } else {
+            if barrier == SyncBarrier::OwnThread {
                 worker.drain_local();
-            }
-            if barrier == SyncBarrier::AllThreads {
+            } else {
+                worker.drain();
                 // Nor one of a thread that is not serving now: its event
                 // loop may have ended (a VMM can end it) with transfers in
                 // flight that nobody would reap.

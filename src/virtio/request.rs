@@ -337,21 +337,15 @@ fn apply_patch(patch: &Patch, head: &mut PinnedBufs, moved: usize) {
 fn response_for(completion: Completion, sizes: Sizes, residual: usize) -> Response {
     let mut r = Response::new(VIRTIO_SCSI_S_OK);
     r.status = completion.status();
+    let mut sense = |bytes: &[u8]| {
+        let n = bytes.len().min(sizes.sense);
+        r.sense[..n].copy_from_slice(&bytes[..n]);
+        r.sense_len = n as u32;
+    };
     match completion {
         Completion::Good => {}
-        Completion::CheckCondition(sense) => {
-            let encoded = sense.encode();
-            let bytes = encoded.as_slice();
-            let n = bytes.len().min(sizes.sense);
-            r.sense[..n].copy_from_slice(&bytes[..n]);
-            r.sense_len = n as u32;
-        }
-        Completion::Forwarded(outcome) => {
-            let bytes = outcome.sense();
-            let n = bytes.len().min(sizes.sense);
-            r.sense[..n].copy_from_slice(&bytes[..n]);
-            r.sense_len = n as u32;
-        }
+        Completion::CheckCondition(data) => sense(data.encode().as_slice()),
+        Completion::Forwarded(outcome) => sense(outcome.sense()),
         Completion::BufferTooSmall => {
             // virtio 1.2 §5.6.6.1: the CDB requires more data than the
             // data-in or data-out buffer holds.
@@ -455,17 +449,14 @@ pub fn start_command<'a>(
                         Direction::Read => data_in,
                         Direction::Write { .. } => data_out,
                     },
-                    Planned::Forward(_) => {
-                        if data_in.remaining() > 0 {
-                            data_in
-                        } else {
-                            data_out
+                    Planned::Flush | Planned::Forward(_) => {
+                        if work == Planned::Flush {
+                            // SYNCHRONIZE CACHE covers every transfer this
+                            // thread has in flight: they complete first.
+                            before_sync(SyncBarrier::OwnThread);
                         }
-                    }
-                    Planned::Flush => {
-                        // SYNCHRONIZE CACHE covers every transfer this
-                        // thread has in flight: they complete first.
-                        before_sync(SyncBarrier::OwnThread);
+                        // Whichever buffer the guest supplied (at most one,
+                        // without VIRTIO_SCSI_F_INOUT).
                         if data_in.remaining() > 0 {
                             data_in
                         } else {

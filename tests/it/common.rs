@@ -106,6 +106,15 @@ pub fn tool(name: &str, package: &str) -> Option<std::path::PathBuf> {
     found
 }
 
+/// A TCP port nothing listens on at `host` (`127.0.0.1`, `[::1]`) now.
+pub fn free_port(host: &str) -> u16 {
+    std::net::TcpListener::bind(format!("{host}:0"))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// A check this machine cannot make: says so on standard error, or fails
 /// the test under CI (`CI=true`), whose machines must make every check.
 pub fn skipped(reason: &str) {

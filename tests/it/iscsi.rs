@@ -57,14 +57,6 @@ pub(crate) struct Tgt {
     _dir: tempfile::TempDir,
 }
 
-fn free_port(host: &str) -> u16 {
-    TcpListener::bind(format!("{host}:0"))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 impl Tgt {
     /// A target with LUN 1 over a file of `IMAGE_BYTES` (a pattern: each
     /// 512-byte block holds its number and offsets), CHAP if `chap`.
@@ -77,7 +69,7 @@ impl Tgt {
         let dir = tempfile::tempdir().unwrap();
         let image = dir.path().join("lun1.img");
         std::fs::write(&image, pattern(0, IMAGE_BYTES)).unwrap();
-        let port = free_port(host);
+        let port = crate::common::free_port(host);
         let mut tgt = Tgt {
             child: None,
             host,
@@ -737,7 +729,7 @@ fn iscsi_nothing_listening_is_a_login_error() {
     if !available() {
         return;
     }
-    let port = free_port("127.0.0.1");
+    let port = crate::common::free_port("127.0.0.1");
     let uri = format!("iscsi://127.0.0.1:{port}/{IQN}/1");
     let e = IscsiLun::open(&uri, &options()).unwrap_err().to_string();
     eprintln!("{e}");

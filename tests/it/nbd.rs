@@ -20,10 +20,10 @@ fn tool(name: &str) -> Option<PathBuf> {
 }
 
 /// A server process, killed when dropped.
-struct Server(std::process::Child);
+pub(crate) struct Server(std::process::Child);
 
 impl Server {
-    fn spawn(tool: &Path, args: &[&str]) -> Server {
+    pub(crate) fn spawn(tool: &Path, args: &[&str]) -> Server {
         let child = Command::new(tool)
             .args(args)
             .stdin(Stdio::null())
@@ -262,14 +262,6 @@ fn nbd_qemu_storage_daemon_with_several_connections() {
 }
 
 /// A free TCP port on 127.0.0.1 (free when this returns).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// nbdkit in the foreground on 127.0.0.1:port with `args` (filters,
 /// plugin, parameters).
 fn nbdkit(port: u16, args: &[&str]) -> Option<Server> {
@@ -285,7 +277,7 @@ fn nbd_nbdkit_over_tcp_sees_fua_and_flush() {
     let dir = tempfile::tempdir().unwrap();
     let (file, contents) = image_file(dir.path());
     let log = dir.path().join("log.txt");
-    let port = free_port();
+    let port = crate::common::free_port("127.0.0.1");
     let logfile = format!("logfile={}", log.display());
     let Some(_server) = nbdkit(
         port,
@@ -340,7 +332,7 @@ fn nbd_nbdkit_over_tcp_sees_fua_and_flush() {
 
 #[test]
 fn nbd_nbdkit_error_filter_errors_reach_the_caller_as_errnos() {
-    let port = free_port();
+    let port = crate::common::free_port("127.0.0.1");
     let Some(_server) = nbdkit(
         port,
         &[
@@ -368,7 +360,7 @@ fn nbd_nbdkit_error_filter_errors_reach_the_caller_as_errnos() {
 
 #[test]
 fn nbd_nbdkit_delay_filter_times_requests_out() {
-    let port = free_port();
+    let port = crate::common::free_port("127.0.0.1");
     let Some(_server) = nbdkit(port, &["--filter=delay", "memory", "size=1M", "rdelay=5"]) else {
         return;
     };

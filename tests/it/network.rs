@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use vhost_scsi_frontend::cdb::{get_lba_status, read16, unmap, unmap_list, write16};
 
 use crate::common::{skipped, Daemon, ScsiDriver, SYNCHRONIZE_CACHE_10};
+use crate::nbd::Server;
 
 const CTL: &str = env!("CARGO_BIN_EXE_vhost-device-scsi-ctl");
 const MIB: usize = 1 << 20;
@@ -444,46 +445,22 @@ fn a_chap_password_in_a_uri_reaches_no_log_line_or_answer() {
     assert!(!logged.contains("ter2"), "{logged}");
 }
 
-/// A free TCP port on 127.0.0.1.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A server process, killed when dropped (a failing test leaves none).
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// qemu-nbd serving `file` over TCP on 127.0.0.1:`port`.
 fn qemu_nbd_tcp(file: &Path, port: u16) -> Server {
-    let child = Command::new("qemu-nbd")
-        .args([
-            "-f",
-            "raw",
-            "--persistent",
-            "--shared=8",
-            "-x",
-            "disk",
-            "-b",
-            "127.0.0.1",
-        ])
-        .args(["-p", &port.to_string()])
-        .arg(file)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let server = Server(child);
+    let port_arg = port.to_string();
+    let args = [
+        "-f",
+        "raw",
+        "--persistent",
+        "--shared=8",
+        "-x",
+        "disk",
+        "-b",
+        "127.0.0.1",
+    ];
+    let mut args: Vec<&str> = args.to_vec();
+    args.extend(["-p", &port_arg, file.to_str().unwrap()]);
+    let server = Server::spawn(Path::new("qemu-nbd"), &args);
     let deadline = Instant::now() + Duration::from_secs(10);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
         assert!(
@@ -510,7 +487,7 @@ fn a_network_lun_named_by_host_name_resolves_under_the_sandbox() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("export.raw");
     std::fs::write(&file, pattern(MIB, 8)).unwrap();
-    let port = free_port();
+    let port = crate::common::free_port("127.0.0.1");
     let server = qemu_nbd_tcp(&file, port);
     let socket = dir.path().join("vus.sock");
     let api = dir.path().join("api.sock");

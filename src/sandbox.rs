@@ -323,10 +323,7 @@ const NAMED: &[Syscall] = &[
 /// over TCP),
 /// anything else trapped.
 pub fn filter(network: bool) -> Result<BpfProgram, SandboxError> {
-    let arch = std::env::consts::ARCH
-        .try_into()
-        .map_err(|e: seccompiler::BackendError| SandboxError::Filter(e.to_string()))?;
-    let bad = |e: seccompiler::BackendError| SandboxError::Filter(e.to_string());
+    let arch = target_arch()?;
     // AF_NETLINK passes this filter only to meet [`netlink_refused`],
     // which fails it with an error.
     let families: &[i32] = if network {
@@ -342,16 +339,7 @@ pub fn filter(network: bool) -> Result<BpfProgram, SandboxError> {
     // One rule per family: the rules of a call are alternatives.
     let unix_only = families
         .iter()
-        .map(|&family| {
-            SeccompRule::new(vec![SeccompCondition::new(
-                0,
-                SeccompCmpArgLen::Dword,
-                SeccompCmpOp::Eq,
-                family as u64,
-            )
-            .map_err(bad)?])
-            .map_err(bad)
-        })
+        .map(|&family| socket_family_is(family))
         .collect::<Result<Vec<_>, _>>()?;
     let extra: &[Syscall] = if network { NETWORK_ALLOWED } else { &[] };
     let rules = ALLOWED
@@ -366,9 +354,9 @@ pub fn filter(network: bool) -> Result<BpfProgram, SandboxError> {
             (nr, rule)
         })
         .collect();
-    let filter =
-        SeccompFilter::new(rules, SeccompAction::Trap, SeccompAction::Allow, arch).map_err(bad)?;
-    filter.try_into().map_err(bad)
+    let filter = SeccompFilter::new(rules, SeccompAction::Trap, SeccompAction::Allow, arch)
+        .map_err(filter_error)?;
+    filter.try_into().map_err(filter_error)
 }
 
 /// With network LUNs: a second filter that fails `socket(AF_NETLINK, …)`
@@ -379,26 +367,33 @@ pub fn filter(network: bool) -> Result<BpfProgram, SandboxError> {
 /// first reconnection. Stacked filters give the most restrictive answer,
 /// so [`filter`] lets the call through to this one.
 fn netlink_refused() -> Result<BpfProgram, SandboxError> {
-    let arch = std::env::consts::ARCH
-        .try_into()
-        .map_err(|e: seccompiler::BackendError| SandboxError::Filter(e.to_string()))?;
-    let bad = |e: seccompiler::BackendError| SandboxError::Filter(e.to_string());
-    let rule = SeccompRule::new(vec![SeccompCondition::new(
-        0,
-        SeccompCmpArgLen::Dword,
-        SeccompCmpOp::Eq,
-        libc::AF_NETLINK as u64,
-    )
-    .map_err(bad)?])
-    .map_err(bad)?;
     let filter = SeccompFilter::new(
-        [(libc::SYS_socket, vec![rule])].into_iter().collect(),
+        [(libc::SYS_socket, vec![socket_family_is(libc::AF_NETLINK)?])]
+            .into_iter()
+            .collect(),
         SeccompAction::Allow,
         SeccompAction::Errno(libc::EAFNOSUPPORT as u32),
-        arch,
+        target_arch()?,
     )
-    .map_err(bad)?;
-    filter.try_into().map_err(bad)
+    .map_err(filter_error)?;
+    filter.try_into().map_err(filter_error)
+}
+
+fn filter_error(e: seccompiler::BackendError) -> SandboxError {
+    SandboxError::Filter(e.to_string())
+}
+
+/// The architecture the filters are built for: this one.
+fn target_arch() -> Result<seccompiler::TargetArch, SandboxError> {
+    std::env::consts::ARCH.try_into().map_err(filter_error)
+}
+
+/// A rule matching `socket(family, ...)` (its first argument).
+fn socket_family_is(family: i32) -> Result<SeccompRule, SandboxError> {
+    let condition =
+        SeccompCondition::new(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, family as u64)
+            .map_err(filter_error)?;
+    SeccompRule::new(vec![condition]).map_err(filter_error)
 }
 
 /// Installs the SIGSYS handler, then the filter on every thread of the
